@@ -1,0 +1,3 @@
+//! Harpoon: consensus cells on raft-rs.
+
+pub mod transport;
