@@ -7,6 +7,8 @@
 //! Implementations: `mem` (in-process, with fault filters, for tests) and `tcp` (protobuf
 //! frames on the peer port, one batched connection per node pair).
 
+pub mod mem;
+
 use proto::{CellId, NodeId};
 use raft::eraftpb::Message;
 
