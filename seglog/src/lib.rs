@@ -1,1 +1,55 @@
-//! seglog
+//! `seglog`: an mmap-backed, segmented append log with group commit and tail-tolerant recovery.
+//!
+//! Used by harpoon (one raft log per node, shared by its cells) and by collections (data logs).
+//! The byte format, the durability protocol and the crash analysis are in
+//! `docs/design/log-format.md`.
+//!
+//! # Layout
+//!
+//! - [`format`] (`format.rs`): the bytes: segment header, durable-mark slot, record frame
+//!   `[frame_len | crc32 | payload]`, the nonce-seeded checksum. Pure functions, no I/O.
+//! - `map.rs`: the one module with `unsafe`: a shared writable mapping with bounds-checked copies.
+//! - `segment.rs`: one segment file: atomic creation (tmp, preallocate, header, fsync, rename,
+//!   directory fsync), record and mark writes through the mapping, msync.
+//! - `recovery.rs`: the scan on open, with `pread` only: torn tail cut and zeroed, damage to
+//!   durable data reported as [`Error::Corrupt`].
+//! - `log.rs`: [`SegLog`]: append, group-commit `sync`, read, iterate, truncate, segment GC; its
+//!   module doc lists the write path step by step.
+//! - [`config`] (`config.rs`): [`Config`] and [`SyncMode`].
+//! - `error.rs`: [`Error`].
+//!
+//! # Example
+//!
+//! ```
+//! let dir = tempfile::tempdir().unwrap();
+//! let (log, _recovery) = seglog::SegLog::open(dir.path(), seglog::Config::default()).unwrap();
+//! let pos = log.append(b"hello").unwrap();
+//! log.sync().unwrap();
+//! assert_eq!(log.read(pos).unwrap(), b"hello");
+//! ```
+
+pub mod config;
+mod error;
+pub mod format;
+mod log;
+mod map;
+mod recovery;
+mod segment;
+
+pub use config::{Config, SyncMode};
+pub use error::{Error, Result};
+pub use log::{Iter, Position, SegLog, SegmentInfo};
+pub use recovery::Recovery;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn log_is_send_and_sync() {
+        assert_send_sync::<SegLog>();
+        assert_send_sync::<Iter>();
+    }
+}

@@ -1,0 +1,931 @@
+//! [`SegLog`]: the log itself: append, group commit, read, iterate, truncate, segment GC.
+//!
+//! The write path, step by step (the same list is in `docs/design/log-format.md`):
+//!
+//! 1. **append** (under the state lock): if the frame does not fit in the active segment, create the
+//!    next segment (tmp file, preallocate, header, fsync, rename, directory fsync) and make it
+//!    active; copy `[frame_len | crc | payload]` into the mapping at `end`; advance `end`.
+//!    Nothing is flushed: the record is in the page cache only.
+//! 2. **sync** (group commit): take the sync lock; if an earlier leader's flush already covered
+//!    this caller's `end`, return. Otherwise become the leader: capture `end`, `msync(MS_SYNC)` every
+//!    segment from the one holding the old durable end to the active one (plus sealed segments
+//!    whose new mark was not yet flushed), then publish `durable = end` and write each flushed
+//!    segment's durable mark into its header (reaching disk with the next flush or by writeback).
+//!    Callers queued on the sync lock find themselves covered and return without flushing.
+//!
+//! Locks, always taken in this order: `sync_lock` -> `readers` -> `state`. Appends take only
+//! `state`; reads take `readers` (shared) then `state` briefly, and copy from the mapping under
+//! `readers` only; truncate takes all three (exclusive `readers`), so no read sees bytes being
+//! zeroed.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::{Config, SyncMode};
+use crate::error::{Error, Result};
+use crate::format::{self, HEADER_LEN, MARK_LEN, MARK_OFFSET};
+use crate::recovery::{self, Recovery};
+use crate::segment::{self, Segment};
+
+/// Identifies one record: its segment number and the byte offset of its frame in that segment.
+/// Ordering is log order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    /// Segment number.
+    pub segment: u64,
+    /// Byte offset of the record frame inside the segment file.
+    pub offset: u64,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.segment, self.offset)
+    }
+}
+
+/// One segment as seen by [`SegLog::segments`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Segment number.
+    pub number: u64,
+    /// Path of the segment file.
+    pub path: PathBuf,
+    /// Position of its first record (equals its end when it is empty).
+    pub first: Position,
+    /// Bytes used: header plus records (the file itself is preallocated to its full size).
+    pub used: u64,
+    /// Size of the file.
+    pub size: u64,
+}
+
+/// One segment in the in-memory list.
+#[derive(Debug)]
+struct Entry {
+    seg: Arc<Segment>,
+    /// End of the last record. Final for sealed segments; equals `State::end.offset` for the active.
+    tail: u64,
+    /// The mark currently written in the mapping's mark slot.
+    mark: Option<u64>,
+    /// Whether `mark` has been flushed since it was written.
+    mark_flushed: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Never empty; the last one is the active segment; numbers are contiguous.
+    segs: VecDeque<Entry>,
+    /// Where the next record goes (unless it does not fit and the log rolls).
+    end: Position,
+    /// Every record before this is durable.
+    durable: Position,
+}
+
+impl State {
+    fn index(&self, number: u64) -> Option<usize> {
+        let first = self.segs.front()?.seg.number;
+        let i = usize::try_from(number.checked_sub(first)?).ok()?;
+        (i < self.segs.len()).then_some(i)
+    }
+
+    fn entry(&self, number: u64) -> Option<&Entry> {
+        self.index(number).map(|i| &self.segs[i])
+    }
+
+    fn active(&self) -> &Entry {
+        self.segs.back().expect("log always has a segment")
+    }
+
+    fn first(&self) -> Position {
+        let e = self.segs.front().expect("log always has a segment");
+        Position {
+            segment: e.seg.number,
+            offset: HEADER_LEN,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    config: Config,
+    /// Holds the `flock` on `LOCK` for the lifetime of the log.
+    _lock: File,
+    sync_lock: Mutex<()>,
+    readers: RwLock<()>,
+    state: Mutex<State>,
+    poisoned: AtomicBool,
+}
+
+/// An mmap-backed segmented append log. `Send + Sync`; share it (e.g. in an `Arc`) between threads.
+#[derive(Debug)]
+pub struct SegLog {
+    inner: Arc<Inner>,
+}
+
+/// Iterator over records from a position up to the log's end when the iterator was created.
+/// Created by [`SegLog::iter`]. It stops early if the log is truncated below its cursor, and yields
+/// one error (then stops) if its start is not a record or the data is damaged.
+#[derive(Debug)]
+pub struct Iter {
+    inner: Arc<Inner>,
+    next: Position,
+    stop: Position,
+    /// `next` is not yet known to be a record boundary.
+    unverified: bool,
+    done: bool,
+}
+
+impl SegLog {
+    /// Opens (creating `dir` and a first segment if needed) and recovers the log in `dir`.
+    ///
+    /// Recovery cuts a torn tail (reported in [`Recovery`]) and fails with [`Error::Corrupt`] on
+    /// damage to durable data. Only one `SegLog` may have a directory open (`LOCK` file,
+    /// [`Error::Locked`]).
+    pub fn open(dir: impl AsRef<Path>, config: Config) -> Result<(SegLog, Recovery)> {
+        config.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create log directory", &dir, e))?;
+        let lock_path = dir.join("LOCK");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open lock file", &lock_path, e))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK => {
+                return Err(Error::Locked { path: lock_path })
+            }
+            Err(e) => return Err(Error::io("lock log directory", &lock_path, e.into())),
+        }
+
+        let recovered = recovery::recover(&dir, &config)?;
+        let mut report = recovered.report;
+        let data_mode = config.sync == SyncMode::Data;
+        let mut segs = VecDeque::with_capacity(recovered.segments.len().max(1));
+        for rs in recovered.segments {
+            let seg = Segment::from_file(rs.path, rs.file, rs.header)?;
+            let mut mark = rs.mark;
+            let mut mark_flushed = true;
+            if rs.needs_mark && data_mode {
+                // Recovery flushed this segment's records: vouch for them.
+                seg.write_mark(Some(rs.tail));
+                mark = Some(rs.tail);
+                mark_flushed = false;
+            }
+            segs.push_back(Entry {
+                seg: Arc::new(seg),
+                tail: rs.tail,
+                mark,
+                mark_flushed,
+            });
+        }
+        if segs.is_empty() {
+            let seg = Segment::create(&dir, 1, config.segment_size, config.sync)?;
+            segs.push_back(Entry {
+                seg: Arc::new(seg),
+                tail: HEADER_LEN,
+                mark: None,
+                mark_flushed: true,
+            });
+            report.segments = 1;
+        }
+        let last = segs.back().expect("just ensured");
+        let end = Position {
+            segment: last.seg.number,
+            offset: last.tail,
+        };
+        let state = State {
+            segs,
+            end,
+            durable: end,
+        };
+        let inner = Inner {
+            dir,
+            config,
+            _lock: lock,
+            sync_lock: Mutex::new(()),
+            readers: RwLock::new(()),
+            state: Mutex::new(state),
+            poisoned: AtomicBool::new(false),
+        };
+        Ok((
+            SegLog {
+                inner: Arc::new(inner),
+            },
+            report,
+        ))
+    }
+
+    /// The configuration the log was opened with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The log directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Appends one record and returns its position. Not durable until [`SegLog::sync`] covers it.
+    pub fn append(&self, payload: &[u8]) -> Result<Position> {
+        self.inner.check_size(payload.len())?;
+        self.inner.check_poison()?;
+        let mut st = self.inner.state.lock();
+        self.inner
+            .append_locked(&mut st, payload, &mut VecDeque::new())
+    }
+
+    /// Appends several records under one lock acquisition; positions are consecutive in log order.
+    ///
+    /// All or nothing as far as the log can ensure it: sizes are checked and every new segment the
+    /// batch needs is created before the first record is written, so a `RecordTooLarge` or a failed
+    /// segment creation leaves the log unchanged.
+    pub fn append_batch<'a>(
+        &self,
+        payloads: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<Position>> {
+        let payloads: Vec<&[u8]> = payloads.into_iter().collect();
+        for p in &payloads {
+            self.inner.check_size(p.len())?;
+        }
+        self.inner.check_poison()?;
+        let inner = &self.inner;
+        let mut st = inner.state.lock();
+        // Lay the batch out to learn how many new segments it needs, and create them first.
+        let mut off = st.end.offset;
+        let mut cap = st.active().seg.capacity();
+        let mut need = 0u64;
+        for p in &payloads {
+            let frame = format::frame_len(p.len());
+            if off + frame > cap {
+                need += 1;
+                off = HEADER_LEN;
+                cap = inner.config.segment_size;
+            }
+            off += frame;
+        }
+        let mut fresh = VecDeque::new();
+        for k in 1..=need {
+            match Segment::create(
+                &inner.dir,
+                st.end.segment + k,
+                inner.config.segment_size,
+                inner.config.sync,
+            ) {
+                Ok(s) => fresh.push_back(s),
+                Err(e) => {
+                    // Empty and never referenced: remove them (best effort; recovery would cut
+                    // an empty trailing segment anyway).
+                    for s in fresh {
+                        let _ = std::fs::remove_file(&s.path);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(payloads.len());
+        for p in payloads {
+            out.push(inner.append_locked(&mut st, p, &mut fresh)?);
+        }
+        debug_assert!(fresh.is_empty());
+        Ok(out)
+    }
+
+    /// Group commit: makes every record appended before the call durable and returns the durable
+    /// end (every record with a smaller position is durable). Concurrent callers share one flush.
+    ///
+    /// A failed flush poisons the log ([`Error::Poisoned`] from then on).
+    pub fn sync(&self) -> Result<Position> {
+        self.inner.sync()
+    }
+
+    /// Every record before this position is durable.
+    pub fn durable_end(&self) -> Position {
+        self.inner.state.lock().durable
+    }
+
+    /// Where the next record will go (if it fits in the active segment; otherwise it goes to the
+    /// start of the next segment, which is still greater). Every record is before `end()`.
+    pub fn end(&self) -> Position {
+        self.inner.state.lock().end
+    }
+
+    /// Position of the first record still in the log; equals `end()` when the log is empty.
+    pub fn first(&self) -> Position {
+        let st = self.inner.state.lock();
+        let first = st.first();
+        if st.segs.len() == 1 && st.end == first {
+            st.end
+        } else {
+            first
+        }
+    }
+
+    /// A copy of the payload at `pos`.
+    ///
+    /// `pos` must be a position returned by `append` that was neither truncated nor dropped by
+    /// GC; otherwise [`Error::InvalidPosition`]. (Positions inside a segment are checked by the
+    /// record's length and checksum: an arbitrary offset passes only with probability ~2^-32.)
+    pub fn read(&self, pos: Position) -> Result<Vec<u8>> {
+        let _r = self.inner.readers.read();
+        let (seg, tail) = {
+            let st = self.inner.state.lock();
+            if pos >= st.end {
+                return Err(Error::InvalidPosition { pos });
+            }
+            let e = st
+                .entry(pos.segment)
+                .ok_or(Error::InvalidPosition { pos })?;
+            (e.seg.clone(), e.tail)
+        };
+        seg.read_record(pos.offset, tail)
+            .map_err(|_| Error::InvalidPosition { pos })
+    }
+
+    /// Iterates over `(position, payload)` from `from` up to `end()` as of this call.
+    ///
+    /// `from` may be a record position, `end()`, the start of a segment (`offset` 0), or anything
+    /// before `first()` (meaning "from the first record").
+    pub fn iter(&self, from: Position) -> Iter {
+        let st = self.inner.state.lock();
+        let first = st.first();
+        let (next, unverified) = if from <= first {
+            (first, false)
+        } else if from.offset <= HEADER_LEN {
+            (
+                Position {
+                    segment: from.segment,
+                    offset: HEADER_LEN,
+                },
+                false,
+            )
+        } else {
+            (from, from < st.end)
+        };
+        Iter {
+            inner: self.inner.clone(),
+            next,
+            stop: st.end,
+            unverified,
+            done: false,
+        }
+    }
+
+    /// Removes the record at `from` and every later record. Durable before it returns: after a
+    /// crash the removed records never come back. `from == end()` is a no-op.
+    ///
+    /// Cut bytes are zeroed in place (a mapped file is never shrunk); later segments are deleted.
+    /// If `from` is the first record of a segment other than the first, that segment is deleted
+    /// too and `end()` moves back to the tail of the previous segment.
+    pub fn truncate(&self, from: Position) -> Result<()> {
+        self.inner.truncate(from)
+    }
+
+    /// Segment GC: deletes whole segments numbered below `segment`, oldest first, never the active
+    /// one. Returns how many were deleted. Records in them can no longer be read.
+    pub fn drop_segments_before(&self, segment: u64) -> Result<u64> {
+        self.inner.drop_segments_before(segment)
+    }
+
+    /// The segments, oldest first.
+    pub fn segments(&self) -> Vec<SegmentInfo> {
+        let st = self.inner.state.lock();
+        st.segs
+            .iter()
+            .map(|e| SegmentInfo {
+                number: e.seg.number,
+                path: e.seg.path.clone(),
+                first: Position {
+                    segment: e.seg.number,
+                    offset: HEADER_LEN,
+                },
+                used: e.tail,
+                size: e.seg.capacity(),
+            })
+            .collect()
+    }
+}
+
+impl Inner {
+    fn check_size(&self, size: usize) -> Result<()> {
+        if size as u64 > u64::from(self.config.max_record_size) {
+            return Err(Error::RecordTooLarge {
+                size,
+                limit: self.config.max_record_size,
+            });
+        }
+        Ok(())
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    fn poison(&self, e: Error) -> Error {
+        self.poisoned.store(true, Ordering::Release);
+        e
+    }
+
+    fn data_mode(&self) -> bool {
+        self.config.sync == SyncMode::Data
+    }
+
+    /// Writes one record at `end`, rolling to the next segment (taken from `fresh` if the caller
+    /// pre-created it) when it does not fit.
+    fn append_locked(
+        &self,
+        st: &mut State,
+        payload: &[u8],
+        fresh: &mut VecDeque<Segment>,
+    ) -> Result<Position> {
+        let frame = format::frame_len(payload.len());
+        if st.end.offset + frame > st.active().seg.capacity() {
+            let seg = match fresh.pop_front() {
+                Some(s) => s,
+                None => Segment::create(
+                    &self.dir,
+                    st.end.segment + 1,
+                    self.config.segment_size,
+                    self.config.sync,
+                )?,
+            };
+            debug_assert_eq!(seg.number, st.end.segment + 1);
+            st.end = Position {
+                segment: seg.number,
+                offset: HEADER_LEN,
+            };
+            st.segs.push_back(Entry {
+                seg: Arc::new(seg),
+                tail: HEADER_LEN,
+                mark: None,
+                mark_flushed: true,
+            });
+        }
+        let pos = st.end;
+        let active = st.segs.back_mut().expect("log always has a segment");
+        active.seg.write_record(pos.offset, payload);
+        active.tail = pos.offset + frame;
+        st.end.offset = active.tail;
+        Ok(pos)
+    }
+
+    fn sync(&self) -> Result<Position> {
+        let target = {
+            let st = self.state.lock();
+            if st.durable >= st.end {
+                return Ok(st.durable);
+            }
+            st.end
+        };
+        let _leader = self.sync_lock.lock();
+        self.check_poison()?;
+        let (end, work) = {
+            let st = self.state.lock();
+            if st.durable >= target {
+                return Ok(st.durable); // an earlier leader's flush covered us
+            }
+            let work: Vec<(Arc<Segment>, u64)> = st
+                .segs
+                .iter()
+                .filter(|e| e.seg.number >= st.durable.segment || !e.mark_flushed)
+                .map(|e| (e.seg.clone(), e.tail))
+                .collect();
+            (st.end, work)
+        };
+        if self.data_mode() {
+            for (seg, tail) in &work {
+                // [0, tail) includes the header page, so a mark written after the previous round
+                // is persisted too; msync writes back only the dirty pages of the range.
+                seg.flush(0, *tail).map_err(|e| self.poison(e))?;
+            }
+        }
+        let mut st = self.state.lock();
+        if self.data_mode() {
+            for (seg, _) in &work {
+                let Some(i) = st.index(seg.number) else {
+                    continue;
+                };
+                let e = &mut st.segs[i];
+                e.mark_flushed = true;
+                let mark = if e.seg.number < end.segment {
+                    e.tail
+                } else if e.seg.number == end.segment {
+                    end.offset
+                } else {
+                    continue;
+                };
+                if e.mark != Some(mark) {
+                    e.seg.write_mark(Some(mark));
+                    e.mark = Some(mark);
+                    e.mark_flushed = false;
+                }
+            }
+        }
+        if end > st.durable {
+            st.durable = end;
+        }
+        Ok(st.durable)
+    }
+
+    fn truncate(&self, from: Position) -> Result<()> {
+        self.check_poison()?;
+        let _leader = self.sync_lock.lock();
+        let _w = self.readers.write();
+        let mut st = self.state.lock();
+        if from == st.end {
+            return Ok(());
+        }
+        let invalid = Error::InvalidPosition { pos: from };
+        if from > st.end {
+            return Err(invalid);
+        }
+        let e = st
+            .entry(from.segment)
+            .ok_or(Error::InvalidPosition { pos: from })?;
+        if e.seg.read_record(from.offset, e.tail).is_err() {
+            return Err(invalid);
+        }
+        let first = st.segs.front().expect("non-empty").seg.number;
+        // Cutting at the start of a later segment removes that whole segment.
+        let (keep, keep_tail) = if from.offset == HEADER_LEN && from.segment > first {
+            let prev = st.entry(from.segment - 1).expect("contiguous");
+            (from.segment - 1, prev.tail)
+        } else {
+            (from.segment, from.offset)
+        };
+        let keep_idx = st.index(keep).expect("exists");
+        let data = self.data_mode();
+        let flush_mark = |e: &Entry| -> Result<()> {
+            if data {
+                e.seg.flush(0, MARK_OFFSET + MARK_LEN as u64)?;
+            }
+            Ok(())
+        };
+
+        // 1. No mark may vouch for what is about to be removed: erase the marks of the segments to
+        //    delete (a mark in a later segment vouches for all of `keep`) and lower `keep`'s.
+        let durable = st.durable;
+        for i in (keep_idx..st.segs.len()).rev() {
+            let e = &mut st.segs[i];
+            let mark = if i > keep_idx {
+                None
+            } else if durable.segment > keep {
+                Some(keep_tail)
+            } else if durable.segment == keep {
+                Some(durable.offset.min(keep_tail))
+            } else {
+                None
+            };
+            let mark = mark
+                .filter(|&m| m >= HEADER_LEN)
+                .map(|m| m.min(e.mark.unwrap_or(m)).max(HEADER_LEN));
+            if e.mark != mark || !e.mark_flushed {
+                e.seg.write_mark(mark);
+                e.mark = mark;
+                flush_mark(e).map_err(|err| self.poison(err))?;
+                e.mark_flushed = true;
+            }
+        }
+        // 2. Zero the cut bytes of `keep` in place and flush them.
+        let e = &mut st.segs[keep_idx];
+        if e.tail > keep_tail {
+            e.seg.zero(keep_tail, e.tail - keep_tail);
+            if data {
+                e.seg
+                    .flush(keep_tail, e.tail - keep_tail)
+                    .map_err(|err| self.poison(err))?;
+            }
+            e.tail = keep_tail;
+        }
+        // 3. Delete later segments, newest first, then make the deletions durable.
+        while st.segs.len() > keep_idx + 1 {
+            let path = st.segs.back().expect("non-empty").seg.path.clone();
+            std::fs::remove_file(&path)
+                .map_err(|err| self.poison(Error::io("remove truncated segment", &path, err)))?;
+            st.segs.pop_back();
+        }
+        if data {
+            segment::fsync_dir(&self.dir).map_err(|err| self.poison(err))?;
+        }
+        st.end = Position {
+            segment: keep,
+            offset: keep_tail,
+        };
+        st.durable = st.durable.min(st.end);
+        Ok(())
+    }
+
+    fn drop_segments_before(&self, segment: u64) -> Result<u64> {
+        self.check_poison()?;
+        let _leader = self.sync_lock.lock();
+        let mut dropped = 0;
+        loop {
+            let victim = {
+                let st = self.state.lock();
+                let front = st.segs.front().expect("non-empty");
+                if st.segs.len() == 1 || front.seg.number >= segment {
+                    break;
+                }
+                front.seg.clone()
+            };
+            // Oldest first with a directory fsync after each, so a crash leaves a contiguous
+            // suffix of segments (recovery treats a gap as corruption).
+            std::fs::remove_file(&victim.path)
+                .map_err(|e| Error::io("remove segment", &victim.path, e))?;
+            if self.data_mode() {
+                segment::fsync_dir(&self.dir).map_err(|e| self.poison(e))?;
+            }
+            self.state.lock().segs.pop_front();
+            dropped += 1;
+        }
+        Ok(dropped)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Persist marks written after the last flush, so the next open knows exactly what was
+        // durable. Unsynced records are not flushed (beyond the header page they share).
+        if !self.data_mode() || self.poisoned.load(Ordering::Acquire) {
+            return;
+        }
+        for e in self.state.get_mut().segs.iter().filter(|e| !e.mark_flushed) {
+            let _ = e.seg.flush(0, MARK_OFFSET + MARK_LEN as u64);
+        }
+    }
+}
+
+impl Iterator for Iter {
+    type Item = Result<(Position, Vec<u8>)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let _r = self.inner.readers.read();
+        loop {
+            let (seg, tail) = {
+                let st = self.inner.state.lock();
+                if self.next >= self.stop || self.next >= st.end {
+                    self.done = true;
+                    return None;
+                }
+                let Some(e) = st.entry(self.next.segment) else {
+                    self.done = true;
+                    return Some(Err(Error::InvalidPosition { pos: self.next }));
+                };
+                if self.next.offset >= e.tail {
+                    if self.unverified && self.next.offset > e.tail {
+                        self.done = true;
+                        return Some(Err(Error::InvalidPosition { pos: self.next }));
+                    }
+                    self.next = Position {
+                        segment: self.next.segment + 1,
+                        offset: HEADER_LEN,
+                    };
+                    self.unverified = false;
+                    continue;
+                }
+                (e.seg.clone(), e.tail)
+            };
+            let pos = self.next;
+            return match seg.read_record(pos.offset, tail) {
+                Ok(payload) => {
+                    self.next.offset += format::frame_len(payload.len());
+                    self.unverified = false;
+                    Some(Ok((pos, payload)))
+                }
+                Err(bad) => {
+                    self.done = true;
+                    Some(Err(if self.unverified {
+                        Error::InvalidPosition { pos }
+                    } else {
+                        Error::Corrupt {
+                            segment: pos.segment,
+                            offset: pos.offset,
+                            reason: format!(
+                                "{bad} (frame length {})",
+                                seg.frame_len_at(pos.offset)
+                            ),
+                        }
+                    }))
+                }
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small() -> Config {
+        Config {
+            segment_size: 4096,
+            max_record_size: 1024,
+            sync: SyncMode::Data,
+        }
+    }
+
+    fn all(log: &SegLog) -> Vec<Vec<u8>> {
+        log.iter(Position::default())
+            .map(|r| r.unwrap().1)
+            .collect()
+    }
+
+    #[test]
+    fn append_sync_read_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, rec) = SegLog::open(dir.path(), small()).unwrap();
+        assert_eq!(
+            rec,
+            Recovery {
+                segments: 1,
+                ..Recovery::default()
+            }
+        );
+        assert_eq!(log.first(), log.end());
+        let a = log.append(b"alpha").unwrap();
+        let b = log.append(b"").unwrap();
+        assert!(a < b);
+        assert_eq!(log.read(a).unwrap(), b"alpha");
+        assert_eq!(log.read(b).unwrap(), b"");
+        assert!(log.durable_end() <= a);
+        let d = log.sync().unwrap();
+        assert_eq!(d, log.end());
+        assert_eq!(log.durable_end(), d);
+        drop(log);
+        let (log, rec) = SegLog::open(dir.path(), small()).unwrap();
+        assert_eq!(rec.records, 2);
+        assert_eq!(rec.torn_tail_bytes, 0);
+        assert_eq!(all(&log), vec![b"alpha".to_vec(), vec![]]);
+        assert_eq!(log.first(), a);
+    }
+
+    #[test]
+    fn rolls_segments_and_reads_across_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SegLog::open(dir.path(), small()).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 300]).collect();
+        let pos = log
+            .append_batch(payloads.iter().map(|p| p.as_slice()))
+            .unwrap();
+        assert!(log.segments().len() >= 4);
+        for (p, want) in pos.iter().zip(&payloads) {
+            assert_eq!(&log.read(*p).unwrap(), want);
+        }
+        assert!(pos.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(all(&log), payloads);
+        drop(log);
+        let (log, rec) = SegLog::open(dir.path(), small()).unwrap();
+        assert_eq!(rec.records, 40);
+        assert_eq!(all(&log), payloads);
+    }
+
+    #[test]
+    fn typed_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SegLog::open(dir.path(), small()).unwrap();
+        assert!(matches!(
+            log.append(&[0; 1025]),
+            Err(Error::RecordTooLarge {
+                size: 1025,
+                limit: 1024
+            })
+        ));
+        assert!(matches!(
+            log.append_batch([&b"ok"[..], &[0; 2000]]),
+            Err(Error::RecordTooLarge { .. })
+        ));
+        assert_eq!(log.end(), log.first(), "a rejected batch writes nothing");
+        let p = log.append(b"hello world").unwrap();
+        let bad = Position {
+            segment: p.segment,
+            offset: p.offset + 1,
+        };
+        assert!(matches!(log.read(bad), Err(Error::InvalidPosition { .. })));
+        assert!(matches!(
+            log.read(log.end()),
+            Err(Error::InvalidPosition { .. })
+        ));
+        assert!(matches!(
+            log.read(Position {
+                segment: 99,
+                offset: 1024
+            }),
+            Err(Error::InvalidPosition { .. })
+        ));
+        assert!(matches!(
+            log.truncate(bad),
+            Err(Error::InvalidPosition { .. })
+        ));
+        let mut it = log.iter(bad);
+        assert!(matches!(
+            it.next(),
+            Some(Err(Error::InvalidPosition { .. }))
+        ));
+        assert!(it.next().is_none());
+        assert!(matches!(
+            SegLog::open(dir.path(), small()),
+            Err(Error::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn truncate_removes_tail_and_later_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SegLog::open(dir.path(), small()).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..30u8).map(|i| vec![i; 200 + i as usize]).collect();
+        let pos = log
+            .append_batch(payloads.iter().map(|p| p.as_slice()))
+            .unwrap();
+        log.sync().unwrap();
+        log.truncate(pos[20]).unwrap();
+        assert_eq!(all(&log), payloads[..20].to_vec());
+        assert!(matches!(
+            log.read(pos[20]),
+            Err(Error::InvalidPosition { .. })
+        ));
+        assert!(log.durable_end() <= log.end());
+        let q = log.append(b"new").unwrap();
+        assert!(q > pos[19]);
+        drop(log);
+        let (log, rec) = SegLog::open(dir.path(), small()).unwrap();
+        assert_eq!(rec.torn_tail_bytes, 0);
+        let mut want = payloads[..20].to_vec();
+        want.push(b"new".to_vec());
+        assert_eq!(all(&log), want);
+        // Truncate at the first record of a segment, then everything.
+        let first_of_seg = log.segments()[1].first;
+        log.truncate(first_of_seg).unwrap();
+        assert_eq!(log.segments().len(), 1);
+        log.truncate(log.first()).unwrap();
+        assert!(all(&log).is_empty());
+        assert_eq!(log.first(), log.end());
+    }
+
+    #[test]
+    fn gc_drops_old_segments_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SegLog::open(dir.path(), small()).unwrap();
+        for i in 0..40u8 {
+            log.append(&[i; 500]).unwrap();
+        }
+        let segs = log.segments();
+        let n = segs.len() as u64;
+        assert_eq!(log.drop_segments_before(segs[2].number).unwrap(), 2);
+        assert_eq!(log.first(), segs[2].first);
+        assert!(matches!(
+            log.read(segs[0].first),
+            Err(Error::InvalidPosition { .. })
+        ));
+        assert_eq!(
+            log.iter(Position::default()).next().unwrap().unwrap().0,
+            segs[2].first
+        );
+        assert_eq!(
+            log.drop_segments_before(u64::MAX).unwrap(),
+            n - 3,
+            "never the active one"
+        );
+        assert_eq!(log.segments().len(), 1);
+        drop(log);
+        let (log, _) = SegLog::open(dir.path(), small()).unwrap();
+        assert_eq!(log.segments().len(), 1);
+    }
+
+    #[test]
+    fn group_commit_shares_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = SegLog::open(dir.path(), Config::default()).unwrap();
+        let log = Arc::new(log);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50u32 {
+                        let p = log.append(&(t * 1000 + i).to_le_bytes()).unwrap();
+                        let d = log.sync().unwrap();
+                        assert!(p < d);
+                        assert!(log.durable_end() > p);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(all(&log).len(), 200);
+    }
+}

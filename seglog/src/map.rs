@@ -1,0 +1,127 @@
+//! The only module with `unsafe`: a shared, writable mapping of one segment file.
+//!
+//! Why raw pointers instead of `&mut [u8]`: appenders, readers and the sync leader touch the same
+//! mapping from several threads at once, always on disjoint byte ranges that the log's locks hand
+//! out (appenders write at and after `end`, readers read below `end`, the sync leader and truncate
+//! write the mark slot and the truncated range while holding the sync lock and, for truncate, the
+//! exclusive read/write lock). A `&mut [u8]` over the whole map would alias; raw copies on checked,
+//! disjoint ranges do not.
+//!
+//! Invariants the callers keep, on which the `Safety:` comments rely:
+//! - the file is never shrunk while mapped (the log only zeroes bytes in place), so every byte of
+//!   `[0, len)` stays backed and no access raises SIGBUS;
+//! - the file was fully preallocated (fallocate or written zeros) before being mapped, so writes
+//!   need no block allocation (no SIGBUS on ENOSPC);
+//! - no thread writes a byte range that another thread reads or writes at the same time.
+//!
+//! Outside processes that modify or shrink a segment file while the log is open break the first
+//! invariant; the directory lock (`LOCK`) keeps other `SegLog`s away.
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::io;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+/// A `MAP_SHARED`, read-write mapping of `[0, len)` of a file.
+#[derive(Debug)]
+pub(crate) struct SharedMap {
+    raw: MmapRaw,
+    len: u64,
+}
+
+impl SharedMap {
+    /// Maps the first `len` bytes of `file`, which must be at least `len` bytes long.
+    pub(crate) fn new(file: &File, len: u64) -> io::Result<SharedMap> {
+        let ulen =
+            usize::try_from(len).map_err(|_| io::Error::other("segment too large to map"))?;
+        let raw = MmapOptions::new().len(ulen).map_raw(file)?;
+        Ok(SharedMap { raw, len })
+    }
+
+    /// Mapped length.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn check(&self, off: u64, n: usize) -> usize {
+        let end = off.checked_add(n as u64).expect("range overflows");
+        assert!(
+            end <= self.len,
+            "range {off}+{n} outside map of {}",
+            self.len
+        );
+        off as usize
+    }
+
+    /// Copies `src` into the map at `off`.
+    pub(crate) fn write(&self, off: u64, src: &[u8]) {
+        let at = self.check(off, src.len());
+        // Safety: `check` proved `[at, at + src.len())` lies inside the live mapping, which stays
+        // backed (module invariants); no other thread accesses these bytes now (callers' locks);
+        // `src` is ordinary memory, so it cannot overlap the mapping's bytes we write.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.raw.as_mut_ptr().add(at), src.len())
+        }
+    }
+
+    /// Copies `dst.len()` bytes at `off` out of the map.
+    pub(crate) fn read(&self, off: u64, dst: &mut [u8]) {
+        let at = self.check(off, dst.len());
+        // Safety: the range is inside the live, backed mapping (`check`, module invariants) and no
+        // thread writes it concurrently (callers' locks); `dst` is a distinct Rust buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.raw.as_ptr().add(at), dst.as_mut_ptr(), dst.len())
+        }
+    }
+
+    /// Sets `n` bytes at `off` to zero.
+    pub(crate) fn zero(&self, off: u64, n: u64) {
+        let n = usize::try_from(n).expect("zero range fits usize");
+        let at = self.check(off, n);
+        // Safety: in-bounds (`check`), backed (module invariants), and the caller holds the locks
+        // that keep every other thread off these bytes.
+        unsafe { std::ptr::write_bytes(self.raw.as_mut_ptr().add(at), 0, n) }
+    }
+
+    /// `msync(MS_SYNC)` of `[off, off + n)`: on Linux an fdatasync of that file range.
+    pub(crate) fn flush(&self, off: u64, n: u64) -> io::Result<()> {
+        let end = off.saturating_add(n).min(self.len);
+        if end <= off {
+            return Ok(());
+        }
+        self.raw.flush_range(off as usize, (end - off) as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_zero_flush() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(8192).unwrap();
+        let m = SharedMap::new(&f, 8192).unwrap();
+        m.write(4090, b"0123456789");
+        let mut b = [0u8; 10];
+        m.read(4090, &mut b);
+        assert_eq!(&b, b"0123456789");
+        m.zero(4092, 2);
+        m.read(4090, &mut b);
+        assert_eq!(&b, b"01\0\x00456789");
+        m.flush(0, 8192).unwrap();
+        let mut on_disk = [0u8; 10];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut on_disk, 4090).unwrap();
+        assert_eq!(on_disk, b);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside map")]
+    fn out_of_bounds_panics_instead_of_touching_memory() {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(4096).unwrap();
+        let m = SharedMap::new(&f, 4096).unwrap();
+        m.write(4095, b"ab");
+    }
+}
