@@ -1,3 +1,62 @@
-//! Harpoon: consensus cells on raft-rs.
+//! Harpoon: consensus cells on raft-rs, many per node, never preempted.
+//!
+//! # Layout
+//! - [`config`]: `NodeConfig`/`CellConfig`, validated once at start; ticks are configuration.
+//! - [`state_machine`]: the `StateMachine` trait through which committed entries are applied
+//!   (harpoon knows nothing of collections) and its `ApplyState`.
+//! - `cell`: one replica: a `RawNode`, the Ready order, callers keyed by `(term, index)`,
+//!   ReadIndex and leader-lease reads, Consensus/Async replies, snapshots, compaction.
+//! - [`membership`]: learner → promote → leave joint, safe removal, dropped-change detection.
+//! - `shard`: one thread owning many cells; one coalesced tick, one log write + one sync per
+//!   round for every cell touched, one transport send per destination node.
+//! - `node`: [`Node`], the public API (futures), and the router that is the transport's sink.
+//! - [`storage`]: the node's raft log (`LogStore`) and per-cell raft storage.
+//! - [`transport`]: the network seam (`Transport`, `MessageSink`), in-memory and TCP.
+//! - [`error`]: one error enum; fatal errors poison the node.
+//! - `testkit` (feature `testkit`): a recording state machine and an in-process cluster.
+//!
+//! # The write path (DESIGN.md §4), as implemented here
+//! 1. **route**: the caller picks the node it believes leads the cell (outside harpoon).
+//! 2. **redirect**: [`Node::propose`] on a non-leader answers [`Error::NotLeader`] with a
+//!    leader hint; proposals are never forwarded.
+//! 3. **propose**: the leader's shard calls `RawNode::propose` and keys the caller by the
+//!    `(term, index)` the entry got.
+//! 4. **append**: the shard collects the ready of every cell touched this round, sends leader
+//!    messages at once, then does one `LogStore::write` and one `LogStore::sync`; followers
+//!    acknowledge only after that sync.
+//! 5. **apply**: committed entries go to the cell's `StateMachine`, which stores its apply
+//!    state (applied index, commit point, ConfState) atomically with the data.
+//! 6. **respond**: Consensus mode answers when the entry applies with the proposing term
+//!   (`Guarantee::Applied`); Async mode answers after step 4's sync on the leader
+//!   (`Guarantee::LeaderDurable`).
 
+mod cell;
+pub mod config;
+pub mod error;
+pub mod membership;
+mod metrics;
+mod node;
+mod shard;
+pub mod state_machine;
+mod storage_seam;
+pub(crate) use storage_seam as storage;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 pub mod transport;
+
+pub use cell::{CellStatus, Guarantee, ReadConsistency, ReplicationMode, Reply, Role, INIT_INDEX};
+pub use config::{CellConfig, ConfigError, NodeConfig};
+pub use error::{Error, Result, StateMachineError};
+pub use membership::MembershipChange;
+pub use metrics::NodeMetrics;
+pub use node::{Node, Pending};
+pub use proto::{CellId, NodeId};
+pub use state_machine::{ApplyState, EntryRef, SmSnapshot, StateMachine};
+
+/// Where a shard sends an answer.
+pub(crate) type Tx<T> = tokio::sync::oneshot::Sender<Result<T>>;
+
+/// Creates a replica (mode and state machine) for an unknown cell on an initial message.
+pub type CellFactory = std::sync::Arc<
+    dyn Fn(CellId) -> Option<(ReplicationMode, Box<dyn StateMachine>)> + Send + Sync,
+>;

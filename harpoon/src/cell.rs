@@ -1,0 +1,965 @@
+//! One replica of one cell: a `RawNode` over the cell's raft storage plus its state machine,
+//! its waiting callers and its leader lease. The driver (`shard.rs`) owns many cells and runs
+//! the I/O; a cell only turns events into storage writes, messages and replies.
+//!
+//! The Ready order (RAFT.md §1.2) is split in two because the driver does one log write and
+//! one sync for all cells of a round: [`Cell::ready_append`] runs steps 1-5 (everything up to
+//! the durable write), [`Cell::ready_persisted`] runs steps 6-8 after the sync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use proto::{CellId, NodeId};
+use protobuf::Message as _;
+use raft::eraftpb::{
+    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+    SnapshotMetadata,
+};
+use raft::{RawNode, Ready, StateRole, Storage};
+
+use crate::config::NodeConfig;
+use crate::error::{Error, Result, StateMachineError};
+use crate::membership::{self, MembershipChange, MembershipOp, Stage};
+use crate::metrics::Metrics;
+use crate::state_machine::{ApplyState, EntryRef, SmSnapshot, StateMachine};
+use crate::storage::{CellStorage, LogStore, WriteBatch};
+use crate::transport::Envelope;
+use crate::Tx;
+
+/// Index and term of the bootstrap image every initial member starts from. New members start
+/// empty at 0, so they always catch up by snapshot and learn the initial membership from it
+/// (TiKV's `RAFT_INIT_LOG_INDEX` does the same).
+pub const INIT_INDEX: u64 = 5;
+
+/// When a cell answers a write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicationMode {
+    /// Reply after quorum commit and local apply, with the state machine's response.
+    Consensus,
+    /// Reply once the leader has the entry durably in its own log. The write may still be
+    /// lost if the leader fails before a quorum has it (counted in `async_lost`).
+    Async,
+}
+
+/// Which guarantee a [`Reply`] was given under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Committed by a quorum and applied on the leader.
+    Applied,
+    /// Durable in the leader's log only.
+    LeaderDurable,
+}
+
+/// The answer to a successful proposal.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// Log position of the entry.
+    pub index: u64,
+    pub term: u64,
+    pub guarantee: Guarantee,
+    /// The state machine's response (only with [`Guarantee::Applied`]).
+    pub response: Option<Bytes>,
+}
+
+/// How a read is made linearizable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadConsistency {
+    /// Served by the leader under its lease without a network round (falls back to ReadIndex
+    /// when the lease is not valid).
+    Lease,
+    /// One heartbeat round to a quorum (raft ReadIndex); works on followers too.
+    ReadIndex,
+}
+
+/// A replica's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+impl From<StateRole> for Role {
+    fn from(r: StateRole) -> Self {
+        match r {
+            StateRole::Follower => Role::Follower,
+            StateRole::PreCandidate => Role::PreCandidate,
+            StateRole::Candidate => Role::Candidate,
+            StateRole::Leader => Role::Leader,
+        }
+    }
+}
+
+/// A snapshot of one replica's state, for tests and operators.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellStatus {
+    pub cell: CellId,
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    pub conf: ConfState,
+    /// Async-mode writes acknowledged by this replica as leader and later found lost.
+    pub async_lost: u64,
+}
+
+struct PendingRead {
+    deadline: Instant,
+    /// `None` for the cell's own lease renewals.
+    tx: Option<Tx<u64>>,
+    issued: Instant,
+    term: u64,
+}
+
+/// What `ready_append` leaves for `ready_persisted`.
+pub(crate) struct Unpersisted {
+    rd: Ready,
+    snapshot: Option<Snapshot>,
+    /// Committed entries deferred until after the snapshot is restored.
+    deferred: Vec<Entry>,
+}
+
+/// Outgoing messages of one round, grouped per destination node.
+pub(crate) type Outbox = HashMap<NodeId, Vec<Envelope>>;
+
+pub(crate) struct Cell {
+    pub(crate) id: CellId,
+    node: NodeId,
+    raw: RawNode<CellStorage>,
+    sm: Box<dyn StateMachine>,
+    mode: ReplicationMode,
+    cfg: Arc<NodeConfig>,
+    metrics: Arc<Metrics>,
+    /// Consensus-mode callers keyed by log index, with the term the entry was proposed in:
+    /// a reply is sent only if the entry applied at that index has the same term.
+    proposals: BTreeMap<u64, (u64, Instant, Tx<Reply>)>,
+    /// Async-mode callers waiting for the leader's sync of their entry `(index, term)`.
+    durable_acks: Vec<(u64, u64, Tx<Reply>)>,
+    /// Async writes acknowledged and not yet seen applied: index -> term.
+    async_acked: BTreeMap<u64, u64>,
+    async_lost: u64,
+    /// ReadIndex requests waiting for their ReadState, by request id.
+    reads: HashMap<u64, PendingRead>,
+    /// Reads whose read index is known, waiting for apply to reach it.
+    read_waits: Vec<(u64, PendingRead)>,
+    next_read_id: u64,
+    /// Leader lease: valid in `term` until the instant.
+    lease: Option<(u64, Instant)>,
+    membership: Option<MembershipOp>,
+    transfer: Option<(NodeId, Instant, Tx<()>)>,
+    conf: ConfState,
+    applied: u64,
+    /// Set when this replica applied its own removal.
+    pub(crate) removed: bool,
+}
+
+fn role_leader(raw: &RawNode<CellStorage>) -> bool {
+    raw.raft.state == StateRole::Leader
+}
+
+fn hint(raw: &RawNode<CellStorage>) -> Option<NodeId> {
+    match raw.raft.leader_id {
+        0 => None,
+        id => Some(NodeId(id)),
+    }
+}
+
+fn send<T>(tx: Tx<T>, v: Result<T>) {
+    // The caller may have given up (dropped its future): nothing to do then.
+    let _ = tx.send(v);
+}
+
+fn raft_err(cell: CellId, e: raft::Error) -> Error {
+    Error::Raft {
+        cell,
+        source: Arc::new(e),
+    }
+}
+
+fn storage_err(cell: CellId, e: crate::storage::StorageError) -> Error {
+    Error::Storage {
+        cell: Some(cell),
+        source: Arc::new(e),
+    }
+}
+
+impl Cell {
+    /// Open (or bootstrap) a replica.
+    ///
+    /// - Initial member (`voters` non-empty, empty state machine, empty log): write the
+    ///   bootstrap image at [`INIT_INDEX`] to the log and the state machine.
+    /// - New member (`voters` empty): start empty; the leader sends a snapshot.
+    /// - Restart: `Config.applied` = the state machine's durable applied index, and the log's
+    ///   commit index is repaired forward to the state machine's commit point (RAFT.md §1.4).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn open(
+        id: CellId,
+        node: NodeId,
+        cfg: Arc<NodeConfig>,
+        metrics: Arc<Metrics>,
+        log: &LogStore,
+        mut sm: Box<dyn StateMachine>,
+        mode: ReplicationMode,
+        voters: &[NodeId],
+        learners: &[NodeId],
+    ) -> Result<Cell> {
+        let mut st = sm.apply_state();
+        let fresh_sm = st.applied_index == 0 && st.conf_state == ConfState::default();
+        let storage = log
+            .cell(id, st.conf_state.clone())
+            .map_err(|e| storage_err(id, e))?;
+        let sterr = |e: raft::Error| raft_err(id, e);
+        let mut hs = storage.hard_state();
+        let log_empty = storage.last_index().map_err(sterr)? == 0 && hs == HardState::default();
+        if fresh_sm && log_empty && !voters.is_empty() {
+            let mut conf = ConfState::default();
+            conf.voters = voters.iter().map(|n| n.get()).collect();
+            conf.learners = learners.iter().map(|n| n.get()).collect();
+            let mut meta = SnapshotMetadata::default();
+            meta.index = INIT_INDEX;
+            meta.term = INIT_INDEX;
+            meta.set_conf_state(conf.clone());
+            hs.term = INIT_INDEX;
+            hs.commit = INIT_INDEX;
+            let mut wb = WriteBatch::default();
+            wb.apply_snapshot(id, meta);
+            wb.set_hard_state(id, hs.clone());
+            log.write(wb).map_err(|e| storage_err(id, e))?;
+            log.sync().map_err(|e| storage_err(id, e))?;
+            st = ApplyState {
+                applied_index: INIT_INDEX,
+                applied_term: INIT_INDEX,
+                commit_index: INIT_INDEX,
+                commit_term: INIT_INDEX,
+                conf_state: conf,
+            };
+            sm.restore(&SmSnapshot {
+                state: st.clone(),
+                data: Bytes::new(),
+            })
+            .map_err(|source| Error::StateMachine { cell: id, source })?;
+        }
+        // RAFT.md §1.4: the commit index may not have been durable when the state machine
+        // applied up to it; move it forward if the log holds that entry with that term.
+        if st.commit_index > hs.commit && storage.term(st.commit_index).ok() == Some(st.commit_term)
+        {
+            hs.commit = st.commit_index;
+            let mut wb = WriteBatch::default();
+            wb.set_hard_state(id, hs.clone());
+            log.write(wb).map_err(|e| storage_err(id, e))?;
+            log.sync().map_err(|e| storage_err(id, e))?;
+        }
+        if st.applied_index > hs.commit {
+            return Err(Error::StateMachine {
+                cell: id,
+                source: StateMachineError::new(
+                    "open",
+                    format!(
+                        "applied index {} beyond the log's commit {}",
+                        st.applied_index, hs.commit
+                    ),
+                ),
+            });
+        }
+        let rc = cfg.cell.raft_config(node.get(), st.applied_index);
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let raw = RawNode::new(&rc, storage, &logger).map_err(sterr)?;
+        Ok(Cell {
+            id,
+            node,
+            raw,
+            sm,
+            mode,
+            cfg,
+            metrics,
+            proposals: BTreeMap::new(),
+            durable_acks: Vec::new(),
+            async_acked: BTreeMap::new(),
+            async_lost: 0,
+            reads: HashMap::new(),
+            read_waits: Vec::new(),
+            next_read_id: 1,
+            lease: None,
+            membership: None,
+            transfer: None,
+            conf: st.conf_state,
+            applied: st.applied_index,
+            removed: false,
+        })
+    }
+
+    pub(crate) fn step(&mut self, msg: Message) {
+        // Errors here are stale or foreign messages (e.g. from a removed peer): raft already
+        // ignored them, and the sender retransmits if it matters.
+        let _ = self.raw.step(msg);
+    }
+
+    pub(crate) fn tick(&mut self, now: Instant) {
+        self.raw.tick();
+        if self.raw.raft.lead_transferee.is_some() || !role_leader(&self.raw) {
+            self.lease = None;
+        }
+        let cell = self.id;
+        let expired = |d: Instant| d <= now;
+        self.reads.retain(|_, r| {
+            if expired(r.deadline) {
+                if let Some(tx) = r.tx.take() {
+                    send(tx, Err(Error::Timeout { cell }));
+                }
+                false
+            } else {
+                true
+            }
+        });
+        self.read_waits.retain_mut(|(_, r)| {
+            if expired(r.deadline) {
+                if let Some(tx) = r.tx.take() {
+                    send(tx, Err(Error::Timeout { cell }));
+                }
+                false
+            } else {
+                true
+            }
+        });
+        let late: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, (_, d, _))| expired(*d))
+            .map(|(i, _)| *i)
+            .collect();
+        for i in late {
+            if let Some((_, _, tx)) = self.proposals.remove(&i) {
+                send(tx, Err(Error::Timeout { cell }));
+            }
+        }
+        if self
+            .membership
+            .as_ref()
+            .is_some_and(|m| expired(m.deadline))
+        {
+            if let Some(op) = self.membership.take() {
+                send(op.tx, Err(Error::Timeout { cell }));
+            }
+        }
+        if self.transfer.as_ref().is_some_and(|t| expired(t.1)) {
+            if let Some((_, _, tx)) = self.transfer.take() {
+                send(tx, Err(Error::Timeout { cell }));
+            }
+        }
+    }
+
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            cell: self.id,
+            leader_hint: hint(&self.raw),
+        }
+    }
+
+    /// Propose `data`. Never forwarded: a follower answers `NotLeader` with a hint.
+    pub(crate) fn propose(&mut self, data: Bytes, deadline: Instant, tx: Tx<Reply>) {
+        if !role_leader(&self.raw) {
+            return send(tx, Err(self.not_leader()));
+        }
+        let before = self.raw.raft.raft_log.last_index();
+        match self.raw.propose(Vec::new(), data.to_vec()) {
+            Ok(()) => {}
+            Err(raft::Error::ProposalDropped) => {
+                return send(tx, Err(Error::Busy { cell: self.id }))
+            }
+            Err(e) => return send(tx, Err(raft_err(self.id, e))),
+        }
+        // The key is captured right after `propose`: (current term, new last index).
+        let index = self.raw.raft.raft_log.last_index();
+        if index == before {
+            return send(tx, Err(Error::Busy { cell: self.id }));
+        }
+        let term = self.raw.raft.term;
+        self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+        match self.mode {
+            ReplicationMode::Consensus => {
+                if let Some((_, _, old)) = self.proposals.insert(index, (term, deadline, tx)) {
+                    // A previous leadership of ours proposed at this index: that entry is gone.
+                    send(
+                        old,
+                        Err(Error::ProposalDropped {
+                            cell: self.id,
+                            index,
+                        }),
+                    );
+                }
+            }
+            ReplicationMode::Async => self.durable_acks.push((index, term, tx)),
+        }
+    }
+
+    /// A linearizable read barrier: answers the applied index at which the caller may read
+    /// its state machine.
+    pub(crate) fn read(
+        &mut self,
+        consistency: ReadConsistency,
+        deadline: Instant,
+        now: Instant,
+        tx: Tx<u64>,
+    ) {
+        if consistency == ReadConsistency::Lease {
+            if !role_leader(&self.raw) {
+                return send(tx, Err(self.not_leader()));
+            }
+            if let Some(until) = self.lease_valid(now) {
+                // Under the lease no other leader can have committed anything: our commit
+                // index is the read index.
+                let index = self.raw.raft.raft_log.committed;
+                self.read_waits.push((
+                    index,
+                    PendingRead {
+                        deadline,
+                        tx: Some(tx),
+                        issued: now,
+                        term: self.raw.raft.term,
+                    },
+                ));
+                if until.saturating_duration_since(now) < self.cfg.lease() / 2 {
+                    self.read_index(None, deadline, now);
+                }
+                self.serve_reads();
+                return;
+            }
+        }
+        self.read_index(Some(tx), deadline, now);
+    }
+
+    fn lease_valid(&self, now: Instant) -> Option<Instant> {
+        match self.lease {
+            Some((term, until))
+                if self.cfg.cell.lease_reads
+                    && term == self.raw.raft.term
+                    && now < until
+                    && self.raw.raft.lead_transferee.is_none() =>
+            {
+                Some(until)
+            }
+            _ => None,
+        }
+    }
+
+    fn read_index(&mut self, tx: Option<Tx<u64>>, deadline: Instant, now: Instant) {
+        let id = self.next_read_id;
+        self.next_read_id += 1;
+        // raft drops the request silently if the leader has not committed in its term yet;
+        // the deadline answers it then.
+        self.raw.read_index(id.to_le_bytes().to_vec());
+        self.reads.insert(
+            id,
+            PendingRead {
+                deadline,
+                tx,
+                issued: now,
+                term: self.raw.raft.term,
+            },
+        );
+    }
+
+    pub(crate) fn change_membership(
+        &mut self,
+        change: MembershipChange,
+        deadline: Instant,
+        tx: Tx<ConfState>,
+    ) {
+        if !role_leader(&self.raw) {
+            return send(tx, Err(self.not_leader()));
+        }
+        if self.membership.is_some() {
+            return send(tx, Err(Error::ConfChangeInProgress { cell: self.id }));
+        }
+        let cc = match membership::plan(
+            self.id,
+            change,
+            &self.raw.raft,
+            &self.conf,
+            self.cfg.cell.promote_max_lag,
+        ) {
+            Ok(cc) => cc,
+            Err(e) => return send(tx, Err(e)),
+        };
+        let before = self.raw.raft.raft_log.last_index();
+        if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
+            return send(tx, Err(raft_err(self.id, e)));
+        }
+        let index = self.raw.raft.raft_log.last_index();
+        if index == before {
+            return send(tx, Err(Error::Busy { cell: self.id }));
+        }
+        self.membership = Some(MembershipOp {
+            index,
+            term: self.raw.raft.term,
+            stage: Stage::Entering,
+            deadline,
+            tx,
+        });
+    }
+
+    pub(crate) fn transfer_leader(&mut self, to: NodeId, deadline: Instant, tx: Tx<()>) {
+        if !role_leader(&self.raw) {
+            return send(tx, Err(self.not_leader()));
+        }
+        if to == self.node {
+            return send(tx, Ok(()));
+        }
+        if !self.conf.voters.contains(&to.get()) {
+            return send(
+                tx,
+                Err(Error::InvalidConfChange {
+                    cell: self.id,
+                    node: to,
+                    why: "transfer target is not a voter",
+                }),
+            );
+        }
+        // The lease is suspect from now on: the target may win an election at once.
+        self.lease = None;
+        self.raw.transfer_leader(to.get());
+        if let Some((_, _, old)) = self.transfer.replace((to, deadline, tx)) {
+            send(old, Err(Error::Timeout { cell: self.id }));
+        }
+    }
+
+    pub(crate) fn report_unreachable(&mut self, to: NodeId) {
+        if role_leader(&self.raw) && self.raw.raft.prs().get(to.get()).is_some() {
+            self.raw.report_unreachable(to.get());
+        }
+    }
+
+    pub(crate) fn report_snapshot(&mut self, to: NodeId, status: crate::transport::SnapshotStatus) {
+        if role_leader(&self.raw) && self.raw.raft.prs().get(to.get()).is_some() {
+            let s = match status {
+                crate::transport::SnapshotStatus::Finish => raft::SnapshotStatus::Finish,
+                crate::transport::SnapshotStatus::Failure => raft::SnapshotStatus::Failure,
+            };
+            self.raw.report_snapshot(to.get(), s);
+        }
+    }
+
+    pub(crate) fn status(&self) -> CellStatus {
+        let r = &self.raw.raft;
+        CellStatus {
+            cell: self.id,
+            role: r.state.into(),
+            term: r.term,
+            leader: hint(&self.raw),
+            commit: r.raft_log.committed,
+            applied: self.applied,
+            first_index: r.raft_log.first_index(),
+            last_index: r.raft_log.last_index(),
+            conf: self.conf.clone(),
+            async_lost: self.async_lost,
+        }
+    }
+
+    pub(crate) fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    fn envelopes(&self, msgs: Vec<Message>, out: &mut Outbox) {
+        for m in msgs {
+            out.entry(NodeId(m.to)).or_default().push(Envelope {
+                cell: self.id,
+                msg: m,
+            });
+        }
+    }
+
+    /// Ready steps 1-5: everything before the round's durable write.
+    pub(crate) fn ready_append(
+        &mut self,
+        wb: &mut WriteBatch,
+        early: &mut Outbox,
+        must_sync: &mut bool,
+    ) -> Result<Option<Unpersisted>> {
+        if !self.raw.has_ready() {
+            return Ok(None);
+        }
+        let mut rd = self.raw.ready();
+        // 1. Leader messages go out before our own fsync (thesis §10.2.1): replication and
+        //    the local write overlap. Only a leader's messages are in `messages()`.
+        self.envelopes(rd.take_messages(), early);
+        // 2. A received snapshot is installed before any entries of this ready: its log
+        //    metadata goes first in the write batch; the state machine restores after the sync
+        //    so the log never claims less than the state machine holds.
+        let snapshot = if rd.snapshot().is_empty() {
+            None
+        } else {
+            wb.apply_snapshot(self.id, rd.snapshot().get_metadata().clone());
+            Some(rd.snapshot().clone())
+        };
+        // 3. ReadIndex answers: they wait for apply to reach their index.
+        let now = Instant::now();
+        for rs in rd.take_read_states() {
+            let Ok(b) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+                continue;
+            };
+            let Some(p) = self.reads.remove(&u64::from_le_bytes(b)) else {
+                continue;
+            };
+            // A quorum acknowledged a round sent at `p.issued` in `p.term`: no other leader
+            // can be elected before `issued + election timeout`; the lease is shorter.
+            if role_leader(&self.raw) && p.term == self.raw.raft.term && self.cfg.cell.lease_reads {
+                let until = p.issued + self.cfg.lease();
+                if self.lease.is_none_or(|(t, u)| t != p.term || u < until) {
+                    self.lease = Some((p.term, until));
+                }
+            }
+            if p.tx.is_some() {
+                self.read_waits.push((rs.index, p));
+            }
+        }
+        let _ = now;
+        // 4. Committed entries are already durable locally: apply them now, overlapping the
+        //    append below (unless a snapshot must be restored first).
+        let committed = rd.take_committed_entries();
+        let deferred = if snapshot.is_some() {
+            committed
+        } else {
+            self.apply(committed)?;
+            Vec::new()
+        };
+        // 5. New entries and the hard state join the round's single write; the driver syncs
+        //    once for every cell if any of them must be durable.
+        if !rd.entries().is_empty() {
+            wb.append(self.id, rd.take_entries());
+        }
+        if let Some(hs) = rd.hs() {
+            wb.set_hard_state(self.id, hs.clone());
+        }
+        *must_sync |= rd.must_sync();
+        Ok(Some(Unpersisted {
+            rd,
+            snapshot,
+            deferred,
+        }))
+    }
+
+    /// Ready steps 6-8, after the round's write and sync.
+    pub(crate) fn ready_persisted(&mut self, u: Unpersisted, late: &mut Outbox) -> Result<()> {
+        let Unpersisted {
+            mut rd,
+            snapshot,
+            deferred,
+        } = u;
+        if let Some(snap) = snapshot {
+            self.restore(&snap)?;
+            self.apply(deferred)?;
+        }
+        // 6. Follower/candidate messages (append responses, votes) only now that entries and
+        //    hard state are durable: acknowledging an entry promises it survives a crash.
+        self.envelopes(rd.take_persisted_messages(), late);
+        // Async mode: the leader has the entries durably in its own log now.
+        for (index, term, tx) in self.durable_acks.drain(..) {
+            self.async_acked.insert(index, term);
+            send(
+                tx,
+                Ok(Reply {
+                    index,
+                    term,
+                    guarantee: Guarantee::LeaderDurable,
+                    response: None,
+                }),
+            );
+        }
+        // 7. The persist may have advanced the commit index (single voter) or released
+        //    messages and committed entries: handle them too.
+        let mut lr = self.raw.advance_append(rd);
+        self.envelopes(lr.take_messages(), late);
+        self.apply(lr.take_committed_entries())?;
+        // 8. Tell raft what was applied, only after applying it.
+        self.raw.advance_apply_to(self.applied);
+        self.serve_reads();
+        Ok(())
+    }
+
+    fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+        let meta = snap.get_metadata();
+        let state = ApplyState {
+            applied_index: meta.index,
+            applied_term: meta.term,
+            commit_index: meta.index,
+            commit_term: meta.term,
+            conf_state: meta.get_conf_state().clone(),
+        };
+        self.sm
+            .restore(&SmSnapshot {
+                state,
+                data: snap.data.clone(),
+            })
+            .map_err(|source| Error::StateMachine {
+                cell: self.id,
+                source,
+            })?;
+        self.applied = meta.index;
+        self.conf = meta.get_conf_state().clone();
+        let cell = self.id;
+        // Callers whose entries the snapshot covers cannot learn their outcome here.
+        let covered: Vec<u64> = self
+            .proposals
+            .range(..=meta.index)
+            .map(|(i, _)| *i)
+            .collect();
+        for index in covered {
+            if let Some((_, _, tx)) = self.proposals.remove(&index) {
+                send(tx, Err(Error::OutcomeUnknown { cell, index }));
+            }
+        }
+        self.async_acked = self.async_acked.split_off(&(meta.index + 1));
+        self.check_removed();
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let Some(last) = entries.last() else {
+            return Ok(());
+        };
+        let cell = self.id;
+        let sm_err = |source| Error::StateMachine { cell, source };
+        let commit = self.raw.raft.raft_log.committed.max(last.index);
+        let commit_term = self.raw.raft.raft_log.term(commit).unwrap_or(last.term);
+        self.sm.set_commit(commit, commit_term);
+        for e in entries {
+            if e.index <= self.applied {
+                continue;
+            }
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    let resp = self
+                        .sm
+                        .apply(EntryRef {
+                            index: e.index,
+                            term: e.term,
+                            data: &e.data,
+                        })
+                        .map_err(sm_err)?;
+                    self.applied = e.index;
+                    self.on_applied_normal(e.index, e.term, resp);
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    let cc = decode_conf_change(&e)
+                        .map_err(|why| sm_err(StateMachineError::new("decode conf change", why)))?;
+                    let cs = self
+                        .raw
+                        .apply_conf_change(&cc)
+                        .map_err(|err| raft_err(cell, err))?;
+                    self.raw.store().set_conf_state(cs.clone());
+                    self.sm
+                        .apply_conf_change(e.index, e.term, &cs)
+                        .map_err(sm_err)?;
+                    self.applied = e.index;
+                    self.conf = cs;
+                    self.on_applied_conf(e.index, e.term);
+                }
+            }
+        }
+        self.metrics
+            .applied
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn on_applied_normal(&mut self, index: u64, term: u64, resp: Bytes) {
+        let cell = self.id;
+        if let Some((t, _, tx)) = self.proposals.remove(&index) {
+            let r = if t == term {
+                Ok(Reply {
+                    index,
+                    term,
+                    guarantee: Guarantee::Applied,
+                    response: Some(resp),
+                })
+            } else {
+                Err(Error::ProposalDropped { cell, index })
+            };
+            send(tx, r);
+        }
+        self.resolve_async(index, term);
+        // An empty normal entry where our conf change should be: raft dropped it.
+        if self
+            .membership
+            .as_ref()
+            .is_some_and(|m| m.stage == Stage::Entering && m.index == index)
+        {
+            if let Some(op) = self.membership.take() {
+                send(op.tx, Err(Error::ConfChangeDropped { cell }));
+            }
+        }
+    }
+
+    fn resolve_async(&mut self, index: u64, term: u64) {
+        if let Some(t) = self.async_acked.remove(&index) {
+            if t != term {
+                self.async_lost += 1;
+                self.metrics.async_lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn on_applied_conf(&mut self, index: u64, term: u64) {
+        let cell = self.id;
+        // A conf change occupies the slot of an acknowledged async write: that write is lost.
+        if let Some(t) = self.async_acked.remove(&index) {
+            let _ = t;
+            self.async_lost += 1;
+            self.metrics.async_lost.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some((_, _, tx)) = self.proposals.remove(&index) {
+            send(tx, Err(Error::ProposalDropped { cell, index }));
+        }
+        let joint = membership::is_joint(&self.conf);
+        if let Some(op) = self.membership.take() {
+            let mine = op.index == index;
+            match op.stage {
+                Stage::Entering if mine && op.term != term => {
+                    send(op.tx, Err(Error::ConfChangeDropped { cell }))
+                }
+                Stage::Entering if mine && joint => {
+                    self.membership = Some(MembershipOp {
+                        stage: Stage::Leaving,
+                        ..op
+                    })
+                }
+                Stage::Entering if mine => send(op.tx, Ok(self.conf.clone())),
+                Stage::Leaving if !joint => send(op.tx, Ok(self.conf.clone())),
+                _ => self.membership = Some(op),
+            }
+        }
+        self.check_removed();
+    }
+
+    fn check_removed(&mut self) {
+        if self.conf != ConfState::default() && !membership::contains(&self.conf, self.node.get()) {
+            self.removed = true;
+        }
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.applied;
+        self.read_waits.retain_mut(|(index, r)| {
+            if applied >= *index {
+                if let Some(tx) = r.tx.take() {
+                    send(tx, Ok(applied));
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Work after the round: leave joint, finish transfers, answer snapshot requests.
+    pub(crate) fn after_round(&mut self) -> Result<()> {
+        if role_leader(&self.raw)
+            && membership::is_joint(&self.conf)
+            && !self.raw.raft.has_pending_conf()
+        {
+            // The explicit leave-joint step. Any leader does it, so a joint configuration
+            // left behind by a deposed leader is still left.
+            let _ = self
+                .raw
+                .propose_conf_change(Vec::new(), membership::leave_joint());
+        }
+        if let Some((to, _, _)) = &self.transfer {
+            if self.raw.raft.leader_id == to.get() {
+                if let Some((_, _, tx)) = self.transfer.take() {
+                    send(tx, Ok(()));
+                }
+            }
+        }
+        if let Some(_req) = self.raw.store().take_snapshot_request() {
+            let snap = self.sm.snapshot().map_err(|source| Error::StateMachine {
+                cell: self.id,
+                source,
+            })?;
+            let mut s = Snapshot::default();
+            s.data = snap.data;
+            let meta = s.mut_metadata();
+            meta.index = snap.state.applied_index;
+            meta.term = snap.state.applied_term;
+            meta.set_conf_state(snap.state.conf_state);
+            self.raw.store().offer_snapshot(s);
+            self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Log compaction, once the applied state is durable. `force` compacts to the durable
+    /// applied index with no slack (used to force catch-up by snapshot).
+    pub(crate) fn maybe_compact(&mut self, wb: &mut WriteBatch, force: bool) -> Result<u64> {
+        let first = self.raw.raft.raft_log.first_index();
+        let gc = &self.cfg.cell;
+        if !force && self.applied < first + gc.log_gc_threshold {
+            return Ok(first);
+        }
+        self.sm.persist().map_err(|source| Error::StateMachine {
+            cell: self.id,
+            source,
+        })?;
+        let durable = self.sm.apply_state().applied_index.min(self.applied);
+        let to = if force {
+            durable
+        } else {
+            durable.saturating_sub(gc.log_gc_slack)
+        };
+        if to > first {
+            wb.compact(self.id, to);
+            self.metrics.compactions.fetch_add(1, Ordering::Relaxed);
+            return Ok(to);
+        }
+        Ok(first)
+    }
+
+    /// Fail every waiting caller (node stopping or poisoned).
+    pub(crate) fn fail_all(&mut self, err: &Error) {
+        for (_, (_, _, tx)) in std::mem::take(&mut self.proposals) {
+            send(tx, Err(err.clone()));
+        }
+        for (_, _, tx) in self.durable_acks.drain(..) {
+            send(tx, Err(err.clone()));
+        }
+        for (_, mut r) in std::mem::take(&mut self.reads) {
+            if let Some(tx) = r.tx.take() {
+                send(tx, Err(err.clone()));
+            }
+        }
+        for (_, mut r) in self.read_waits.drain(..) {
+            if let Some(tx) = r.tx.take() {
+                send(tx, Err(err.clone()));
+            }
+        }
+        if let Some(op) = self.membership.take() {
+            send(op.tx, Err(err.clone()));
+        }
+        if let Some((_, _, tx)) = self.transfer.take() {
+            send(tx, Err(err.clone()));
+        }
+    }
+}
+
+fn decode_conf_change(e: &Entry) -> std::result::Result<ConfChangeV2, String> {
+    match e.get_entry_type() {
+        // We only propose V2; a V1 change (from an older writer) is one single change.
+        EntryType::EntryConfChange => ConfChange::parse_from_bytes(&e.data)
+            .map(|cc| {
+                let mut s = raft::eraftpb::ConfChangeSingle::default();
+                s.set_change_type(cc.get_change_type());
+                s.node_id = cc.node_id;
+                let mut v2 = ConfChangeV2::default();
+                v2.set_changes(vec![s].into());
+                v2
+            })
+            .map_err(|err| err.to_string()),
+        _ => ConfChangeV2::parse_from_bytes(&e.data).map_err(|err| err.to_string()),
+    }
+}

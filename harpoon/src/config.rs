@@ -1,0 +1,230 @@
+//! Cell and node configuration: plain structs, a doc on every field, defaults in one place,
+//! and `validate()` called once by [`crate::Node::start`].
+//!
+//! Times are counted in ticks of [`NodeConfig::tick_interval`] so one knob scales a whole
+//! deployment from a LAN (tens of ms) to a WAN (hundreds of ms).
+
+use std::time::Duration;
+
+/// Why a configuration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("tick_interval must be > 0")]
+    ZeroTick,
+    #[error("shards must be >= 1")]
+    ZeroShards,
+    #[error("heartbeat_tick must be >= 1")]
+    ZeroHeartbeat,
+    #[error("election_tick ({election}) must be > heartbeat_tick ({heartbeat})")]
+    ElectionNotAboveHeartbeat { election: usize, heartbeat: usize },
+    #[error("lease_ticks ({lease}) must be < election_tick - 1 ({election} - 1)")]
+    LeaseTooLong { lease: usize, election: usize },
+    #[error("{field} must be > 0")]
+    Zero { field: &'static str },
+    #[error("log_gc_slack ({slack}) must be < log_gc_threshold ({threshold})")]
+    SlackAboveThreshold { slack: u64, threshold: u64 },
+}
+
+/// How one cell runs raft. Shared by all cells of a node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellConfig {
+    /// Ticks without a leader contact before a follower campaigns (randomised in
+    /// `[election_tick, 2 * election_tick)` by raft). Must be well above the worst RTT in ticks.
+    pub election_tick: usize,
+    /// Ticks between leader heartbeats. Must be below `election_tick`.
+    pub heartbeat_tick: usize,
+    /// Largest MsgAppend in bytes. raft's default (0) sends one entry per message, which
+    /// cripples throughput.
+    pub max_size_per_msg: u64,
+    /// MsgAppends in flight per follower (pipelining depth).
+    pub max_inflight_msgs: usize,
+    /// Bytes of uncommitted entries a leader accepts before dropping proposals with
+    /// [`crate::Error::Busy`]. Bounds the Async-mode loss window.
+    pub max_uncommitted_size: u64,
+    /// Largest batch of committed entries handed to apply per ready (paginates apply).
+    pub max_committed_size_per_ready: u64,
+    /// Serve `ReadConsistency::Lease` reads from the leader lease. When on, a node refuses to
+    /// vote for one election timeout after it starts (a restarted voter forgot its leader
+    /// contact and could otherwise help elect a leader inside the old leader's lease).
+    pub lease_reads: bool,
+    /// Lease length in ticks, counted from the send time of a quorum-acknowledged round. Must be
+    /// below `election_tick - 1` (followers ignore votes for `election_tick` after a contact).
+    pub lease_ticks: usize,
+    /// Compact a cell's log once it holds this many applied entries.
+    pub log_gc_threshold: u64,
+    /// Entries kept below the applied index when compacting, for slightly slow followers
+    /// (beyond that they catch up by snapshot).
+    pub log_gc_slack: u64,
+    /// A learner is promoted only when its matched index is within this many entries of the
+    /// leader's last index.
+    pub promote_max_lag: u64,
+}
+
+impl Default for CellConfig {
+    fn default() -> Self {
+        CellConfig {
+            election_tick: 10,
+            heartbeat_tick: 2,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            max_uncommitted_size: 64 << 20,
+            max_committed_size_per_ready: 16 << 20,
+            lease_reads: true,
+            lease_ticks: 7,
+            log_gc_threshold: 4096,
+            log_gc_slack: 512,
+            promote_max_lag: 256,
+        }
+    }
+}
+
+impl CellConfig {
+    /// Check the invariants documented on the fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.heartbeat_tick == 0 {
+            return Err(ConfigError::ZeroHeartbeat);
+        }
+        if self.election_tick <= self.heartbeat_tick {
+            return Err(ConfigError::ElectionNotAboveHeartbeat {
+                election: self.election_tick,
+                heartbeat: self.heartbeat_tick,
+            });
+        }
+        if self.lease_reads && self.lease_ticks + 1 >= self.election_tick {
+            return Err(ConfigError::LeaseTooLong {
+                lease: self.lease_ticks,
+                election: self.election_tick,
+            });
+        }
+        for (field, v) in [
+            ("max_size_per_msg", self.max_size_per_msg),
+            ("max_inflight_msgs", self.max_inflight_msgs as u64),
+            ("max_uncommitted_size", self.max_uncommitted_size),
+            (
+                "max_committed_size_per_ready",
+                self.max_committed_size_per_ready,
+            ),
+            ("log_gc_threshold", self.log_gc_threshold),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        if self.log_gc_slack >= self.log_gc_threshold {
+            return Err(ConfigError::SlackAboveThreshold {
+                slack: self.log_gc_slack,
+                threshold: self.log_gc_threshold,
+            });
+        }
+        Ok(())
+    }
+
+    /// The raft-rs config for replica `id`, restarting at durable `applied`.
+    pub(crate) fn raft_config(&self, id: u64, applied: u64) -> raft::Config {
+        raft::Config {
+            id,
+            election_tick: self.election_tick,
+            heartbeat_tick: self.heartbeat_tick,
+            applied,
+            max_size_per_msg: self.max_size_per_msg,
+            max_inflight_msgs: self.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            skip_bcast_commit: true,
+            batch_append: true,
+            max_uncommitted_size: self.max_uncommitted_size,
+            max_committed_size_per_ready: self.max_committed_size_per_ready,
+            ..Default::default()
+        }
+    }
+}
+
+/// How a node drives its cells.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeConfig {
+    /// One raft tick for every cell of a shard (coalesced). 100-200 ms on a WAN.
+    pub tick_interval: Duration,
+    /// Threads that own cells (a cell lives on shard `cell id % shards`). 1-2 on small boxes.
+    pub shards: usize,
+    /// Commands drained from a shard's inbox per round before its readies are handled;
+    /// bounds round latency under load.
+    pub max_commands_per_round: usize,
+    /// Per-cell raft settings.
+    pub cell: CellConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            tick_interval: Duration::from_millis(100),
+            shards: 1,
+            max_commands_per_round: 4096,
+            cell: CellConfig::default(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Check the node and cell invariants.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tick_interval.is_zero() {
+            return Err(ConfigError::ZeroTick);
+        }
+        if self.shards == 0 {
+            return Err(ConfigError::ZeroShards);
+        }
+        if self.max_commands_per_round == 0 {
+            return Err(ConfigError::Zero {
+                field: "max_commands_per_round",
+            });
+        }
+        self.cell.validate()
+    }
+
+    /// The leader lease as a duration.
+    pub(crate) fn lease(&self) -> Duration {
+        self.tick_interval * self.cell.lease_ticks as u32
+    }
+
+    /// One election timeout as a duration.
+    pub(crate) fn election_timeout(&self) -> Duration {
+        self.tick_interval * self.cell.election_tick as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        assert_eq!(NodeConfig::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn lease_must_be_below_election_timeout() {
+        let mut c = CellConfig {
+            lease_ticks: 9,
+            ..CellConfig::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::LeaseTooLong { .. })
+        ));
+        c.lease_reads = false;
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn election_above_heartbeat() {
+        let c = CellConfig {
+            election_tick: 2,
+            ..CellConfig::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::ElectionNotAboveHeartbeat { .. })
+        ));
+    }
+}

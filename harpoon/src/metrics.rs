@@ -1,0 +1,58 @@
+//! Node-wide counters (atomics; read with [`crate::Node::metrics`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Live counters shared by the shards of a node.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) rounds: AtomicU64,
+    pub(crate) log_writes: AtomicU64,
+    pub(crate) log_syncs: AtomicU64,
+    pub(crate) proposals: AtomicU64,
+    pub(crate) applied: AtomicU64,
+    pub(crate) async_lost: AtomicU64,
+    pub(crate) snapshots: AtomicU64,
+    pub(crate) compactions: AtomicU64,
+    pub(crate) transport_sends: AtomicU64,
+}
+
+/// A copy of a node's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeMetrics {
+    /// Driver rounds that handled at least one ready.
+    pub rounds: u64,
+    /// `LogStore::write` calls (one per round with something to write).
+    pub log_writes: u64,
+    /// `LogStore::sync` calls (one per round that had to be durable).
+    pub log_syncs: u64,
+    /// Proposals accepted by raft on this node as leader.
+    pub proposals: u64,
+    /// Apply batches.
+    pub applied: u64,
+    /// Async-mode writes acknowledged by this node as leader whose log slot was later
+    /// applied with another entry: acknowledged, then lost.
+    pub async_lost: u64,
+    /// Snapshots generated for followers.
+    pub snapshots: u64,
+    /// Log compactions issued.
+    pub compactions: u64,
+    /// `Transport::send` calls (one per destination node per round phase).
+    pub transport_sends: u64,
+}
+
+impl Metrics {
+    pub(crate) fn snapshot(&self) -> NodeMetrics {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NodeMetrics {
+            rounds: g(&self.rounds),
+            log_writes: g(&self.log_writes),
+            log_syncs: g(&self.log_syncs),
+            proposals: g(&self.proposals),
+            applied: g(&self.applied),
+            async_lost: g(&self.async_lost),
+            snapshots: g(&self.snapshots),
+            compactions: g(&self.compactions),
+            transport_sends: g(&self.transport_sends),
+        }
+    }
+}

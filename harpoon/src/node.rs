@@ -1,0 +1,372 @@
+//! The multi-cell node: shards of cells on std threads, a router that is the transport's
+//! [`MessageSink`], and the public API. Every call returns a [`Pending`] future that resolves
+//! when the shard answers; it can be awaited from tokio or waited on from a plain thread.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+use parking_lot::{Mutex, RwLock};
+use proto::{CellId, NodeId};
+use raft::eraftpb::ConfState;
+use tokio::sync::oneshot;
+
+use crate::cell::{CellStatus, ReadConsistency, ReplicationMode, Reply};
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::membership::MembershipChange;
+use crate::metrics::{Metrics, NodeMetrics};
+use crate::shard::{Command, Shard, DEFAULT_DEADLINE};
+use crate::state_machine::StateMachine;
+use crate::storage::{LogStore, WriteBatch};
+use crate::transport::{Envelope, MessageSink, SnapshotStatus, Transport};
+use crate::CellFactory;
+
+/// The answer to an API call, delivered by a shard thread.
+///
+/// Await it (it is a `Future`) or call [`Pending::wait`] from a thread outside any async
+/// runtime. Resolves to `Err(Error::Stopped)` if the node shut down first.
+#[derive(Debug)]
+#[must_use = "a Pending does nothing unless awaited or waited on"]
+pub struct Pending<T> {
+    rx: oneshot::Receiver<Result<T>>,
+}
+
+impl<T> Pending<T> {
+    fn new() -> (oneshot::Sender<Result<T>>, Pending<T>) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Pending { rx })
+    }
+
+    /// Block the current thread until the answer arrives.
+    ///
+    /// # Panics
+    /// Panics if called from within an asynchronous execution context (await it there).
+    pub fn wait(self) -> Result<T> {
+        self.rx.blocking_recv().unwrap_or(Err(Error::Stopped))
+    }
+}
+
+impl<T> Future for Pending<T> {
+    type Output = Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Stopped)))
+    }
+}
+
+/// Routes incoming messages and transport feedback to the shard that owns the cell.
+pub(crate) struct Router {
+    shards: Vec<Sender<Command>>,
+}
+
+impl Router {
+    fn shard(&self, cell: CellId) -> &Sender<Command> {
+        // `shards` is never empty (validated), so the modulo is in range.
+        &self.shards[(cell.get() % self.shards.len() as u64) as usize]
+    }
+
+    fn send(&self, cell: CellId, cmd: Command) {
+        // A closed shard means the node is stopping: the caller's Pending resolves Stopped.
+        let _ = self.shard(cell).send(cmd);
+    }
+}
+
+impl MessageSink for Router {
+    fn deliver(&self, _from: NodeId, batch: Vec<Envelope>) {
+        if self.shards.len() == 1 {
+            let _ = self.shards[0].send(Command::Deliver(batch));
+            return;
+        }
+        let mut per: Vec<Vec<Envelope>> = vec![Vec::new(); self.shards.len()];
+        for env in batch {
+            per[(env.cell.get() % self.shards.len() as u64) as usize].push(env);
+        }
+        for (i, b) in per.into_iter().enumerate() {
+            if !b.is_empty() {
+                let _ = self.shards[i].send(Command::Deliver(b));
+            }
+        }
+    }
+
+    fn report_unreachable(&self, node: NodeId) {
+        for s in &self.shards {
+            let _ = s.send(Command::Unreachable(node));
+        }
+    }
+
+    fn report_snapshot(&self, cell: CellId, to: NodeId, status: SnapshotStatus) {
+        self.send(cell, Command::SnapshotReport { cell, to, status });
+    }
+}
+
+/// A running node: many cells over one shared raft log.
+pub struct Node {
+    id: NodeId,
+    cfg: Arc<NodeConfig>,
+    router: Arc<Router>,
+    threads: Vec<JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    log: LogStore,
+    poison: Arc<Mutex<Option<String>>>,
+    factory: Arc<RwLock<Option<CellFactory>>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.id).finish()
+    }
+}
+
+impl Node {
+    /// Validate `cfg` and start the shard threads. Cells are added with [`Node::create_cell`]
+    /// (also after a restart: pass the state machine recovered from disk).
+    pub fn start(
+        id: NodeId,
+        cfg: NodeConfig,
+        log: LogStore,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Node> {
+        cfg.validate()?;
+        let cfg = Arc::new(cfg);
+        let metrics = Arc::new(Metrics::default());
+        let poison = Arc::new(Mutex::new(None));
+        let factory: Arc<RwLock<Option<CellFactory>>> = Arc::new(RwLock::new(None));
+        let started = Instant::now();
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        for i in 0..cfg.shards {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            senders.push(tx);
+            let shard = Shard {
+                node: id,
+                cfg: cfg.clone(),
+                log: log.clone(),
+                transport: transport.clone(),
+                rx,
+                metrics: metrics.clone(),
+                poison: poison.clone(),
+                factory: factory.clone(),
+                started,
+                cells: Default::default(),
+                touched: Default::default(),
+                pending: WriteBatch::default(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("harpoon-{id}-s{i}"))
+                .spawn(move || shard.run())
+                .map_err(|e| Error::Poisoned {
+                    reason: format!("spawning shard thread: {e}"),
+                })?;
+            threads.push(t);
+        }
+        Ok(Node {
+            id,
+            cfg,
+            router: Arc::new(Router { shards: senders }),
+            threads,
+            metrics,
+            log,
+            poison,
+            factory,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// The sink to give to the transport: incoming messages and delivery feedback.
+    pub fn sink(&self) -> Arc<dyn MessageSink> {
+        self.router.clone()
+    }
+
+    /// The node's raft log (for its counters).
+    pub fn log(&self) -> &LogStore {
+        &self.log
+    }
+
+    /// Register how to create a replica for an unknown cell when an *initial* message
+    /// (vote, pre-vote, heartbeat with commit 0) arrives for it; other messages for unknown
+    /// cells are dropped (TiKV's `maybe_create_peer` rule).
+    pub fn set_cell_factory(&self, f: CellFactory) {
+        *self.factory.write() = Some(f);
+    }
+
+    /// Start a replica of `cell`. Initial members pass the initial `voters`/`learners` (the
+    /// same on every node); a member being added passes empty lists and catches up by
+    /// snapshot; a restarted member passes its recovered state machine.
+    pub fn create_cell(
+        &self,
+        cell: CellId,
+        voters: &[NodeId],
+        learners: &[NodeId],
+        mode: ReplicationMode,
+        sm: Box<dyn StateMachine>,
+    ) -> Pending<()> {
+        let (tx, p) = Pending::new();
+        self.router.send(
+            cell,
+            Command::Create {
+                cell,
+                voters: voters.to_vec(),
+                learners: learners.to_vec(),
+                mode,
+                sm,
+                tx,
+            },
+        );
+        p
+    }
+
+    /// Propose `data` to `cell` (leader only; never forwarded). Times out after 10 s.
+    pub fn propose(&self, cell: CellId, data: Bytes) -> Pending<Reply> {
+        self.propose_by(cell, data, Instant::now() + DEFAULT_DEADLINE)
+    }
+
+    /// Propose with an explicit deadline (Consensus mode: `Timeout` if not applied by then;
+    /// the write may still apply later).
+    pub fn propose_by(&self, cell: CellId, data: Bytes, deadline: Instant) -> Pending<Reply> {
+        let (tx, p) = Pending::new();
+        self.router.send(
+            cell,
+            Command::Propose {
+                cell,
+                data,
+                deadline,
+                tx,
+            },
+        );
+        p
+    }
+
+    /// A linearizable read barrier: resolves to the applied index at which the caller may
+    /// read its own state machine handle.
+    pub fn read_barrier(
+        &self,
+        cell: CellId,
+        consistency: ReadConsistency,
+        deadline: Instant,
+    ) -> Pending<u64> {
+        let (tx, p) = Pending::new();
+        self.router.send(
+            cell,
+            Command::Read {
+                cell,
+                consistency,
+                deadline,
+                tx,
+            },
+        );
+        p
+    }
+
+    /// Change the membership of `cell` (on its leader). Resolves to the new configuration
+    /// once applied (after leaving joint consensus where one was entered).
+    pub fn change_membership(
+        &self,
+        cell: CellId,
+        change: MembershipChange,
+        deadline: Instant,
+    ) -> Pending<ConfState> {
+        let (tx, p) = Pending::new();
+        self.router.send(
+            cell,
+            Command::Membership {
+                cell,
+                change,
+                deadline,
+                tx,
+            },
+        );
+        p
+    }
+
+    /// Add `node` to `cell` as a learner.
+    pub fn add_learner(&self, cell: CellId, node: NodeId, deadline: Instant) -> Pending<ConfState> {
+        self.change_membership(cell, MembershipChange::AddLearner(node), deadline)
+    }
+
+    /// Promote learner `node` of `cell` to voter.
+    pub fn promote(&self, cell: CellId, node: NodeId, deadline: Instant) -> Pending<ConfState> {
+        self.change_membership(cell, MembershipChange::Promote(node), deadline)
+    }
+
+    /// Remove `node` from `cell`.
+    pub fn remove(&self, cell: CellId, node: NodeId, deadline: Instant) -> Pending<ConfState> {
+        self.change_membership(cell, MembershipChange::Remove(node), deadline)
+    }
+
+    /// Move the leadership of `cell` to `to` (the only way a healthy leader loses it).
+    pub fn transfer_leader(&self, cell: CellId, to: NodeId, deadline: Instant) -> Pending<()> {
+        let (tx, p) = Pending::new();
+        self.router.send(
+            cell,
+            Command::Transfer {
+                cell,
+                to,
+                deadline,
+                tx,
+            },
+        );
+        p
+    }
+
+    /// Compact `cell`'s log up to the state machine's durable applied index now (no slack).
+    /// Resolves to the log's new first index (as requested; applied with the next write).
+    pub fn compact_log(&self, cell: CellId) -> Pending<u64> {
+        let (tx, p) = Pending::new();
+        self.router.send(cell, Command::Compact { cell, tx });
+        p
+    }
+
+    /// The replica's current state.
+    pub fn status(&self, cell: CellId) -> Pending<CellStatus> {
+        let (tx, p) = Pending::new();
+        self.router.send(cell, Command::Status { cell, tx });
+        p
+    }
+
+    /// The node's counters.
+    pub fn metrics(&self) -> NodeMetrics {
+        self.metrics.snapshot()
+    }
+
+    /// Why the node stopped writing, if it did.
+    pub fn poisoned(&self) -> Option<String> {
+        self.poison.lock().clone()
+    }
+
+    /// Stop the shards (waiting callers get `Stopped`) and join their threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for s in &self.router.shards {
+            let _ = s.send(Command::Shutdown);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,90 @@
+//! The seam between consensus and data: harpoon applies committed entries through
+//! [`StateMachine`] and knows nothing of collections.
+
+use bytes::Bytes;
+use raft::eraftpb::ConfState;
+
+use crate::error::StateMachineError;
+
+/// The state machine's apply state. Implementations store it atomically with the applied
+/// data, so that after a crash the data and the state describe the same point of the log.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ApplyState {
+    /// Index of the last applied entry (normal or conf change, or the snapshot's index).
+    pub applied_index: u64,
+    /// Term of that entry.
+    pub applied_term: u64,
+    /// The commit index the last apply batch ran under (>= `applied_index`).
+    pub commit_index: u64,
+    /// Term of the entry at `commit_index`.
+    pub commit_term: u64,
+    /// Membership as of `applied_index`.
+    pub conf_state: ConfState,
+}
+
+/// A committed normal entry handed to [`StateMachine::apply`].
+#[derive(Debug, Clone, Copy)]
+pub struct EntryRef<'a> {
+    pub index: u64,
+    pub term: u64,
+    /// The proposed bytes; empty for the leader's no-op entry of each term and for conf
+    /// changes raft dropped.
+    pub data: &'a [u8],
+}
+
+/// A point-in-time image of a state machine.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SmSnapshot {
+    /// The apply state the image corresponds to.
+    pub state: ApplyState,
+    /// Opaque, implementation-defined bytes.
+    pub data: Bytes,
+}
+
+/// A replicated state machine.
+///
+/// # Correctness requirements
+/// - `apply` and `apply_conf_change` are called with strictly increasing indexes, each exactly
+///   once per index after the last `restore`; only committed entries are ever applied.
+/// - Entries applied before a crash but not yet reflected in [`StateMachine::apply_state`] are
+///   re-applied on restart: `apply_state()` must describe exactly the data it survived with.
+/// - `apply_state()` and the data must change atomically; the driver compacts the raft log only
+///   up to `apply_state().applied_index` (after calling [`StateMachine::persist`]), so a
+///   state machine that over-reports loses entries forever.
+/// - `set_commit` values must be stored with the next applied state (RAFT.md §1.4: restart
+///   repairs the raft commit index from them, which prevents "applied > commit").
+///
+/// # Errors
+/// Any error is fatal for the node: the driver poisons it and answers `Error::StateMachine`.
+pub trait StateMachine: Send {
+    /// Apply one committed normal entry and return the reply for its proposer (ignored on
+    /// followers). Empty entries must advance the applied index too.
+    fn apply(&mut self, entry: EntryRef<'_>) -> Result<Bytes, StateMachineError>;
+
+    /// Record a membership change applied at `index`: `conf_state` is the new membership.
+    fn apply_conf_change(
+        &mut self,
+        index: u64,
+        term: u64,
+        conf_state: &ConfState,
+    ) -> Result<(), StateMachineError>;
+
+    /// The commit point the following applies run under; store it with the apply state.
+    fn set_commit(&mut self, commit_index: u64, commit_term: u64);
+
+    /// The durable apply state: what this state machine would hold after a restart. For a
+    /// purely in-memory state machine (whose log is in memory too) it is the current state.
+    fn apply_state(&self) -> ApplyState;
+
+    /// A snapshot of the current (applied, not only durable) state.
+    fn snapshot(&mut self) -> Result<SmSnapshot, StateMachineError>;
+
+    /// Replace the whole state with `snapshot` (a snapshot from another replica of the cell,
+    /// or the empty bootstrap image). Durable when it returns.
+    fn restore(&mut self, snapshot: &SmSnapshot) -> Result<(), StateMachineError>;
+
+    /// Make everything applied so far durable. Called before log compaction.
+    fn persist(&mut self) -> Result<(), StateMachineError> {
+        Ok(())
+    }
+}

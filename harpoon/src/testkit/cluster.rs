@@ -1,0 +1,362 @@
+//! N nodes in one process over the in-memory transport.
+//!
+//! Each node has a "disk": its `LogStore` and one [`LogStateMachine`] file per cell in a
+//! temporary directory. [`Cluster::kill`] stops the node and takes it off the network;
+//! [`Cluster::restart`] starts it again from that disk and re-creates its cells.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proto::{CellId, NodeId};
+
+use super::log_sm::{AppliedEntry, LogHandle, LogStateMachine};
+use super::wait_until;
+use crate::cell::{CellStatus, ReplicationMode, Reply, Role};
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::storage::LogStore;
+use crate::transport::mem::MemNetwork;
+
+/// How a [`Cluster`] is built.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Node configuration (short ticks by default: 10 ms).
+    pub node: NodeConfig,
+    /// Seed of the network's fault randomness.
+    pub seed: u64,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        let mut node = NodeConfig {
+            tick_interval: Duration::from_millis(10),
+            ..NodeConfig::default()
+        };
+        node.cell.election_tick = 10;
+        node.cell.heartbeat_tick = 2;
+        node.cell.lease_ticks = 7;
+        ClusterOptions { node, seed: 7 }
+    }
+}
+
+struct CellInfo {
+    mode: ReplicationMode,
+    /// Nodes that hold a replica (created on them).
+    replicas: Vec<NodeId>,
+    voters: Vec<NodeId>,
+}
+
+/// An in-process cluster.
+pub struct Cluster {
+    /// The network; use it for fine-grained faults.
+    pub net: MemNetwork,
+    opts: ClusterOptions,
+    dir: tempfile::TempDir,
+    nodes: BTreeMap<NodeId, Node>,
+    stores: HashMap<NodeId, LogStore>,
+    handles: HashMap<(NodeId, CellId), LogHandle>,
+    cells: HashMap<CellId, CellInfo>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("nodes", &self.nodes.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Generous bound for waits: CI shares 2 cores.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+impl Cluster {
+    /// Start nodes `1..=n`.
+    ///
+    /// # Panics
+    /// Panics if a node cannot start (test helper).
+    pub fn new(n: u64, opts: ClusterOptions) -> Cluster {
+        let mut c = Cluster {
+            net: MemNetwork::new(opts.seed),
+            opts,
+            dir: tempfile::tempdir().expect("tempdir"),
+            nodes: BTreeMap::new(),
+            stores: HashMap::new(),
+            handles: HashMap::new(),
+            cells: HashMap::new(),
+        };
+        for i in 1..=n {
+            c.start_node(NodeId(i));
+        }
+        c
+    }
+
+    fn node_dir(&self, id: NodeId) -> PathBuf {
+        self.dir.path().join(format!("node-{}", id.get()))
+    }
+
+    fn store(&mut self, id: NodeId) -> LogStore {
+        self.stores
+            .entry(id)
+            .or_insert_with(LogStore::in_memory)
+            .clone()
+    }
+
+    /// Start (or restart) node `id` on its disk; does not create cells.
+    ///
+    /// # Panics
+    /// Panics if the node cannot start.
+    pub fn start_node(&mut self, id: NodeId) {
+        std::fs::create_dir_all(self.node_dir(id)).expect("node dir");
+        let store = self.store(id);
+        let node = Node::start(id, self.opts.node.clone(), store, self.net.transport(id))
+            .expect("node start");
+        self.net.register(id, node.sink());
+        self.nodes.insert(id, node);
+    }
+
+    /// The running node `id`.
+    ///
+    /// # Panics
+    /// Panics if it is not running.
+    pub fn node(&self, id: NodeId) -> &Node {
+        self.nodes.get(&id).expect("node not running")
+    }
+
+    /// Ids of the running nodes.
+    pub fn running(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().collect()
+    }
+
+    fn open_replica(&mut self, node: NodeId, cell: CellId, voters: &[NodeId]) -> Result<()> {
+        let path = self.node_dir(node).join(format!("cell-{}.sm", cell.get()));
+        let (sm, h) = LogStateMachine::open(path).map_err(|e| Error::Poisoned {
+            reason: format!("open sm: {e}"),
+        })?;
+        self.handles.insert((node, cell), h);
+        let mode = self
+            .cells
+            .get(&cell)
+            .map(|c| c.mode)
+            .unwrap_or(ReplicationMode::Consensus);
+        self.node(node)
+            .create_cell(cell, voters, &[], mode, Box::new(sm))
+            .wait()
+    }
+
+    /// Create `cell` with initial `voters` on each of them.
+    ///
+    /// # Panics
+    /// Panics if a replica cannot be created.
+    pub fn create_cell(&mut self, cell: CellId, voters: &[u64], mode: ReplicationMode) {
+        let voters: Vec<NodeId> = voters.iter().map(|v| NodeId(*v)).collect();
+        self.cells.insert(
+            cell,
+            CellInfo {
+                mode,
+                replicas: voters.clone(),
+                voters: voters.clone(),
+            },
+        );
+        for v in &voters {
+            self.open_replica(*v, cell, &voters).expect("create cell");
+        }
+    }
+
+    /// Start an empty replica of `cell` on `node` (before adding it as a learner): it will
+    /// catch up by snapshot.
+    ///
+    /// # Panics
+    /// Panics if the replica cannot be created.
+    pub fn add_replica(&mut self, node: NodeId, cell: CellId) {
+        if let Some(c) = self.cells.get_mut(&cell) {
+            c.replicas.push(node);
+        }
+        self.open_replica(node, cell, &[]).expect("add replica");
+    }
+
+    /// Status of `cell` on `node`, if running.
+    pub fn status(&self, node: NodeId, cell: CellId) -> Option<CellStatus> {
+        self.nodes.get(&node)?.status(cell).wait().ok()
+    }
+
+    /// The leader of `cell` seen by running nodes (highest term), if any.
+    pub fn leader(&self, cell: CellId) -> Option<(NodeId, u64)> {
+        self.nodes
+            .keys()
+            .filter_map(|n| self.status(*n, cell).map(|s| (*n, s)))
+            .filter(|(_, s)| s.role == Role::Leader)
+            .max_by_key(|(_, s)| s.term)
+            .map(|(n, s)| (n, s.term))
+    }
+
+    /// Wait until a leader of `cell` exists that a majority of its running replicas follow.
+    pub fn wait_leader(&self, cell: CellId, timeout: Duration) -> Option<NodeId> {
+        let mut found = None;
+        wait_until(timeout, || {
+            let Some((l, term)) = self.leader(cell) else {
+                return false;
+            };
+            let voters = self.cells.get(&cell).map(|c| c.voters.len()).unwrap_or(1);
+            let agree = self
+                .nodes
+                .keys()
+                .filter_map(|n| self.status(*n, cell))
+                .filter(|s| s.term == term && s.leader == Some(l))
+                .count();
+            if agree > voters / 2 {
+                found = Some(l);
+                true
+            } else {
+                false
+            }
+        });
+        found
+    }
+
+    /// Propose once at the current leader.
+    pub fn propose(&self, cell: CellId, data: impl Into<Bytes>) -> Result<Reply> {
+        let leader = self
+            .wait_leader(cell, WAIT)
+            .ok_or(Error::Timeout { cell })?;
+        self.node(leader).propose(cell, data.into()).wait()
+    }
+
+    /// Propose, retrying only on errors that guarantee the write was not applied
+    /// (`NotLeader`, `Busy`, `ProposalDropped`), until `timeout`.
+    pub fn propose_retry(
+        &self,
+        cell: CellId,
+        data: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Reply> {
+        let data = data.into();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self.propose(cell, data.clone());
+            match r {
+                Err(
+                    Error::NotLeader { .. } | Error::Busy { .. } | Error::ProposalDropped { .. },
+                ) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Take `node` down: off the network, shard threads stopped. Its disk stays.
+    pub fn kill(&mut self, node: NodeId) {
+        self.net.kill(node);
+        if let Some(n) = self.nodes.remove(&node) {
+            n.shutdown();
+        }
+    }
+
+    /// Restart `node` from its disk and re-open every replica it held.
+    ///
+    /// # Panics
+    /// Panics if the node or a replica cannot start.
+    pub fn restart(&mut self, node: NodeId) {
+        self.start_node(node);
+        let mine: Vec<(CellId, Vec<NodeId>)> = self
+            .cells
+            .iter()
+            .filter(|(_, c)| c.replicas.contains(&node))
+            .map(|(id, c)| (*id, c.voters.clone()))
+            .collect();
+        for (cell, voters) in mine {
+            self.open_replica(node, cell, &voters)
+                .expect("reopen replica");
+        }
+    }
+
+    /// Split the network into groups.
+    pub fn partition(&self, groups: &[&[NodeId]]) {
+        self.net.partition(groups);
+    }
+
+    /// Cut `node` off from everyone.
+    pub fn isolate(&self, node: NodeId) {
+        self.net.isolate(node);
+    }
+
+    /// Remove every partition.
+    pub fn heal(&self) {
+        self.net.heal();
+    }
+
+    /// The applied sequence of `cell` on `node` (also after the node was killed).
+    pub fn applied(&self, node: NodeId, cell: CellId) -> Vec<AppliedEntry> {
+        self.handles
+            .get(&(node, cell))
+            .map(|h| h.entries())
+            .unwrap_or_default()
+    }
+
+    /// The recorder of `cell` on `node`.
+    pub fn handle(&self, node: NodeId, cell: CellId) -> Option<LogHandle> {
+        self.handles.get(&(node, cell)).cloned()
+    }
+
+    /// Check that every replica's applied sequence of `cell` is a prefix of the longest one;
+    /// returns the longest.
+    ///
+    /// # Panics
+    /// Panics (test assertion) if a replica diverges.
+    pub fn assert_prefixes(&self, cell: CellId) -> Vec<AppliedEntry> {
+        let seqs: Vec<(NodeId, Vec<AppliedEntry>)> = self
+            .handles
+            .iter()
+            .filter(|((_, c), _)| *c == cell)
+            .map(|((n, _), h)| (*n, h.entries()))
+            .collect();
+        let longest = seqs
+            .iter()
+            .max_by_key(|(_, s)| s.len())
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default();
+        for (n, s) in &seqs {
+            assert_eq!(
+                s.as_slice(),
+                &longest[..s.len()],
+                "replica {n} of {cell} diverges from the longest applied sequence"
+            );
+        }
+        longest
+    }
+
+    /// Wait until every running replica of `cell` has applied at least `index`.
+    pub fn wait_applied(&self, cell: CellId, index: u64, timeout: Duration) -> bool {
+        let replicas: Vec<NodeId> = self
+            .cells
+            .get(&cell)
+            .map(|c| c.replicas.clone())
+            .unwrap_or_default();
+        wait_until(timeout, || {
+            replicas
+                .iter()
+                .filter(|n| self.nodes.contains_key(n))
+                .all(|n| self.status(*n, cell).is_some_and(|s| s.applied >= index))
+        })
+    }
+
+    /// Record a membership change made through the API (so restarts re-open replicas with
+    /// the right initial voters).
+    pub fn note_voters(&mut self, cell: CellId, voters: &[u64]) {
+        if let Some(c) = self.cells.get_mut(&cell) {
+            c.voters = voters.iter().map(|v| NodeId(*v)).collect();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
