@@ -37,10 +37,14 @@ pub struct SegmentHeader {
     pub nonce: u32,
     /// File size the segment was created with.
     pub size: u64,
+    /// Where the previous segment's records end (the writer rolled because the next record did
+    /// not fit there); 0 if there was no previous segment.
+    pub prev_tail: u64,
 }
 
 impl SegmentHeader {
-    /// `magic[8] | version u32 | nonce u32 | number u64 | size u64 | zero[28] | crc32(bytes 0..60) u32`
+    /// `magic[8] | version u32 | nonce u32 | number u64 | size u64 | prev_tail u64 | zero[20] |
+    /// crc32(bytes 0..60) u32`
     pub fn encode(&self) -> [u8; HEADER_USED] {
         let mut b = [0u8; HEADER_USED];
         b[0..8].copy_from_slice(&MAGIC);
@@ -48,6 +52,7 @@ impl SegmentHeader {
         b[12..16].copy_from_slice(&self.nonce.to_le_bytes());
         b[16..24].copy_from_slice(&self.number.to_le_bytes());
         b[24..32].copy_from_slice(&self.size.to_le_bytes());
+        b[32..40].copy_from_slice(&self.prev_tail.to_le_bytes());
         let crc = crc32fast::hash(&b[0..60]);
         b[60..64].copy_from_slice(&crc.to_le_bytes());
         b
@@ -80,6 +85,7 @@ impl SegmentHeader {
             number: u64_at(b, 16),
             nonce,
             size: u64_at(b, 24),
+            prev_tail: u64_at(b, 32),
         })
     }
 }
@@ -254,6 +260,7 @@ mod tests {
             number: 42,
             nonce: 7,
             size: 1 << 20,
+            prev_tail: 5000,
         };
         let b = h.encode();
         assert_eq!(SegmentHeader::decode(&b), Ok(h));
@@ -272,6 +279,7 @@ mod tests {
             number: 0x0102,
             nonce: 0x0a0b_0c0d,
             size: 0,
+            prev_tail: 0,
         };
         let b = h.encode();
         assert_eq!(&b[12..16], &[0x0d, 0x0c, 0x0b, 0x0a]);

@@ -188,7 +188,7 @@ impl SegLog {
             });
         }
         if segs.is_empty() {
-            let seg = Segment::create(&dir, 1, config.segment_size, config.sync)?;
+            let seg = Segment::create(&dir, 1, config.segment_size, 0, config.sync)?;
             segs.push_back(Entry {
                 seg: Arc::new(seg),
                 tail: HEADER_LEN,
@@ -262,22 +262,23 @@ impl SegLog {
         // Lay the batch out to learn how many new segments it needs, and create them first.
         let mut off = st.end.offset;
         let mut cap = st.active().seg.capacity();
-        let mut need = 0u64;
+        let mut prev_tails = Vec::new();
         for p in &payloads {
             let frame = format::frame_len(p.len());
             if off + frame > cap {
-                need += 1;
+                prev_tails.push(off);
                 off = HEADER_LEN;
                 cap = inner.config.segment_size;
             }
             off += frame;
         }
         let mut fresh = VecDeque::new();
-        for k in 1..=need {
+        for (k, prev_tail) in (1..).zip(prev_tails) {
             match Segment::create(
                 &inner.dir,
                 st.end.segment + k,
                 inner.config.segment_size,
+                prev_tail,
                 inner.config.sync,
             ) {
                 Ok(s) => fresh.push_back(s),
@@ -320,13 +321,7 @@ impl SegLog {
 
     /// Position of the first record still in the log; equals `end()` when the log is empty.
     pub fn first(&self) -> Position {
-        let st = self.inner.state.lock();
-        let first = st.first();
-        if st.segs.len() == 1 && st.end == first {
-            st.end
-        } else {
-            first
-        }
+        self.inner.state.lock().first()
     }
 
     /// A copy of the payload at `pos`.
@@ -457,10 +452,12 @@ impl Inner {
                     &self.dir,
                     st.end.segment + 1,
                     self.config.segment_size,
+                    st.end.offset,
                     self.config.sync,
                 )?,
             };
             debug_assert_eq!(seg.number, st.end.segment + 1);
+            debug_assert_eq!(seg.prev_tail, st.end.offset);
             st.end = Position {
                 segment: seg.number,
                 offset: HEADER_LEN,
@@ -574,41 +571,32 @@ impl Inner {
         };
 
         // 1. No mark may vouch for what is about to be removed: erase the marks of the segments to
-        //    delete (a mark in a later segment vouches for all of `keep`) and lower `keep`'s.
-        let durable = st.durable;
+        //    delete (a mark in a later segment vouches for all of `keep`) and lower `keep`'s. Done
+        //    in every sync mode: a directory written in `Data` mode may be reopened in `None`.
         for i in (keep_idx..st.segs.len()).rev() {
             let e = &mut st.segs[i];
-            let mark = if i > keep_idx {
-                None
-            } else if durable.segment > keep {
-                Some(keep_tail)
-            } else if durable.segment == keep {
-                Some(durable.offset.min(keep_tail))
-            } else {
-                None
+            let mark = match e.mark {
+                Some(_) if i > keep_idx => None,
+                Some(m) => Some(m.min(keep_tail)),
+                None => None,
             };
-            let mark = mark
-                .filter(|&m| m >= HEADER_LEN)
-                .map(|m| m.min(e.mark.unwrap_or(m)).max(HEADER_LEN));
-            if e.mark != mark || !e.mark_flushed {
+            if e.mark != mark {
                 e.seg.write_mark(mark);
                 e.mark = mark;
                 flush_mark(e).map_err(|err| self.poison(err))?;
                 e.mark_flushed = true;
             }
         }
-        // 2. Zero the cut bytes of `keep` in place and flush them.
-        let e = &mut st.segs[keep_idx];
-        if e.tail > keep_tail {
-            e.seg.zero(keep_tail, e.tail - keep_tail);
-            if data {
-                e.seg
-                    .flush(keep_tail, e.tail - keep_tail)
-                    .map_err(|err| self.poison(err))?;
-            }
-            e.tail = keep_tail;
-        }
-        // 3. Delete later segments, newest first, then make the deletions durable.
+        // From here on the in-memory log is the truncated one, even if a step below fails (which
+        // poisons the log).
+        st.end = Position {
+            segment: keep,
+            offset: keep_tail,
+        };
+        st.durable = st.durable.min(st.end);
+        // 2. Delete later segments, newest first, then make the deletions durable. Before the
+        //    zeroing, so that a crash in between leaves a prefix of the old log, never a log
+        //    with a hole.
         while st.segs.len() > keep_idx + 1 {
             let path = st.segs.back().expect("non-empty").seg.path.clone();
             std::fs::remove_file(&path)
@@ -618,11 +606,18 @@ impl Inner {
         if data {
             segment::fsync_dir(&self.dir).map_err(|err| self.poison(err))?;
         }
-        st.end = Position {
-            segment: keep,
-            offset: keep_tail,
-        };
-        st.durable = st.durable.min(st.end);
+        // 3. Zero the cut bytes of `keep` in place (never shrink a mapped file) and flush them.
+        let e = &mut st.segs[keep_idx];
+        if e.tail > keep_tail {
+            let old_tail = e.tail;
+            e.tail = keep_tail;
+            e.seg.zero(keep_tail, old_tail - keep_tail);
+            if data {
+                e.seg
+                    .flush(keep_tail, old_tail - keep_tail)
+                    .map_err(|err| self.poison(err))?;
+            }
+        }
         Ok(())
     }
 

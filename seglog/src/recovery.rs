@@ -13,8 +13,8 @@
 //! 3. If `o` lies in durable data, the segment must still end naturally there (see 4); if not,
 //!    that is [`Error::Corrupt`] naming the segment and `o`.
 //! 4. A segment ends naturally at `o` when everything after `o` is zero and the next segment's
-//!    first record would not have fitted at `o` (the writer rolls only then) or the next segment is
-//!    empty. Then the scan continues in the next segment.
+//!    header says the previous segment ended at `o` (the writer records where it rolled). Then
+//!    the scan continues in the next segment.
 //! 5. Otherwise `o` is the torn tail: the log ends at `o`. Non-zero bytes after `o` are zeroed
 //!    (a stale record left there could later look like a continuation of the log) and every later
 //!    segment is deleted, newest first.
@@ -164,16 +164,12 @@ pub(crate) fn recover(dir: &Path, config: &Config) -> Result<Recovered> {
 
     let mut report = Recovery::default();
     let mut out = Vec::with_capacity(found.len());
-    let mut next_first: Option<(u64, Vec<u8>)> = None; // (index, bytes) of the next segment, cached
     let n = found.len();
     let mut cut_after: Option<usize> = None;
     for i in 0..n {
         let durable_whole = found[i + 1..].iter().any(|f| f.mark.is_some());
         let f = &found[i];
-        let data = match next_first.take() {
-            Some((idx, bytes)) if idx == i as u64 => bytes,
-            _ => read_all(f)?,
-        };
+        let data = read_all(f)?;
         let (tail, records, bad) = walk(&data, f.header.nonce);
         let mark = f.mark;
         if let Some(m) = mark {
@@ -187,17 +183,8 @@ pub(crate) fn recover(dir: &Path, config: &Config) -> Result<Recovered> {
         }
         let rest_zero = last_nonzero(&data[tail as usize..]).is_none();
         let is_last = i + 1 == n;
-        let natural_end = !is_last && rest_zero && {
-            let next = read_all(&found[i + 1])?;
-            let fits =
-                match format::check_record(&next[HEADER_LEN as usize..], found[i + 1].header.nonce)
-                {
-                    Ok(frame) => tail + frame <= f.header.size.max(f.len),
-                    Err(_) => false, // empty next segment: rolling early is harmless
-                };
-            next_first = Some(((i + 1) as u64, next));
-            !fits
-        };
+        // The writer rolled exactly at the tail it wrote into the next segment's header.
+        let natural_end = !is_last && rest_zero && tail == found[i + 1].header.prev_tail;
         if durable_whole {
             if !natural_end {
                 return Err(corrupt(
@@ -224,7 +211,6 @@ pub(crate) fn recover(dir: &Path, config: &Config) -> Result<Recovered> {
         cut_after = Some(i);
         break;
     }
-    drop(next_first);
 
     // Delete everything after the torn tail, newest first, so a crash here leaves a prefix.
     if let Some(i) = cut_after {

@@ -68,6 +68,8 @@ pub(crate) struct Segment {
     pub(crate) number: u64,
     /// Checksum seed of this segment's records.
     pub(crate) nonce: u32,
+    /// Where the previous segment's records end (from the header).
+    pub(crate) prev_tail: u64,
     /// Path of the file.
     pub(crate) path: PathBuf,
     /// Kept open for fsync and so the mapping's file stays referenced.
@@ -77,13 +79,21 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// Creates segment `number` of `size` bytes in `dir` (see the module doc for the protocol).
-    pub(crate) fn create(dir: &Path, number: u64, size: u64, sync: SyncMode) -> Result<Segment> {
+    /// `prev_tail` is where the previous segment's records end (0 if none).
+    pub(crate) fn create(
+        dir: &Path,
+        number: u64,
+        size: u64,
+        prev_tail: u64,
+        sync: SyncMode,
+    ) -> Result<Segment> {
         let path = dir.join(file_name(number));
         let tmp = dir.join(format!("{number:020}{TMP_SUFFIX}"));
         let header = SegmentHeader {
             number,
             nonce: format::new_nonce(),
             size,
+            prev_tail,
         };
         let build = || -> Result<File> {
             let f = OpenOptions::new()
@@ -126,6 +136,7 @@ impl Segment {
         Ok(Segment {
             number: header.number,
             nonce: header.nonce,
+            prev_tail: header.prev_tail,
             path,
             _file: file,
             map,
@@ -216,7 +227,7 @@ mod tests {
     #[test]
     fn create_writes_header_preallocates_and_leaves_no_tmp() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Segment::create(dir.path(), 3, 64 << 10, SyncMode::Data).unwrap();
+        let s = Segment::create(dir.path(), 3, 64 << 10, 0, SyncMode::Data).unwrap();
         assert_eq!(s.capacity(), 64 << 10);
         let f = File::open(&s.path).unwrap();
         let mut h = vec![0u8; HEADER_LEN as usize];
@@ -236,7 +247,7 @@ mod tests {
     #[test]
     fn record_write_read_and_mark() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Segment::create(dir.path(), 1, 8192, SyncMode::None).unwrap();
+        let s = Segment::create(dir.path(), 1, 8192, 0, SyncMode::None).unwrap();
         s.write_record(HEADER_LEN, b"abc");
         let tail = HEADER_LEN + 11;
         assert_eq!(s.read_record(HEADER_LEN, tail).unwrap(), b"abc");
