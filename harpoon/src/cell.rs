@@ -156,6 +156,8 @@ pub(crate) struct Cell {
     transfer: Option<(NodeId, Instant, Tx<()>)>,
     conf: ConfState,
     applied: u64,
+    /// When each peer was last heard from (any message), for membership safety checks.
+    last_heard: HashMap<u64, Instant>,
     /// Set when this replica applied its own removal.
     pub(crate) removed: bool,
 }
@@ -291,11 +293,13 @@ impl Cell {
             transfer: None,
             conf: st.conf_state,
             applied: st.applied_index,
+            last_heard: HashMap::new(),
             removed: false,
         })
     }
 
-    pub(crate) fn step(&mut self, msg: Message) {
+    pub(crate) fn step(&mut self, msg: Message, now: Instant) {
+        self.last_heard.insert(msg.from, now);
         // Errors here are stale or foreign messages (e.g. from a removed peer): raft already
         // ignored them, and the sender retransmits if it matters.
         let _ = self.raw.step(msg);
@@ -478,12 +482,21 @@ impl Cell {
         if self.membership.is_some() {
             return send(tx, Err(Error::ConfChangeInProgress { cell: self.id }));
         }
+        let now = Instant::now();
+        let timeout = self.cfg.election_timeout();
+        let heard = &self.last_heard;
+        let healthy = |id: u64| {
+            heard
+                .get(&id)
+                .is_some_and(|t| now.duration_since(*t) < timeout)
+        };
         let cc = match membership::plan(
             self.id,
             change,
             &self.raw.raft,
             &self.conf,
             self.cfg.cell.promote_max_lag,
+            healthy,
         ) {
             Ok(cc) => cc,
             Err(e) => return send(tx, Err(e)),

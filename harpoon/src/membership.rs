@@ -69,6 +69,7 @@ pub(crate) fn plan<T: raft::Storage>(
     raft: &Raft<T>,
     conf: &ConfState,
     promote_max_lag: u64,
+    healthy: impl Fn(u64) -> bool,
 ) -> Result<ConfChangeV2> {
     if is_joint(conf) || raft.has_pending_conf() {
         return Err(Error::ConfChangeInProgress { cell });
@@ -132,7 +133,8 @@ pub(crate) fn plan<T: raft::Storage>(
                     why: "not a member",
                 });
             }
-            // Healthy = recently active (check_quorum bookkeeping) or the leader itself.
+            // Healthy = heard from within an election timeout, or the leader itself. raft's own
+            // `recent_active` is only refreshed once per election timeout: too stale here.
             let remaining: Vec<u64> = conf
                 .voters
                 .iter()
@@ -141,9 +143,7 @@ pub(crate) fn plan<T: raft::Storage>(
                 .collect();
             let healthy = remaining
                 .iter()
-                .filter(|v| {
-                    **v == raft.id || raft.prs().get(**v).map(|p| p.recent_active) == Some(true)
-                })
+                .filter(|v| **v == raft.id || healthy(**v))
                 .count();
             if remaining.is_empty() || healthy < remaining.len() / 2 + 1 {
                 return Err(Error::QuorumLoss { cell, node: n });

@@ -341,7 +341,7 @@ impl Shard {
             }
         }
         if let Some(c) = self.cells.get_mut(&cell) {
-            c.step(msg);
+            c.step(msg, now);
             self.touched.insert(cell);
         }
     }

@@ -343,6 +343,14 @@ impl Cluster {
         })
     }
 
+    /// Record that `node` no longer holds a replica of `cell` (it was removed).
+    pub fn note_removed(&mut self, cell: CellId, node: NodeId) {
+        if let Some(c) = self.cells.get_mut(&cell) {
+            c.replicas.retain(|n| *n != node);
+            c.voters.retain(|n| *n != node);
+        }
+    }
+
     /// Record a membership change made through the API (so restarts re-open replicas with
     /// the right initial voters).
     pub fn note_voters(&mut self, cell: CellId, voters: &[u64]) {

@@ -1,0 +1,99 @@
+//! Async replication mode: replies once the leader has the entry durably in its own log
+//! (`Guarantee::LeaderDurable`); writes acknowledged by a leader that then loses its quorum
+//! are lost and counted (`async_lost`), and never half-applied: only committed entries are
+//! applied, on every replica, so replicas agree.
+
+mod common;
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use common::WAIT;
+use harpoon::testkit::{wait_until, Cluster, ClusterOptions};
+use harpoon::{CellId, Guarantee, NodeId, ReplicationMode, Role};
+
+fn async_writes(c: &Cluster, leader: NodeId, cell: CellId, prefix: &str, n: usize) -> Vec<Bytes> {
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let d = Bytes::from(format!("{prefix}{i}"));
+        let r = c.node(leader).propose(cell, d.clone()).wait().unwrap();
+        assert_eq!(r.guarantee, Guarantee::LeaderDurable);
+        assert!(r.response.is_none());
+        acked.push(d);
+    }
+    acked
+}
+
+fn lose_async_writes(kill_old_leader: bool) {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
+    let old = c.wait_leader(cell, WAIT).unwrap();
+    let safe = async_writes(&c, old, cell, "safe", 10);
+    let others: Vec<NodeId> = (1..=3).map(NodeId).filter(|n| *n != old).collect();
+    // Make sure the safe writes reached the majority before the fault.
+    let idx = c.status(old, cell).unwrap().last_index;
+    assert!(wait_until(WAIT, || others.iter().all(|n| c
+        .status(*n, cell)
+        .unwrap()
+        .applied
+        >= idx)));
+
+    c.isolate(old);
+    let doomed = async_writes(&c, old, cell, "doomed", 10);
+    let new = {
+        let mut found = None;
+        assert!(wait_until(WAIT, || {
+            found = others
+                .iter()
+                .copied()
+                .find(|n| c.status(*n, cell).unwrap().role == Role::Leader);
+            found.is_some()
+        }));
+        found.unwrap()
+    };
+    let later = async_writes(&c, new, cell, "later", 20);
+    if kill_old_leader {
+        c.kill(old);
+        c.heal();
+        c.restart(old);
+    } else {
+        c.heal();
+    }
+    let last = c.status(new, cell).unwrap().last_index;
+    assert!(c.wait_applied(cell, last, WAIT));
+    let seq = c.assert_prefixes(cell);
+    let applied: HashSet<Bytes> = seq.iter().map(|e| e.data.clone()).collect();
+    for d in safe.iter().chain(&later) {
+        assert!(applied.contains(d), "{d:?} committed");
+    }
+    let lost = doomed.iter().filter(|d| !applied.contains(*d)).count();
+    assert_eq!(
+        lost,
+        doomed.len(),
+        "the isolated leader's acked writes are lost"
+    );
+    for n in 1..=3 {
+        assert_eq!(
+            c.applied(NodeId(n), cell),
+            seq,
+            "replica {n} agrees (nothing half-applied)"
+        );
+    }
+    if !kill_old_leader {
+        // The old leader saw the new leader's entries apply at its acknowledged slots.
+        let m = c.node(old).metrics();
+        assert_eq!(m.async_lost, lost as u64, "{m:?}");
+        assert_eq!(c.status(old, cell).unwrap().async_lost, lost as u64);
+    }
+}
+
+#[test]
+fn isolated_leader_async_writes_are_counted_lost_and_never_applied() {
+    lose_async_writes(false);
+}
+
+#[test]
+fn isolated_then_killed_leader_async_writes_never_half_applied() {
+    lose_async_writes(true);
+}
