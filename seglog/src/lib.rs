@@ -38,7 +38,7 @@ mod segment;
 
 pub use config::{Config, SyncMode};
 pub use error::{Error, Result};
-pub use log::{Iter, Position, SegLog, SegmentInfo};
+pub use log::{Iter, Position, SegLog, SegmentInfo, Stats};
 pub use recovery::Recovery;
 
 #[cfg(test)]

@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -61,6 +61,27 @@ pub struct SegmentInfo {
     pub used: u64,
     /// Size of the file.
     pub size: u64,
+}
+
+/// Counters since open, for tests, benchmarks and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records appended.
+    pub appends: u64,
+    /// Calls to `sync`.
+    pub sync_calls: u64,
+    /// Flush rounds actually run by a sync leader (group commit: usually far fewer than calls).
+    pub flush_rounds: u64,
+    /// Segments created (rolls, plus the first segment of a new log).
+    pub segments_created: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    appends: AtomicU64,
+    sync_calls: AtomicU64,
+    flush_rounds: AtomicU64,
+    segments_created: AtomicU64,
 }
 
 /// One segment in the in-memory list.
@@ -119,6 +140,7 @@ struct Inner {
     readers: RwLock<()>,
     state: Mutex<State>,
     poisoned: AtomicBool,
+    counters: Counters,
 }
 
 /// An mmap-backed segmented append log. `Send + Sync`; share it (e.g. in an `Arc`) between threads.
@@ -187,7 +209,8 @@ impl SegLog {
                 mark_flushed,
             });
         }
-        if segs.is_empty() {
+        let created_first = segs.is_empty();
+        if created_first {
             let seg = Segment::create(&dir, 1, config.segment_size, 0, config.sync)?;
             segs.push_back(Entry {
                 seg: Arc::new(seg),
@@ -215,7 +238,12 @@ impl SegLog {
             readers: RwLock::new(()),
             state: Mutex::new(state),
             poisoned: AtomicBool::new(false),
+            counters: Counters::default(),
         };
+        inner
+            .counters
+            .segments_created
+            .store(u64::from(created_first), Ordering::Relaxed);
         Ok((
             SegLog {
                 inner: Arc::new(inner),
@@ -390,6 +418,17 @@ impl SegLog {
         self.inner.drop_segments_before(segment)
     }
 
+    /// Counters since open.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        Stats {
+            appends: c.appends.load(Ordering::Relaxed),
+            sync_calls: c.sync_calls.load(Ordering::Relaxed),
+            flush_rounds: c.flush_rounds.load(Ordering::Relaxed),
+            segments_created: c.segments_created.load(Ordering::Relaxed),
+        }
+    }
+
     /// The segments, oldest first.
     pub fn segments(&self) -> Vec<SegmentInfo> {
         let st = self.inner.state.lock();
@@ -458,6 +497,9 @@ impl Inner {
             };
             debug_assert_eq!(seg.number, st.end.segment + 1);
             debug_assert_eq!(seg.prev_tail, st.end.offset);
+            self.counters
+                .segments_created
+                .fetch_add(1, Ordering::Relaxed);
             st.end = Position {
                 segment: seg.number,
                 offset: HEADER_LEN,
@@ -470,6 +512,7 @@ impl Inner {
             });
         }
         let pos = st.end;
+        self.counters.appends.fetch_add(1, Ordering::Relaxed);
         let active = st.segs.back_mut().expect("log always has a segment");
         active.seg.write_record(pos.offset, payload);
         active.tail = pos.offset + frame;
@@ -478,6 +521,7 @@ impl Inner {
     }
 
     fn sync(&self) -> Result<Position> {
+        self.counters.sync_calls.fetch_add(1, Ordering::Relaxed);
         let target = {
             let st = self.state.lock();
             if st.durable >= st.end {
@@ -500,6 +544,7 @@ impl Inner {
                 .collect();
             (st.end, work)
         };
+        self.counters.flush_rounds.fetch_add(1, Ordering::Relaxed);
         if self.data_mode() {
             for (seg, tail) in &work {
                 // [0, tail) includes the header page, so a mark written after the previous round
@@ -922,5 +967,8 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(all(&log).len(), 200);
+        let stats = log.stats();
+        assert_eq!((stats.appends, stats.sync_calls), (200, 200));
+        assert!(stats.flush_rounds <= 200);
     }
 }

@@ -12,9 +12,9 @@
 //!    that flushed every earlier segment).
 //! 3. If `o` lies in durable data, the segment must still end naturally there (see 4); if not,
 //!    that is [`Error::Corrupt`] naming the segment and `o`.
-//! 4. A segment ends naturally at `o` when everything after `o` is zero and the next segment's
-//!    header says the previous segment ended at `o` (the writer records where it rolled). Then
-//!    the scan continues in the next segment.
+//! 4. A segment ends naturally at `o` when the next segment's header says the previous segment
+//!    ended at `o` (the writer records where it rolled). Then the scan continues in the next
+//!    segment.
 //! 5. Otherwise `o` is the torn tail: the log ends at `o`. Non-zero bytes after `o` are zeroed
 //!    (a stale record left there could later look like a continuation of the log) and every later
 //!    segment is deleted, newest first.
@@ -181,10 +181,10 @@ pub(crate) fn recover(dir: &Path, config: &Config) -> Result<Recovered> {
                 ));
             }
         }
-        let rest_zero = last_nonzero(&data[tail as usize..]).is_none();
+        // The writer rolled exactly at the tail it wrote into the next segment's header. (Bytes
+        // after that tail are never read: a sealed segment is never appended to again.)
         let is_last = i + 1 == n;
-        // The writer rolled exactly at the tail it wrote into the next segment's header.
-        let natural_end = !is_last && rest_zero && tail == found[i + 1].header.prev_tail;
+        let natural_end = !is_last && tail == found[i + 1].header.prev_tail;
         if durable_whole {
             if !natural_end {
                 return Err(corrupt(
