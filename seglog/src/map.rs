@@ -28,6 +28,10 @@ use memmap2::{MmapOptions, MmapRaw};
 pub(crate) struct SharedMap {
     raw: MmapRaw,
     len: u64,
+    /// Test-only model of the disk: the file as it was when mapped, updated with whole pages
+    /// at every flush. What a power loss right now would certainly keep.
+    #[cfg(test)]
+    shadow: parking_lot::Mutex<Vec<u8>>,
 }
 
 impl SharedMap {
@@ -36,7 +40,18 @@ impl SharedMap {
         let ulen =
             usize::try_from(len).map_err(|_| io::Error::other("segment too large to map"))?;
         let raw = MmapOptions::new().len(ulen).map_raw(file)?;
-        Ok(SharedMap { raw, len })
+        #[cfg(test)]
+        let shadow = {
+            let mut b = vec![0u8; ulen];
+            std::os::unix::fs::FileExt::read_exact_at(file, &mut b, 0)?;
+            parking_lot::Mutex::new(b)
+        };
+        Ok(SharedMap {
+            raw,
+            len,
+            #[cfg(test)]
+            shadow,
+        })
     }
 
     /// Mapped length.
@@ -90,7 +105,24 @@ impl SharedMap {
         if end <= off {
             return Ok(());
         }
-        self.raw.flush_range(off as usize, (end - off) as usize)
+        self.raw.flush_range(off as usize, (end - off) as usize)?;
+        #[cfg(test)]
+        {
+            // msync writes back whole pages.
+            let page = 4096;
+            let (a, e) = (off / page * page, end.div_ceil(page) * page);
+            let e = e.min(self.len);
+            let mut b = vec![0u8; (e - a) as usize];
+            self.read(a, &mut b);
+            self.shadow.lock()[a as usize..e as usize].copy_from_slice(&b);
+        }
+        Ok(())
+    }
+
+    /// Test-only: the flushed image (see `shadow`).
+    #[cfg(test)]
+    pub(crate) fn shadow(&self) -> Vec<u8> {
+        self.shadow.lock().clone()
     }
 }
 

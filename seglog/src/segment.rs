@@ -203,6 +203,14 @@ impl Segment {
         self.map.zero(off, n);
     }
 
+    /// Test-only: (flushed image, current mapping contents).
+    #[cfg(test)]
+    pub(crate) fn images(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut cur = vec![0u8; self.map.len() as usize];
+        self.map.read(0, &mut cur);
+        (self.map.shadow(), cur)
+    }
+
     /// msync of `[off, off + n)`.
     pub(crate) fn flush(&self, off: u64, n: u64) -> Result<()> {
         self.map
