@@ -221,12 +221,16 @@ impl Cell {
         let mut hs = storage.hard_state();
         let log_empty = storage.last_index().map_err(sterr)? == 0 && hs == HardState::default();
         if fresh_sm && log_empty && !voters.is_empty() {
-            let mut conf = ConfState::default();
-            conf.voters = voters.iter().map(|n| n.get()).collect();
-            conf.learners = learners.iter().map(|n| n.get()).collect();
-            let mut meta = SnapshotMetadata::default();
-            meta.index = INIT_INDEX;
-            meta.term = INIT_INDEX;
+            let conf = ConfState {
+                voters: voters.iter().map(|n| n.get()).collect(),
+                learners: learners.iter().map(|n| n.get()).collect(),
+                ..Default::default()
+            };
+            let mut meta = SnapshotMetadata {
+                index: INIT_INDEX,
+                term: INIT_INDEX,
+                ..Default::default()
+            };
             meta.set_conf_state(conf.clone());
             hs.term = INIT_INDEX;
             hs.commit = INIT_INDEX;
@@ -895,8 +899,10 @@ impl Cell {
                 cell: self.id,
                 source,
             })?;
-            let mut s = Snapshot::default();
-            s.data = snap.data;
+            let mut s = Snapshot {
+                data: snap.data,
+                ..Default::default()
+            };
             let meta = s.mut_metadata();
             meta.index = snap.state.applied_index;
             meta.term = snap.state.applied_term;

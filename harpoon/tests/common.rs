@@ -36,7 +36,7 @@ pub fn assert_acked_once(seq: &[AppliedEntry], acked: &[(Bytes, Reply)]) {
             Some(&1),
             "acked write {d:?} must be applied once"
         );
-        let e = seq.iter().find(|e| &e.data == d).unwrap();
+        let e = seq.iter().find(|e| e.data == d).unwrap();
         assert_eq!(
             (e.index, e.term),
             (r.index, r.term),

@@ -153,3 +153,38 @@ fn quorum_losing_removal_is_refused() {
         Err(Error::QuorumLoss { .. })
     )));
 }
+
+#[test]
+fn unknown_cell_replica_is_created_only_from_an_initial_message() {
+    use harpoon::testkit::LogStateMachine;
+    use std::sync::Arc;
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let leader = c.wait_leader(cell, WAIT).unwrap();
+    let acked = common::write_n(&c, cell, "a", 10);
+    c.start_node(NodeId(4));
+    let (sm, h) = LogStateMachine::in_memory();
+    let slot = Arc::new(parking_lot::Mutex::new(Some(sm)));
+    c.node(NodeId(4)).set_cell_factory(Arc::new(move |id| {
+        let sm = slot.lock().take()?;
+        (id == CellId(1)).then(|| {
+            (
+                ReplicationMode::Consensus,
+                Box::new(sm) as Box<dyn harpoon::StateMachine>,
+            )
+        })
+    }));
+    // No replica on node 4 yet: the leader's heartbeat (commit 0) to the new learner creates
+    // it, then it catches up by snapshot.
+    c.node(leader)
+        .add_learner(cell, NodeId(4), Instant::now() + WAIT)
+        .wait()
+        .unwrap();
+    let last = acked.last().unwrap().1.index;
+    assert!(wait_until(WAIT, || c
+        .status(NodeId(4), cell)
+        .is_some_and(|s| s.applied >= last)));
+    let seq = c.assert_prefixes(cell);
+    assert_eq!(h.entries(), seq);
+}
