@@ -6,14 +6,15 @@
 //!    next segment (tmp file, preallocate, header, fsync, rename, directory fsync) and make it
 //!    active; copy `[frame_len | crc | payload]` into the mapping at `end`; advance `end`.
 //!    Nothing is flushed: the record is in the page cache only.
-//! 2. **sync** (group commit): take the sync lock; if an earlier leader's flush already covered
-//!    this caller's `end`, return. Otherwise become the leader: capture `end`, `msync(MS_SYNC)` every
+//! 2. **sync** (group commit): wait at the sync gate until an earlier leader's flush covers this
+//!    caller's `end` (then return), or the gate is free. Then become the leader: capture `end`, `msync(MS_SYNC)` every
 //!    segment from the one holding the old durable end to the active one (plus sealed segments
 //!    whose new mark was not yet flushed), then publish `durable = end` and write each flushed
 //!    segment's durable mark into its header (reaching disk with the next flush or by writeback).
-//!    Callers queued on the sync lock find themselves covered and return without flushing.
+//!    Every waiter is woken; those covered return without flushing, one of the rest leads the
+//!    next round.
 //!
-//! Locks, always taken in this order: `sync_lock` -> `readers` -> `state`. Appends take only
+//! Locks, always taken in this order: the sync gate -> `readers` -> `state`. Appends take only
 //! `state`; reads take `readers` (shared) then `state` briefly, and copy from the mapping under
 //! `readers` only; truncate takes all three (exclusive `readers`), so no read sees bytes being
 //! zeroed.
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::config::{Config, SyncMode};
 use crate::error::{Error, Result};
@@ -130,13 +131,47 @@ impl State {
     }
 }
 
+/// The sync gate: at most one flush round, truncate or GC runs at a time. Unlike a plain mutex
+/// around the flush, callers whose records a finished round already covered are all woken and
+/// return at once, instead of queueing behind the next leader's flush.
+#[derive(Debug, Default)]
+struct Gate {
+    busy: Mutex<bool>,
+    done: Condvar,
+}
+
+impl Gate {
+    /// Waits until no round, truncate or GC is running and claims the gate.
+    fn enter(&self) -> GateGuard<'_> {
+        let mut busy = self.busy.lock();
+        while *busy {
+            self.done.wait(&mut busy);
+        }
+        *busy = true;
+        GateGuard { gate: self }
+    }
+}
+
+/// Releases the gate and wakes every waiter.
+struct GateGuard<'a> {
+    gate: &'a Gate,
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        *self.gate.busy.lock() = false;
+        self.gate.done.notify_all();
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
     config: Config,
     /// Holds the `flock` on `LOCK` for the lifetime of the log.
     _lock: File,
-    sync_lock: Mutex<()>,
+    /// Admits one sync leader, truncate or GC at a time (see [`Gate`]).
+    gate: Gate,
     readers: RwLock<()>,
     state: Mutex<State>,
     poisoned: AtomicBool,
@@ -234,7 +269,7 @@ impl SegLog {
             dir,
             config,
             _lock: lock,
-            sync_lock: Mutex::new(()),
+            gate: Gate::default(),
             readers: RwLock::new(()),
             state: Mutex::new(state),
             poisoned: AtomicBool::new(false),
@@ -544,13 +579,24 @@ impl Inner {
             }
             st.end
         };
-        let _leader = self.sync_lock.lock();
+        // Wait until an earlier leader's flush covers `target`, or become the leader.
+        let _leader = {
+            let mut busy = self.gate.busy.lock();
+            loop {
+                let durable = self.state.lock().durable;
+                if durable >= target {
+                    return Ok(durable); // an earlier leader's flush covered us
+                }
+                if !*busy {
+                    *busy = true;
+                    break GateGuard { gate: &self.gate };
+                }
+                self.gate.done.wait(&mut busy);
+            }
+        };
         self.check_poison()?;
         let (end, work) = {
             let st = self.state.lock();
-            if st.durable >= target {
-                return Ok(st.durable); // an earlier leader's flush covered us
-            }
             let work: Vec<(Arc<Segment>, u64)> = st
                 .segs
                 .iter()
@@ -559,8 +605,8 @@ impl Inner {
                 .collect();
             (st.end, work)
         };
-        self.counters.flush_rounds.fetch_add(1, Ordering::Relaxed);
         if self.data_mode() {
+            self.counters.flush_rounds.fetch_add(1, Ordering::Relaxed);
             for (seg, tail) in &work {
                 // [0, tail) includes the header page, so a mark written after the previous round
                 // is persisted too; msync writes back only the dirty pages of the range.
@@ -597,7 +643,7 @@ impl Inner {
 
     fn truncate(&self, from: Position) -> Result<()> {
         self.check_poison()?;
-        let _leader = self.sync_lock.lock();
+        let _exclusive = self.gate.enter();
         let _w = self.readers.write();
         let mut st = self.state.lock();
         if from == st.end {
@@ -683,7 +729,7 @@ impl Inner {
 
     fn drop_segments_before(&self, segment: u64) -> Result<u64> {
         self.check_poison()?;
-        let _leader = self.sync_lock.lock();
+        let _exclusive = self.gate.enter();
         let mut dropped = 0;
         loop {
             let victim = {
