@@ -8,6 +8,7 @@
 //! frames on the peer port, one batched connection per node pair).
 
 pub mod mem;
+pub mod tcp;
 
 use proto::{CellId, NodeId};
 use raft::eraftpb::Message;
