@@ -557,6 +557,85 @@ async fn garbage_and_oversized_frames_close_only_that_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_connection_from_a_peer_closes_the_older_one() {
+    let b = start(2, config(SECRET)).await;
+    let mut old = authenticated(&b, 7).await;
+    let mut new = authenticated(&b, 7).await;
+    read_until_closed(&mut old).await;
+    new.write_all(&raft_frame(7, 2, 1)).await.unwrap();
+    wait_until("delivered on the newer connection", || b.sink.count() == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_drops_and_silent_peer_times_out() {
+    // A listener that never answers: the handshake hangs until its timeout.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let cfg = TcpConfig {
+        queue_limit: 10,
+        handshake_timeout: Duration::from_millis(300),
+        ..config(SECRET)
+    };
+    let a = start(1, cfg).await;
+    a.t.set_peer_address(NodeId(2), silent.local_addr().unwrap());
+    for i in 0..100 {
+        a.t.send(
+            NodeId(2),
+            vec![msg(MessageType::MsgAppend, a.id, NodeId(2), i)],
+        );
+    }
+    let st = a.t.stats();
+    assert_eq!(st.dropped_queue_full, 90);
+    wait_until("unreachable after handshake timeout", || {
+        a.sink.unreachable.lock().contains(&NodeId(2))
+    })
+    .await;
+    wait_until("queue dropped", || a.t.stats().dropped_unreachable == 10).await;
+    assert_eq!(a.t.stats().connect_failures, 1);
+    drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_larger_than_a_frame_are_split() {
+    let cfg = TcpConfig {
+        max_frame: 16 << 10,
+        snapshot_chunk_size: 4 << 10,
+        ..config(SECRET)
+    };
+    let a = start(1, cfg.clone()).await;
+    let b = start(2, cfg).await;
+    connect_all(&[&a, &b]);
+    let big = |i: u64| {
+        let mut e = append(&a, &b, i);
+        let mut entry = raft::eraftpb::Entry::new();
+        entry.data = Bytes::from(vec![i as u8; 1000]);
+        e.msg.mut_entries().push(entry);
+        e
+    };
+    // Too large for any frame: dropped, counted, and the rest still goes.
+    let mut huge = append(&a, &b, 999);
+    let mut entry = raft::eraftpb::Entry::new();
+    entry.data = Bytes::from(vec![0u8; 20 << 10]);
+    huge.msg.mut_entries().push(entry);
+    let mut batch: Vec<Envelope> = (0..100).map(big).collect();
+    batch.insert(50, huge);
+    a.t.send(b.id, batch);
+    wait_until("all but the huge one", || b.sink.count() == 100).await;
+    assert_eq!(b.sink.indexes_from(a.id), (0..100).collect::<Vec<_>>());
+    let st = a.t.stats();
+    assert_eq!(st.dropped_too_large, 1);
+    assert!(st.raft_frames >= 7, "{} frames", st.raft_frames);
+    assert_eq!(b.sink.msgs.lock()[42].1, big(42));
+
+    // A snapshot bigger than a frame streams in many small chunks.
+    let mut snap = msg(MessageType::MsgSnapshot, a.id, b.id, 500);
+    snap.msg.mut_snapshot().data = Bytes::from(vec![5u8; 100 << 10]);
+    a.t.send(b.id, vec![snap.clone()]);
+    wait_until("snapshot", || b.sink.count() == 101).await;
+    assert!(b.sink.msgs.lock()[100].1 == snap);
+    assert_eq!(a.t.stats().snapshot_chunks_sent, 25);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_address_reaching_another_node_is_refused() {
     let a = start(1, config(SECRET)).await;
     let b = start(2, config(SECRET)).await;

@@ -78,6 +78,9 @@ pub struct TcpConfig {
     pub connect_timeout: Duration,
     /// Time allowed for the whole handshake, on either side.
     pub handshake_timeout: Duration,
+    /// Time allowed for one write round (at most one snapshot chunk plus the queued raft
+    /// messages); a peer that stops reading is then treated as unreachable.
+    pub write_timeout: Duration,
     /// Raft messages queued per peer; sends past it are dropped (and counted).
     pub queue_limit: usize,
     /// Snapshot data bytes per chunk.
@@ -98,6 +101,7 @@ impl fmt::Debug for TcpConfig {
             .field("max_frame", &self.max_frame)
             .field("connect_timeout", &self.connect_timeout)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("write_timeout", &self.write_timeout)
             .field("queue_limit", &self.queue_limit)
             .field("snapshot_chunk_size", &self.snapshot_chunk_size)
             .field("max_snapshot_size", &self.max_snapshot_size)
@@ -116,6 +120,7 @@ impl Default for TcpConfig {
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
             queue_limit: 64 << 10,
             snapshot_chunk_size: 1 << 20,
             max_snapshot_size: 4 << 30,
@@ -163,6 +168,7 @@ impl TcpConfig {
             ("queue_limit", self.queue_limit == 0),
             ("connect_timeout", self.connect_timeout.is_zero()),
             ("handshake_timeout", self.handshake_timeout.is_zero()),
+            ("write_timeout", self.write_timeout.is_zero()),
             ("backoff_min", self.backoff_min.is_zero()),
         ] {
             if zero {
@@ -319,6 +325,10 @@ struct Shared {
     sink: Arc<dyn MessageSink>,
     handle: Handle,
     peers: Mutex<HashMap<NodeId, Arc<Peer>>>,
+    /// The live incoming connection of each peer: a newer one from the same node closes the
+    /// older (its dialer has given up on it), so half-open connections do not pile up.
+    inbound: Mutex<HashMap<NodeId, (u64, Arc<Notify>)>>,
+    next_conn: AtomicU64,
     tasks: Mutex<JoinSet<()>>,
     stats: Counters,
 }
@@ -368,6 +378,8 @@ impl TcpTransport {
                 sink,
                 handle,
                 peers: Mutex::new(HashMap::new()),
+                inbound: Mutex::new(HashMap::new()),
+                next_conn: AtomicU64::new(0),
                 tasks: Mutex::new(JoinSet::new()),
                 stats: Counters::default(),
             }),
@@ -572,6 +584,10 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
         }
         if conn.as_ref().is_some_and(|c| c.addr_gen != addr_gen) {
             conn = None;
+            // The receiver reassembles per connection: a transfer cannot move to a new one.
+            if let Some(s) = snap.take() {
+                shared.report_snapshot(s.cell, peer.node, SnapshotStatus::Failure);
+            }
         }
         if conn.is_none() {
             if let Some(at) = retry_at.take() {
@@ -639,7 +655,11 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
         if buf.is_empty() {
             continue;
         }
-        match c.wr.write_all(&buf).await {
+        let written = match timeout(cfg.write_timeout, c.wr.write_all(&buf)).await {
+            Ok(r) => r.map_err(TransportError::from),
+            Err(_) => Err(TransportError::Timeout { during: "write" }),
+        };
+        match written {
             Ok(()) => {
                 let st = &shared.stats;
                 bump(&st.writes, 1);
@@ -782,7 +802,26 @@ async fn serve_stream(
     };
     tracing::debug!(node = %shared.node, peer = %from, "peer connected");
     reader.set_max_frame(shared.cfg.max_frame);
-    let result = receive(shared, from, &mut reader).await;
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let superseded = Arc::new(Notify::new());
+    let older = shared.inbound.lock().insert(from, (id, superseded.clone()));
+    if let Some((_, older)) = older {
+        older.notify_one();
+    }
+    let result = tokio::select! {
+        biased;
+        _ = superseded.notified() => {
+            tracing::debug!(node = %shared.node, peer = %from, "peer connection superseded");
+            Ok(())
+        }
+        r = receive(shared, from, &mut reader) => r,
+    };
+    {
+        let mut inbound = shared.inbound.lock();
+        if inbound.get(&from).is_some_and(|(i, _)| *i == id) {
+            inbound.remove(&from);
+        }
+    }
     if result.is_err() {
         bump(&shared.stats.bad_frames, 1);
     }
