@@ -234,6 +234,7 @@ fn main() {
             "none",
             Box::new(|| single(d, 256, 1, 1_000_000, SyncMode::None)),
         ),
+        ("group", Box::new(|| concurrent(d, 256, 1))),
         ("group", Box::new(|| concurrent(d, 256, 4))),
         ("group", Box::new(|| concurrent(d, 256, 16))),
     ];

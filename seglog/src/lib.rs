@@ -41,6 +41,15 @@ pub use error::{Error, Result};
 pub use log::{Iter, Position, SegLog, SegmentInfo, Stats};
 pub use recovery::Recovery;
 
+/// Scratch directory for unit tests: on tmpfs when available (fsync-heavy tests stay fast on a
+/// shared machine), else the default temp dir.
+#[cfg(test)]
+pub(crate) fn test_dir() -> tempfile::TempDir {
+    tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("temp dir")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -316,3 +316,187 @@ fn zero_range(file: &File, path: &Path, from: u64, n: u64) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::encode_record;
+    use proptest::prelude::*;
+
+    const SIZE: u64 = 4096;
+
+    fn config() -> Config {
+        Config {
+            segment_size: SIZE,
+            max_record_size: 1024,
+            sync: SyncMode::None,
+        }
+    }
+
+    /// Writes segment `number` with `records` payloads; returns the tail.
+    fn write_segment(
+        dir: &Path,
+        number: u64,
+        prev_tail: u64,
+        mark: Option<u64>,
+        records: &[&[u8]],
+    ) -> u64 {
+        let nonce = 0x1234_5678 ^ number as u32;
+        let mut b = vec![0u8; SIZE as usize];
+        let h = SegmentHeader {
+            number,
+            nonce,
+            size: SIZE,
+            prev_tail,
+        };
+        b[..format::HEADER_USED].copy_from_slice(&h.encode());
+        if let Some(m) = mark {
+            b[MARK_OFFSET as usize..MARK_OFFSET as usize + MARK_LEN]
+                .copy_from_slice(&format::encode_mark(m, nonce));
+        }
+        let mut off = HEADER_LEN as usize;
+        for r in records {
+            let e = encode_record(nonce, r);
+            b[off..off + e.len()].copy_from_slice(&e);
+            off += e.len();
+        }
+        std::fs::write(dir.join(segment::file_name(number)), b).unwrap();
+        off as u64
+    }
+
+    fn corrupt_at(r: Result<Recovered>) -> (u64, u64) {
+        match r {
+            Err(Error::Corrupt {
+                segment, offset, ..
+            }) => (segment, offset),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_directory_and_tmp_leftovers() {
+        let dir = crate::test_dir();
+        std::fs::write(dir.path().join("00000000000000000001.seg.tmp"), b"junk").unwrap();
+        let r = recover(dir.path(), &config()).unwrap();
+        assert!(r.segments.is_empty());
+        assert!(!dir.path().join("00000000000000000001.seg.tmp").exists());
+    }
+
+    #[test]
+    fn natural_end_uses_prev_tail() {
+        let dir = crate::test_dir();
+        let t1 = write_segment(dir.path(), 1, 0, None, &[b"a", b"bb"]);
+        write_segment(dir.path(), 2, t1, None, &[b"ccc"]);
+        let r = recover(dir.path(), &config()).unwrap();
+        assert_eq!(r.report.records, 3);
+        assert_eq!(r.report.segments, 2);
+        assert_eq!(r.segments[0].tail, t1);
+    }
+
+    #[test]
+    fn lost_tail_before_a_roll_cuts_the_later_segment() {
+        let dir = crate::test_dir();
+        let t1 = write_segment(dir.path(), 1, 0, None, &[b"a", b"bb"]);
+        // Segment 2 says segment 1 ended later than it does: segment 1 lost a record.
+        write_segment(dir.path(), 2, t1 + 20, None, &[b"ccc"]);
+        let r = recover(dir.path(), &config()).unwrap();
+        assert_eq!(r.report.records, 2);
+        assert_eq!(r.report.removed_segments, 1);
+        assert!(r.report.torn_tail_bytes > 0);
+        assert!(!dir.path().join(segment::file_name(2)).exists());
+    }
+
+    #[test]
+    fn same_loss_under_a_later_mark_is_corruption() {
+        let dir = crate::test_dir();
+        let t1 = write_segment(dir.path(), 1, 0, None, &[b"a", b"bb"]);
+        write_segment(dir.path(), 2, t1 + 20, Some(HEADER_LEN), &[b"ccc"]);
+        assert_eq!(corrupt_at(recover(dir.path(), &config())), (1, t1));
+    }
+
+    #[test]
+    fn invalid_record_below_the_mark_is_corruption_above_it_a_torn_tail() {
+        let dir = crate::test_dir();
+        let t = write_segment(
+            dir.path(),
+            1,
+            0,
+            Some(HEADER_LEN + 9 + 10),
+            &[b"a", b"bb", b"ccc"],
+        );
+        let path = dir.path().join(segment::file_name(1));
+        let mut b = std::fs::read(&path).unwrap();
+        b[HEADER_LEN as usize + 9 + 8] ^= 1; // payload of "bb", below the mark
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(
+            corrupt_at(recover(dir.path(), &config())),
+            (1, HEADER_LEN + 9)
+        );
+        b[HEADER_LEN as usize + 9 + 8] ^= 1;
+        b[t as usize - 1] ^= 1; // payload of "ccc", above the mark
+        b[t as usize + 100] = 7; // garbage after the tail
+        std::fs::write(&path, &b).unwrap();
+        let r = recover(dir.path(), &config()).unwrap();
+        assert_eq!(r.report.records, 2);
+        assert_eq!(r.report.torn_tail_bytes, t + 101 - (HEADER_LEN + 19));
+        let after = std::fs::read(&path).unwrap();
+        assert!(
+            after[(HEADER_LEN + 19) as usize..].iter().all(|&x| x == 0),
+            "cut bytes zeroed"
+        );
+    }
+
+    #[test]
+    fn gap_bad_header_and_short_file_are_corruption() {
+        let dir = crate::test_dir();
+        let t1 = write_segment(dir.path(), 1, 0, None, &[b"a"]);
+        write_segment(dir.path(), 3, t1, None, &[b"c"]);
+        assert_eq!(corrupt_at(recover(dir.path(), &config())), (2, 0));
+
+        let dir = crate::test_dir();
+        write_segment(dir.path(), 1, 0, None, &[b"a"]);
+        let path = dir.path().join(segment::file_name(1));
+        let mut b = std::fs::read(&path).unwrap();
+        b[20] ^= 0xff;
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(corrupt_at(recover(dir.path(), &config())), (1, 0));
+        b.truncate(100);
+        std::fs::write(&path, &b).unwrap();
+        assert_eq!(corrupt_at(recover(dir.path(), &config())), (1, 100));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Recovery over arbitrary bytes after a valid header: no panic, and either a clean prefix
+        /// of whole records or a typed Corrupt.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            body in proptest::collection::vec(any::<u8>(), 0..3000),
+            mark in proptest::option::of(HEADER_LEN..SIZE + 100),
+            records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..50), 0..5),
+            splice in any::<proptest::sample::Index>(),
+        ) {
+            let dir = crate::test_dir();
+            let refs: Vec<&[u8]> = records.iter().map(|r| r.as_slice()).collect();
+            let t = write_segment(dir.path(), 1, 0, mark, &refs);
+            let path = dir.path().join(segment::file_name(1));
+            let mut b = std::fs::read(&path).unwrap();
+            let at = HEADER_LEN as usize + splice.index((t - HEADER_LEN) as usize + 1);
+            let n = body.len().min(b.len() - at);
+            b[at..at + n].copy_from_slice(&body[..n]);
+            std::fs::write(&path, &b).unwrap();
+            match recover(dir.path(), &config()) {
+                Ok(r) => {
+                    let seg = &r.segments[0];
+                    let data = std::fs::read(&path).unwrap();
+                    let (tail, count, _) = walk(&data, seg.header.nonce);
+                    prop_assert_eq!((tail, count), (seg.tail, seg.records));
+                    prop_assert!(data[tail as usize..].iter().all(|&x| x == 0));
+                }
+                Err(Error::Corrupt { segment, .. }) => prop_assert_eq!(segment, 1),
+                Err(e) => prop_assert!(false, "unexpected error {}", e),
+            }
+        }
+    }
+}
