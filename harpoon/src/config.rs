@@ -22,6 +22,8 @@ pub enum ConfigError {
     LeaseTooLong { lease: usize, election: usize },
     #[error("{field} must be > 0")]
     Zero { field: &'static str },
+    #[error("max_uncommitted_size ({uncommitted}) must be >= max_size_per_msg ({per_msg})")]
+    UncommittedBelowMessage { uncommitted: u64, per_msg: u64 },
     #[error("log_gc_slack ({slack}) must be < log_gc_threshold ({threshold})")]
     SlackAboveThreshold { slack: u64, threshold: u64 },
 }
@@ -110,6 +112,13 @@ impl CellConfig {
             if v == 0 {
                 return Err(ConfigError::Zero { field });
             }
+        }
+        // raft-rs refuses this combination at cell creation; refuse it at start instead.
+        if self.max_uncommitted_size < self.max_size_per_msg {
+            return Err(ConfigError::UncommittedBelowMessage {
+                uncommitted: self.max_uncommitted_size,
+                per_msg: self.max_size_per_msg,
+            });
         }
         if self.log_gc_slack >= self.log_gc_threshold {
             return Err(ConfigError::SlackAboveThreshold {

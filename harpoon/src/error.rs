@@ -110,6 +110,9 @@ pub enum Error {
     /// A fatal error earlier stopped all writes on this node.
     #[error("node poisoned by an earlier fatal error: {reason}")]
     Poisoned { reason: String },
+    /// The transport could not be built.
+    #[error("transport: {reason}")]
+    Transport { reason: String },
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(#[from] crate::config::ConfigError),

@@ -134,6 +134,16 @@ impl Node {
         log: LogStore,
         transport: Arc<dyn Transport>,
     ) -> Result<Node> {
+        Self::start_with(id, cfg, log, |_| Ok::<_, Error>(transport))
+    }
+
+    /// Like [`Node::start`] for transports that need the node's sink to be built (the TCP
+    /// transport delivers into it): `make` gets the sink and returns the transport.
+    pub fn start_with<F, E>(id: NodeId, cfg: NodeConfig, log: LogStore, make: F) -> Result<Node>
+    where
+        F: FnOnce(Arc<dyn MessageSink>) -> std::result::Result<Arc<dyn Transport>, E>,
+        E: std::fmt::Display,
+    {
         cfg.validate()?;
         let cfg = Arc::new(cfg);
         let metrics = Arc::new(Metrics::default());
@@ -141,10 +151,18 @@ impl Node {
         let factory: Arc<RwLock<Option<CellFactory>>> = Arc::new(RwLock::new(None));
         let started = Instant::now();
         let mut senders = Vec::new();
-        let mut threads = Vec::new();
-        for i in 0..cfg.shards {
+        let mut receivers = Vec::new();
+        for _ in 0..cfg.shards {
             let (tx, rx) = crossbeam_channel::unbounded();
             senders.push(tx);
+            receivers.push(rx);
+        }
+        let router = Arc::new(Router { shards: senders });
+        let transport = make(router.clone()).map_err(|e| Error::Transport {
+            reason: e.to_string(),
+        })?;
+        let mut threads = Vec::new();
+        for (i, rx) in receivers.into_iter().enumerate() {
             let shard = Shard {
                 node: id,
                 cfg: cfg.clone(),
@@ -170,7 +188,7 @@ impl Node {
         Ok(Node {
             id,
             cfg,
-            router: Arc::new(Router { shards: senders }),
+            router,
             threads,
             metrics,
             log,

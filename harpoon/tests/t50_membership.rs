@@ -188,3 +188,29 @@ fn unknown_cell_replica_is_created_only_from_an_initial_message() {
     let seq = c.assert_prefixes(cell);
     assert_eq!(h.entries(), seq);
 }
+
+#[test]
+fn conf_change_lost_to_a_leader_change_is_reported_dropped() {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let old = c.wait_leader(cell, WAIT).unwrap();
+    common::write_n(&c, cell, "a", 3);
+    c.isolate(old);
+    // Appended on the isolated leader only: it can never commit.
+    let p = c
+        .node(old)
+        .add_learner(cell, NodeId(9), Instant::now() + WAIT);
+    let others: Vec<NodeId> = (1..=3).map(NodeId).filter(|n| *n != old).collect();
+    assert!(wait_until(WAIT, || others.iter().any(|n| c
+        .status(*n, cell)
+        .is_some_and(|s| s.role == harpoon::Role::Leader))));
+    common::write_n(&c, cell, "b", 3);
+    c.heal();
+    // The new leader's entry lands at the slot: the caller learns the change was dropped,
+    // and the membership is unchanged.
+    assert!(matches!(p.wait(), Err(Error::ConfChangeDropped { .. })));
+    let leader = c.wait_leader(cell, WAIT).unwrap();
+    let conf = c.status(leader, cell).unwrap().conf;
+    assert!(conf.learners.is_empty(), "{conf:?}");
+}

@@ -97,3 +97,33 @@ fn isolated_leader_async_writes_are_counted_lost_and_never_applied() {
 fn isolated_then_killed_leader_async_writes_never_half_applied() {
     lose_async_writes(true);
 }
+
+#[test]
+fn uncommitted_bytes_are_bounded_with_busy() {
+    let mut opts = ClusterOptions::default();
+    opts.node.cell.max_uncommitted_size = 4096;
+    opts.node.cell.max_size_per_msg = 1024;
+    let mut c = Cluster::new(3, opts);
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
+    let leader = c.wait_leader(cell, WAIT).unwrap();
+    c.isolate(leader);
+    // Nothing commits now: after ~4 KiB of acknowledged async writes the leader pushes back.
+    let mut busy = false;
+    for i in 0..100 {
+        match c
+            .node(leader)
+            .propose(cell, Bytes::from(vec![i as u8; 512]))
+            .wait()
+        {
+            Ok(r) => assert_eq!(r.guarantee, Guarantee::LeaderDurable),
+            Err(harpoon::Error::Busy { .. }) => {
+                busy = true;
+                break;
+            }
+            Err(harpoon::Error::NotLeader { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(busy, "the leader refused writes past max_uncommitted_size");
+}
