@@ -7,12 +7,15 @@
 //!    active; copy `[frame_len | crc | payload]` into the mapping at `end`; advance `end`.
 //!    Nothing is flushed: the record is in the page cache only.
 //! 2. **sync** (group commit): wait at the sync gate until an earlier leader's flush covers this
-//!    caller's `end` (then return), or the gate is free. Then become the leader: capture `end`, `msync(MS_SYNC)` every
-//!    segment from the one holding the old durable end to the active one (plus sealed segments
-//!    whose new mark was not yet flushed), then publish `durable = end` and write each flushed
-//!    segment's durable mark into its header (reaching disk with the next flush or by writeback).
-//!    Every waiter is woken; those covered return without flushing, one of the rest leads the
-//!    next round.
+//!    caller's `end` (then return), or the gate is free. Then become the leader: capture `end`,
+//!    `msync(MS_SYNC)` every segment from the one holding the old durable end to the active one
+//!    (plus sealed segments whose new mark was not yet flushed), then publish `durable = end` and
+//!    write each flushed segment's durable mark into its header (reaching disk with the next flush
+//!    or by writeback). Every waiter is woken; those covered return without flushing, one of the
+//!    rest leads the next round.
+//!
+//! A roll (two fsyncs) and the copy of a large payload happen under the state lock, so they delay
+//! other appends and the brief state lookups of readers; reads copy payloads outside it.
 //!
 //! Locks, always taken in this order: the sync gate -> `readers` -> `state`. Appends take only
 //! `state`; reads take `readers` (shared) then `state` briefly, and copy from the mapping under
@@ -122,12 +125,16 @@ impl State {
         self.segs.back().expect("log always has a segment")
     }
 
+    /// The first record, or `end` if the log is empty. (A segment can be empty only if it is the
+    /// active one, or if a larger `max_record_size` made the writer roll from an empty segment.)
     fn first(&self) -> Position {
-        let e = self.segs.front().expect("log always has a segment");
-        Position {
-            segment: e.seg.number,
-            offset: HEADER_LEN,
-        }
+        self.segs
+            .iter()
+            .find(|e| e.tail > HEADER_LEN)
+            .map_or(self.end, |e| Position {
+                segment: e.seg.number,
+                offset: HEADER_LEN,
+            })
     }
 }
 
@@ -186,7 +193,8 @@ pub struct SegLog {
 
 /// Iterator over records from a position up to the log's end when the iterator was created.
 /// Created by [`SegLog::iter`]. It stops early if the log is truncated below its cursor, and yields
-/// one error (then stops) if its start is not a record or the data is damaged.
+/// one error (then stops) if its start is not a record, its segment was dropped by GC, or the data
+/// is damaged. It keeps the log's internals alive: the directory stays locked until it is dropped.
 #[derive(Debug)]
 pub struct Iter {
     inner: Arc<Inner>,
@@ -974,6 +982,28 @@ mod tests {
         log.truncate(log.first()).unwrap();
         assert!(all(&log).is_empty());
         assert_eq!(log.first(), log.end());
+    }
+
+    #[test]
+    fn config_change_keeps_old_segments_and_may_leave_an_empty_one() {
+        let dir = crate::test_dir();
+        drop(SegLog::open(dir.path(), small()).unwrap());
+        let big = Config {
+            segment_size: 16384,
+            max_record_size: 8000,
+            sync: SyncMode::Data,
+        };
+        let (log, _) = SegLog::open(dir.path(), big.clone()).unwrap();
+        // Does not fit the old 4 KiB segment even though it is empty: roll, leaving it empty.
+        let p = log.append(&[9; 7000]).unwrap();
+        assert_eq!(p.segment, 2);
+        assert_eq!(log.first(), p);
+        assert_eq!(log.segments()[0].used, HEADER_LEN);
+        drop(log);
+        let (log, rec) = SegLog::open(dir.path(), big).unwrap();
+        assert_eq!((rec.records, rec.segments, rec.torn_tail_bytes), (1, 2, 0));
+        assert_eq!(log.first(), p);
+        assert_eq!(all(&log), vec![vec![9; 7000]]);
     }
 
     #[test]
