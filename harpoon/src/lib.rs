@@ -27,8 +27,8 @@
 //! 5. **apply**: committed entries go to the cell's `StateMachine`, which stores its apply
 //!    state (applied index, commit point, ConfState) atomically with the data.
 //! 6. **respond**: Consensus mode answers when the entry applies with the proposing term
-//!   (`Guarantee::Applied`); Async mode answers after step 4's sync on the leader
-//!   (`Guarantee::LeaderDurable`).
+//!    (`Guarantee::Applied`); Async mode answers after step 4's sync on the leader
+//!    (`Guarantee::LeaderDurable`).
 
 mod cell;
 pub mod config;
@@ -38,8 +38,7 @@ mod metrics;
 mod node;
 mod shard;
 pub mod state_machine;
-mod storage_seam;
-pub(crate) use storage_seam as storage;
+pub mod storage;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod transport;

@@ -27,6 +27,9 @@ pub struct ClusterOptions {
     pub node: NodeConfig,
     /// Seed of the network's fault randomness.
     pub seed: u64,
+    /// Raft logs on a seglog in the node's directory (true) or in memory kept across
+    /// restarts (false: a "disk" that never loses a write).
+    pub durable: bool,
 }
 
 impl Default for ClusterOptions {
@@ -38,7 +41,11 @@ impl Default for ClusterOptions {
         node.cell.election_tick = 10;
         node.cell.heartbeat_tick = 2;
         node.cell.lease_ticks = 7;
-        ClusterOptions { node, seed: 7 }
+        ClusterOptions {
+            node,
+            seed: 7,
+            durable: true,
+        }
     }
 }
 
@@ -98,6 +105,17 @@ impl Cluster {
     }
 
     fn store(&mut self, id: NodeId) -> LogStore {
+        if self.opts.durable {
+            // Small segments: a test cluster has up to 7 nodes in one temp dir.
+            let cfg = seglog::Config {
+                segment_size: 8 << 20,
+                max_record_size: 4 << 20,
+                ..seglog::Config::default()
+            };
+            let (store, _cells) =
+                LogStore::open(self.node_dir(id).join("raft"), cfg).expect("open raft log");
+            return store;
+        }
         self.stores
             .entry(id)
             .or_insert_with(LogStore::in_memory)
