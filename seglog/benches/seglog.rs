@@ -32,7 +32,7 @@ impl Row {
             format!("{:>9}", "-")
         };
         println!(
-            "| {:<44} | {:>9} | {:>6.2} | {:>11.0} | {:>8.1} | {:>7} | {:>7} | {} |",
+            "| {:<48} | {:>9} | {:>6.2} | {:>11.0} | {:>8.1} | {:>7} | {:>7} | {} |",
             self.case,
             self.records,
             self.secs,
@@ -171,6 +171,54 @@ fn raw_fdatasync(dir: &Path, size: usize, preallocated: bool) -> Row {
     }
 }
 
+/// The floor for the concurrent cases: `threads` threads take turns (one mutex) doing
+/// `pwrite` of 256 B + `fdatasync` on one fallocated file. Shows what the disk does when fdatasync
+/// calls come back to back from several threads, without any group commit.
+fn raw_fdatasync_threads(dir: &Path, threads: u64) -> Row {
+    let path = dir.join("raw-threads.dat");
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, 64 << 20).unwrap();
+    f.sync_all().unwrap();
+    let shared = Arc::new(std::sync::Mutex::new((f, 0u64)));
+    let budget = budget();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let payload = [0x22u8; 256];
+                while start.elapsed() < budget {
+                    let mut g = shared.lock().unwrap();
+                    let off = g.1 * 256;
+                    g.0.write_all_at(&payload, off).unwrap();
+                    g.0.sync_data().unwrap();
+                    g.1 += 1;
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = shared.lock().unwrap().1;
+    let _ = std::fs::remove_file(&path);
+    Row {
+        case: format!("raw pwrite 256 B + fdatasync, {threads} threads in turn"),
+        records: n,
+        bytes: n * 256,
+        secs,
+        syncs: n,
+        flushes: n,
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; any other argument is a name filter on the cases.
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
@@ -186,11 +234,11 @@ fn main() {
         budget()
     );
     println!(
-        "| {:<44} | {:>9} | {:>6} | {:>11} | {:>8} | {:>7} | {:>7} | {:>9} |",
+        "| {:<48} | {:>9} | {:>6} | {:>11} | {:>8} | {:>7} | {:>7} | {:>9} |",
         "case", "records", "secs", "appends/s", "MB/s", "syncs", "flushes", "µs/flush"
     );
     println!(
-        "|{:-<46}|{:-<11}:|{:-<7}:|{:-<12}:|{:-<9}:|{:-<8}:|{:-<8}:|{:-<10}:|",
+        "|{:-<50}|{:-<11}:|{:-<7}:|{:-<12}:|{:-<9}:|{:-<8}:|{:-<8}:|{:-<10}:|",
         "", "", "", "", "", "", "", ""
     );
     type Case<'a> = (&'a str, Box<dyn Fn() -> Row + 'a>);
@@ -234,6 +282,7 @@ fn main() {
             "none",
             Box::new(|| single(d, 256, 1, 1_000_000, SyncMode::None)),
         ),
+        ("raw", Box::new(|| raw_fdatasync_threads(d, 4))),
         ("group", Box::new(|| concurrent(d, 256, 1))),
         ("group", Box::new(|| concurrent(d, 256, 4))),
         ("group", Box::new(|| concurrent(d, 256, 16))),
