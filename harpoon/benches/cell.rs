@@ -3,8 +3,8 @@
 //! Measures proposals/s, p50/p99 latency and fsyncs per 1,000 proposals with 1 and 64
 //! concurrent proposers (Consensus mode: each reply waits for quorum commit + apply).
 //!
-//! Run: `cargo bench -p harpoon --bench cell` (env `BENCH_SECS`, default 8 s per row;
-//! `BENCH_TRANSPORT=mem|tcp`, default tcp when available).
+//! Run: `cargo bench -p harpoon --bench cell`. Env: `BENCH_SECS` (default 6 s per row),
+//! `BENCH_TRANSPORT=tcp|mem` (default both: TCP on 127.0.0.1, then the in-process network).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use harpoon::storage::LogStore;
 use harpoon::transport::mem::MemNetwork;
+use harpoon::transport::tcp::{TcpConfig, TcpTransport};
 use harpoon::transport::Transport;
 use harpoon::{
     ApplyState, CellId, EntryRef, Node, NodeConfig, NodeId, ReplicationMode, Role, SmSnapshot,
@@ -72,34 +73,104 @@ struct Row {
     all_syncs: u64,
 }
 
-type Net = (Vec<Arc<dyn Transport>>, Box<dyn FnMut(NodeId, &Node)>);
-
-fn mem_net() -> Net {
-    let net = MemNetwork::new(1);
-    let transports = (1..=3).map(|i| net.transport(NodeId(i))).collect();
-    let reg = move |id: NodeId, n: &Node| net.register(id, n.sink());
-    (transports, Box::new(reg))
+/// How the three nodes talk.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Net {
+    Mem,
+    Tcp,
 }
 
-fn run(concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) -> Row {
+/// Start node `id` of 3 on `net`; returns the node and, for TCP, its transport (kept alive).
+fn start_node(
+    id: NodeId,
+    net: Net,
+    mem: &MemNetwork,
+    tcp: &TcpSetup,
+    cfg: &NodeConfig,
+    store: LogStore,
+) -> (Node, Option<Arc<TcpTransport>>) {
+    match net {
+        Net::Mem => {
+            let node = Node::start(id, cfg.clone(), store, mem.transport(id)).expect("start");
+            mem.register(id, node.sink());
+            (node, None)
+        }
+        Net::Tcp => {
+            let mut slot = None;
+            let node = Node::start_with(id, cfg.clone(), store, |sink| {
+                let t = Arc::new(TcpTransport::new(
+                    id,
+                    TcpConfig {
+                        cluster_secret: b"bench".to_vec(),
+                        ..TcpConfig::default()
+                    },
+                    sink,
+                    tcp.rt.handle().clone(),
+                )?);
+                slot = Some(t.clone());
+                Ok::<Arc<dyn Transport>, harpoon::transport::tcp::TcpConfigError>(t)
+            })
+            .expect("start");
+            let t = slot.expect("transport built");
+            let i = (id.get() - 1) as usize;
+            let listener = tcp.listeners[i].lock().take().expect("listener");
+            {
+                let _g = tcp.rt.enter();
+                t.serve(listener);
+            }
+            for (j, a) in tcp.addrs.iter().enumerate() {
+                if j != i {
+                    t.set_peer_address(NodeId(j as u64 + 1), *a);
+                }
+            }
+            (node, Some(t))
+        }
+    }
+}
+
+struct TcpSetup<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    listeners: Vec<parking_lot::Mutex<Option<tokio::net::TcpListener>>>,
+    addrs: Vec<std::net::SocketAddr>,
+}
+
+fn run(net: Net, concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = NodeConfig {
         tick_interval: Duration::from_millis(50),
         ..NodeConfig::default()
     };
-    let (transports, mut register) = mem_net();
+    let mem = MemNetwork::new(1);
+    let listeners: Vec<_> = (0..3)
+        .map(|_| {
+            rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .expect("bind")
+        })
+        .collect();
+    let tcp = TcpSetup {
+        rt,
+        addrs: listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr"))
+            .collect(),
+        listeners: listeners
+            .into_iter()
+            .map(|l| parking_lot::Mutex::new(Some(l)))
+            .collect(),
+    };
     let mut nodes = Vec::new();
     let mut stores = Vec::new();
-    for (i, t) in transports.into_iter().enumerate() {
-        let id = NodeId(i as u64 + 1);
+    let mut transports = Vec::new();
+    for i in 1..=3u64 {
+        let id = NodeId(i);
         let (store, _) = LogStore::open(
             dir.path().join(format!("n{}", id.get())),
             seglog::Config::default(),
         )
         .expect("open log");
         stores.push(store.clone());
-        let node = Node::start(id, cfg.clone(), store, t).expect("start");
-        register(id, &node);
+        let (node, t) = start_node(id, net, &mem, &tcp, &cfg, store);
+        transports.push(t);
         nodes.push(Arc::new(node));
     }
     let cell = CellId(1);
@@ -128,8 +199,6 @@ fn run(concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) -> Row {
     for _ in 0..100 {
         let _ = leader.propose(cell, Bytes::from_static(&[0u8; 128])).wait();
     }
-    let li = stores.iter().position(|_| true).unwrap_or(0);
-    let _ = li;
     let leader_idx = (leader.id().get() - 1) as usize;
     let syncs0: Vec<u64> = stores.iter().map(|s| s.stats().syncs).collect();
     let done = Arc::new(AtomicU64::new(0));
@@ -177,6 +246,9 @@ fn run(concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) -> Row {
             n.shutdown();
         }
     }
+    for t in transports.into_iter().flatten() {
+        t.shutdown();
+    }
     row
 }
 
@@ -184,15 +256,24 @@ fn main() {
     let secs: u64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(6);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    println!("harpoon cell bench: 3 members, seglog raft logs with fdatasync, mem transport, 128 B proposals, {secs} s per row");
+    let nets: Vec<Net> = match std::env::var("BENCH_TRANSPORT").as_deref() {
+        Ok("mem") => vec![Net::Mem],
+        Ok("tcp") => vec![Net::Tcp],
+        _ => vec![Net::Tcp, Net::Mem],
+    };
     println!(
-        "{:>11} | {:>10} | {:>12} | {:>9} | {:>9} | {:>16} | {:>16}",
+        "harpoon cell bench: 3 members in one process, seglog raft logs with fdatasync, \
+         128 B proposals, Consensus mode, {secs} s per row"
+    );
+    println!(
+        "{:>9} | {:>9} | {:>10} | {:>11} | {:>8} | {:>8} | {:>15} | {:>13}",
+        "transport",
         "proposers",
         "proposals",
         "proposals/s",
@@ -201,11 +282,15 @@ fn main() {
         "leader fsync/1k",
         "all fsyncs/1k"
     );
-    for c in [1usize, 64] {
-        let r = run(c, secs, &rt);
+    for (net, c) in nets
+        .iter()
+        .flat_map(|n| [1usize, 64].into_iter().map(move |c| (*n, c)))
+    {
+        let r = run(net, c, secs, &rt);
         let per_k = |s: u64| s as f64 * 1000.0 / r.proposals.max(1) as f64;
         println!(
-            "{:>11} | {:>10} | {:>12.0} | {:>9} | {:>9} | {:>16.1} | {:>16.1}",
+            "{:>9} | {:>9} | {:>10} | {:>11.0} | {:>8} | {:>8} | {:>15.1} | {:>13.1}",
+            format!("{net:?}").to_lowercase(),
             r.concurrency,
             r.proposals,
             r.proposals as f64 / r.secs,

@@ -140,7 +140,7 @@ fn three_members_over_tcp_fail_over_without_losing_writes() {
         .collect();
     assert_eq!(seqs[0], seqs[1]);
     for (d, r) in &acked {
-        let n = seqs[0].iter().filter(|e| &e.data == d).count();
+        let n = seqs[0].iter().filter(|e| e.data == d).count();
         assert_eq!(n, 1, "{d:?}");
         assert!(seqs[0]
             .iter()
