@@ -655,3 +655,52 @@ async fn stale_address_reaching_another_node_is_refused() {
     a.t.send(b.id, vec![append(&a, &b, 2)]);
     wait_until("delivered", || b.sink.count() == 1).await;
 }
+
+/// Throughput of one node pair; run by hand:
+/// `cargo test --release -p harpoon --test transport_tcp -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    let a = start(1, config(SECRET)).await;
+    let b = start(2, config(SECRET)).await;
+    connect_all(&[&a, &b]);
+    const MSGS: u64 = 1_000_000;
+    const PER_SEND: u64 = 10;
+    let proto_msg = {
+        let mut e = append(&a, &b, 0);
+        let mut entry = raft::eraftpb::Entry::new();
+        entry.data = Bytes::from(vec![1u8; 100]);
+        e.msg.mut_entries().push(entry);
+        e
+    };
+    let start = Instant::now();
+    let t = a.t.clone();
+    let sender = std::thread::spawn(move || {
+        for i in 0..MSGS / PER_SEND {
+            let batch = (0..PER_SEND)
+                .map(|j| {
+                    let mut e = proto_msg.clone();
+                    e.msg.index = i * PER_SEND + j;
+                    e
+                })
+                .collect();
+            t.send(NodeId(2), batch);
+            // Stay under the queue limit, as raft's inflight window would.
+            while i % 1000 == 0 && t.stats().msgs_sent + 30_000 < i * PER_SEND {
+                std::thread::yield_now();
+            }
+        }
+    });
+    wait_until("all delivered", || b.sink.count() as u64 == MSGS).await;
+    let el = start.elapsed();
+    sender.join().unwrap();
+    let st = a.t.stats();
+    println!(
+        "{MSGS} msgs in {el:?}: {:.0} msgs/s, {} frames ({:.0} msgs/frame), {:.1} MB written, {} dropped",
+        MSGS as f64 / el.as_secs_f64(),
+        st.raft_frames,
+        st.msgs_sent as f64 / st.raft_frames as f64,
+        st.bytes_written as f64 / 1e6,
+        st.dropped_queue_full
+    );
+}

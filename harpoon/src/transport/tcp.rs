@@ -6,9 +6,10 @@
 //!    the peer's bounded queue and wakes the peer's writer task; it never blocks on I/O.
 //! 2. The writer connects if needed (timeout, then the authenticated handshake of
 //!    [`handshake`]), with exponential backoff after failures.
-//! 3. It takes everything queued, encodes it as one `RaftBatch` frame (more only past
-//!    `max_frame`), adds at most one snapshot chunk, and writes the lot with one `write_all`:
-//!    while a write is in flight new sends pile up and go out together in the next round.
+//! 3. It takes everything queued, encodes it as one `RaftBatch` frame (up to `max_frame`;
+//!    the rest waits for the next round), adds at most one snapshot chunk, and writes the lot
+//!    with one `write_all`: while a write is in flight new sends pile up and go out together
+//!    in the next round.
 //! 4. On a connect, handshake or write error it drops what was queued (raft retransmits),
 //!    fails the snapshots in flight (`report_snapshot(Failure)`) and calls
 //!    `report_unreachable`. A snapshot whose last chunk was written gets `Finish`.
@@ -616,7 +617,7 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
         let Some(c) = conn.as_mut() else { continue };
 
         // Take everything queued: it all goes out in this round.
-        let msgs = {
+        let mut msgs = {
             let mut st = peer.state.lock();
             if snap.is_none() {
                 if let Some(env) = st.snapshots.pop_front() {
@@ -633,7 +634,15 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
             std::mem::take(&mut st.msgs)
         };
         buf.clear();
-        let (frames, sent) = encode_batches(&shared, &msgs, &mut buf);
+        let (consumed, sent) = encode_batch(&shared, &msgs, &mut buf);
+        let frames = u64::from(sent > 0);
+        if consumed < msgs.len() {
+            // More than a frame's worth: the rest goes first in the next round.
+            let mut rest = msgs.split_off(consumed);
+            let mut st = peer.state.lock();
+            rest.append(&mut st.msgs);
+            st.msgs = rest;
+        }
         let mut finished = None;
         if let Some(s) = snap.as_mut() {
             let mut f = PeerFrame::new();
@@ -686,12 +695,12 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
     }
 }
 
-/// Encode `msgs` as `RaftBatch` frames into `buf`, each at most `max_frame`. Returns the number
-/// of frames and of messages encoded; a message that alone exceeds `max_frame` is dropped.
-fn encode_batches(shared: &Shared, msgs: &[Envelope], buf: &mut Vec<u8>) -> (u64, u64) {
+/// Encode the longest prefix of `msgs` that fits in one frame as a `RaftBatch` frame into
+/// `buf`. Returns how many messages were consumed and how many of those were encoded; a
+/// message that alone exceeds `max_frame` is dropped (and counted).
+fn encode_batch(shared: &Shared, msgs: &[Envelope], buf: &mut Vec<u8>) -> (usize, u64) {
     let max = shared.cfg.max_frame;
     let budget = max - BATCH_OVERHEAD;
-    let (mut frames, mut sent) = (0u64, 0u64);
     let mut start = 0;
     while start < msgs.len() {
         let mut end = start;
@@ -706,19 +715,16 @@ fn encode_batches(shared: &Shared, msgs: &[Envelope], buf: &mut Vec<u8>) -> (u64
         }
         let group = &msgs[start..end];
         match encode_raft_batch(group.iter().map(|e| (e.cell, &e.msg)), max, buf) {
-            Ok(()) => {
-                frames += 1;
-                sent += group.len() as u64;
-            }
+            Ok(()) => return (end, group.len() as u64),
             Err(e) => {
-                // Only a single message larger than a frame gets here.
+                // Only a single message larger than a frame gets here: skip it.
                 tracing::warn!(node = %shared.node, error = %e, "raft message too large for a frame; dropped");
                 bump(&shared.stats.dropped_too_large, group.len() as u64);
+                start = end;
             }
         }
-        start = end;
     }
-    (frames, sent)
+    (msgs.len(), 0)
 }
 
 /// The peer cannot be reached: drop what is queued (plus `lost` messages already taken),
