@@ -1,0 +1,520 @@
+//! Persistent mode: the data log (a [`SegLog`]) holding every version of every key, the
+//! apply state, and the recovery and compaction that work on it.
+//!
+//! Record format (byte layout in `docs/design/collections.md` §3): every record starts with a
+//! tag byte.
+//! - `MUTATION` (1): one put or delete of one key, with its revision, metadata and value.
+//!   Its origin says why it is there: `ORIGINAL` (written by apply), `LIVE_COPY` (compaction
+//!   copied the key's live version), `HIST_COPY` (compaction copied a history version).
+//! - `COMMIT` (2): the apply state and counters. It closes a *group*: the mutations of one
+//!   applied command (or one compaction, restore or split), appended with one `append_batch`.
+//! - `BOUNDS` (3): the key bounds after a split.
+//!
+//! Recovery replays groups in log order and ignores (and cuts) a trailing group without its
+//! `COMMIT`, so the recovered state is exactly the state of the last durable `COMMIT`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use seglog::{Position, SegLog};
+
+use crate::error::{KvError, Result};
+use crate::kv::codec::{Dec, Enc};
+use crate::kv::state::{Change, Entry, Hist, Meta, State, ValueRef};
+use crate::kv::types::{ApplyState, Bounds, EventKind};
+
+pub(crate) const REC_MUTATION: u8 = 1;
+pub(crate) const REC_COMMIT: u8 = 2;
+pub(crate) const REC_BOUNDS: u8 = 3;
+
+/// Why a mutation record is in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// Written by apply: the key's newest version at its place in the log.
+    Original = 0,
+    /// Copied by compaction because it was the key's live version (newest at its new place).
+    LiveCopy = 1,
+    /// Copied by compaction for the watch history only: never becomes live on replay.
+    HistCopy = 2,
+}
+
+/// A decoded mutation record; `value` borrows from the record.
+pub(crate) struct Mutation<'a> {
+    pub(crate) origin: Origin,
+    pub(crate) kind: EventKind,
+    pub(crate) key: &'a [u8],
+    pub(crate) meta: Meta,
+    pub(crate) value: &'a [u8],
+}
+
+/// A decoded commit record.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Commit {
+    pub(crate) apply: ApplyState,
+    pub(crate) revision: u64,
+    pub(crate) clock_ms: u64,
+    pub(crate) compact_revision: u64,
+}
+
+pub(crate) enum Record<'a> {
+    Mutation(Mutation<'a>),
+    Commit(Commit),
+    Bounds(Bounds),
+}
+
+pub(crate) fn encode_mutation(
+    origin: Origin,
+    kind: EventKind,
+    key: &[u8],
+    meta: &Meta,
+    value: &[u8],
+) -> Vec<u8> {
+    let mut e = Enc::with_capacity(48 + key.len() + value.len());
+    let put = u8::from(kind == EventKind::Put);
+    e.u8(REC_MUTATION)
+        .u8(put | ((origin as u8) << 1))
+        .u64(meta.mod_revision)
+        .u64(meta.create_revision)
+        .u64(meta.version)
+        .u64(meta.expires_at_ms)
+        .bytes(key)
+        .raw(value);
+    e.0
+}
+
+pub(crate) fn encode_commit(st: &State) -> Vec<u8> {
+    let a = &st.apply;
+    let mut e = Enc::with_capacity(64 + a.apply_meta.len());
+    e.u8(REC_COMMIT)
+        .u64(a.applied_index)
+        .u64(a.applied_term)
+        .u64(a.commit_index)
+        .u64(a.commit_term)
+        .u64(st.revision)
+        .u64(st.clock_ms)
+        .u64(st.compact_revision)
+        .bytes(&a.apply_meta);
+    e.0
+}
+
+pub(crate) fn encode_bounds(b: &Bounds) -> Vec<u8> {
+    let mut e = Enc::default();
+    e.u8(REC_BOUNDS).bytes(&b.lo);
+    match &b.hi {
+        Some(hi) => e.u8(1).bytes(hi),
+        None => e.u8(0),
+    };
+    e.0
+}
+
+pub(crate) fn decode(buf: &[u8]) -> Result<Record<'_>> {
+    let mut d = Dec::new(buf, "data-log record");
+    let corrupt = |why: &str| KvError::Corrupt {
+        what: "data-log record",
+        why: why.to_string(),
+    };
+    match d.u8()? {
+        REC_MUTATION => {
+            let flags = d.u8()?;
+            let origin = match flags >> 1 {
+                0 => Origin::Original,
+                1 => Origin::LiveCopy,
+                2 => Origin::HistCopy,
+                _ => return Err(corrupt("unknown origin")),
+            };
+            let kind = if flags & 1 == 1 {
+                EventKind::Put
+            } else {
+                EventKind::Delete
+            };
+            let mod_revision = d.u64()?;
+            let create_revision = d.u64()?;
+            let version = d.u64()?;
+            let expires_at_ms = d.u64()?;
+            let key = d.bytes()?;
+            let value = d.rest();
+            Ok(Record::Mutation(Mutation {
+                origin,
+                kind,
+                key,
+                meta: Meta {
+                    create_revision,
+                    mod_revision,
+                    version,
+                    expires_at_ms,
+                    value_len: u32::try_from(value.len()).unwrap_or(u32::MAX),
+                },
+                value,
+            }))
+        }
+        REC_COMMIT => {
+            let apply = ApplyState {
+                applied_index: d.u64()?,
+                applied_term: d.u64()?,
+                commit_index: d.u64()?,
+                commit_term: d.u64()?,
+                apply_meta: Bytes::new(),
+            };
+            let revision = d.u64()?;
+            let clock_ms = d.u64()?;
+            let compact_revision = d.u64()?;
+            let meta = Bytes::copy_from_slice(d.bytes()?);
+            d.end()?;
+            Ok(Record::Commit(Commit {
+                apply: ApplyState {
+                    apply_meta: meta,
+                    ..apply
+                },
+                revision,
+                clock_ms,
+                compact_revision,
+            }))
+        }
+        REC_BOUNDS => {
+            let lo = Bytes::copy_from_slice(d.bytes()?);
+            let hi = match d.u8()? {
+                0 => None,
+                _ => Some(Bytes::copy_from_slice(d.bytes()?)),
+            };
+            d.end()?;
+            Ok(Record::Bounds(Bounds { lo, hi }))
+        }
+        _ => Err(corrupt("unknown tag")),
+    }
+}
+
+/// Reads the value of the mutation record at `pos` (no copy beyond the seglog read).
+pub(crate) fn read_value(log: &SegLog, pos: Position) -> Result<Bytes> {
+    let buf = log.read(pos)?;
+    let len = match decode(&buf)? {
+        Record::Mutation(m) => m.value.len(),
+        _ => {
+            return Err(KvError::Corrupt {
+                what: "data-log record",
+                why: format!("record at {pos} is not a mutation"),
+            })
+        }
+    };
+    let all = Bytes::from(buf);
+    Ok(all.slice(all.len() - len..))
+}
+
+/// The data log of a persistent store and what it knows about durability.
+#[derive(Debug)]
+pub(crate) struct DataLog {
+    pub(crate) log: Arc<SegLog>,
+    /// Applied index of the last appended `COMMIT`.
+    pub(crate) last_commit: ApplyState,
+    /// The apply state of the last `COMMIT` known durable.
+    pub(crate) durable: ApplyState,
+}
+
+/// Replays `log` into a fresh state (module doc). Cuts a trailing group without `COMMIT`.
+pub(crate) fn recover(log: &SegLog) -> Result<State> {
+    let mut st = State::default();
+    let mut group: Vec<(Position, Vec<u8>)> = Vec::new();
+    for item in log.iter(log.first()) {
+        let (pos, buf) = item?;
+        // Decoding every record up front reports corruption even in an uncommitted tail.
+        if let Record::Commit(c) = decode(&buf)? {
+            for (p, b) in group.drain(..) {
+                replay_one(&mut st, p, &b)?;
+            }
+            st.apply = c.apply;
+            st.revision = c.revision;
+            st.clock_ms = c.clock_ms;
+            drop_history_upto(&mut st, c.compact_revision);
+            st.compact_revision = c.compact_revision;
+        } else {
+            group.push((pos, buf));
+        }
+    }
+    if let Some((first, _)) = group.first() {
+        // A group cut by a crash: never applied, never reported durable.
+        log.truncate(*first)?;
+    }
+    Ok(st)
+}
+
+fn drop_history_upto(st: &mut State, rev: u64) {
+    if st
+        .history
+        .first_key_value()
+        .is_some_and(|((r, _), _)| *r <= rev)
+    {
+        st.history = st.history.split_off(&(rev.saturating_add(1), Bytes::new()));
+    }
+}
+
+fn replay_one(st: &mut State, pos: Position, buf: &[u8]) -> Result<()> {
+    match decode(buf)? {
+        Record::Mutation(m) => {
+            let key = Bytes::copy_from_slice(m.key);
+            let vref = match m.kind {
+                EventKind::Put => ValueRef::Disk(pos),
+                EventKind::Delete => ValueRef::Inline(Bytes::new()),
+            };
+            if m.origin != Origin::HistCopy {
+                install(st, &key, m.kind, m.meta, vref.clone());
+            }
+            st.history.insert(
+                (m.meta.mod_revision, key),
+                Hist {
+                    kind: m.kind,
+                    meta: m.meta,
+                    value: vref,
+                },
+            );
+        }
+        Record::Bounds(b) => st.restrict(b),
+        Record::Commit(_) => {}
+    }
+    Ok(())
+}
+
+/// Sets the index entry of `key` as replay finds it (no history, no events).
+fn install(st: &mut State, key: &Bytes, kind: EventKind, meta: Meta, value: ValueRef) {
+    if let Some(prev) = st.index.remove(key) {
+        st.live_bytes = st
+            .live_bytes
+            .saturating_sub(key.len() as u64 + u64::from(prev.meta.value_len));
+        if prev.meta.expires_at_ms != 0 {
+            st.expiry.remove(&(prev.meta.expires_at_ms, key.clone()));
+        }
+    }
+    if kind == EventKind::Put {
+        st.live_bytes += key.len() as u64 + u64::from(meta.value_len);
+        if meta.expires_at_ms != 0 {
+            st.expiry.insert((meta.expires_at_ms, key.clone()));
+        }
+        st.index.insert(key.clone(), Entry { meta, value });
+    }
+}
+
+impl DataLog {
+    /// Appends the group of one applied command: its mutations, then a `COMMIT`; then points
+    /// the index and history at the records (the values leave memory).
+    pub(crate) fn append_group(&mut self, st: &mut State, changes: &[Change]) -> Result<()> {
+        let mut recs: Vec<Vec<u8>> = changes
+            .iter()
+            .map(|c| encode_mutation(Origin::Original, c.kind, &c.key, &c.meta, &c.value))
+            .collect();
+        recs.push(encode_commit(st));
+        let positions = self.log.append_batch(recs.iter().map(Vec::as_slice))?;
+        for (c, pos) in changes.iter().zip(positions) {
+            if c.kind != EventKind::Put {
+                continue;
+            }
+            let rev = c.meta.mod_revision;
+            if let Some(e) = st.index.get_mut(&c.key) {
+                if e.meta.mod_revision == rev {
+                    e.value = ValueRef::Disk(pos);
+                }
+            }
+            if let Some(h) = st.history.get_mut(&(rev, c.key.clone())) {
+                h.value = ValueRef::Disk(pos);
+            }
+        }
+        self.last_commit = st.apply.clone();
+        Ok(())
+    }
+
+    /// Appends a `COMMIT` if the state moved since the last one, syncs, and returns the durable
+    /// apply state.
+    pub(crate) fn persist(&mut self, st: &State) -> Result<ApplyState> {
+        if self.last_commit != st.apply {
+            self.log.append(&encode_commit(st))?;
+            self.last_commit = st.apply.clone();
+        }
+        self.log.sync()?;
+        self.durable = self.last_commit.clone();
+        Ok(self.durable.clone())
+    }
+
+    /// Bytes used by sealed segments (for the compaction trigger).
+    pub(crate) fn sealed_bytes(&self) -> (usize, u64) {
+        let segs = self.log.segments();
+        let n = segs.len().saturating_sub(1);
+        (n, segs.iter().take(n).map(|s| s.used).sum())
+    }
+
+    /// Compaction: copies the records of every sealed segment that the index or the history
+    /// still references to the end of the log, closes the group with `BOUNDS` + `COMMIT`,
+    /// syncs, then deletes the sealed segments. Returns how many segments were dropped.
+    ///
+    /// Crash analysis: before the sync the copies are an uncommitted tail (cut on recovery) and
+    /// the old segments are intact; after it the copies are durable, so deleting the old
+    /// segments loses nothing the state references.
+    pub(crate) fn compact(&mut self, st: &mut State) -> Result<u64> {
+        let segs = self.log.segments();
+        let Some(active) = segs.last().map(|s| s.number) else {
+            return Ok(0);
+        };
+        if segs.len() < 2 {
+            return Ok(0);
+        }
+        let mut batch: Vec<(Position, Vec<u8>)> = Vec::new();
+        for item in self.log.iter(self.log.first()) {
+            let (pos, buf) = item?;
+            if pos.segment >= active {
+                break;
+            }
+            let Record::Mutation(m) = decode(&buf)? else {
+                continue;
+            };
+            let key = Bytes::copy_from_slice(m.key);
+            let hist_ref = st.history.get(&(m.meta.mod_revision, key.clone()));
+            let in_hist = match (m.kind, hist_ref) {
+                (EventKind::Put, Some(h)) => h.value == ValueRef::Disk(pos),
+                (EventKind::Delete, Some(h)) => h.kind == EventKind::Delete,
+                (_, None) => false,
+            };
+            let live = m.kind == EventKind::Put
+                && st
+                    .index
+                    .get(&key)
+                    .is_some_and(|e| e.value == ValueRef::Disk(pos));
+            let origin = if live {
+                Origin::LiveCopy
+            } else if in_hist {
+                Origin::HistCopy
+            } else {
+                continue;
+            };
+            batch.push((
+                pos,
+                encode_mutation(origin, m.kind, m.key, &m.meta, m.value),
+            ));
+            if batch.len() >= 256 {
+                self.copy(st, &mut batch)?;
+            }
+        }
+        self.copy(st, &mut batch)?;
+        let mut tail = Vec::new();
+        if st.bounds != Bounds::default() {
+            tail.push(encode_bounds(&st.bounds));
+        }
+        tail.push(encode_commit(st));
+        self.log.append_batch(tail.iter().map(Vec::as_slice))?;
+        self.last_commit = st.apply.clone();
+        self.log.sync()?;
+        self.durable = self.last_commit.clone();
+        Ok(self.log.drop_segments_before(active)?)
+    }
+
+    fn copy(&mut self, st: &mut State, batch: &mut Vec<(Position, Vec<u8>)>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let positions = self
+            .log
+            .append_batch(batch.iter().map(|(_, b)| b.as_slice()))?;
+        for ((old, buf), new) in batch.drain(..).zip(positions) {
+            let Record::Mutation(m) = decode(&buf)? else {
+                continue;
+            };
+            if m.kind != EventKind::Put {
+                continue;
+            }
+            let key = Bytes::copy_from_slice(m.key);
+            if let Some(e) = st.index.get_mut(&key) {
+                if e.value == ValueRef::Disk(old) {
+                    e.value = ValueRef::Disk(new);
+                }
+            }
+            if let Some(h) = st.history.get_mut(&(m.meta.mod_revision, key)) {
+                if h.value == ValueRef::Disk(old) {
+                    h.value = ValueRef::Disk(new);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the whole log from `st` (restore, split): empties it, appends every live
+    /// version and history event, then `BOUNDS` + `COMMIT`, syncs. Values that are `Inline` in
+    /// `st` move to disk; `load` reads `Disk` values of another log.
+    pub(crate) fn rewrite_all(&mut self, st: &mut State) -> Result<()> {
+        self.log.truncate(self.log.first())?;
+        let mut batch: Vec<Vec<u8>> = Vec::new();
+        let mut keys: Vec<(bool, u64, Bytes)> = Vec::new();
+        let flush = |log: &SegLog,
+                     st: &mut State,
+                     batch: &mut Vec<Vec<u8>>,
+                     keys: &mut Vec<(bool, u64, Bytes)>|
+         -> Result<()> {
+            let positions = log.append_batch(batch.iter().map(Vec::as_slice))?;
+            for ((live, rev, key), pos) in keys.drain(..).zip(positions) {
+                if live {
+                    if let Some(e) = st.index.get_mut(&key) {
+                        e.value = ValueRef::Disk(pos);
+                    }
+                } else if let Some(h) = st.history.get_mut(&(rev, key)) {
+                    if h.kind == EventKind::Put {
+                        h.value = ValueRef::Disk(pos);
+                    }
+                }
+            }
+            batch.clear();
+            Ok(())
+        };
+        let live: Vec<(Bytes, Entry)> = st
+            .index
+            .iter()
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        for (k, e) in live {
+            let v = crate::kv::state::inline_only(&e.value)?;
+            batch.push(encode_mutation(
+                Origin::LiveCopy,
+                EventKind::Put,
+                &k,
+                &e.meta,
+                &v,
+            ));
+            keys.push((true, e.meta.mod_revision, k));
+            if batch.len() >= 256 {
+                flush(&self.log, st, &mut batch, &mut keys)?;
+            }
+        }
+        flush(&self.log, st, &mut batch, &mut keys)?;
+        let hist: Vec<((u64, Bytes), Hist)> = st
+            .history
+            .iter()
+            .map(|(k, h)| (k.clone(), h.clone()))
+            .collect();
+        for ((rev, k), h) in hist {
+            // A history put that is also the live version shares its record.
+            if h.kind == EventKind::Put {
+                if let Some(e) = st.index.get(&k) {
+                    if e.meta.mod_revision == rev {
+                        if let Some(hh) = st.history.get_mut(&(rev, k.clone())) {
+                            hh.value = e.value.clone();
+                        }
+                        continue;
+                    }
+                }
+            }
+            let v = match &h.value {
+                ValueRef::Inline(b) => b.clone(),
+                ValueRef::Disk(_) => continue,
+            };
+            batch.push(encode_mutation(Origin::HistCopy, h.kind, &k, &h.meta, &v));
+            keys.push((false, rev, k));
+            if batch.len() >= 256 {
+                flush(&self.log, st, &mut batch, &mut keys)?;
+            }
+        }
+        flush(&self.log, st, &mut batch, &mut keys)?;
+        let mut tail = Vec::new();
+        if st.bounds != Bounds::default() {
+            tail.push(encode_bounds(&st.bounds));
+        }
+        tail.push(encode_commit(st));
+        self.log.append_batch(tail.iter().map(Vec::as_slice))?;
+        self.log.sync()?;
+        self.last_commit = st.apply.clone();
+        self.durable = self.last_commit.clone();
+        Ok(())
+    }
+}

@@ -1,0 +1,32 @@
+//! The KV collection: etcd-style keys with revisions, versions, TTL and watch, over one of
+//! three persistence modes.
+//!
+//! - `types.rs`: public value types ([`KeyValue`], [`Event`], [`ApplyState`]) and config.
+//! - `state.rs`: the in-memory state (index, TTL index, history); no I/O.
+//! - `apply.rs`: command semantics (decode, validate, run); its module doc is the apply path.
+//! - `store.rs`: [`KvStore`] (owner: apply, persist, restore, split, compaction) and
+//!   [`KvReader`] (concurrent reads, watch, snapshots).
+//! - `datalog.rs`: persistent mode's data-log records, recovery and compaction.
+//! - `snapshot.rs`: the snapshot image (chunks, restore, logged-mode file).
+//! - `watch.rs`: history reads, the broadcast of applied changes, [`Watcher`].
+//! - [`cmd`]: builders of `kvpb::Command`s.
+//! - `codec.rs`: the little-endian field encoding of the data log and snapshots.
+
+mod apply;
+pub mod cmd;
+mod codec;
+mod datalog;
+mod snapshot;
+mod state;
+mod store;
+mod types;
+mod watch;
+
+pub use snapshot::{Restorer, SnapshotReader};
+pub use state::KeyRange;
+pub use store::{KvReader, KvStore, ReadHeader, ScanPage, ScanRequest};
+pub use types::{
+    prefix_end, ApplyState, Bounds, Event, EventKind, KeyValue, KvConfig, Limits, Persistence,
+    RangeStats,
+};
+pub use watch::{Applied, Subscription, WatchBatch, WatchUpdate, Watcher};

@@ -1,0 +1,397 @@
+//! Snapshots: a point-in-time image of a whole store, streamed in chunks (raft snapshots for
+//! new members, split materialisation) and, concatenated, the logged-mode snapshot file.
+//!
+//! A chunk is a sequence of framed records `[u32 LE length][record]`; a record never spans
+//! chunks. Records, in order: one `HEADER`, the live keys (`KV`, key order), the history
+//! (`EVENT`, `(revision, key)` order), one `END`. The encoding is a pure function of the logical
+//! state (no positions, no persistence mode), so two replicas that applied the same entries
+//! produce byte-identical snapshots. Byte layout: `docs/design/collections.md` §5.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use seglog::SegLog;
+
+use crate::error::{KvError, Result};
+use crate::kv::codec::{Dec, Enc};
+use crate::kv::state::{Entry, Hist, Meta, State, ValueRef};
+use crate::kv::types::{ApplyState, Bounds, EventKind};
+
+const MAGIC: &[u8; 8] = b"QVKVSNP1";
+const REC_HEADER: u8 = 1;
+const REC_KV: u8 = 2;
+const REC_EVENT: u8 = 3;
+const REC_END: u8 = 4;
+
+/// Name of the logged-mode snapshot file in the data dir.
+pub(crate) const SNAP_FILE: &str = "kv.snap";
+
+fn frame(out: &mut Vec<u8>, rec: &[u8]) {
+    out.extend_from_slice(&u32::try_from(rec.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(rec);
+}
+
+fn header_record(st: &State, kvs: u64, events: u64) -> Vec<u8> {
+    let a = &st.apply;
+    let mut e = Enc::default();
+    e.u8(REC_HEADER)
+        .raw(MAGIC)
+        .u64(a.applied_index)
+        .u64(a.applied_term)
+        .u64(a.commit_index)
+        .u64(a.commit_term)
+        .bytes(&a.apply_meta)
+        .u64(st.revision)
+        .u64(st.clock_ms)
+        .u64(st.compact_revision)
+        .bytes(&st.bounds.lo);
+    match &st.bounds.hi {
+        Some(hi) => e.u8(1).bytes(hi),
+        None => e.u8(0),
+    };
+    e.u64(kvs).u64(events);
+    e.0
+}
+
+fn meta_fields(e: &mut Enc, m: &Meta) {
+    e.u64(m.mod_revision)
+        .u64(m.create_revision)
+        .u64(m.version)
+        .u64(m.expires_at_ms);
+}
+
+fn read_meta(d: &mut Dec<'_>) -> Result<Meta> {
+    Ok(Meta {
+        mod_revision: d.u64()?,
+        create_revision: d.u64()?,
+        version: d.u64()?,
+        expires_at_ms: d.u64()?,
+        value_len: 0,
+    })
+}
+
+/// Decrements the pin count of a persistent store when dropped: compaction waits for no
+/// snapshot to hold positions.
+#[derive(Debug)]
+pub(crate) struct Pin(pub(crate) Arc<AtomicUsize>);
+
+impl Pin {
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Pin(count.clone())
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A point-in-time image of a store, captured under the read lock as references (values
+/// stay where they are: in memory, shared, or on disk) and encoded chunk by chunk.
+#[derive(Debug)]
+pub struct SnapshotReader {
+    apply: ApplyState,
+    header: Option<Vec<u8>>,
+    kvs: std::vec::IntoIter<(Bytes, Entry)>,
+    events: std::vec::IntoIter<((u64, Bytes), Hist)>,
+    ended: bool,
+    log: Option<Arc<SegLog>>,
+    _pin: Option<Pin>,
+}
+
+impl SnapshotReader {
+    pub(crate) fn capture(st: &State, log: Option<Arc<SegLog>>, pin: Option<Pin>) -> Self {
+        let kvs: Vec<(Bytes, Entry)> = st
+            .index
+            .iter()
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect();
+        let events: Vec<((u64, Bytes), Hist)> = st
+            .history
+            .iter()
+            .map(|(k, h)| (k.clone(), h.clone()))
+            .collect();
+        SnapshotReader {
+            apply: st.apply.clone(),
+            header: Some(header_record(st, kvs.len() as u64, events.len() as u64)),
+            kvs: kvs.into_iter(),
+            events: events.into_iter(),
+            ended: false,
+            log,
+            _pin: pin,
+        }
+    }
+
+    /// The apply state the image corresponds to.
+    pub fn apply_state(&self) -> &ApplyState {
+        &self.apply
+    }
+
+    fn load(&self, v: &ValueRef) -> Result<Bytes> {
+        match (v, &self.log) {
+            (ValueRef::Inline(b), _) => Ok(b.clone()),
+            (ValueRef::Disk(p), Some(log)) => crate::kv::datalog::read_value(log, *p),
+            (ValueRef::Disk(_), None) => crate::kv::state::inline_only(v),
+        }
+    }
+
+    /// The next chunk of about `max_bytes` (at least one record), or `None` after the last.
+    pub fn next_chunk(&mut self, max_bytes: usize) -> Result<Option<Bytes>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        if let Some(h) = self.header.take() {
+            frame(&mut out, &h);
+        }
+        while out.len() < max_bytes.max(1) {
+            if let Some((k, e)) = self.kvs.next() {
+                let v = self.load(&e.value)?;
+                let mut r = Enc::with_capacity(48 + k.len() + v.len());
+                r.u8(REC_KV);
+                meta_fields(&mut r, &e.meta);
+                r.bytes(&k).bytes(&v);
+                frame(&mut out, &r.0);
+            } else if let Some(((_, k), h)) = self.events.next() {
+                let v = self.load(&h.value)?;
+                let mut r = Enc::with_capacity(48 + k.len() + v.len());
+                r.u8(REC_EVENT).u8(u8::from(h.kind == EventKind::Put));
+                meta_fields(&mut r, &h.meta);
+                r.bytes(&k).bytes(&v);
+                frame(&mut out, &r.0);
+            } else {
+                frame(&mut out, &[REC_END]);
+                self.ended = true;
+                break;
+            }
+        }
+        Ok(Some(Bytes::from(out)))
+    }
+
+    /// The whole image in one buffer (all chunks concatenated).
+    pub fn to_bytes(mut self) -> Result<Bytes> {
+        let mut out = Vec::new();
+        while let Some(c) = self.next_chunk(1 << 20)? {
+            out.extend_from_slice(&c);
+        }
+        Ok(Bytes::from(out))
+    }
+}
+
+/// Rebuilds a state from snapshot chunks pushed in order.
+#[derive(Debug, Default)]
+pub struct Restorer {
+    st: State,
+    header: bool,
+    kvs_left: u64,
+    events_left: u64,
+    ended: bool,
+}
+
+impl Restorer {
+    /// An empty restorer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds the next chunk.
+    ///
+    /// # Errors
+    /// [`KvError::Corrupt`] (what `"snapshot"`) if the chunk does not decode or is out of order.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<()> {
+        let mut d = Dec::new(chunk, "snapshot");
+        while d.remaining() > 0 {
+            let rec = d.bytes()?;
+            self.record(rec)?;
+        }
+        Ok(())
+    }
+
+    fn corrupt(why: &str) -> KvError {
+        KvError::Corrupt {
+            what: "snapshot",
+            why: why.to_string(),
+        }
+    }
+
+    fn record(&mut self, rec: &[u8]) -> Result<()> {
+        if self.ended {
+            return Err(Self::corrupt("record after END"));
+        }
+        let mut d = Dec::new(rec, "snapshot");
+        let tag = d.u8()?;
+        if !self.header && tag != REC_HEADER {
+            return Err(Self::corrupt("first record is not the header"));
+        }
+        match tag {
+            REC_HEADER => {
+                if self.header {
+                    return Err(Self::corrupt("second header"));
+                }
+                let magic = d.rest();
+                let (m, rest) = magic
+                    .split_at_checked(MAGIC.len())
+                    .ok_or_else(|| Self::corrupt("short header"))?;
+                if m != MAGIC {
+                    return Err(Self::corrupt("bad magic"));
+                }
+                let mut d = Dec::new(rest, "snapshot");
+                let st = &mut self.st;
+                st.apply.applied_index = d.u64()?;
+                st.apply.applied_term = d.u64()?;
+                st.apply.commit_index = d.u64()?;
+                st.apply.commit_term = d.u64()?;
+                st.apply.apply_meta = Bytes::copy_from_slice(d.bytes()?);
+                st.revision = d.u64()?;
+                st.clock_ms = d.u64()?;
+                st.compact_revision = d.u64()?;
+                let lo = Bytes::copy_from_slice(d.bytes()?);
+                let hi = match d.u8()? {
+                    0 => None,
+                    _ => Some(Bytes::copy_from_slice(d.bytes()?)),
+                };
+                st.bounds = Bounds { lo, hi };
+                self.kvs_left = d.u64()?;
+                self.events_left = d.u64()?;
+                d.end()?;
+                self.header = true;
+            }
+            REC_KV => {
+                if self.kvs_left == 0 {
+                    return Err(Self::corrupt("more keys than the header announced"));
+                }
+                self.kvs_left -= 1;
+                let mut meta = read_meta(&mut d)?;
+                let key = Bytes::copy_from_slice(d.bytes()?);
+                let value = Bytes::copy_from_slice(d.bytes()?);
+                d.end()?;
+                if self
+                    .st
+                    .index
+                    .last_key_value()
+                    .is_some_and(|(k, _)| *k >= key)
+                {
+                    return Err(Self::corrupt("keys out of order"));
+                }
+                meta.value_len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+                self.st.live_bytes += (key.len() + value.len()) as u64;
+                if meta.expires_at_ms != 0 {
+                    self.st.expiry.insert((meta.expires_at_ms, key.clone()));
+                }
+                self.st.index.insert(
+                    key,
+                    Entry {
+                        meta,
+                        value: ValueRef::Inline(value),
+                    },
+                );
+            }
+            REC_EVENT => {
+                if self.events_left == 0 || self.kvs_left != 0 {
+                    return Err(Self::corrupt("unexpected event record"));
+                }
+                self.events_left -= 1;
+                let kind = if d.u8()? == 1 {
+                    EventKind::Put
+                } else {
+                    EventKind::Delete
+                };
+                let mut meta = read_meta(&mut d)?;
+                let key = Bytes::copy_from_slice(d.bytes()?);
+                let value = Bytes::copy_from_slice(d.bytes()?);
+                d.end()?;
+                meta.value_len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+                // Share the value with the live entry when the event is its current version.
+                let value = match self.st.index.get(&key) {
+                    Some(e)
+                        if e.meta.mod_revision == meta.mod_revision && kind == EventKind::Put =>
+                    {
+                        e.value.clone()
+                    }
+                    _ => ValueRef::Inline(value),
+                };
+                self.st
+                    .history
+                    .insert((meta.mod_revision, key), Hist { kind, meta, value });
+            }
+            REC_END => {
+                if self.kvs_left != 0 || self.events_left != 0 {
+                    return Err(Self::corrupt("END before all announced records"));
+                }
+                d.end()?;
+                self.ended = true;
+            }
+            _ => return Err(Self::corrupt("unknown record tag")),
+        }
+        Ok(())
+    }
+
+    /// The restored state; fails unless the `END` record was seen.
+    pub(crate) fn finish(self) -> Result<State> {
+        if !self.ended {
+            return Err(Self::corrupt("missing END record"));
+        }
+        Ok(self.st)
+    }
+}
+
+/// Writes the logged-mode snapshot file: `bytes` then a crc32 of them, through a temporary
+/// file, fsync, rename and directory fsync, so a crash leaves the old file or the new one.
+pub(crate) fn write_file(dir: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{SNAP_FILE}.tmp"));
+    let path = dir.join(SNAP_FILE);
+    let mut f = File::create(&tmp).map_err(|e| KvError::io("create snapshot", &tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.write_all(&crc32fast::hash(bytes).to_le_bytes()))
+        .and_then(|_| f.sync_all())
+        .map_err(|e| KvError::io("write snapshot", &tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| KvError::io("rename snapshot", &path, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| KvError::io("fsync data dir", dir, e))?;
+    Ok(())
+}
+
+/// Reads the logged-mode snapshot file, if any.
+pub(crate) fn read_file(dir: &Path) -> Result<Option<State>> {
+    let path = dir.join(SNAP_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(KvError::io("read snapshot", &path, e)),
+    };
+    let corrupt = |why: &str| KvError::Corrupt {
+        what: "snapshot file",
+        why: why.to_string(),
+    };
+    let (body, crc) = bytes
+        .split_at_checked(bytes.len().saturating_sub(4))
+        .ok_or_else(|| corrupt("too short"))?;
+    let mut c = [0u8; 4];
+    if crc.len() != 4 {
+        return Err(corrupt("too short"));
+    }
+    c.copy_from_slice(crc);
+    if crc32fast::hash(body) != u32::from_le_bytes(c) {
+        return Err(corrupt("checksum mismatch"));
+    }
+    let mut r = Restorer::new();
+    r.push(body)?;
+    Ok(Some(r.finish()?))
+}
+
+/// Removes a leftover temporary snapshot file (a crash during `write_file`).
+pub(crate) fn clean_tmp(dir: &Path) {
+    let _ = fs::remove_file(dir.join(format!("{SNAP_FILE}.tmp")));
+}
+
+/// Opens (creating) a data dir.
+pub(crate) fn ensure_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| KvError::io("create data dir", dir, e))
+}

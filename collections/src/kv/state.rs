@@ -1,0 +1,477 @@
+//! The in-memory state of one KV store: key index, TTL index, watch history, counters.
+//!
+//! The same structure serves every persistence mode; only [`ValueRef`] differs: `Inline`
+//! values (memory and logged modes, and persistent mode until the command's records are
+//! appended) or `Disk` positions in the data log (persistent mode), so the index of a
+//! persistent store holds no values.
+//!
+//! Nothing here does I/O: values behind `Disk` positions are loaded by a [`Loader`] the caller
+//! passes in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use bytes::Bytes;
+use seglog::Position;
+
+use crate::error::{KvError, Result};
+use crate::kv::types::{ApplyState, Bounds, Event, EventKind, KeyValue, RangeStats};
+
+/// Where a value lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ValueRef {
+    /// In memory.
+    Inline(Bytes),
+    /// In the record at this position of the data log.
+    Disk(Position),
+}
+
+/// Loads the bytes behind a [`ValueRef`].
+pub(crate) type Loader<'a> = &'a dyn Fn(&ValueRef) -> Result<Bytes>;
+
+/// Loader for stores without a data log.
+pub(crate) fn inline_only(v: &ValueRef) -> Result<Bytes> {
+    match v {
+        ValueRef::Inline(b) => Ok(b.clone()),
+        ValueRef::Disk(_) => Err(KvError::Corrupt {
+            what: "index",
+            why: "disk value in a store without a data log".into(),
+        }),
+    }
+}
+
+/// Per-version metadata (etcd's, plus the TTL deadline and the value length).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Meta {
+    pub(crate) create_revision: u64,
+    pub(crate) mod_revision: u64,
+    pub(crate) version: u64,
+    pub(crate) expires_at_ms: u64,
+    pub(crate) value_len: u32,
+}
+
+impl Meta {
+    pub(crate) fn expired(&self, now_ms: u64) -> bool {
+        self.expires_at_ms != 0 && self.expires_at_ms <= now_ms
+    }
+}
+
+/// A live key's entry in the index.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) meta: Meta,
+    pub(crate) value: ValueRef,
+}
+
+/// One event of the watch history (keyed by `(revision, key)`). For a delete, `meta` has
+/// `mod_revision` = the delete's revision and `value` is empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Hist {
+    pub(crate) kind: EventKind,
+    pub(crate) meta: Meta,
+    pub(crate) value: ValueRef,
+}
+
+/// One mutation made by the command being applied (for the data log and the subscribers).
+#[derive(Clone, Debug)]
+pub(crate) struct Change {
+    pub(crate) key: Bytes,
+    pub(crate) kind: EventKind,
+    pub(crate) meta: Meta,
+    pub(crate) value: Bytes,
+}
+
+impl Change {
+    pub(crate) fn event(&self) -> Event {
+        kv_event(&self.key, self.kind, &self.meta, self.value.clone())
+    }
+}
+
+pub(crate) fn kv_of(key: &Bytes, meta: &Meta, value: Bytes) -> KeyValue {
+    KeyValue {
+        key: key.clone(),
+        value,
+        create_revision: meta.create_revision,
+        mod_revision: meta.mod_revision,
+        version: meta.version,
+        expires_at_ms: meta.expires_at_ms,
+    }
+}
+
+pub(crate) fn kv_event(key: &Bytes, kind: EventKind, meta: &Meta, value: Bytes) -> Event {
+    Event {
+        kind,
+        kv: kv_of(key, meta, value),
+    }
+}
+
+/// A key range `[start, end)`; `end` `None` = unbounded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    /// Inclusive start.
+    pub start: Bytes,
+    /// Exclusive end.
+    pub end: Option<Bytes>,
+}
+
+impl KeyRange {
+    /// Exactly one key.
+    pub fn key(key: impl Into<Bytes>) -> Self {
+        let start: Bytes = key.into();
+        let mut end = start.to_vec();
+        end.push(0);
+        KeyRange {
+            start,
+            end: Some(Bytes::from(end)),
+        }
+    }
+    /// Every key starting with `prefix`.
+    pub fn prefix(prefix: impl Into<Bytes>) -> Self {
+        let start: Bytes = prefix.into();
+        let end = crate::kv::types::prefix_end(&start);
+        KeyRange { start, end }
+    }
+    /// Every key.
+    pub fn all() -> Self {
+        KeyRange {
+            start: Bytes::new(),
+            end: None,
+        }
+    }
+    /// etcd style: `range_end` empty = the single key `key`.
+    pub fn etcd(key: Bytes, range_end: Bytes) -> Self {
+        if range_end.is_empty() {
+            KeyRange::key(key)
+        } else {
+            KeyRange {
+                start: key,
+                end: Some(range_end),
+            }
+        }
+    }
+    /// Whether the range holds `key`.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_ref() && self.end.as_ref().is_none_or(|e| key < e.as_ref())
+    }
+    pub(crate) fn bounds(&self) -> (Bound<&[u8]>, Bound<&[u8]>) {
+        (
+            Bound::Included(self.start.as_ref()),
+            match &self.end {
+                Some(e) => Bound::Excluded(e.as_ref()),
+                None => Bound::Unbounded,
+            },
+        )
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.end.as_ref().is_some_and(|e| e <= &self.start)
+    }
+}
+
+/// The whole mutable state of a store.
+#[derive(Debug, Default)]
+pub(crate) struct State {
+    pub(crate) index: BTreeMap<Bytes, Entry>,
+    /// `(expires_at_ms, key)` of every live key with a TTL.
+    pub(crate) expiry: BTreeSet<(u64, Bytes)>,
+    pub(crate) history: BTreeMap<(u64, Bytes), Hist>,
+    pub(crate) revision: u64,
+    pub(crate) compact_revision: u64,
+    /// The entry clock: the largest `now_ms` of any applied entry.
+    pub(crate) clock_ms: u64,
+    pub(crate) apply: ApplyState,
+    pub(crate) bounds: Bounds,
+    /// Bytes of live keys plus values.
+    pub(crate) live_bytes: u64,
+}
+
+/// What a point read collects under the lock; values are loaded afterwards.
+pub(crate) type Collected = Vec<(Bytes, Meta, Option<ValueRef>)>;
+
+impl State {
+    pub(crate) fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    /// Writes `key` at revision `rev`; returns the previous entry.
+    pub(crate) fn put(
+        &mut self,
+        key: Bytes,
+        value: Bytes,
+        expires_at_ms: u64,
+        rev: u64,
+        changes: &mut Vec<Change>,
+    ) -> Option<Entry> {
+        let prev = self.index.get(&key).cloned();
+        let meta = Meta {
+            create_revision: prev.as_ref().map_or(rev, |p| p.meta.create_revision),
+            mod_revision: rev,
+            version: prev.as_ref().map_or(1, |p| p.meta.version + 1),
+            expires_at_ms,
+            value_len: u32::try_from(value.len()).unwrap_or(u32::MAX),
+        };
+        if let Some(p) = &prev {
+            self.unlink(&key, &p.meta);
+        }
+        self.live_bytes += (key.len() + value.len()) as u64;
+        if expires_at_ms != 0 {
+            self.expiry.insert((expires_at_ms, key.clone()));
+        }
+        let vref = ValueRef::Inline(value.clone());
+        self.history.insert(
+            (rev, key.clone()),
+            Hist {
+                kind: EventKind::Put,
+                meta,
+                value: vref.clone(),
+            },
+        );
+        self.index.insert(key.clone(), Entry { meta, value: vref });
+        changes.push(Change {
+            key,
+            kind: EventKind::Put,
+            meta,
+            value,
+        });
+        prev
+    }
+
+    /// Deletes `key` at revision `rev`; returns the removed entry (`None`: nothing happened).
+    pub(crate) fn remove(
+        &mut self,
+        key: &Bytes,
+        rev: u64,
+        changes: &mut Vec<Change>,
+    ) -> Option<Entry> {
+        let prev = self.index.remove(key)?;
+        self.unlink(key, &prev.meta);
+        let meta = Meta {
+            mod_revision: rev,
+            ..Meta::default()
+        };
+        self.history.insert(
+            (rev, key.clone()),
+            Hist {
+                kind: EventKind::Delete,
+                meta,
+                value: ValueRef::Inline(Bytes::new()),
+            },
+        );
+        changes.push(Change {
+            key: key.clone(),
+            kind: EventKind::Delete,
+            meta,
+            value: Bytes::new(),
+        });
+        Some(prev)
+    }
+
+    fn unlink(&mut self, key: &Bytes, meta: &Meta) {
+        self.live_bytes = self
+            .live_bytes
+            .saturating_sub((key.len() as u64) + u64::from(meta.value_len));
+        if meta.expires_at_ms != 0 {
+            self.expiry.remove(&(meta.expires_at_ms, key.clone()));
+        }
+    }
+
+    /// Keys whose TTL passed at `now_ms`, in `(deadline, key)` order.
+    pub(crate) fn due(&self, now_ms: u64) -> Vec<Bytes> {
+        self.expiry
+            .range(..(now_ms.saturating_add(1), Bytes::new()))
+            .map(|(_, k)| k.clone())
+            .collect()
+    }
+
+    /// Drops history at or below `rev` and moves the horizon there.
+    pub(crate) fn compact(&mut self, rev: u64) {
+        if rev <= self.compact_revision {
+            return;
+        }
+        let keep = self
+            .history
+            .split_off(&(rev.saturating_add(1), Bytes::new()));
+        self.history = keep;
+        self.compact_revision = rev;
+    }
+
+    /// Enforces the history cap by compacting whole revisions, oldest first (deterministic).
+    pub(crate) fn trim_history(&mut self, max_events: usize) {
+        while self.history.len() > max_events {
+            let Some(((rev, _), _)) = self.history.first_key_value() else {
+                break;
+            };
+            let rev = *rev;
+            self.compact(rev);
+        }
+    }
+
+    /// Removes every key outside `bounds` (a split), with its history, without events.
+    pub(crate) fn restrict(&mut self, bounds: Bounds) {
+        let outside: Vec<Bytes> = self
+            .index
+            .keys()
+            .filter(|k| !bounds.contains(k))
+            .cloned()
+            .collect();
+        for k in outside {
+            if let Some(e) = self.index.remove(&k) {
+                self.unlink(&k, &e.meta);
+            }
+        }
+        self.history.retain(|(_, k), _| bounds.contains(k));
+        self.bounds = bounds;
+    }
+
+    /// The live entry of `key` at `now_ms` (expired keys are invisible).
+    pub(crate) fn visible(&self, key: &[u8], now_ms: u64) -> Option<&Entry> {
+        self.index.get(key).filter(|e| !e.meta.expired(now_ms))
+    }
+
+    /// Collects a scan page: at most `limit` keys (0 = no limit) and about `max_bytes`
+    /// (0 = no bound; at least one key). Returns the page and the next key if more follow.
+    pub(crate) fn collect_scan(
+        &self,
+        range: &KeyRange,
+        limit: usize,
+        max_bytes: usize,
+        keys_only: bool,
+        now_ms: u64,
+    ) -> (Collected, Option<Bytes>) {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        if range.is_empty() {
+            return (out, None);
+        }
+        for (k, e) in self.index.range::<[u8], _>(range.bounds()) {
+            if e.meta.expired(now_ms) {
+                continue;
+            }
+            let size = k.len()
+                + if keys_only {
+                    0
+                } else {
+                    e.meta.value_len as usize
+                };
+            let full = (limit != 0 && out.len() >= limit)
+                || (max_bytes != 0 && !out.is_empty() && bytes + size > max_bytes);
+            if full {
+                return (out, Some(k.clone()));
+            }
+            bytes += size;
+            out.push((k.clone(), e.meta, (!keys_only).then(|| e.value.clone())));
+        }
+        (out, None)
+    }
+
+    /// Collects history events with revision `>= from` in `range`: whole revisions only, until
+    /// at least `limit` events (0 = no limit). Returns the events and the next revision to ask.
+    pub(crate) fn collect_events(
+        &self,
+        from: u64,
+        range: &KeyRange,
+        limit: usize,
+    ) -> (Vec<(Bytes, Hist)>, u64) {
+        let mut out = Vec::new();
+        let mut last = None;
+        for ((rev, key), h) in self.history.range((from, Bytes::new())..) {
+            if limit != 0 && out.len() >= limit && last != Some(*rev) {
+                return (out, *rev);
+            }
+            last = Some(*rev);
+            if range.contains(key) {
+                out.push((key.clone(), h.clone()));
+            }
+        }
+        (out, self.revision + 1)
+    }
+
+    pub(crate) fn stats(&self) -> RangeStats {
+        let mut middle_key = None;
+        if self.index.len() >= 2 {
+            let half = self.live_bytes / 2;
+            let mut acc = 0u64;
+            for (k, e) in &self.index {
+                acc += k.len() as u64 + u64::from(e.meta.value_len);
+                if acc >= half {
+                    middle_key = Some(k.clone());
+                    break;
+                }
+            }
+        }
+        RangeStats {
+            keys: self.index.len() as u64,
+            bytes: self.live_bytes,
+            history_events: self.history.len() as u64,
+            revision: self.revision,
+            compact_revision: self.compact_revision,
+            middle_key,
+        }
+    }
+}
+
+/// Loads the values of collected entries into key-values.
+pub(crate) fn load_all(collected: Collected, load: Loader<'_>) -> Result<Vec<KeyValue>> {
+    collected
+        .into_iter()
+        .map(|(k, m, v)| {
+            let value = match v {
+                Some(v) => load(&v)?,
+                None => Bytes::new(),
+            };
+            Ok(kv_of(&k, &m, value))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    #[test]
+    fn put_and_remove_track_versions_history_and_bytes() {
+        let mut st = State::default();
+        let mut ch = Vec::new();
+        let r = st.next_revision();
+        assert!(st.put(b("a"), b("1"), 0, r, &mut ch).is_none());
+        let r = st.next_revision();
+        let prev = st.put(b("a"), b("22"), 50, r, &mut ch).unwrap();
+        assert_eq!(prev.meta.version, 1);
+        let e = st.index.get(&b("a")[..]).unwrap();
+        assert_eq!(
+            (e.meta.create_revision, e.meta.mod_revision, e.meta.version),
+            (1, 2, 2)
+        );
+        assert_eq!(st.live_bytes, 3);
+        assert_eq!(st.due(49).len(), 0);
+        assert_eq!(st.due(50), vec![b("a")]);
+        let r = st.next_revision();
+        assert!(st.remove(&b("a"), r, &mut ch).is_some());
+        assert!(st.expiry.is_empty() && st.index.is_empty() && st.live_bytes == 0);
+        assert_eq!(st.history.len(), 3);
+        assert_eq!(ch.len(), 3);
+        st.trim_history(1);
+        assert_eq!((st.history.len(), st.compact_revision), (1, 2));
+    }
+
+    #[test]
+    fn scan_pages_by_limit_and_bytes() {
+        let mut st = State::default();
+        let mut ch = Vec::new();
+        for k in ["a", "b", "c", "d"] {
+            let r = st.next_revision();
+            st.put(b(k), b("xxxx"), 0, r, &mut ch);
+        }
+        let (page, next) = st.collect_scan(&KeyRange::all(), 2, 0, false, 0);
+        assert_eq!(page.len(), 2);
+        assert_eq!(next, Some(b("c")));
+        let (page, next) = st.collect_scan(&KeyRange::all(), 0, 6, false, 0);
+        assert_eq!((page.len(), next), (1, Some(b("b"))));
+        let (page, next) = st.collect_scan(&KeyRange::prefix("c"), 0, 0, true, 0);
+        assert_eq!((page.len(), next), (1, None));
+    }
+}

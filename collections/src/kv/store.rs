@@ -1,0 +1,695 @@
+//! [`KvStore`] (the applying owner) and [`KvReader`] (cloneable read handle).
+//!
+//! # Sharing between apply and reads
+//! The state lives in `Arc<Shared>` behind one `parking_lot::RwLock`. `apply` takes the write
+//! lock for the in-memory mutation and, in persistent mode, the `append_batch` of the command's
+//! records (a copy into the mmap; the fsync happens in [`KvStore::persist`], outside any
+//! apply). Reads take the read lock only to collect keys, metadata and value references;
+//! values on disk are read after the lock is released. Records are immutable, so a reference
+//! taken under the lock reads exactly that version; if compaction dropped the record in
+//! between, the read is retried (bounded) with fresh references.
+//!
+//! # Durability per mode
+//! - memory: nothing on disk; the durable apply state is the current one.
+//! - logged: [`KvStore::persist`] writes the snapshot file (state + history + apply state);
+//!   the durable apply state is the snapshot's.
+//! - persistent: every applied command that changes something appends its mutations plus a
+//!   `COMMIT` record (apply state, counters, apply meta) in one `append_batch`; `persist`
+//!   appends a `COMMIT` if only the apply state moved, then syncs the data log.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+use parking_lot::{Mutex, RwLock};
+use protobuf::Message;
+use seglog::SegLog;
+
+use crate::error::{KvError, Result};
+use crate::kv::apply::{apply_entry, check_scan_revision, Ctx};
+use crate::kv::datalog::{self, DataLog};
+use crate::kv::snapshot::{self, Pin, Restorer, SnapshotReader};
+use crate::kv::state::{inline_only, kv_event, load_all, KeyRange, State, ValueRef};
+use crate::kv::types::{ApplyState, Bounds, KeyValue, KvConfig, Persistence, RangeStats};
+use crate::kv::watch::{Applied, Subscription, WatchBatch, Watcher};
+
+/// Header of every read: the state the read was served at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadHeader {
+    /// The store's revision.
+    pub revision: u64,
+    /// The applied raft index (followers report it: reads may lag).
+    pub applied_index: u64,
+    /// The history horizon.
+    pub compact_revision: u64,
+}
+
+/// A scan request. Pages: at most `limit` keys (0 = no limit) and about `max_bytes` of keys
+/// plus values (0 = no bound; a page holds at least one key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanRequest {
+    /// The keys to scan.
+    pub range: KeyRange,
+    /// Most keys per page.
+    pub limit: usize,
+    /// Byte bound per page.
+    pub max_bytes: usize,
+    /// Leave values out.
+    pub keys_only: bool,
+    /// 0 or the current revision (past revisions are refused with a typed error).
+    pub revision: u64,
+}
+
+impl ScanRequest {
+    /// Every key of `range`, unbounded pages.
+    pub fn range(range: KeyRange) -> Self {
+        ScanRequest {
+            range,
+            limit: 0,
+            max_bytes: 0,
+            keys_only: false,
+            revision: 0,
+        }
+    }
+}
+
+/// One page of a scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScanPage {
+    /// The keys, in order.
+    pub kvs: Vec<KeyValue>,
+    /// More keys follow: continue with `range.start = next_key`.
+    pub next_key: Option<Bytes>,
+    /// The state the page was served at.
+    pub header: ReadHeader,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    state: RwLock<State>,
+    /// The data log (persistent mode).
+    log: Option<Arc<SegLog>>,
+    subs: Mutex<Vec<Sender<Arc<Applied>>>>,
+    sub_capacity: usize,
+    /// Snapshots holding disk positions; compaction waits for 0.
+    pins: Arc<AtomicUsize>,
+}
+
+impl Shared {
+    fn load(&self, v: &ValueRef) -> Result<Bytes> {
+        match (v, &self.log) {
+            (ValueRef::Disk(p), Some(log)) => datalog::read_value(log, *p),
+            _ => inline_only(v),
+        }
+    }
+}
+
+fn is_moved(e: &KvError) -> bool {
+    matches!(e, KvError::Storage(seglog::Error::InvalidPosition { .. }))
+}
+
+/// Read handle on a store: cheap to clone, usable from any thread while the owner applies.
+#[derive(Debug, Clone)]
+pub struct KvReader {
+    shared: Arc<Shared>,
+}
+
+impl KvReader {
+    fn header(st: &State) -> ReadHeader {
+        ReadHeader {
+            revision: st.revision,
+            applied_index: st.apply.applied_index,
+            compact_revision: st.compact_revision,
+        }
+    }
+
+    /// Runs `collect` under the read lock, then loads values outside it; retries if
+    /// compaction moved a record in between.
+    fn read<T, C>(
+        &self,
+        collect: impl Fn(&State) -> Result<C>,
+        load: impl Fn(C) -> Result<T>,
+    ) -> Result<T> {
+        let mut attempt = 0;
+        loop {
+            let c = collect(&self.shared.state.read())?;
+            match load(c) {
+                Err(e) if is_moved(&e) && attempt < 8 => attempt += 1,
+                r => return r,
+            }
+        }
+    }
+
+    /// The key's value at `now_ms` (expired keys are invisible).
+    pub fn get(&self, key: &[u8], now_ms: u64) -> Result<(Option<KeyValue>, ReadHeader)> {
+        self.read(
+            |st| {
+                let e = st.visible(key, now_ms).cloned();
+                Ok((e, Self::header(st)))
+            },
+            |(e, h)| {
+                let kv = match e {
+                    Some(e) => Some(crate::kv::state::kv_of(
+                        &Bytes::copy_from_slice(key),
+                        &e.meta,
+                        self.shared.load(&e.value)?,
+                    )),
+                    None => None,
+                };
+                Ok((kv, h))
+            },
+        )
+    }
+
+    /// One page of a scan at `now_ms`.
+    pub fn scan(&self, req: &ScanRequest, now_ms: u64) -> Result<ScanPage> {
+        self.read(
+            |st| {
+                check_scan_revision(st, req.revision)?;
+                let (c, next) =
+                    st.collect_scan(&req.range, req.limit, req.max_bytes, req.keys_only, now_ms);
+                Ok((c, next, Self::header(st)))
+            },
+            |(c, next_key, header)| {
+                Ok(ScanPage {
+                    kvs: load_all(c, &|v| self.shared.load(v))?,
+                    next_key,
+                    header,
+                })
+            },
+        )
+    }
+
+    /// Every page of a scan, concatenated (tests and small ranges).
+    pub fn scan_all(&self, mut req: ScanRequest, now_ms: u64) -> Result<Vec<KeyValue>> {
+        let mut out = Vec::new();
+        loop {
+            let page = self.scan(&req, now_ms)?;
+            out.extend(page.kvs);
+            match page.next_key {
+                Some(k) => req.range.start = k,
+                None => return Ok(out),
+            }
+        }
+    }
+
+    /// Statistics for split decisions.
+    pub fn range_stats(&self) -> RangeStats {
+        self.shared.state.read().stats()
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> u64 {
+        self.shared.state.read().revision
+    }
+
+    /// The current (applied, not necessarily durable) apply state.
+    pub fn apply_state(&self) -> ApplyState {
+        self.shared.state.read().apply.clone()
+    }
+
+    /// The entry clock: the largest leader timestamp applied.
+    pub fn clock_ms(&self) -> u64 {
+        self.shared.state.read().clock_ms
+    }
+
+    /// The key bounds the store serves.
+    pub fn bounds(&self) -> Bounds {
+        self.shared.state.read().bounds.clone()
+    }
+
+    /// History from revision `from` (inclusive; 0 = the next revision) for keys in `range`:
+    /// whole revisions until at least `limit` events (0 = all). If `from` is at or below the
+    /// horizon, the current state of the matching keys (at `now_ms`) and the revision to resume.
+    pub fn events_since(
+        &self,
+        from: u64,
+        range: &KeyRange,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<WatchBatch> {
+        self.read(
+            |st| {
+                let from = if from == 0 { st.revision + 1 } else { from };
+                if from <= st.compact_revision {
+                    let (c, _) = st.collect_scan(range, 0, 0, false, now_ms);
+                    Ok(Err((c, st.revision + 1)))
+                } else {
+                    Ok(Ok(st.collect_events(from, range, limit)))
+                }
+            },
+            |r| match r {
+                Err((c, next_revision)) => Ok(WatchBatch::Resync {
+                    current: load_all(c, &|v| self.shared.load(v))?,
+                    next_revision,
+                }),
+                Ok((evs, next_revision)) => {
+                    let events = evs
+                        .into_iter()
+                        .map(|(k, h)| {
+                            Ok(kv_event(&k, h.kind, &h.meta, self.shared.load(&h.value)?))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(WatchBatch::Events {
+                        events,
+                        next_revision,
+                    })
+                }
+            },
+        )
+    }
+
+    /// Subscribes to the changes of every command applied from now on.
+    pub fn subscribe(&self) -> Subscription {
+        let (tx, rx) = crossbeam_channel::bounded(self.shared.sub_capacity);
+        self.shared.subs.lock().push(tx);
+        rx
+    }
+
+    /// A watcher on `range` from `start_revision` (0 = the next change).
+    pub fn watch(&self, range: KeyRange, start_revision: u64) -> Watcher {
+        Watcher::new(self.clone(), range, start_revision)
+    }
+
+    /// A point-in-time image of the whole store, streamed with [`SnapshotReader::next_chunk`].
+    /// In persistent mode, storage compaction waits until it is dropped.
+    pub fn snapshot(&self) -> SnapshotReader {
+        let pin = self
+            .shared
+            .log
+            .as_ref()
+            .map(|_| Pin::new(&self.shared.pins));
+        SnapshotReader::capture(&self.shared.state.read(), self.shared.log.clone(), pin)
+    }
+
+    /// Bytes of values held in memory by the index and the history (0 in persistent mode once
+    /// every applied command reached the data log).
+    pub fn inline_value_bytes(&self) -> u64 {
+        let st = self.shared.state.read();
+        let inline = |v: &ValueRef| match v {
+            ValueRef::Inline(b) => b.len() as u64,
+            ValueRef::Disk(_) => 0,
+        };
+        st.index.values().map(|e| inline(&e.value)).sum::<u64>()
+            + st.history.values().map(|h| inline(&h.value)).sum::<u64>()
+    }
+}
+
+/// One replica of a KV range: applies committed commands, owns persistence.
+#[derive(Debug)]
+pub struct KvStore {
+    reader: KvReader,
+    cfg: KvConfig,
+    data: Option<DataLog>,
+    durable: ApplyState,
+    poisoned: AtomicBool,
+}
+
+impl std::ops::Deref for KvStore {
+    type Target = KvReader;
+    fn deref(&self) -> &KvReader {
+        &self.reader
+    }
+}
+
+impl KvStore {
+    /// Opens (creating) a store and recovers its durable state: the snapshot file (logged), the
+    /// data log (persistent), or nothing (memory).
+    ///
+    /// # Errors
+    /// Fatal errors only: I/O, a corrupt snapshot file or data log, a locked data dir.
+    pub fn open(cfg: KvConfig) -> Result<KvStore> {
+        let (state, log) = match &cfg.persistence {
+            Persistence::Memory => (State::default(), None),
+            Persistence::Logged { dir } => {
+                snapshot::ensure_dir(dir)?;
+                snapshot::clean_tmp(dir);
+                (snapshot::read_file(dir)?.unwrap_or_default(), None)
+            }
+            Persistence::Persistent { dir } => {
+                snapshot::ensure_dir(dir)?;
+                let (log, _recovery) = SegLog::open(dir.join("data"), cfg.seglog.clone())?;
+                let st = datalog::recover(&log)?;
+                (st, Some(Arc::new(log)))
+            }
+        };
+        let durable = state.apply.clone();
+        let data = log.as_ref().map(|l| DataLog {
+            log: l.clone(),
+            last_commit: durable.clone(),
+            durable: durable.clone(),
+        });
+        let shared = Arc::new(Shared {
+            state: RwLock::new(state),
+            log,
+            subs: Mutex::new(Vec::new()),
+            sub_capacity: cfg.subscriber_capacity.max(1),
+            pins: Arc::new(AtomicUsize::new(0)),
+        });
+        Ok(KvStore {
+            reader: KvReader { shared },
+            cfg,
+            data,
+            durable,
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// A read handle for other threads.
+    pub fn reader(&self) -> KvReader {
+        self.reader.clone()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &KvConfig {
+        &self.cfg
+    }
+
+    fn check_poison(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            Err(KvError::Poisoned)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn poison<T>(&self, e: KvError) -> Result<T> {
+        self.poisoned.store(true, Ordering::SeqCst);
+        Err(e)
+    }
+
+    /// Applies the committed entry `index` (term `term`, leader timestamp `now_ms`) and returns
+    /// the encoded `kvpb::Response`. An empty `cmd` (a leader's no-op entry) only advances the
+    /// applied index. Invalid commands get an error reply (`Response.result = error`), never a
+    /// panic; the same entry sequence gives the same state on every replica.
+    ///
+    /// # Errors
+    /// Only fatal ones (the data log failed, a value could not be read back): the store is
+    /// poisoned and refuses further applies; reopen it.
+    pub fn apply(&mut self, index: u64, term: u64, now_ms: u64, cmd: &[u8]) -> Result<Bytes> {
+        self.apply_pb(index, term, now_ms, cmd).and_then(|r| {
+            r.write_to_bytes()
+                .map(Bytes::from)
+                .map_err(|e| KvError::Corrupt {
+                    what: "reply",
+                    why: e.to_string(),
+                })
+        })
+    }
+
+    /// [`KvStore::apply`] returning the reply unencoded.
+    pub fn apply_pb(
+        &mut self,
+        index: u64,
+        term: u64,
+        now_ms: u64,
+        cmd: &[u8],
+    ) -> Result<proto::kvpb::Response> {
+        self.check_poison()?;
+        let shared = self.reader.shared.clone();
+        let mut st = shared.state.write();
+        let first_revision = st.revision + 1;
+        let load = |v: &ValueRef| shared.load(v);
+        let mut ctx = Ctx {
+            st: &mut st,
+            limits: &self.cfg.limits,
+            load: &load,
+            changes: Vec::new(),
+        };
+        let resp = apply_entry(
+            &mut ctx,
+            self.cfg.history_max_events,
+            index,
+            term,
+            now_ms,
+            cmd,
+        );
+        let changes = std::mem::take(&mut ctx.changes);
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => return self.poison(e),
+        };
+        if let (Some(dl), false) = (&mut self.data, changes.is_empty()) {
+            if let Err(e) = dl.append_group(&mut st, &changes) {
+                return self.poison(e);
+            }
+        }
+        let last_revision = st.revision;
+        drop(st);
+        if !changes.is_empty() {
+            self.broadcast(Applied {
+                first_revision,
+                last_revision,
+                index,
+                events: changes.iter().map(|c| c.event()).collect(),
+            });
+        }
+        Ok(resp)
+    }
+
+    fn broadcast(&self, applied: Applied) {
+        let mut subs = self.reader.shared.subs.lock();
+        if subs.is_empty() {
+            return;
+        }
+        let a = Arc::new(applied);
+        subs.retain(|tx| tx.try_send(a.clone()).is_ok());
+    }
+
+    /// Records the commit point the following applies run under (stored with the next durable
+    /// apply state).
+    pub fn set_commit(&mut self, commit_index: u64, commit_term: u64) {
+        let mut st = self.reader.shared.state.write();
+        st.apply.commit_index = commit_index;
+        st.apply.commit_term = commit_term;
+    }
+
+    /// Sets the consensus layer's opaque bytes (e.g. its `ConfState` after a membership change
+    /// applied at `index`), advancing the applied index to `index` if it is ahead.
+    pub fn set_apply_meta(&mut self, index: u64, term: u64, meta: Bytes) {
+        let mut st = self.reader.shared.state.write();
+        if index > st.apply.applied_index {
+            st.apply.applied_index = index;
+            st.apply.applied_term = term;
+        }
+        st.apply.apply_meta = meta;
+    }
+
+    /// The durable apply state: what this store would recover after a crash now.
+    pub fn durable_state(&self) -> ApplyState {
+        match self.cfg.persistence {
+            Persistence::Memory => self.reader.apply_state(),
+            _ => self.durable.clone(),
+        }
+    }
+
+    /// Makes everything applied so far durable and returns the durable apply state.
+    ///
+    /// # Errors
+    /// Fatal: the store is poisoned.
+    pub fn persist(&mut self) -> Result<ApplyState> {
+        self.check_poison()?;
+        let shared = self.reader.shared.clone();
+        let res = match &self.cfg.persistence {
+            Persistence::Memory => Ok(shared.state.read().apply.clone()),
+            Persistence::Logged { dir } => {
+                let snap = self.reader.snapshot();
+                if *snap.apply_state() == self.durable {
+                    return Ok(self.durable.clone());
+                }
+                let apply = snap.apply_state().clone();
+                snap.to_bytes()
+                    .and_then(|b| snapshot::write_file(dir, &b))
+                    .map(|()| apply)
+            }
+            Persistence::Persistent { .. } => match &mut self.data {
+                Some(dl) => dl.persist(&shared.state.read()),
+                None => Ok(self.durable.clone()),
+            },
+        };
+        match res {
+            Ok(a) => {
+                self.durable = a.clone();
+                Ok(a)
+            }
+            Err(e) => self.poison(e),
+        }
+    }
+
+    /// Replaces the whole state with a snapshot image (chunks already pushed into `restorer`).
+    /// Durable when it returns (logged: snapshot file written; persistent: data log rewritten).
+    ///
+    /// # Errors
+    /// [`KvError::Corrupt`] for an incomplete image (the store is unchanged); fatal I/O errors.
+    pub fn restore(&mut self, restorer: Restorer) -> Result<ApplyState> {
+        self.check_poison()?;
+        let mut st = restorer.finish()?;
+        let shared = self.reader.shared.clone();
+        let mut guard = shared.state.write();
+        let res = match (&self.cfg.persistence, &mut self.data) {
+            (Persistence::Persistent { .. }, Some(dl)) => dl.rewrite_all(&mut st),
+            (Persistence::Logged { dir }, _) => SnapshotReader::capture(&st, None, None)
+                .to_bytes()
+                .and_then(|b| snapshot::write_file(dir, &b)),
+            _ => Ok(()),
+        };
+        if let Err(e) = res {
+            return self.poison(e);
+        }
+        let apply = st.apply.clone();
+        *guard = st;
+        drop(guard);
+        self.durable = apply.clone();
+        // Subscribers cannot follow a jump: drop them so they resync from history.
+        self.reader.shared.subs.lock().clear();
+        Ok(apply)
+    }
+
+    /// Restores from a whole image in one buffer.
+    pub fn restore_bytes(&mut self, image: &[u8]) -> Result<ApplyState> {
+        let mut r = Restorer::new();
+        r.push(image)?;
+        self.restore(r)
+    }
+
+    /// Range split at `at`, applied as the entry `index`/`term`: keys `>= at` (and their
+    /// history) move to a new store opened with `right` (which must be empty), keys `< at`
+    /// stay. Both halves keep the revision, the clock, the horizon and the apply state.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if `at` is outside the bounds or `right` is not empty (nothing
+    /// changed); fatal I/O errors.
+    pub fn split_off(
+        &mut self,
+        index: u64,
+        term: u64,
+        at: &[u8],
+        right: KvConfig,
+    ) -> Result<KvStore> {
+        self.check_poison()?;
+        let at = Bytes::copy_from_slice(at);
+        let bounds = self.reader.bounds();
+        if !bounds.contains(&at) || at == bounds.lo {
+            return Err(KvError::invalid(
+                "at",
+                "split key must lie strictly inside the bounds",
+            ));
+        }
+        let mut right_store = KvStore::open(right)?;
+        if right_store.reader.apply_state().applied_index != 0 {
+            return Err(KvError::invalid(
+                "right",
+                "the right half's data dir is not empty",
+            ));
+        }
+        let shared = self.reader.shared.clone();
+        let mut st = shared.state.write();
+        if index > st.apply.applied_index {
+            st.apply.applied_index = index;
+            st.apply.applied_term = term;
+        }
+        // The right half: an image of [at, hi) through the snapshot path (values loaded here).
+        let right_bounds = Bounds {
+            lo: at.clone(),
+            hi: bounds.hi.clone(),
+        };
+        let mut view = State {
+            revision: st.revision,
+            compact_revision: st.compact_revision,
+            clock_ms: st.clock_ms,
+            apply: st.apply.clone(),
+            bounds: right_bounds.clone(),
+            ..State::default()
+        };
+        for (k, e) in st.index.range(at.clone()..) {
+            view.index.insert(k.clone(), e.clone());
+            view.live_bytes += k.len() as u64 + u64::from(e.meta.value_len);
+        }
+        for (k, h) in st
+            .history
+            .iter()
+            .filter(|((_, k), _)| right_bounds.contains(k))
+        {
+            view.history.insert(k.clone(), h.clone());
+        }
+        let image = SnapshotReader::capture(&view, shared.log.clone(), None).to_bytes();
+        let image = match image {
+            Ok(i) => i,
+            Err(e) => return self.poison(e),
+        };
+        // The left half.
+        st.restrict(Bounds {
+            lo: bounds.lo.clone(),
+            hi: Some(at),
+        });
+        if let Some(dl) = &mut self.data {
+            let recs = [
+                datalog::encode_bounds(&st.bounds),
+                datalog::encode_commit(&st),
+            ];
+            if let Err(e) = dl.log.append_batch(recs.iter().map(|r| r.as_slice())) {
+                return self.poison(e.into());
+            }
+            dl.last_commit = st.apply.clone();
+        }
+        drop(st);
+        right_store.restore_bytes(&image)?;
+        Ok(right_store)
+    }
+
+    /// [`KvStore::split_off`] returning both halves.
+    pub fn split(
+        mut self,
+        index: u64,
+        term: u64,
+        at: &[u8],
+        right: KvConfig,
+    ) -> Result<(KvStore, KvStore)> {
+        let r = self.split_off(index, term, at, right)?;
+        Ok((self, r))
+    }
+
+    /// Persistent mode: rewrites what the state still references out of the sealed segments
+    /// and deletes them. Returns how many segments were dropped (0 in other modes, or while a
+    /// snapshot is being read).
+    pub fn compact_storage(&mut self) -> Result<u64> {
+        self.check_poison()?;
+        let shared = self.reader.shared.clone();
+        let Some(dl) = &mut self.data else {
+            return Ok(0);
+        };
+        if shared.pins.load(Ordering::SeqCst) > 0 {
+            return Ok(0);
+        }
+        let mut st = shared.state.write();
+        match dl.compact(&mut st) {
+            Ok(n) => {
+                self.durable = dl.durable.clone();
+                Ok(n)
+            }
+            Err(e) => {
+                drop(st);
+                self.poison(e)
+            }
+        }
+    }
+
+    /// Runs [`KvStore::compact_storage`] when sealed segments hold more than twice the live
+    /// data (and at least two segments are sealed).
+    pub fn maybe_compact(&mut self) -> Result<u64> {
+        let Some(dl) = &self.data else { return Ok(0) };
+        let (sealed, used) = dl.sealed_bytes();
+        let live = self.reader.shared.state.read().live_bytes;
+        if sealed >= 2 && used > 2 * live {
+            self.compact_storage()
+        } else {
+            Ok(0)
+        }
+    }
+
+    /// Number of data-log segments (persistent mode; 0 otherwise).
+    pub fn segment_count(&self) -> usize {
+        self.data.as_ref().map_or(0, |d| d.log.segments().len())
+    }
+}
