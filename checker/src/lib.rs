@@ -14,6 +14,8 @@
 //! - [`append`]: an Elle-style checker for append-only logs (raft entries, Log collections): no
 //!   search, O(n log n), anomalies by kind including acknowledged writes lost and replica
 //!   divergence.
+//! - [`synth`]: seeded synthetic histories from a real register and a real log (linearizable /
+//!   anomaly-free by construction), for property tests and benches.
 //!
 //! Example:
 //!
@@ -36,3 +38,4 @@
 pub mod append;
 pub mod history;
 pub mod linearizable;
+pub mod synth;

@@ -10,7 +10,7 @@
 //! - a CAS with unknown outcome is deterministic: `ok = (state == expected)`, the new state is
 //!   `new` if ok, else unchanged.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,7 +25,7 @@ pub trait Model: Sync {
     /// The state; hashed for memoisation.
     type State: Clone + Eq + Hash + Send;
     /// Operation input.
-    type Input: Sync;
+    type Input: Sync + Eq + Hash;
     /// Operation output.
     type Output: Sync;
     /// The initial state.
@@ -38,6 +38,13 @@ pub trait Model: Sync {
         input: &Self::Input,
         output: Option<&Self::Output>,
     ) -> Option<Self::State>;
+
+    /// True if `input`'s new state does not depend on the old one and its output says nothing
+    /// about it (a blind write such as put or delete). Lets the search skip applying an unknown
+    /// blind write that is overwritten before anything observes it. Default: false.
+    fn is_blind(&self, _input: &Self::Input) -> bool {
+        false
+    }
 }
 
 /// A single KV register (one key): state is the value, `None` when absent.
@@ -76,6 +83,10 @@ impl Model for KvRegister {
             // An output of the wrong kind is never legal.
             _ => None,
         }
+    }
+
+    fn is_blind(&self, input: &KvOp) -> bool {
+        matches!(input, KvOp::Put { .. } | KvOp::Delete { .. })
     }
 }
 
@@ -167,13 +178,69 @@ pub fn check_ops<M: Model>(
         }
     }
 
-    let words = n.div_ceil(64).max(1);
-    let mut linearized = vec![0u64; words];
-    let mut cache: HashSet<(Box<[u64]>, M::State)> = HashSet::new();
+    // Bit slots: known ops and unknown ops are numbered separately, so that the cache can tell
+    // which unknown ops were applied.
+    let mut slot = vec![(false, 0usize); n];
+    let (mut nk, mut nu) = (0, 0);
+    for (i, op) in ops.iter().enumerate() {
+        if op.outcome.is_unknown() {
+            slot[i] = (true, nu);
+            nu += 1;
+        } else {
+            slot[i] = (false, nk);
+            nk += 1;
+        }
+    }
+    let mut known_bits = vec![0u64; nk.div_ceil(64)];
+    let mut unknown_bits = vec![0u64; nu.div_ceil(64)];
+    let flip = |kb: &mut [u64], ub: &mut [u64], op: usize| {
+        let (unknown, b) = slot[op];
+        let bits = if unknown { ub } else { kb };
+        bits[b / 64] ^= 1 << (b % 64);
+    };
+    // Memoisation: (known ops linearized, state, last op was an unknown blind write) -> sets of
+    // unknown ops applied on the way. A configuration is skipped if one with the same key and a
+    // subset of its applied unknown ops was reached before: that one can do everything this one
+    // can (an unknown op not applied yet may still be applied later, or never).
+    type Seen<S> = HashMap<(Box<[u64]>, S, bool), Vec<Box<[u64]>>>;
+    let mut cache: Seen<M::State> = HashMap::new();
     let mut stack: Vec<(usize, M::State)> = Vec::new();
     let mut state = model.init();
     let mut remaining = known;
+    // Exact reductions for unknown ops (their output is unconstrained, their return time is
+    // +infinity), each of which only drops ops from a linearization or renames twins:
+    // - an unknown op that leaves the state unchanged is not applied (it would only lose the
+    //   option of applying it later);
+    // - an unknown blind write immediately followed by another blind write can be dropped from
+    //   any linearization, so it is only applied right before an op that observes the state;
+    // - unknown ops with identical inputs are interchangeable, so they are applied in call order.
+    let blind: Vec<bool> = ops.iter().map(|o| model.is_blind(&o.input)).collect();
+    let unknown_blind: Vec<bool> = (0..n)
+        .map(|i| blind[i] && ops[i].outcome.is_unknown())
+        .collect();
+    let mut twin_prev = vec![NONE; n];
+    {
+        let mut last: HashMap<&M::Input, usize> = HashMap::new();
+        for &(_, kind, i) in &events {
+            if kind == 0 && ops[i].outcome.is_unknown() {
+                if let Some(prev) = last.insert(&ops[i].input, i) {
+                    twin_prev[i] = prev;
+                }
+            }
+        }
+    }
+    let is_set = |kb: &[u64], ub: &[u64], op: usize| {
+        let (unknown, b) = slot[op];
+        let bits = if unknown { ub } else { kb };
+        bits[b / 64] & (1 << (b % 64)) != 0
+    };
+    let mut after_unknown_blind = false;
+
     let mut entry = nodes[HEAD].next;
+    // Candidates are the calls before the first return in the list. They are tried in two
+    // passes: calls with a known outcome first, then unknown ones, so that configurations with
+    // few unknown writes applied are reached first and the others are pruned as dominated.
+    let mut unknown_pass = false;
     let mut iter: u64 = 0;
 
     while remaining > 0 {
@@ -185,9 +252,30 @@ pub fn check_ops<M: Model>(
         if is_call {
             let node = nodes[entry];
             let op = ops[node.op];
-            if let Some(next_state) = model.step(&state, &op.input, op.outcome.ok()) {
-                linearized[node.op / 64] |= 1 << (node.op % 64);
-                if cache.insert((linearized.clone().into_boxed_slice(), next_state.clone())) {
+            if op.outcome.is_unknown() != unknown_pass
+                || (after_unknown_blind && blind[node.op])
+                || (twin_prev[node.op] != NONE
+                    && !is_set(&known_bits, &unknown_bits, twin_prev[node.op]))
+            {
+                entry = node.next;
+                continue;
+            }
+            let next = model.step(&state, &op.input, op.outcome.ok());
+            // An unknown op that changes nothing can be dropped from any linearization.
+            let next = next.filter(|ns| !(op.outcome.is_unknown() && *ns == state));
+            if let Some(next_state) = next {
+                flip(&mut known_bits, &mut unknown_bits, node.op);
+                let key = (
+                    known_bits.clone().into_boxed_slice(),
+                    next_state.clone(),
+                    unknown_blind[node.op],
+                );
+                let seen = cache.entry(key).or_default();
+                let dominated = seen
+                    .iter()
+                    .any(|u| u.iter().zip(&unknown_bits).all(|(a, b)| a & !b == 0));
+                if !dominated {
+                    seen.push(unknown_bits.clone().into_boxed_slice());
                     let prev = std::mem::replace(&mut state, next_state);
                     stack.push((entry, prev));
                     unlink(&mut nodes, entry);
@@ -196,11 +284,17 @@ pub fn check_ops<M: Model>(
                         remaining -= 1;
                     }
                     entry = nodes[HEAD].next;
+                    unknown_pass = false;
+                    after_unknown_blind = unknown_blind[node.op];
                     continue;
                 }
-                linearized[node.op / 64] &= !(1 << (node.op % 64));
+                flip(&mut known_bits, &mut unknown_bits, node.op);
             }
             entry = node.next;
+        } else if !unknown_pass && nu > 0 {
+            // End of the known pass: try the unknown calls of the same window.
+            unknown_pass = true;
+            entry = nodes[HEAD].next;
         } else {
             // A return whose call is not linearized yet (or the end of the list): backtrack.
             let Some((call, prev)) = stack.pop() else {
@@ -208,12 +302,16 @@ pub fn check_ops<M: Model>(
             };
             state = prev;
             let node = nodes[call];
-            linearized[node.op / 64] &= !(1 << (node.op % 64));
+            flip(&mut known_bits, &mut unknown_bits, node.op);
             if node.ret != NONE {
                 relink(&mut nodes, node.ret);
                 remaining += 1;
             }
             relink(&mut nodes, call);
+            unknown_pass = ops[node.op].outcome.is_unknown();
+            after_unknown_blind = stack
+                .last()
+                .is_some_and(|&(c, _)| unknown_blind[nodes[c].op]);
             entry = nodes[call].next;
         }
     }
