@@ -150,7 +150,8 @@ pub fn encode_record_header(nonce: u32, payload: &[u8]) -> [u8; RECORD_HEADER_LE
     b
 }
 
-/// A whole record encoded (header then payload); used by tests and by recovery tools.
+/// A whole record encoded (header then payload), for tests.
+#[cfg(test)]
 pub fn encode_record(nonce: u32, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(RECORD_HEADER_LEN as usize + payload.len());
     v.extend_from_slice(&encode_record_header(nonce, payload));

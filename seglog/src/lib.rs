@@ -6,7 +6,7 @@
 //!
 //! # Layout
 //!
-//! - [`format`] (`format.rs`): the bytes: segment header, durable-mark slot, record frame
+//! - `format.rs`: the bytes: segment header, durable-mark slot, record frame
 //!   `[frame_len | crc32 | payload]`, the nonce-seeded checksum. Pure functions, no I/O.
 //! - `map.rs`: the one module with `unsafe`: a shared writable mapping with bounds-checked copies.
 //! - `segment.rs`: one segment file: atomic creation (tmp, preallocate, header, fsync, rename,
@@ -15,7 +15,7 @@
 //!   durable data reported as [`Error::Corrupt`].
 //! - `log.rs`: [`SegLog`]: append, group-commit `sync`, read, iterate, truncate, segment GC; its
 //!   module doc lists the write path step by step.
-//! - [`config`] (`config.rs`): [`Config`] and [`SyncMode`].
+//! - `config.rs`: [`Config`] and [`SyncMode`].
 //! - `error.rs`: [`Error`].
 //!
 //! # Example
@@ -28,15 +28,15 @@
 //! assert_eq!(log.read(pos).unwrap(), b"hello");
 //! ```
 
-pub mod config;
+mod config;
 mod error;
-pub mod format;
+mod format;
 mod log;
 mod map;
 mod recovery;
 mod segment;
 
-pub use config::{Config, SyncMode};
+pub use config::{Config, SyncMode, MAX_SEGMENT_SIZE};
 pub use error::{Error, Result};
 pub use log::{Iter, Position, SegLog, SegmentInfo, Stats};
 pub use recovery::Recovery;

@@ -206,6 +206,13 @@ pub(crate) fn recover(dir: &Path, config: &Config) -> Result<Recovered> {
             let torn = last as u64 + 1;
             zero_range(&rs.file, &rs.path, tail, torn)?;
             report.torn_tail_bytes += torn;
+            // Durable now, not with the next sync: a sync flushes only up to its own end, and a
+            // stale record on a later page must never reappear right after new synced records.
+            if config.sync == SyncMode::Data {
+                rs.file
+                    .sync_data()
+                    .map_err(|e| Error::io("fdatasync segment", &rs.path, e))?;
+            }
         }
         out.push(rs);
         cut_after = Some(i);
