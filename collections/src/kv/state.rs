@@ -296,12 +296,16 @@ impl State {
     }
 
     /// Enforces the history cap by compacting whole revisions, oldest first (deterministic).
+    /// The newest revision is always kept whole, even if it alone exceeds the cap.
     pub(crate) fn trim_history(&mut self, max_events: usize) {
         while self.history.len() > max_events {
             let Some(((rev, _), _)) = self.history.first_key_value() else {
                 break;
             };
             let rev = *rev;
+            if rev >= self.revision {
+                break;
+            }
             self.compact(rev);
         }
     }

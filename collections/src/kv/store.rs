@@ -688,6 +688,12 @@ impl KvStore {
         }
     }
 
+    /// Persistent mode: every data-log record before this position is durable (for crash
+    /// tests that cut the files past it).
+    pub fn data_durable_end(&self) -> Option<seglog::Position> {
+        self.data.as_ref().map(|d| d.log.durable_end())
+    }
+
     /// Number of data-log segments (persistent mode; 0 otherwise).
     pub fn segment_count(&self) -> usize {
         self.data.as_ref().map_or(0, |d| d.log.segments().len())
