@@ -457,7 +457,15 @@ pub fn check_append(
     // Rules 5 and 6: monotonic reads, acknowledged appends visible.
     let mut by_complete: Vec<(u64, u64, usize)> = reads
         .iter()
-        .map(|&(o, from, _, vs)| (o.complete, from + vs.len() as u64, o.id))
+        // What a read proves the log held: `from + len` entries, or nothing if it was empty.
+        .map(|&(o, from, _, vs)| {
+            let reach = if vs.is_empty() {
+                0
+            } else {
+                from + vs.len() as u64
+            };
+            (o.complete, reach, o.id)
+        })
         .collect();
     by_complete.sort_unstable();
     let mut read_max: Vec<(u64, usize)> = Vec::with_capacity(by_complete.len());
@@ -469,6 +477,7 @@ pub fn check_append(
         read_max.push(m);
     }
     for &(o, from, to, vs) in &reads {
+        // The log held no more than `end` entries when this read ran (unless capped by `to`).
         let end = from + vs.len() as u64;
         let cap = to.unwrap_or(u64::MAX);
         let n = by_complete.partition_point(|r| r.0 < o.invoke);
@@ -701,6 +710,18 @@ mod tests {
         b.read((2, 10), 0, None, &[10, 11]);
         b.read((5, 12), 0, None, &[10]);
         assert!(b.check(&[&[10, 11]]).is_valid());
+    }
+
+    #[test]
+    fn empty_read_past_the_end_proves_nothing() {
+        let mut b = base();
+        b.read((8, 9), 5, None, &[]);
+        b.read((10, 11), 0, None, &[10, 11, 12]);
+        assert!(b.check(&[&[10, 11, 12]]).is_valid());
+        // but an empty read from inside the log after it was acknowledged is stale
+        let mut b = base();
+        b.read((8, 9), 2, None, &[]);
+        only(&b.check(&[&[10, 11, 12]]), AnomalyKind::StaleRead);
     }
 
     #[test]
