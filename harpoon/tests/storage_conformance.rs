@@ -398,8 +398,8 @@ macro_rules! suite {
     };
 }
 
-suite!(memory, (LogStore::in_memory(), ()));
-suite!(durable, {
+suite!(storage_memory, (LogStore::in_memory(), ()));
+suite!(storage_durable, {
     let dir = tempfile::tempdir().unwrap();
     // Cache of 2 entries per cell: most reads after a sync go to the seglog.
     let (store, cells) = open_durable(dir.path(), 64 << 10, 2);

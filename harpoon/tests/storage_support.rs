@@ -65,7 +65,7 @@ pub fn ctx() -> GetEntriesContext {
 }
 
 /// Everything observable about a cell's log.
-#[derive(Debug, PartialEq)]
+#[derive(PartialEq)]
 pub struct Dump {
     pub first: u64,
     pub last: u64,
@@ -88,5 +88,27 @@ pub fn dump(s: &CellStorage) -> Dump {
         truncated_term: s.term(first - 1).expect("term(first-1)"),
         entries,
         hs: s.hard_state(),
+    }
+}
+
+impl std::fmt::Debug for Dump {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Entries as index/term/data length: full payloads drown the diff.
+        let es: Vec<String> = self
+            .entries
+            .iter()
+            .map(|e| format!("{}/{}/{}b", e.index, e.term, e.data.len()))
+            .collect();
+        write!(
+            f,
+            "Dump {{ first: {}, last: {}, truncated_term: {}, hs: ({}, {}, {}), entries: {:?} }}",
+            self.first,
+            self.last,
+            self.truncated_term,
+            self.hs.term,
+            self.hs.vote,
+            self.hs.commit,
+            es
+        )
     }
 }

@@ -5,7 +5,7 @@
 //! cell; the write path and recovery both go through it, so the state after a restart equals the
 //! state before (the property the model test checks).
 
-use std::collections::VecDeque;
+use std::collections::BTreeMap;
 
 use proto::CellId;
 use protobuf::Message as _;
@@ -59,8 +59,9 @@ pub(crate) struct CellLog {
     /// Last discarded index and its term: `term(first_index - 1)`.
     truncated_index: u64,
     truncated_term: u64,
-    /// `slots[i]` is entry `truncated_index + 1 + i`.
-    slots: VecDeque<Slot>,
+    /// Entry index -> slot. Contiguous from `truncated_index + 1` except transiently during
+    /// recovery (see [`CellLog::apply`]).
+    slots: BTreeMap<u64, Slot>,
     hard_state: HardState,
     /// Not persisted here: given by the cell (`cell()`, `set_conf_state`) or by a snapshot.
     pub(crate) conf_state: ConfState,
@@ -84,7 +85,7 @@ impl CellLog {
             cell,
             truncated_index: 0,
             truncated_term: 0,
-            slots: VecDeque::new(),
+            slots: BTreeMap::new(),
             hard_state: HardState::default(),
             conf_state: ConfState::default(),
             cached: 0,
@@ -100,7 +101,9 @@ impl CellLog {
     }
 
     pub(crate) fn last_index(&self) -> u64 {
-        self.truncated_index + self.slots.len() as u64
+        self.slots
+            .last_key_value()
+            .map_or(self.truncated_index, |(&i, _)| i.max(self.truncated_index))
     }
 
     pub(crate) fn truncated(&self) -> (u64, u64) {
@@ -127,8 +130,7 @@ impl CellLog {
     }
 
     fn slot(&self, idx: u64) -> Option<&Slot> {
-        let off = idx.checked_sub(self.first_index())?;
-        self.slots.get(usize::try_from(off).ok()?)
+        self.slots.get(&idx)
     }
 
     /// How to produce `[low, high)`, stopping early once cached entries alone exceed `max_size`
@@ -286,9 +288,12 @@ impl CellLog {
 
     /// Applies one record. Used by the write path (after `plan` accepted it) and by recovery.
     ///
-    /// Recovery after GC may see a cell's entries before the (checkpointed) record that
-    /// truncated the log below them: an append past `last_index + 1` then restarts the log at
-    /// that index with an unknown truncated term, which the later Compact record fixes.
+    /// The rules are per index, last writer wins: Entries at `i` removes every entry `>= i`
+    /// and inserts its own; Compact removes entries `<= index`; Snapshot removes all. On a
+    /// contiguous log (the write path: [`CellLog::plan`] refuses gaps) that is raft's append.
+    /// Recovery after GC replays only a suffix of the log, starting from an empty cell, so it may
+    /// meet dead entries (rewritten later) before the record that truncated the log below them:
+    /// holes are allowed while replaying, and [`CellLog::is_contiguous`] checks the end result.
     pub(crate) fn apply(&mut self, record: Record, loc: Option<LogPosition>) {
         match record {
             Record::Entries { entries, .. } => self.append(entries, loc),
@@ -303,20 +308,23 @@ impl CellLog {
                 self.trunc_loc = loc;
                 // As raft's MemStorage: the snapshot is committed. Keeps a restart valid even if
                 // the hard state of the same round was lost.
+                let before = (self.hard_state.term, self.hard_state.commit);
                 self.hard_state.term = self.hard_state.term.max(term);
                 self.hard_state.commit = self.hard_state.commit.max(index);
+                // The hard state now depends on this record too. `hs_loc` names the oldest record
+                // it depends on (an earlier HardState record, if any), which GC checkpoints.
+                if before != (self.hard_state.term, self.hard_state.commit) && self.hs_loc.is_none()
+                {
+                    self.hs_loc = loc;
+                }
             }
             Record::Compact { index, term, .. } => {
                 if index < self.truncated_index {
                     return;
                 }
-                let drop = (index - self.truncated_index).min(self.slots.len() as u64) as usize;
-                for s in self.slots.drain(..drop) {
-                    if let Some(e) = &s.entry {
-                        self.cached -= 1;
-                        self.cached_bytes -= data_size(e);
-                    }
-                }
+                let kept = self.slots.split_off(&(index + 1));
+                let dropped = std::mem::replace(&mut self.slots, kept);
+                self.uncache(dropped.values());
                 self.truncated_index = index;
                 self.truncated_term = term;
                 self.trunc_loc = loc;
@@ -334,38 +342,36 @@ impl CellLog {
         self.cached_bytes = 0;
     }
 
-    fn append(&mut self, entries: Vec<Entry>, loc: Option<LogPosition>) {
-        let mut entries = entries.into_iter().peekable();
-        // Skip anything at or below the truncated index (only possible during recovery).
-        while entries
-            .peek()
-            .is_some_and(|e| e.index <= self.truncated_index)
-        {
-            entries.next();
-        }
-        let Some(first) = entries.peek().map(|e| e.index) else {
-            return;
-        };
-        if first > self.last_index() + 1 {
-            self.clear_slots();
-            self.truncated_index = first - 1;
-            self.truncated_term = 0;
-        }
-        let keep = (first - self.first_index()) as usize;
-        while self.slots.len() > keep {
-            if let Some(Slot { entry: Some(e), .. }) = self.slots.pop_back() {
+    fn uncache<'a>(&mut self, removed: impl Iterator<Item = &'a Slot>) {
+        for s in removed {
+            if let Some(e) = &s.entry {
                 self.cached -= 1;
-                self.cached_bytes -= data_size(&e);
+                self.cached_bytes -= data_size(e);
             }
         }
-        for e in entries {
+    }
+
+    fn append(&mut self, entries: Vec<Entry>, loc: Option<LogPosition>) {
+        let Some(first) = entries.first().map(|e| e.index) else {
+            return;
+        };
+        let removed = self.slots.split_off(&first);
+        self.uncache(removed.values());
+        // Nothing at or below the truncated index is ever appended by the write path.
+        for e in entries
+            .into_iter()
+            .filter(|e| e.index > self.truncated_index)
+        {
             self.cached += 1;
             self.cached_bytes += data_size(&e);
-            self.slots.push_back(Slot {
-                term: e.term,
-                loc,
-                entry: Some(e),
-            });
+            self.slots.insert(
+                e.index,
+                Slot {
+                    term: e.term,
+                    loc,
+                    entry: Some(e),
+                },
+            );
         }
     }
 
@@ -380,7 +386,7 @@ impl CellLog {
         if self.cached <= max_entries && self.cached_bytes <= max_bytes {
             return;
         }
-        for s in self.slots.iter_mut() {
+        for s in self.slots.values_mut() {
             if self.cached <= max_entries && self.cached_bytes <= max_bytes {
                 break;
             }
@@ -395,9 +401,18 @@ impl CellLog {
         }
     }
 
+    /// True when the entries run without a hole from `first_index` to `last_index` (always,
+    /// except in the middle of a recovery; false after one means the log is inconsistent).
+    pub(crate) fn is_contiguous(&self) -> bool {
+        self.slots.len() as u64 == self.last_index() - self.truncated_index
+    }
+
     /// Segment of the oldest live entry's record.
     pub(crate) fn oldest_entry_segment(&self) -> Option<u64> {
-        self.slots.front().and_then(|s| s.loc).map(|l| l.segment)
+        self.slots
+            .first_key_value()
+            .and_then(|(_, s)| s.loc)
+            .map(|l| l.segment)
     }
 
     /// Checkpoint records for small state that lives only in segments below `segment`.
@@ -442,12 +457,12 @@ mod tests {
     }
 
     #[test]
-    fn storage_cell_log_replay_gap_restarts_log() {
+    fn storage_cell_log_replay_suffix_with_dead_entries() {
+        // A suffix of the log after GC: dead entries 12..13 (written when 10..11 existed, whose
+        // record was dropped), then the (checkpointed) truncation, then the live rewrite.
         let mut log = CellLog::new(CellId(1));
-        log.apply(rec(ents(1..4, 1)), None);
-        log.apply(rec(ents(10..12, 2)), None);
-        assert_eq!(log.first_index(), 10);
-        assert_eq!(log.last_index(), 11);
+        log.apply(rec(ents(12..14, 2)), None);
+        assert!(!log.is_contiguous());
         log.apply(
             Record::Compact {
                 cell: CellId(1),
@@ -456,6 +471,11 @@ mod tests {
             },
             None,
         );
+        assert!(!log.is_contiguous());
+        log.apply(rec(ents(10..12, 2)), None);
+        assert!(log.is_contiguous());
+        assert_eq!(log.first_index(), 10);
+        assert_eq!(log.last_index(), 11);
         assert_eq!(log.term(9), Ok(2));
         assert_eq!(log.term(8), Err(Miss::Compacted));
         assert_eq!(log.cached_entries(), 2);

@@ -89,7 +89,18 @@ fn replay(log: &SegLog, options: &StoreOptions) -> Result<HashMap<CellId, CellLo
             );
         }
     }
-    for cell in cells.values_mut() {
+    for (id, cell) in cells.iter_mut() {
+        if !cell.is_contiguous() && !cell.destroyed {
+            return Err(StorageError::Corrupt {
+                op: Op::Recover,
+                cell: Some(*id),
+                position: from_pos(log.end()),
+                reason: format!(
+                    "entries after truncated index {} are not contiguous",
+                    cell.first_index() - 1
+                ),
+            });
+        }
         cell.trim_cache(
             ALL_DURABLE,
             options.cache_entries_per_cell,

@@ -347,6 +347,15 @@ impl LogStore {
         }
     }
 
+    /// Every record before this position is durable (`None` for the memory backend). For tests
+    /// and diagnostics.
+    pub fn durable_end(&self) -> Option<LogPosition> {
+        self.inner
+            .backend
+            .seg()
+            .map(|s| super::backend::from_pos(s.durable_end()))
+    }
+
     /// The first fatal error, if the store is poisoned.
     pub fn poisoned(&self) -> Option<StorageError> {
         self.inner.poison.lock().clone()
