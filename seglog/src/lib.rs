@@ -41,10 +41,13 @@ pub use error::{Error, Result};
 pub use log::{Iter, Position, SegLog, SegmentInfo, Stats};
 pub use recovery::Recovery;
 
-/// Scratch directory for unit tests: on tmpfs when available (fsync-heavy tests stay fast on a
-/// shared machine), else the default temp dir.
+/// Scratch directory for unit tests: `SEGLOG_TEST_DIR` if set, else tmpfs when available
+/// (fsync-heavy tests stay fast on a shared machine), else the default temp dir.
 #[cfg(test)]
 pub(crate) fn test_dir() -> tempfile::TempDir {
+    if let Ok(d) = std::env::var("SEGLOG_TEST_DIR") {
+        return tempfile::tempdir_in(d).expect("SEGLOG_TEST_DIR is writable");
+    }
     tempfile::tempdir_in("/dev/shm")
         .or_else(|_| tempfile::tempdir())
         .expect("temp dir")
