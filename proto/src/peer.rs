@@ -128,14 +128,12 @@ pub fn decode_frame(payload: &Bytes) -> Result<PeerFrame_oneof_kind, FrameError>
 /// # Errors
 /// [`FrameError::Malformed`] if any message does not parse as an `eraftpb.Message`.
 pub fn decode_cell_messages(batch: &RaftBatch) -> Result<Vec<(CellId, Message)>, FrameError> {
-    batch
-        .msgs
-        .iter()
-        .map(|cm| {
-            let msg = Message::parse_from_carllerche_bytes(&cm.message)?;
-            Ok((CellId(cm.cell), msg))
-        })
-        .collect()
+    let mut out = Vec::with_capacity(batch.msgs.len());
+    for cm in batch.msgs.iter() {
+        let msg = Message::parse_from_carllerche_bytes(&cm.message)?;
+        out.push((CellId(cm.cell), msg));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ const HANDSHAKE_MAX_FRAME: usize = 4 << 10;
 const BATCH_OVERHEAD: usize = 64;
 /// Per-message framing in a raft batch (tags and lengths), an upper bound.
 const PER_MESSAGE_OVERHEAD: usize = 24;
+/// Largest queue vector a writer keeps for reuse.
+const SPARE_CAPACITY: usize = 16 << 10;
 /// Snapshots queued per peer beyond the one being streamed.
 const SNAPSHOT_QUEUE_LIMIT: usize = 16;
 
@@ -555,6 +557,7 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
     let mut retry_at: Option<Instant> = None;
     let mut snap: Option<snapshot::Outgoing> = None;
     let mut buf: Vec<u8> = Vec::new();
+    let mut spare: Vec<Envelope> = Vec::new();
     loop {
         let (has_work, addr, addr_gen, failed) = {
             let mut st = peer.state.lock();
@@ -631,7 +634,8 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
                     }
                 }
             }
-            std::mem::take(&mut st.msgs)
+            // Swap in last round's emptied vector so sends do not regrow one every round.
+            std::mem::replace(&mut st.msgs, std::mem::take(&mut spare))
         };
         buf.clear();
         let (consumed, sent) = encode_batch(&shared, &msgs, &mut buf);
@@ -642,6 +646,10 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
             let mut st = peer.state.lock();
             rest.append(&mut st.msgs);
             st.msgs = rest;
+        }
+        msgs.clear();
+        if msgs.capacity() <= SPARE_CAPACITY {
+            spare = msgs;
         }
         let mut finished = None;
         if let Some(s) = snap.as_mut() {
