@@ -1,0 +1,129 @@
+//! Range split: keys below the split key stay, the others move to a new store (in its own data
+//! dir when durable); both halves keep revisions and apply state, history is split by key,
+//! writes outside a half's bounds are refused, and the split survives reopen.
+
+mod common;
+
+use bytes::Bytes;
+use collections::kv::{cmd, KeyRange, KvStore, WatchBatch};
+use common::*;
+use proto::kvpb::{ErrorCode, Response_oneof_result as Res};
+
+#[test]
+fn split_keeps_revisions_and_divides_keys_and_history() {
+    for mode in MODES {
+        let ldir = tempfile::tempdir().expect("tempdir");
+        let rdir = tempfile::tempdir().expect("tempdir");
+        let mut left = open(mode, ldir.path());
+        let mut model = Model::default();
+        for i in 0..8u8 {
+            step(&mut left, &mut model, &Op::Put(i, i, 0), 64);
+            step(&mut left, &mut model, &Op::Put(i, i.wrapping_add(1), 0), 64);
+        }
+        let rev = model.revision;
+        let index = left.apply_state().applied_index + 1;
+        let at = key(4); // "ke"
+        let right = left
+            .split_off(index, 1, &at, config(mode, rdir.path()))
+            .expect("split");
+        let mut right = right;
+        for (half, lo, hi) in [(&left, 0u8, 4u8), (&right, 4, 8)] {
+            assert_eq!(half.revision(), rev);
+            assert_eq!(half.apply_state().applied_index, index);
+            let want: Vec<_> = model
+                .visible(0)
+                .into_iter()
+                .filter(|kv| half.bounds().contains(&kv.key))
+                .collect();
+            assert_eq!(want.len(), (hi - lo) as usize);
+            assert_eq!(all(half, 0), want, "{mode:?}");
+            match half
+                .events_since(1, &KeyRange::all(), 0, 0)
+                .expect("history")
+            {
+                WatchBatch::Events { events, .. } => {
+                    assert_eq!(events.len(), 2 * (hi - lo) as usize);
+                    assert!(events.iter().all(|e| half.bounds().contains(&e.kv.key)));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Writes outside the bounds are refused with a typed error.
+        let r = apply(&mut left, 0, &cmd::put(&key(5), b"x", 0));
+        let Res::error(e) = result(&r) else {
+            panic!("{r:?}")
+        };
+        assert_eq!(e.code, ErrorCode::KEY_OUT_OF_RANGE);
+        let r = apply(&mut right, 0, &cmd::put(&key(1), b"x", 0));
+        let Res::error(e) = result(&r) else {
+            panic!("{r:?}")
+        };
+        assert_eq!(e.code, ErrorCode::KEY_OUT_OF_RANGE);
+        // Both continue from the parent's revision.
+        let r = apply(&mut right, 0, &cmd::put(&key(6), b"y", 0));
+        assert_eq!(r.get_header().revision, rev + 1);
+        if mode != Mode::Memory {
+            left.persist().expect("persist");
+            right.persist().expect("persist");
+            let (l_img, r_img) = (
+                left.snapshot().to_bytes().expect("img"),
+                right.snapshot().to_bytes().expect("img"),
+            );
+            drop(left);
+            drop(right);
+            let left = open(mode, ldir.path());
+            let right = open(mode, rdir.path());
+            assert_eq!(left.snapshot().to_bytes().expect("img"), l_img);
+            assert_eq!(right.snapshot().to_bytes().expect("img"), r_img);
+            assert_eq!(left.bounds().hi, Some(Bytes::from(at.clone())));
+            assert_eq!(right.bounds().lo, Bytes::from(at.clone()));
+        }
+    }
+}
+
+#[test]
+fn split_refuses_bad_keys_and_non_empty_targets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rdir = tempfile::tempdir().expect("tempdir");
+    let mut store = open(Mode::Persistent, dir.path());
+    let mut model = Model::default();
+    step(&mut store, &mut model, &Op::Put(1, 1, 0), 4);
+    assert!(store
+        .split_off(5, 1, b"", config(Mode::Memory, rdir.path()))
+        .is_err());
+    // A right dir that already holds a store.
+    let mut other = open(Mode::Persistent, rdir.path());
+    step(&mut other, &mut Model::default(), &Op::Put(1, 1, 0), 4);
+    other.persist().expect("persist");
+    drop(other);
+    assert!(store
+        .split_off(5, 1, b"kz", config(Mode::Persistent, rdir.path()))
+        .is_err());
+    assert_eq!(all(&store, 0), model.visible(0));
+}
+
+#[test]
+fn split_then_compaction_drops_the_moved_keys_from_the_left_log() {
+    let ldir = tempfile::tempdir().expect("tempdir");
+    let rdir = tempfile::tempdir().expect("tempdir");
+    let mut left: KvStore = open(Mode::Persistent, ldir.path());
+    let mut model = Model::default();
+    for round in 0..4u8 {
+        for i in 0..8u8 {
+            step(&mut left, &mut model, &Op::Put(i, round, 0), 20 << 10);
+        }
+    }
+    let index = left.apply_state().applied_index + 1;
+    let right = left
+        .split_off(index, 1, &key(4), config(Mode::Persistent, rdir.path()))
+        .expect("split");
+    let rev = left.revision();
+    apply(&mut left, 0, &cmd::compact(rev));
+    left.compact_storage().expect("compact");
+    left.persist().expect("persist");
+    drop(left);
+    let left = open(Mode::Persistent, ldir.path());
+    assert_eq!(all(&left, 0).len(), 4);
+    assert_eq!(all(&right, 0).len(), 4);
+    assert!(left.range_stats().bytes < 5 * (20 << 10));
+}
