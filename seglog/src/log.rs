@@ -1007,6 +1007,37 @@ mod tests {
     }
 
     #[test]
+    fn failed_flush_poisons_until_reopen() {
+        let dir = crate::test_dir();
+        let (log, _) = SegLog::open(dir.path(), small()).unwrap();
+        let a = log.append(b"durable").unwrap();
+        log.sync().unwrap();
+        let b = log.append(b"not durable").unwrap();
+        log.inner.state.lock().active().seg.fail_next_flush();
+        assert!(matches!(
+            log.sync(),
+            Err(Error::Io {
+                op: "msync segment",
+                ..
+            })
+        ));
+        assert!(
+            log.durable_end() <= b,
+            "a failed flush does not advance the durable end"
+        );
+        assert!(matches!(log.append(b"x"), Err(Error::Poisoned)));
+        assert!(matches!(log.sync(), Err(Error::Poisoned)));
+        assert!(matches!(log.truncate(a), Err(Error::Poisoned)));
+        assert!(matches!(log.drop_segments_before(9), Err(Error::Poisoned)));
+        assert_eq!(log.read(a).unwrap(), b"durable", "reads still work");
+        drop(log);
+        let (log, _) = SegLog::open(dir.path(), small()).unwrap();
+        assert_eq!(log.read(a).unwrap(), b"durable");
+        log.append(b"again").unwrap();
+        log.sync().unwrap();
+    }
+
+    #[test]
     fn gc_drops_old_segments_only() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = SegLog::open(dir.path(), small()).unwrap();

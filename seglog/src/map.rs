@@ -32,6 +32,9 @@ pub(crate) struct SharedMap {
     /// at every flush. What a power loss right now would certainly keep.
     #[cfg(test)]
     shadow: parking_lot::Mutex<Vec<u8>>,
+    /// Test-only failpoint: the next flush fails with EIO.
+    #[cfg(test)]
+    pub(crate) fail_next_flush: std::sync::atomic::AtomicBool,
 }
 
 impl SharedMap {
@@ -51,6 +54,8 @@ impl SharedMap {
             len,
             #[cfg(test)]
             shadow,
+            #[cfg(test)]
+            fail_next_flush: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -104,6 +109,13 @@ impl SharedMap {
         let end = off.saturating_add(n).min(self.len);
         if end <= off {
             return Ok(());
+        }
+        #[cfg(test)]
+        if self
+            .fail_next_flush
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
         }
         self.raw.flush_range(off as usize, (end - off) as usize)?;
         #[cfg(test)]

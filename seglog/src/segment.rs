@@ -211,6 +211,14 @@ impl Segment {
         (self.map.shadow(), cur)
     }
 
+    /// Test-only: make the next flush of this segment fail.
+    #[cfg(test)]
+    pub(crate) fn fail_next_flush(&self) {
+        self.map
+            .fail_next_flush
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// msync of `[off, off + n)`.
     pub(crate) fn flush(&self, off: u64, n: u64) -> Result<()> {
         self.map
