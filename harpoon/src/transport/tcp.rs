@@ -126,7 +126,7 @@ impl Default for TcpConfig {
             write_timeout: Duration::from_secs(10),
             queue_limit: 64 << 10,
             snapshot_chunk_size: 1 << 20,
-            max_snapshot_size: 4 << 30,
+            max_snapshot_size: 1 << 30,
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
         }
@@ -884,4 +884,53 @@ async fn receive(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> TcpConfig {
+        TcpConfig {
+            cluster_secret: b"s".to_vec(),
+            ..TcpConfig::default()
+        }
+    }
+
+    #[test]
+    fn config_validation() {
+        assert_eq!(valid().validate(), Ok(()));
+        assert_eq!(
+            TcpConfig::default().validate(),
+            Err(TcpConfigError::NoSecret)
+        );
+        let bad = |f: fn(&mut TcpConfig)| {
+            let mut c = valid();
+            f(&mut c);
+            c.validate()
+        };
+        assert!(matches!(
+            bad(|c| c.max_frame = 100),
+            Err(TcpConfigError::MaxFrame { .. })
+        ));
+        assert_eq!(
+            bad(|c| c.snapshot_chunk_size = 0),
+            Err(TcpConfigError::ChunkSize)
+        );
+        assert_eq!(
+            bad(|c| c.snapshot_chunk_size = c.max_frame),
+            Err(TcpConfigError::ChunkSize)
+        );
+        assert_eq!(
+            bad(|c| c.queue_limit = 0),
+            Err(TcpConfigError::Zero {
+                field: "queue_limit"
+            })
+        );
+        assert_eq!(
+            bad(|c| c.backoff_min = Duration::from_secs(10)),
+            Err(TcpConfigError::Backoff)
+        );
+        assert!(!format!("{:?}", valid()).contains("115"), "secret redacted");
+    }
 }
