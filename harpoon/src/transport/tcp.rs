@@ -836,7 +836,10 @@ async fn serve_stream(
             inbound.remove(&from);
         }
     }
-    if result.is_err() {
+    if matches!(
+        result,
+        Err(TransportError::Frame(_) | TransportError::Protocol(_))
+    ) {
         bump(&shared.stats.bad_frames, 1);
     }
     let _ = wr.shutdown().await;
