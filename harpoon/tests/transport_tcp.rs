@@ -713,3 +713,44 @@ async fn throughput() {
         st.dropped_queue_full
     );
 }
+
+/// A peer port that reads the first frame itself, then hands the connection over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_port_can_hand_over_a_connection_after_reading_the_first_frame() {
+    let a = start(1, config(SECRET)).await;
+    let port = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sink = Arc::new(Recorder::default());
+    let b = Arc::new(
+        TcpTransport::new(
+            NodeId(2),
+            config(SECRET),
+            sink.clone(),
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap(),
+    );
+    a.t.set_peer_address(NodeId(2), port.local_addr().unwrap());
+    a.t.send(
+        NodeId(2),
+        vec![msg(MessageType::MsgAppend, a.id, NodeId(2), 1)],
+    );
+
+    let (mut stream, _) = port.accept().await.unwrap();
+    let mut buf = BytesMut::new();
+    // Dispatch on the first frame's kind without consuming it.
+    let kind = loop {
+        let mut peek = buf.clone();
+        if let Some(p) = FrameDecoder::default().decode(&mut peek).unwrap() {
+            break decode_frame(&p).unwrap();
+        }
+        stream.read_buf(&mut buf).await.unwrap();
+    };
+    assert!(matches!(kind, PeerFrame_oneof_kind::hello(_)));
+    let served = b.clone();
+    tokio::spawn(async move { served.serve_connection_buffered(stream, buf).await });
+    wait_until("delivered through the handed-over connection", || {
+        sink.count() == 1
+    })
+    .await;
+    assert_eq!(sink.indexes_from(a.id), vec![1]);
+}
