@@ -5,6 +5,9 @@
 //!   generated at build time by `build.rs` with the pure-Rust codegen (no `protoc`):
 //!   - `peerpb.proto` ([`peerpb`]): the peer port: handshake (`Hello`, `Challenge`, `Proof`,
 //!     `HelloAck`, `Refused`), coalesced raft batches, snapshot chunks, all in one `PeerFrame`.
+//!   - `kvpb.proto` ([`kvpb`]): the KV collection's commands and replies.
+//!   - `metapb.proto` ([`metapb`]): meta records and commands, and the peer port's control
+//!     messages (CreateMeta, meta subscription, heartbeats).
 //! - [`ids`]: id newtypes (`NodeId`, `CellId`) so ids cannot be mixed up.
 //! - [`frame`]: the frame codec of every port, `[u32 little-endian length][payload]`, with an
 //!   incremental decoder, a size limit and typed errors ([`FrameError`]).
