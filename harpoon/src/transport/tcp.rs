@@ -5,7 +5,7 @@
 //! 1. [`Transport::send`] (on a shard thread) splits out `MsgSnapshot`s, appends the rest to
 //!    the peer's bounded queue and wakes the peer's writer task; it never blocks on I/O.
 //! 2. The writer connects if needed (timeout, then the authenticated handshake of
-//!    [`handshake`]), with exponential backoff after failures.
+//!    `handshake`), with exponential backoff after failures.
 //! 3. It takes everything queued, encodes it as one `RaftBatch` frame (up to `max_frame`;
 //!    the rest waits for the next round), adds at most one snapshot chunk, and writes the lot
 //!    with one `write_all`: while a write is in flight new sends pile up and go out together
@@ -18,7 +18,7 @@
 //! 1. Handshake as the server: nothing the dialer sends is acted on before it has proven the
 //!    cluster secret.
 //! 2. Decode frames: each `RaftBatch` goes to [`MessageSink::deliver`] as one batch; snapshot
-//!    chunks are reassembled ([`snapshot`]) and the `MsgSnapshot` is delivered whole.
+//!    chunks are reassembled (`snapshot`) and the `MsgSnapshot` is delivered whole.
 //! 3. Garbage, a bad protobuf, an oversized frame or a protocol violation: log, close that
 //!    connection; the listener keeps serving the others.
 //!
