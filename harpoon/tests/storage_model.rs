@@ -253,7 +253,10 @@ fn run(ops: Vec<Op>, durable: bool) -> u64 {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // 64 cases in CI; `PROPTEST_CASES=5000` for a long run by hand.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+    ))]
 
     #[test]
     fn storage_model_memory(ops in proptest::collection::vec(op(), 1..60)) {

@@ -123,10 +123,14 @@ impl CellStorage {
                     if decoded.as_ref().is_none_or(|(l, _)| *l != loc) {
                         decoded = Some((loc, self.read_record(loc)?));
                     }
+                    // Entries of a record are consecutive (checked when decoding).
                     let found = decoded
                         .as_ref()
-                        .and_then(|(_, es)| es.iter().find(|e| e.index == index))
-                        .filter(|e| e.term == term)
+                        .and_then(|(_, es)| {
+                            let first = es.first()?.index;
+                            es.get(usize::try_from(index.checked_sub(first)?).ok()?)
+                        })
+                        .filter(|e| e.index == index && e.term == term)
                         .cloned();
                     found.ok_or_else(|| StorageError::Corrupt {
                         op: Op::Read,

@@ -102,10 +102,10 @@ pub(crate) fn run(inner: &Inner) -> Result<GcStats, StorageError> {
         .backend
         .sync()
         .map_err(|e| inner.poison(StorageError::log(Op::Sync, None, e)))?;
-    seg.drop_segments_before(keep)
+    stats.segments_dropped = seg
+        .drop_segments_before(keep)
         .map_err(|e| inner.poison(StorageError::log(Op::Gc, None, e)))?;
     stats.checkpoints = checkpoints.len() as u64;
     stats.kept_from = keep;
-    stats.segments_dropped = segments_before.saturating_sub(seg.segments().len() as u64);
     Ok(stats)
 }

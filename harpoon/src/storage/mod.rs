@@ -34,6 +34,10 @@
 //! - The shared log cannot be cut (other cells' records follow), so entries at index `i`
 //!   logically replace the cell's entries `>= i`. Recovery replays every record in log order
 //!   through the same `CellLog::apply`, so the state after a restart is the state before.
+//! - The rules are per index (last writer wins; Compact/Snapshot remove below), which makes
+//!   replaying only a suffix of the log (what GC leaves) exact: dead entries met before the
+//!   record that truncated the log under them leave a transient hole, and recovery checks that
+//!   every cell ends contiguous (`Corrupt` otherwise).
 //! - A cell's appended entries stay in its in-memory cache at least until they are synced, so
 //!   raft reads them before `sync` (raft's `persisted` only advances when `term(i)` answers).
 //!   After a sync each cell keeps its newest `cache_entries_per_cell` entries; older ones are

@@ -16,7 +16,7 @@
 //! Entries in one record have consecutive indexes starting at `first_index`; `type` is the raft
 //! `EntryType` number and `flags` bit 0 is the deprecated `sync_log`. `Compact` carries the new
 //! truncated state (the last discarded index and its term). Trailing bytes, unknown kinds, unknown
-//! flags and `count == 0` are corruption.
+//! flags, `count == 0`, `first_index == 0` and indexes above 2^62 are corruption.
 
 use bytes::Bytes;
 use proto::CellId;
@@ -33,6 +33,8 @@ pub(crate) const HEADER_LEN: usize = 1 + 8;
 /// `first_index` + `count` after the header of an Entries record.
 pub(crate) const ENTRIES_HEADER_LEN: usize = 8 + 4;
 const FLAG_SYNC_LOG: u8 = 1;
+/// Indexes above this are corruption (keeps index arithmetic far from overflow).
+const MAX_INDEX: u64 = 1 << 62;
 
 /// One decoded record.
 #[derive(Clone, Debug, PartialEq)]
@@ -219,6 +221,14 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Record, DecodeError> {
     })
 }
 
+fn index(r: &mut Reader<'_>) -> Result<u64, String> {
+    let i = r.u64()?;
+    if i > MAX_INDEX {
+        return Err(format!("index {i} out of range"));
+    }
+    Ok(i)
+}
+
 fn decode_body(kind: u8, cell: CellId, r: &mut Reader<'_>) -> Result<Record, String> {
     let record = match kind {
         KIND_ENTRIES => {
@@ -226,6 +236,9 @@ fn decode_body(kind: u8, cell: CellId, r: &mut Reader<'_>) -> Result<Record, Str
             let count = r.u32()?;
             if count == 0 {
                 return Err("entries record with no entries".into());
+            }
+            if first == 0 || first > MAX_INDEX {
+                return Err(format!("entry index {first} out of range"));
             }
             // Each entry takes at least 18 bytes: bound the allocation by what is there.
             let mut entries = Vec::with_capacity((count as usize).min(r.buf.len() / 18 + 1));
@@ -267,12 +280,12 @@ fn decode_body(kind: u8, cell: CellId, r: &mut Reader<'_>) -> Result<Record, Str
         }
         KIND_SNAPSHOT => Record::Snapshot {
             cell,
-            index: r.u64()?,
+            index: index(r)?,
             term: r.u64()?,
         },
         KIND_COMPACT => Record::Compact {
             cell,
-            index: r.u64()?,
+            index: index(r)?,
             term: r.u64()?,
         },
         KIND_DESTROY => Record::Destroy { cell },
