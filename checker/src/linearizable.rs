@@ -245,7 +245,7 @@ pub fn check_ops<M: Model>(
 
     while remaining > 0 {
         iter += 1;
-        if iter % 512 == 0 && (cancel.load(Ordering::Relaxed) || Instant::now() >= deadline) {
+        if iter & 511 == 0 && (cancel.load(Ordering::Relaxed) || Instant::now() >= deadline) {
             return Verdict::Timeout;
         }
         let is_call = entry != NONE && nodes[entry].is_call;
@@ -434,6 +434,52 @@ impl fmt::Display for CheckReport {
     }
 }
 
+/// Checks one key's operations (no failed ops, no unknown gets) after merging every value that
+/// no operation can observe into one.
+///
+/// Gets compare the state with their output and CASes with their expected value; a value that
+/// is never an output or an expectation cannot be told apart from another such value, so
+/// replacing all of them by one fresh value is exact. It makes the unknown writes of unobserved
+/// values identical, and the search applies identical unknown ops in call order only.
+pub fn check_kv_key(ops: &[&Op<KvOp, KvOut>], deadline: Instant, cancel: &AtomicBool) -> Verdict {
+    let mut observed: HashSet<Value> = HashSet::new();
+    for op in ops {
+        match (op.input, &op.outcome) {
+            (_, Outcome::Ok(KvOut::Get(Some(v)))) => {
+                observed.insert(*v);
+            }
+            (
+                KvOp::Cas {
+                    expected: Some(v), ..
+                },
+                _,
+            ) => {
+                observed.insert(v);
+            }
+            _ => {}
+        }
+    }
+    let mut blank = Value::MAX;
+    while observed.contains(&blank) {
+        blank -= 1;
+    }
+    let canon = |v: Value| if observed.contains(&v) { v } else { blank };
+    let rewritten: Vec<Op<KvOp, KvOut>> = ops
+        .iter()
+        .map(|&op| {
+            let mut op = op.clone();
+            match &mut op.input {
+                KvOp::Put { value, .. } => *value = canon(*value),
+                KvOp::Cas { new, .. } => *new = canon(*new),
+                _ => {}
+            }
+            op
+        })
+        .collect();
+    let refs: Vec<&Op<KvOp, KvOut>> = rewritten.iter().collect();
+    check_ops(&KvRegister, &refs, deadline, cancel)
+}
+
 /// The operations the search sees for one key: no failed ops, no unknown gets.
 fn relevant(op: &Op<KvOp, KvOut>) -> bool {
     match op.outcome {
@@ -479,7 +525,7 @@ pub fn check_kv_histories(histories: &[KvHistory], opts: &CheckOptions) -> Check
         if i >= parts.len() {
             break;
         }
-        let v = check_ops(&KvRegister, &parts[i].1, deadline, &cancel);
+        let v = check_kv_key(&parts[i].1, deadline, &cancel);
         *verdicts[i].lock() = Some(v);
     };
     let threads = opts.threads.clamp(1, 2).min(parts.len().max(1));
@@ -575,13 +621,13 @@ pub fn shrink_kv<'a>(ops: &[&'a Op<KvOp, KvOut>], budget: Duration) -> Vec<&'a O
     let never = AtomicBool::new(false);
     let illegal = |cand: &[&Op<KvOp, KvOut>]| {
         let now = Instant::now();
-        now < end && check_ops(&KvRegister, cand, end, &never) == Verdict::Illegal
+        now < end && check_kv_key(cand, end, &never) == Verdict::Illegal
     };
     let mut cur: Vec<&Op<KvOp, KvOut>> = ops.to_vec();
     let mut n = 2usize;
     while cur.len() >= 2 && Instant::now() < end {
         let chunk = cur.len().div_ceil(n);
-        let mut reduced = false;
+        let mut found = None;
         for i in 0..n {
             let lo = i * chunk;
             if lo >= cur.len() {
@@ -590,11 +636,14 @@ pub fn shrink_kv<'a>(ops: &[&'a Op<KvOp, KvOut>], budget: Duration) -> Vec<&'a O
             let hi = (lo + chunk).min(cur.len());
             let cand: Vec<_> = cur[..lo].iter().chain(&cur[hi..]).copied().collect();
             if closed(&cand) && illegal(&cand) {
-                cur = cand;
-                n = (n - 1).max(2);
-                reduced = true;
+                found = Some(cand);
                 break;
             }
+        }
+        let reduced = found.is_some();
+        if let Some(cand) = found {
+            cur = cand;
+            n = (n - 1).max(2);
         }
         if !reduced {
             if n >= cur.len() {
@@ -879,6 +928,58 @@ mod tests {
         with(&mut h2, 1, (2, 3), cas, Outcome::Unknown);
         get(&mut h2, 2, (6, 7), 1, Some(1));
         assert!(check(&h2).is_linearizable());
+    }
+
+    #[test]
+    fn unknown_put_explains_a_failed_cas() {
+        let cas = KvOp::Cas {
+            key: 1,
+            expected: Some(1),
+            new: 2,
+        };
+        let mut h = KvHistory::new();
+        put(&mut h, 1, (0, 1), 1, 1);
+        with(&mut h, 1, (2, 30), cas, Outcome::Ok(KvOut::Cas(false)));
+        assert!(check(&h).is_illegal());
+        // an unobserved unknown write (its value is merged with other unobserved values)
+        with(
+            &mut h,
+            2,
+            (0, 1),
+            KvOp::Put { key: 1, value: 9 },
+            Outcome::Unknown,
+        );
+        assert!(check(&h).is_linearizable());
+    }
+
+    #[test]
+    fn interchangeable_unknown_deletes_apply_one_each() {
+        let mut h = KvHistory::new();
+        put(&mut h, 1, (0, 1), 1, 1);
+        with(&mut h, 2, (2, 3), KvOp::Delete { key: 1 }, Outcome::Unknown);
+        get(&mut h, 1, (4, 5), 1, None);
+        put(&mut h, 1, (6, 7), 1, 2);
+        get(&mut h, 1, (8, 9), 1, None);
+        assert!(check(&h).is_illegal());
+        with(&mut h, 3, (2, 3), KvOp::Delete { key: 1 }, Outcome::Unknown);
+        assert!(check(&h).is_linearizable());
+    }
+
+    #[test]
+    fn unknown_cas_waits_for_its_value() {
+        let cas = KvOp::Cas {
+            key: 1,
+            expected: Some(5),
+            new: 6,
+        };
+        let mut h = KvHistory::new();
+        put(&mut h, 1, (0, 1), 1, 1);
+        with(&mut h, 2, (2, 3), cas, Outcome::Unknown);
+        put(&mut h, 1, (4, 5), 1, 5);
+        get(&mut h, 1, (6, 7), 1, Some(6));
+        assert!(check(&h).is_linearizable());
+        get(&mut h, 1, (8, 9), 1, Some(5));
+        assert!(check(&h).is_illegal());
     }
 
     #[test]

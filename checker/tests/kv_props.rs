@@ -418,7 +418,7 @@ fn brute_force(h: &KvHistory) -> bool {
     let ops: Vec<_> = h
         .ops
         .iter()
-        .filter(|o| !o.outcome.is_fail() && !(o.outcome.is_unknown() && !o.input.is_write()))
+        .filter(|o| !o.outcome.is_fail() && (!o.outcome.is_unknown() || o.input.is_write()))
         .collect();
     fn go(
         ops: &[&checker::history::Op<KvOp, KvOut>],
