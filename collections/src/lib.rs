@@ -24,4 +24,4 @@
 pub mod error;
 pub mod kv;
 
-pub use error::KvError;
+pub use error::{KvError, Result};

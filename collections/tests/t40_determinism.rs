@@ -36,14 +36,20 @@ proptest! {
             // Something to overwrite.
             step(&mut target, &mut Model::default(), &Op::Put(1, 1, 0), 6);
             let mut reader = stores[2].snapshot();
-            let mut r = Restorer::new();
-            let mut n = 0;
-            while let Some(c) = reader.next_chunk(chunk).expect("chunk") {
-                r.push(&c).expect("push");
-                n += 1;
+            let applied = if chunk % 2 == 0 {
+                let mut r = Restorer::new();
+                while let Some(c) = reader.next_chunk(chunk).expect("chunk") {
+                    r.push(&c).expect("push");
+                }
+                target.restore(r).expect("restore")
+            } else {
+                // Streamed: persistent mode spills each chunk to its data log.
+                let chunks = std::iter::from_fn(|| reader.next_chunk(chunk).transpose());
+                target.restore_chunks(chunks).expect("restore")
+            };
+            if mode == Mode::Persistent {
+                prop_assert_eq!(target.inline_value_bytes(), 0);
             }
-            prop_assert!(n >= 1);
-            let applied = target.restore(r).expect("restore");
             prop_assert_eq!(applied, stores[2].apply_state());
             prop_assert_eq!(&image(&target), &img);
             prop_assert_eq!(all(&target, models[0].clock), models[0].visible(models[0].clock));
@@ -86,4 +92,40 @@ fn truncated_image_is_refused_and_store_unchanged() {
         assert!(dst.restore(r).is_err(), "cut {cut}");
         assert_eq!(image(&dst), before);
     }
+}
+
+/// A streamed restore into a persistent store that fails half-way leaves it empty and usable;
+/// the next restore succeeds.
+#[test]
+fn persistent_streamed_restore_failure_leaves_an_empty_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut src = open(Mode::Memory, dir.path());
+    let mut model = Model::default();
+    for i in 0..50u8 {
+        step(&mut src, &mut model, &Op::Put(i, i, 0), 300);
+    }
+    let img = image(&src);
+    let pdir = tempfile::tempdir().expect("tempdir");
+    let mut dst = open(Mode::Persistent, pdir.path());
+    step(&mut dst, &mut Model::default(), &Op::Put(1, 1, 0), 6);
+    // The first chunks are good (their values reach the data log), then garbage.
+    let mut reader = src.snapshot();
+    let mut chunks: Vec<collections::Result<bytes::Bytes>> = (0..3)
+        .map(|_| Ok(reader.next_chunk(700).expect("chunk").expect("more")))
+        .collect();
+    chunks.push(Ok(bytes::Bytes::from_static(b"\x05\x00\x00\x00garbage")));
+    assert!(dst.restore_chunks(chunks).is_err());
+    assert_eq!(dst.apply_state().applied_index, 0);
+    assert!(all(&dst, 0).is_empty());
+    drop(dst);
+    let mut dst = open(Mode::Persistent, pdir.path());
+    assert_eq!(dst.apply_state().applied_index, 0);
+    let mut reader = src.snapshot();
+    let chunks = std::iter::from_fn(|| reader.next_chunk(700).transpose());
+    dst.restore_chunks(chunks).expect("restore");
+    assert_eq!(image(&dst), img);
+    drop(dst);
+    let dst = open(Mode::Persistent, pdir.path());
+    assert_eq!(image(&dst), img);
+    assert_eq!(dst.inline_value_bytes(), 0);
 }

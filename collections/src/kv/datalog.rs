@@ -431,81 +431,116 @@ impl DataLog {
         Ok(())
     }
 
-    /// Rewrites the whole log from `st` (restore, split): empties it, appends every live
-    /// version and history event, then `BOUNDS` + `COMMIT`, syncs. Values that are `Inline` in
-    /// `st` move to disk; `load` reads `Disk` values of another log.
+    /// Rewrites the whole log from `st` (restore): empties it, appends every live version and
+    /// history event, then `BOUNDS` + `COMMIT`, syncs. `Inline` values move to disk.
     pub(crate) fn rewrite_all(&mut self, st: &mut State) -> Result<()> {
         self.log.truncate(self.log.first())?;
-        let mut batch: Vec<Vec<u8>> = Vec::new();
-        let mut keys: Vec<(bool, u64, Bytes)> = Vec::new();
-        let flush = |log: &SegLog,
-                     st: &mut State,
-                     batch: &mut Vec<Vec<u8>>,
-                     keys: &mut Vec<(bool, u64, Bytes)>|
-         -> Result<()> {
-            let positions = log.append_batch(batch.iter().map(Vec::as_slice))?;
-            for ((live, rev, key), pos) in keys.drain(..).zip(positions) {
-                if live {
-                    if let Some(e) = st.index.get_mut(&key) {
-                        e.value = ValueRef::Disk(pos);
-                    }
-                } else if let Some(h) = st.history.get_mut(&(rev, key)) {
-                    if h.kind == EventKind::Put {
-                        h.value = ValueRef::Disk(pos);
-                    }
-                }
-            }
-            batch.clear();
-            Ok(())
-        };
-        let live: Vec<(Bytes, Entry)> = st
+        let mut pending: Vec<Pending> = st
             .index
-            .iter()
-            .map(|(k, e)| (k.clone(), e.clone()))
+            .keys()
+            .map(|k| Pending::Live(k.clone()))
+            .chain(st.history.keys().map(|(r, k)| Pending::Hist(*r, k.clone())))
             .collect();
-        for (k, e) in live {
-            let v = crate::kv::state::inline_only(&e.value)?;
-            batch.push(encode_mutation(
-                Origin::LiveCopy,
-                EventKind::Put,
-                &k,
-                &e.meta,
-                &v,
-            ));
-            keys.push((true, e.meta.mod_revision, k));
-            if batch.len() >= 256 {
-                flush(&self.log, st, &mut batch, &mut keys)?;
-            }
-        }
-        flush(&self.log, st, &mut batch, &mut keys)?;
-        let hist: Vec<((u64, Bytes), Hist)> = st
-            .history
-            .iter()
-            .map(|(k, h)| (k.clone(), h.clone()))
-            .collect();
-        for ((rev, k), h) in hist {
-            // A history put that is also the live version shares its record.
-            if h.kind == EventKind::Put {
-                if let Some(e) = st.index.get(&k) {
-                    if e.meta.mod_revision == rev {
-                        if let Some(hh) = st.history.get_mut(&(rev, k.clone())) {
-                            hh.value = e.value.clone();
+        self.spill(st, &mut pending)?;
+        self.close_group(st)
+    }
+
+    /// Appends the entries named in `pending` whose values are still `Inline` (as `LIVE_COPY`
+    /// or `HIST_COPY` records) and points them at their records. A history put that is its
+    /// key's live version shares the live record. Does not close the group.
+    pub(crate) fn spill(&mut self, st: &mut State, pending: &mut Vec<Pending>) -> Result<()> {
+        for part in std::mem::take(pending).chunks(256) {
+            let mut recs = Vec::with_capacity(part.len());
+            let mut targets = Vec::with_capacity(part.len());
+            for p in part {
+                match p {
+                    Pending::Live(k) => {
+                        if let Some(Entry {
+                            meta,
+                            value: ValueRef::Inline(v),
+                        }) = st.index.get(k)
+                        {
+                            recs.push(encode_mutation(
+                                Origin::LiveCopy,
+                                EventKind::Put,
+                                k,
+                                meta,
+                                v,
+                            ));
+                            targets.push(p.clone());
                         }
-                        continue;
+                    }
+                    Pending::Hist(rev, k) => {
+                        let live = st.index.get(k).filter(|e| e.meta.mod_revision == *rev);
+                        let Some(h) = st.history.get(&(*rev, k.clone())) else {
+                            continue;
+                        };
+                        if h.kind == EventKind::Put {
+                            if let Some(e) = live {
+                                let v = e.value.clone();
+                                if let ValueRef::Disk(_) = v {
+                                    if let Some(h) = st.history.get_mut(&(*rev, k.clone())) {
+                                        h.value = v;
+                                    }
+                                    continue;
+                                }
+                                // The live record is in this part or a later one: share it
+                                // after it is written (below).
+                                targets.push(p.clone());
+                                recs.push(Vec::new());
+                                continue;
+                            }
+                        }
+                        if let ValueRef::Inline(v) = &h.value {
+                            recs.push(encode_mutation(Origin::HistCopy, h.kind, k, &h.meta, v));
+                            targets.push(p.clone());
+                        }
                     }
                 }
             }
-            let v = match &h.value {
-                ValueRef::Inline(b) => b.clone(),
-                ValueRef::Disk(_) => continue,
-            };
-            batch.push(encode_mutation(Origin::HistCopy, h.kind, &k, &h.meta, &v));
-            keys.push((false, rev, k));
-            if batch.len() >= 256 {
-                flush(&self.log, st, &mut batch, &mut keys)?;
+            let real: Vec<&[u8]> = recs
+                .iter()
+                .filter(|r| !r.is_empty())
+                .map(Vec::as_slice)
+                .collect();
+            let mut positions = self.log.append_batch(real)?.into_iter();
+            let mut shared_later = Vec::new();
+            for (t, r) in targets.into_iter().zip(&recs) {
+                if r.is_empty() {
+                    shared_later.push(t);
+                    continue;
+                }
+                let Some(pos) = positions.next() else { break };
+                match t {
+                    Pending::Live(k) => {
+                        if let Some(e) = st.index.get_mut(&k) {
+                            e.value = ValueRef::Disk(pos);
+                        }
+                    }
+                    Pending::Hist(rev, k) => {
+                        if let Some(h) = st.history.get_mut(&(rev, k)) {
+                            if h.kind == EventKind::Put {
+                                h.value = ValueRef::Disk(pos);
+                            }
+                        }
+                    }
+                }
+            }
+            for t in shared_later {
+                if let Pending::Hist(rev, k) = t {
+                    let v = st.index.get(&k).map(|e| e.value.clone());
+                    match (v, st.history.get_mut(&(rev, k.clone()))) {
+                        (Some(v @ ValueRef::Disk(_)), Some(h)) => h.value = v,
+                        _ => pending.push(Pending::Hist(rev, k)),
+                    }
+                }
             }
         }
-        flush(&self.log, st, &mut batch, &mut keys)?;
+        Ok(())
+    }
+
+    /// Closes a rewrite group with `BOUNDS` (if any) and `COMMIT`, and syncs.
+    pub(crate) fn close_group(&mut self, st: &State) -> Result<()> {
         let mut tail = Vec::new();
         if st.bounds != Bounds::default() {
             tail.push(encode_bounds(&st.bounds));
@@ -517,4 +552,13 @@ impl DataLog {
         self.durable = self.last_commit.clone();
         Ok(())
     }
+}
+
+/// An entry whose value may still need to reach the data log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// The live entry of a key.
+    Live(Bytes),
+    /// The history event `(revision, key)`.
+    Hist(u64, Bytes),
 }

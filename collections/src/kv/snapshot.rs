@@ -18,6 +18,7 @@ use seglog::SegLog;
 
 use crate::error::{KvError, Result};
 use crate::kv::codec::{Dec, Enc};
+use crate::kv::datalog::Pending;
 use crate::kv::state::{Entry, Hist, Meta, State, ValueRef};
 use crate::kv::types::{ApplyState, Bounds, EventKind};
 
@@ -187,7 +188,9 @@ impl SnapshotReader {
 /// Rebuilds a state from snapshot chunks pushed in order.
 #[derive(Debug, Default)]
 pub struct Restorer {
-    st: State,
+    pub(crate) st: State,
+    /// Entries restored since the last spill to a data log (persistent mode).
+    pub(crate) pending: Vec<Pending>,
     header: bool,
     kvs_left: u64,
     events_left: u64,
@@ -284,6 +287,7 @@ impl Restorer {
                 if meta.expires_at_ms != 0 {
                     self.st.expiry.insert((meta.expires_at_ms, key.clone()));
                 }
+                self.pending.push(Pending::Live(key.clone()));
                 self.st.index.insert(
                     key,
                     Entry {
@@ -316,6 +320,8 @@ impl Restorer {
                     }
                     _ => ValueRef::Inline(value),
                 };
+                self.pending
+                    .push(Pending::Hist(meta.mod_revision, key.clone()));
                 self.st
                     .history
                     .insert((meta.mod_revision, key), Hist { kind, meta, value });

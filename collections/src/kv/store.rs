@@ -546,6 +546,61 @@ impl KvStore {
         Ok(apply)
     }
 
+    /// Replaces the whole state with the image streamed as `chunks`. In persistent mode each
+    /// chunk's values go to the data log as it arrives, so an image larger than memory can be
+    /// restored; the old state is gone as soon as the first chunk is taken, and if the image
+    /// turns out incomplete or corrupt the store is left empty (applied index 0), ready for
+    /// the next attempt. Other modes buffer the image and leave the store unchanged on error.
+    ///
+    /// # Errors
+    /// [`KvError::Corrupt`] for a bad image; errors of the chunk source; fatal I/O errors.
+    pub fn restore_chunks<I, C>(&mut self, chunks: I) -> Result<ApplyState>
+    where
+        I: IntoIterator<Item = Result<C>>,
+        C: AsRef<[u8]>,
+    {
+        self.check_poison()?;
+        if self.data.is_none() {
+            let mut r = Restorer::new();
+            for c in chunks {
+                r.push(c?.as_ref())?;
+            }
+            return self.restore(r);
+        }
+        let shared = self.reader.shared.clone();
+        let mut guard = shared.state.write();
+        let Some(dl) = &mut self.data else {
+            return Err(KvError::Poisoned);
+        };
+        if let Err(e) = dl.log.truncate(dl.log.first()) {
+            drop(guard);
+            return self.poison(e.into());
+        }
+        *guard = State::default();
+        dl.last_commit = ApplyState::default();
+        dl.durable = ApplyState::default();
+        self.durable = ApplyState::default();
+        self.reader.shared.subs.lock().clear();
+        let mut r = Restorer::new();
+        for c in chunks {
+            r.push(c?.as_ref())?;
+            if let Err(e) = dl.spill(&mut r.st, &mut r.pending) {
+                drop(guard);
+                return self.poison(e);
+            }
+        }
+        let st = r.finish()?;
+        if let Err(e) = dl.close_group(&st) {
+            drop(guard);
+            return self.poison(e);
+        }
+        let apply = st.apply.clone();
+        *guard = st;
+        drop(guard);
+        self.durable = apply.clone();
+        Ok(apply)
+    }
+
     /// Restores from a whole image in one buffer.
     pub fn restore_bytes(&mut self, image: &[u8]) -> Result<ApplyState> {
         let mut r = Restorer::new();
@@ -613,11 +668,8 @@ impl KvStore {
         {
             view.history.insert(k.clone(), h.clone());
         }
-        let image = SnapshotReader::capture(&view, shared.log.clone(), None).to_bytes();
-        let image = match image {
-            Ok(i) => i,
-            Err(e) => return self.poison(e),
-        };
+        let mut image = SnapshotReader::capture(&view, shared.log.clone(), None);
+        drop(view);
         // The left half.
         st.restrict(Bounds {
             lo: bounds.lo.clone(),
@@ -634,7 +686,9 @@ impl KvStore {
             dl.last_commit = st.apply.clone();
         }
         drop(st);
-        right_store.restore_bytes(&image)?;
+        // Streamed: in persistent mode the right half never sits in memory as a whole.
+        let chunks = std::iter::from_fn(|| image.next_chunk(1 << 20).transpose());
+        right_store.restore_chunks(chunks)?;
         Ok(right_store)
     }
 
@@ -675,13 +729,25 @@ impl KvStore {
         }
     }
 
-    /// Runs [`KvStore::compact_storage`] when sealed segments hold more than twice the live
-    /// data (and at least two segments are sealed).
+    /// Runs [`KvStore::compact_storage`] when sealed segments hold more than twice the data
+    /// the state references (live values plus history versions), and at least two are sealed.
     pub fn maybe_compact(&mut self) -> Result<u64> {
         let Some(dl) = &self.data else { return Ok(0) };
         let (sealed, used) = dl.sealed_bytes();
-        let live = self.reader.shared.state.read().live_bytes;
-        if sealed >= 2 && used > 2 * live {
+        let referenced = {
+            let st = self.reader.shared.state.read();
+            let hist: u64 = st
+                .history
+                .iter()
+                .filter(|((rev, k), h)| {
+                    h.kind == crate::kv::types::EventKind::Put
+                        && st.index.get(k).is_none_or(|e| e.meta.mod_revision != *rev)
+                })
+                .map(|((_, k), h)| k.len() as u64 + u64::from(h.meta.value_len))
+                .sum();
+            st.live_bytes + hist
+        };
+        if sealed >= 2 && used > 2 * referenced {
             self.compact_storage()
         } else {
             Ok(0)

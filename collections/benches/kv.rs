@@ -1,0 +1,145 @@
+//! KV bench (`cargo bench -p collections --bench kv`): apply throughput per persistence mode
+//! (single puts and 100-put batches, the W9 shape) and the persistent-mode memory check:
+//! resident memory (VmRSS) against the size of the data written, values read back from disk.
+//!
+//! Knobs: `QUIVER_KV_BENCH_OPS` (default 100 000 puts), `QUIVER_KV_BENCH_MB` (default 512 MiB
+//! of 64 KiB values for the memory check), `QUIVER_KV_BENCH_DIR` (default a temp dir).
+
+use std::time::Instant;
+
+use collections::kv::{cmd, KvConfig, KvStore, Persistence};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A `/proc/self/status` field in KiB (`VmRSS:` = all resident pages, `RssAnon:` = heap and
+/// stacks without the file-backed pages of the mapped data log, which the kernel can reclaim).
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn config(p: Persistence) -> KvConfig {
+    let mut c = KvConfig::with(p);
+    c.seglog.sync = seglog::SyncMode::None;
+    c
+}
+
+fn throughput(name: &str, persistence: Persistence, ops: u64, batch: u64) {
+    let mut store = KvStore::open(config(persistence)).expect("open");
+    let value = vec![7u8; 100];
+    let cmds: Vec<Vec<u8>> = (0..ops / batch)
+        .map(|b| {
+            let puts = (0..batch)
+                .map(|i| {
+                    cmd::put(
+                        format!("key{:012}", (b * batch + i) % 50_000).as_bytes(),
+                        &value,
+                        0,
+                    )
+                })
+                .collect::<Vec<_>>();
+            if batch == 1 {
+                cmd::encode(&puts[0])
+            } else {
+                cmd::encode(&cmd::batch(puts))
+            }
+        })
+        .collect();
+    let t = Instant::now();
+    for (i, c) in cmds.iter().enumerate() {
+        store.apply(i as u64 + 1, 1, 0, c).expect("apply");
+        if i % 1000 == 999 {
+            store.persist().expect("persist");
+        }
+    }
+    store.persist().expect("persist");
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "{name:<32} {ops} puts (batch {batch}): {:>10.0} puts/s, {:.2} us/put",
+        ops as f64 / secs,
+        secs * 1e6 / ops as f64
+    );
+}
+
+fn main() {
+    let ops = env("QUIVER_KV_BENCH_OPS", 100_000);
+    let base = match std::env::var("QUIVER_KV_BENCH_DIR") {
+        Ok(d) => tempfile::tempdir_in(d).expect("tempdir"),
+        Err(_) => tempfile::tempdir().expect("tempdir"),
+    };
+    for batch in [1, 100] {
+        throughput("memory", Persistence::Memory, ops, batch);
+        throughput(
+            "logged (snapshot every 1000)",
+            Persistence::Logged {
+                dir: base.path().join(format!("logged{batch}")),
+            },
+            ops,
+            batch,
+        );
+        throughput(
+            "persistent",
+            Persistence::Persistent {
+                dir: base.path().join(format!("persistent{batch}")),
+            },
+            ops,
+            batch,
+        );
+    }
+
+    let mb = env("QUIVER_KV_BENCH_MB", 512);
+    let mut store = KvStore::open(config(Persistence::Persistent {
+        dir: base.path().join("big"),
+    }))
+    .expect("open");
+    let value_len = 64 << 10;
+    let n = (mb << 20) / value_len;
+    let (rss0, anon0) = (status_kib("VmRSS:"), status_kib("RssAnon:"));
+    let t = Instant::now();
+    for i in 0..n {
+        let v = vec![(i % 251) as u8; value_len as usize];
+        store
+            .apply(
+                i + 1,
+                1,
+                0,
+                &cmd::encode(&cmd::put(format!("big{i:08}").as_bytes(), &v, 0)),
+            )
+            .expect("apply");
+        if i % 256 == 255 {
+            store.persist().expect("persist");
+        }
+    }
+    store.persist().expect("persist");
+    let secs = t.elapsed().as_secs_f64();
+    let (rss1, anon1) = (status_kib("VmRSS:"), status_kib("RssAnon:"));
+    let mut checked = 0;
+    for i in (0..n).step_by(97) {
+        let (kv, _) = store.get(format!("big{i:08}").as_bytes(), 0).expect("get");
+        assert_eq!(kv.expect("present").value.len() as u64, value_len);
+        checked += 1;
+    }
+    println!(
+        "persistent big values: {mb} MiB in {n} values of 64 KiB at {:.0} MiB/s; \
+         VmRSS {} -> {} MiB (includes reclaimable pages of the mapped data log), \
+         RssAnon {} -> {} MiB; values held in memory by the index: {} bytes; \
+         {checked} values read back",
+        mb as f64 / secs,
+        rss0 >> 10,
+        rss1 >> 10,
+        anon0 >> 10,
+        anon1 >> 10,
+        store.inline_value_bytes()
+    );
+}
