@@ -102,3 +102,43 @@ fn storage_concurrency_shards_share_one_log() {
         .collect();
     assert_eq!(got, expect);
 }
+
+/// Rough throughput of the write path (run by hand: `cargo test --release -p harpoon --test
+/// storage_concurrency -- --ignored --nocapture`): 100 cells x 10 entries of 256 B per round,
+/// one write + one group commit per round.
+#[test]
+#[ignore]
+fn storage_concurrency_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = LogStore::open(dir.path(), seglog::Config::default()).unwrap();
+    let handles: Vec<_> = (1..=100)
+        .map(|c| store.cell(CellId(c), voters(&[1])).unwrap())
+        .collect();
+    let rounds = 200u64;
+    let start = std::time::Instant::now();
+    for round in 0..rounds {
+        let mut b = WriteBatch::default();
+        for (c, s) in (1..=100).zip(&handles) {
+            let next = s.last_index().unwrap() + 1;
+            let mut es = ents(next..=next + 9, 1);
+            for e in &mut es {
+                e.data = vec![7u8; 256].into();
+            }
+            b.append(CellId(c), es);
+            b.set_hard_state(CellId(c), hs(1, 1, next.saturating_sub(1)));
+            if round % 50 == 49 {
+                b.compact(CellId(c), next);
+            }
+        }
+        store.write(b).unwrap();
+        store.sync().unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let entries = rounds * 100 * 10;
+    println!(
+        "{entries} entries in {rounds} synced rounds: {secs:.2} s, {:.0} entries/s, {:.2} ms/round; {:?}",
+        entries as f64 / secs,
+        secs * 1000.0 / rounds as f64,
+        store.stats()
+    );
+}
