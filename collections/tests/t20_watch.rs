@@ -245,11 +245,18 @@ fn live_watchers_see_every_change_once() {
         }
         for h in handles {
             let (from, range, got) = h.join().expect("watcher thread");
-            assert_eq!(
-                got,
-                expected(&model, from, &range),
-                "mode {mode:?} capacity {capacity} from {from}"
-            );
+            let want = expected(&model, from, &range);
+            if got != want {
+                let i = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+                panic!(
+                    "mode {mode:?} capacity {capacity} from {from}: {} events, want {}; \
+                     first difference at {i}: {:?} vs {:?}",
+                    got.len(),
+                    want.len(),
+                    got.get(i),
+                    want.get(i)
+                );
+            }
         }
     }
 }

@@ -288,7 +288,9 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
             } else {
                 e.now_ms.min(ctx.st.clock_ms)
             };
-            let due = ctx.st.due(now);
+            let mut due = ctx.st.due(now);
+            // Key order, like every multi-key revision (history and broadcast order).
+            due.sort();
             let mut r = kvpb::ExpireResult::new();
             if !due.is_empty() {
                 let rev = ctx.st.next_revision();

@@ -442,6 +442,8 @@ impl KvStore {
                 first_revision,
                 last_revision,
                 index,
+                // Changes come in revision order, each revision's keys in key order (range
+                // delete, expire), the order of the history.
                 events: changes.iter().map(|c| c.event()).collect(),
             });
         }
