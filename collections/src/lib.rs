@@ -15,8 +15,17 @@
 //!
 //! # Dependency rules
 //! Depends on `proto` and `seglog` only. It must never depend on `harpoon`: the node layer
-//! wraps a [`kv::KvStore`] into harpoon's `StateMachine` (apply, apply state, persist,
-//! snapshot, restore map one to one).
+//! wraps a [`kv::KvStore`] into harpoon's `StateMachine`:
+//!
+//! | `StateMachine` | `KvStore` |
+//! | --- | --- |
+//! | `apply(entry)` | [`kv::KvStore::apply`]`(index, term, now_ms, data)` (`now_ms` from the entry) |
+//! | `apply_conf_change(i, t, cs)` | [`kv::KvStore::set_apply_meta`]`(i, t, encoded cs)` |
+//! | `set_commit(i, t)` | [`kv::KvStore::set_commit`] |
+//! | `apply_state()` | [`kv::KvStore::durable_state`] (decode `apply_meta` back to a `ConfState`) |
+//! | `persist()` | [`kv::KvStore::persist`] |
+//! | `snapshot()` | [`kv::KvReader::snapshot`] + `to_bytes` (or `next_chunk` to stream) |
+//! | `restore(s)` | [`kv::KvStore::restore_chunks`] / [`kv::KvStore::restore_bytes`] |
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![forbid(unsafe_code)]
@@ -25,3 +34,16 @@ pub mod error;
 pub mod kv;
 
 pub use error::{KvError, Result};
+
+#[cfg(test)]
+mod tests {
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn stores_and_readers_cross_threads() {
+        assert_send_sync::<crate::kv::KvStore>();
+        assert_send_sync::<crate::kv::KvReader>();
+        assert_send_sync::<crate::kv::Watcher>();
+        assert_send_sync::<crate::kv::SnapshotReader>();
+    }
+}
