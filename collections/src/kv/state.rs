@@ -138,10 +138,16 @@ impl KeyRange {
             end: None,
         }
     }
-    /// etcd style: `range_end` empty = the single key `key`.
+    /// etcd style: `range_end` empty = the single key `key`; `range_end` = `"\0"` = every
+    /// key from `key` on.
     pub fn etcd(key: Bytes, range_end: Bytes) -> Self {
         if range_end.is_empty() {
             KeyRange::key(key)
+        } else if range_end.as_ref() == [0] {
+            KeyRange {
+                start: key,
+                end: None,
+            }
         } else {
             KeyRange {
                 start: key,

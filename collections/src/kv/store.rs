@@ -611,8 +611,9 @@ impl KvStore {
     }
 
     /// Range split at `at`, applied as the entry `index`/`term`: keys `>= at` (and their
-    /// history) move to a new store opened with `right` (which must be empty), keys `< at`
-    /// stay. Both halves keep the revision, the clock, the horizon and the apply state.
+    /// history) move to a new store opened with `right` (which must be empty, or hold the
+    /// right half of this same split from before a crash), keys `< at` stay. Both halves keep
+    /// the revision, the clock, the horizon and the apply state, and are durable on return.
     ///
     /// # Errors
     /// `InvalidArgument` if `at` is outside the bounds or `right` is not empty (nothing
@@ -634,7 +635,12 @@ impl KvStore {
             ));
         }
         let mut right_store = KvStore::open(right)?;
-        if right_store.reader.apply_state().applied_index != 0 {
+        // A right half already materialised by this very split (a crash after the right half
+        // was durable but before the left half was) is what this call would build again:
+        // splits are deterministic. Anything else in the right dir is refused.
+        let right_applied = right_store.reader.apply_state().applied_index;
+        let reuse_right = right_applied != 0 && right_applied == index;
+        if right_applied != 0 && !reuse_right {
             return Err(KvError::invalid(
                 "right",
                 "the right half's data dir is not empty",
@@ -688,9 +694,13 @@ impl KvStore {
             dl.last_commit = st.apply.clone();
         }
         drop(st);
-        // Streamed: in persistent mode the right half never sits in memory as a whole.
-        let chunks = std::iter::from_fn(|| image.next_chunk(1 << 20).transpose());
-        right_store.restore_chunks(chunks)?;
+        if !reuse_right {
+            // Streamed: in persistent mode the right half never sits in memory as a whole.
+            let chunks = std::iter::from_fn(|| image.next_chunk(1 << 20).transpose());
+            right_store.restore_chunks(chunks)?;
+        }
+        // Both halves durable at the split index when this returns (the right one already is).
+        self.persist()?;
         Ok(right_store)
     }
 
