@@ -82,6 +82,8 @@ pub struct Model {
     pub revision: u64,
     pub clock: u64,
     pub events: Vec<Event>,
+    /// The history horizon after `CompactHistory` steps.
+    pub compact: u64,
 }
 
 impl Model {
@@ -290,6 +292,8 @@ pub enum Op {
     Expire,
     Tick(u64),
     Get(u8),
+    /// `Compact` the history to `revision - back % 10`.
+    CompactHistory(u8),
 }
 
 pub fn key(k: u8) -> Vec<u8> {
@@ -317,6 +321,7 @@ pub fn op_strategy(value_len: usize) -> impl proptest::strategy::Strategy<Value 
         1 => Just(Op::Expire),
         2 => (1u64..30).prop_map(Op::Tick),
         2 => any::<u8>().prop_map(Op::Get),
+        1 => any::<u8>().prop_map(Op::CompactHistory),
     ]
 }
 
@@ -422,6 +427,13 @@ pub fn step(store: &mut KvStore, model: &mut Model, op: &Op, vlen: usize) {
             // An empty entry carries the new clock.
             let index = store.apply_state().applied_index + 1;
             store.apply(index, 1, model.clock, b"").expect("no-op");
+        }
+        Op::CompactHistory(back) => {
+            let target = model.revision.saturating_sub(u64::from(*back % 10));
+            model.compact = model.compact.max(target);
+            let r = apply(store, now, &cmd::compact(target));
+            assert!(matches!(result(&r), Res::compact(_)), "{r:?}");
+            assert_eq!(r.get_header().compact_revision, model.compact);
         }
         Op::Get(k) => {
             let (got, _) = store.get(&key(*k), now).expect("get");
