@@ -193,3 +193,29 @@ proptest! {
         prop_assert!(matches!(result(&r), Res::put(_)));
     }
 }
+
+#[test]
+fn wire_forms_of_reads() {
+    let mut s = mem();
+    apply(&mut s, 0, &cmd::put(b"a", b"1", 0));
+    apply(&mut s, 0, &cmd::put(b"b", b"2", 0));
+    let page = s
+        .scan(
+            &collections::kv::ScanRequest {
+                limit: 1,
+                ..collections::kv::ScanRequest::range(collections::kv::KeyRange::all())
+            },
+            0,
+        )
+        .expect("scan");
+    let r = page.to_pb();
+    assert_eq!(r.get_header().revision, 2);
+    let Res::scan(sr) = result(&r) else { panic!() };
+    assert!(sr.more);
+    assert_eq!(sr.next_key, Bytes::from_static(b"b"));
+    let w = s
+        .events_since(1, &collections::kv::KeyRange::all(), 0, 0)
+        .expect("events")
+        .to_pb();
+    assert_eq!((w.events.len(), w.next_revision, w.resync), (2, 3, false));
+}

@@ -45,6 +45,17 @@ pub struct ReadHeader {
     pub compact_revision: u64,
 }
 
+impl ReadHeader {
+    /// The wire form.
+    pub fn to_pb(&self) -> proto::kvpb::ResponseHeader {
+        let mut h = proto::kvpb::ResponseHeader::new();
+        h.revision = self.revision;
+        h.applied_index = self.applied_index;
+        h.compact_revision = self.compact_revision;
+        h
+    }
+}
+
 /// A scan request. Pages: at most `limit` keys (0 = no limit) and about `max_bytes` of keys
 /// plus values (0 = no bound; a page holds at least one key).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +94,18 @@ pub struct ScanPage {
     pub next_key: Option<Bytes>,
     /// The state the page was served at.
     pub header: ReadHeader,
+}
+
+impl ScanPage {
+    /// The wire form: a `Response` with its header and a `ScanResult`.
+    pub fn to_pb(&self) -> proto::kvpb::Response {
+        let mut r = proto::kvpb::Response::new();
+        r.header = protobuf::SingularPtrField::some(self.header.to_pb());
+        r.result = Some(proto::kvpb::Response_oneof_result::scan(
+            crate::kv::apply::scan_result(self.kvs.clone(), self.next_key.clone()),
+        ));
+        r
+    }
 }
 
 #[derive(Debug)]

@@ -59,6 +59,31 @@ pub enum WatchBatch {
     },
 }
 
+impl WatchBatch {
+    /// The wire form (the caller sets `header`).
+    pub fn to_pb(&self) -> proto::kvpb::WatchResponse {
+        let mut r = proto::kvpb::WatchResponse::new();
+        match self {
+            WatchBatch::Events {
+                events,
+                next_revision,
+            } => {
+                r.events = events.iter().map(Event::to_pb).collect();
+                r.next_revision = *next_revision;
+            }
+            WatchBatch::Resync {
+                current,
+                next_revision,
+            } => {
+                r.resync = true;
+                r.current = current.iter().map(KeyValue::to_pb).collect();
+                r.next_revision = *next_revision;
+            }
+        }
+        r
+    }
+}
+
 /// One step of a [`Watcher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchUpdate {
