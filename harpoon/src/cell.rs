@@ -275,7 +275,7 @@ impl Cell {
             });
         }
         let rc = cfg.cell.raft_config(node.get(), st.applied_index);
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let logger = raft_logger(id, node);
         let raw = RawNode::new(&rc, storage, &logger).map_err(sterr)?;
         Ok(Cell {
             id,
@@ -980,5 +980,46 @@ fn decode_conf_change(e: &Entry) -> std::result::Result<ConfChangeV2, String> {
             })
             .map_err(|err| err.to_string()),
         _ => ConfChangeV2::parse_from_bytes(&e.data).map_err(|err| err.to_string()),
+    }
+}
+
+/// raft-rs's logger: silent unless `HARPOON_RAFT_LOG` is set (then info and above go to
+/// stderr, for debugging).
+fn raft_logger(cell: CellId, node: NodeId) -> slog::Logger {
+    if std::env::var_os("HARPOON_RAFT_LOG").is_some() {
+        slog::Logger::root(
+            StderrDrain,
+            slog::o!("cell" => cell.get(), "node" => node.get()),
+        )
+    } else {
+        slog::Logger::root(slog::Discard, slog::o!())
+    }
+}
+
+struct StderrDrain;
+
+struct KvLine(String);
+
+impl slog::Serializer for KvLine {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        self.0.push_str(&format!(" {key}={val}"));
+        Ok(())
+    }
+}
+
+impl slog::Drain for StderrDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(&self, r: &slog::Record<'_>, kv: &slog::OwnedKVList) -> Result<(), slog::Never> {
+        use slog::KV;
+        if !r.level().is_at_least(slog::Level::Info) {
+            return Ok(());
+        }
+        let mut line = KvLine(String::new());
+        let _ = r.kv().serialize(r, &mut line);
+        let _ = kv.serialize(r, &mut line);
+        eprintln!("{:?} {} {}{}", Instant::now(), r.level(), r.msg(), line.0);
+        Ok(())
     }
 }

@@ -141,7 +141,13 @@ impl CellConfig {
             check_quorum: true,
             pre_vote: true,
             skip_bcast_commit: true,
-            batch_append: true,
+            // Off on purpose (TiKV keeps it off too): raft-rs 0.7 `try_batching` merges new
+            // entries into a queued *empty* MsgAppend without checking that they start at its
+            // `index + 1`; after a reject rewinds `next` in the same round the merged message
+            // claims more than it carries and the follower acknowledges entries it does not
+            // have (then panics "to_commit .. out of range"). Found by t95_nemesis under
+            // reordered/duplicated messages.
+            batch_append: false,
             max_uncommitted_size: self.max_uncommitted_size,
             max_committed_size_per_ready: self.max_committed_size_per_ready,
             ..Default::default()

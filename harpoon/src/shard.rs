@@ -316,6 +316,12 @@ impl Shard {
 
     fn deliver(&mut self, env: Envelope, now: Instant) {
         let Envelope { cell, msg } = env;
+        // raft-rs does not check `to`: a misrouted message (e.g. a heartbeat carrying another
+        // follower's commit) would corrupt this replica's view. Drop it.
+        if msg.to != self.node.get() {
+            tracing::warn!(node = %self.node, to = msg.to, %cell, "dropping misaddressed message");
+            return;
+        }
         // TiKV's `allow_unsafe_vote_after_start = false`: with lease reads, a restarted node
         // forgot its leader contact; voting now could elect a leader inside the old lease.
         if self.cfg.cell.lease_reads

@@ -143,6 +143,11 @@ impl Cluster {
         self.nodes.get(&id).expect("node not running")
     }
 
+    /// The running node `id`, if it runs.
+    pub fn try_node(&self, id: NodeId) -> Option<&Node> {
+        self.nodes.get(&id)
+    }
+
     /// Ids of the running nodes.
     pub fn running(&self) -> Vec<NodeId> {
         self.nodes.keys().copied().collect()
