@@ -277,6 +277,11 @@ impl Cell {
         let rc = cfg.cell.raft_config(node.get(), st.applied_index);
         let logger = raft_logger(id, node);
         let raw = RawNode::new(&rc, storage, &logger).map_err(sterr)?;
+        let async_acked = if mode == ReplicationMode::Async {
+            recover_async_acks(&raw, node)
+        } else {
+            BTreeMap::new()
+        };
         Ok(Cell {
             id,
             node,
@@ -287,7 +292,7 @@ impl Cell {
             metrics,
             proposals: BTreeMap::new(),
             durable_acks: Vec::new(),
-            async_acked: BTreeMap::new(),
+            async_acked,
             async_lost: 0,
             reads: HashMap::new(),
             read_waits: Vec::new(),
@@ -376,7 +381,13 @@ impl Cell {
             return send(tx, Err(self.not_leader()));
         }
         let before = self.raw.raft.raft_log.last_index();
-        match self.raw.propose(Vec::new(), data.to_vec()) {
+        // Async entries carry their proposer, so a restarted leader still knows which of its
+        // uncommitted entries it acknowledged (see `recover_async_acks`).
+        let context = match self.mode {
+            ReplicationMode::Async => self.node.get().to_le_bytes().to_vec(),
+            ReplicationMode::Consensus => Vec::new(),
+        };
+        match self.raw.propose(context, data.to_vec()) {
             Ok(()) => {}
             Err(raft::Error::ProposalDropped) => {
                 return send(tx, Err(Error::Busy { cell: self.id }))
@@ -964,6 +975,28 @@ impl Cell {
             send(tx, Err(err.clone()));
         }
     }
+}
+
+/// After a restart, the uncommitted entries this node proposed in Async mode: each one was
+/// acknowledged (its reply follows the sync that made it durable) unless the crash fell
+/// between that sync and the reply, so counting it as acknowledged is conservative.
+fn recover_async_acks(raw: &RawNode<CellStorage>, node: NodeId) -> BTreeMap<u64, u64> {
+    let log = &raw.raft.raft_log;
+    let (lo, hi) = (log.committed + 1, log.last_index() + 1);
+    let me = node.get().to_le_bytes();
+    let mut acked = BTreeMap::new();
+    if lo >= hi {
+        return acked;
+    }
+    let ctx = raft::GetEntriesContext::empty(false);
+    if let Ok(entries) = raw.store().entries(lo, hi, None, ctx) {
+        for e in entries {
+            if e.get_entry_type() == EntryType::EntryNormal && e.context.as_ref() == me {
+                acked.insert(e.index, e.term);
+            }
+        }
+    }
+    acked
 }
 
 fn decode_conf_change(e: &Entry) -> std::result::Result<ConfChangeV2, String> {
