@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::RwLock;
 use seglog::{Position, SegLog};
 
 use crate::error::{KvError, Result};
@@ -342,10 +343,19 @@ impl DataLog {
     /// still references to the end of the log, closes the group with `BOUNDS` + `COMMIT`,
     /// syncs, then deletes the sealed segments. Returns how many segments were dropped.
     ///
+    /// Locking: the caller owns the store (`&mut`), so no apply runs meanwhile. The copy phase
+    /// (reading sealed segments, appending copies) holds only the *read* lock, so readers go
+    /// on; the write lock is taken briefly to move the references to the copies. Readers that
+    /// took an old position before that and read it after the segments are deleted retry.
+    ///
     /// Crash analysis: before the sync the copies are an uncommitted tail (cut on recovery) and
     /// the old segments are intact; after it the copies are durable, so deleting the old
     /// segments loses nothing the state references.
-    pub(crate) fn compact(&mut self, st: &mut State) -> Result<u64> {
+    pub(crate) fn compact(
+        &mut self,
+        lock: &RwLock<State>,
+        pins: &std::sync::atomic::AtomicUsize,
+    ) -> Result<u64> {
         let segs = self.log.segments();
         let Some(active) = segs.last().map(|s| s.number) else {
             return Ok(0);
@@ -353,56 +363,83 @@ impl DataLog {
         if segs.len() < 2 {
             return Ok(0);
         }
-        let mut batch: Vec<(Position, Vec<u8>)> = Vec::new();
-        for item in self.log.iter(self.log.first()) {
-            let (pos, buf) = item?;
-            if pos.segment >= active {
-                break;
+        let mut moves: Vec<Move> = Vec::new();
+        {
+            let st = lock.read();
+            let mut batch: Vec<(Position, Vec<u8>)> = Vec::new();
+            for item in self.log.iter(self.log.first()) {
+                let (pos, buf) = item?;
+                if pos.segment >= active {
+                    break;
+                }
+                let Record::Mutation(m) = decode(&buf)? else {
+                    continue;
+                };
+                let key = Bytes::copy_from_slice(m.key);
+                let hist_ref = st.history.get(&(m.meta.mod_revision, key.clone()));
+                let in_hist = match (m.kind, hist_ref) {
+                    (EventKind::Put, Some(h)) => h.value == ValueRef::Disk(pos),
+                    (EventKind::Delete, Some(h)) => h.kind == EventKind::Delete,
+                    (_, None) => false,
+                };
+                let live = m.kind == EventKind::Put
+                    && st
+                        .index
+                        .get(&key)
+                        .is_some_and(|e| e.value == ValueRef::Disk(pos));
+                let origin = if live {
+                    Origin::LiveCopy
+                } else if in_hist {
+                    Origin::HistCopy
+                } else {
+                    continue;
+                };
+                batch.push((
+                    pos,
+                    encode_mutation(origin, m.kind, m.key, &m.meta, m.value),
+                ));
+                if batch.len() >= 256 {
+                    self.copy(&mut batch, &mut moves)?;
+                }
             }
-            let Record::Mutation(m) = decode(&buf)? else {
-                continue;
-            };
-            let key = Bytes::copy_from_slice(m.key);
-            let hist_ref = st.history.get(&(m.meta.mod_revision, key.clone()));
-            let in_hist = match (m.kind, hist_ref) {
-                (EventKind::Put, Some(h)) => h.value == ValueRef::Disk(pos),
-                (EventKind::Delete, Some(h)) => h.kind == EventKind::Delete,
-                (_, None) => false,
-            };
-            let live = m.kind == EventKind::Put
-                && st
-                    .index
-                    .get(&key)
-                    .is_some_and(|e| e.value == ValueRef::Disk(pos));
-            let origin = if live {
-                Origin::LiveCopy
-            } else if in_hist {
-                Origin::HistCopy
-            } else {
-                continue;
-            };
-            batch.push((
-                pos,
-                encode_mutation(origin, m.kind, m.key, &m.meta, m.value),
-            ));
-            if batch.len() >= 256 {
-                self.copy(st, &mut batch)?;
+            self.copy(&mut batch, &mut moves)?;
+        }
+        {
+            let mut st = lock.write();
+            for Move { old, new, key, rev } in moves {
+                if let Some(e) = st.index.get_mut(&key) {
+                    if e.value == ValueRef::Disk(old) {
+                        e.value = ValueRef::Disk(new);
+                    }
+                }
+                if let Some(h) = st.history.get_mut(&(rev, key)) {
+                    if h.value == ValueRef::Disk(old) {
+                        h.value = ValueRef::Disk(new);
+                    }
+                }
             }
+            let mut tail = Vec::new();
+            if st.bounds != Bounds::default() {
+                tail.push(encode_bounds(&st.bounds));
+            }
+            tail.push(encode_commit(&st));
+            self.log.append_batch(tail.iter().map(Vec::as_slice))?;
+            self.last_commit = st.apply.clone();
         }
-        self.copy(st, &mut batch)?;
-        let mut tail = Vec::new();
-        if st.bounds != Bounds::default() {
-            tail.push(encode_bounds(&st.bounds));
-        }
-        tail.push(encode_commit(st));
-        self.log.append_batch(tail.iter().map(Vec::as_slice))?;
-        self.last_commit = st.apply.clone();
         self.log.sync()?;
         self.durable = self.last_commit.clone();
+        // A snapshot pins its positions before it takes the read lock to capture them: with
+        // the write lock held and no pin, no snapshot can hold a position in the old segments.
+        // Otherwise they stay (garbage now) until the next compaction.
+        let _guard = lock.write();
+        if pins.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return Ok(0);
+        }
         Ok(self.log.drop_segments_before(active)?)
     }
 
-    fn copy(&mut self, st: &mut State, batch: &mut Vec<(Position, Vec<u8>)>) -> Result<()> {
+    /// Appends a batch of copies and records where the puts moved.
+    fn copy(&mut self, batch: &mut Vec<(Position, Vec<u8>)>, moves: &mut Vec<Move>) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -410,21 +447,14 @@ impl DataLog {
             .log
             .append_batch(batch.iter().map(|(_, b)| b.as_slice()))?;
         for ((old, buf), new) in batch.drain(..).zip(positions) {
-            let Record::Mutation(m) = decode(&buf)? else {
-                continue;
-            };
-            if m.kind != EventKind::Put {
-                continue;
-            }
-            let key = Bytes::copy_from_slice(m.key);
-            if let Some(e) = st.index.get_mut(&key) {
-                if e.value == ValueRef::Disk(old) {
-                    e.value = ValueRef::Disk(new);
-                }
-            }
-            if let Some(h) = st.history.get_mut(&(m.meta.mod_revision, key)) {
-                if h.value == ValueRef::Disk(old) {
-                    h.value = ValueRef::Disk(new);
+            if let Record::Mutation(m) = decode(&buf)? {
+                if m.kind == EventKind::Put {
+                    moves.push(Move {
+                        old,
+                        new,
+                        key: Bytes::copy_from_slice(m.key),
+                        rev: m.meta.mod_revision,
+                    });
                 }
             }
         }
@@ -552,6 +582,14 @@ impl DataLog {
         self.durable = self.last_commit.clone();
         Ok(())
     }
+}
+
+/// A record copied by compaction: references to `old` move to `new`.
+struct Move {
+    old: Position,
+    new: Position,
+    key: Bytes,
+    rev: u64,
 }
 
 /// An entry whose value may still need to reach the data log.

@@ -751,16 +751,12 @@ impl KvStore {
         if shared.pins.load(Ordering::SeqCst) > 0 {
             return Ok(0);
         }
-        let mut st = shared.state.write();
-        match dl.compact(&mut st) {
+        match dl.compact(&shared.state, &shared.pins) {
             Ok(n) => {
                 self.durable = dl.durable.clone();
                 Ok(n)
             }
-            Err(e) => {
-                drop(st);
-                self.poison(e)
-            }
+            Err(e) => self.poison(e),
         }
     }
 
