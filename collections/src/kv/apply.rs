@@ -61,6 +61,8 @@ pub(crate) fn apply_entry(
             what: "bytes",
         })
     } else {
+        // Parsing from a slice gives every `bytes` field its own allocation (a copy), so a
+        // stored value never pins the whole command buffer.
         match kvpb::Command::parse_from_bytes(cmd) {
             Ok(c) => match c.op {
                 Some(op) => exec(ctx, op, true).map(Some),
@@ -124,12 +126,6 @@ fn check_value(ctx: &Ctx<'_>, value: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Copies protobuf-owned bytes into their own allocation, so a stored value never pins the
-/// whole command buffer.
-fn own(b: &Bytes) -> Bytes {
-    Bytes::copy_from_slice(b)
-}
-
 fn deadline(now: u64, ttl_ms: u64) -> u64 {
     if ttl_ms == 0 {
         0
@@ -156,13 +152,13 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
         Op::put(p) => {
             check_key(ctx, &p.key)?;
             check_value(ctx, &p.value)?;
-            let key = own(&p.key);
+            let key = p.key.clone();
             expire_if_due(ctx, &key);
             let rev = ctx.st.next_revision();
             let exp = deadline(ctx.st.clock_ms, p.ttl_ms);
             let prev = ctx
                 .st
-                .put(key.clone(), own(&p.value), exp, rev, &mut ctx.changes);
+                .put(key.clone(), p.value.clone(), exp, rev, &mut ctx.changes);
             let mut r = kvpb::PutResult::new();
             if let (true, Some(prev)) = (p.prev_kv, prev) {
                 r.prev_kv = protobuf::SingularPtrField::some(load_kv(ctx, &key, &prev)?.to_pb());
@@ -173,7 +169,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
             let mut r = kvpb::DeleteResult::new();
             if d.range_end.is_empty() {
                 check_key(ctx, &d.key)?;
-                let key = own(&d.key);
+                let key = d.key.clone();
                 expire_if_due(ctx, &key);
                 if ctx.st.index.contains_key(&key) {
                     let rev = ctx.st.next_revision();
@@ -224,7 +220,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
         Op::cas(c) => {
             check_key(ctx, &c.key)?;
             check_value(ctx, &c.new_value)?;
-            let key = own(&c.key);
+            let key = c.key.clone();
             expire_if_due(ctx, &key);
             let cur = ctx.st.index.get(&key).cloned();
             let cur_kv = match &cur {
@@ -251,7 +247,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
                     let rev = ctx.st.next_revision();
                     let exp = deadline(ctx.st.clock_ms, c.ttl_ms);
                     ctx.st
-                        .put(key, own(&c.new_value), exp, rev, &mut ctx.changes);
+                        .put(key, c.new_value.clone(), exp, rev, &mut ctx.changes);
                 }
             }
             let mut r = kvpb::CasResult::new();
