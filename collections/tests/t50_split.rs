@@ -182,3 +182,78 @@ fn etcd_open_range_end_deletes_to_the_end() {
     assert_eq!(d.deleted, 3);
     assert_eq!(all(&store, 0).len(), 5);
 }
+
+fn op_key(op: &Op) -> Option<u8> {
+    match op {
+        Op::Put(k, ..)
+        | Op::Delete(k)
+        | Op::CasValue(k, ..)
+        | Op::CasVersion(k, ..)
+        | Op::CasModRev(k, ..)
+        | Op::CasAbsent(k, ..)
+        | Op::Get(k) => Some(*k),
+        _ => None,
+    }
+}
+
+fn restrict(model: &Model, lo: &[u8], hi: Option<&[u8]>) -> Model {
+    let inside = |k: &[u8]| k >= lo && hi.is_none_or(|h| k < h);
+    let mut m = model.clone();
+    m.map.retain(|k, _| inside(k));
+    m.events.retain(|e| inside(&e.kv.key));
+    m
+}
+
+use proptest::prelude::*;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Random workload, split at a random key, more random single-key work routed to the
+    /// owning half (TTL ticks and expiry to both): each half matches the model restricted to
+    /// its bounds, also after reopen.
+    #[test]
+    fn halves_match_the_restricted_model(
+        before in proptest::collection::vec(op_strategy(0), 1..60),
+        after in proptest::collection::vec(op_strategy(0), 1..60),
+        at in 1u8..8,
+        mode in 0usize..3,
+    ) {
+        let mode = MODES[mode];
+        let (ldir, rdir) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+        let mut left = open(mode, ldir.path());
+        let mut model = Model::default();
+        for op in &before {
+            step(&mut left, &mut model, op, 4);
+        }
+        let at_key = key(at);
+        let index = left.apply_state().applied_index + 1;
+        let mut right = left.split_off(index, 1, &at_key, config(mode, rdir.path())).expect("split");
+        let mut ml = restrict(&model, b"", Some(&at_key));
+        let mut mr = restrict(&model, &at_key, None);
+        for op in &after {
+            match op_key(op) {
+                Some(k) if key(k) < at_key => step(&mut left, &mut ml, op, 4),
+                Some(_) => step(&mut right, &mut mr, op, 4),
+                None if matches!(op, Op::Tick(_) | Op::Expire) => {
+                    step(&mut left, &mut ml, op, 4);
+                    step(&mut right, &mut mr, op, 4);
+                }
+                None => {}
+            }
+        }
+        for (store, m) in [(&left, &ml), (&right, &mr)] {
+            prop_assert_eq!(all(store, m.clock), m.visible(m.clock));
+            prop_assert_eq!(store.revision(), m.revision);
+        }
+        if mode != Mode::Memory {
+            left.persist().expect("persist");
+            right.persist().expect("persist");
+            drop(left);
+            drop(right);
+            let (left, right) = (open(mode, ldir.path()), open(mode, rdir.path()));
+            prop_assert_eq!(all(&left, ml.clock), ml.visible(ml.clock));
+            prop_assert_eq!(all(&right, mr.clock), mr.visible(mr.clock));
+        }
+    }
+}
