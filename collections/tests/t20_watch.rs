@@ -306,3 +306,39 @@ fn watcher_behind_the_horizon_resyncs_then_follows() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn history_byte_cap_bounds_retained_values() {
+    for mode in MODES {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = config(mode, dir.path());
+        cfg.history_max_bytes = 10_000;
+        let mut store = collections::kv::KvStore::open(cfg.clone()).expect("open");
+        let mut model = Model::default();
+        for i in 0..40u8 {
+            // ~1 KiB values: at most ~10 revisions of history survive.
+            step(&mut store, &mut model, &Op::Put(i, i, 0), 1000);
+        }
+        let stats = store.range_stats();
+        assert!(stats.history_events <= 10, "{stats:?}");
+        assert_eq!(
+            stats.compact_revision + stats.history_events,
+            model.revision
+        );
+        let from = stats.compact_revision + 1;
+        assert_eq!(
+            history(&store, from, &KeyRange::all(), 0),
+            expected(&model, from, &KeyRange::all())
+        );
+        if mode != Mode::Memory {
+            store.persist().expect("persist");
+            drop(store);
+            let store = collections::kv::KvStore::open(cfg).expect("reopen");
+            assert_eq!(store.range_stats().compact_revision, stats.compact_revision);
+            assert_eq!(
+                history(&store, from, &KeyRange::all(), 0),
+                expected(&model, from, &KeyRange::all())
+            );
+        }
+    }
+}

@@ -9,7 +9,8 @@
 //! 3. run it: each write command that changes something takes the next revision; a key whose
 //!    TTL passed is first removed (its delete event takes its own revision) when a put, cas or
 //!    delete touches it;
-//! 4. trim the watch history to the configured cap (whole revisions, oldest first);
+//! 4. trim the watch history to the configured caps (events and bytes; whole revisions,
+//!    oldest first);
 //! 5. return the reply and the list of changes (for the data log and the subscribers).
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use protobuf::Message;
 
 use crate::error::{KvError, Result};
 use crate::kv::state::{kv_of, Change, Entry, KeyRange, Loader, State};
-use crate::kv::types::{KeyValue, Limits};
+use crate::kv::types::{KeyValue, KvConfig, Limits};
 
 /// Everything one command needs.
 pub(crate) struct Ctx<'a> {
@@ -31,7 +32,7 @@ pub(crate) struct Ctx<'a> {
 /// Applies one entry. `Err` only for fatal errors (a value could not be loaded from disk).
 pub(crate) fn apply_entry(
     ctx: &mut Ctx<'_>,
-    history_max: usize,
+    cfg: &KvConfig,
     index: u64,
     term: u64,
     now_ms: u64,
@@ -71,7 +72,8 @@ pub(crate) fn apply_entry(
             Err(e) => Err(KvError::invalid("command", e.to_string())),
         }
     };
-    ctx.st.trim_history(history_max);
+    ctx.st
+        .trim_history(cfg.history_max_events, cfg.history_max_bytes);
     finish(ctx.st, result)
 }
 

@@ -224,7 +224,7 @@ pub(crate) fn recover(log: &SegLog) -> Result<State> {
             st.apply = c.apply;
             st.revision = c.revision;
             st.clock_ms = c.clock_ms;
-            drop_history_upto(&mut st, c.compact_revision);
+            st.drop_history_upto(c.compact_revision);
             st.compact_revision = c.compact_revision;
         } else {
             group.push((pos, buf));
@@ -235,16 +235,6 @@ pub(crate) fn recover(log: &SegLog) -> Result<State> {
         log.truncate(*first)?;
     }
     Ok(st)
-}
-
-fn drop_history_upto(st: &mut State, rev: u64) {
-    if st
-        .history
-        .first_key_value()
-        .is_some_and(|((r, _), _)| *r <= rev)
-    {
-        st.history = st.history.split_off(&(rev.saturating_add(1), Bytes::new()));
-    }
 }
 
 fn replay_one(st: &mut State, pos: Position, buf: &[u8]) -> Result<()> {
@@ -258,8 +248,9 @@ fn replay_one(st: &mut State, pos: Position, buf: &[u8]) -> Result<()> {
             if m.origin != Origin::HistCopy {
                 install(st, &key, m.kind, m.meta, vref.clone());
             }
-            st.history.insert(
-                (m.meta.mod_revision, key),
+            st.insert_hist(
+                m.meta.mod_revision,
+                key,
                 Hist {
                     kind: m.kind,
                     meta: m.meta,

@@ -323,8 +323,7 @@ impl Restorer {
                 self.pending
                     .push(Pending::Hist(meta.mod_revision, key.clone()));
                 self.st
-                    .history
-                    .insert((meta.mod_revision, key), Hist { kind, meta, value });
+                    .insert_hist(meta.mod_revision, key, Hist { kind, meta, value });
             }
             REC_END => {
                 if self.kvs_left != 0 || self.events_left != 0 {

@@ -188,6 +188,8 @@ pub(crate) struct State {
     pub(crate) bounds: Bounds,
     /// Bytes of live keys plus values.
     pub(crate) live_bytes: u64,
+    /// Bytes of keys plus values in `history` (for the byte cap).
+    pub(crate) history_bytes: u64,
 }
 
 /// What a point read collects under the lock; values are loaded afterwards.
@@ -224,8 +226,9 @@ impl State {
             self.expiry.insert((expires_at_ms, key.clone()));
         }
         let vref = ValueRef::Inline(value.clone());
-        self.history.insert(
-            (rev, key.clone()),
+        self.insert_hist(
+            rev,
+            key.clone(),
             Hist {
                 kind: EventKind::Put,
                 meta,
@@ -255,8 +258,9 @@ impl State {
             mod_revision: rev,
             ..Meta::default()
         };
-        self.history.insert(
-            (rev, key.clone()),
+        self.insert_hist(
+            rev,
+            key.clone(),
             Hist {
                 kind: EventKind::Delete,
                 meta,
@@ -289,22 +293,55 @@ impl State {
             .collect()
     }
 
-    /// Drops history at or below `rev` and moves the horizon there.
-    pub(crate) fn compact(&mut self, rev: u64) {
-        if rev <= self.compact_revision {
+    fn hist_size(key: &[u8], h: &Hist) -> u64 {
+        key.len() as u64 + u64::from(h.meta.value_len)
+    }
+
+    /// Adds (or replaces) a history event, keeping `history_bytes` exact.
+    pub(crate) fn insert_hist(&mut self, rev: u64, key: Bytes, h: Hist) {
+        self.history_bytes += Self::hist_size(&key, &h);
+        if let Some(old) = self.history.insert((rev, key.clone()), h) {
+            self.history_bytes = self
+                .history_bytes
+                .saturating_sub(Self::hist_size(&key, &old));
+        }
+    }
+
+    /// Drops history events at or below `rev` (the horizon is the caller's business).
+    pub(crate) fn drop_history_upto(&mut self, rev: u64) {
+        if self
+            .history
+            .first_key_value()
+            .is_none_or(|((r, _), _)| *r > rev)
+        {
             return;
         }
         let keep = self
             .history
             .split_off(&(rev.saturating_add(1), Bytes::new()));
+        let dropped: u64 = self
+            .history
+            .iter()
+            .map(|((_, k), h)| Self::hist_size(k, h))
+            .sum();
         self.history = keep;
+        self.history_bytes = self.history_bytes.saturating_sub(dropped);
+    }
+
+    /// Drops history at or below `rev` and moves the horizon there.
+    pub(crate) fn compact(&mut self, rev: u64) {
+        if rev <= self.compact_revision {
+            return;
+        }
+        self.drop_history_upto(rev);
         self.compact_revision = rev;
     }
 
-    /// Enforces the history cap by compacting whole revisions, oldest first (deterministic).
-    /// The newest revision is always kept whole, even if it alone exceeds the cap.
-    pub(crate) fn trim_history(&mut self, max_events: usize) {
-        while self.history.len() > max_events {
+    /// Enforces the history caps (events and bytes) by compacting whole revisions, oldest
+    /// first (deterministic: it depends only on the applied entries and the replicated
+    /// config). The newest revision is always kept whole, even if it alone exceeds a cap.
+    pub(crate) fn trim_history(&mut self, max_events: usize, max_bytes: u64) {
+        while self.history.len() > max_events || self.history_bytes > max_bytes {
             let Some(((rev, _), _)) = self.history.first_key_value() else {
                 break;
             };
@@ -330,6 +367,11 @@ impl State {
             }
         }
         self.history.retain(|(_, k), _| bounds.contains(k));
+        self.history_bytes = self
+            .history
+            .iter()
+            .map(|((_, k), h)| Self::hist_size(k, h))
+            .sum();
         self.bounds = bounds;
     }
 
@@ -464,7 +506,7 @@ mod tests {
         assert!(st.expiry.is_empty() && st.index.is_empty() && st.live_bytes == 0);
         assert_eq!(st.history.len(), 3);
         assert_eq!(ch.len(), 3);
-        st.trim_history(1);
+        st.trim_history(1, u64::MAX);
         assert_eq!((st.history.len(), st.compact_revision), (1, 2));
     }
 

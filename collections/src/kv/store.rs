@@ -440,14 +440,7 @@ impl KvStore {
             load: &load,
             changes: Vec::new(),
         };
-        let resp = apply_entry(
-            &mut ctx,
-            self.cfg.history_max_events,
-            index,
-            term,
-            now_ms,
-            cmd,
-        );
+        let resp = apply_entry(&mut ctx, &self.cfg, index, term, now_ms, cmd);
         let changes = std::mem::take(&mut ctx.changes);
         let resp = match resp {
             Ok(r) => r,
@@ -697,7 +690,7 @@ impl KvStore {
             .iter()
             .filter(|((_, k), _)| right_bounds.contains(k))
         {
-            view.history.insert(k.clone(), h.clone());
+            view.insert_hist(k.0, k.1.clone(), h.clone());
         }
         let mut image = SnapshotReader::capture(&view, shared.log.clone(), None);
         drop(view);

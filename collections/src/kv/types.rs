@@ -159,6 +159,10 @@ pub struct KvConfig {
     /// deterministically. Default 100 000. The leader's `Compact` commands implement time-based
     /// retention on top.
     pub history_max_events: usize,
+    /// Watch history kept at most (bytes of keys plus values; default 64 MiB), enforced like
+    /// `history_max_events`. In memory and logged modes history values are in memory (shared
+    /// with live values where they are the same version), so this bounds that memory.
+    pub history_max_bytes: u64,
     /// Data-log settings (persistent mode).
     pub seglog: seglog::Config,
     /// Capacity of each subscription channel (batches); a subscriber that falls this far behind
@@ -178,6 +182,7 @@ impl KvConfig {
             persistence,
             limits: Limits::default(),
             history_max_events: 100_000,
+            history_max_bytes: 64 << 20,
             seglog: seglog::Config::default(),
             subscriber_capacity: 1024,
         }
