@@ -1,9 +1,10 @@
 //! Write-path benchmark of one 3-member Harpoon cell with durable raft logs (seglog, fsync on).
 //!
 //! Measures proposals/s, p50/p99 latency and fsyncs per 1,000 proposals with 1 and 64
-//! concurrent proposers (Consensus mode: each reply waits for quorum commit + apply).
+//! concurrent proposers on one cell, and 64 proposers spread over 16 cells (one sync per
+//! round for every cell touched). Consensus mode: each reply waits for quorum commit + apply.
 //!
-//! Run: `cargo bench -p harpoon --bench cell`. Env: `BENCH_SECS` (default 6 s per row),
+//! Run: `cargo bench -p harpoon --bench cell`. Env: `BENCH_SECS` (default 5 s per row),
 //! `BENCH_TRANSPORT=tcp|mem` (default both: TCP on 127.0.0.1, then the in-process network).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -69,7 +70,9 @@ struct Row {
     proposals: u64,
     secs: f64,
     hist: Histogram<u64>,
-    leader_syncs: u64,
+    cells: u64,
+    /// Syncs of the node that synced most (the leader for one cell).
+    max_node_syncs: u64,
     all_syncs: u64,
 }
 
@@ -134,7 +137,7 @@ struct TcpSetup<'a> {
     addrs: Vec<std::net::SocketAddr>,
 }
 
-fn run(net: Net, concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) -> Row {
+fn run(net: Net, cells: u64, concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = NodeConfig {
         tick_interval: Duration::from_millis(50),
@@ -173,41 +176,44 @@ fn run(net: Net, concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) ->
         transports.push(t);
         nodes.push(Arc::new(node));
     }
-    let cell = CellId(1);
     let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
-    for n in &nodes {
-        n.create_cell(
-            cell,
-            &voters,
-            &[],
-            ReplicationMode::Consensus,
-            Box::new(CountingSm::default()),
-        )
-        .wait()
-        .expect("create");
-    }
-    let leader = loop {
-        if let Some(n) = nodes
-            .iter()
-            .find(|n| n.status(cell).wait().is_ok_and(|s| s.role == Role::Leader))
-        {
-            break n.clone();
+    let mut leaders = Vec::new();
+    for c in 1..=cells {
+        let cell = CellId(c);
+        for n in &nodes {
+            n.create_cell(
+                cell,
+                &voters,
+                &[],
+                ReplicationMode::Consensus,
+                Box::new(CountingSm::default()),
+            )
+            .wait()
+            .expect("create");
         }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Warm up (and let the leader commit its first entry).
-    for _ in 0..100 {
-        let _ = leader.propose(cell, Bytes::from_static(&[0u8; 128])).wait();
+        let leader = loop {
+            if let Some(n) = nodes
+                .iter()
+                .find(|n| n.status(cell).wait().is_ok_and(|s| s.role == Role::Leader))
+            {
+                break n.clone();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Warm up (and let the leader commit its first entry).
+        for _ in 0..20 {
+            let _ = leader.propose(cell, Bytes::from_static(&[0u8; 128])).wait();
+        }
+        leaders.push((cell, leader));
     }
-    let leader_idx = (leader.id().get() - 1) as usize;
     let syncs0: Vec<u64> = stores.iter().map(|s| s.stats().syncs).collect();
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
     let hists = rt.block_on(async {
         let mut tasks = Vec::new();
-        for _ in 0..concurrency {
-            let leader = leader.clone();
+        for i in 0..concurrency {
+            let (cell, leader) = leaders[i % leaders.len()].clone();
             let done = done.clone();
             tasks.push(tokio::spawn(async move {
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("hist");
@@ -237,10 +243,16 @@ fn run(net: Net, concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) ->
         proposals: done.load(Ordering::Relaxed),
         secs: elapsed,
         hist: hists,
-        leader_syncs: syncs1[leader_idx] - syncs0[leader_idx],
+        cells,
+        max_node_syncs: syncs1
+            .iter()
+            .zip(&syncs0)
+            .map(|(a, b)| a - b)
+            .max()
+            .unwrap_or(0),
         all_syncs: syncs1.iter().sum::<u64>() - syncs0.iter().sum::<u64>(),
     };
-    drop(leader);
+    drop(leaders);
     for n in nodes {
         if let Ok(n) = Arc::try_unwrap(n) {
             n.shutdown();
@@ -256,7 +268,7 @@ fn main() {
     let secs: u64 = std::env::var("BENCH_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(6);
+        .unwrap_or(5);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -272,31 +284,34 @@ fn main() {
          128 B proposals, Consensus mode, {secs} s per row"
     );
     println!(
-        "{:>9} | {:>9} | {:>10} | {:>11} | {:>8} | {:>8} | {:>15} | {:>13}",
+        "{:>9} | {:>5} | {:>9} | {:>10} | {:>11} | {:>8} | {:>8} | {:>15} | {:>13}",
         "transport",
+        "cells",
         "proposers",
         "proposals",
         "proposals/s",
         "p50 us",
         "p99 us",
-        "leader fsync/1k",
+        "max node sync/1k",
         "all fsyncs/1k"
     );
-    for (net, c) in nets
+    let rows = [(1u64, 1usize), (1, 64), (16, 64)];
+    for (net, (cells, c)) in nets
         .iter()
-        .flat_map(|n| [1usize, 64].into_iter().map(move |c| (*n, c)))
+        .flat_map(|n| rows.into_iter().map(move |r| (*n, r)))
     {
-        let r = run(net, c, secs, &rt);
+        let r = run(net, cells, c, secs, &rt);
         let per_k = |s: u64| s as f64 * 1000.0 / r.proposals.max(1) as f64;
         println!(
-            "{:>9} | {:>9} | {:>10} | {:>11.0} | {:>8} | {:>8} | {:>15.1} | {:>13.1}",
+            "{:>9} | {:>5} | {:>9} | {:>10} | {:>11.0} | {:>8} | {:>8} | {:>15.1} | {:>13.1}",
             format!("{net:?}").to_lowercase(),
+            r.cells,
             r.concurrency,
             r.proposals,
             r.proposals as f64 / r.secs,
             r.hist.value_at_quantile(0.5),
             r.hist.value_at_quantile(0.99),
-            per_k(r.leader_syncs),
+            per_k(r.max_node_syncs),
             per_k(r.all_syncs),
         );
     }
