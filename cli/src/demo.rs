@@ -1,0 +1,390 @@
+//! `quiver demo`: a local cluster of `quiver node` child processes on 127.0.0.1, bootstrapped
+//! and exercised; also the harness the process tests use ([`LocalCluster`]).
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+
+use crate::status::{self, ClusterStatus};
+use crate::CliError;
+
+/// `quiver demo` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Number of nodes to start.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Writes (and as many reads) in the workload.
+    #[arg(long, default_value_t = 2000)]
+    pub ops: u64,
+    /// Exit after the workload instead of waiting for Ctrl-C.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// Addresses and data dir of one child node.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    pub data_dir: PathBuf,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// Child `quiver node` processes; every child is killed when this is dropped.
+#[derive(Debug)]
+pub struct LocalCluster {
+    pub exe: PathBuf,
+    pub dir: PathBuf,
+    pub secret: String,
+    pub nodes: Vec<NodeSpec>,
+    pub seeds: Vec<SocketAddr>,
+    /// Extra `--flag value` pairs for every node (e.g. short ticks in tests).
+    pub extra: Vec<(String, String)>,
+    children: Vec<Option<Child>>,
+}
+
+/// A free port on 127.0.0.1 (bound then released).
+///
+/// # Errors
+/// No port could be bound.
+pub fn free_addr() -> Result<SocketAddr, CliError> {
+    let l = TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| CliError::Msg(format!("no free port: {e}")))?;
+    l.local_addr()
+        .map_err(|e| CliError::Msg(format!("no free port: {e}")))
+}
+
+impl LocalCluster {
+    /// Lay out `n` nodes under `dir` (nothing is started); the first min(n, 3) are seeds.
+    ///
+    /// # Errors
+    /// No free ports.
+    pub fn new(
+        exe: PathBuf,
+        dir: PathBuf,
+        n: usize,
+        extra: Vec<(String, String)>,
+    ) -> Result<Self, CliError> {
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            nodes.push(NodeSpec {
+                data_dir: dir.join(format!("node-{}", i + 1)),
+                client: free_addr()?,
+                peer: free_addr()?,
+                admin: free_addr()?,
+            });
+        }
+        let seeds = nodes.iter().take(3).map(|n| n.peer).collect();
+        let secret: String = (0..24)
+            .map(|_| {
+                char::from(
+                    b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::thread_rng().gen_range(0..36)],
+                )
+            })
+            .collect();
+        Ok(LocalCluster {
+            exe,
+            dir,
+            secret,
+            children: (0..n).map(|_| None).collect(),
+            nodes,
+            seeds,
+            extra,
+        })
+    }
+
+    /// Start node `i` (again); its output goes to `<data dir>.log`.
+    ///
+    /// # Errors
+    /// The process cannot be spawned.
+    pub fn start(&mut self, i: usize) -> Result<(), CliError> {
+        let n = &self.nodes[i];
+        let seeds: Vec<String> = self.seeds.iter().map(|s| s.to_string()).collect();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.data_dir.with_extension("log"))
+            .map_err(|e| CliError::Msg(format!("log file: {e}")))?;
+        let err = log
+            .try_clone()
+            .map_err(|e| CliError::Msg(format!("log file: {e}")))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("node")
+            .arg("--data-dir")
+            .arg(&n.data_dir)
+            .arg("--listen")
+            .arg(n.client.to_string())
+            .arg("--peer-listen")
+            .arg(n.peer.to_string())
+            .arg("--admin-listen")
+            .arg(n.admin.to_string())
+            .arg("--seeds")
+            .arg(seeds.join(","))
+            .arg("--zone")
+            .arg(format!("zone-{}", i % 3))
+            .env("QUIVER_CLUSTER_SECRET", &self.secret)
+            .env_remove("QUIVER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        if std::env::var_os("QUIVER_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("QUIVER_LOG", "info");
+        }
+        for (k, v) in &self.extra {
+            cmd.arg(format!("--{k}")).arg(v);
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| CliError::Msg(format!("cannot start {}: {e}", self.exe.display())))?;
+        self.children[i] = Some(child);
+        Ok(())
+    }
+
+    /// Start every node.
+    ///
+    /// # Errors
+    /// A process cannot be spawned.
+    pub fn start_all(&mut self) -> Result<(), CliError> {
+        for i in 0..self.nodes.len() {
+            self.start(i)?;
+        }
+        Ok(())
+    }
+
+    /// Whether node `i`'s process runs.
+    pub fn running(&mut self, i: usize) -> bool {
+        match self.children[i].as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILL node `i` and reap it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM node `i` and wait up to `grace` for it to exit (then SIGKILL). Returns whether
+    /// it exited by itself.
+    pub fn terminate(&mut self, i: usize, grace: Duration) -> bool {
+        let Some(mut c) = self.children[i].take() else {
+            return true;
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    /// Client-port addresses of the nodes in `idx`.
+    pub fn clients(&self, idx: impl IntoIterator<Item = usize>) -> Vec<SocketAddr> {
+        idx.into_iter().map(|i| self.nodes[i].client).collect()
+    }
+
+    /// Index of the node with client address `addr`.
+    pub fn index_of_client(&self, addr: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.client.to_string() == addr)
+    }
+
+    /// Send CreateMeta to node `i`.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn create_meta(&self, i: usize) -> Result<(), CliError> {
+        crate::create_meta(&crate::CreateMetaArgs {
+            seed: self.nodes[i].peer,
+            cluster_secret: self.secret.clone(),
+            cluster: "quiver".into(),
+            replication_factor: meta::META_REPLICATION_FACTOR,
+            timeout_secs: 20,
+        })
+        .await
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Poll `f` every 100 ms until it returns `Some` or `timeout` passes.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn port_open(a: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok()
+}
+
+/// `quiver demo`.
+///
+/// # Errors
+/// The cluster could not be started or did not assemble in time.
+pub fn run(a: &DemoArgs) -> Result<(), CliError> {
+    if a.nodes == 0 || a.nodes > 32 {
+        return Err(CliError::Msg("--nodes must be between 1 and 32".into()));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| CliError::Msg(format!("cannot find the quiver binary: {e}")))?;
+    let tmp = tempfile::Builder::new()
+        .prefix("quiver-demo-")
+        .tempdir()
+        .map_err(|e| CliError::Msg(format!("temp dir: {e}")))?;
+    let mut cluster = LocalCluster::new(exe, tmp.path().to_path_buf(), a.nodes, vec![])?;
+    println!("starting {} nodes in {}", a.nodes, tmp.path().display());
+    cluster.start_all()?;
+    let rt = crate::runtime(2)?;
+    let result = rt.block_on(demo(&mut cluster, a));
+    println!("stopping the cluster");
+    for i in 0..cluster.nodes.len() {
+        cluster.terminate(i, Duration::from_secs(5));
+    }
+    drop(cluster);
+    drop(tmp);
+    result
+}
+
+async fn demo(cluster: &mut LocalCluster, a: &DemoArgs) -> Result<(), CliError> {
+    let first = cluster.nodes[0].peer;
+    wait_for(Duration::from_secs(20), || async {
+        port_open(first).then_some(())
+    })
+    .await
+    .ok_or_else(|| {
+        CliError::Msg(format!(
+            "node 1 did not open {first}; see {}",
+            cluster.nodes[0].data_dir.with_extension("log").display()
+        ))
+    })?;
+    cluster.create_meta(0).await?;
+    let want = a.nodes.min(7);
+    let seeds = cluster.clients(0..cluster.nodes.len().min(3));
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message(format!("waiting for meta to reach {want} voters"));
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let st = wait_for(Duration::from_secs(60), || async {
+        let st = status::fetch(&seeds, Duration::from_secs(2)).await.ok()?;
+        let r = st.ranges.iter().find(|r| r.id == meta::META_RANGE)?;
+        spinner.set_message(format!("meta has {}/{} voters", r.voters, want));
+        (r.voters >= want && st.nodes.iter().filter(|n| n.alive).count() >= a.nodes).then_some(st)
+    })
+    .await;
+    spinner.finish_and_clear();
+    let st: ClusterStatus =
+        st.ok_or_else(|| CliError::Msg(format!("meta did not reach {want} voters within 60 s")))?;
+    println!("{}", st.tables());
+
+    workload(&seeds, a.ops).await?;
+
+    let client_seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+    let peer_seeds: Vec<String> = cluster.seeds.iter().map(|s| s.to_string()).collect();
+    println!("\nseeds (client port): {}", client_seeds.join(","));
+    println!("seeds (peer port):   {}", peer_seeds.join(","));
+    println!(
+        "admin of node 1:     http://{}/metrics",
+        cluster.nodes[0].admin
+    );
+    println!("\ntry:");
+    println!("  quiver status --seeds {}", client_seeds.join(","));
+    println!("  quiver status --json --seeds {}", client_seeds[0]);
+    println!("  curl -s http://{}/readyz", cluster.nodes[0].admin);
+    if a.no_wait {
+        return Ok(());
+    }
+    println!(
+        "\ncluster is up; press Ctrl-C to stop it and remove {}",
+        cluster.dir.display()
+    );
+    crate::stop_signal().await;
+    Ok(())
+}
+
+/// Writes and reads on meta's scratch space through the client, with a progress bar.
+async fn workload(seeds: &[SocketAddr], ops: u64) -> Result<(), CliError> {
+    let c = client::Client::new(seeds.to_vec(), Duration::from_secs(10))?;
+    let bar = ProgressBar::new(ops * 2);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ops ({per_sec})")
+            .map_err(|e| CliError::Msg(e.to_string()))?
+            .progress_chars("=> "),
+    );
+    bar.set_message("workload");
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let workers = 16u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..workers {
+        let (c, bar, done) = (c.clone(), bar.clone(), done.clone());
+        tasks.spawn(async move {
+            let mut i = w;
+            while i < ops {
+                let key = format!("demo/{i:06}");
+                let value = format!("value-{i}");
+                c.put(key.as_bytes(), value.as_bytes()).await?;
+                let got = c.get(key.as_bytes(), true).await?;
+                if got.map(|v| v.value) != Some(value.into_bytes().into()) {
+                    return Err(client::ClientError::Protocol(format!(
+                        "read of {key} did not see its write"
+                    )));
+                }
+                bar.inc(2);
+                done.fetch_add(2, Ordering::Relaxed);
+                i += workers;
+            }
+            Ok::<(), client::ClientError>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.map_err(|e| CliError::Msg(e.to_string()))??;
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let n = done.load(Ordering::Relaxed);
+    println!(
+        "workload: {n} ops ({} writes + {} linearizable reads through meta's leader) in {secs:.2} s = {:.0} ops/s",
+        n / 2,
+        n / 2,
+        n as f64 / secs
+    );
+    Ok(())
+}
+
+/// Where a node's log goes.
+pub fn log_path(data_dir: &Path) -> PathBuf {
+    data_dir.with_extension("log")
+}

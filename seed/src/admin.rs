@@ -1,0 +1,219 @@
+//! The admin HTTP port: `GET /metrics` (Prometheus text), `/livez`, `/readyz`. A minimal
+//! HTTP/1.1 responder: one request per connection, bounded header size.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::node::Seed;
+
+const MAX_HEAD: usize = 8 << 10;
+
+async fn respond(s: &mut TcpStream, code: u16, reason: &str, ctype: &str, body: &str) {
+    let head = format!(
+        "HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let _ = s.write_all(body.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// Serve one admin request.
+pub async fn serve(seed: Arc<Seed>, mut s: TcpStream) {
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 1024];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut chunk).await.ok()?;
+            if n == 0 || buf.len() + n > MAX_HEAD {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Some(())
+    })
+    .await;
+    if !matches!(read, Ok(Some(()))) {
+        return respond(&mut s, 400, "Bad Request", "text/plain", "bad request\n").await;
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" && method != "HEAD" {
+        return respond(
+            &mut s,
+            405,
+            "Method Not Allowed",
+            "text/plain",
+            "GET only\n",
+        )
+        .await;
+    }
+    match path {
+        "/livez" => respond(&mut s, 200, "OK", "text/plain", "ok\n").await,
+        "/readyz" => {
+            if seed.ready() {
+                respond(&mut s, 200, "OK", "text/plain", "ready\n").await
+            } else if seed.draining.load(Ordering::Relaxed) {
+                respond(
+                    &mut s,
+                    503,
+                    "Service Unavailable",
+                    "text/plain",
+                    "draining\n",
+                )
+                .await
+            } else {
+                respond(
+                    &mut s,
+                    503,
+                    "Service Unavailable",
+                    "text/plain",
+                    "no meta yet\n",
+                )
+                .await
+            }
+        }
+        "/metrics" => {
+            let body = metrics(&seed).await;
+            respond(&mut s, 200, "OK", "text/plain; version=0.0.4", &body).await
+        }
+        _ => respond(&mut s, 404, "Not Found", "text/plain", "not found\n").await,
+    }
+}
+
+async fn metrics(seed: &Arc<Seed>) -> String {
+    let mut out = String::new();
+    let mut g = |name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
+    };
+    let c = &seed.counters;
+    let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let st = seed.meta_status().await;
+    let m = seed.node.metrics();
+    let ts = seed.transport.stats();
+    g("quiver_node_id", "This node's id.", "gauge", seed.id);
+    g(
+        "quiver_ready",
+        "1 when the node knows meta and is not draining.",
+        "gauge",
+        u64::from(seed.ready()),
+    );
+    g(
+        "quiver_meta_revision",
+        "Revision of meta as this node sees it.",
+        "gauge",
+        seed.read_meta(|s| s.revision()),
+    );
+    g(
+        "quiver_meta_replica",
+        "1 when this node holds a meta replica.",
+        "gauge",
+        u64::from(st.is_some()),
+    );
+    g(
+        "quiver_meta_leader",
+        "1 when this node leads meta.",
+        "gauge",
+        u64::from(st.as_ref().is_some_and(|s| s.role == harpoon::Role::Leader)),
+    );
+    g(
+        "quiver_meta_applied_index",
+        "Applied index of the local meta replica.",
+        "gauge",
+        st.map_or(0, |s| s.applied),
+    );
+    g(
+        "quiver_control_requests_total",
+        "Authenticated control requests served.",
+        "counter",
+        l(&c.control_requests),
+    );
+    g(
+        "quiver_control_refused_total",
+        "Control connections refused at the handshake.",
+        "counter",
+        l(&c.control_refused),
+    );
+    g(
+        "quiver_client_requests_total",
+        "Client requests received.",
+        "counter",
+        l(&c.client_requests),
+    );
+    g(
+        "quiver_client_bad_frames_total",
+        "Client connections closed for a bad frame.",
+        "counter",
+        l(&c.client_bad_frames),
+    );
+    g(
+        "quiver_peer_bad_frames_total",
+        "Peer connections closed for a bad first frame.",
+        "counter",
+        l(&c.peer_bad_frames),
+    );
+    g(
+        "quiver_heartbeats_total",
+        "Heartbeats written into meta.",
+        "counter",
+        l(&c.heartbeats_sent),
+    );
+    g(
+        "quiver_membership_changes_total",
+        "Membership changes started by this node as leader.",
+        "counter",
+        l(&c.membership_changes),
+    );
+    g(
+        "harpoon_rounds_total",
+        "Driver rounds.",
+        "counter",
+        m.rounds,
+    );
+    g(
+        "harpoon_log_syncs_total",
+        "Raft log syncs.",
+        "counter",
+        m.log_syncs,
+    );
+    g(
+        "harpoon_proposals_total",
+        "Proposals accepted as leader.",
+        "counter",
+        m.proposals,
+    );
+    g(
+        "harpoon_snapshots_total",
+        "Snapshots generated.",
+        "counter",
+        m.snapshots,
+    );
+    g(
+        "transport_peers_refused_total",
+        "Raft peers refused at the handshake.",
+        "counter",
+        ts.refused,
+    );
+    g(
+        "transport_msgs_sent_total",
+        "Raft messages sent.",
+        "counter",
+        ts.msgs_sent,
+    );
+    g(
+        "transport_msgs_delivered_total",
+        "Raft messages received.",
+        "counter",
+        ts.msgs_delivered,
+    );
+    out
+}

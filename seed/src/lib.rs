@@ -1,0 +1,29 @@
+//! The Quiver node: where harpoon (consensus) and meta (the cluster's records) meet.
+//!
+//! # Layout
+//! - [`config`]: flags > `QUIVER_*` env > TOML file > defaults, validated into [`Settings`].
+//! - [`server`]: start-up ([`start`], [`run`]), the peer port (dispatch between the raft
+//!   transport and control connections), graceful shutdown.
+//! - [`node`]: [`Seed`], the running node: its harpoon `Node`, transport, meta replica and view,
+//!   proposing to meta's leader wherever it is, CreateMeta.
+//! - [`meta_sm`]: meta's replica as a harpoon `StateMachine`, persisted in the data dir.
+//! - [`control`]: control connections on the peer port: HMAC challenge with the cluster
+//!   secret, then one request (CreateMeta, WatchMeta, Heartbeat, ProposeTxn) and its response.
+//! - [`loops`]: subscription to meta, heartbeats, self-assignment, the leader's reconcile.
+//! - [`client_port`]: the client port (multiplexed request ids).
+//! - [`admin`]: `/metrics`, `/livez`, `/readyz`.
+//!
+//! The async boundary is here: harpoon runs its shards on threads and answers with futures.
+
+pub mod admin;
+pub mod client_port;
+pub mod config;
+pub mod control;
+pub mod loops;
+pub mod meta_sm;
+pub mod node;
+pub mod server;
+
+pub use config::{NodeArgs, Settings};
+pub use node::Seed;
+pub use server::{run, start, Running, StartError};

@@ -1,0 +1,338 @@
+//! The node's background loops.
+//!
+//! - **subscribe**: without a meta replica, long-poll `WatchMeta` at a meta member (or a
+//!   seed, following redirects) and keep the view; with one, the replica is the view.
+//! - **heartbeat**: every `heartbeat` interval, write this node's record (address, zone,
+//!   capacity, free, time) into meta through its leader.
+//! - **assign**: when meta is under its replication factor and placement ranks this node
+//!   among the candidates, compare-and-swap this node into meta's members (as a learner),
+//!   then open an empty replica that the leader fills by snapshot.
+//! - **reconcile** (on meta's leader only): make the cell's membership follow the range
+//!   descriptor: add learners, promote them once caught up and record the promotion, remove
+//!   members the descriptor no longer lists; remove dead nodes from every range descriptor.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harpoon::{NodeId, Role};
+use meta::{ops, placement, view, MemberRole, MetaStore, META_RANGE};
+use proto::metapb::{ControlError_Code, ControlRequest, ControlResponse_oneof_kind, Heartbeat};
+use rand::Rng;
+use tokio::task::JoinSet;
+
+use crate::node::{now_ms, Refusal, Seed, META_CELL};
+
+/// Spawn every loop.
+pub fn spawn_all(seed: &Arc<Seed>) -> JoinSet<()> {
+    let mut set = JoinSet::new();
+    set.spawn(subscribe(seed.clone()));
+    set.spawn(heartbeat(seed.clone()));
+    set.spawn(assign(seed.clone()));
+    set.spawn(reconcile(seed.clone()));
+    set
+}
+
+fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(ms + rand::thread_rng().gen_range(0..=ms / 4 + 1))
+}
+
+async fn subscribe(seed: Arc<Seed>) {
+    let mut targets: Vec<SocketAddr> = Vec::new();
+    loop {
+        if let Some(replica) = seed.live_replica() {
+            // The replica is the view; refresh addresses when it changes.
+            let mut rx = replica.subscribe();
+            seed.learn_addresses();
+            seed.view_changed.send_modify(|v| *v += 1);
+            let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
+            continue;
+        }
+        if targets.is_empty() {
+            targets = seed.read_meta(|s| {
+                view::range_by_id(s, META_RANGE)
+                    .ok()
+                    .flatten()
+                    .map(|r| {
+                        r.value
+                            .members
+                            .iter()
+                            .filter_map(|m| m.peer_addr.parse().ok())
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            });
+            targets.extend(seed.settings.seeds.iter().copied());
+            targets.retain(|a| *a != seed.peer_addr);
+            if targets.is_empty() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        }
+        let target = targets.remove(0);
+        let after = seed.view.read().store.revision();
+        match seed.watch_meta_at(target, after, 2000).await {
+            Ok(ControlResponse_oneof_kind::view(v)) => match MetaStore::from_image(v.get_image()) {
+                Ok(store) => {
+                    {
+                        let mut w = seed.view.write();
+                        if store.revision() >= w.store.revision() {
+                            w.store = store;
+                        }
+                        w.leader = v.leader;
+                    }
+                    seed.learn_addresses();
+                    seed.view_changed.send_modify(|x| *x += 1);
+                    // Keep watching the same member.
+                    targets.insert(0, target);
+                }
+                Err(e) => tracing::warn!(%target, error = %e, "bad meta view"),
+            },
+            Ok(ControlResponse_oneof_kind::error(e)) => {
+                if e.code == ControlError_Code::NOT_LEADER {
+                    for r in e.redirect.iter().rev() {
+                        if let Ok(a) = r.parse::<SocketAddr>() {
+                            if a != seed.peer_addr && !targets.contains(&a) {
+                                targets.insert(0, a);
+                            }
+                        }
+                    }
+                } else {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(%target, error = %e, "meta subscription failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn heartbeat(seed: Arc<Seed>) {
+    loop {
+        tokio::time::sleep(jitter(seed.settings.heartbeat)).await;
+        if !seed.meta_known() {
+            continue;
+        }
+        let rec = seed.record();
+        // At the leader: write directly.
+        let local = seed.read_meta(|s| ops::put_node(s, &rec));
+        let Ok(txn) = local else { continue };
+        match seed.propose_local(&txn).await {
+            Ok(_) => {
+                seed.counters
+                    .heartbeats_sent
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            Err(Refusal::NotLeader { peers, .. }) => {
+                for p in peers {
+                    let Ok(addr) = p.parse::<SocketAddr>() else {
+                        continue;
+                    };
+                    let mut req = ControlRequest::new();
+                    let mut hb = Heartbeat::new();
+                    hb.set_node(rec.clone());
+                    req.set_heartbeat(hb);
+                    match seed.dialer.call(addr, req).await {
+                        Ok(r) if matches!(r.kind, Some(ControlResponse_oneof_kind::txn(_))) => {
+                            seed.counters
+                                .heartbeats_sent
+                                .fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                        _ => continue,
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = ?e, "heartbeat failed"),
+        }
+    }
+}
+
+async fn assign(seed: Arc<Seed>) {
+    loop {
+        tokio::time::sleep(jitter(seed.settings.heartbeat / 2)).await;
+        if seed.draining.load(Ordering::Relaxed) || !seed.meta_known() {
+            continue;
+        }
+        let (range, nodes) = seed.read_meta(|s| {
+            (
+                view::range_by_id(s, META_RANGE).ok().flatten(),
+                view::nodes(s).unwrap_or_default(),
+            )
+        });
+        let Some(range) = range else { continue };
+        let me_member = range.value.members.iter().any(|m| m.node == seed.id);
+        if me_member {
+            // Listed but no replica (e.g. it was lost): open an empty one to be filled.
+            if seed.replica().is_none() {
+                if let Err(e) = seed.open_meta_replica(&[]).await {
+                    tracing::warn!(error = %e, "cannot open meta replica");
+                }
+            }
+            continue;
+        }
+        let records: Vec<_> = nodes.iter().map(|n| n.value.clone()).collect();
+        let dead_after = seed.settings.dead_after.as_millis() as u64;
+        let ranges = [range.value.clone()];
+        if placement::claimable(seed.id, &ranges, &records, now_ms(), dead_after).is_empty() {
+            continue;
+        }
+        let rec = seed.record();
+        let Ok(txn) = ops::add_member(&range, ops::member_of(&rec, MemberRole::LEARNER)) else {
+            continue;
+        };
+        match seed.propose_anywhere(&txn).await {
+            Ok(r) if r.succeeded => {
+                tracing::info!(
+                    node = seed.id,
+                    epoch = range.value.epoch + 1,
+                    "joined meta as a learner"
+                );
+                if let Err(e) = seed.open_meta_replica(&[]).await {
+                    tracing::warn!(error = %e, "cannot open meta replica");
+                }
+            }
+            Ok(_) => tracing::debug!("lost the race for a meta slot"),
+            Err(e) => tracing::debug!(error = ?e, "cannot claim a meta slot"),
+        }
+    }
+}
+
+async fn reconcile(seed: Arc<Seed>) {
+    loop {
+        tokio::time::sleep(seed.settings.tick * 3).await;
+        if seed.replica().is_none() {
+            continue;
+        }
+        let Some(st) = seed.meta_status().await else {
+            continue;
+        };
+        if st.role != Role::Leader || seed.draining.load(Ordering::Relaxed) {
+            continue;
+        }
+        if let Err(e) = reconcile_once(&seed, &st).await {
+            tracing::debug!(error = %e, "reconcile");
+        }
+    }
+}
+
+async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<(), String> {
+    let (ranges, nodes, store_nodes) = seed.read_meta(|s| {
+        (
+            view::ranges(s).unwrap_or_default(),
+            view::nodes(s).unwrap_or_default(),
+            s.clone(),
+        )
+    });
+    let records: Vec<_> = nodes.iter().map(|n| n.value.clone()).collect();
+    let now = now_ms();
+    let dead_after = seed.settings.dead_after.as_millis() as u64;
+    // Give nodes that just (re)started under this leader a heartbeat's chance.
+    if seed.started.elapsed() < seed.settings.dead_after {
+        // Nothing is dead yet from this leader's point of view.
+    } else {
+        for r in &ranges {
+            for dead in placement::dead_members(&r.value, &records, now, dead_after) {
+                if dead == seed.id {
+                    continue;
+                }
+                let txn = ops::del_member(r, dead).map_err(|e| e.to_string())?;
+                let res = seed
+                    .propose_local(&txn)
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                if res.succeeded {
+                    tracing::info!(range = r.value.id, node = dead, "removed dead member");
+                }
+                return Ok(());
+            }
+        }
+    }
+    for n in &records {
+        for txn in ops::refresh_member_addrs(&store_nodes, n).map_err(|e| e.to_string())? {
+            seed.propose_local(&txn)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            return Ok(());
+        }
+    }
+    let Some(range) = ranges.iter().find(|r| r.value.id == META_RANGE) else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let voters = &st.conf.voters;
+    let learners = &st.conf.learners;
+    for m in range.value.members.iter() {
+        let id = NodeId(m.node);
+        if let Ok(a) = m.peer_addr.parse() {
+            if m.node != seed.id && seed.transport.peer_address(id) != Some(a) {
+                seed.transport.set_peer_address(id, a);
+            }
+        }
+        if !voters.contains(&m.node) && !learners.contains(&m.node) {
+            let r = seed.node.add_learner(META_CELL, id, deadline).await;
+            seed.counters
+                .membership_changes
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(node = m.node, result = ?r.as_ref().err(), "add learner to meta");
+            if r.is_ok() {
+                // Compacting to the applied index makes the next snapshot a fresh one whose
+                // membership includes the learner (raft ignores a snapshot without itself).
+                let _ = seed.node.compact_log(META_CELL).await;
+            }
+            return Ok(());
+        }
+        if learners.contains(&m.node) {
+            match seed.node.promote(META_CELL, id, deadline).await {
+                Ok(_) => {
+                    seed.counters
+                        .membership_changes
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(node = m.node, "promoted to meta voter");
+                }
+                Err(harpoon::Error::NotCaughtUp { matched: 0, .. }) => {
+                    // Still waiting for a first snapshot it can install: offer a fresh one.
+                    let _ = seed.node.compact_log(META_CELL).await;
+                }
+                Err(e) => tracing::debug!(node = m.node, error = %e, "promote"),
+            }
+            return Ok(());
+        }
+        if voters.contains(&m.node) && m.role == MemberRole::LEARNER {
+            let txn = ops::set_role(range, m.node, MemberRole::VOTER).map_err(|e| e.to_string())?;
+            seed.propose_local(&txn)
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            return Ok(());
+        }
+    }
+    let listed = |n: &u64| range.value.members.iter().any(|m| m.node == *n);
+    for n in voters.iter().chain(learners.iter()) {
+        if listed(n) {
+            continue;
+        }
+        if *n == seed.id {
+            // This leader was dropped from the descriptor: hand over first.
+            if let Some(to) = voters.iter().copied().find(|v| *v != seed.id && listed(v)) {
+                let _ = seed
+                    .node
+                    .transfer_leader(META_CELL, NodeId(to), deadline)
+                    .await;
+            }
+            return Ok(());
+        }
+        let r = seed.node.remove(META_CELL, NodeId(*n), deadline).await;
+        seed.counters
+            .membership_changes
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node = n, result = ?r.as_ref().err(), "removed from meta's cell");
+        return Ok(());
+    }
+    Ok(())
+}

@@ -1,0 +1,443 @@
+//! [`Seed`]: one running node. Owns the harpoon [`Node`], the TCP transport, the meta replica
+//! (when this node is a member) and the node's view of meta; the ports and background loops
+//! (in `server.rs` and `loops.rs`) act through it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use harpoon::transport::tcp::TcpTransport;
+use harpoon::{CellId, CellStatus, Error as HError, Node, NodeId, ReplicationMode, Role};
+use meta::{keys, ops, view, MetaStore, NodeRecord, Txn, TxnResult, META_RANGE};
+use parking_lot::{Mutex, RwLock};
+use proto::metapb::{
+    ControlError_Code, ControlRequest, ControlResponse_oneof_kind, ProposeTxn, WatchMeta,
+};
+use protobuf::Message;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::control::Dialer;
+use crate::meta_sm::{MetaReplica, MetaStateMachine};
+
+/// Meta's cell id.
+pub const META_CELL: CellId = CellId(META_RANGE);
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where to go instead, for a request this node cannot serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No meta anywhere this node knows of.
+    NoMeta,
+    /// Not meta's leader (or not a member); try these peer addresses (leader first).
+    NotLeader {
+        leader: Option<u64>,
+        peers: Vec<String>,
+        clients: Vec<String>,
+    },
+    /// Meta exists already.
+    MetaExists(String),
+    /// Transient failure.
+    Unavailable(String),
+    /// Bad request.
+    Invalid(String),
+}
+
+impl Refusal {
+    /// The control-port error code and message.
+    pub fn control(&self) -> (ControlError_Code, String, Vec<String>) {
+        match self {
+            Refusal::NoMeta => (
+                ControlError_Code::NO_META,
+                "no meta yet: run quiver create-meta".into(),
+                vec![],
+            ),
+            Refusal::NotLeader { peers, .. } => (
+                ControlError_Code::NOT_LEADER,
+                "not meta's leader".into(),
+                peers.clone(),
+            ),
+            Refusal::MetaExists(m) => (ControlError_Code::META_EXISTS, m.clone(), vec![]),
+            Refusal::Unavailable(m) => (ControlError_Code::UNAVAILABLE, m.clone(), vec![]),
+            Refusal::Invalid(m) => (ControlError_Code::INVALID_ARGUMENT, m.clone(), vec![]),
+        }
+    }
+}
+
+/// What this node knows of meta when it holds no replica (from its subscription).
+#[derive(Debug, Default)]
+pub struct View {
+    pub store: MetaStore,
+    pub leader: u64,
+}
+
+/// Counters exported on /metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub control_requests: AtomicU64,
+    pub control_refused: AtomicU64,
+    pub client_requests: AtomicU64,
+    pub client_bad_frames: AtomicU64,
+    pub peer_bad_frames: AtomicU64,
+    pub heartbeats_sent: AtomicU64,
+    pub membership_changes: AtomicU64,
+}
+
+/// One running node.
+pub struct Seed {
+    pub settings: Settings,
+    pub id: u64,
+    pub node: Node,
+    pub transport: Arc<TcpTransport>,
+    pub dialer: Dialer,
+    /// The meta replica, once this node holds one (also set by the cell factory).
+    pub replica: Arc<Mutex<Option<MetaReplica>>>,
+    pub view: RwLock<View>,
+    /// Bumped whenever the view changes.
+    pub view_changed: watch::Sender<u64>,
+    pub create_lock: tokio::sync::Mutex<()>,
+    pub draining: AtomicBool,
+    pub peer_addr: SocketAddr,
+    pub client_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub counters: Counters,
+    pub started: Instant,
+}
+
+impl std::fmt::Debug for Seed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seed").field("id", &self.id).finish()
+    }
+}
+
+impl Seed {
+    /// The data dir.
+    pub fn dir(&self) -> PathBuf {
+        self.settings.data_dir.clone()
+    }
+
+    /// The meta replica, if this node holds one.
+    pub fn replica(&self) -> Option<MetaReplica> {
+        self.replica.lock().clone()
+    }
+
+    /// Create a fresh (empty) meta replica here, unless one exists; `voters` non-empty only
+    /// for the bootstrap.
+    pub async fn open_meta_replica(&self, voters: &[NodeId]) -> Result<(), HError> {
+        if self.replica().is_some() {
+            return Ok(());
+        }
+        let path = MetaStateMachine::path(&self.dir(), META_RANGE);
+        let (sm, replica) = MetaStateMachine::fresh(path);
+        *self.replica.lock() = Some(replica);
+        match self
+            .node
+            .create_cell(
+                META_CELL,
+                voters,
+                &[],
+                ReplicationMode::Consensus,
+                Box::new(sm),
+            )
+            .await
+        {
+            Ok(()) | Err(HError::CellExists { .. }) => Ok(()),
+            Err(e) => {
+                *self.replica.lock() = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// The meta replica once it holds meta (a new member's replica is empty until its first
+    /// snapshot arrives; until then the subscribed view is fresher).
+    pub fn live_replica(&self) -> Option<MetaReplica> {
+        self.replica().filter(|r| r.read(view::meta_exists))
+    }
+
+    /// Read the freshest meta this node has: its replica, else its subscribed view.
+    pub fn read_meta<T>(&self, f: impl FnOnce(&MetaStore) -> T) -> T {
+        match self.live_replica() {
+            Some(r) => r.read(f),
+            None => f(&self.view.read().store),
+        }
+    }
+
+    /// Whether this node knows that meta exists.
+    pub fn meta_known(&self) -> bool {
+        self.read_meta(view::meta_exists)
+    }
+
+    /// The status of the local meta replica.
+    pub async fn meta_status(&self) -> Option<CellStatus> {
+        self.replica()?;
+        self.node.status(META_CELL).await.ok()
+    }
+
+    /// Meta's leader as this node believes: its replica's, else the subscription's.
+    pub async fn meta_leader(&self) -> Option<u64> {
+        if let Some(s) = self.meta_status().await {
+            return s.leader.map(|l| l.get());
+        }
+        let l = self.view.read().leader;
+        (l != 0).then_some(l)
+    }
+
+    /// This node's record, stamped now.
+    pub fn record(&self) -> NodeRecord {
+        let mut r = NodeRecord::new();
+        r.id = self.id;
+        r.peer_addr = self.peer_addr.to_string();
+        r.client_addr = self.client_addr.to_string();
+        r.admin_addr = self.admin_addr.map(|a| a.to_string()).unwrap_or_default();
+        r.zone = self.settings.zone.clone();
+        r.capacity = self.settings.capacity;
+        let used = self.node.log().stats().segments * self.settings.log_segment_size;
+        r.free = self.settings.capacity.saturating_sub(used);
+        r.last_heartbeat_ms = now_ms();
+        r
+    }
+
+    /// Where to send a request for meta's leader: the hint first, then the other members.
+    pub async fn redirect(&self) -> Refusal {
+        if !self.meta_known() {
+            return Refusal::NoMeta;
+        }
+        let leader = self.meta_leader().await.filter(|l| *l != self.id);
+        let (peers, clients) = self.read_meta(|s| {
+            let nodes = view::nodes(s).unwrap_or_default();
+            let members = view::range_by_id(s, META_RANGE)
+                .ok()
+                .flatten()
+                .map(|r| r.value.members.into_vec())
+                .unwrap_or_default();
+            let mut ids: Vec<u64> = leader.into_iter().collect();
+            ids.extend(
+                members
+                    .iter()
+                    .map(|m| m.node)
+                    .filter(|n| Some(*n) != leader),
+            );
+            let mut peers = Vec::new();
+            let mut clients = Vec::new();
+            for id in ids {
+                if id == self.id {
+                    continue;
+                }
+                if let Some(m) = members.iter().find(|m| m.node == id) {
+                    peers.push(m.peer_addr.clone());
+                    clients.push(m.client_addr.clone());
+                } else if let Some(n) = nodes.iter().find(|n| n.value.id == id) {
+                    peers.push(n.value.peer_addr.clone());
+                    clients.push(n.value.client_addr.clone());
+                }
+            }
+            (peers, clients)
+        });
+        Refusal::NotLeader {
+            leader,
+            peers,
+            clients,
+        }
+    }
+
+    /// Propose `txn` to meta on this node (leader only).
+    pub async fn propose_local(&self, txn: &Txn) -> Result<TxnResult, Refusal> {
+        if self.replica().is_none() {
+            return Err(self.redirect().await);
+        }
+        let data = txn
+            .write_to_bytes()
+            .map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        match self
+            .node
+            .propose_by(META_CELL, Bytes::from(data), deadline)
+            .await
+        {
+            Ok(reply) => {
+                let resp = reply.response.unwrap_or_default();
+                TxnResult::parse_from_carllerche_bytes(&resp)
+                    .map_err(|e| Refusal::Unavailable(format!("bad apply response: {e}")))
+            }
+            Err(HError::NotLeader { .. }) => Err(self.redirect().await),
+            Err(e) => Err(Refusal::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Propose `txn` to meta's leader wherever it is, following redirects (bounded).
+    pub async fn propose_anywhere(&self, txn: &Txn) -> Result<TxnResult, Refusal> {
+        let mut targets: Vec<String> = Vec::new();
+        match self.propose_local(txn).await {
+            Ok(r) => return Ok(r),
+            Err(Refusal::NotLeader { peers, .. }) => targets.extend(peers),
+            Err(e) => return Err(e),
+        }
+        let mut last = Refusal::Unavailable("no meta member reachable".into());
+        let mut hops = 0;
+        while let Some(t) = (!targets.is_empty()).then(|| targets.remove(0)) {
+            hops += 1;
+            if hops > 8 {
+                break;
+            }
+            let Ok(addr) = t.parse::<SocketAddr>() else {
+                continue;
+            };
+            let mut req = ControlRequest::new();
+            let mut p = ProposeTxn::new();
+            p.set_txn(txn.clone());
+            req.set_propose(p);
+            match self.dialer.call(addr, req).await {
+                Ok(resp) => match resp.kind {
+                    Some(ControlResponse_oneof_kind::txn(r)) => return Ok(r),
+                    Some(ControlResponse_oneof_kind::error(e)) => {
+                        if e.code == ControlError_Code::NOT_LEADER {
+                            for r in e.redirect.into_iter().rev() {
+                                if !targets.contains(&r) && r != self.peer_addr.to_string() {
+                                    targets.insert(0, r);
+                                }
+                            }
+                        }
+                        last = Refusal::Unavailable(e.message);
+                    }
+                    _ => last = Refusal::Unavailable("unexpected response".into()),
+                },
+                Err(e) => last = Refusal::Unavailable(e.to_string()),
+            }
+        }
+        Err(last)
+    }
+
+    /// Ask `addr` for meta (long poll up to `wait_ms`).
+    pub async fn watch_meta_at(
+        &self,
+        addr: SocketAddr,
+        after: u64,
+        wait_ms: u32,
+    ) -> Result<ControlResponse_oneof_kind, crate::control::CallError> {
+        let mut req = ControlRequest::new();
+        let mut w = WatchMeta::new();
+        w.after_revision = after;
+        w.wait_ms = wait_ms;
+        req.set_watch_meta(w);
+        let resp = self.dialer.call(addr, req).await?;
+        resp.kind
+            .ok_or(crate::control::CallError::Protocol("empty response"))
+    }
+
+    /// Tell the transport where every known node listens.
+    pub fn learn_addresses(&self) {
+        let nodes = self.read_meta(|s| view::nodes(s).unwrap_or_default());
+        for n in nodes {
+            if n.value.id == self.id {
+                continue;
+            }
+            if let Ok(a) = n.value.peer_addr.parse() {
+                if self.transport.peer_address(NodeId(n.value.id)) != Some(a) {
+                    self.transport.set_peer_address(NodeId(n.value.id), a);
+                }
+            }
+        }
+        let members = self.read_meta(|s| {
+            view::range_by_id(s, META_RANGE)
+                .ok()
+                .flatten()
+                .map(|r| r.value.members.into_vec())
+                .unwrap_or_default()
+        });
+        for m in members {
+            if m.node == self.id {
+                continue;
+            }
+            if let Ok(a) = m.peer_addr.parse() {
+                if self.transport.peer_address(NodeId(m.node)).is_none() {
+                    self.transport.set_peer_address(NodeId(m.node), a);
+                }
+            }
+        }
+    }
+
+    /// Whether this node is ready to serve: meta known and not draining.
+    pub fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && self.meta_known()
+    }
+
+    /// Bootstrap: create meta here with this node as its only member.
+    pub async fn create_meta(&self, rf: u32) -> Result<(), Refusal> {
+        let _g = self.create_lock.lock().await;
+        if self.replica().is_some() || self.meta_known() {
+            return Err(Refusal::MetaExists(
+                "meta already exists: create-meta runs once per cluster".into(),
+            ));
+        }
+        let rf = if rf == 0 {
+            meta::META_REPLICATION_FACTOR
+        } else {
+            rf
+        };
+        // Refuse if any reachable seed knows meta (narrows the window for two bootstraps).
+        for s in &self.settings.seeds {
+            if *s == self.peer_addr {
+                continue;
+            }
+            match self.watch_meta_at(*s, 0, 0).await {
+                Ok(ControlResponse_oneof_kind::view(_)) => {
+                    return Err(Refusal::MetaExists(format!(
+                        "meta already exists (seed {s} serves it)"
+                    )))
+                }
+                Ok(ControlResponse_oneof_kind::error(e))
+                    if e.code == ControlError_Code::NOT_LEADER =>
+                {
+                    return Err(Refusal::MetaExists(format!(
+                        "meta already exists (seed {s} knows it)"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        self.open_meta_replica(&[NodeId(self.id)])
+            .await
+            .map_err(|e| Refusal::Unavailable(e.to_string()))?;
+        let deadline =
+            Instant::now() + self.settings.tick * self.settings.election_ticks as u32 * 20;
+        loop {
+            if let Some(s) = self.meta_status().await {
+                if s.role == Role::Leader {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(Refusal::Unavailable(
+                    "meta's first leader not elected".into(),
+                ));
+            }
+            tokio::time::sleep(self.settings.tick).await;
+        }
+        let rec = self.record();
+        let txn = self
+            .read_meta(|s| ops::create_meta(s, &rec, rf))
+            .map_err(|e| Refusal::MetaExists(e.to_string()))?;
+        let r = self.propose_local(&txn).await?;
+        if !r.succeeded {
+            return Err(Refusal::MetaExists("meta already exists".into()));
+        }
+        tracing::info!(node = self.id, rf, "meta created");
+        Ok(())
+    }
+
+    /// The scratch-space key of a client key.
+    pub fn scratch_key(key: &[u8]) -> Vec<u8> {
+        keys::scratch(key)
+    }
+}
