@@ -42,7 +42,9 @@ fn jitter(d: Duration) -> Duration {
 async fn subscribe(seed: Arc<Seed>) {
     let mut targets: Vec<SocketAddr> = Vec::new();
     loop {
-        if let Some(replica) = seed.live_replica() {
+        let led = seed.meta_status().await.is_some_and(|s| s.leader.is_some());
+        seed.replica_led.store(led, Ordering::Relaxed);
+        if let Some(replica) = seed.live_replica().filter(|_| led) {
             // The replica is the view; refresh addresses when it changes.
             let mut rx = replica.subscribe();
             seed.learn_addresses();

@@ -107,6 +107,9 @@ pub struct Seed {
     pub view_changed: watch::Sender<u64>,
     pub create_lock: tokio::sync::Mutex<()>,
     pub draining: AtomicBool,
+    /// Whether the local meta replica currently knows a leader (refreshed by the
+    /// subscription loop).
+    pub replica_led: AtomicBool,
     pub peer_addr: SocketAddr,
     pub client_addr: SocketAddr,
     pub admin_addr: Option<SocketAddr>,
@@ -161,8 +164,17 @@ impl Seed {
 
     /// The meta replica once it holds meta (a new member's replica is empty until its first
     /// snapshot arrives; until then the subscribed view is fresher).
+    ///
+    /// A replica that has no leader (e.g. it was removed from meta while this node was down
+    /// and nobody talks to it any more) is used only while it is not older than the view.
     pub fn live_replica(&self) -> Option<MetaReplica> {
-        self.replica().filter(|r| r.read(view::meta_exists))
+        let r = self.replica()?;
+        if !r.read(view::meta_exists) {
+            return None;
+        }
+        let fresh = self.replica_led.load(Ordering::Relaxed)
+            || r.revision() >= self.view.read().store.revision();
+        fresh.then_some(r)
     }
 
     /// Read the freshest meta this node has: its replica, else its subscribed view.

@@ -240,6 +240,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         view_changed,
         create_lock: tokio::sync::Mutex::new(()),
         draining: std::sync::atomic::AtomicBool::new(false),
+        replica_led: std::sync::atomic::AtomicBool::new(false),
         peer_addr,
         client_addr,
         admin_addr,

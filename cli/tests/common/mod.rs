@@ -1,0 +1,123 @@
+//! Shared helpers of the process tests: a cluster of real `quiver node` processes on
+//! 127.0.0.1 with short ticks, and bounded waits.
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cli::demo::{wait_for, LocalCluster};
+use cli::status::ClusterStatus;
+use proto::clientpb::StatusReply;
+
+/// Generous bound for anything cluster-wide on 2 shared cores.
+pub const LONG: Duration = Duration::from_secs(90);
+
+/// Short ticks so elections and failure detection fit a test.
+pub fn fast() -> Vec<(String, String)> {
+    [
+        ("tick-ms", "50"),
+        ("election-ticks", "10"),
+        ("heartbeat-ms", "300"),
+        ("dead-after-ms", "3000"),
+        ("log-segment-mb", "8"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// `n` nodes started in a fresh temp dir (kept in the returned guard).
+pub fn cluster(n: usize) -> (LocalCluster, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .prefix("quiver-test-")
+        .tempdir()
+        .expect("temp dir");
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_quiver"));
+    let mut c = LocalCluster::new(exe, dir.path().to_path_buf(), n, fast()).expect("layout");
+    c.start_all().expect("start nodes");
+    (c, dir)
+}
+
+/// A client of every node.
+pub fn client(c: &LocalCluster) -> client::Client {
+    client::Client::new(c.clients(0..c.nodes.len()), Duration::from_secs(10)).expect("client")
+}
+
+/// A client of the nodes in `idx`.
+pub fn client_of(c: &LocalCluster, idx: &[usize]) -> client::Client {
+    client::Client::new(c.clients(idx.iter().copied()), Duration::from_secs(10)).expect("client")
+}
+
+/// Create meta on node `i`, retrying while the node is still starting.
+pub async fn create_meta(c: &LocalCluster, i: usize) {
+    let ok = wait_for(Duration::from_secs(30), || async {
+        c.create_meta(i).await.ok()
+    })
+    .await;
+    assert!(ok.is_some(), "create-meta on node {i} never succeeded");
+}
+
+/// The status as meta's leader sees it.
+pub async fn leader_status(cl: &client::Client) -> Option<StatusReply> {
+    let s = cl.leader_status().await.ok()?;
+    (s.node == s.meta_leader).then_some(s)
+}
+
+/// Voter ids of meta per the descriptor, when the cell agrees (same voters, no learners).
+pub fn settled_voters(s: &StatusReply) -> Option<Vec<u64>> {
+    let st = ClusterStatus::from_reply(s);
+    let r = st.ranges.iter().find(|r| r.id == meta::META_RANGE)?;
+    let desc: HashSet<u64> = r
+        .members
+        .iter()
+        .filter(|m| m.role == "voter")
+        .map(|m| m.node)
+        .collect();
+    let cell: HashSet<u64> = s.meta_voters.iter().copied().collect();
+    (desc == cell && s.meta_learners.is_empty() && desc.len() == r.members.len())
+        .then(|| desc.into_iter().collect())
+}
+
+/// Wait until meta has exactly `n` settled voters, all alive; returns them.
+pub async fn wait_voters(cl: &client::Client, n: usize, within: Duration) -> Vec<u64> {
+    let last = std::sync::Mutex::new(String::new());
+    let r = wait_for(within, || async {
+        let s = leader_status(cl).await?;
+        let st = ClusterStatus::from_reply(&s);
+        if let Ok(mut l) = last.lock() {
+            *l = format!("{:?}", st.ranges);
+        }
+        let v = settled_voters(&s)?;
+        let alive: HashSet<u64> = st.nodes.iter().filter(|n| n.alive).map(|n| n.id).collect();
+        (v.len() == n && v.iter().all(|x| alive.contains(x))).then_some(v)
+    })
+    .await;
+    r.unwrap_or_else(|| {
+        panic!(
+            "meta did not settle on {n} voters within {within:?}; last: {}",
+            last.lock().map(|l| l.clone()).unwrap_or_default()
+        )
+    })
+}
+
+/// Node index of node id `id`.
+pub fn index_of(c: &LocalCluster, s: &StatusReply, id: u64) -> usize {
+    let n = s.nodes.iter().find(|n| n.id == id).expect("node record");
+    c.index_of_client(&n.client_addr).expect("node index")
+}
+
+/// Write then read back (linearizable) through the client; bounded retries.
+pub async fn write_read(cl: &client::Client, key: &str, value: &str, within: Duration) {
+    let ok = wait_for(within, || async {
+        cl.put(key.as_bytes(), value.as_bytes()).await.ok()?;
+        let v = cl.get(key.as_bytes(), true).await.ok()??;
+        (v.value.as_ref() == value.as_bytes()).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "write+read of {key} did not succeed within {within:?}"
+    );
+}
