@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a node.
-    Node(seed::NodeArgs),
+    Node(Box<seed::NodeArgs>),
     /// Create meta (once per cluster) on a seed node.
     CreateMeta(CreateMetaArgs),
     /// Show nodes and ranges.

@@ -257,8 +257,9 @@ async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<()
         }
     }
     for n in &records {
-        for txn in ops::refresh_member_addrs(&store_nodes, n).map_err(|e| e.to_string())? {
-            seed.propose_local(&txn)
+        let txns = ops::refresh_member_addrs(&store_nodes, n).map_err(|e| e.to_string())?;
+        if let Some(txn) = txns.first() {
+            seed.propose_local(txn)
                 .await
                 .map_err(|e| format!("{e:?}"))?;
             return Ok(());
