@@ -9,8 +9,11 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
-use proto::metapb::{ControlRequest, ProposeTxn};
-use protobuf::Message;
+use proto::clientpb::{ClientError_Code, ClientResponse, ClientResponse_oneof_kind};
+use proto::metapb::{
+    ControlError_Code, ControlFrame, ControlFrame_oneof_kind, ControlRequest, ControlResponse_oneof_kind,
+    ProposeTxn,
+};
 
 fn quiver(args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
@@ -63,29 +66,53 @@ async fn three_nodes_under_replicated_then_fourth_joins_and_bad_input_is_refused
     assert_eq!(v["ranges"][0]["under_replicated"], true);
     assert_eq!(v["ranges"][0]["voters"], 3);
 
-    // --- bad input ---
+    // --- bad input: each gets a typed error frame and a closed connection ---
     let peer = c.nodes[0].peer;
     let client_addr = c.nodes[0].client;
-    // Garbage on the peer port: an error frame, then close.
-    let r = raw(peer, b"\x05\x00\x00\x00hello garbage that is not protobuf");
-    assert!(!r.is_empty(), "peer port answers garbage with an error");
-    // Oversized frame header on both ports.
+    let peer_err = |bytes: Vec<u8>| -> ControlError_Code {
+        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        let p = proto::frame::FrameDecoder::new(1 << 20)
+            .decode(&mut buf)
+            .expect("a frame")
+            .expect("a whole frame");
+        let f: ControlFrame = proto::frame::decode_message(&p).expect("a control frame");
+        match f.kind {
+            Some(ControlFrame_oneof_kind::response(r)) => match r.kind {
+                Some(ControlResponse_oneof_kind::error(e)) => e.code,
+                other => panic!("expected an error, got {other:?}"),
+            },
+            other => panic!("expected a response, got {other:?}"),
+        }
+    };
+    let client_err = |bytes: Vec<u8>| -> ClientError_Code {
+        let mut buf = bytes::BytesMut::from(&bytes[..]);
+        let p = proto::frame::FrameDecoder::new(1 << 20)
+            .decode(&mut buf)
+            .expect("a frame")
+            .expect("a whole frame");
+        let r: ClientResponse = proto::frame::decode_message(&p).expect("a client response");
+        match r.kind {
+            Some(ClientResponse_oneof_kind::error(e)) => e.code,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    };
+    // Garbage on the peer port.
+    let r = raw(peer, b"\x05\x00\x00\x00\xff\xff\xff\xff\xff");
+    assert_eq!(peer_err(r), ControlError_Code::INVALID_ARGUMENT);
+    // Oversized frames on both ports.
     let r = raw(peer, &(1u32 << 30).to_le_bytes());
-    assert!(String::from_utf8_lossy(&r).contains("too large") || !r.is_empty());
+    assert_eq!(peer_err(r), ControlError_Code::TOO_LARGE);
     let r = raw(client_addr, &(1u32 << 30).to_le_bytes());
-    assert!(
-        !r.is_empty(),
-        "client port answers an oversized frame with an error"
-    );
+    assert_eq!(client_err(r), ClientError_Code::TOO_LARGE);
+    // Garbage on the client port.
     let r = raw(client_addr, b"\x03\x00\x00\x00\xff\xff\xff");
-    assert!(!r.is_empty(), "client port answers garbage with an error");
-    // A client speaking to the peer port cannot reach peer operations.
+    assert_eq!(client_err(r), ClientError_Code::INVALID_ARGUMENT);
+    // A client request sent to the peer port cannot reach peer operations.
     let mut req = proto::clientpb::ClientRequest::new();
     req.set_status(proto::clientpb::StatusRequest::new());
     let mut framed = Vec::new();
     proto::frame::encode_message(&req, 1 << 20, &mut framed).unwrap();
-    let r = raw(peer, &framed);
-    assert!(!r.is_empty());
+    assert_eq!(peer_err(raw(peer, &framed)), ControlError_Code::INVALID_ARGUMENT);
 
     // A peer without the secret: refused, and its proposal never applied.
     let wrong = seed::control::Dialer {
@@ -114,11 +141,32 @@ async fn three_nodes_under_replicated_then_fourth_joins_and_bad_input_is_refused
     f.set_hello(hello);
     let mut b = Vec::new();
     proto::frame::encode_message(&f, 4096, &mut b).unwrap();
-    let _ = raw(peer, &b);
+    let r = raw(peer, &b);
+    let mut buf = bytes::BytesMut::from(&r[..]);
+    let challenge = proto::frame::FrameDecoder::new(4096).decode(&mut buf).unwrap();
+    assert!(challenge.is_some(), "the transport answers Hello with a challenge (or refusal)");
+    // The server waits for a proof that cannot be made; the connection was closed without
+    // anything delivered. The counters say the peers were refused.
+    let admin = c.nodes[0].admin;
+    let metrics = String::from_utf8_lossy(&raw(admin, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")).into_owned();
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(counter("quiver_control_refused_total") >= 1, "{metrics}");
+    assert!(counter("quiver_peer_bad_frames_total") >= 3, "{metrics}");
+    assert!(counter("quiver_client_bad_frames_total") >= 2, "{metrics}");
+    let live = String::from_utf8_lossy(&raw(admin, b"GET /livez HTTP/1.1\r\n\r\n")).into_owned();
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+    let ready = String::from_utf8_lossy(&raw(admin, b"GET /readyz HTTP/1.1\r\n\r\n")).into_owned();
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     // Nothing of it applied, and the node still serves.
     assert!(cl.get(b"intruder", true).await.unwrap().is_none());
     write_read(&cl, "still-serving", "yes", Duration::from_secs(20)).await;
-    let _ = txn.write_to_bytes();
 
     // A fourth node joins: 4/7.
     c.start(3).unwrap();
