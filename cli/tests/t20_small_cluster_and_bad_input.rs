@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::*;
 use proto::clientpb::{ClientError_Code, ClientResponse, ClientResponse_oneof_kind};
 use proto::metapb::{
-    ControlError_Code, ControlFrame, ControlFrame_oneof_kind, ControlRequest, ControlResponse_oneof_kind,
-    ProposeTxn,
+    ControlError_Code, ControlFrame, ControlFrame_oneof_kind, ControlRequest,
+    ControlResponse_oneof_kind, ProposeTxn,
 };
 
 fn quiver(args: &[&str]) -> (bool, String, String) {
@@ -112,7 +112,10 @@ async fn three_nodes_under_replicated_then_fourth_joins_and_bad_input_is_refused
     req.set_status(proto::clientpb::StatusRequest::new());
     let mut framed = Vec::new();
     proto::frame::encode_message(&req, 1 << 20, &mut framed).unwrap();
-    assert_eq!(peer_err(raw(peer, &framed)), ControlError_Code::INVALID_ARGUMENT);
+    assert_eq!(
+        peer_err(raw(peer, &framed)),
+        ControlError_Code::INVALID_ARGUMENT
+    );
 
     // A peer without the secret: refused, and its proposal never applied.
     let wrong = seed::control::Dialer {
@@ -143,12 +146,18 @@ async fn three_nodes_under_replicated_then_fourth_joins_and_bad_input_is_refused
     proto::frame::encode_message(&f, 4096, &mut b).unwrap();
     let r = raw(peer, &b);
     let mut buf = bytes::BytesMut::from(&r[..]);
-    let challenge = proto::frame::FrameDecoder::new(4096).decode(&mut buf).unwrap();
-    assert!(challenge.is_some(), "the transport answers Hello with a challenge (or refusal)");
+    let challenge = proto::frame::FrameDecoder::new(4096)
+        .decode(&mut buf)
+        .unwrap();
+    assert!(
+        challenge.is_some(),
+        "the transport answers Hello with a challenge (or refusal)"
+    );
     // The server waits for a proof that cannot be made; the connection was closed without
     // anything delivered. The counters say the peers were refused.
     let admin = c.nodes[0].admin;
-    let metrics = String::from_utf8_lossy(&raw(admin, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")).into_owned();
+    let metrics = String::from_utf8_lossy(&raw(admin, b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n"))
+        .into_owned();
     let counter = |name: &str| -> u64 {
         metrics
             .lines()
@@ -174,9 +183,22 @@ async fn three_nodes_under_replicated_then_fourth_joins_and_bad_input_is_refused
     let (ok, table, _) = quiver(&["status", "--seeds", &seeds]);
     assert!(ok && table.contains("under-replicated (4/7)"), "{table}");
 
-    // Graceful shutdown on SIGTERM.
+    // Graceful shutdown on SIGTERM of meta's leader: it hands leadership over and exits by
+    // itself; the others keep serving at once.
+    let s = leader_status(&cl).await.expect("leader status");
+    let li = index_of(&c, &s, s.meta_leader);
+    let t = std::time::Instant::now();
     assert!(
-        c.terminate(3, Duration::from_secs(10)),
+        c.terminate(li, Duration::from_secs(10)),
         "node exits on SIGTERM"
     );
+    let rest: Vec<usize> = (0..4).filter(|i| *i != li).collect();
+    let cl = client_of(&c, &rest);
+    write_read(&cl, "after-sigterm", "ok", Duration::from_secs(10)).await;
+    eprintln!(
+        "leader stopped and a successor served within {:?}",
+        t.elapsed()
+    );
+    let s = leader_status(&cl).await.expect("a new leader");
+    assert_ne!(s.meta_leader, 0);
 }
