@@ -133,6 +133,55 @@ async fn three_nodes_under_replicated_then_fourth_joins_and_bad_input_is_refused
         let r = wrong.call(n.peer, req.clone()).await;
         assert!(r.is_err(), "unauthenticated peer must be refused: {r:?}");
     }
+    // A peer that ignores the challenge and pipelines a made-up proof and a proposal:
+    // refused by the server's check; the proposal is never read.
+    let mut pipelined = Vec::new();
+    let mut hello = proto::metapb::ControlHello::new();
+    hello.version = 1;
+    hello.cluster = "quiver".into();
+    hello.from = 77;
+    hello.nonce = vec![3u8; 32].into();
+    let mut proof = proto::metapb::ControlProof::new();
+    proof.proof = vec![0u8; 32].into();
+    for kind in [
+        ControlFrame_oneof_kind::hello(hello),
+        ControlFrame_oneof_kind::proof(proof),
+        ControlFrame_oneof_kind::request(req.clone()),
+    ] {
+        let mut f = ControlFrame::new();
+        f.kind = Some(kind);
+        proto::frame::encode_message(&f, 1 << 20, &mut pipelined).unwrap();
+    }
+    for n in &c.nodes[0..3] {
+        let r = raw(n.peer, &pipelined);
+        let mut buf = bytes::BytesMut::from(&r[..]);
+        let mut dec = proto::frame::FrameDecoder::new(1 << 20);
+        let mut kinds = Vec::new();
+        while let Ok(Some(p)) = dec.decode(&mut buf) {
+            let f: ControlFrame = proto::frame::decode_message(&p).unwrap();
+            kinds.push(f.kind);
+        }
+        assert!(
+            matches!(
+                kinds.first(),
+                Some(Some(ControlFrame_oneof_kind::challenge(_)))
+            ),
+            "{kinds:?}"
+        );
+        assert!(
+            matches!(
+                kinds.get(1),
+                Some(Some(ControlFrame_oneof_kind::response(r)))
+                    if matches!(r.kind, Some(ControlResponse_oneof_kind::error(_)))
+            ),
+            "refused after the bad proof: {kinds:?}"
+        );
+        assert_eq!(
+            kinds.len(),
+            2,
+            "no answer to the pipelined request: {kinds:?}"
+        );
+    }
     // A raft-transport Hello with a wrong proof: refused by the transport's handshake.
     let mut hello = proto::peerpb::Hello::new();
     hello.version = 1;

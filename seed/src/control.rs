@@ -327,3 +327,94 @@ fn refused(r: ControlResponse) -> Result<ControlResponse, Error> {
         _ => Err(Error::Protocol("unexpected response during handshake")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::metapb::{ControlRequest, WatchMeta};
+    use tokio::net::TcpListener;
+
+    /// A one-connection server: handshake with `secret`, then echo an error response.
+    async fn server(
+        secret: &'static [u8],
+    ) -> (SocketAddr, tokio::task::JoinHandle<Result<u64, CallError>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = tokio::spawn(async move {
+            let (s, _) = l.accept().await?;
+            let mut c = Framed::new(s, BytesMut::new(), PREAUTH_MAX_FRAME);
+            let hello = match c.next_control().await? {
+                ControlFrame_oneof_kind::hello(h) => h,
+                _ => return Err(CallError::Protocol("expected hello")),
+            };
+            let from = accept(&mut c, hello, "quiver", secret, 9).await?;
+            let req = read_request(&mut c).await?;
+            send_response(
+                &mut c,
+                error_response(req.id, ControlError_Code::NO_META, "none"),
+            )
+            .await?;
+            Ok(from)
+        });
+        (addr, h)
+    }
+
+    fn dialer(secret: &[u8]) -> Dialer {
+        Dialer {
+            cluster: "quiver".into(),
+            secret: secret.to_vec(),
+            from: 5,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn req() -> ControlRequest {
+        let mut r = ControlRequest::new();
+        r.id = 3;
+        r.set_watch_meta(WatchMeta::new());
+        r
+    }
+
+    #[tokio::test]
+    async fn same_secret_gets_through() {
+        let (addr, h) = server(b"the secret").await;
+        let resp = dialer(b"the secret").call(addr, req()).await.unwrap();
+        assert_eq!(resp.id, 3);
+        assert_eq!(h.await.unwrap().unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn wrong_secret_is_refused_before_any_request() {
+        let (addr, h) = server(b"the secret").await;
+        let r = dialer(b"another one").call(addr, req()).await;
+        // The dialer notices first: the server's proof does not verify under its secret.
+        assert!(matches!(r, Err(CallError::BadProof)), "{r:?}");
+        // The server never read a request.
+        assert!(h.await.unwrap().is_err());
+    }
+
+    #[tokio::test]
+    async fn bogus_proof_with_a_pipelined_request_is_refused() {
+        let (addr, h) = server(b"the secret").await;
+        let s = TcpStream::connect(addr).await.unwrap();
+        let mut c = Framed::new(s, BytesMut::new(), MAX_FRAME);
+        let mut hello = ControlHello::new();
+        hello.version = VERSION;
+        hello.cluster = "quiver".into();
+        hello.from = 5;
+        hello.nonce = vec![1u8; NONCE_LEN].into();
+        let mut proof = ControlProof::new();
+        proof.proof = vec![0u8; 32].into();
+        // Hello, a made-up proof and a request, all at once.
+        c.send(&wrap(ControlFrame_oneof_kind::hello(hello)), MAX_FRAME)
+            .await
+            .unwrap();
+        c.send(&wrap(ControlFrame_oneof_kind::proof(proof)), MAX_FRAME)
+            .await
+            .unwrap();
+        c.send(&wrap(ControlFrame_oneof_kind::request(req())), MAX_FRAME)
+            .await
+            .unwrap();
+        assert!(matches!(h.await.unwrap(), Err(CallError::BadProof)));
+    }
+}
