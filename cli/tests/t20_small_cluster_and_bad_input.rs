@@ -39,16 +39,33 @@ fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_under_replicated_then_fourth_joins_and_bad_input_is_refused() {
-    let dir = tempfile::Builder::new()
-        .prefix("quiver-test-")
-        .tempdir()
-        .unwrap();
+    let (path, _dir) = test_dir();
     let exe = std::path::PathBuf::from(env!("CARGO_BIN_EXE_quiver"));
-    let mut c = cli::demo::LocalCluster::new(exe, dir.path().to_path_buf(), 4, fast()).unwrap();
+    let mut c = cli::demo::LocalCluster::new(exe, path, 4, fast()).unwrap();
     for i in 0..3 {
         c.start(i).unwrap();
     }
-    create_meta(&c, 0).await;
+    // create-meta sent at once to two different seeds: exactly one succeeds.
+    for n in &c.nodes[0..3] {
+        let peer = n.peer;
+        let up = cli::demo::wait_for(Duration::from_secs(30), || async {
+            TcpStream::connect(peer).ok().map(|_| ())
+        })
+        .await;
+        assert!(up.is_some(), "node at {peer} did not start");
+    }
+    let (a, b) = tokio::join!(c.create_meta(0), c.create_meta(1));
+    assert!(
+        a.is_ok() != b.is_ok(),
+        "exactly one concurrent create-meta wins: {a:?} / {b:?}"
+    );
+    let loser = if a.is_ok() { b } else { a };
+    let msg = loser.unwrap_err().to_string();
+    eprintln!("concurrent create-meta refused: {msg}");
+    assert!(
+        msg.contains("already exists") || msg.contains("being created"),
+        "{msg}"
+    );
     let cl = client_of(&c, &[0, 1, 2]);
     wait_voters(&cl, 3, LONG).await;
     let seeds = c

@@ -14,7 +14,8 @@ use harpoon::{CellId, CellStatus, Error as HError, Node, NodeId, ReplicationMode
 use meta::{keys, ops, view, MetaStore, NodeRecord, Txn, TxnResult, META_RANGE};
 use parking_lot::{Mutex, RwLock};
 use proto::metapb::{
-    ControlError_Code, ControlRequest, ControlResponse_oneof_kind, ProposeTxn, WatchMeta,
+    ControlError_Code, ControlRequest, ControlResponse_oneof_kind, ProposeTxn, ReserveMeta,
+    WatchMeta,
 };
 use protobuf::Message;
 use tokio::sync::watch;
@@ -106,6 +107,8 @@ pub struct Seed {
     /// Bumped whenever the view changes.
     pub view_changed: watch::Sender<u64>,
     pub create_lock: tokio::sync::Mutex<()>,
+    /// Serializes the meta reservation file.
+    pub reservation: Mutex<()>,
     pub draining: AtomicBool,
     /// Whether the local meta replica currently knows a leader (refreshed by the
     /// subscription loop).
@@ -384,6 +387,93 @@ impl Seed {
         !self.draining.load(Ordering::Relaxed) && self.meta_known()
     }
 
+    /// Grant (or not) the reservation to create meta to `node`: once granted to a node, a
+    /// seed grants it to that node only, ever (the holder is kept in the data dir).
+    pub fn reserve_meta(&self, node: u64) -> Result<(bool, u64), Refusal> {
+        if self.meta_known() {
+            return Err(Refusal::MetaExists(
+                "meta already exists: create-meta runs once per cluster".into(),
+            ));
+        }
+        let _g = self.reservation.lock();
+        let path = self.settings.data_dir.join("meta_reservation");
+        let io = |e: std::io::Error| Refusal::Unavailable(format!("meta reservation: {e}"));
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let holder = s.trim().parse::<u64>().unwrap_or(0);
+                Ok((holder == node, holder))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, format!("{node}\n")).map_err(io)?;
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io)?;
+                std::fs::rename(&tmp, &path).map_err(io)?;
+                Ok((true, node))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Reserve the creation of meta at a majority of the seeds (this node included when it
+    /// is one). Refuses when a seed knows meta or granted another node.
+    async fn reserve_at_seeds(&self) -> Result<(), Refusal> {
+        let mut seeds = self.settings.seeds.clone();
+        seeds.sort();
+        seeds.dedup();
+        if seeds.is_empty() {
+            return Ok(());
+        }
+        let need = seeds.len() / 2 + 1;
+        let mut granted = 0;
+        let mut other = None;
+        for s in &seeds {
+            let r = if *s == self.peer_addr {
+                self.reserve_meta(self.id)
+            } else {
+                let mut req = ControlRequest::new();
+                let mut rm = ReserveMeta::new();
+                rm.node = self.id;
+                req.set_reserve_meta(rm);
+                match self.dialer.call(*s, req).await {
+                    Ok(resp) => match resp.kind {
+                        Some(ControlResponse_oneof_kind::reserved(r)) => Ok((r.granted, r.holder)),
+                        Some(ControlResponse_oneof_kind::error(e))
+                            if e.code == ControlError_Code::META_EXISTS =>
+                        {
+                            Err(Refusal::MetaExists(format!(
+                                "meta already exists (seed {s} knows it)"
+                            )))
+                        }
+                        _ => Ok((false, 0)),
+                    },
+                    Err(e) => {
+                        tracing::warn!(seed = %s, error = %e, "seed unreachable for the meta reservation");
+                        Ok((false, 0))
+                    }
+                }
+            };
+            match r? {
+                (true, _) => granted += 1,
+                (false, h) if h != 0 => other = Some(h),
+                _ => {}
+            }
+        }
+        if granted >= need {
+            return Ok(());
+        }
+        Err(match other {
+            Some(h) => Refusal::MetaExists(format!(
+                "meta is being created by node {h} (create-meta was sent to another seed)"
+            )),
+            None => Refusal::Unavailable(format!(
+                "only {granted} of {} seeds granted the meta reservation (need {need}): start the seeds first",
+                seeds.len()
+            )),
+        })
+    }
+
     /// Bootstrap: create meta here with this node as its only member.
     pub async fn create_meta(&self, rf: u32) -> Result<(), Refusal> {
         let _g = self.create_lock.lock().await;
@@ -397,27 +487,9 @@ impl Seed {
         } else {
             rf
         };
-        // Refuse if any reachable seed knows meta (narrows the window for two bootstraps).
-        for s in &self.settings.seeds {
-            if *s == self.peer_addr {
-                continue;
-            }
-            match self.watch_meta_at(*s, 0, 0).await {
-                Ok(ControlResponse_oneof_kind::view(_)) => {
-                    return Err(Refusal::MetaExists(format!(
-                        "meta already exists (seed {s} serves it)"
-                    )))
-                }
-                Ok(ControlResponse_oneof_kind::error(e))
-                    if e.code == ControlError_Code::NOT_LEADER =>
-                {
-                    return Err(Refusal::MetaExists(format!(
-                        "meta already exists (seed {s} knows it)"
-                    )))
-                }
-                _ => {}
-            }
-        }
+        // Two create-meta sent to different seeds cannot both hold a majority of
+        // reservations.
+        self.reserve_at_seeds().await?;
         self.open_meta_replica(&[NodeId(self.id)])
             .await
             .map_err(|e| Refusal::Unavailable(e.to_string()))?;

@@ -239,6 +239,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         view: RwLock::new(View::default()),
         view_changed,
         create_lock: tokio::sync::Mutex::new(()),
+        reservation: Mutex::new(()),
         draining: std::sync::atomic::AtomicBool::new(false),
         replica_led: std::sync::atomic::AtomicBool::new(false),
         peer_addr,
@@ -543,6 +544,23 @@ async fn handle_control(
         Some(ControlRequest_oneof_kind::propose(p)) => {
             match seed.propose_local(p.get_txn()).await {
                 Ok(r) => resp.set_txn(r),
+                Err(r) => return refusal_response(id, r),
+            }
+        }
+        Some(ControlRequest_oneof_kind::reserve_meta(rm)) => {
+            if rm.node == 0 || rm.node != peer {
+                return refusal_response(
+                    id,
+                    Refusal::Invalid("reservation for another node".into()),
+                );
+            }
+            match seed.reserve_meta(rm.node) {
+                Ok((granted, holder)) => {
+                    let mut r = proto::metapb::Reserved::new();
+                    r.granted = granted;
+                    r.holder = holder;
+                    resp.set_reserved(r);
+                }
                 Err(r) => return refusal_response(id, r),
             }
         }

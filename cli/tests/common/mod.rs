@@ -28,14 +28,26 @@ pub fn fast() -> Vec<(String, String)> {
     .collect()
 }
 
-/// `n` nodes started in a fresh temp dir (kept in the returned guard).
-pub fn cluster(n: usize) -> (LocalCluster, tempfile::TempDir) {
+/// A fresh directory for a cluster, removed when the guard drops unless
+/// `QUIVER_TEST_KEEP=1` (then its logs stay for a post-mortem).
+pub fn test_dir() -> (PathBuf, Option<tempfile::TempDir>) {
     let dir = tempfile::Builder::new()
         .prefix("quiver-test-")
         .tempdir()
         .expect("temp dir");
+    if std::env::var_os("QUIVER_TEST_KEEP").is_some() {
+        let path = dir.keep();
+        eprintln!("keeping {}", path.display());
+        return (path, None);
+    }
+    (dir.path().to_path_buf(), Some(dir))
+}
+
+/// `n` nodes started in a fresh temp dir (kept in the returned guard).
+pub fn cluster(n: usize) -> (LocalCluster, Option<tempfile::TempDir>) {
+    let (path, dir) = test_dir();
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_quiver"));
-    let mut c = LocalCluster::new(exe, dir.path().to_path_buf(), n, fast()).expect("layout");
+    let mut c = LocalCluster::new(exe, path, n, fast()).expect("layout");
     c.start_all().expect("start nodes");
     (c, dir)
 }
