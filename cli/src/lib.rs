@@ -16,7 +16,11 @@ use proto::metapb::{ControlRequest, ControlResponse_oneof_kind, CreateMeta};
 
 /// Quiver: a self-assembling distributed store.
 #[derive(Debug, Parser)]
-#[command(name = "quiver", version, about)]
+#[command(
+    name = "quiver",
+    version,
+    about = "Quiver: a self-assembling distributed store"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
