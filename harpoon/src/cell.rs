@@ -106,7 +106,10 @@ pub struct CellStatus {
     pub first_index: u64,
     pub last_index: u64,
     pub conf: ConfState,
-    /// Async-mode writes acknowledged by this replica as leader and later found lost.
+    /// Async-mode writes acknowledged by this replica as leader and later found lost. Writes
+    /// whose fate an installed snapshot hid (acknowledged, then covered by a snapshot before
+    /// this replica applied them) are counted too: lost or indeterminate, never silently
+    /// dropped.
     pub async_lost: u64,
 }
 
@@ -121,9 +124,6 @@ struct PendingRead {
 /// What `ready_append` leaves for `ready_persisted`.
 pub(crate) struct Unpersisted {
     rd: Ready,
-    snapshot: Option<Snapshot>,
-    /// Committed entries deferred until after the snapshot is restored.
-    deferred: Vec<Entry>,
 }
 
 /// Outgoing messages of one round, grouped per destination node.
@@ -160,6 +160,9 @@ pub(crate) struct Cell {
     last_heard: HashMap<u64, Instant>,
     /// Set when this replica applied its own removal.
     pub(crate) removed: bool,
+    /// When this replica was opened (created or restarted): it refuses votes for one election
+    /// timeout from then (see `Shard::deliver`).
+    pub(crate) opened: Instant,
 }
 
 fn role_leader(raw: &RawNode<CellStorage>) -> bool {
@@ -226,19 +229,6 @@ impl Cell {
                 learners: learners.iter().map(|n| n.get()).collect(),
                 ..Default::default()
             };
-            let mut meta = SnapshotMetadata {
-                index: INIT_INDEX,
-                term: INIT_INDEX,
-                ..Default::default()
-            };
-            meta.set_conf_state(conf.clone());
-            hs.term = INIT_INDEX;
-            hs.commit = INIT_INDEX;
-            let mut wb = WriteBatch::default();
-            wb.apply_snapshot(id, meta);
-            wb.set_hard_state(id, hs.clone());
-            log.write(wb).map_err(|e| storage_err(id, e))?;
-            log.sync().map_err(|e| storage_err(id, e))?;
             st = ApplyState {
                 applied_index: INIT_INDEX,
                 applied_term: INIT_INDEX,
@@ -246,17 +236,63 @@ impl Cell {
                 commit_term: INIT_INDEX,
                 conf_state: conf,
             };
+            // The state machine first (durable when `restore` returns), then the log (the
+            // repair below writes the Snapshot record): a crash in between leaves the state
+            // machine ahead of the log, which the next open repairs the same way. The other
+            // order could leave a log claiming an image the state machine never got.
             sm.restore(&SmSnapshot {
                 state: st.clone(),
                 data: Bytes::new(),
             })
             .map_err(|source| Error::StateMachine { cell: id, source })?;
         }
+        // The state machine ahead of the log: a crash after a snapshot was restored into the
+        // state machine and before the log's Snapshot record was synced (or a bootstrap cut
+        // short the same way). What the state machine applied is committed, so the log
+        // restarts after it.
+        let last = storage.last_index().map_err(sterr)?;
+        let first = storage.first_index().map_err(sterr)?;
+        let sm_ahead = st.applied_index > last
+            || (st.applied_index >= first
+                && storage
+                    .term(st.applied_index)
+                    .is_ok_and(|t| t != st.applied_term));
+        if sm_ahead {
+            let mut meta = SnapshotMetadata {
+                index: st.applied_index,
+                term: st.applied_term,
+                ..Default::default()
+            };
+            meta.set_conf_state(st.conf_state.clone());
+            let mut wb = WriteBatch::default();
+            wb.apply_snapshot(id, meta);
+            log.write(wb).map_err(|e| storage_err(id, e))?;
+            log.sync().map_err(|e| storage_err(id, e))?;
+            hs = storage.hard_state();
+        } else if st.applied_index + 1 < first {
+            // The log was compacted past what the state machine holds (for example the state
+            // machine's files were lost): the entries in between are gone from this replica.
+            // Starting would make raft skip them silently (or panic); refuse instead.
+            return Err(Error::NeedsSnapshot {
+                cell: id,
+                applied: st.applied_index,
+                truncated: first - 1,
+            });
+        }
         // RAFT.md §1.4: the commit index may not have been durable when the state machine
-        // applied up to it; move it forward if the log holds that entry with that term.
-        if st.commit_index > hs.commit && storage.term(st.commit_index).ok() == Some(st.commit_term)
-        {
-            hs.commit = st.commit_index;
+        // applied up to it; move it forward if the log holds that entry with that term. Both
+        // the recorded commit point and the applied entry itself are committed.
+        let mut commit = hs.commit;
+        for (i, t) in [
+            (st.commit_index, st.commit_term),
+            (st.applied_index, st.applied_term),
+        ] {
+            if i > commit && storage.term(i).ok() == Some(t) {
+                commit = i;
+            }
+        }
+        if commit > hs.commit {
+            hs.commit = commit;
             let mut wb = WriteBatch::default();
             wb.set_hard_state(id, hs.clone());
             log.write(wb).map_err(|e| storage_err(id, e))?;
@@ -304,6 +340,7 @@ impl Cell {
             applied: st.applied_index,
             last_heard: HashMap::new(),
             removed: false,
+            opened: Instant::now(),
         })
     }
 
@@ -387,6 +424,22 @@ impl Cell {
             ReplicationMode::Async => self.node.get().to_le_bytes().to_vec(),
             ReplicationMode::Consensus => Vec::new(),
         };
+        let (size, limit) = self
+            .raw
+            .store()
+            .entry_record_size(data.len(), context.len());
+        if size > limit {
+            // The leader sends before its own write: an entry the log cannot hold would reach
+            // (and be refused by) every replica. Refuse it here, before it exists.
+            return send(
+                tx,
+                Err(Error::TooLarge {
+                    cell: self.id,
+                    size,
+                    limit,
+                }),
+            );
+        }
         match self.raw.propose(context, data.to_vec()) {
             Ok(()) => {}
             Err(raft::Error::ProposalDropped) => {
@@ -473,7 +526,7 @@ impl Cell {
         self.next_read_id += 1;
         // raft drops the request silently if the leader has not committed in its term yet;
         // the deadline answers it then.
-        self.raw.read_index(id.to_le_bytes().to_vec());
+        self.raw.read_index(read_ctx(self.node, id));
         self.reads.insert(
             id,
             PendingRead {
@@ -617,22 +670,26 @@ impl Cell {
         // 1. Leader messages go out before our own fsync (thesis §10.2.1): replication and
         //    the local write overlap. Only a leader's messages are in `messages()`.
         self.envelopes(rd.take_messages(), early);
-        // 2. A received snapshot is installed before any entries of this ready: its log
-        //    metadata goes first in the write batch; the state machine restores after the sync
-        //    so the log never claims less than the state machine holds.
-        let snapshot = if rd.snapshot().is_empty() {
-            None
-        } else {
-            wb.apply_snapshot(self.id, rd.snapshot().get_metadata().clone());
-            Some(rd.snapshot().clone())
-        };
+        // 2. A received snapshot is installed before any entries of this ready. The state
+        //    machine restores it first (durably: `restore` returns after its data is safe),
+        //    then its log metadata goes first in the write batch. A crash in between leaves
+        //    the state machine ahead of the log, which `Cell::open` repairs by writing the
+        //    Snapshot record then; the other order would leave a log that skips entries the
+        //    state machine never got (silent data loss, or raft's "applied out of range").
+        if !rd.snapshot().is_empty() {
+            let snap = rd.snapshot().clone();
+            self.restore(&snap)?;
+            wb.apply_snapshot(self.id, snap.get_metadata().clone());
+        }
         // 3. ReadIndex answers: they wait for apply to reach their index.
         let now = Instant::now();
         for rs in rd.take_read_states() {
-            let Ok(b) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) else {
+            // Only our own requests: a ctx of another replica or of an earlier process of
+            // this node is not ours, whatever its counter says.
+            let Some(id) = parse_read_ctx(self.node, &rs.request_ctx) else {
                 continue;
             };
-            let Some(p) = self.reads.remove(&u64::from_le_bytes(b)) else {
+            let Some(p) = self.reads.remove(&id) else {
                 continue;
             };
             // A quorum acknowledged a round sent at `p.issued` in `p.term`: no other leader
@@ -649,14 +706,8 @@ impl Cell {
         }
         let _ = now;
         // 4. Committed entries are already durable locally: apply them now, overlapping the
-        //    append below (unless a snapshot must be restored first).
-        let committed = rd.take_committed_entries();
-        let deferred = if snapshot.is_some() {
-            committed
-        } else {
-            self.apply(committed)?;
-            Vec::new()
-        };
+        //    append below (after the snapshot, if any, was restored).
+        self.apply(rd.take_committed_entries())?;
         // 5. New entries and the hard state join the round's single write; the driver syncs
         //    once for every cell if any of them must be durable.
         if !rd.entries().is_empty() {
@@ -666,29 +717,30 @@ impl Cell {
             wb.set_hard_state(self.id, hs.clone());
         }
         *must_sync |= rd.must_sync();
-        Ok(Some(Unpersisted {
-            rd,
-            snapshot,
-            deferred,
-        }))
+        Ok(Some(Unpersisted { rd }))
     }
 
     /// Ready steps 6-8, after the round's write and sync.
     pub(crate) fn ready_persisted(&mut self, u: Unpersisted, late: &mut Outbox) -> Result<()> {
-        let Unpersisted {
-            mut rd,
-            snapshot,
-            deferred,
-        } = u;
-        if let Some(snap) = snapshot {
-            self.restore(&snap)?;
-            self.apply(deferred)?;
-        }
+        let Unpersisted { mut rd } = u;
         // 6. Follower/candidate messages (append responses, votes) only now that entries and
         //    hard state are durable: acknowledging an entry promises it survives a crash.
         self.envelopes(rd.take_persisted_messages(), late);
-        // Async mode: the leader has the entries durably in its own log now.
-        for (index, term, tx) in self.durable_acks.drain(..) {
+        // Async mode: the leader has the entries durably in its own log now, unless the same
+        // round replaced them (a higher-term append conflicting at their index): acknowledge
+        // only what the log holds with the proposing term.
+        let acks = std::mem::take(&mut self.durable_acks);
+        for (index, term, tx) in acks {
+            if self.raw.store().term(index).ok() != Some(term) {
+                send(
+                    tx,
+                    Err(Error::ProposalDropped {
+                        cell: self.id,
+                        index,
+                    }),
+                );
+                continue;
+            }
             self.async_acked.insert(index, term);
             send(
                 tx,
@@ -743,7 +795,18 @@ impl Cell {
                 send(tx, Err(Error::OutcomeUnknown { cell, index }));
             }
         }
-        self.async_acked = self.async_acked.split_off(&(meta.index + 1));
+        // Acknowledged async writes the snapshot covers: only the one at the snapshot's own
+        // index can be checked (by term); for the others the log that would tell is gone.
+        // They are counted as lost, conservatively (`async_lost` counts writes lost or whose
+        // survival could not be established).
+        let kept = self.async_acked.split_off(&(meta.index + 1));
+        let covered = std::mem::replace(&mut self.async_acked, kept);
+        let lost = covered
+            .iter()
+            .filter(|(i, t)| !(**i == meta.index && **t == meta.term))
+            .count() as u64;
+        self.async_lost += lost;
+        self.metrics.async_lost.fetch_add(lost, Ordering::Relaxed);
         self.check_removed();
         Ok(())
     }
@@ -754,9 +817,10 @@ impl Cell {
         };
         let cell = self.id;
         let sm_err = |source| Error::StateMachine { cell, source };
-        let commit = self.raw.raft.raft_log.committed.max(last.index);
-        let commit_term = self.raw.raft.raft_log.term(commit).unwrap_or(last.term);
-        self.sm.set_commit(commit, commit_term);
+        // The commit point stored with the applied data is the last entry of this batch, not
+        // raft's commit index: that one may be beyond what this replica has persisted, and a
+        // restart could then neither verify it (`term` unavailable) nor start below it.
+        self.sm.set_commit(last.index, last.term);
         for e in entries {
             if e.index <= self.applied {
                 continue;
@@ -925,8 +989,15 @@ impl Cell {
     }
 
     /// Log compaction, once the applied state is durable. `force` compacts to the durable
-    /// applied index with no slack (used to force catch-up by snapshot).
-    pub(crate) fn maybe_compact(&mut self, wb: &mut WriteBatch, force: bool) -> Result<u64> {
+    /// applied index with no slack (used to force catch-up by snapshot); `drain` (with `force`)
+    /// drops the applied entry too, leaving no entry behind at all: what log GC needs from a
+    /// cell that pins an old segment (an idle cell keeps its last entry forever otherwise).
+    pub(crate) fn maybe_compact(
+        &mut self,
+        wb: &mut WriteBatch,
+        force: bool,
+        drain: bool,
+    ) -> Result<u64> {
         let first = self.raw.raft.raft_log.first_index();
         let gc = &self.cfg.cell;
         if !force && self.applied < first + gc.log_gc_threshold {
@@ -937,7 +1008,10 @@ impl Cell {
             source,
         })?;
         let durable = self.sm.apply_state().applied_index.min(self.applied);
-        let to = if force {
+        let to = if force && drain {
+            // Never past the last entry of the log itself.
+            (durable + 1).min(self.raw.raft.raft_log.last_index() + 1)
+        } else if force {
             durable
         } else {
             durable.saturating_sub(gc.log_gc_slack)
@@ -975,6 +1049,37 @@ impl Cell {
             send(tx, Err(err.clone()));
         }
     }
+}
+
+/// A random nonce drawn once per process: part of every ReadIndex ctx.
+fn read_nonce() -> u64 {
+    static NONCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *NONCE.get_or_init(rand::random)
+}
+
+/// The ReadIndex request context: node id ‖ per-process nonce ‖ per-cell counter (24 bytes,
+/// little-endian). raft-rs keys pending reads by these bytes across every requester of the
+/// group (the leader's own reads and those forwarded by followers) and counts any same-term
+/// heartbeat response carrying them as an acknowledgement, so they must be unique across
+/// replicas and restarts: a collision lets a stale acknowledgement (or another replica's
+/// read) complete a read, and grant a lease, without a quorum round.
+fn read_ctx(node: NodeId, id: u64) -> Vec<u8> {
+    let mut ctx = Vec::with_capacity(24);
+    ctx.extend_from_slice(&node.get().to_le_bytes());
+    ctx.extend_from_slice(&read_nonce().to_le_bytes());
+    ctx.extend_from_slice(&id.to_le_bytes());
+    ctx
+}
+
+/// The counter of a ctx made by [`read_ctx`] in this process for `node`; `None` otherwise.
+fn parse_read_ctx(node: NodeId, ctx: &[u8]) -> Option<u64> {
+    let b = <[u8; 24]>::try_from(ctx).ok()?;
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    };
+    (word(0) == node.get() && word(1) == read_nonce()).then(|| word(2))
 }
 
 /// After a restart, the uncommitted entries this node proposed in Async mode: each one was

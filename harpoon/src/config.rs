@@ -167,6 +167,10 @@ pub struct NodeConfig {
     pub max_commands_per_round: usize,
     /// Per-cell raft settings.
     pub cell: CellConfig,
+    /// How often the node reclaims raft-log segments (`LogStore::gc`), force-compacting the
+    /// cells that pin the oldest ones (idle cells never reach `log_gc_threshold`). Zero
+    /// disables it (the log then grows until the disk fills).
+    pub log_gc_interval: Duration,
 }
 
 impl Default for NodeConfig {
@@ -176,6 +180,7 @@ impl Default for NodeConfig {
             shards: 1,
             max_commands_per_round: 4096,
             cell: CellConfig::default(),
+            log_gc_interval: Duration::from_secs(10),
         }
     }
 }

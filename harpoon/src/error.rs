@@ -89,6 +89,29 @@ pub enum Error {
     /// The change would leave fewer healthy voters than a quorum of the new configuration.
     #[error("{cell}: removing {node} would lose quorum")]
     QuorumLoss { cell: CellId, node: NodeId },
+    /// The replica's raft log was compacted past what its state machine holds (the state
+    /// machine lost data, or is older than the log): starting it would skip the entries in
+    /// between. The replica must be re-seeded by snapshot (remove its log and state machine
+    /// and re-add it as a new member). Nothing was started; the node is not poisoned.
+    #[error("{cell}: state machine applied {applied} but the log is compacted to {truncated}: re-seed the replica by snapshot")]
+    NeedsSnapshot {
+        cell: CellId,
+        applied: u64,
+        truncated: u64,
+    },
+    /// The proposal is larger than one raft-log record may be (data + context + record
+    /// overhead must fit the log's `max_record_size`, which must be the same on every node).
+    /// Nothing was proposed.
+    #[error("{cell}: proposal of {size} bytes exceeds the log's record limit of {limit} bytes")]
+    TooLarge {
+        cell: CellId,
+        size: usize,
+        limit: usize,
+    },
+    /// This replica was fenced after a storage failure of its own (an unreadable record, or a
+    /// write the log refused); the rest of the node keeps serving. Re-seed the replica.
+    #[error("{cell}: replica fenced: {reason}")]
+    Fenced { cell: CellId, reason: String },
     /// The node's raft log failed; fatal (the node is poisoned).
     #[error("storage failed{}: {source}", cell.map(|c| format!(" for {c}")).unwrap_or_default())]
     Storage {

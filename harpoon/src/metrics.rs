@@ -14,6 +14,7 @@ pub(crate) struct Metrics {
     pub(crate) snapshots: AtomicU64,
     pub(crate) compactions: AtomicU64,
     pub(crate) transport_sends: AtomicU64,
+    pub(crate) log_segments_dropped: AtomicU64,
 }
 
 /// A copy of a node's counters.
@@ -38,6 +39,8 @@ pub struct NodeMetrics {
     pub compactions: u64,
     /// `Transport::send` calls (one per destination node per round phase).
     pub transport_sends: u64,
+    /// Raft-log segments reclaimed by the periodic log GC.
+    pub log_segments_dropped: u64,
 }
 
 impl Metrics {
@@ -53,6 +56,7 @@ impl Metrics {
             snapshots: g(&self.snapshots),
             compactions: g(&self.compactions),
             transport_sends: g(&self.transport_sends),
+            log_segments_dropped: g(&self.log_segments_dropped),
         }
     }
 }

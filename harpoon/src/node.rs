@@ -80,7 +80,17 @@ impl Router {
 }
 
 impl MessageSink for Router {
-    fn deliver(&self, _from: NodeId, batch: Vec<Envelope>) {
+    fn deliver(&self, from: NodeId, mut batch: Vec<Envelope>) {
+        // `from` is the authenticated peer: a message claiming another sender is forged or
+        // misrouted, and raft-rs would believe it. Drop it.
+        let before = batch.len();
+        batch.retain(|env| env.msg.from == from.get());
+        if batch.len() != before {
+            tracing::warn!(%from, dropped = before - batch.len(), "dropping messages whose sender is not the authenticated peer");
+        }
+        if batch.is_empty() {
+            return;
+        }
         if self.shards.len() == 1 {
             let _ = self.shards[0].send(Command::Deliver(batch));
             return;
@@ -149,7 +159,7 @@ impl Node {
         let metrics = Arc::new(Metrics::default());
         let poison = Arc::new(Mutex::new(None));
         let factory: Arc<RwLock<Option<CellFactory>>> = Arc::new(RwLock::new(None));
-        let started = Instant::now();
+        let gc_pins = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..cfg.shards {
@@ -172,8 +182,11 @@ impl Node {
                 metrics: metrics.clone(),
                 poison: poison.clone(),
                 factory: factory.clone(),
-                started,
                 cells: Default::default(),
+                fenced: Default::default(),
+                index: i,
+                gc_pins: gc_pins.clone(),
+                next_log_gc: Instant::now() + cfg.log_gc_interval,
                 touched: Default::default(),
                 pending: WriteBatch::default(),
             };

@@ -92,8 +92,15 @@ pub(crate) struct Shard {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) poison: Arc<Mutex<Option<String>>>,
     pub(crate) factory: Arc<RwLock<Option<CellFactory>>>,
-    pub(crate) started: Instant,
     pub(crate) cells: HashMap<CellId, Cell>,
+    /// Cells fenced after a failure of their own (an unreadable record, a refused write),
+    /// with the reason; every later call for them answers `Error::Fenced`.
+    pub(crate) fenced: HashMap<CellId, String>,
+    /// This shard's number; shard 0 runs the node's log GC.
+    pub(crate) index: usize,
+    /// Cells the last log GC found pinning old segments, for their shard to force-compact.
+    pub(crate) gc_pins: Arc<Mutex<HashSet<CellId>>>,
+    pub(crate) next_log_gc: Instant,
     pub(crate) touched: HashSet<CellId>,
     /// Compactions decided since the last round; they join the next write.
     pub(crate) pending: WriteBatch,
@@ -133,15 +140,18 @@ impl Shard {
             }
             let now = Instant::now();
             if now >= next_tick {
-                for (id, c) in self.cells.iter_mut() {
-                    c.tick(now);
-                    self.touched.insert(*id);
+                self.check_log();
+                let ids: Vec<CellId> = self.cells.keys().copied().collect();
+                for id in ids {
+                    self.guarded(id, |c| c.tick(now));
+                    self.touched.insert(id);
                 }
                 next_tick += tick;
                 if next_tick < now {
                     next_tick = now + tick;
                 }
                 self.gc_tick();
+                self.log_gc(now);
             }
             if let Err(e) = self.round() {
                 self.poison_with(&e);
@@ -154,6 +164,61 @@ impl Shard {
         for c in self.cells.values_mut() {
             c.fail_all(&err);
         }
+    }
+
+    /// A poisoned log makes every raft call on it panic (raft-rs unwraps storage errors):
+    /// poison the node before calling into any cell.
+    fn check_log(&mut self) {
+        if self.poison.lock().is_some() {
+            return;
+        }
+        if let Some(e) = self.log.poisoned() {
+            self.poison_with(&Error::Storage {
+                cell: None,
+                source: Arc::new(e),
+            });
+        }
+    }
+
+    /// Runs `f` on the cell. raft-rs panics on a storage error it cannot handle (an unreadable
+    /// or corrupt record): that fences this cell instead of killing the shard thread and every
+    /// other cell with it.
+    fn guarded<R>(&mut self, id: CellId, f: impl FnOnce(&mut Cell) -> R) -> Option<R> {
+        let c = self.cells.get_mut(&id)?;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(c)));
+        match r {
+            Ok(r) => Some(r),
+            Err(payload) => {
+                let reason = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic in raft".to_string());
+                self.fence(
+                    id,
+                    format!("raft failed on this replica's storage: {reason}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Takes one cell out of service (its callers get `Error::Fenced`); the node keeps
+    /// serving its other cells. A poisoned log poisons the node instead.
+    fn fence(&mut self, id: CellId, reason: String) {
+        self.check_log();
+        if self.poison.lock().is_some() {
+            return;
+        }
+        tracing::error!(node = %self.node, cell = %id, %reason, "replica fenced");
+        if let Some(mut c) = self.cells.remove(&id) {
+            c.fail_all(&Error::Fenced {
+                cell: id,
+                reason: reason.clone(),
+            });
+        }
+        self.touched.remove(&id);
+        self.fenced.insert(id, reason);
     }
 
     fn poisoned(&self) -> Option<Error> {
@@ -180,6 +245,13 @@ impl Shard {
             let _ = tx.send(Err(e));
             return None;
         }
+        if let Some(reason) = self.fenced.get(&cell) {
+            let _ = tx.send(Err(Error::Fenced {
+                cell,
+                reason: reason.clone(),
+            }));
+            return None;
+        }
         match self.cells.get_mut(&cell) {
             Some(c) => {
                 self.touched.insert(cell);
@@ -197,6 +269,7 @@ impl Shard {
         let now = Instant::now();
         match cmd {
             Command::Deliver(batch) => {
+                self.check_log();
                 if self.poisoned().is_some() {
                     return false;
                 }
@@ -232,8 +305,8 @@ impl Shard {
                 deadline,
                 tx,
             } => {
-                if let Some((c, tx)) = self.cell_or(cell, tx) {
-                    c.propose(data, deadline, tx);
+                if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
+                    self.guarded(cell, |c| c.propose(data, deadline, tx));
                 }
             }
             Command::Read {
@@ -242,8 +315,8 @@ impl Shard {
                 deadline,
                 tx,
             } => {
-                if let Some((c, tx)) = self.cell_or(cell, tx) {
-                    c.read(consistency, deadline, now, tx);
+                if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
+                    self.guarded(cell, |c| c.read(consistency, deadline, now, tx));
                 }
             }
             Command::Membership {
@@ -252,8 +325,8 @@ impl Shard {
                 deadline,
                 tx,
             } => {
-                if let Some((c, tx)) = self.cell_or(cell, tx) {
-                    c.change_membership(change, deadline, tx);
+                if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
+                    self.guarded(cell, |c| c.change_membership(change, deadline, tx));
                 }
             }
             Command::Transfer {
@@ -262,15 +335,16 @@ impl Shard {
                 deadline,
                 tx,
             } => {
-                if let Some((c, tx)) = self.cell_or(cell, tx) {
-                    c.transfer_leader(to, deadline, tx);
+                if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
+                    self.guarded(cell, |c| c.transfer_leader(to, deadline, tx));
                 }
             }
             Command::Compact { cell, tx } => {
                 let mut wb = std::mem::take(&mut self.pending);
-                if let Some((c, tx)) = self.cell_or(cell, tx) {
-                    let r = c.maybe_compact(&mut wb, true);
-                    let _ = tx.send(r);
+                if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
+                    self.guarded(cell, |c| {
+                        let _ = tx.send(c.maybe_compact(&mut wb, true, false));
+                    });
                 }
                 self.pending = wb;
             }
@@ -298,6 +372,8 @@ impl Shard {
         if self.cells.contains_key(&cell) {
             return Err(Error::CellExists { cell });
         }
+        // Re-creating a fenced cell (re-seeding it) lifts the fence.
+        self.fenced.remove(&cell);
         let c = Cell::open(
             cell,
             self.node,
@@ -322,16 +398,7 @@ impl Shard {
             tracing::warn!(node = %self.node, to = msg.to, %cell, "dropping misaddressed message");
             return;
         }
-        // TiKV's `allow_unsafe_vote_after_start = false`: with lease reads, a restarted node
-        // forgot its leader contact; voting now could elect a leader inside the old lease.
-        if self.cfg.cell.lease_reads
-            && now.duration_since(self.started) < self.cfg.election_timeout()
-            && matches!(
-                msg.get_msg_type(),
-                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
-            )
-            && msg.get_context() != raft::CAMPAIGN_TRANSFER
-        {
+        if self.fenced.contains_key(&cell) {
             return;
         }
         if !self.cells.contains_key(&cell) {
@@ -347,7 +414,21 @@ impl Shard {
             }
         }
         if let Some(c) = self.cells.get_mut(&cell) {
-            c.step(msg, now);
+            // TiKV's `allow_unsafe_vote_after_start = false`: with lease reads, a replica that
+            // was (re)opened forgot its leader contact; voting now could elect a leader inside
+            // the old leader's lease. Measured from when this replica opened, not from node
+            // start: a replica restarted on a long-running node is just as forgetful.
+            if self.cfg.cell.lease_reads
+                && now.saturating_duration_since(c.opened) < self.cfg.election_timeout()
+                && matches!(
+                    msg.get_msg_type(),
+                    MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                )
+                && msg.get_context() != raft::CAMPAIGN_TRANSFER
+            {
+                return;
+            }
+            self.guarded(cell, |c| c.step(msg, now));
             self.touched.insert(cell);
         }
     }
@@ -355,11 +436,71 @@ impl Shard {
     fn gc_tick(&mut self) {
         let mut wb = std::mem::take(&mut self.pending);
         let mut fatal = None;
-        for c in self.cells.values_mut() {
-            if let Err(e) = c.maybe_compact(&mut wb, false) {
+        let ids: Vec<CellId> = self.cells.keys().copied().collect();
+        for id in ids {
+            if let Some(Err(e)) = self.guarded(id, |c| c.maybe_compact(&mut wb, false, false)) {
                 fatal = Some(e);
                 break;
             }
+        }
+        self.pending = wb;
+        if let Some(e) = fatal {
+            self.poison_with(&e);
+        }
+    }
+
+    /// Node-wide log GC (shard 0) every `log_gc_interval`. Cells whose live entries sit two or
+    /// more segments behind the active one block every drop; each shard force-compacts its own
+    /// (to their durable applied index), so the next run can drop those segments.
+    fn log_gc(&mut self, now: Instant) {
+        let every = self.cfg.log_gc_interval;
+        if every.is_zero() || now < self.next_log_gc {
+            return;
+        }
+        self.next_log_gc = now + every;
+        if self.poisoned().is_some() {
+            return;
+        }
+        if self.index == 0 {
+            match self.log.gc() {
+                Ok(stats) => {
+                    let mut pins = self.gc_pins.lock();
+                    for p in &stats.pinned {
+                        if p.segment + 2 <= stats.active_segment {
+                            pins.insert(p.cell);
+                        }
+                    }
+                    self.metrics
+                        .log_segments_dropped
+                        .fetch_add(stats.segments_dropped, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(node = %self.node, error = %e, "log gc failed");
+                    self.check_log();
+                    return;
+                }
+            }
+        }
+        let mine: Vec<CellId> = {
+            let mut pins = self.gc_pins.lock();
+            let mine: Vec<CellId> = pins
+                .iter()
+                .filter(|c| self.cells.contains_key(c))
+                .copied()
+                .collect();
+            for c in &mine {
+                pins.remove(c);
+            }
+            mine
+        };
+        let mut wb = std::mem::take(&mut self.pending);
+        let mut fatal = None;
+        for id in mine {
+            if let Some(Err(e)) = self.guarded(id, |c| c.maybe_compact(&mut wb, true, true)) {
+                fatal = Some(e);
+                break;
+            }
+            self.touched.insert(id);
         }
         self.pending = wb;
         if let Some(e) = fatal {
@@ -378,6 +519,7 @@ impl Shard {
     }
 
     fn round(&mut self) -> Result<()> {
+        self.check_log();
         if self.poisoned().is_some() {
             self.touched.clear();
             return Ok(());
@@ -388,18 +530,30 @@ impl Shard {
         let mut must_sync = false;
         let mut unpersisted = Vec::new();
         for id in &touched {
-            if let Some(c) = self.cells.get_mut(id) {
-                if let Some(u) = c.ready_append(&mut wb, &mut early, &mut must_sync)? {
-                    unpersisted.push((*id, u));
+            match self.guarded(*id, |c| c.ready_append(&mut wb, &mut early, &mut must_sync)) {
+                Some(r) => {
+                    if let Some(u) = r? {
+                        unpersisted.push((*id, u));
+                    }
+                }
+                // Fenced mid-ready: none of its writes may reach the log.
+                None => {
+                    wb.cells.remove(id);
                 }
             }
         }
         self.flush(early);
         if !wb.is_empty() {
-            self.log.write(wb).map_err(|e| Error::Storage {
+            let refused = self.log.write_fencing(wb).map_err(|e| Error::Storage {
                 cell: None,
                 source: Arc::new(e),
             })?;
+            // A write the log refuses for one cell (e.g. an entry over the record limit from a
+            // leader with a larger limit) fences that cell; the others were written.
+            for (id, e) in refused {
+                unpersisted.retain(|(c, _)| *c != id);
+                self.fence(id, format!("its log write was refused: {e}"));
+            }
             self.metrics.log_writes.fetch_add(1, Ordering::Relaxed);
         }
         if must_sync {
@@ -414,22 +568,25 @@ impl Shard {
         }
         let mut late = Outbox::new();
         for (id, u) in unpersisted {
-            if let Some(c) = self.cells.get_mut(&id) {
-                c.ready_persisted(u, &mut late)?;
+            if let Some(r) = self.guarded(id, |c| c.ready_persisted(u, &mut late)) {
+                r?;
             }
         }
         self.flush(late);
         let mut removed = Vec::new();
         for id in &touched {
-            if let Some(c) = self.cells.get_mut(id) {
-                c.after_round()?;
-                if c.has_ready() {
-                    // after_round proposed (leave joint): handle it in the next round.
-                    self.touched.insert(*id);
-                }
-                if c.removed {
-                    removed.push(*id);
-                }
+            let Some(r) = self.guarded(*id, |c| {
+                c.after_round().map(|()| (c.has_ready(), c.removed))
+            }) else {
+                continue;
+            };
+            let (again, gone) = r?;
+            if again {
+                // after_round proposed (leave joint): handle it in the next round.
+                self.touched.insert(*id);
+            }
+            if gone {
+                removed.push(*id);
             }
         }
         for id in removed {

@@ -14,7 +14,9 @@ pub struct ApplyState {
     pub applied_index: u64,
     /// Term of that entry.
     pub applied_term: u64,
-    /// The commit index the last apply batch ran under (>= `applied_index`).
+    /// The commit point the last apply batch ran under: that batch's last entry, which this
+    /// replica had durably in its log (never raft's commit index, which may be beyond the
+    /// local log). Equal to `applied_index` once the batch is applied.
     pub commit_index: u64,
     /// Term of the entry at `commit_index`.
     pub commit_term: u64,

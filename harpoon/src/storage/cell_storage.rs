@@ -48,6 +48,22 @@ impl CellStorage {
         self.shared.id
     }
 
+    /// The size one entry with `data_len` bytes of data and `context_len` bytes of context
+    /// takes in the log, and the largest record the log accepts. An entry bigger than the
+    /// limit is refused by every write that carries it; since the leader replicates before
+    /// its own write, it must be refused before it is proposed. Every node of a cluster must
+    /// run the same `max_record_size`, or a follower with a smaller one refuses entries its
+    /// leader accepted.
+    pub fn entry_record_size(&self, data_len: usize, context_len: usize) -> (usize, usize) {
+        let e = Entry::default();
+        let size = record::HEADER_LEN
+            + record::ENTRIES_HEADER_LEN
+            + record::entry_len(&e)
+            + data_len
+            + context_len;
+        (size, self.store.max_record)
+    }
+
     /// Sets the ConfState returned by `initial_state` (after applying a conf change).
     pub fn set_conf_state(&self, cs: ConfState) {
         self.shared.log.lock().conf_state = cs;

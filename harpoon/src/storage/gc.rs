@@ -39,6 +39,8 @@ pub struct GcStats {
     pub segments_dropped: u64,
     /// Oldest segment kept (segments below it were dropped).
     pub kept_from: u64,
+    /// The segment being appended to.
+    pub active_segment: u64,
     /// Hard/truncated state records re-appended before dropping.
     pub checkpoints: u64,
     /// Cells with live entries below the active segment, oldest segment first. The first ones
@@ -77,6 +79,7 @@ pub(crate) fn run(inner: &Inner) -> Result<GcStats, StorageError> {
     let mut stats = GcStats {
         segments_before,
         kept_from: oldest,
+        active_segment: active,
         pinned,
         ..GcStats::default()
     };

@@ -239,16 +239,50 @@ impl LogStore {
     /// Request errors (the whole batch is refused, nothing written) or a fatal seglog error
     /// (the store is poisoned).
     pub fn write(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        match self.write_inner(batch, false)?.into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Like [`LogStore::write`], but a cell whose writes are refused (a request error such as
+    /// `EntryTooLarge` or `NonContiguous`) is left out and returned with its error, and the
+    /// other cells' writes go ahead: one cell's bad batch fences that cell, not the node.
+    ///
+    /// # Errors
+    /// Only fatal ones (poisoned store, failed seglog append).
+    pub fn write_fencing(
+        &self,
+        batch: WriteBatch,
+    ) -> Result<Vec<(CellId, StorageError)>, StorageError> {
+        self.write_inner(batch, true)
+    }
+
+    fn write_inner(
+        &self,
+        batch: WriteBatch,
+        partial: bool,
+    ) -> Result<Vec<(CellId, StorageError)>, StorageError> {
         let inner = &self.inner;
         inner.check_poison()?;
         if batch.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let _writer = inner.writer.lock();
         let mut planned = Vec::with_capacity(batch.cells.len());
+        let mut refused = Vec::new();
         for (cell, w) in batch.cells {
             let shared = inner.cell_shared(cell);
-            let records = shared.log.lock().plan(&w, inner.max_record)?;
+            let records = match shared.log.lock().plan(&w, inner.max_record) {
+                Ok(r) => r,
+                Err(e) => {
+                    refused.push((cell, e));
+                    if partial {
+                        continue;
+                    }
+                    return Ok(refused);
+                }
+            };
             let conf = w.snapshot.map(|mut m| m.take_conf_state());
             planned.push((shared, records, conf));
         }
@@ -256,6 +290,9 @@ impl LogStore {
             .iter()
             .flat_map(|(_, records, _)| records.iter().cloned())
             .collect();
+        if all.is_empty() {
+            return Ok(refused);
+        }
         let positions = inner.append_records(&all)?;
         let mut positions = positions.into_iter();
         let mut dirty = inner.dirty.lock();
@@ -269,7 +306,7 @@ impl LogStore {
             }
             dirty.insert(shared.id);
         }
-        Ok(())
+        Ok(refused)
     }
 
     /// Makes everything written so far durable: one group commit (seglog sync) for all cells.

@@ -1,0 +1,859 @@
+//! Regressions from the harpoon review: each test failed before its fix.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use harpoon::testkit::{wait_until, Cluster, ClusterOptions, LogStateMachine};
+use harpoon::transport::Envelope;
+use harpoon::{
+    ApplyState, CellId, EntryRef, Error, NodeId, ReadConsistency, ReplicationMode, Role,
+    SmSnapshot, StateMachine, StateMachineError,
+};
+use raft::eraftpb::{ConfState, Entry, Message, MessageType};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// How a [`Faulty`] state machine "crashes".
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// The N-th restore fails before doing anything.
+    RestoreBefore(usize),
+    /// Once armed, the next apply is done (durably) and then the process "crashes".
+    ApplyAfter,
+}
+
+/// The recording state machine with one injected crash (an error poisons the node; nothing
+/// after it is written, as after a real crash).
+struct Faulty {
+    inner: LogStateMachine,
+    fault: Fault,
+    restores: Arc<AtomicUsize>,
+    armed: Arc<AtomicBool>,
+}
+
+impl Faulty {
+    fn new(inner: LogStateMachine, fault: Fault) -> Self {
+        Faulty {
+            inner,
+            fault,
+            restores: Arc::default(),
+            armed: Arc::default(),
+        }
+    }
+}
+
+impl StateMachine for Faulty {
+    fn apply(&mut self, e: EntryRef<'_>) -> Result<Bytes, StateMachineError> {
+        let r = self.inner.apply(e)?;
+        if self.fault == Fault::ApplyAfter && self.armed.load(Ordering::SeqCst) {
+            self.inner.persist()?;
+            return Err(StateMachineError::new(
+                "apply",
+                "simulated crash after apply",
+            ));
+        }
+        Ok(r)
+    }
+    fn apply_conf_change(
+        &mut self,
+        i: u64,
+        t: u64,
+        cs: &ConfState,
+    ) -> Result<(), StateMachineError> {
+        self.inner.apply_conf_change(i, t, cs)
+    }
+    fn set_commit(&mut self, i: u64, t: u64) {
+        self.inner.set_commit(i, t)
+    }
+    fn apply_state(&self) -> ApplyState {
+        self.inner.apply_state()
+    }
+    fn snapshot(&mut self) -> Result<SmSnapshot, StateMachineError> {
+        self.inner.snapshot()
+    }
+    fn restore(&mut self, s: &SmSnapshot) -> Result<(), StateMachineError> {
+        let n = self.restores.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.fault == Fault::RestoreBefore(n) {
+            return Err(StateMachineError::new(
+                "restore",
+                "simulated crash before restore",
+            ));
+        }
+        self.inner.restore(s)
+    }
+    fn persist(&mut self) -> Result<(), StateMachineError> {
+        self.inner.persist()
+    }
+}
+
+fn write_n(c: &Cluster, cell: CellId, p: &str, n: usize) -> u64 {
+    let mut last = 0;
+    for i in 0..n {
+        last = c
+            .propose_retry(cell, Bytes::from(format!("{p}{i}")), WAIT)
+            .unwrap()
+            .index;
+    }
+    last
+}
+
+fn applied_on(c: &Cluster, n: NodeId, cell: CellId) -> u64 {
+    c.node(n).status(cell).wait().map_or(0, |s| s.applied)
+}
+
+/// Finding 1 (A): a new member crashed between the log's Snapshot record and the state
+/// machine's restore; on restart it skipped the snapshot's data and had an empty ConfState.
+#[test]
+fn snapshot_install_crash_window_new_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let smpath = dir.path().join("n4.sm");
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let leader = c.wait_leader(cell, WAIT).unwrap();
+    let last = write_n(&c, cell, "a", 30);
+    assert!(c.wait_applied(cell, last, WAIT));
+    for n in 1..=3 {
+        c.node(NodeId(n)).compact_log(cell).wait().unwrap();
+    }
+    assert!(wait_until(WAIT, || c
+        .status(leader, cell)
+        .unwrap()
+        .first_index
+        > 20));
+
+    c.start_node(NodeId(4));
+    let (sm, _) = LogStateMachine::open(&smpath).unwrap();
+    let sm = Faulty::new(sm, Fault::RestoreBefore(1));
+    c.node(NodeId(4))
+        .create_cell(cell, &[], &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait()
+        .unwrap();
+    c.node(leader)
+        .add_learner(cell, NodeId(4), Instant::now() + WAIT)
+        .wait()
+        .unwrap();
+    assert!(wait_until(WAIT, || c.node(NodeId(4)).poisoned().is_some()));
+
+    c.kill(NodeId(4));
+    c.start_node(NodeId(4));
+    let (sm, h4) = LogStateMachine::open(&smpath).unwrap();
+    c.node(NodeId(4))
+        .create_cell(cell, &[], &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait()
+        .unwrap();
+    let last = write_n(&c, cell, "b", 5);
+    assert!(
+        wait_until(WAIT, || applied_on(&c, NodeId(4), cell) >= last),
+        "new member never caught up"
+    );
+    let s4 = c.node(NodeId(4)).status(cell).wait().unwrap();
+    assert!(s4.conf.learners.contains(&4), "conf lost: {:?}", s4.conf);
+    assert_eq!(
+        h4.entries().len(),
+        c.applied(leader, cell).len(),
+        "new member's state machine misses the snapshot's data"
+    );
+}
+
+/// Finding 1 (B): an existing replica crashed between the log's Snapshot record and the
+/// restore; every restart then panicked in raft (`applied(..) is out of range`).
+#[test]
+fn snapshot_install_crash_window_existing_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let smpath = dir.path().join("n4.sm");
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let leader = c.wait_leader(cell, WAIT).unwrap();
+    let last = write_n(&c, cell, "a", 10);
+    assert!(c.wait_applied(cell, last, WAIT));
+
+    c.start_node(NodeId(4));
+    let (sm, _) = LogStateMachine::open(&smpath).unwrap();
+    let sm = Faulty::new(sm, Fault::RestoreBefore(2));
+    c.node(NodeId(4))
+        .create_cell(cell, &[], &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait()
+        .unwrap();
+    c.node(leader)
+        .add_learner(cell, NodeId(4), Instant::now() + WAIT)
+        .wait()
+        .unwrap();
+    let last = write_n(&c, cell, "b", 5);
+    assert!(wait_until(WAIT, || applied_on(&c, NodeId(4), cell) >= last));
+    c.isolate(NodeId(4));
+    let last = write_n(&c, cell, "c", 30);
+    assert!(wait_until(WAIT, || c.status(leader, cell).unwrap().applied >= last));
+    c.node(leader).compact_log(cell).wait().unwrap();
+    assert!(wait_until(WAIT, || c
+        .status(leader, cell)
+        .unwrap()
+        .first_index
+        > last - 5));
+    c.heal();
+    assert!(wait_until(WAIT, || c.node(NodeId(4)).poisoned().is_some()));
+
+    c.kill(NodeId(4));
+    c.start_node(NodeId(4));
+    let (sm, h4) = LogStateMachine::open(&smpath).unwrap();
+    let r = c
+        .node(NodeId(4))
+        .create_cell(cell, &[], &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait();
+    assert!(r.is_ok(), "replica cannot restart: {r:?}");
+    let last = write_n(&c, cell, "d", 3);
+    assert!(wait_until(WAIT, || applied_on(&c, NodeId(4), cell) >= last));
+    assert_eq!(h4.entries().len(), c.applied(leader, cell).len());
+}
+
+/// Finding 1 (bootstrap): a crash between the bootstrap image in the log and the state
+/// machine's restore left the replica with an empty ConfState forever.
+#[test]
+fn bootstrap_crash_window_empty_conf() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let path = |n: u64| dir.path().join(format!("n{n}.sm"));
+    let (sm, _) = LogStateMachine::open(path(3)).unwrap();
+    let r = c
+        .node(NodeId(3))
+        .create_cell(
+            cell,
+            &voters,
+            &[],
+            ReplicationMode::Consensus,
+            Box::new(Faulty::new(sm, Fault::RestoreBefore(1))),
+        )
+        .wait();
+    assert!(r.is_err(), "the injected bootstrap crash did not happen");
+    c.kill(NodeId(3));
+    c.start_node(NodeId(3));
+    for n in 1..=3u64 {
+        let (sm, _) = LogStateMachine::open(path(n)).unwrap();
+        c.node(NodeId(n))
+            .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
+            .wait()
+            .unwrap();
+    }
+    let s3 = c.node(NodeId(3)).status(cell).wait().unwrap();
+    assert_eq!(
+        s3.conf.voters.len(),
+        3,
+        "bootstrap conf lost: {:?}",
+        s3.conf
+    );
+    assert!(c.wait_leader(cell, WAIT).is_some());
+    let w = c
+        .propose_retry(cell, Bytes::from_static(b"x"), WAIT)
+        .unwrap();
+    assert!(wait_until(WAIT, || applied_on(&c, NodeId(3), cell) >= w.index));
+}
+
+/// Finding 1 (open check): a state machine behind a compacted log (here: its files lost) was
+/// started anyway, raft silently treating the compacted entries as applied.
+#[test]
+fn open_refuses_state_machine_behind_compacted_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    for n in 1..=3u64 {
+        let (sm, _) = LogStateMachine::open(dir.path().join(format!("n{n}.sm"))).unwrap();
+        c.node(NodeId(n))
+            .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
+            .wait()
+            .unwrap();
+    }
+    assert!(c.wait_leader(cell, WAIT).is_some());
+    let last = write_n(&c, cell, "a", 10);
+    assert!(wait_until(WAIT, || applied_on(&c, NodeId(3), cell) >= last));
+    c.node(NodeId(3)).compact_log(cell).wait().unwrap();
+    assert!(wait_until(WAIT, || c
+        .status(NodeId(3), cell)
+        .unwrap()
+        .first_index
+        > 10));
+    c.kill(NodeId(3));
+    c.start_node(NodeId(3));
+    let (sm, _) = LogStateMachine::open(dir.path().join("lost.sm")).unwrap();
+    let r = c
+        .node(NodeId(3))
+        .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait();
+    assert!(
+        matches!(r, Err(Error::NeedsSnapshot { applied: 0, .. })),
+        "expected NeedsSnapshot, got {r:?}"
+    );
+    assert!(c.node(NodeId(3)).poisoned().is_none());
+}
+
+/// Finding 2: ReadIndex ctx collided between a follower's read and the leader's own read, so
+/// a stale heartbeat response completed an isolated leader's read (and granted a lease).
+#[test]
+fn read_index_ctx_collision_stale_read() {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let l = c.wait_leader(cell, WAIT).unwrap();
+    c.propose_retry(cell, Bytes::from_static(b"w0"), WAIT)
+        .unwrap();
+    let others: Vec<NodeId> = (1..=3).map(NodeId).filter(|n| *n != l).collect();
+    let (f, g) = (others[0], others[1]);
+    let captured: Arc<Mutex<Vec<Envelope>>> = Arc::default();
+    let cap = captured.clone();
+    let filt = c.net.drop_if(move |from, to, env| {
+        if from == g
+            && to == l
+            && env.msg.get_msg_type() == MessageType::MsgHeartbeatResponse
+            && !env.msg.context.is_empty()
+        {
+            cap.lock().unwrap().push(env.clone());
+            return true;
+        }
+        false
+    });
+    // F's ReadIndex read is forwarded to L; G's acknowledgement of its round is captured.
+    c.node(f)
+        .read_barrier(cell, ReadConsistency::ReadIndex, Instant::now() + WAIT)
+        .wait()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.net.remove_filter(filt);
+    let stale = captured.lock().unwrap().clone();
+    assert!(!stale.is_empty());
+
+    // L, cut off, starts its own read; G's old acknowledgement arrives.
+    c.isolate(l);
+    let node_l = c.node(l);
+    let p = node_l.read_barrier(
+        cell,
+        ReadConsistency::ReadIndex,
+        Instant::now() + Duration::from_secs(1),
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    node_l.sink().deliver(g, stale);
+    let r = p.wait();
+    assert!(
+        r.is_err(),
+        "an isolated leader confirmed a read from a stale acknowledgement: {r:?}"
+    );
+    let lr = node_l
+        .read_barrier(
+            cell,
+            ReadConsistency::Lease,
+            Instant::now() + Duration::from_millis(20),
+        )
+        .wait();
+    assert!(lr.is_err(), "isolated leader served a lease read: {lr:?}");
+}
+
+/// Finding 3: the commit point stored with applied data could exceed the local log; after a
+/// crash before the round's sync the replica refused to open.
+#[test]
+fn commit_point_beyond_persisted_log_blocks_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let f = NodeId(3);
+    let fpath = dir.path().join("n3.sm");
+    let armed = Arc::new(AtomicBool::new(false));
+    for n in 1..=3u64 {
+        let (sm, _) = LogStateMachine::open(dir.path().join(format!("n{n}.sm"))).unwrap();
+        let sm: Box<dyn StateMachine> = if n == 3 {
+            let mut s = Faulty::new(sm, Fault::ApplyAfter);
+            s.armed = armed.clone();
+            Box::new(s)
+        } else {
+            Box::new(sm)
+        };
+        c.node(NodeId(n))
+            .create_cell(cell, &voters, &[], ReplicationMode::Consensus, sm)
+            .wait()
+            .unwrap();
+    }
+    let mut l = c.wait_leader(cell, WAIT).unwrap();
+    if l == f {
+        c.node(f)
+            .transfer_leader(cell, NodeId(1), Instant::now() + WAIT)
+            .wait()
+            .unwrap();
+        l = NodeId(1);
+        assert!(wait_until(WAIT, || c
+            .leader(cell)
+            .is_some_and(|(n, _)| n == l)));
+    }
+    c.node(l)
+        .propose(cell, Bytes::from_static(b"w0"))
+        .wait()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    // F gets entry E but no heartbeat (which would carry its commit).
+    let lf = l;
+    let filt = c.net.drop_if(move |from, to, env| {
+        from == lf && to == f && env.msg.get_msg_type() == MessageType::MsgHeartbeat
+    });
+    c.node(l)
+        .propose(cell, Bytes::from_static(b"E"))
+        .wait()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    c.isolate(f);
+    for i in 0..3 {
+        c.node(l)
+            .propose(cell, Bytes::from(format!("x{i}")))
+            .wait()
+            .unwrap();
+    }
+    // On heal, F learns a commit beyond what it has, applies E and "crashes".
+    armed.store(true, Ordering::SeqCst);
+    c.heal();
+    c.node(l)
+        .propose(cell, Bytes::from_static(b"y"))
+        .wait()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || c
+        .node(f)
+        .poisoned()
+        .is_some()));
+    c.net.remove_filter(filt);
+    c.kill(f);
+    let (sm, _) = LogStateMachine::open(&fpath).unwrap();
+    c.start_node(f);
+    let r = c
+        .node(f)
+        .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait();
+    assert!(r.is_ok(), "replica cannot restart: {r:?}");
+}
+
+/// Finding 5: Async mode acknowledged an entry that a conflicting append replaced in the same
+/// round (the durable entry at that index had another term).
+#[test]
+fn async_durable_ack_for_truncated_entry() {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
+    let l = c.wait_leader(cell, WAIT).unwrap();
+    for i in 0..3 {
+        c.propose_retry(cell, Bytes::from(format!("x{i}")), WAIT)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    c.isolate(l);
+    let s = c.node(l).status(cell).wait().unwrap();
+    let f = (1..=3).map(NodeId).find(|n| *n != l).unwrap();
+    let k = s.last_index + 1;
+    // What a new leader (term t+1) sends: an append conflicting at k.
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgAppend);
+    m.to = l.get();
+    m.from = f.get();
+    m.term = s.term + 1;
+    m.index = k - 1;
+    m.log_term = s.term;
+    m.commit = s.commit;
+    let e = Entry {
+        index: k,
+        term: s.term + 1,
+        ..Default::default()
+    };
+    m.set_entries(vec![e].into());
+    let node = c.node(l);
+    let p = node.propose(cell, Bytes::from_static(b"client-write"));
+    node.sink().deliver(f, vec![Envelope { cell, msg: m }]);
+    let r = p.wait();
+    let after = node.status(cell).wait().unwrap();
+    assert!(after.term > s.term, "the conflicting append was not taken");
+    if let Ok(r) = &r {
+        assert!(
+            !(r.index == k && r.term == s.term),
+            "LeaderDurable ack for ({}, {}) though the log holds term {} there",
+            r.index,
+            r.term,
+            s.term + 1
+        );
+    }
+}
+
+/// Finding 4: one oversized proposal reached every replica and poisoned each node.
+#[test]
+fn oversized_proposal_rejected_without_poisoning() {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let leader = c.wait_leader(cell, WAIT).unwrap();
+    write_n(&c, cell, "a", 2);
+    // The testkit's seglog takes records up to 4 MiB.
+    let big = Bytes::from(vec![7u8; 5 << 20]);
+    let r = c.node(leader).propose(cell, big).wait();
+    assert!(
+        matches!(r, Err(Error::TooLarge { limit, .. }) if limit == 4 << 20),
+        "expected TooLarge, got {r:?}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    for n in 1..=3 {
+        assert!(c.node(NodeId(n)).poisoned().is_none(), "node {n} poisoned");
+    }
+    write_n(&c, cell, "b", 2);
+}
+
+/// Finding 6: async writes acknowledged by an old leader and then covered by an installed
+/// snapshot were never counted as lost.
+#[test]
+fn async_acked_write_covered_by_snapshot_counted_lost() {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
+    let a = c.wait_leader(cell, WAIT).unwrap();
+    for i in 0..3 {
+        c.propose_retry(cell, Bytes::from(format!("x{i}")), WAIT)
+            .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    c.isolate(a);
+    let mut acked = Vec::new();
+    for i in 0..3 {
+        match c
+            .node(a)
+            .propose(cell, Bytes::from(format!("lost{i}")))
+            .wait()
+        {
+            Ok(r) => acked.push(r),
+            Err(_) => break,
+        }
+    }
+    assert!(!acked.is_empty());
+    let others: Vec<NodeId> = (1..=3).map(NodeId).filter(|n| *n != a).collect();
+    let is_leader = |n: NodeId| {
+        c.node(n)
+            .status(cell)
+            .wait()
+            .is_ok_and(|s| s.role == Role::Leader)
+    };
+    assert!(wait_until(WAIT, || others.iter().any(|n| is_leader(*n))));
+    let b = others.iter().copied().find(|n| is_leader(*n)).unwrap();
+    let mut last = 0;
+    for i in 0..20 {
+        last = c
+            .node(b)
+            .propose(cell, Bytes::from(format!("y{i}")))
+            .wait()
+            .unwrap()
+            .index;
+    }
+    for n in &others {
+        assert!(wait_until(WAIT, || applied_on(&c, *n, cell) >= last));
+        c.node(*n).compact_log(cell).wait().unwrap();
+    }
+    assert!(wait_until(WAIT, || c
+        .node(b)
+        .status(cell)
+        .wait()
+        .is_ok_and(|s| s.first_index > last - 5)));
+    c.heal();
+    assert!(wait_until(WAIT, || applied_on(&c, a, cell) >= last));
+    let s = c.node(a).status(cell).wait().unwrap();
+    let applied = c.applied(a, cell);
+    let survived = acked
+        .iter()
+        .filter(|r| {
+            applied
+                .iter()
+                .any(|e| e.index == r.index && e.term == r.term)
+        })
+        .count();
+    assert_eq!(survived, 0);
+    assert_eq!(
+        s.async_lost as usize,
+        acked.len(),
+        "async loss under-counted"
+    );
+}
+
+/// Finding 8: vote suppression after a restart was measured from node start, so a replica
+/// reopened on a long-running node voted at once.
+#[test]
+fn restarted_replica_refuses_votes_within_election_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ClusterOptions::default();
+    let election = opts.node.tick_interval * opts.node.cell.election_tick as u32;
+    let mut c = Cluster::new(3, opts);
+    let cell = CellId(1);
+    let voters = [NodeId(1), NodeId(2), NodeId(3)];
+    let path = |n: u64| dir.path().join(format!("n{n}.sm"));
+    for n in 1..=3u64 {
+        let (sm, _) = LogStateMachine::open(path(n)).unwrap();
+        c.node(NodeId(n))
+            .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
+            .wait()
+            .unwrap();
+    }
+    assert!(c.wait_leader(cell, WAIT).is_some());
+    let last = write_n(&c, cell, "a", 3);
+    let f = NodeId(3);
+    assert!(wait_until(WAIT, || applied_on(&c, f, cell) >= last));
+    c.kill(f);
+    c.start_node(f);
+    // The node has been up for several election timeouts when the replica opens.
+    std::thread::sleep(election * 3);
+    c.isolate(f);
+    let (sm, _) = LogStateMachine::open(path(3)).unwrap();
+    c.node(f)
+        .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait()
+        .unwrap();
+    let s = c.node(f).status(cell).wait().unwrap();
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgRequestVote);
+    m.from = 1;
+    m.to = f.get();
+    m.term = s.term + 1;
+    m.index = s.last_index + 100;
+    m.log_term = s.term + 1;
+    c.node(f)
+        .sink()
+        .deliver(NodeId(1), vec![Envelope { cell, msg: m }]);
+    std::thread::sleep(Duration::from_millis(30));
+    let after = c.node(f).status(cell).wait().unwrap();
+    assert_eq!(
+        after.term, s.term,
+        "a just-reopened replica took a vote request inside the election timeout"
+    );
+}
+
+/// Finding 7: the node never ran log GC, and an idle cell (never reaching the compaction
+/// threshold) pinned old segments forever: the log grew until the disk filled.
+#[test]
+fn log_gc_reclaims_segments_with_idle_cell() {
+    use harpoon::storage::LogStore;
+    use harpoon::transport::mem::MemNetwork;
+    use harpoon::{Node, NodeConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let seg = seglog::Config {
+        segment_size: 256 << 10,
+        max_record_size: 64 << 10,
+        ..seglog::Config::default()
+    };
+    let (log, _) = LogStore::open(dir.path().join("raft"), seg).unwrap();
+    let mut cfg = NodeConfig {
+        tick_interval: Duration::from_millis(10),
+        log_gc_interval: Duration::from_millis(50),
+        ..NodeConfig::default()
+    };
+    cfg.cell.election_tick = 10;
+    cfg.cell.heartbeat_tick = 2;
+    cfg.cell.lease_ticks = 7;
+    cfg.cell.log_gc_threshold = 16;
+    cfg.cell.log_gc_slack = 4;
+    let net = MemNetwork::new(1);
+    let me = NodeId(1);
+    let node = Node::start(me, cfg, log.clone(), net.transport(me)).unwrap();
+    net.register(me, node.sink());
+    let cells: Vec<CellId> = (1..=4).map(CellId).collect();
+    for cell in &cells {
+        let (sm, _) = LogStateMachine::in_memory();
+        node.create_cell(*cell, &[me], &[], ReplicationMode::Consensus, Box::new(sm))
+            .wait()
+            .unwrap();
+    }
+    let propose = |cell: CellId, data: Bytes| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match node.propose(cell, data.clone()).wait() {
+                Ok(r) => return r,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("propose: {e}"),
+            }
+        }
+    };
+    // Cell 1 writes once and then stays idle; the others write ~3 MiB in all.
+    propose(cells[0], Bytes::from_static(b"idle"));
+    let chunk = Bytes::from(vec![1u8; 4 << 10]);
+    let mut max_segments = 0;
+    for i in 0..768 {
+        propose(cells[1 + i % 3], chunk.clone());
+        max_segments = max_segments.max(log.stats().segments);
+    }
+    let reclaimed = wait_until(WAIT, || log.stats().segments <= 4);
+    let m = node.metrics();
+    assert!(
+        reclaimed,
+        "segments not reclaimed: {} on disk (max {max_segments}), {} dropped by gc",
+        log.stats().segments,
+        m.log_segments_dropped
+    );
+    let idle = node.status(cells[0]).wait().unwrap();
+    assert!(idle.first_index > 6, "idle cell never compacted: {idle:?}");
+    node.shutdown();
+}
+
+/// Three nodes on seglogs with the given `max_record_size` each, cells 1 and 2 on all.
+fn manual_cluster(
+    dir: &std::path::Path,
+    max_records: [u32; 3],
+    sm: impl Fn(NodeId, CellId) -> Box<dyn StateMachine>,
+) -> (harpoon::transport::mem::MemNetwork, Vec<harpoon::Node>) {
+    use harpoon::storage::LogStore;
+    let mut cfg = harpoon::NodeConfig {
+        tick_interval: Duration::from_millis(10),
+        ..harpoon::NodeConfig::default()
+    };
+    cfg.cell.election_tick = 10;
+    cfg.cell.heartbeat_tick = 2;
+    cfg.cell.lease_ticks = 7;
+    let net = harpoon::transport::mem::MemNetwork::new(3);
+    let ids = [NodeId(1), NodeId(2), NodeId(3)];
+    let mut nodes = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let seg = seglog::Config {
+            segment_size: 8 << 20,
+            max_record_size: max_records[i],
+            ..seglog::Config::default()
+        };
+        let (log, _) = LogStore::open(dir.join(format!("n{}", id.get())), seg).unwrap();
+        let node = harpoon::Node::start(*id, cfg.clone(), log, net.transport(*id)).unwrap();
+        net.register(*id, node.sink());
+        nodes.push(node);
+    }
+    for cell in [CellId(1), CellId(2)] {
+        for (i, id) in ids.iter().enumerate() {
+            nodes[i]
+                .create_cell(cell, &ids, &[], ReplicationMode::Consensus, sm(*id, cell))
+                .wait()
+                .unwrap();
+        }
+    }
+    (net, nodes)
+}
+
+fn manual_leader(nodes: &[harpoon::Node], cell: CellId) -> usize {
+    let mut found = None;
+    assert!(wait_until(WAIT, || {
+        found = nodes
+            .iter()
+            .position(|n| n.status(cell).wait().is_ok_and(|s| s.role == Role::Leader));
+        found.is_some()
+    }));
+    found.unwrap()
+}
+
+fn manual_write(nodes: &[harpoon::Node], cell: CellId, data: Bytes) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let l = manual_leader(nodes, cell);
+        match nodes[l].propose(cell, data.clone()).wait() {
+            Ok(r) => return r.index,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+}
+
+/// Finding 4 (second half): a write the log refuses for one cell (here: a follower whose
+/// `max_record_size` is smaller than its leader's) poisoned the whole node; now it fences
+/// that cell and the node's other cells keep serving.
+#[test]
+fn refused_cell_write_fences_cell_not_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_net, nodes) = manual_cluster(dir.path(), [4 << 20, 4 << 20, 64 << 10], |_, _| {
+        Box::new(LogStateMachine::in_memory().0)
+    });
+    let cell = CellId(1);
+    let l = manual_leader(&nodes, cell);
+    if l == 2 {
+        nodes[2]
+            .transfer_leader(cell, NodeId(1), Instant::now() + WAIT)
+            .wait()
+            .unwrap();
+    }
+    // Accepted by nodes 1 and 2, refused by node 3's log.
+    manual_write(&nodes, cell, Bytes::from(vec![5u8; 128 << 10]));
+    assert!(
+        wait_until(WAIT, || matches!(
+            nodes[2].status(cell).wait(),
+            Err(Error::Fenced { .. })
+        )),
+        "cell 1 on node 3 not fenced: {:?} (node poisoned: {:?})",
+        nodes[2].status(cell).wait(),
+        nodes[2].poisoned()
+    );
+    assert!(nodes[2].poisoned().is_none(), "node 3 poisoned");
+    let i = manual_write(&nodes, CellId(2), Bytes::from_static(b"other cell"));
+    assert!(wait_until(WAIT, || nodes[2]
+        .status(CellId(2))
+        .wait()
+        .is_ok_and(|s| s.applied >= i)));
+}
+
+/// A state machine that panics on one entry: the same call path where raft-rs panics on a
+/// storage error it cannot handle (an unreadable record while collecting committed entries).
+struct PanicOn(LogStateMachine, &'static [u8]);
+
+impl StateMachine for PanicOn {
+    fn apply(&mut self, e: EntryRef<'_>) -> Result<Bytes, StateMachineError> {
+        assert!(e.data != self.1, "simulated raft panic on a storage error");
+        self.0.apply(e)
+    }
+    fn apply_conf_change(
+        &mut self,
+        i: u64,
+        t: u64,
+        cs: &ConfState,
+    ) -> Result<(), StateMachineError> {
+        self.0.apply_conf_change(i, t, cs)
+    }
+    fn set_commit(&mut self, i: u64, t: u64) {
+        self.0.set_commit(i, t)
+    }
+    fn apply_state(&self) -> ApplyState {
+        self.0.apply_state()
+    }
+    fn snapshot(&mut self) -> Result<SmSnapshot, StateMachineError> {
+        self.0.snapshot()
+    }
+    fn restore(&mut self, s: &SmSnapshot) -> Result<(), StateMachineError> {
+        self.0.restore(s)
+    }
+}
+
+/// Finding 9: a panic inside one cell's raft processing (raft-rs panics on storage errors
+/// such as a corrupt read) killed the shard thread and every cell on it; now it fences that
+/// cell (callers get `Error::Fenced`) and the others keep serving.
+#[test]
+fn raft_panic_in_one_cell_fences_only_that_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_net, nodes) = manual_cluster(dir.path(), [4 << 20; 3], |n, c| {
+        let sm = LogStateMachine::in_memory().0;
+        if n == NodeId(3) && c == CellId(1) {
+            Box::new(PanicOn(sm, b"poison-pill"))
+        } else {
+            Box::new(sm)
+        }
+    });
+    manual_write(&nodes, CellId(1), Bytes::from_static(b"poison-pill"));
+    assert!(
+        wait_until(WAIT, || matches!(
+            nodes[2].status(CellId(1)).wait(),
+            Err(Error::Fenced { .. })
+        )),
+        "cell 1 on node 3 not fenced: {:?}",
+        nodes[2].status(CellId(1)).wait()
+    );
+    let i = manual_write(&nodes, CellId(2), Bytes::from_static(b"still alive"));
+    assert!(wait_until(WAIT, || nodes[2]
+        .status(CellId(2))
+        .wait()
+        .is_ok_and(|s| s.applied >= i)));
+}
