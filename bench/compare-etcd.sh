@@ -1,0 +1,304 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: a 3-member etcd and a 3-node Quiver on 127.0.0.1, one system at a time,
+# alternating etcd, Quiver, etcd, Quiver ... over --reps repetitions, every workload through the
+# same harness (quiver-bench). Writes the comparison into docs/benchmarks.md, section
+# "Side-by-side with etcd".
+#
+# Usage: bench/compare-etcd.sh [--quick] [--reps N] [--workloads W1,W2,...] [--etcd-only]
+#                              [--no-docs] [--bench-args "EXTRA FLAGS"]
+#   --quick       0.5 s warm-up + 2 s per workload, 10K records, 2 reps: under 3 minutes
+#   --reps N      repetitions per system [default 3, or 2 with --quick]
+#   --workloads   workloads to run [default all: W1..W10, W12]
+#   --etcd-only   do not try Quiver
+#   --no-docs     print the table, leave docs/benchmarks.md alone
+#   --bench-args  extra flags for every quiver-bench run (e.g. "--duration 30")
+# Environment: CARGO_TARGET_DIR (build dir), BENCH_TMP (where data dirs go; must be on the disk
+# you want to measure, not tmpfs) [default /var/tmp], ETCD_BASE_PORT [default 32379],
+# QUIVER_BASE_PORT [default 37400], QUIVER_BIN (a prebuilt `quiver` binary).
+#
+# Installs etcd (Debian: etcd-server, etcd-client) and protoc (protobuf-compiler, needed to build
+# the etcd backend) when missing. Everything binds 127.0.0.1; every process started here is
+# killed on exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+QUICK=0
+REPS=""
+WORKLOADS=all
+ETCD_ONLY=0
+WRITE_DOCS=1
+EXTRA=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) QUICK=1 ;;
+        --reps) REPS=$2; shift ;;
+        --workloads) WORKLOADS=$2; shift ;;
+        --etcd-only) ETCD_ONLY=1 ;;
+        --no-docs) WRITE_DOCS=0 ;;
+        --bench-args) EXTRA=$2; shift ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "compare-etcd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+[[ -n $REPS ]] || REPS=$((QUICK ? 2 : 3))
+MODE_FLAGS=()
+[[ $QUICK == 1 ]] && MODE_FLAGS+=(--quick)
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+ETCD_BASE_PORT=${ETCD_BASE_PORT:-32379}
+QUIVER_BASE_PORT=${QUIVER_BASE_PORT:-37400}
+mkdir -p "${BENCH_TMP:-/var/tmp}"
+TMP=$(mktemp -d "${BENCH_TMP:-/var/tmp}/compare-etcd.XXXXXX")
+OUT_DIR=$CARGO_TARGET_DIR/compare-etcd
+mkdir -p "$OUT_DIR"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RUNS=$OUT_DIR/runs-$STAMP.jsonl
+: > "$RUNS"
+
+# ---- processes: every pid started here, killed on exit --------------------------------------
+PIDS=()
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "== $*" >&2; }
+
+# ---- install ----------------------------------------------------------------------------------
+APT_UPDATED=0
+apt_install() {
+    if [[ $APT_UPDATED == 0 ]]; then apt-get update -q >/dev/null; APT_UPDATED=1; fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
+}
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+    log "installing etcd from the system packages"
+    apt_install etcd-server etcd-client
+fi
+if ! command -v protoc >/dev/null; then
+    log "installing protoc (building the etcd backend needs it)"
+    apt_install protobuf-compiler
+fi
+
+log "building quiver-bench (release, --features etcd)"
+(cd "$ROOT" && cargo build --release -q -p quiver-bench --features etcd)
+BENCH=$CARGO_TARGET_DIR/release/quiver-bench
+
+# ---- etcd ---------------------------------------------------------------------------------------
+ETCD_PIDS=()
+ETCD_ENDPOINTS=""
+start_etcd() {
+    local dir=$TMP/etcd cluster="" i
+    rm -rf "$dir"; mkdir -p "$dir"
+    for i in 0 1 2; do
+        cluster+="${cluster:+,}e$i=http://127.0.0.1:$((ETCD_BASE_PORT + 10 * i + 1))"
+    done
+    ETCD_PIDS=(); ETCD_ENDPOINTS=""
+    for i in 0 1 2; do
+        local c=$((ETCD_BASE_PORT + 10 * i)) p=$((ETCD_BASE_PORT + 10 * i + 1))
+        # Default durability: etcd fsyncs its WAL before acknowledging every commit.
+        etcd --name "e$i" --data-dir "$dir/e$i" \
+            --listen-client-urls "http://127.0.0.1:$c" --advertise-client-urls "http://127.0.0.1:$c" \
+            --listen-peer-urls "http://127.0.0.1:$p" --initial-advertise-peer-urls "http://127.0.0.1:$p" \
+            --initial-cluster "$cluster" --initial-cluster-state new \
+            --initial-cluster-token "bench-$$" --logger zap --log-level warn \
+            >"$dir/e$i.log" 2>&1 &
+        PIDS+=($!); ETCD_PIDS+=($!)
+        ETCD_ENDPOINTS+="${ETCD_ENDPOINTS:+,}http://127.0.0.1:$c"
+    done
+    local t
+    for t in $(seq 1 100); do
+        if ETCDCTL_API=3 etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "etcd did not become healthy; logs in $dir" >&2
+    tail -n 20 "$dir"/e*.log >&2
+    return 1
+}
+stop_etcd() {
+    local p
+    for p in "${ETCD_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${ETCD_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    ETCD_PIDS=()
+    rm -rf "$TMP/etcd"
+}
+run_etcd() {
+    local rep=$1
+    log "etcd, rep $rep/$REPS"
+    start_etcd
+    local pids
+    pids=$(IFS=,; echo "${ETCD_PIDS[*]}")
+    # shellcheck disable=SC2086
+    "$BENCH" --backend etcd --endpoints "$ETCD_ENDPOINTS" --server-pids "$pids" \
+        --workloads "$WORKLOADS" --label "rep=$rep" --json-out "$RUNS" --format table \
+        "${MODE_FLAGS[@]}" $EXTRA
+    stop_etcd
+}
+
+# ---- Quiver -------------------------------------------------------------------------------------
+# >>> QUIVER CLUSTER: adjust here when the commands land. <<<
+# Needs: `quiver node`, `quiver create-meta`, and a command that creates a KV collection with
+# replication factor 3 and one range (assumed: `quiver create-collection --name bench --kind kv
+# --replication-factor 3 --ranges 1`), plus the quiver backend of quiver-bench (bench/src/quiver.rs).
+QUIVER=""
+QUIVER_PIDS=()
+QUIVER_SEEDS=""
+QUIVER_METRICS=""
+QUIVER_FSYNC_METRIC=${QUIVER_FSYNC_METRIC:-quiver_fsyncs_total}
+quiver_available() {
+    QUIVER=${QUIVER_BIN:-}
+    if [[ -z $QUIVER ]]; then
+        log "building quiver (release)"
+        if ! (cd "$ROOT" && cargo build --release -q -p cli) >"$TMP/quiver-build.log" 2>&1; then
+            echo "Quiver skipped: \`cargo build --release -p cli\` failed (see below)." >&2
+            tail -n 5 "$TMP/quiver-build.log" >&2
+            return 1
+        fi
+        QUIVER=$CARGO_TARGET_DIR/release/quiver
+    fi
+    local help cmd
+    help=$("$QUIVER" --help 2>&1 || true)
+    for cmd in node create-meta create-collection; do
+        if ! grep -qE "^\s+$cmd\b" <<<"$help"; then
+            echo "Quiver skipped: \`quiver $cmd\` does not exist yet (needed to start a 3-node cluster with a replicated KV collection)." >&2
+            return 1
+        fi
+    done
+}
+start_quiver() {
+    local dir=$TMP/quiver secret="bench-$$-$RANDOM" peers="" i
+    rm -rf "$dir"; mkdir -p "$dir"
+    for i in 0 1 2; do peers+="${peers:+,}127.0.0.1:$((QUIVER_BASE_PORT + 10 * i + 1))"; done
+    QUIVER_PIDS=(); QUIVER_SEEDS=""; QUIVER_METRICS=""
+    for i in 0 1 2; do
+        local c=$((QUIVER_BASE_PORT + 10 * i)) p=$((QUIVER_BASE_PORT + 10 * i + 1)) a=$((QUIVER_BASE_PORT + 10 * i + 2))
+        QUIVER_CLUSTER_SECRET=$secret "$QUIVER" node --data-dir "$dir/q$i" \
+            --listen "127.0.0.1:$c" --peer-listen "127.0.0.1:$p" --admin-listen "127.0.0.1:$a" \
+            --seeds "$peers" >"$dir/q$i.log" 2>&1 &
+        PIDS+=($!); QUIVER_PIDS+=($!)
+        QUIVER_SEEDS+="${QUIVER_SEEDS:+,}127.0.0.1:$c"
+        QUIVER_METRICS+="${QUIVER_METRICS:+,}http://127.0.0.1:$a/metrics"
+    done
+    QUIVER_CLUSTER_SECRET=$secret "$QUIVER" create-meta --seed "127.0.0.1:$((QUIVER_BASE_PORT + 1))" \
+        --replication-factor 3
+    QUIVER_CLUSTER_SECRET=$secret "$QUIVER" create-collection --seeds "$QUIVER_SEEDS" \
+        --name bench --kind kv --replication-factor 3 --ranges 1
+}
+stop_quiver() {
+    local p
+    for p in "${QUIVER_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${QUIVER_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    QUIVER_PIDS=()
+    rm -rf "$TMP/quiver"
+}
+run_quiver() {
+    local rep=$1
+    log "Quiver, rep $rep/$REPS"
+    if ! start_quiver; then
+        echo "Quiver skipped in rep $rep: the cluster did not start (logs: $TMP/quiver)." >&2
+        stop_quiver; return 1
+    fi
+    local pids
+    pids=$(IFS=,; echo "${QUIVER_PIDS[*]}")
+    # shellcheck disable=SC2086
+    if ! "$BENCH" --backend quiver --seeds "$QUIVER_SEEDS" --collection bench --server-pids "$pids" \
+        --metrics-urls "$QUIVER_METRICS" --fsync-metric "$QUIVER_FSYNC_METRIC" \
+        --workloads "$WORKLOADS" --label "rep=$rep" --json-out "$RUNS" --format table \
+        "${MODE_FLAGS[@]}" $EXTRA; then
+        echo "Quiver skipped in rep $rep: the bench run failed (see the error above)." >&2
+        stop_quiver; return 1
+    fi
+    stop_quiver
+}
+
+# ---- the runs: etcd, Quiver, etcd, Quiver ... ---------------------------------------------------
+WITH_QUIVER=0
+if [[ $ETCD_ONLY == 0 ]] && quiver_available; then WITH_QUIVER=1; fi
+T0=$(date +%s)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+for rep in $(seq 1 "$REPS"); do
+    run_etcd "$rep"
+    if [[ $WITH_QUIVER == 1 ]] && ! run_quiver "$rep"; then WITH_QUIVER=0; fi
+done
+ELAPSED=$(( $(date +%s) - T0 ))
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+log "runs done in ${ELAPSED}s; JSON lines in $RUNS"
+
+# ---- the report ---------------------------------------------------------------------------------
+TABLE=$("$BENCH" --report-from "$RUNS" --numerator quiver --denominator etcd)
+BAR=$("$BENCH" --report-from "$RUNS" --numerator quiver --denominator etcd --bar | sed -n '/^- /,$p')
+MEM=$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
+CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+DISK=$(df -T "$TMP" | awk 'NR == 2 {print $1 " (" $2 ")"}')
+ETCD_VERSION=$(etcd --version 2>/dev/null | head -n 1 | awk '{print $3}')
+CMD="bench/compare-etcd.sh"
+[[ $QUICK == 1 ]] && CMD+=" --quick"
+CMD+=" --reps $REPS"
+[[ $WORKLOADS != all ]] && CMD+=" --workloads $WORKLOADS"
+[[ $ETCD_ONLY == 1 ]] && CMD+=" --etcd-only"
+[[ -n $EXTRA ]] && CMD+=" --bench-args \"$EXTRA\""
+if [[ $WITH_QUIVER == 1 ]]; then
+    QNOTE="Quiver: 3 \`quiver node\` processes, one KV collection, replication factor 3, one range."
+else
+    QNOTE="Quiver: not in this run (its KV client and collection commands are not built yet),
+so the ratio columns are empty."
+fi
+SECTION=$(cat <<EOF
+## Side-by-side with etcd
+
+Command (from the workspace root; installs etcd and protoc from the system packages when missing):
+
+\`\`\`
+$CMD
+# full run: bench/compare-etcd.sh            (10 s per workload after 1 s warm-up, 100K records, 3 reps)
+# one workload by hand: quiver-bench --backend etcd --endpoints http://127.0.0.1:2379 -w W2
+\`\`\`
+
+Run $(date -u '+%Y-%m-%d %H:%M UTC') in ${ELAPSED} s. Machine: $(nproc) cores ($CPU), $MEM RAM,
+kernel $(uname -r), data dirs on $DISK, load average $LOAD_BEFORE before and
+$LOAD_AFTER after (a shared machine: compare rows of one table, not tables of different days).
+
+Systems: etcd $ETCD_VERSION, 3 members on 127.0.0.1 (one process each, default WAL fsync on every
+member). $QNOTE
+One system runs at a time, in the order etcd, Quiver, etcd, Quiver ...; each repetition starts
+the cluster on empty data dirs and loads the records before the first workload that reads.
+Harness: \`quiver-bench\` (crate \`bench/\`), 8 connections shared by the clients, 256 B values
+unless stated, keys over $( [[ $QUICK == 1 ]] && echo 10K || echo 100K ) records.
+
+Columns: ops/s is the median over repetitions (min-max); latencies are medians of each run's
+percentile, in ms (per request: a W9 request writes 16 keys); CPU is the servers' user+system
+seconds (\`/proc/<pid>/stat\`) per 1,000 ops; fsyncs are the servers' WAL fsyncs (etcd:
+\`etcd_disk_wal_fsync_duration_seconds_count\` summed over members) per 1,000 ops; W12 is open loop
+at 1,000 requests/s (at most 64 in flight) with latency from the intended start (missed sends are
+shown with the errors).
+
+$TABLE
+
+The bar of the benchmark issue on this machine, from the etcd medians above:
+
+$BAR
+
+Raw JSON lines (one per run): \`$RUNS\` (not committed).
+EOF
+)
+echo
+echo "$SECTION"
+if [[ $WRITE_DOCS == 1 ]]; then
+    DOC=$ROOT/docs/benchmarks.md
+    # Replace the section if it exists (up to the next "## " heading), else append it.
+    SECTION=$SECTION awk '
+        /^## Side-by-side with etcd[[:space:]]*$/ { skip = 1; if (!done) { print ENVIRON["SECTION"]; print ""; done = 1 }; next }
+        skip && /^## / { skip = 0 }
+        !skip { print }
+        END { if (!done) { print ""; print ENVIRON["SECTION"] } }
+    ' "$DOC" > "$TMP/benchmarks.md"
+    # Drop blank lines left at the end of the file.
+    sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' "$TMP/benchmarks.md" > "$DOC"
+    log "wrote the section 'Side-by-side with etcd' into docs/benchmarks.md"
+fi
