@@ -649,6 +649,10 @@ impl Cell {
 
     fn envelopes(&self, msgs: Vec<Message>, out: &mut Outbox) {
         for m in msgs {
+            if m.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot {
+                // The message holds the image now; the offered copy is not needed any more.
+                self.raw.store().drop_offered_snapshot();
+            }
             out.entry(NodeId(m.to)).or_default().push(Envelope {
                 cell: self.id,
                 msg: m,

@@ -241,6 +241,7 @@ impl Shard {
     }
 
     fn cell_or<T>(&mut self, cell: CellId, tx: Tx<T>) -> Option<(&mut Cell, Tx<T>)> {
+        self.check_log();
         if let Some(e) = self.poisoned() {
             let _ = tx.send(Err(e));
             return None;

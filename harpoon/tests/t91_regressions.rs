@@ -857,3 +857,32 @@ fn raft_panic_in_one_cell_fences_only_that_cell() {
         .wait()
         .is_ok_and(|s| s.applied >= i)));
 }
+
+/// Minor finding: `Router::deliver` ignored the authenticated sender, so a peer could speak
+/// for another (raft-rs trusts `msg.from`).
+#[test]
+fn forged_sender_message_dropped() {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let l = c.wait_leader(cell, WAIT).unwrap();
+    c.propose_retry(cell, Bytes::from_static(b"w0"), WAIT)
+        .unwrap();
+    let others: Vec<NodeId> = (1..=3).map(NodeId).filter(|n| *n != l).collect();
+    let (f, g) = (others[0], others[1]);
+    let s = c.node(f).status(cell).wait().unwrap();
+    // G claims to be the leader, with a much higher term.
+    let mut m = Message::default();
+    m.set_msg_type(MessageType::MsgHeartbeat);
+    m.from = l.get();
+    m.to = f.get();
+    m.term = s.term + 5;
+    m.commit = s.commit;
+    c.node(f).sink().deliver(g, vec![Envelope { cell, msg: m }]);
+    std::thread::sleep(Duration::from_millis(50));
+    let after = c.node(f).status(cell).wait().unwrap();
+    assert!(
+        after.term < s.term + 5,
+        "a message forged by {g} in {l}'s name was taken"
+    );
+}

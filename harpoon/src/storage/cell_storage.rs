@@ -81,6 +81,12 @@ impl CellStorage {
         self.shared.snap.lock().offered = Some(snap);
     }
 
+    /// Forgets the offered snapshot (once it was sent): a cell's image is not kept in memory
+    /// for ever; raft asks again (and the cell builds a fresh one) if another follower needs it.
+    pub fn drop_offered_snapshot(&self) {
+        self.shared.snap.lock().offered = None;
+    }
+
     /// The highest snapshot index raft asked for and did not get, cleared by this call. The cell
     /// polls it after each ready round, builds a snapshot at its applied index (which must be
     /// >= the returned index) and offers it.
