@@ -223,7 +223,13 @@ impl Cell {
         let sterr = |e: raft::Error| raft_err(id, e);
         let mut hs = storage.hard_state();
         let log_empty = storage.last_index().map_err(sterr)? == 0 && hs == HardState::default();
-        if fresh_sm && log_empty && !voters.is_empty() {
+        // A log holding nothing but the bootstrap image (and perhaps a hard state) with an
+        // empty state machine: an earlier bootstrap wrote the log and crashed before the state
+        // machine got the image (older versions wrote the log first). Redo the bootstrap.
+        let bootstrap_only = storage.first_index().map_err(sterr)? == INIT_INDEX + 1
+            && storage.last_index().map_err(sterr)? == INIT_INDEX
+            && storage.term(INIT_INDEX).ok() == Some(INIT_INDEX);
+        if fresh_sm && (log_empty || bootstrap_only) && !voters.is_empty() {
             let conf = ConfState {
                 voters: voters.iter().map(|n| n.get()).collect(),
                 learners: learners.iter().map(|n| n.get()).collect(),
@@ -245,6 +251,7 @@ impl Cell {
                 data: Bytes::new(),
             })
             .map_err(|source| Error::StateMachine { cell: id, source })?;
+            storage.set_conf_state(st.conf_state.clone());
         }
         // The state machine ahead of the log: a crash after a snapshot was restored into the
         // state machine and before the log's Snapshot record was synced (or a bootstrap cut

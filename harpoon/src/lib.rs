@@ -30,6 +30,17 @@
 //!    (`Guarantee::Applied`); Async mode answers after step 4's sync on the leader
 //!    (`Guarantee::LeaderDurable`).
 
+//!
+//! # Operational invariants
+//! - Every node of a cluster must run the same seglog `max_record_size`. A proposal whose
+//!   record (data + context + record overhead) exceeds the leader's limit is refused at
+//!   propose ([`Error::TooLarge`]); a follower with a smaller limit refuses the entry and that
+//!   replica is fenced ([`Error::Fenced`]) until it is re-seeded.
+//! - A replica whose log was compacted past its state machine refuses to open
+//!   ([`Error::NeedsSnapshot`]): re-seed it (remove and re-add as a new member).
+//! - `NodeConfig::log_gc_interval` reclaims raft-log segments; cells that pin old segments
+//!   are force-compacted, so keep it enabled in production.
+
 mod cell;
 pub mod config;
 pub mod error;

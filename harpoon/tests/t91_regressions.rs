@@ -886,3 +886,64 @@ fn forged_sender_message_dropped() {
         "a message forged by {g} in {l}'s name was taken"
     );
 }
+
+/// Finding 1 (bootstrap, logs written by the old order): the log holds the bootstrap image
+/// but the state machine never got it. The bootstrap is redone instead of starting with an
+/// empty ConfState (or refusing).
+#[test]
+fn bootstrap_image_in_log_without_state_machine_is_redone() {
+    use harpoon::storage::{LogStore, WriteBatch};
+    use raft::eraftpb::{HardState, SnapshotMetadata};
+
+    let dir = tempfile::tempdir().unwrap();
+    let seg = seglog::Config {
+        segment_size: 8 << 20,
+        max_record_size: 4 << 20,
+        ..seglog::Config::default()
+    };
+    let (log, _) = LogStore::open(dir.path().join("raft"), seg).unwrap();
+    let cell = CellId(1);
+    let me = NodeId(1);
+    // What the old bootstrap wrote before the crash: the image in the log only.
+    let mut meta = SnapshotMetadata {
+        index: harpoon::INIT_INDEX,
+        term: harpoon::INIT_INDEX,
+        ..Default::default()
+    };
+    meta.set_conf_state(ConfState {
+        voters: vec![1],
+        ..Default::default()
+    });
+    let mut wb = WriteBatch::new();
+    wb.apply_snapshot(cell, meta);
+    wb.set_hard_state(
+        cell,
+        HardState {
+            term: harpoon::INIT_INDEX,
+            commit: harpoon::INIT_INDEX,
+            ..Default::default()
+        },
+    );
+    log.write(wb).unwrap();
+    log.sync().unwrap();
+
+    let mut cfg = harpoon::NodeConfig {
+        tick_interval: Duration::from_millis(10),
+        ..harpoon::NodeConfig::default()
+    };
+    cfg.cell.election_tick = 10;
+    cfg.cell.heartbeat_tick = 2;
+    cfg.cell.lease_ticks = 7;
+    let net = harpoon::transport::mem::MemNetwork::new(1);
+    let node = harpoon::Node::start(me, cfg, log, net.transport(me)).unwrap();
+    net.register(me, node.sink());
+    let (sm, h) = LogStateMachine::in_memory();
+    node.create_cell(cell, &[me], &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait()
+        .unwrap();
+    let s = node.status(cell).wait().unwrap();
+    assert_eq!(s.conf.voters, vec![1], "bootstrap conf lost: {:?}", s.conf);
+    let nodes = [node];
+    let i = manual_write(&nodes, cell, Bytes::from_static(b"after"));
+    assert!(wait_until(WAIT, || h.apply_state().applied_index >= i));
+}
