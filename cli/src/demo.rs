@@ -309,6 +309,32 @@ async fn demo(cluster: &mut LocalCluster, a: &DemoArgs) -> Result<(), CliError> 
         st.ok_or_else(|| CliError::Msg(format!("meta did not reach {want} voters within 60 s")))?;
     println!("{}", st.tables());
 
+    let replicas = a.nodes.min(3) as u32;
+    let c = client::Client::new(seeds.clone(), Duration::from_secs(10))?;
+    let mut spec = proto::metapb::CollectionDescriptor::new();
+    spec.name = DEMO_COLLECTION.into();
+    spec.persistence = proto::metapb::Persistence::LOGGED;
+    spec.replication_factor = replicas;
+    spec.split_size = 64 << 20;
+    c.create_collection(spec).await?;
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_message(format!(
+        "collection {DEMO_COLLECTION:?} created (logged, {replicas} replicas); placing its range"
+    ));
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    let kv = c.kv(DEMO_COLLECTION);
+    let placed = wait_for(Duration::from_secs(60), || async {
+        kv.put(b"hello", b"world").await.ok()
+    })
+    .await;
+    spinner.finish_and_clear();
+    placed.ok_or_else(|| {
+        CliError::Msg(format!(
+            "collection {DEMO_COLLECTION:?} was not placed within 60 s"
+        ))
+    })?;
+    println!("collection {DEMO_COLLECTION:?} created (kv, logged, {replicas} replicas)");
+
     workload(&seeds, a.ops).await?;
 
     let client_seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
@@ -322,6 +348,18 @@ async fn demo(cluster: &mut LocalCluster, a: &DemoArgs) -> Result<(), CliError> 
     println!("\ntry:");
     println!("  quiver status --seeds {}", client_seeds.join(","));
     println!("  quiver status --json --seeds {}", client_seeds[0]);
+    println!(
+        "  quiver kv put {DEMO_COLLECTION} greeting hi --seeds {}",
+        client_seeds.join(",")
+    );
+    println!(
+        "  quiver kv scan {DEMO_COLLECTION} --prefix demo/ --limit 5 --seeds {}",
+        client_seeds[0]
+    );
+    println!(
+        "  quiver create-collection users --persistence persistent --replicas 3 --seeds {}",
+        client_seeds[0]
+    );
     println!("  curl -s http://{}/readyz", cluster.nodes[0].admin);
     if a.no_wait {
         return Ok(());
@@ -334,9 +372,13 @@ async fn demo(cluster: &mut LocalCluster, a: &DemoArgs) -> Result<(), CliError> 
     Ok(())
 }
 
-/// Writes and reads on meta's scratch space through the client, with a progress bar.
+/// The demo's sample KV collection.
+pub const DEMO_COLLECTION: &str = "demo";
+
+/// Writes and linearizable reads on the demo collection through the client, with a progress
+/// bar.
 async fn workload(seeds: &[SocketAddr], ops: u64) -> Result<(), CliError> {
-    let c = client::Client::new(seeds.to_vec(), Duration::from_secs(10))?;
+    let c = client::Client::new(seeds.to_vec(), Duration::from_secs(10))?.kv(DEMO_COLLECTION);
     let bar = ProgressBar::new(ops * 2);
     bar.set_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ops ({per_sec})")
@@ -356,8 +398,8 @@ async fn workload(seeds: &[SocketAddr], ops: u64) -> Result<(), CliError> {
                 let key = format!("demo/{i:06}");
                 let value = format!("value-{i}");
                 c.put(key.as_bytes(), value.as_bytes()).await?;
-                let got = c.get(key.as_bytes(), true).await?;
-                if got.map(|v| v.value) != Some(value.into_bytes().into()) {
+                let got = c.get(key.as_bytes()).await?;
+                if got.map(|v| v.value.to_vec()) != Some(value.into_bytes()) {
                     return Err(client::ClientError::Protocol(format!(
                         "read of {key} did not see its write"
                     )));
@@ -376,7 +418,7 @@ async fn workload(seeds: &[SocketAddr], ops: u64) -> Result<(), CliError> {
     let secs = started.elapsed().as_secs_f64();
     let n = done.load(Ordering::Relaxed);
     println!(
-        "workload: {n} ops ({} writes + {} linearizable reads through meta's leader) in {secs:.2} s = {:.0} ops/s",
+        "workload: {n} ops ({} writes + {} linearizable reads at the range's leader) in {secs:.2} s = {:.0} ops/s",
         n / 2,
         n / 2,
         n as f64 / secs

@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //! - this file: [`Cli`] (clap derive), [`run`], logging set-up, `node` and `create-meta`.
+//! - [`kv`]: `quiver create-collection` and `quiver kv get|put|del|cas|scan`.
 //! - [`status`]: `quiver status` (table or `--json`).
 //! - [`demo`]: `quiver demo`, a local cluster of child processes with a short workload.
 
 pub mod demo;
+pub mod kv;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -34,6 +36,11 @@ pub enum Command {
     CreateMeta(CreateMetaArgs),
     /// Show nodes and ranges.
     Status(status::StatusArgs),
+    /// Create a collection (its first range is placed by self-assignment).
+    CreateCollection(Box<kv::CreateCollectionArgs>),
+    /// Read and write a KV collection.
+    #[command(subcommand)]
+    Kv(kv::KvCommand),
     /// Start a local cluster of child processes, run a short workload, stay up until Ctrl-C.
     Demo(demo::DemoArgs),
 }
@@ -108,6 +115,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Status(a) => {
             init_logs("warn");
             runtime(1)?.block_on(status::run(&a))
+        }
+        Command::CreateCollection(a) => {
+            init_logs("warn");
+            runtime(1)?.block_on(kv::create_collection(&a))
+        }
+        Command::Kv(k) => {
+            init_logs("warn");
+            runtime(1)?.block_on(kv::run(&k))
         }
         Command::Demo(a) => {
             init_logs("warn");

@@ -28,6 +28,10 @@ pub enum ClientError {
     ConnectionLost(String),
     #[error("timed out")]
     Timeout,
+    #[error("outcome unknown (the write may or may not have applied): {0}")]
+    UnknownOutcome(String),
+    #[error("not found: {0}")]
+    NotFound(String),
     #[error("protocol error: {0}")]
     Protocol(String),
 }
@@ -57,6 +61,8 @@ impl ClientError {
             },
             ClientError_Code::TOO_LARGE => ClientError::TooLarge(m),
             ClientError_Code::CONFLICT => ClientError::Conflict(m),
+            ClientError_Code::UNKNOWN_OUTCOME => ClientError::UnknownOutcome(m),
+            ClientError_Code::NOT_FOUND => ClientError::NotFound(m),
         }
     }
 }

@@ -6,6 +6,8 @@
 //! - [`conn`]: one connection: length-prefixed `clientpb` frames, many requests in flight,
 //!   answers matched by request id.
 //! - [`error`]: [`ClientError`], the typed errors of the wire plus local failures.
+//! - [`kv`]: KV collections: [`kv::Kv`] (`client.kv("name")`), create-collection, the
+//!   range cache and routing to range leaders.
 //! - this file: [`Client`], routing and redirects.
 //!
 //! Until KV collections exist (issue 4) the data operations are `get`/`put` on meta's client
@@ -13,6 +15,7 @@
 
 pub mod conn;
 pub mod error;
+pub mod kv;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +32,7 @@ use rand::seq::SliceRandom;
 
 pub use conn::Conn;
 pub use error::ClientError;
+pub use kv::{CasOutcome, Expect, Kv, ReadMode};
 
 /// Redirects followed per request.
 pub const MAX_HOPS: usize = 8;
@@ -41,6 +45,8 @@ pub struct Client {
     conns: Arc<Mutex<HashMap<SocketAddr, Conn>>>,
     /// Where meta's leader answered last.
     leader: Arc<Mutex<Option<SocketAddr>>>,
+    /// Collections, ranges and range leaders (see [`kv`]).
+    cache: Arc<Mutex<kv::RangeCache>>,
 }
 
 /// A value read with the revision it was last written at.
@@ -68,6 +74,7 @@ impl Client {
             timeout,
             conns: Arc::default(),
             leader: Arc::default(),
+            cache: Arc::default(),
         })
     }
 

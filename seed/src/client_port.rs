@@ -27,7 +27,7 @@ use crate::node::{now_ms, Refusal, Seed, META_CELL};
 /// Largest client frame.
 pub const MAX_FRAME: usize = 1 << 20;
 
-fn error(id: u64, code: ClientError_Code, msg: impl Into<String>) -> ClientResponse {
+pub(crate) fn error(id: u64, code: ClientError_Code, msg: impl Into<String>) -> ClientResponse {
     let mut e = ClientError::new();
     e.code = code;
     e.message = msg.into();
@@ -37,7 +37,7 @@ fn error(id: u64, code: ClientError_Code, msg: impl Into<String>) -> ClientRespo
     r
 }
 
-fn refusal(id: u64, r: Refusal) -> ClientResponse {
+pub(crate) fn refusal(id: u64, r: Refusal) -> ClientResponse {
     match r {
         Refusal::NoMeta => error(
             id,
@@ -244,6 +244,11 @@ async fn handle(seed: &Arc<Seed>, req: ClientRequest) -> ClientResponse {
                 Err(r) => return refusal(id, r),
             }
         }
+        Some(ClientRequest_oneof_kind::create_collection(c)) => {
+            return crate::kv_port::create_collection(seed, id, c).await
+        }
+        Some(ClientRequest_oneof_kind::lookup(l)) => return crate::kv_port::lookup(seed, id, l),
+        Some(ClientRequest_oneof_kind::kv(k)) => return crate::kv_port::kv(seed, id, k).await,
         None => return error(id, ClientError_Code::INVALID_ARGUMENT, "empty request"),
     }
     resp

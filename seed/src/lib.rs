@@ -9,8 +9,12 @@
 //! - [`meta_sm`]: meta's replica as a harpoon `StateMachine`, persisted in the data dir.
 //! - [`control`]: control connections on the peer port: HMAC challenge with the cluster
 //!   secret, then one request (CreateMeta, WatchMeta, Heartbeat, ProposeTxn) and its response.
+//! - [`ranges`]: the KV ranges held here: `KvStore` as a harpoon `StateMachine`, range dirs,
+//!   reopening at start-up.
 //! - [`loops`]: subscription to meta, heartbeats, self-assignment, the leader's reconcile.
 //! - [`client_port`]: the client port (multiplexed request ids).
+//! - [`kv_port`]: the client port's collection requests: CreateCollection, Lookup, and KV
+//!   commands routed to a range's replica (epoch and bounds checked, leader or follower reads).
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`.
 //!
 //! The async boundary is here: harpoon runs its shards on threads and answers with futures.
@@ -19,9 +23,11 @@ pub mod admin;
 pub mod client_port;
 pub mod config;
 pub mod control;
+pub mod kv_port;
 pub mod loops;
 pub mod meta_sm;
 pub mod node;
+pub mod ranges;
 pub mod server;
 
 pub use config::{NodeArgs, Settings};

@@ -162,53 +162,129 @@ async fn assign(seed: Arc<Seed>) {
         if seed.draining.load(Ordering::Relaxed) || !seed.meta_known() {
             continue;
         }
-        let (range, nodes) = seed.read_meta(|s| {
-            (
-                view::range_by_id(s, META_RANGE).ok().flatten(),
-                view::nodes(s).unwrap_or_default(),
-            )
-        });
-        let Some(range) = range else { continue };
-        let me_member = range.value.members.iter().any(|m| m.node == seed.id);
-        if me_member {
-            // Listed but no replica (e.g. it was lost): open an empty one to be filled.
-            if seed.replica().is_none() {
-                if let Err(e) = seed.open_meta_replica(&[]).await {
-                    tracing::warn!(error = %e, "cannot open meta replica");
-                }
-            }
+        assign_meta(&seed).await;
+        assign_ranges(&seed).await;
+    }
+}
+
+/// Claim one slot of an under-replicated KV range (compare-and-swap into its descriptor),
+/// then open the replica: the range's first member bootstraps its cell alone; later ones
+/// open an empty replica that the range's leader adds as a learner and fills by snapshot.
+/// Also reopens a range this node is listed in but does not hold.
+async fn assign_ranges(seed: &Arc<Seed>) {
+    let (ranges, nodes, colls) = seed.read_meta(|s| {
+        (
+            view::ranges(s).unwrap_or_default(),
+            view::nodes(s).unwrap_or_default(),
+            view::collections(s).unwrap_or_default(),
+        )
+    });
+    let coll = |id: u64| colls.iter().find(|c| c.value.id == id).map(|c| &c.value);
+    for r in ranges.iter().filter(|r| r.value.id != META_RANGE) {
+        let listed = r.value.members.iter().any(|m| m.node == seed.id);
+        if !listed || seed.ranges.get(r.value.id).is_some() {
             continue;
         }
-        let records: Vec<_> = nodes.iter().map(|n| n.value.clone()).collect();
-        let dead_after = seed.settings.dead_after.as_millis() as u64;
-        let ranges = [range.value.clone()];
-        if placement::claimable(seed.id, &ranges, &records, now_ms(), dead_after).is_empty() {
-            continue;
-        }
-        let rec = seed.record();
-        let Ok(txn) = ops::add_member(&range, ops::member_of(&rec, MemberRole::LEARNER)) else {
+        let Some(c) = coll(r.value.collection) else {
             continue;
         };
-        match seed.propose_anywhere(&txn).await {
-            Ok(r) if r.succeeded => {
-                tracing::info!(
-                    node = seed.id,
-                    epoch = range.value.epoch + 1,
-                    "joined meta as a learner"
-                );
-                if let Err(e) = seed.open_meta_replica(&[]).await {
-                    tracing::warn!(error = %e, "cannot open meta replica");
-                }
-            }
-            Ok(_) => tracing::debug!("lost the race for a meta slot"),
-            Err(e) => tracing::debug!(error = ?e, "cannot claim a meta slot"),
+        // The sole member whose cell was never created (stopped between claim and open).
+        let bootstrap = r.value.members.len() == 1;
+        if let Err(e) = crate::ranges::open(seed, r.value.id, c, bootstrap).await {
+            tracing::warn!(range = r.value.id, error = %e, "cannot open range replica");
         }
+    }
+    let records: Vec<_> = nodes.iter().map(|n| n.value.clone()).collect();
+    let data: Vec<_> = ranges
+        .iter()
+        .filter(|r| r.value.id != META_RANGE)
+        .map(|r| r.value.clone())
+        .collect();
+    let dead_after = seed.settings.dead_after.as_millis() as u64;
+    let claim = placement::claimable(seed.id, &data, &records, now_ms(), dead_after);
+    let Some(target) = claim.first() else {
+        return;
+    };
+    let Some(range) = ranges.iter().find(|r| r.value.id == target.id) else {
+        return;
+    };
+    let Some(c) = coll(range.value.collection) else {
+        return;
+    };
+    let first = range.value.members.is_empty();
+    let role = if first {
+        MemberRole::VOTER
+    } else {
+        MemberRole::LEARNER
+    };
+    let Ok(txn) = ops::add_member(range, ops::member_of(&seed.record(), role)) else {
+        return;
+    };
+    match seed.propose_anywhere(&txn).await {
+        Ok(r) if r.succeeded => {
+            tracing::info!(
+                node = seed.id,
+                range = range.value.id,
+                first,
+                "claimed a range slot"
+            );
+            if let Err(e) = crate::ranges::open(seed, range.value.id, c, first).await {
+                tracing::warn!(range = range.value.id, error = %e, "cannot open range replica");
+            }
+        }
+        Ok(_) => tracing::debug!(range = range.value.id, "lost the race for a range slot"),
+        Err(e) => tracing::debug!(error = ?e, "cannot claim a range slot"),
+    }
+}
+
+async fn assign_meta(seed: &Arc<Seed>) {
+    let (range, nodes) = seed.read_meta(|s| {
+        (
+            view::range_by_id(s, META_RANGE).ok().flatten(),
+            view::nodes(s).unwrap_or_default(),
+        )
+    });
+    let Some(range) = range else { return };
+    let me_member = range.value.members.iter().any(|m| m.node == seed.id);
+    if me_member {
+        // Listed but no replica (e.g. it was lost): open an empty one to be filled.
+        if seed.replica().is_none() {
+            if let Err(e) = seed.open_meta_replica(&[]).await {
+                tracing::warn!(error = %e, "cannot open meta replica");
+            }
+        }
+        return;
+    }
+    let records: Vec<_> = nodes.iter().map(|n| n.value.clone()).collect();
+    let dead_after = seed.settings.dead_after.as_millis() as u64;
+    let ranges = [range.value.clone()];
+    if placement::claimable(seed.id, &ranges, &records, now_ms(), dead_after).is_empty() {
+        return;
+    }
+    let rec = seed.record();
+    let Ok(txn) = ops::add_member(&range, ops::member_of(&rec, MemberRole::LEARNER)) else {
+        return;
+    };
+    match seed.propose_anywhere(&txn).await {
+        Ok(r) if r.succeeded => {
+            tracing::info!(
+                node = seed.id,
+                epoch = range.value.epoch + 1,
+                "joined meta as a learner"
+            );
+            if let Err(e) = seed.open_meta_replica(&[]).await {
+                tracing::warn!(error = %e, "cannot open meta replica");
+            }
+        }
+        Ok(_) => tracing::debug!("lost the race for a meta slot"),
+        Err(e) => tracing::debug!(error = ?e, "cannot claim a meta slot"),
     }
 }
 
 async fn reconcile(seed: Arc<Seed>) {
     loop {
         tokio::time::sleep(seed.settings.tick * 3).await;
+        reconcile_ranges(&seed).await;
         if seed.replica().is_none() {
             continue;
         }
@@ -220,6 +296,28 @@ async fn reconcile(seed: Arc<Seed>) {
         }
         if let Err(e) = reconcile_once(&seed, &st).await {
             tracing::debug!(error = %e, "reconcile");
+        }
+    }
+}
+
+/// For every KV range this node leads: follow its descriptor (membership).
+async fn reconcile_ranges(seed: &Arc<Seed>) {
+    if seed.draining.load(Ordering::Relaxed) {
+        return;
+    }
+    for id in seed.ranges.ids() {
+        let cell = harpoon::CellId(id);
+        let Ok(st) = seed.node.status(cell).await else {
+            continue;
+        };
+        if st.role != Role::Leader {
+            continue;
+        }
+        let Some(range) = seed.read_meta(|s| view::range_by_id(s, id).ok().flatten()) else {
+            continue;
+        };
+        if let Err(e) = reconcile_cell(seed, cell, &range, &st).await {
+            tracing::debug!(range = id, error = %e, "reconcile range");
         }
     }
 }
@@ -268,6 +366,18 @@ async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<()
     let Some(range) = ranges.iter().find(|r| r.value.id == META_RANGE) else {
         return Ok(());
     };
+    reconcile_cell(seed, META_CELL, range, st).await
+}
+
+/// Make cell `cell`'s membership (this node leads it) follow `range`'s descriptor: add
+/// learners, promote them once caught up and record the promotion, remove members the
+/// descriptor no longer lists. One change per call.
+async fn reconcile_cell(
+    seed: &Arc<Seed>,
+    cell: harpoon::CellId,
+    range: &meta::Versioned<meta::RangeDescriptor>,
+    st: &harpoon::CellStatus,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let voters = &st.conf.voters;
     let learners = &st.conf.learners;
@@ -279,7 +389,7 @@ async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<()
             }
         }
         if !voters.contains(&m.node) && !learners.contains(&m.node) {
-            let r = seed.node.add_learner(META_CELL, id, deadline).await;
+            let r = seed.node.add_learner(cell, id, deadline).await;
             seed.counters
                 .membership_changes
                 .fetch_add(1, Ordering::Relaxed);
@@ -287,12 +397,12 @@ async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<()
             if r.is_ok() {
                 // Compacting to the applied index makes the next snapshot a fresh one whose
                 // membership includes the learner (raft ignores a snapshot without itself).
-                let _ = seed.node.compact_log(META_CELL).await;
+                let _ = seed.node.compact_log(cell).await;
             }
             return Ok(());
         }
         if learners.contains(&m.node) {
-            match seed.node.promote(META_CELL, id, deadline).await {
+            match seed.node.promote(cell, id, deadline).await {
                 Ok(_) => {
                     seed.counters
                         .membership_changes
@@ -301,7 +411,7 @@ async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<()
                 }
                 Err(harpoon::Error::NotCaughtUp { matched: 0, .. }) => {
                     // Still waiting for a first snapshot it can install: offer a fresh one.
-                    let _ = seed.node.compact_log(META_CELL).await;
+                    let _ = seed.node.compact_log(cell).await;
                 }
                 Err(e) => tracing::debug!(node = m.node, error = %e, "promote"),
             }
@@ -309,7 +419,7 @@ async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<()
         }
         if voters.contains(&m.node) && m.role == MemberRole::LEARNER {
             let txn = ops::set_role(range, m.node, MemberRole::VOTER).map_err(|e| e.to_string())?;
-            seed.propose_local(&txn)
+            seed.propose_anywhere(&txn)
                 .await
                 .map_err(|e| format!("{e:?}"))?;
             return Ok(());
@@ -323,14 +433,11 @@ async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<()
         if *n == seed.id {
             // This leader was dropped from the descriptor: hand over first.
             if let Some(to) = voters.iter().copied().find(|v| *v != seed.id && listed(v)) {
-                let _ = seed
-                    .node
-                    .transfer_leader(META_CELL, NodeId(to), deadline)
-                    .await;
+                let _ = seed.node.transfer_leader(cell, NodeId(to), deadline).await;
             }
             return Ok(());
         }
-        let r = seed.node.remove(META_CELL, NodeId(*n), deadline).await;
+        let r = seed.node.remove(cell, NodeId(*n), deadline).await;
         seed.counters
             .membership_changes
             .fetch_add(1, Ordering::Relaxed);

@@ -103,6 +103,8 @@ pub struct Seed {
     pub dialer: Dialer,
     /// The meta replica, once this node holds one (also set by the cell factory).
     pub replica: Arc<Mutex<Option<MetaReplica>>>,
+    /// The KV ranges held here.
+    pub ranges: crate::ranges::Registry,
     pub view: RwLock<View>,
     /// Bumped whenever the view changes.
     pub view_changed: watch::Sender<u64>,

@@ -236,6 +236,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         transport,
         dialer,
         replica: replica_slot,
+        ranges: crate::ranges::Registry::default(),
         view: RwLock::new(View::default()),
         view_changed,
         create_lock: tokio::sync::Mutex::new(()),
@@ -249,6 +250,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         started: Instant::now(),
     });
     seed.learn_addresses();
+    crate::ranges::reopen_all(&seed).await;
 
     let mut ports = JoinSet::new();
     ports.spawn(accept_loop(seed.clone(), peer_l, Port::Peer));
@@ -290,6 +292,7 @@ impl Running {
             // Compaction persists the replica first: the flush.
             let _ = seed.node.compact_log(META_CELL).await;
         }
+        crate::ranges::flush_all(&seed).await;
         self.loops.abort_all();
         while self.loops.join_next().await.is_some() {}
         while self.ports.join_next().await.is_some() {}

@@ -1,0 +1,490 @@
+//! `quiver create-collection` and `quiver kv get|put|del|cas|scan` (table or `--json`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use client::{Client, Expect};
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use proto::kvpb;
+use proto::metapb::{CollectionDescriptor, CollectionKind, Persistence, ReplicationMode};
+use serde::Serialize;
+
+use crate::CliError;
+
+/// Seeds and output flags shared by the client commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// Client-port addresses of seed nodes, comma separated.
+    #[arg(
+        long,
+        env = "QUIVER_CLIENT_SEEDS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub seeds: Vec<SocketAddr>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    pub timeout_secs: u64,
+}
+
+impl ClientArgs {
+    fn client(&self) -> Result<Client, CliError> {
+        Ok(Client::new(
+            self.seeds.clone(),
+            Duration::from_secs(self.timeout_secs),
+        )?)
+    }
+}
+
+/// `quiver create-collection` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CreateCollectionArgs {
+    /// The collection's name: 1 to 64 characters of [a-z0-9_-].
+    pub name: String,
+    /// Collection type (only `kv` exists yet).
+    #[arg(long = "type", default_value = "kv")]
+    pub kind: String,
+    /// memory | logged | persistent.
+    #[arg(long, default_value = "logged")]
+    pub persistence: String,
+    /// consensus | async.
+    #[arg(long, default_value = "consensus")]
+    pub replication: String,
+    /// Replicas per range (1 to 15).
+    #[arg(long, default_value_t = 3)]
+    pub replicas: u32,
+    /// Split a range past this size (e.g. 64MiB, 512KB, 1048576).
+    #[arg(long, default_value = "64MiB")]
+    pub split_size: String,
+    /// Keep watch history this long (e.g. 7d, 12h, 30m, 90s; 0 = keep everything).
+    #[arg(long, default_value = "0")]
+    pub retention: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+/// Parse a size: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid --split-size {s:?}: expected e.g. 64MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" | "k" => 1000,
+        "mb" | "m" => 1000 * 1000,
+        "gb" | "g" => 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        u => return Err(format!("invalid --split-size {s:?}: unknown unit {u:?}")),
+    };
+    let v = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("invalid --split-size {s:?}: too large"))?;
+    if v == 0 {
+        return Err("invalid --split-size: must be positive".into());
+    }
+    Ok(v)
+}
+
+/// Parse a duration in seconds: a number with an optional unit (s, m, h, d).
+pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid --retention {s:?}: expected e.g. 7d, 12h, 0"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        u => return Err(format!("invalid --retention {s:?}: unknown unit {u:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid --retention {s:?}: too large"))
+}
+
+/// The descriptor `create-collection` asks for.
+///
+/// # Errors
+/// A bad value, as one line.
+pub fn spec(a: &CreateCollectionArgs) -> Result<CollectionDescriptor, String> {
+    let mut d = CollectionDescriptor::new();
+    d.name = a.name.clone();
+    d.kind = match a.kind.as_str() {
+        "kv" => CollectionKind::KV,
+        k => return Err(format!("invalid --type {k:?}: only kv exists yet")),
+    };
+    d.persistence = match a.persistence.as_str() {
+        "memory" => Persistence::MEMORY,
+        "logged" => Persistence::LOGGED,
+        "persistent" => Persistence::PERSISTENT,
+        p => {
+            return Err(format!(
+                "invalid --persistence {p:?}: memory, logged or persistent"
+            ))
+        }
+    };
+    d.replication = match a.replication.as_str() {
+        "consensus" => ReplicationMode::CONSENSUS,
+        "async" => ReplicationMode::ASYNC,
+        r => return Err(format!("invalid --replication {r:?}: consensus or async")),
+    };
+    if !(1..=15).contains(&a.replicas) {
+        return Err(format!(
+            "invalid --replicas {}: must be between 1 and 15",
+            a.replicas
+        ));
+    }
+    d.replication_factor = a.replicas;
+    d.split_size = parse_size(&a.split_size)?;
+    d.retention_secs = parse_duration_secs(&a.retention)?;
+    Ok(d)
+}
+
+fn persistence_name(p: Persistence) -> &'static str {
+    match p {
+        Persistence::MEMORY => "memory",
+        Persistence::LOGGED => "logged",
+        Persistence::PERSISTENT => "persistent",
+    }
+}
+
+/// `quiver create-collection`.
+///
+/// # Errors
+/// Bad values, a duplicate name, unreachable seeds.
+pub async fn create_collection(a: &CreateCollectionArgs) -> Result<(), CliError> {
+    let d = spec(a).map_err(CliError::Msg)?;
+    let c = a.client.client()?;
+    let made = c.create_collection(d).await?;
+    // Report the placement as it stands (members arrive by self-assignment).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let st = c.status().await?;
+    let members = st
+        .ranges
+        .iter()
+        .filter(|r| r.collection == made.id)
+        .map(|r| r.members.len())
+        .min()
+        .unwrap_or(0);
+    if a.client.json {
+        let v = serde_json::json!({
+            "name": made.name,
+            "id": made.id,
+            "persistence": persistence_name(made.persistence),
+            "replication": if made.replication == ReplicationMode::ASYNC { "async" } else { "consensus" },
+            "replicas": made.replication_factor,
+            "split_size": made.split_size,
+            "retention_secs": made.retention_secs,
+            "members": members,
+        });
+        println!("{v}");
+    } else {
+        let under = if (members as u32) < made.replication_factor {
+            format!(
+                " (under-replicated so far: {members} of {} replicas placed)",
+                made.replication_factor
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "collection {} created (id {}, {}, {} replicas){under}",
+            made.name,
+            made.id,
+            persistence_name(made.persistence),
+            made.replication_factor
+        );
+    }
+    Ok(())
+}
+
+/// `quiver kv` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum KvCommand {
+    /// Read a key.
+    Get {
+        collection: String,
+        key: String,
+        /// Serve from any replica (may lag) instead of the leader.
+        #[arg(long)]
+        follower: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Write a key.
+    Put {
+        collection: String,
+        key: String,
+        value: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a key.
+    Del {
+        collection: String,
+        key: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Compare-and-swap: write VALUE if the key's value is --expect, its version is
+    /// --expect-version, or it is absent (--expect-absent).
+    Cas {
+        collection: String,
+        key: String,
+        value: String,
+        #[arg(long, conflicts_with_all = ["expect_version", "expect_absent"])]
+        expect: Option<String>,
+        #[arg(long, conflicts_with = "expect_absent")]
+        expect_version: Option<u64>,
+        #[arg(long)]
+        expect_absent: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List keys in [START, END) (END omitted: to the end), or with --prefix.
+    Scan {
+        collection: String,
+        #[arg(default_value = "")]
+        start: String,
+        #[arg(default_value = "")]
+        end: String,
+        #[arg(long, conflicts_with_all = ["start", "end"])]
+        prefix: Option<String>,
+        /// At most this many keys (0: all).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        follower: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+/// One key as printed.
+#[derive(Debug, Serialize)]
+pub struct KvOut {
+    pub key: String,
+    pub value: String,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+    pub version: u64,
+}
+
+fn out(kv: &kvpb::KeyValue) -> KvOut {
+    KvOut {
+        key: String::from_utf8_lossy(&kv.key).into_owned(),
+        value: String::from_utf8_lossy(&kv.value).into_owned(),
+        create_revision: kv.create_revision,
+        mod_revision: kv.mod_revision,
+        version: kv.version,
+    }
+}
+
+fn table(kvs: &[KvOut]) -> String {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header(["key", "value", "version", "mod rev", "create rev"]);
+    for k in kvs {
+        t.add_row([
+            k.key.clone(),
+            k.value.clone(),
+            k.version.to_string(),
+            k.mod_revision.to_string(),
+            k.create_revision.to_string(),
+        ]);
+    }
+    t.to_string()
+}
+
+fn prefix_end(p: &[u8]) -> Vec<u8> {
+    let mut end = p.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+/// Run one `quiver kv` subcommand.
+///
+/// # Errors
+/// As one line: not found, bad input, unreachable cluster.
+pub async fn run(cmd: &KvCommand) -> Result<(), CliError> {
+    match cmd {
+        KvCommand::Get {
+            collection,
+            key,
+            follower,
+            client,
+        } => {
+            let mut kv = client.client()?.kv(collection);
+            if *follower {
+                kv = kv.with_reads(client::ReadMode::Follower);
+            }
+            match kv.get(key.as_bytes()).await? {
+                Some(v) => {
+                    let o = out(&v);
+                    if client.json {
+                        println!("{}", serde_json::to_string(&o).unwrap_or_default());
+                    } else {
+                        println!("{}", o.value);
+                    }
+                    Ok(())
+                }
+                None => {
+                    if client.json {
+                        println!("null");
+                        Ok(())
+                    } else {
+                        Err(CliError::Msg(format!("key {key:?} not found")))
+                    }
+                }
+            }
+        }
+        KvCommand::Put {
+            collection,
+            key,
+            value,
+            client,
+        } => {
+            let rev = client
+                .client()?
+                .kv(collection)
+                .put(key.as_bytes(), value.as_bytes())
+                .await?;
+            if client.json {
+                println!("{}", serde_json::json!({ "revision": rev }));
+            } else {
+                println!("OK (revision {rev})");
+            }
+            Ok(())
+        }
+        KvCommand::Del {
+            collection,
+            key,
+            client,
+        } => {
+            let existed = client
+                .client()?
+                .kv(collection)
+                .delete(key.as_bytes())
+                .await?;
+            if client.json {
+                println!("{}", serde_json::json!({ "deleted": existed }));
+            } else if existed {
+                println!("deleted");
+            } else {
+                println!("not found");
+            }
+            Ok(())
+        }
+        KvCommand::Cas {
+            collection,
+            key,
+            value,
+            expect,
+            expect_version,
+            expect_absent,
+            client,
+        } => {
+            let e = match (expect, expect_version, expect_absent) {
+                (Some(v), _, _) => Expect::Value(v.clone().into_bytes()),
+                (_, Some(n), _) => Expect::Version(*n),
+                (_, _, true) => Expect::Absent,
+                _ => {
+                    return Err(CliError::Msg(
+                        "cas needs --expect VALUE, --expect-version N or --expect-absent".into(),
+                    ))
+                }
+            };
+            let r = client
+                .client()?
+                .kv(collection)
+                .cas(key.as_bytes(), e, Some(value.as_bytes()))
+                .await?;
+            if client.json {
+                let cur = r.current.as_ref().map(out);
+                println!(
+                    "{}",
+                    serde_json::json!({ "succeeded": r.succeeded, "revision": r.revision, "current": cur })
+                );
+            } else if r.succeeded {
+                println!("OK (revision {})", r.revision);
+            } else {
+                let cur = r
+                    .current
+                    .as_ref()
+                    .map(|c| {
+                        format!(
+                            "{:?} (version {})",
+                            String::from_utf8_lossy(&c.value),
+                            c.version
+                        )
+                    })
+                    .unwrap_or_else(|| "absent".into());
+                return Err(CliError::Msg(format!(
+                    "compare failed: current value is {cur}"
+                )));
+            }
+            Ok(())
+        }
+        KvCommand::Scan {
+            collection,
+            start,
+            end,
+            prefix,
+            limit,
+            follower,
+            client,
+        } => {
+            let (s, e) = match prefix {
+                Some(p) => (p.clone().into_bytes(), prefix_end(p.as_bytes())),
+                None => (start.clone().into_bytes(), end.clone().into_bytes()),
+            };
+            let mut kv = client.client()?.kv(collection);
+            if *follower {
+                kv = kv.with_reads(client::ReadMode::Follower);
+            }
+            let kvs: Vec<KvOut> = kv.scan(&s, &e, *limit).await?.iter().map(out).collect();
+            if client.json {
+                println!("{}", serde_json::to_string(&kvs).unwrap_or_default());
+            } else if kvs.is_empty() {
+                println!("(no keys)");
+            } else {
+                println!("{}", table(&kvs));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512KB"), Ok(512_000));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration_secs("7d"), Ok(7 * 86400));
+        assert_eq!(parse_duration_secs("0"), Ok(0));
+        assert_eq!(parse_duration_secs("90s"), Ok(90));
+        assert!(parse_duration_secs("3w").is_err());
+    }
+}

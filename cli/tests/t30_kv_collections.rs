@@ -1,0 +1,226 @@
+//! KV collections end to end on three real nodes: create-collection (validated, duplicate
+//! refused), members placed by self-assignment, put/get/cas/scan/del through every seed
+//! (redirects to the range leader), follower reads, a restarted node reads back a `logged`
+//! and a `persistent` collection, typed one-line errors for bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use client::{ClientError, Expect, ReadMode};
+use common::*;
+
+fn quiver(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(args)
+        .output()
+        .expect("run quiver");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Wait until every range of collection `id` has `n` voters recorded in meta.
+async fn wait_placed(cl: &client::Client, id: u64, n: usize) {
+    let ok = cli::demo::wait_for(LONG, || async {
+        let s = cl.status().await.ok()?;
+        let rs: Vec<_> = s.ranges.iter().filter(|r| r.collection == id).collect();
+        (!rs.is_empty()
+            && rs.iter().all(|r| {
+                r.members.len() == n && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
+            }))
+        .then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "collection {id} never got {n} voters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
+    let t0 = std::time::Instant::now();
+    let (mut c, _dir) = cluster(3);
+    create_meta(&c, 0).await;
+    let cl = client(&c);
+    wait_voters(&cl, 3, LONG).await;
+    let seeds = c
+        .clients(0..3)
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+
+    // create-collection through the CLI, both persistent modes that survive restarts.
+    let (ok, out, err) = quiver(&[
+        "create-collection",
+        "users",
+        "--persistence",
+        "logged",
+        "--replicas",
+        "3",
+        "--split-size",
+        "64MiB",
+        "--retention",
+        "1d",
+        "--seeds",
+        &seeds,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("collection users created"), "{out}");
+    let (ok, _, err) = quiver(&[
+        "create-collection",
+        "blobs",
+        "--persistence",
+        "persistent",
+        "--replicas",
+        "3",
+        "--seeds",
+        &seeds,
+    ]);
+    assert!(ok, "{err}");
+    // Errors: duplicate, bad values; one line each.
+    for (args, want) in [
+        (vec!["create-collection", "users"], "already exists"),
+        (
+            vec!["create-collection", "x", "--persistence", "disk"],
+            "invalid --persistence",
+        ),
+        (
+            vec!["create-collection", "x", "--replicas", "0"],
+            "invalid --replicas",
+        ),
+        (
+            vec!["create-collection", "x", "--split-size", "12XB"],
+            "invalid --split-size",
+        ),
+        (vec!["create-collection", "Bad Name"], "invalid name"),
+    ] {
+        let mut a = args.clone();
+        a.extend(["--seeds", &seeds]);
+        let (ok, _, err) = quiver(&a);
+        assert!(!ok, "{a:?} should fail");
+        assert!(err.contains(want), "{a:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+
+    let st = cl.status().await.unwrap();
+    let _ = st;
+    let users = cl.kv("users");
+    // Wait for the range to be placed and led, then check placement in meta.
+    let first = cli::demo::wait_for(LONG, || async { users.put(b"k0", b"v0").await.ok() }).await;
+    assert!(first.is_some(), "no put succeeded on the new collection");
+    let uid = cl
+        .status()
+        .await
+        .unwrap()
+        .ranges
+        .iter()
+        .filter(|r| r.collection != meta::META_COLLECTION)
+        .map(|r| r.collection)
+        .min()
+        .unwrap();
+    wait_placed(&cl, uid, 3).await;
+
+    // Through every seed: a client that knows only that seed follows redirects.
+    for i in 0..3 {
+        let one = client_of(&c, &[i]).kv("users");
+        let key = format!("seed{i}");
+        one.put(key.as_bytes(), b"x").await.unwrap();
+        let got = one.get(key.as_bytes()).await.unwrap().unwrap();
+        assert_eq!(got.value.as_ref(), b"x");
+        assert_eq!(got.version, 1);
+        let f = one.clone().with_reads(ReadMode::Follower);
+        let _ = f.get(b"k0").await.unwrap();
+    }
+    // cas on value and on version.
+    let r = users
+        .cas(b"k0", Expect::Value(b"v0".to_vec()), Some(b"v1"))
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+    let r = users
+        .cas(b"k0", Expect::Value(b"v0".to_vec()), Some(b"v2"))
+        .await
+        .unwrap();
+    assert!(!r.succeeded);
+    assert_eq!(r.current.unwrap().value.as_ref(), b"v1");
+    let r = users
+        .cas(b"k0", Expect::Version(2), Some(b"v3"))
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+    let r = users.cas(b"new", Expect::Absent, Some(b"n")).await.unwrap();
+    assert!(r.succeeded);
+    // scan equals the model.
+    for i in 0..30 {
+        users
+            .put(format!("p/{i:02}").as_bytes(), format!("{i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    let all = users.scan(b"p/", b"p0", 0).await.unwrap();
+    assert_eq!(all.len(), 30);
+    assert!(all.windows(2).all(|w| w[0].key < w[1].key));
+    assert_eq!(users.scan(b"p/", b"p0", 7).await.unwrap().len(), 7);
+    assert!(users.delete(b"new").await.unwrap());
+    assert!(users.get(b"new").await.unwrap().is_none());
+    let blobs = cl.kv("blobs");
+    let ok = cli::demo::wait_for(LONG, || async { blobs.put(b"b", b"big").await.ok() }).await;
+    assert!(ok.is_some());
+
+    // CLI: put/get/cas/scan/del, table and JSON, one-line errors.
+    let (ok, out, err) = quiver(&["kv", "put", "users", "cli", "hello", "--seeds", &seeds]);
+    assert!(ok && out.starts_with("OK"), "{out}{err}");
+    let (ok, out, err) = quiver(&["kv", "get", "users", "cli", "--seeds", &seeds]);
+    assert!(ok && out.trim() == "hello", "{out}{err}");
+    let (ok, out, _) = quiver(&["kv", "get", "users", "cli", "--json", "--seeds", &seeds]);
+    assert!(ok && out.contains("\"version\":1"), "{out}");
+    let (ok, _, err) = quiver(&[
+        "kv", "cas", "users", "cli", "x", "--expect", "nope", "--seeds", &seeds,
+    ]);
+    assert!(!ok && err.contains("compare failed"), "{err}");
+    let (ok, out, err) = quiver(&[
+        "kv", "scan", "users", "--prefix", "p/", "--limit", "3", "--seeds", &seeds,
+    ]);
+    assert!(
+        ok && out.contains("p/02") && !out.contains("p/03"),
+        "{out}{err}"
+    );
+    let (ok, out, _) = quiver(&["kv", "del", "users", "cli", "--seeds", &seeds]);
+    assert!(ok && out.contains("deleted"), "{out}");
+    let (ok, _, err) = quiver(&["kv", "get", "users", "cli", "--seeds", &seeds]);
+    assert!(!ok && err.contains("not found"), "{err}");
+    let (ok, _, err) = quiver(&["kv", "get", "nosuch", "k", "--seeds", &seeds]);
+    assert!(!ok && err.contains("no collection"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Limits: typed errors.
+    let big = vec![b'k'; 5000];
+    match users.put(&big, b"v").await {
+        Err(ClientError::TooLarge(_)) => {}
+        other => panic!("oversized key: {other:?}"),
+    }
+    match users.put(b"", b"v").await {
+        Err(ClientError::InvalidArgument { .. }) => {}
+        other => panic!("empty key: {other:?}"),
+    }
+
+    // Restart a node: it reads back both collections from its data dir.
+    let victim = 2;
+    assert!(c.terminate(victim, Duration::from_secs(10)));
+    users.put(b"during", b"down").await.unwrap();
+    c.start(victim).unwrap();
+    let f = client_of(&c, &[victim]);
+    let back = cli::demo::wait_for(LONG, || async {
+        let u = f.kv("users").with_reads(ReadMode::Follower);
+        let b = f.kv("blobs").with_reads(ReadMode::Follower);
+        let a = u.get(b"during").await.ok()??;
+        let k = u.get(b"k0").await.ok()??;
+        let bb = b.get(b"b").await.ok()??;
+        (a.value.as_ref() == b"down" && k.value.as_ref() == b"v3" && bb.value.as_ref() == b"big")
+            .then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "restarted node never served its ranges");
+    eprintln!("t30 took {:?}", t0.elapsed());
+}

@@ -1,0 +1,352 @@
+//! The client port's collection requests.
+//!
+//! - **CreateCollection**: validated by `meta::ops::create_collection` against this node's
+//!   freshest meta, proposed to meta's leader wherever it is (compare-and-swap; retried on a
+//!   stale read), answered with the stored descriptor.
+//! - **Lookup**: the collection's descriptor and the range holding a key (one seek in meta).
+//! - **Kv**: one `kvpb.Command` for one range. The router answers `WRONG_RANGE{descriptor}`
+//!   when this node does not hold the range, the key lies outside its bounds or the client's
+//!   epoch is older than the descriptor's; `NOT_LEADER{hint}` when a write or a leader read
+//!   reaches a follower. Writes are proposed as `now_ms ‖ command` (see [`crate::ranges`]);
+//!   leader reads wait for harpoon's read barrier (lease, else ReadIndex), follower reads are
+//!   served from the local replica and carry the applied index they were served at.
+//!
+//! A write whose outcome is unknown (timeout, snapshot over its index) is answered
+//! `UNKNOWN_OUTCOME`, never retried here; `NOT_LEADER` is only answered for writes that were
+//! not proposed (or whose slot was definitely lost), so a client may retry those.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use collections::kv::{KeyRange, ScanRequest};
+use harpoon::{CellId, Error as HError, ReadConsistency, Role};
+use meta::ops::{self, CollectionSpec};
+use meta::{view, MetaError, RangeDescriptor};
+use proto::clientpb::{
+    ClientError_Code, ClientResponse, ClientResponse_oneof_kind, CreateCollection, KvReply,
+    KvRequest, Lookup, LookupReply,
+};
+use proto::kvpb::{self, Command_oneof_op};
+use proto::metapb::CollectionKind;
+use protobuf::Message;
+
+use crate::client_port::{error, refusal};
+use crate::node::{now_ms, Refusal, Seed};
+use crate::ranges::encode_entry;
+
+/// Most keys per scan page served.
+pub const MAX_SCAN_KEYS: u64 = 1000;
+/// Most bytes (keys plus values) per scan page served.
+pub const MAX_SCAN_BYTES: u64 = 512 << 10;
+/// Largest command accepted on the client port.
+pub const MAX_COMMAND: usize = (1 << 20) - 4096;
+
+fn ok(id: u64, kind: ClientResponse_oneof_kind) -> ClientResponse {
+    let mut r = ClientResponse::new();
+    r.id = id;
+    r.kind = Some(kind);
+    r
+}
+
+fn invalid(id: u64, field: &str, msg: impl Into<String>) -> ClientResponse {
+    let mut r = error(id, ClientError_Code::INVALID_ARGUMENT, msg);
+    if let Some(ClientResponse_oneof_kind::error(e)) = r.kind.as_mut() {
+        e.field = field.into();
+    }
+    r
+}
+
+fn meta_error(id: u64, e: MetaError) -> ClientResponse {
+    match e {
+        MetaError::InvalidArgument { field, why } => invalid(id, field, why),
+        MetaError::CollectionExists(n) => error(
+            id,
+            ClientError_Code::CONFLICT,
+            format!("collection {n:?} already exists"),
+        ),
+        e => error(id, ClientError_Code::UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// CreateCollection.
+pub async fn create_collection(seed: &Arc<Seed>, id: u64, c: CreateCollection) -> ClientResponse {
+    let d = c.get_spec();
+    if d.kind != CollectionKind::KV {
+        return invalid(id, "type", "only kv collections exist yet");
+    }
+    if !seed.meta_known() {
+        return refusal(id, Refusal::NoMeta);
+    }
+    let spec = CollectionSpec {
+        name: d.name.clone(),
+        kind: d.kind,
+        persistence: d.persistence,
+        replication: d.replication,
+        replication_factor: d.replication_factor,
+        split_size: d.split_size,
+        retention_secs: d.retention_secs,
+    };
+    let mut last = String::new();
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+        }
+        let txn = match seed.read_meta(|s| ops::create_collection(s, &spec)) {
+            Ok(t) => t,
+            Err(e) => return meta_error(id, e),
+        };
+        match seed.propose_anywhere(&txn).await {
+            Ok(r) if r.succeeded => {
+                let mut out = d.clone();
+                if let Some(stored) =
+                    seed.read_meta(|s| view::collection(s, &spec.name).ok().flatten())
+                {
+                    out = stored.value;
+                }
+                return ok(id, ClientResponse_oneof_kind::collection(out));
+            }
+            // A stale read (or a concurrent create): read again.
+            Ok(_) => last = "meta changed concurrently".into(),
+            Err(Refusal::Invalid(m)) => return invalid(id, "request", m),
+            Err(e) => last = format!("{e:?}"),
+        }
+    }
+    error(
+        id,
+        ClientError_Code::UNAVAILABLE,
+        format!("create-collection not applied: {last}"),
+    )
+}
+
+/// Lookup: collection descriptor and the range holding `key`.
+pub fn lookup(seed: &Arc<Seed>, id: u64, l: Lookup) -> ClientResponse {
+    if !seed.meta_known() {
+        return refusal(id, Refusal::NoMeta);
+    }
+    let found = seed.read_meta(|s| -> Result<_, MetaError> {
+        let Some(c) = view::collection(s, &l.collection)? else {
+            return Ok(None);
+        };
+        let mut full = c.value.prefix.to_vec();
+        full.extend_from_slice(&l.key);
+        let r = view::lookup(s, &full)?;
+        Ok(Some((c.value, r)))
+    });
+    match found {
+        Ok(Some((c, r))) => {
+            let mut reply = LookupReply::new();
+            reply.set_collection(c);
+            if let Some(r) = r {
+                reply.set_range(r.value);
+            }
+            ok(id, ClientResponse_oneof_kind::lookup(reply))
+        }
+        Ok(None) => error(
+            id,
+            ClientError_Code::NOT_FOUND,
+            format!("no collection named {:?}", l.collection),
+        ),
+        Err(e) => meta_error(id, e),
+    }
+}
+
+fn wrong_range(id: u64, why: &str, d: Option<RangeDescriptor>) -> ClientResponse {
+    let mut r = error(id, ClientError_Code::WRONG_RANGE, why);
+    if let (Some(ClientResponse_oneof_kind::error(e)), Some(d)) = (r.kind.as_mut(), d) {
+        e.set_range(d);
+    }
+    r
+}
+
+/// The client address of node `node`, from meta.
+fn client_addr(seed: &Seed, node: u64) -> String {
+    seed.read_meta(|s| {
+        view::node(s, node)
+            .ok()
+            .flatten()
+            .map(|n| n.value.client_addr)
+            .unwrap_or_default()
+    })
+}
+
+fn not_leader(seed: &Seed, id: u64, hint: Option<u64>) -> ClientResponse {
+    let mut r = error(id, ClientError_Code::NOT_LEADER, "not the range's leader");
+    if let Some(ClientResponse_oneof_kind::error(e)) = r.kind.as_mut() {
+        if let Some(h) = hint.filter(|h| *h != seed.id) {
+            e.leader_hint = client_addr(seed, h);
+        }
+    }
+    r
+}
+
+fn inside(d: &RangeDescriptor, key: &[u8]) -> bool {
+    d.lo.as_ref() <= key && key < d.hi.as_ref()
+}
+
+fn reply(id: u64, resp: &kvpb::Response) -> ClientResponse {
+    match resp.write_to_bytes() {
+        Ok(b) => {
+            let mut k = KvReply::new();
+            k.response = b.into();
+            ok(id, ClientResponse_oneof_kind::kv(k))
+        }
+        Err(e) => error(id, ClientError_Code::INTERNAL, e.to_string()),
+    }
+}
+
+/// One KV command for one range.
+pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
+    if k.command.len() > MAX_COMMAND {
+        return error(
+            id,
+            ClientError_Code::TOO_LARGE,
+            format!("command of {} bytes (limit {MAX_COMMAND})", k.command.len()),
+        );
+    }
+    let cmd = match kvpb::Command::parse_from_carllerche_bytes(&k.command) {
+        Ok(c) => c,
+        Err(e) => return invalid(id, "command", format!("does not decode: {e}")),
+    };
+    let desc = seed.read_meta(|s| view::range_by_id(s, k.range).ok().flatten());
+    let Some(local) = seed.ranges.get(k.range) else {
+        return wrong_range(
+            id,
+            "this node holds no replica of the range",
+            desc.map(|d| d.value),
+        );
+    };
+    let Some(desc) = desc.map(|d| d.value) else {
+        return wrong_range(id, "range unknown to this node's meta", None);
+    };
+    if k.epoch < desc.epoch {
+        return wrong_range(id, "stale range descriptor", Some(desc));
+    }
+    // The keys the command touches must lie in the range.
+    let (keys_ok, read) = match &cmd.op {
+        Some(Command_oneof_op::put(p)) => (inside(&desc, &p.key), false),
+        Some(Command_oneof_op::cas(c)) => (inside(&desc, &c.key), false),
+        Some(Command_oneof_op::delete(d)) => (
+            inside(&desc, &d.key)
+                && (d.range_end.is_empty() || d.range_end.as_ref() <= desc.hi.as_ref())
+                && d.range_end.as_ref() != [0],
+            false,
+        ),
+        Some(Command_oneof_op::get(g)) => (inside(&desc, &g.key), true),
+        Some(Command_oneof_op::scan(s)) => (
+            inside(&desc, &s.start) && (s.end.is_empty() || s.end.as_ref() <= desc.hi.as_ref()),
+            true,
+        ),
+        Some(_) => return invalid(id, "command", "not a client command"),
+        None => return invalid(id, "command", "empty command"),
+    };
+    if !keys_ok {
+        return wrong_range(id, "key outside the range", Some(desc));
+    }
+    let cell = CellId(k.range);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    if read {
+        if !k.follower {
+            let st = seed.node.status(cell).await;
+            match st {
+                Ok(s) if s.role == Role::Leader => {}
+                Ok(s) => return not_leader(seed, id, s.leader.map(|l| l.get())),
+                Err(e) => return error(id, ClientError_Code::UNAVAILABLE, e.to_string()),
+            }
+            match seed
+                .node
+                .read_barrier(cell, ReadConsistency::Lease, deadline)
+                .await
+            {
+                Ok(_) => {}
+                Err(HError::NotLeader { leader_hint, .. }) => {
+                    return not_leader(seed, id, leader_hint.map(|l| l.get()))
+                }
+                Err(e) => return error(id, ClientError_Code::UNAVAILABLE, e.to_string()),
+            }
+        }
+        let now = now_ms();
+        let resp = match cmd.op {
+            Some(Command_oneof_op::get(g)) => match local.reader.get(&g.key, now) {
+                Ok((kv, h)) => {
+                    let mut r = kvpb::Response::new();
+                    r.set_header(h.to_pb());
+                    let mut gr = kvpb::GetResult::new();
+                    if let Some(kv) = kv {
+                        gr.set_kv(kv.to_pb());
+                    }
+                    r.set_get(gr);
+                    r
+                }
+                Err(e) => return error(id, ClientError_Code::INTERNAL, e.to_string()),
+            },
+            Some(Command_oneof_op::scan(s)) => {
+                let end = if s.end.is_empty() {
+                    desc.hi.clone()
+                } else {
+                    s.end.clone()
+                };
+                let limit = if s.limit == 0 {
+                    MAX_SCAN_KEYS
+                } else {
+                    s.limit.min(MAX_SCAN_KEYS)
+                };
+                let max_bytes = if s.max_bytes == 0 {
+                    MAX_SCAN_BYTES
+                } else {
+                    s.max_bytes.min(MAX_SCAN_BYTES)
+                };
+                let req = ScanRequest {
+                    range: KeyRange {
+                        start: s.start.clone(),
+                        end: Some(end),
+                    },
+                    limit: limit as usize,
+                    max_bytes: max_bytes as usize,
+                    keys_only: s.keys_only,
+                    revision: s.revision,
+                };
+                match local.reader.scan(&req, now) {
+                    Ok(page) => page.to_pb(),
+                    Err(e) => return invalid(id, "scan", e.to_string()),
+                }
+            }
+            _ => return invalid(id, "command", "not a read"),
+        };
+        return reply(id, &resp);
+    }
+    let data: Bytes = encode_entry(now_ms(), &k.command);
+    match seed.node.propose_by(cell, data, deadline).await {
+        Ok(r) => match r.response {
+            Some(bytes) => {
+                let mut kr = KvReply::new();
+                kr.response = bytes;
+                ok(id, ClientResponse_oneof_kind::kv(kr))
+            }
+            None => {
+                // Async replication: durable on the leader, not applied yet.
+                let mut resp = kvpb::Response::new();
+                let mut h = kvpb::ResponseHeader::new();
+                h.applied_index = r.index;
+                resp.set_header(h);
+                reply(id, &resp)
+            }
+        },
+        Err(HError::NotLeader { leader_hint, .. }) => {
+            not_leader(seed, id, leader_hint.map(|l| l.get()))
+        }
+        // Not proposed (flow control) or its slot was taken by another leader: not applied.
+        Err(e @ (HError::Busy { .. } | HError::ProposalDropped { .. })) => {
+            let mut r = not_leader(seed, id, None);
+            if let Some(ClientResponse_oneof_kind::error(er)) = r.kind.as_mut() {
+                er.message = format!("not applied: {e}");
+            }
+            r
+        }
+        Err(e) => error(
+            id,
+            ClientError_Code::UNKNOWN_OUTCOME,
+            format!("outcome unknown: {e}"),
+        ),
+    }
+}
