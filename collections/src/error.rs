@@ -88,6 +88,28 @@ pub enum KvError {
         /// What was wrong.
         why: String,
     },
+    /// A snapshot image or the recovered data log holds a field value no store can reach
+    /// (revision u64::MAX, `create_revision > mod_revision`, version 0, ...): fatal like
+    /// `Corrupt`. `field` names it (`"revision"`, `"kv.version"`, `"event.mod_revision"`, ...).
+    #[error("kv: corrupt {what}: field `{field}`: {why}")]
+    InvalidField {
+        /// What was being restored or recovered (`"snapshot"`, `"data log"`).
+        what: &'static str,
+        /// The field.
+        field: &'static str,
+        /// Its value and why it was refused.
+        why: String,
+    },
+    /// A counter cannot advance: the store's revision is at its maximum
+    /// ([`MAX_REVISION`](crate::kv::MAX_REVISION)), or a key's version at u64::MAX. A command
+    /// error: the write is refused (deterministically on every replica), reads go on.
+    #[error("kv: {counter} {value} cannot advance")]
+    CounterExhausted {
+        /// `"revision"` or `"version"`.
+        counter: &'static str,
+        /// Its current value.
+        value: u64,
+    },
     /// An earlier fatal error; the store refuses writes until reopened.
     #[error("kv: poisoned by an earlier storage failure; reopen the store")]
     Poisoned,
@@ -98,7 +120,10 @@ impl KvError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            KvError::Storage(_) | KvError::Io { .. } | KvError::Poisoned
+            KvError::Storage(_)
+                | KvError::Io { .. }
+                | KvError::Poisoned
+                | KvError::InvalidField { .. }
         ) || matches!(self, KvError::Corrupt { what, .. } if *what != "command")
     }
 
@@ -107,6 +132,14 @@ impl KvError {
             op,
             path: path.into(),
             source,
+        }
+    }
+
+    pub(crate) fn field(what: &'static str, field: &'static str, why: impl Into<String>) -> Self {
+        KvError::InvalidField {
+            what,
+            field,
+            why: why.into(),
         }
     }
 

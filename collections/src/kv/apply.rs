@@ -137,12 +137,13 @@ fn deadline(now: u64, ttl_ms: u64) -> u64 {
 }
 
 /// Removes `key` if its TTL passed (step 3 of the module doc): its own revision and event.
-fn expire_if_due(ctx: &mut Ctx<'_>, key: &Bytes) {
+fn expire_if_due(ctx: &mut Ctx<'_>, key: &Bytes) -> Result<()> {
     let now = ctx.st.clock_ms;
     if ctx.st.index.get(key).is_some_and(|e| e.meta.expired(now)) {
-        let rev = ctx.st.next_revision();
+        let rev = ctx.st.next_revision()?;
         ctx.st.remove(key, rev, &mut ctx.changes);
     }
+    Ok(())
 }
 
 fn load_kv(ctx: &Ctx<'_>, key: &Bytes, e: &Entry) -> Result<KeyValue> {
@@ -155,12 +156,11 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
             check_key(ctx, &p.key)?;
             check_value(ctx, &p.value)?;
             let key = p.key.clone();
-            expire_if_due(ctx, &key);
-            let rev = ctx.st.next_revision();
+            expire_if_due(ctx, &key)?;
             let exp = deadline(ctx.st.clock_ms, p.ttl_ms);
             let prev = ctx
                 .st
-                .put(key.clone(), p.value.clone(), exp, rev, &mut ctx.changes);
+                .put(key.clone(), p.value.clone(), exp, &mut ctx.changes)?;
             let mut r = kvpb::PutResult::new();
             if let (true, Some(prev)) = (p.prev_kv, prev) {
                 r.prev_kv = protobuf::SingularPtrField::some(load_kv(ctx, &key, &prev)?.to_pb());
@@ -172,9 +172,9 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
             if d.range_end.is_empty() {
                 check_key(ctx, &d.key)?;
                 let key = d.key.clone();
-                expire_if_due(ctx, &key);
+                expire_if_due(ctx, &key)?;
                 if ctx.st.index.contains_key(&key) {
-                    let rev = ctx.st.next_revision();
+                    let rev = ctx.st.next_revision()?;
                     if let Some(prev) = ctx.st.remove(&key, rev, &mut ctx.changes) {
                         r.deleted = 1;
                         if d.prev_kv {
@@ -202,7 +202,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
                         .collect()
                 };
                 if !keys.is_empty() {
-                    let rev = ctx.st.next_revision();
+                    let rev = ctx.st.next_revision()?;
                     let now = ctx.st.clock_ms;
                     for k in keys {
                         if let Some(prev) = ctx.st.remove(&k, rev, &mut ctx.changes) {
@@ -223,7 +223,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
             check_key(ctx, &c.key)?;
             check_value(ctx, &c.new_value)?;
             let key = c.key.clone();
-            expire_if_due(ctx, &key);
+            expire_if_due(ctx, &key)?;
             let cur = ctx.st.index.get(&key).cloned();
             let cur_kv = match &cur {
                 Some(e) => Some(load_kv(ctx, &key, e)?),
@@ -242,14 +242,13 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
             if ok {
                 if c.delete {
                     if cur.is_some() {
-                        let rev = ctx.st.next_revision();
+                        let rev = ctx.st.next_revision()?;
                         ctx.st.remove(&key, rev, &mut ctx.changes);
                     }
                 } else {
-                    let rev = ctx.st.next_revision();
                     let exp = deadline(ctx.st.clock_ms, c.ttl_ms);
                     ctx.st
-                        .put(key, c.new_value.clone(), exp, rev, &mut ctx.changes);
+                        .put(key, c.new_value.clone(), exp, &mut ctx.changes)?;
                 }
             }
             let mut r = kvpb::CasResult::new();
@@ -291,7 +290,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
             due.sort();
             let mut r = kvpb::ExpireResult::new();
             if !due.is_empty() {
-                let rev = ctx.st.next_revision();
+                let rev = ctx.st.next_revision()?;
                 for k in due {
                     if ctx.st.remove(&k, rev, &mut ctx.changes).is_some() {
                         r.expired += 1;

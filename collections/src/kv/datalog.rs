@@ -234,6 +234,9 @@ pub(crate) fn recover(log: &SegLog) -> Result<State> {
         // A group cut by a crash: never applied, never reported durable.
         log.truncate(*first)?;
     }
+    // Checksums say the records are intact, not that their fields are sane: the next write
+    // must not overflow a counter recovered from disk.
+    st.validate("data log")?;
     Ok(st)
 }
 

@@ -23,7 +23,7 @@ mod types;
 mod watch;
 
 pub use snapshot::{Restorer, SnapshotReader};
-pub use state::KeyRange;
+pub use state::{KeyRange, MAX_REVISION};
 pub use store::{KvReader, KvStore, ReadHeader, ScanPage, ScanRequest};
 pub use types::{
     prefix_end, ApplyState, Bounds, Event, EventKind, KeyValue, KvConfig, Limits, Persistence,

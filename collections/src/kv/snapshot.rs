@@ -19,7 +19,7 @@ use seglog::SegLog;
 use crate::error::{KvError, Result};
 use crate::kv::codec::{Dec, Enc};
 use crate::kv::datalog::Pending;
-use crate::kv::state::{Entry, Hist, Meta, State, ValueRef};
+use crate::kv::state::{check_counters, check_version, Entry, Hist, Meta, State, ValueRef};
 use crate::kv::types::{ApplyState, Bounds, EventKind};
 
 const MAGIC: &[u8; 8] = b"QVKVSNP1";
@@ -206,7 +206,10 @@ impl Restorer {
     /// Feeds the next chunk.
     ///
     /// # Errors
-    /// [`KvError::Corrupt`] (what `"snapshot"`) if the chunk does not decode or is out of order.
+    /// [`KvError::Corrupt`] (what `"snapshot"`) if the chunk does not decode or is out of order;
+    /// [`KvError::InvalidField`] if a field holds a value no store reaches (revision above
+    /// [`MAX_REVISION`](crate::kv::MAX_REVISION), `create_revision > mod_revision`, version 0 or
+    /// more puts than revisions, a key outside the bounds, ...: `state::check_version`).
     pub fn push(&mut self, chunk: &[u8]) -> Result<()> {
         let mut d = Dec::new(chunk, "snapshot");
         while d.remaining() > 0 {
@@ -263,6 +266,7 @@ impl Restorer {
                 self.kvs_left = d.u64()?;
                 self.events_left = d.u64()?;
                 d.end()?;
+                check_counters("snapshot", st.revision, st.compact_revision, &st.bounds)?;
                 self.header = true;
             }
             REC_KV => {
@@ -283,6 +287,7 @@ impl Restorer {
                     return Err(Self::corrupt("keys out of order"));
                 }
                 meta.value_len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+                check_version("snapshot", &self.st, &key, EventKind::Put, &meta, false)?;
                 self.st.live_bytes += (key.len() + value.len()) as u64;
                 if meta.expires_at_ms != 0 {
                     self.st.expiry.insert((meta.expires_at_ms, key.clone()));
@@ -301,16 +306,31 @@ impl Restorer {
                     return Err(Self::corrupt("unexpected event record"));
                 }
                 self.events_left -= 1;
-                let kind = if d.u8()? == 1 {
-                    EventKind::Put
-                } else {
-                    EventKind::Delete
+                let kind = match d.u8()? {
+                    1 => EventKind::Put,
+                    0 => EventKind::Delete,
+                    k => {
+                        return Err(KvError::field(
+                            "snapshot",
+                            "event.kind",
+                            format!("{k} is neither 0 (delete) nor 1 (put)"),
+                        ))
+                    }
                 };
                 let mut meta = read_meta(&mut d)?;
                 let key = Bytes::copy_from_slice(d.bytes()?);
                 let value = Bytes::copy_from_slice(d.bytes()?);
                 d.end()?;
                 meta.value_len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+                check_version("snapshot", &self.st, &key, kind, &meta, true)?;
+                if self
+                    .st
+                    .history
+                    .last_key_value()
+                    .is_some_and(|((r, k), _)| (*r, k) >= (meta.mod_revision, &key))
+                {
+                    return Err(Self::corrupt("events out of (revision, key) order"));
+                }
                 // Share the value with the live entry when the event is its current version.
                 let value = match self.st.index.get(&key) {
                     Some(e)

@@ -40,6 +40,12 @@ pub(crate) fn inline_only(v: &ValueRef) -> Result<Bytes> {
     }
 }
 
+/// The largest revision a store reaches: `revision + 1` (the next revision, where a watch
+/// resumes) must stay representable. A write that would go past it is refused
+/// ([`KvError::CounterExhausted`]); an image or data log beyond it is refused on restore and
+/// recovery ([`KvError::InvalidField`]).
+pub const MAX_REVISION: u64 = u64::MAX - 1;
+
 /// Per-version metadata (etcd's, plus the TTL deadline and the value length).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Meta {
@@ -192,29 +198,177 @@ pub(crate) struct State {
     pub(crate) history_bytes: u64,
 }
 
+/// Checks the store-wide counters of a restored or recovered state (`what`: `"snapshot"`,
+/// `"data log"`): revision <= [`MAX_REVISION`], compact revision <= revision, bounds not empty.
+pub(crate) fn check_counters(
+    what: &'static str,
+    revision: u64,
+    compact_revision: u64,
+    bounds: &Bounds,
+) -> Result<()> {
+    if revision > MAX_REVISION {
+        return Err(KvError::field(
+            what,
+            "revision",
+            format!("{revision} is above the maximum {MAX_REVISION}"),
+        ));
+    }
+    if compact_revision > revision {
+        return Err(KvError::field(
+            what,
+            "compact_revision",
+            format!("{compact_revision} is above the revision {revision}"),
+        ));
+    }
+    if bounds.hi.as_ref().is_some_and(|hi| *hi <= bounds.lo) {
+        return Err(KvError::field(
+            what,
+            "bounds.hi",
+            "not above bounds.lo: the store would hold no key",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one version of a key (a live entry, `in_history` false, or a history event) against
+/// the counters of its state: what any sequence of applies produces, so that the next write
+/// to the key cannot overflow and revisions never go back.
+///
+/// - the key is non-empty and inside the bounds;
+/// - `1 <= mod_revision <= revision`; a history event lies above the compact revision;
+/// - a put: `1 <= create_revision <= mod_revision` and
+///   `1 <= version <= mod_revision - create_revision + 1` (each put takes its own revision);
+/// - a delete event: no create revision, version, deadline or value.
+pub(crate) fn check_version(
+    what: &'static str,
+    st: &State,
+    key: &[u8],
+    kind: EventKind,
+    m: &Meta,
+    in_history: bool,
+) -> Result<()> {
+    let (f_key, f_mod, f_create, f_version, f_expires, f_value) = if in_history {
+        (
+            "event.key",
+            "event.mod_revision",
+            "event.create_revision",
+            "event.version",
+            "event.expires_at_ms",
+            "event.value",
+        )
+    } else {
+        (
+            "kv.key",
+            "kv.mod_revision",
+            "kv.create_revision",
+            "kv.version",
+            "kv.expires_at_ms",
+            "kv.value",
+        )
+    };
+    let bad = |field: &'static str, why: String| Err(KvError::field(what, field, why));
+    if key.is_empty() {
+        return bad(f_key, "empty".into());
+    }
+    if !st.bounds.contains(key) {
+        return bad(f_key, "outside the store's bounds".into());
+    }
+    let (rev, create, version) = (m.mod_revision, m.create_revision, m.version);
+    if rev == 0 || rev > st.revision {
+        return bad(
+            f_mod,
+            format!("{rev} is outside 1..={} (the revision)", st.revision),
+        );
+    }
+    if in_history && rev <= st.compact_revision {
+        return bad(
+            f_mod,
+            format!(
+                "{rev} is at or below the compact revision {}",
+                st.compact_revision
+            ),
+        );
+    }
+    match kind {
+        EventKind::Put => {
+            if create == 0 || create > rev {
+                return bad(
+                    f_create,
+                    format!("{create} is outside 1..={rev} (the mod revision)"),
+                );
+            }
+            // create >= 1, so no overflow.
+            let span = rev - create + 1;
+            if version == 0 || version > span {
+                return bad(
+                    f_version,
+                    format!(
+                        "{version} is outside 1..={span} (one put per revision from {create} to {rev})"
+                    ),
+                );
+            }
+        }
+        EventKind::Delete => {
+            for (field, v) in [
+                (f_create, create),
+                (f_version, version),
+                (f_expires, m.expires_at_ms),
+                (f_value, u64::from(m.value_len)),
+            ] {
+                if v != 0 {
+                    return bad(field, format!("{v} in a delete event (must be 0 / empty)"));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What a point read collects under the lock; values are loaded afterwards.
 pub(crate) type Collected = Vec<(Bytes, Meta, Option<ValueRef>)>;
 
 impl State {
-    pub(crate) fn next_revision(&mut self) -> u64 {
-        self.revision += 1;
-        self.revision
+    /// Takes the next revision; refused (nothing changed) once the revision is
+    /// [`MAX_REVISION`]. Counters can come from a snapshot or the data log, so never `+ 1`.
+    pub(crate) fn next_revision(&mut self) -> Result<u64> {
+        let next = self
+            .revision
+            .checked_add(1)
+            .filter(|r| *r <= MAX_REVISION)
+            .ok_or(KvError::CounterExhausted {
+                counter: "revision",
+                value: self.revision,
+            })?;
+        self.revision = next;
+        Ok(next)
     }
 
-    /// Writes `key` at revision `rev`; returns the previous entry.
+    /// Writes `key` at the next revision; returns the previous entry. If the key's version or
+    /// the revision cannot advance, nothing changes.
     pub(crate) fn put(
         &mut self,
         key: Bytes,
         value: Bytes,
         expires_at_ms: u64,
-        rev: u64,
         changes: &mut Vec<Change>,
-    ) -> Option<Entry> {
+    ) -> Result<Option<Entry>> {
         let prev = self.index.get(&key).cloned();
+        let version = match &prev {
+            None => 1,
+            Some(p) => p
+                .meta
+                .version
+                .checked_add(1)
+                .ok_or(KvError::CounterExhausted {
+                    counter: "version",
+                    value: p.meta.version,
+                })?,
+        };
+        let rev = self.next_revision()?;
         let meta = Meta {
             create_revision: prev.as_ref().map_or(rev, |p| p.meta.create_revision),
             mod_revision: rev,
-            version: prev.as_ref().map_or(1, |p| p.meta.version + 1),
+            version,
             expires_at_ms,
             value_len: u32::try_from(value.len()).unwrap_or(u32::MAX),
         };
@@ -242,7 +396,7 @@ impl State {
             meta,
             value,
         });
-        prev
+        Ok(prev)
     }
 
     /// Deletes `key` at revision `rev`; returns the removed entry (`None`: nothing happened).
@@ -435,7 +589,27 @@ impl State {
                 out.push((key.clone(), h.clone()));
             }
         }
-        (out, self.revision + 1)
+        (out, self.revision.saturating_add(1))
+    }
+
+    /// Checks every field value of a restored or recovered state ([`check_counters`],
+    /// [`check_version`] for each live entry and history event).
+    pub(crate) fn validate(&self, what: &'static str) -> Result<()> {
+        check_counters(what, self.revision, self.compact_revision, &self.bounds)?;
+        for (k, e) in &self.index {
+            check_version(what, self, k, EventKind::Put, &e.meta, false)?;
+        }
+        for ((rev, k), h) in &self.history {
+            if *rev != h.meta.mod_revision {
+                return Err(KvError::field(
+                    what,
+                    "event.mod_revision",
+                    format!("{} filed under revision {rev}", h.meta.mod_revision),
+                ));
+            }
+            check_version(what, self, k, h.kind, &h.meta, true)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn stats(&self) -> RangeStats {
@@ -488,10 +662,8 @@ mod tests {
     fn put_and_remove_track_versions_history_and_bytes() {
         let mut st = State::default();
         let mut ch = Vec::new();
-        let r = st.next_revision();
-        assert!(st.put(b("a"), b("1"), 0, r, &mut ch).is_none());
-        let r = st.next_revision();
-        let prev = st.put(b("a"), b("22"), 50, r, &mut ch).unwrap();
+        assert!(st.put(b("a"), b("1"), 0, &mut ch).unwrap().is_none());
+        let prev = st.put(b("a"), b("22"), 50, &mut ch).unwrap().unwrap();
         assert_eq!(prev.meta.version, 1);
         let e = st.index.get(&b("a")[..]).unwrap();
         assert_eq!(
@@ -501,7 +673,7 @@ mod tests {
         assert_eq!(st.live_bytes, 3);
         assert_eq!(st.due(49).len(), 0);
         assert_eq!(st.due(50), vec![b("a")]);
-        let r = st.next_revision();
+        let r = st.next_revision().unwrap();
         assert!(st.remove(&b("a"), r, &mut ch).is_some());
         assert!(st.expiry.is_empty() && st.index.is_empty() && st.live_bytes == 0);
         assert_eq!(st.history.len(), 3);
@@ -515,8 +687,7 @@ mod tests {
         let mut st = State::default();
         let mut ch = Vec::new();
         for k in ["a", "b", "c", "d"] {
-            let r = st.next_revision();
-            st.put(b(k), b("xxxx"), 0, r, &mut ch);
+            st.put(b(k), b("xxxx"), 0, &mut ch).unwrap();
         }
         let (page, next) = st.collect_scan(&KeyRange::all(), 2, 0, false, 0);
         assert_eq!(page.len(), 2);

@@ -254,10 +254,14 @@ impl KvReader {
     ) -> Result<WatchBatch> {
         self.read(
             |st| {
-                let from = if from == 0 { st.revision + 1 } else { from };
+                let from = if from == 0 {
+                    st.revision.saturating_add(1)
+                } else {
+                    from
+                };
                 if from <= st.compact_revision {
                     let (c, _) = st.collect_scan(range, 0, 0, false, now_ms);
-                    Ok(Err((c, st.revision + 1)))
+                    Ok(Err((c, st.revision.saturating_add(1))))
                 } else {
                     Ok(Ok(st.collect_events(from, range, limit)))
                 }
@@ -432,7 +436,8 @@ impl KvStore {
         self.check_poison()?;
         let shared = self.reader.shared.clone();
         let mut st = shared.state.write();
-        let first_revision = st.revision + 1;
+        // Exact whenever changes follow: their revisions were taken with checked arithmetic.
+        let first_revision = st.revision.saturating_add(1);
         let load = |v: &ValueRef| shared.load(v);
         let mut ctx = Ctx {
             st: &mut st,

@@ -113,7 +113,7 @@ impl Watcher {
     pub(crate) fn new(reader: KvReader, range: KeyRange, start_revision: u64) -> Self {
         let rx = Some(reader.subscribe());
         let next = if start_revision == 0 {
-            reader.revision() + 1
+            reader.revision().saturating_add(1)
         } else {
             start_revision
         };
@@ -180,7 +180,7 @@ impl Watcher {
                         .filter(|e| e.revision() >= self.next && self.range.contains(&e.kv.key))
                         .cloned()
                         .collect();
-                    self.next = a.last_revision + 1;
+                    self.next = a.last_revision.saturating_add(1);
                     if !events.is_empty() {
                         return Ok(Some(WatchUpdate::Events(events)));
                     }
