@@ -794,6 +794,8 @@ impl Cell {
             })?;
         self.applied = meta.index;
         self.conf = meta.get_conf_state().clone();
+        // Anything offered while this replica led is older than what it just installed.
+        self.raw.store().drop_offered_snapshot();
         let cell = self.id;
         // Callers whose entries the snapshot covers cannot learn their outcome here.
         let covered: Vec<u64> = self
@@ -857,6 +859,9 @@ impl Cell {
                         .apply_conf_change(&cc)
                         .map_err(|err| raft_err(cell, err))?;
                     self.raw.store().set_conf_state(cs.clone());
+                    // An offered snapshot carries the old ConfState: a member added now would
+                    // ignore it (raft-rs refuses an image that does not name it).
+                    self.raw.store().drop_offered_snapshot();
                     self.sm
                         .apply_conf_change(e.index, e.term, &cs)
                         .map_err(sm_err)?;

@@ -48,3 +48,33 @@ pub fn assert_acked_once(seq: &[AppliedEntry], acked: &[(Bytes, Reply)]) {
         assert!(w[0].index < w[1].index, "indexes strictly increase");
     }
 }
+
+/// Runs each scenario over both transports: `mem::<name>` and `tcp::<name>`, one `#[test]`
+/// each, calling `<f>(TransportKind, args...)` in the including file.
+///
+/// ```ignore
+/// on_both_transports! {
+///     three_members_leader_killed => failover(3, 1);
+/// }
+/// ```
+#[allow(unused_macros)] // not every test file that includes `common` uses it
+macro_rules! on_both_transports {
+    ($($name:ident => $f:ident($($arg:expr),* $(,)?);)+) => {
+        mod mem {
+            $(
+                #[test]
+                fn $name() {
+                    super::$f(harpoon::testkit::TransportKind::Mem $(, $arg)*)
+                }
+            )+
+        }
+        mod tcp {
+            $(
+                #[test]
+                fn $name() {
+                    super::$f(harpoon::testkit::TransportKind::Tcp $(, $arg)*)
+                }
+            )+
+        }
+    };
+}

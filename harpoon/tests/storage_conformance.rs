@@ -299,13 +299,25 @@ pub fn snapshot_offer_and_request(store: LogStore) {
     assert!(s.snapshot(0, 2).is_err());
     assert_eq!(s.take_snapshot_request(), Some(0));
     let mut snap = Snapshot::default();
-    snap.set_metadata(snap_meta(8, 1, &[1]));
+    snap.set_metadata(snap_meta(8, 1, &[1, 2, 3]));
     snap.data = bytes::Bytes::from_static(b"state");
     s.offer_snapshot(snap.clone());
     assert_eq!(s.snapshot(8, 2).unwrap(), snap);
     assert_eq!(s.snapshot(0, 3).unwrap(), snap);
     assert!(s.snapshot(9, 2).is_err());
     assert_eq!(s.take_snapshot_request(), Some(9));
+    // Never served to a node its ConfState does not name (a member added since: raft-rs there
+    // would ignore it): the offer is dropped and a fresh image requested.
+    assert_eq!(
+        store_err(s.snapshot(0, 4)),
+        RaftStorageError::SnapshotTemporarilyUnavailable
+    );
+    assert_eq!(s.take_snapshot_request(), Some(0));
+    assert!(s.snapshot(0, 2).is_err(), "the stale offer is gone");
+    // Dropped explicitly (once sent, or when a conf change applies).
+    s.offer_snapshot(snap.clone());
+    s.drop_offered_snapshot();
+    assert!(s.snapshot(0, 2).is_err());
 }
 
 pub fn destroy_cell(store: LogStore) {

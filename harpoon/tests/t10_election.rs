@@ -1,16 +1,17 @@
 //! A fresh cell elects one leader, applies proposals on every replica in the same order, and
-//! redirects proposals made at a follower.
+//! redirects proposals made at a follower. Over both transports.
 
-use std::time::Duration;
+#[macro_use]
+mod common;
 
 use bytes::Bytes;
-use harpoon::testkit::{Cluster, ClusterOptions};
+use harpoon::testkit::{Cluster, ClusterOptions, TransportKind};
 use harpoon::{CellId, Error, Guarantee, NodeId, ReplicationMode};
 
-const WAIT: Duration = Duration::from_secs(30);
+use common::WAIT;
 
-fn elect_and_replicate(n: u64) {
-    let mut c = Cluster::new(n, ClusterOptions::default());
+fn elect_and_replicate(kind: TransportKind, n: u64) {
+    let mut c = Cluster::new(n, ClusterOptions::over(kind));
     let cell = CellId(1);
     let voters: Vec<u64> = (1..=n).collect();
     c.create_cell(cell, &voters, ReplicationMode::Consensus);
@@ -49,14 +50,17 @@ fn elect_and_replicate(n: u64) {
     // One log write and at most one sync per round on the leader.
     let m = c.node(leader).metrics();
     assert!(m.log_syncs <= m.rounds, "{m:?}");
+    // And it really ran over the transport asked for.
+    match kind {
+        TransportKind::Tcp => {
+            let s = c.tcp_stats(leader).expect("tcp transport");
+            assert!(s.msgs_sent > 0 && s.connects > 0, "{s:?}");
+        }
+        TransportKind::Mem => assert!(c.net.stats().total().delivered > 0),
+    }
 }
 
-#[test]
-fn three_member_cell_elects_and_replicates() {
-    elect_and_replicate(3);
-}
-
-#[test]
-fn seven_member_cell_elects_and_replicates() {
-    elect_and_replicate(7);
+on_both_transports! {
+    three_member_cell_elects_and_replicates => elect_and_replicate(3);
+    seven_member_cell_elects_and_replicates => elect_and_replicate(7);
 }

@@ -1,16 +1,17 @@
 //! Killing the leader: a new one is elected and no acknowledged (committed) write is lost.
 //! Every replica's applied sequence is a prefix of the longest; every acknowledged write is in
-//! it exactly once, at the index and term it was acknowledged with.
+//! it exactly once, at the index and term it was acknowledged with. Over both transports.
 
+#[macro_use]
 mod common;
 
 use bytes::Bytes;
 use common::{assert_acked_once, write_n, WAIT};
-use harpoon::testkit::{Cluster, ClusterOptions};
+use harpoon::testkit::{Cluster, ClusterOptions, TransportKind};
 use harpoon::{CellId, ReplicationMode};
 
-fn failover(n: u64, kills: usize) {
-    let mut c = Cluster::new(n, ClusterOptions::default());
+fn failover(kind: TransportKind, n: u64, kills: usize) {
+    let mut c = Cluster::new(n, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(
         cell,
@@ -52,12 +53,7 @@ fn failover(n: u64, kills: usize) {
     assert_acked_once(&seq, &acked);
 }
 
-#[test]
-fn three_members_leader_killed_no_acked_write_lost() {
-    failover(3, 1);
-}
-
-#[test]
-fn seven_members_two_leaders_killed_no_acked_write_lost() {
-    failover(7, 2);
+on_both_transports! {
+    three_members_leader_killed_no_acked_write_lost => failover(3, 1);
+    seven_members_two_leaders_killed_no_acked_write_lost => failover(7, 2);
 }

@@ -1,13 +1,14 @@
 //! No leadership preemption (pre_vote + check_quorum): a healthy leader keeps its leadership
-//! and term when a partitioned follower or a deposed leader comes back.
+//! and term when a partitioned follower or a deposed leader comes back. Over both transports.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{assert_acked_once, write_n, WAIT};
-use harpoon::testkit::{wait_until, Cluster, ClusterOptions};
+use harpoon::testkit::{wait_until, Cluster, ClusterOptions, TransportKind};
 use harpoon::{CellId, NodeId, ReplicationMode, Role};
 
 /// Leader and term as seen by `nodes`; all must agree.
@@ -20,9 +21,8 @@ fn agreed(c: &Cluster, cell: CellId, nodes: &[NodeId]) -> (NodeId, u64) {
     (l, s[0].term)
 }
 
-#[test]
-fn partitioned_follower_rejoins_without_disrupting_the_leader() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn partitioned_follower_rejoins_without_disrupting_the_leader(kind: TransportKind) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     let leader = c.wait_leader(cell, WAIT).unwrap();
@@ -50,8 +50,8 @@ fn partitioned_follower_rejoins_without_disrupting_the_leader() {
     assert_acked_once(&seq, &acked);
 }
 
-fn old_leader_rejoins(n: u64, minority: usize) {
-    let mut c = Cluster::new(n, ClusterOptions::default());
+fn old_leader_rejoins(kind: TransportKind, n: u64, minority: usize) {
+    let mut c = Cluster::new(n, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(
         cell,
@@ -119,12 +119,10 @@ fn wait_leader_among(c: &Cluster, cell: CellId, nodes: &[NodeId]) -> NodeId {
     found.unwrap()
 }
 
-#[test]
-fn three_members_old_leader_rejoins_without_deposing() {
-    old_leader_rejoins(3, 1);
-}
-
-#[test]
-fn seven_members_old_leader_and_two_followers_rejoin_without_deposing() {
-    old_leader_rejoins(7, 3);
+on_both_transports! {
+    partitioned_follower_rejoins_without_disrupting_the_leader =>
+        partitioned_follower_rejoins_without_disrupting_the_leader();
+    three_members_old_leader_rejoins_without_deposing => old_leader_rejoins(3, 1);
+    seven_members_old_leader_and_two_followers_rejoin_without_deposing =>
+        old_leader_rejoins(7, 3);
 }

@@ -1,15 +1,16 @@
 //! Nodes restarted from their disk (raft log + durable recording state machine) recover their
-//! state, repair their commit index, and rejoin.
+//! state, repair their commit index, and rejoin. Over both transports (a restarted TCP node
+//! listens on a new port; its peers are told).
 
+#[macro_use]
 mod common;
 
 use common::{assert_acked_once, write_n, WAIT};
-use harpoon::testkit::{Cluster, ClusterOptions};
+use harpoon::testkit::{Cluster, ClusterOptions, TransportKind};
 use harpoon::{CellId, NodeId, ReplicationMode};
 
-#[test]
-fn follower_restarted_from_disk_catches_up() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn follower_restarted_from_disk_catches_up(kind: TransportKind) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     let leader = c.wait_leader(cell, WAIT).unwrap();
@@ -30,9 +31,8 @@ fn follower_restarted_from_disk_catches_up() {
     assert_eq!(c.applied(f, cell), seq);
 }
 
-#[test]
-fn whole_cluster_restarted_from_disk_recovers_and_continues() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn whole_cluster_restarted_from_disk_recovers_and_continues(kind: TransportKind) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     c.wait_leader(cell, WAIT).unwrap();
@@ -63,4 +63,10 @@ fn whole_cluster_restarted_from_disk_recovers_and_continues() {
     for n in 1..=3 {
         assert_eq!(c.applied(NodeId(n), cell), seq, "node {n}");
     }
+}
+
+on_both_transports! {
+    follower_restarted_from_disk_catches_up => follower_restarted_from_disk_catches_up();
+    whole_cluster_restarted_from_disk_recovers_and_continues =>
+        whole_cluster_restarted_from_disk_recovers_and_continues();
 }

@@ -1,14 +1,15 @@
 //! Membership changes while proposals flow: a learner is added, catches up, is promoted
 //! through an explicit joint configuration; a voter is removed; unsafe changes are refused;
-//! leadership moves only by transfer. No acknowledged write is lost.
+//! leadership moves only by transfer. No acknowledged write is lost. Over both transports.
 
+#[macro_use]
 mod common;
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{assert_acked_once, WAIT};
-use harpoon::testkit::{wait_until, Cluster, ClusterOptions};
+use harpoon::testkit::{wait_until, Cluster, ClusterOptions, TransportKind};
 use harpoon::{CellId, Error, NodeId, Pending, ReplicationMode, Reply};
 
 fn fire(c: &Cluster, cell: CellId, prefix: &str, n: usize) -> Vec<(Bytes, Pending<Reply>)> {
@@ -21,9 +22,8 @@ fn fire(c: &Cluster, cell: CellId, prefix: &str, n: usize) -> Vec<(Bytes, Pendin
         .collect()
 }
 
-#[test]
-fn add_promote_remove_transfer_while_writing() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn add_promote_remove_transfer_while_writing(kind: TransportKind) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     let leader = c.wait_leader(cell, WAIT).unwrap();
@@ -134,9 +134,8 @@ fn add_promote_remove_transfer_while_writing() {
     );
 }
 
-#[test]
-fn quorum_losing_removal_is_refused() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn quorum_losing_removal_is_refused(kind: TransportKind) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     let leader = c.wait_leader(cell, WAIT).unwrap();
@@ -154,11 +153,10 @@ fn quorum_losing_removal_is_refused() {
     )));
 }
 
-#[test]
-fn unknown_cell_replica_is_created_only_from_an_initial_message() {
+fn unknown_cell_replica_is_created_only_from_an_initial_message(kind: TransportKind) {
     use harpoon::testkit::LogStateMachine;
     use std::sync::Arc;
-    let mut c = Cluster::new(3, ClusterOptions::default());
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     let leader = c.wait_leader(cell, WAIT).unwrap();
@@ -189,9 +187,8 @@ fn unknown_cell_replica_is_created_only_from_an_initial_message() {
     assert_eq!(h.entries(), seq);
 }
 
-#[test]
-fn conf_change_lost_to_a_leader_change_is_reported_dropped() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn conf_change_lost_to_a_leader_change_is_reported_dropped(kind: TransportKind) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     let old = c.wait_leader(cell, WAIT).unwrap();
@@ -213,4 +210,11 @@ fn conf_change_lost_to_a_leader_change_is_reported_dropped() {
     let leader = c.wait_leader(cell, WAIT).unwrap();
     let conf = c.status(leader, cell).unwrap().conf;
     assert!(conf.learners.is_empty(), "{conf:?}");
+}
+
+on_both_transports! {
+    add_promote_remove_transfer_while_writing => add_promote_remove_transfer_while_writing();
+    quorum_losing_removal_is_refused => quorum_losing_removal_is_refused();
+    unknown_cell_replica_is_created_only_from_an_initial_message => unknown_cell_replica_is_created_only_from_an_initial_message();
+    conf_change_lost_to_a_leader_change_is_reported_dropped => conf_change_lost_to_a_leader_change_is_reported_dropped();
 }

@@ -1,17 +1,18 @@
 //! Catch-up by snapshot: after the log is compacted, a new member and a lagging follower can
 //! only catch up from a state-machine snapshot; they end with the same applied sequence.
+//! Over both transports (TCP streams the snapshot in chunks).
 
+#[macro_use]
 mod common;
 
 use std::time::Instant;
 
 use common::{assert_acked_once, write_n, WAIT};
-use harpoon::testkit::{wait_until, Cluster, ClusterOptions};
+use harpoon::testkit::{wait_until, Cluster, ClusterOptions, TransportKind};
 use harpoon::{CellId, Error, NodeId, ReplicationMode, INIT_INDEX};
 
-#[test]
-fn new_member_catches_up_by_snapshot_after_compaction() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn new_member_catches_up_by_snapshot_after_compaction(kind: TransportKind) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     let leader = c.wait_leader(cell, WAIT).unwrap();
@@ -40,6 +41,12 @@ fn new_member_catches_up_by_snapshot_after_compaction() {
         c.node(leader).metrics().snapshots > snaps_before,
         "by snapshot"
     );
+    if let Some(s) = c.tcp_stats(leader) {
+        assert!(
+            s.snapshots_sent >= 1 && s.snapshot_chunks_sent >= 1,
+            "{s:?}"
+        );
+    }
     let s4 = c.status(NodeId(4), cell).unwrap();
     assert!(
         s4.first_index > INIT_INDEX + 40,
@@ -55,9 +62,8 @@ fn new_member_catches_up_by_snapshot_after_compaction() {
         .unwrap();
 }
 
-#[test]
-fn lagging_follower_catches_up_by_snapshot() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn lagging_follower_catches_up_by_snapshot(kind: TransportKind) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
     let leader = c.wait_leader(cell, WAIT).unwrap();
@@ -81,4 +87,9 @@ fn lagging_follower_catches_up_by_snapshot() {
         c.node(leader).compact_log(CellId(99)).wait(),
         Err(Error::CellNotFound { .. })
     ));
+}
+
+on_both_transports! {
+    new_member_catches_up_by_snapshot_after_compaction => new_member_catches_up_by_snapshot_after_compaction();
+    lagging_follower_catches_up_by_snapshot => lagging_follower_catches_up_by_snapshot();
 }

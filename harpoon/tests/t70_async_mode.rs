@@ -1,15 +1,16 @@
 //! Async replication mode: replies once the leader has the entry durably in its own log
 //! (`Guarantee::LeaderDurable`); writes acknowledged by a leader that then loses its quorum
 //! are lost and counted (`async_lost`), and never half-applied: only committed entries are
-//! applied, on every replica, so replicas agree.
+//! applied, on every replica, so replicas agree. Over both transports.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashSet;
 
 use bytes::Bytes;
 use common::WAIT;
-use harpoon::testkit::{wait_until, Cluster, ClusterOptions};
+use harpoon::testkit::{wait_until, Cluster, ClusterOptions, TransportKind};
 use harpoon::{CellId, Guarantee, NodeId, ReplicationMode, Role};
 
 fn async_writes(c: &Cluster, leader: NodeId, cell: CellId, prefix: &str, n: usize) -> Vec<Bytes> {
@@ -24,8 +25,8 @@ fn async_writes(c: &Cluster, leader: NodeId, cell: CellId, prefix: &str, n: usiz
     acked
 }
 
-fn lose_async_writes(kill_old_leader: bool) {
-    let mut c = Cluster::new(3, ClusterOptions::default());
+fn lose_async_writes(kind: TransportKind, kill_old_leader: bool) {
+    let mut c = Cluster::new(3, ClusterOptions::over(kind));
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
     let old = c.wait_leader(cell, WAIT).unwrap();
@@ -87,19 +88,8 @@ fn lose_async_writes(kill_old_leader: bool) {
     assert_eq!(c.status(old, cell).unwrap().async_lost, lost as u64);
 }
 
-#[test]
-fn isolated_leader_async_writes_are_counted_lost_and_never_applied() {
-    lose_async_writes(false);
-}
-
-#[test]
-fn isolated_then_killed_leader_async_writes_are_counted_lost_after_restart() {
-    lose_async_writes(true);
-}
-
-#[test]
-fn uncommitted_bytes_are_bounded_with_busy() {
-    let mut opts = ClusterOptions::default();
+fn uncommitted_bytes_are_bounded_with_busy(kind: TransportKind) {
+    let mut opts = ClusterOptions::over(kind);
     opts.node.cell.max_uncommitted_size = 4096;
     opts.node.cell.max_size_per_msg = 1024;
     let mut c = Cluster::new(3, opts);
@@ -125,4 +115,11 @@ fn uncommitted_bytes_are_bounded_with_busy() {
         }
     }
     assert!(busy, "the leader refused writes past max_uncommitted_size");
+}
+
+on_both_transports! {
+    isolated_leader_async_writes_are_counted_lost_and_never_applied => lose_async_writes(false);
+    isolated_then_killed_leader_async_writes_are_counted_lost_after_restart =>
+        lose_async_writes(true);
+    uncommitted_bytes_are_bounded_with_busy => uncommitted_bytes_are_bounded_with_busy();
 }

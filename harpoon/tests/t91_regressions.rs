@@ -947,3 +947,78 @@ fn bootstrap_image_in_log_without_state_machine_is_redone() {
     let i = manual_write(&nodes, cell, Bytes::from_static(b"after"));
     assert!(wait_until(WAIT, || h.apply_state().applied_index >= i));
 }
+
+/// Reported by the node engineer: a snapshot already offered to `CellStorage` (built for a
+/// member that then went silent, so raft never took it) was served after a membership change
+/// to a new learner, whose id its ConfState lacks; raft-rs on the learner ignores such an image
+/// (the node layer worked around it with `compact_log` after `add_learner`). Dropping the offer
+/// once sent (4b7866a) does not cover an offer that was never sent. Now the offer is dropped
+/// whenever a conf change applies, and never served to a node its ConfState does not name.
+#[test]
+fn offered_snapshot_stale_after_membership_change() {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let leader = c.wait_leader(cell, WAIT).unwrap();
+    write_n(&c, cell, "a", 10);
+
+    // Learner 4 answers the leader's first append (a rejection: its log is empty, so the
+    // leader asks the cell for a snapshot and the cell offers one), then goes silent: raft
+    // stops sending to it (not recently active) and the offer stays, unsent.
+    let (n4, n5) = (NodeId(4), NodeId(5));
+    let silent = c.drop_if(move |from, _, env| {
+        from == n4 && !(env.msg.get_msg_type() == MessageType::MsgAppendResponse && env.msg.reject)
+    });
+    c.start_node(n4);
+    c.add_replica(n4, cell);
+    let offers = c.node(leader).metrics().snapshots;
+    c.node(leader)
+        .add_learner(cell, n4, Instant::now() + WAIT)
+        .wait()
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || c.node(leader).metrics().snapshots > offers),
+        "the cell offered a snapshot for learner 4"
+    );
+    // Setup, not an assertion: a few check-quorum rounds (one election timeout, 100 ms, each)
+    // mark 4 inactive, so nothing asks for the offered snapshot before the next change.
+    std::thread::sleep(Duration::from_millis(400));
+
+    // Learner 5 joins; every snapshot sent to it is recorded (none dropped).
+    let seen: Arc<Mutex<Vec<ConfState>>> = Arc::default();
+    let spy = seen.clone();
+    c.drop_if(move |_, to, env| {
+        if to == n5 && env.msg.get_msg_type() == MessageType::MsgSnapshot {
+            let cs = env.msg.get_snapshot().get_metadata().get_conf_state();
+            spy.lock().unwrap().push(cs.clone());
+        }
+        false
+    });
+    c.start_node(n5);
+    c.add_replica(n5, cell);
+    c.node(leader)
+        .add_learner(cell, n5, Instant::now() + WAIT)
+        .wait()
+        .unwrap();
+    let last = write_n(&c, cell, "b", 3);
+    // No compact_log anywhere: the learner catches up by the snapshot it is sent.
+    assert!(
+        wait_until(WAIT, || c
+            .status(n5, cell)
+            .is_some_and(|s| s.applied >= last)),
+        "learner 5 caught up"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "learner 5 caught up by snapshot");
+    for cs in &seen {
+        assert!(
+            cs.learners.contains(&5) || cs.voters.contains(&5),
+            "a snapshot whose ConfState lacks learner 5 was sent to it: {cs:?}"
+        );
+    }
+    c.remove_filter(silent);
+    assert_eq!(
+        c.applied(n5, cell),
+        c.applied(leader, cell)[..c.applied(n5, cell).len()]
+    );
+}

@@ -76,13 +76,17 @@ impl CellStorage {
 
     /// The cell hands a freshly generated snapshot. `Storage::snapshot` returns it while its
     /// index is at least the requested index and the truncated index (an older one would make
-    /// the follower ask again forever).
+    /// the follower ask again forever), and only to a member its ConfState names (the cell
+    /// also drops it whenever a conf change applies, see [`drop_offered_snapshot`]).
+    ///
+    /// [`drop_offered_snapshot`]: Self::drop_offered_snapshot
     pub fn offer_snapshot(&self, snap: Snapshot) {
         self.shared.snap.lock().offered = Some(snap);
     }
 
-    /// Forgets the offered snapshot (once it was sent): a cell's image is not kept in memory
-    /// for ever; raft asks again (and the cell builds a fresh one) if another follower needs it.
+    /// Forgets the offered snapshot: once it was sent (a cell's image is not kept in memory for
+    /// ever) and whenever the membership changes (its ConfState is stale: a member added since
+    /// would ignore it). Raft asks again and the cell builds a fresh one if a follower needs it.
     pub fn drop_offered_snapshot(&self) {
         self.shared.snap.lock().offered = None;
     }
@@ -224,12 +228,17 @@ impl raft::Storage for CellStorage {
         Ok(self.shared.log.lock().last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         self.check()?;
         let truncated = self.shared.log.lock().truncated().0;
         let mut offers = self.shared.snap.lock();
         if let Some(s) = &offers.offered {
-            if s.get_metadata().index >= request_index.max(truncated) {
+            // An image from before `to` joined does not name it: raft-rs on `to` ignores it
+            // and the member never catches up. Forget it; the cell builds a fresh one (the
+            // leader has applied `to`'s addition, or raft would not be sending to it).
+            if !crate::membership::contains(s.get_metadata().get_conf_state(), to) {
+                offers.offered = None;
+            } else if s.get_metadata().index >= request_index.max(truncated) {
                 return Ok(s.clone());
             }
         }

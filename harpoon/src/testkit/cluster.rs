@@ -1,11 +1,21 @@
-//! N nodes in one process over the in-memory transport.
+//! N nodes in one process over the in-memory transport or over TCP on 127.0.0.1.
 //!
 //! Each node has a "disk": its `LogStore` and one [`LogStateMachine`] file per cell in a
 //! temporary directory. [`Cluster::kill`] stops the node and takes it off the network;
 //! [`Cluster::restart`] starts it again from that disk and re-creates its cells.
+//!
+//! The fault API ([`Cluster::partition`], [`Cluster::isolate`], [`Cluster::cut`],
+//! [`Cluster::drop_if`], [`Cluster::heal`], kill/restart) is the same for both transports:
+//! over [`TransportKind::Mem`] it drives the [`MemNetwork`] (which also has probabilistic
+//! faults, `Cluster::net`); over [`TransportKind::Tcp`] every node's `TcpTransport` sits
+//! behind a [`FilterTransport`](crate::transport::filter::FilterTransport) applying the same
+//! rules (`Cluster::filter`). TCP nodes listen on port 0; a restarted node gets a new port and
+//! every peer is told.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,7 +28,20 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::node::Node;
 use crate::storage::LogStore;
+use crate::transport::filter::{FilterId, FilterNetwork};
 use crate::transport::mem::MemNetwork;
+use crate::transport::tcp::{TcpConfig, TcpStats, TcpTransport};
+use crate::transport::{Envelope, Transport};
+
+/// Which transport a [`Cluster`] runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportKind {
+    /// `transport::mem`, with every fault it offers.
+    #[default]
+    Mem,
+    /// `transport::tcp` on 127.0.0.1 (OS-picked ports) behind `transport::filter`.
+    Tcp,
+}
 
 /// How a [`Cluster`] is built.
 #[derive(Debug, Clone)]
@@ -30,6 +53,18 @@ pub struct ClusterOptions {
     /// Raft logs on a seglog in the node's directory (true) or in memory kept across
     /// restarts (false: a "disk" that never loses a write).
     pub durable: bool,
+    /// The transport between nodes.
+    pub transport: TransportKind,
+}
+
+impl ClusterOptions {
+    /// The defaults over `transport`.
+    pub fn over(transport: TransportKind) -> Self {
+        ClusterOptions {
+            transport,
+            ..ClusterOptions::default()
+        }
+    }
 }
 
 impl Default for ClusterOptions {
@@ -45,6 +80,7 @@ impl Default for ClusterOptions {
             node,
             seed: 7,
             durable: true,
+            transport: TransportKind::Mem,
         }
     }
 }
@@ -56,10 +92,35 @@ struct CellInfo {
     voters: Vec<NodeId>,
 }
 
+/// The TCP side of a cluster: a runtime for the transports' tasks, each running node's
+/// transport and listening address.
+struct TcpNet {
+    rt: tokio::runtime::Runtime,
+    transports: HashMap<NodeId, Arc<TcpTransport>>,
+    addrs: HashMap<NodeId, SocketAddr>,
+}
+
+/// Test settings of the TCP transport: quick reconnects after a kill or restart.
+fn tcp_config() -> TcpConfig {
+    TcpConfig {
+        cluster: "testkit".into(),
+        cluster_secret: b"testkit secret".to_vec(),
+        connect_timeout: Duration::from_secs(1),
+        handshake_timeout: Duration::from_secs(2),
+        write_timeout: Duration::from_secs(2),
+        backoff_min: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(100),
+        ..TcpConfig::default()
+    }
+}
+
 /// An in-process cluster.
 pub struct Cluster {
-    /// The network; use it for fine-grained faults.
+    /// The in-memory network (mem clusters only); use it for probabilistic faults.
     pub net: MemNetwork,
+    /// The connectivity rules in front of each node's TCP transport (TCP clusters only).
+    pub filter: FilterNetwork,
+    tcp: Option<TcpNet>,
     opts: ClusterOptions,
     dir: tempfile::TempDir,
     nodes: BTreeMap<NodeId, Node>,
@@ -85,8 +146,20 @@ impl Cluster {
     /// # Panics
     /// Panics if a node cannot start (test helper).
     pub fn new(n: u64, opts: ClusterOptions) -> Cluster {
+        let tcp = (opts.transport == TransportKind::Tcp).then(|| TcpNet {
+            rt: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("testkit-tcp")
+                .enable_all()
+                .build()
+                .expect("tokio runtime"),
+            transports: HashMap::new(),
+            addrs: HashMap::new(),
+        });
         let mut c = Cluster {
             net: MemNetwork::new(opts.seed),
+            filter: FilterNetwork::new(),
+            tcp,
             opts,
             dir: tempfile::tempdir().expect("tempdir"),
             nodes: BTreeMap::new(),
@@ -129,10 +202,54 @@ impl Cluster {
     pub fn start_node(&mut self, id: NodeId) {
         std::fs::create_dir_all(self.node_dir(id)).expect("node dir");
         let store = self.store(id);
-        let node = Node::start(id, self.opts.node.clone(), store, self.net.transport(id))
-            .expect("node start");
-        self.net.register(id, node.sink());
+        let Some(tcp) = self.tcp.as_mut() else {
+            let node = Node::start(id, self.opts.node.clone(), store, self.net.transport(id))
+                .expect("node start");
+            self.net.register(id, node.sink());
+            self.nodes.insert(id, node);
+            return;
+        };
+        let listener = tcp
+            .rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let mut slot = None;
+        let filter = self.filter.clone();
+        let handle = tcp.rt.handle().clone();
+        let node = Node::start_with(id, self.opts.node.clone(), store, |sink| {
+            let t = Arc::new(TcpTransport::new(id, tcp_config(), sink.clone(), handle)?);
+            slot = Some(t.clone());
+            Ok::<Arc<dyn Transport>, crate::transport::tcp::TcpConfigError>(
+                filter.wrap(id, t, sink),
+            )
+        })
+        .expect("node start");
+        let t = slot.expect("transport built");
+        t.serve(listener);
+        for (peer, a) in &tcp.addrs {
+            if *peer != id {
+                t.set_peer_address(*peer, *a);
+            }
+        }
+        for (peer, other) in &tcp.transports {
+            if *peer != id {
+                other.set_peer_address(id, addr);
+            }
+        }
+        tcp.addrs.insert(id, addr);
+        tcp.transports.insert(id, t);
         self.nodes.insert(id, node);
+    }
+
+    /// Counters of `node`'s TCP transport (TCP clusters, running nodes only).
+    pub fn tcp_stats(&self, node: NodeId) -> Option<TcpStats> {
+        Some(self.tcp.as_ref()?.transports.get(&node)?.stats())
+    }
+
+    /// The transport this cluster runs over.
+    pub fn transport_kind(&self) -> TransportKind {
+        self.opts.transport
     }
 
     /// The running node `id`.
@@ -273,6 +390,10 @@ impl Cluster {
     /// Take `node` down: off the network, shard threads stopped. Its disk stays.
     pub fn kill(&mut self, node: NodeId) {
         self.net.kill(node);
+        if let Some(t) = self.tcp.as_mut().and_then(|t| t.transports.remove(&node)) {
+            // Closes its listener and connections: peers see the node go away.
+            t.shutdown();
+        }
         if let Some(n) = self.nodes.remove(&node) {
             n.shutdown();
         }
@@ -296,19 +417,66 @@ impl Cluster {
         }
     }
 
+    fn is_tcp(&self) -> bool {
+        self.tcp.is_some()
+    }
+
     /// Split the network into groups.
     pub fn partition(&self, groups: &[&[NodeId]]) {
-        self.net.partition(groups);
+        if self.is_tcp() {
+            self.filter.partition(groups);
+        } else {
+            self.net.partition(groups);
+        }
     }
 
     /// Cut `node` off from everyone.
     pub fn isolate(&self, node: NodeId) {
-        self.net.isolate(node);
+        if self.is_tcp() {
+            self.filter.isolate(node);
+        } else {
+            self.net.isolate(node);
+        }
     }
 
-    /// Remove every partition.
+    /// Drop every message from `from` to `to` (one way).
+    pub fn cut(&self, from: NodeId, to: NodeId) {
+        if self.is_tcp() {
+            self.filter.cut(from, to);
+        } else {
+            self.net.cut(from, to);
+        }
+    }
+
+    /// Drop every message for which `pred(from, to, envelope)` is true, until
+    /// [`remove_filter`](Self::remove_filter).
+    pub fn drop_if(
+        &self,
+        pred: impl Fn(NodeId, NodeId, &Envelope) -> bool + Send + Sync + 'static,
+    ) -> FilterId {
+        if self.is_tcp() {
+            self.filter.drop_if(pred)
+        } else {
+            self.net.drop_if(pred)
+        }
+    }
+
+    /// Remove a filter added by [`drop_if`](Self::drop_if).
+    pub fn remove_filter(&self, id: FilterId) {
+        if self.is_tcp() {
+            self.filter.remove_filter(id);
+        } else {
+            self.net.remove_filter(id);
+        }
+    }
+
+    /// Remove every partition, cut and isolation (custom filters stay).
     pub fn heal(&self) {
-        self.net.heal();
+        if self.is_tcp() {
+            self.filter.heal();
+        } else {
+            self.net.heal();
+        }
     }
 
     /// The applied sequence of `cell` on `node` (also after the node was killed).
@@ -388,6 +556,9 @@ impl Drop for Cluster {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in ids {
             self.kill(id);
+        }
+        if let Some(t) = self.tcp.take() {
+            t.rt.shutdown_background();
         }
     }
 }

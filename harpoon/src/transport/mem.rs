@@ -37,6 +37,7 @@ use raft::eraftpb::MessageType;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use super::filter::{DropPredicate, Rules};
 use super::{Envelope, MessageSink, SnapshotStatus, Transport};
 
 /// How long a reordered message waits for a later one before it is released anyway.
@@ -104,11 +105,7 @@ impl Faults {
     }
 }
 
-/// Handle of a custom filter, for [`MemNetwork::remove_filter`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct FilterId(u64);
-
-type DropPredicate = dyn Fn(NodeId, NodeId, &Envelope) -> bool + Send + Sync;
+pub use super::filter::FilterId;
 
 /// Counters for one message type (or for all of them).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -215,14 +212,10 @@ struct State {
     /// Monotonic sequence number: ties between items due at the same instant keep send order.
     seq: u64,
     nodes: HashMap<NodeId, NodeEntry>,
-    /// Partition groups: nodes in different groups cannot talk. Nodes in no group are free.
-    groups: Vec<Vec<NodeId>>,
-    cuts: Vec<(NodeId, NodeId)>,
-    isolated: Vec<NodeId>,
+    /// Partitions, cuts, isolations and custom filters (shared with `filter`).
+    rules: Rules,
     all_links: Faults,
     links: HashMap<(NodeId, NodeId), Faults>,
-    filters: Vec<(FilterId, Arc<DropPredicate>)>,
-    next_filter: u64,
     stats: NetStats,
 }
 
@@ -279,13 +272,9 @@ impl MemNetwork {
                     rng: SmallRng::seed_from_u64(seed),
                     seq: 0,
                     nodes: HashMap::new(),
-                    groups: Vec::new(),
-                    cuts: Vec::new(),
-                    isolated: Vec::new(),
+                    rules: Rules::default(),
                     all_links: Faults::none(),
                     links: HashMap::new(),
-                    filters: Vec::new(),
-                    next_filter: 0,
                     stats: NetStats::default(),
                 }),
             }),
@@ -358,26 +347,23 @@ impl MemNetwork {
     /// Split the listed nodes into groups that cannot reach each other (both directions).
     /// Nodes not listed keep reaching everyone. Replaces any previous partition.
     pub fn partition(&self, groups: &[&[NodeId]]) {
-        self.inner.state.lock().groups = groups.iter().map(|g| g.to_vec()).collect();
+        self.inner.state.lock().rules.partition(groups);
     }
 
     /// Drop every message from `from` to `to` (one way).
     pub fn cut(&self, from: NodeId, to: NodeId) {
-        self.inner.state.lock().cuts.push((from, to));
+        self.inner.state.lock().rules.cut(from, to);
     }
 
     /// Drop every message to and from `node`.
     pub fn isolate(&self, node: NodeId) {
-        self.inner.state.lock().isolated.push(node);
+        self.inner.state.lock().rules.isolate(node);
     }
 
     /// Undo [`partition`](Self::partition), [`cut`](Self::cut) and [`isolate`](Self::isolate).
     /// Probabilistic faults and custom filters stay; see [`clear_faults`](Self::clear_faults).
     pub fn heal(&self) {
-        let mut s = self.inner.state.lock();
-        s.groups.clear();
-        s.cuts.clear();
-        s.isolated.clear();
+        self.inner.state.lock().rules.heal();
     }
 
     /// Faults for every link that has no faults of its own.
@@ -396,16 +382,12 @@ impl MemNetwork {
         &self,
         pred: impl Fn(NodeId, NodeId, &Envelope) -> bool + Send + Sync + 'static,
     ) -> FilterId {
-        let mut s = self.inner.state.lock();
-        let id = FilterId(s.next_filter);
-        s.next_filter += 1;
-        s.filters.push((id, Arc::new(pred)));
-        id
+        self.inner.state.lock().rules.add_filter(Arc::new(pred))
     }
 
     /// Remove a filter added by [`drop_if`](Self::drop_if).
     pub fn remove_filter(&self, id: FilterId) {
-        self.inner.state.lock().filters.retain(|(f, _)| *f != id);
+        self.inner.state.lock().rules.remove_filter(id);
     }
 
     /// Heal, and remove every probabilistic fault and custom filter.
@@ -414,7 +396,7 @@ impl MemNetwork {
         let mut s = self.inner.state.lock();
         s.all_links = Faults::none();
         s.links.clear();
-        s.filters.clear();
+        s.rules.clear_filters();
     }
 
     /// A copy of the counters.
@@ -466,9 +448,9 @@ impl Inner {
             }
             return;
         }
-        let link_cut = s.is_cut(from, to);
+        let link_cut = s.rules.is_cut(from, to);
         let faults = s.links.get(&(from, to)).copied().unwrap_or(s.all_links);
-        let filters: Vec<Arc<DropPredicate>> = s.filters.iter().map(|(_, f)| f.clone()).collect();
+        let filters: Vec<Arc<DropPredicate>> = s.rules.predicates();
 
         // Consecutive envelopes with the same fate travel together.
         let mut pending: Vec<(Duration, bool, Vec<Envelope>)> = Vec::new();
@@ -531,17 +513,6 @@ impl Inner {
 }
 
 impl State {
-    fn is_cut(&self, from: NodeId, to: NodeId) -> bool {
-        if self.isolated.contains(&from) || self.isolated.contains(&to) {
-            return true;
-        }
-        if self.cuts.contains(&(from, to)) {
-            return true;
-        }
-        let group_of = |n: NodeId| self.groups.iter().position(|g| g.contains(&n));
-        matches!((group_of(from), group_of(to)), (Some(a), Some(b)) if a != b)
-    }
-
     fn push(&mut self, node: NodeId, at: Instant, hold: bool, work: Work) {
         self.seq += 1;
         let seq = self.seq;

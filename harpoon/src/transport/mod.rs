@@ -5,8 +5,11 @@
 //! feedback come back through the [`MessageSink`] the transport was built with.
 //!
 //! Implementations: `mem` (in-process, with fault filters, for tests) and `tcp` (protobuf
-//! frames on the peer port, one batched connection per node pair).
+//! frames on the peer port, one batched connection per node pair). `filter` puts `mem`'s
+//! connectivity rules (partition, cut, isolate, custom drops) in front of any transport, so
+//! the same cluster tests run over TCP.
 
+pub mod filter;
 pub mod mem;
 pub mod tcp;
 
