@@ -316,24 +316,34 @@ async fn demo(cluster: &mut LocalCluster, a: &DemoArgs) -> Result<(), CliError> 
     spec.persistence = proto::metapb::Persistence::LOGGED;
     spec.replication_factor = replicas;
     spec.split_size = 64 << 20;
-    c.create_collection(spec).await?;
+    let made = c.create_collection(spec).await?;
     let spinner = ProgressBar::new_spinner();
-    spinner.set_message(format!(
-        "collection {DEMO_COLLECTION:?} created (logged, {replicas} replicas); placing its range"
-    ));
     spinner.enable_steady_tick(Duration::from_millis(100));
-    let kv = c.kv(DEMO_COLLECTION);
+    // Members join by self-assignment: wait until the range has all its voters.
     let placed = wait_for(Duration::from_secs(60), || async {
-        kv.put(b"hello", b"world").await.ok()
+        let st = status::fetch(&seeds, Duration::from_secs(2)).await.ok()?;
+        let r = st.ranges.iter().find(|r| r.collection == made.id)?;
+        spinner.set_message(format!(
+            "collection {DEMO_COLLECTION:?}: {}/{replicas} voters placed",
+            r.voters
+        ));
+        (r.voters >= replicas as usize).then_some(st)
     })
     .await;
     spinner.finish_and_clear();
-    placed.ok_or_else(|| {
+    let st = placed.ok_or_else(|| {
         CliError::Msg(format!(
-            "collection {DEMO_COLLECTION:?} was not placed within 60 s"
+            "collection {DEMO_COLLECTION:?} was not placed on {replicas} nodes within 60 s"
         ))
     })?;
+    let kv = c.kv(DEMO_COLLECTION);
+    wait_for(Duration::from_secs(30), || async {
+        kv.put(b"hello", b"world").await.ok()
+    })
+    .await
+    .ok_or_else(|| CliError::Msg(format!("collection {DEMO_COLLECTION:?} has no leader")))?;
     println!("collection {DEMO_COLLECTION:?} created (kv, logged, {replicas} replicas)");
+    println!("{}", st.tables());
 
     workload(&seeds, a.ops).await?;
 

@@ -68,17 +68,24 @@ async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("collection users created"), "{out}");
-    let (ok, _, err) = quiver(&[
+    let (ok, out, err) = quiver(&[
         "create-collection",
         "blobs",
         "--persistence",
         "persistent",
         "--replicas",
         "3",
+        "--json",
         "--seeds",
         &seeds,
     ]);
     assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    assert_eq!(v["name"], "blobs", "{out}");
+    assert!(
+        v["id"].as_u64().unwrap_or(0) > 1,
+        "the stored id is reported: {out}"
+    );
     // Errors: duplicate, bad values; one line each.
     for (args, want) in [
         (vec!["create-collection", "users"], "already exists"),

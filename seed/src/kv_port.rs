@@ -22,7 +22,7 @@ use bytes::Bytes;
 use collections::kv::{KeyRange, ScanRequest};
 use harpoon::{CellId, Error as HError, ReadConsistency, Role};
 use meta::ops::{self, CollectionSpec};
-use meta::{view, MetaError, RangeDescriptor};
+use meta::{view, CollectionDescriptor, MetaError, RangeDescriptor};
 use proto::clientpb::{
     ClientError_Code, ClientResponse, ClientResponse_oneof_kind, CreateCollection, KvReply,
     KvRequest, Lookup, LookupReply,
@@ -98,13 +98,22 @@ pub async fn create_collection(seed: &Arc<Seed>, id: u64, c: CreateCollection) -
         };
         match seed.propose_anywhere(&txn).await {
             Ok(r) if r.succeeded => {
-                let mut out = d.clone();
-                if let Some(stored) =
-                    seed.read_meta(|s| view::collection(s, &spec.name).ok().flatten())
-                {
-                    out = stored.value;
-                }
-                return ok(id, ClientResponse_oneof_kind::collection(out));
+                // The descriptor as written (this node's view may not have it yet).
+                let key = meta::keys::collection(&spec.name);
+                let written = txn.ops.iter().find_map(|op| match &op.op {
+                    Some(proto::metapb::WriteOp_oneof_op::put(p)) if p.key.as_ref() == key => {
+                        CollectionDescriptor::parse_from_carllerche_bytes(&p.value).ok()
+                    }
+                    _ => None,
+                });
+                return match written {
+                    Some(out) => ok(id, ClientResponse_oneof_kind::collection(out)),
+                    None => error(
+                        id,
+                        ClientError_Code::INTERNAL,
+                        "created, descriptor unreadable",
+                    ),
+                };
             }
             // A stale read (or a concurrent create): read again.
             Ok(_) => last = "meta changed concurrently".into(),

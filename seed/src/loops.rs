@@ -393,7 +393,7 @@ async fn reconcile_cell(
             seed.counters
                 .membership_changes
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(node = m.node, result = ?r.as_ref().err(), "add learner to meta");
+            tracing::info!(cell = cell.0, node = m.node, result = ?r.as_ref().err(), "add learner");
             if r.is_ok() {
                 // Compacting to the applied index makes the next snapshot a fresh one whose
                 // membership includes the learner (raft ignores a snapshot without itself).
@@ -407,7 +407,7 @@ async fn reconcile_cell(
                     seed.counters
                         .membership_changes
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(node = m.node, "promoted to meta voter");
+                    tracing::info!(cell = cell.0, node = m.node, "promoted to voter");
                 }
                 Err(harpoon::Error::NotCaughtUp { matched: 0, .. }) => {
                     // Still waiting for a first snapshot it can install: offer a fresh one.
@@ -441,7 +441,7 @@ async fn reconcile_cell(
         seed.counters
             .membership_changes
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(node = n, result = ?r.as_ref().err(), "removed from meta's cell");
+        tracing::info!(cell = cell.0, node = n, result = ?r.as_ref().err(), "removed from the cell");
         return Ok(());
     }
     Ok(())
