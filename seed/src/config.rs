@@ -44,6 +44,10 @@ pub struct NodeArgs {
     /// Peer port address (raft, bootstrap, heartbeats) [default: 127.0.0.1:7401].
     #[arg(long, env = "QUIVER_PEER_LISTEN")]
     pub peer_listen: Option<String>,
+    /// Peer address other nodes are told to dial, when it differs from the bound one (e.g. a
+    /// proxy in front of the peer port) [default: the bound peer address].
+    #[arg(long, env = "QUIVER_ADVERTISE_PEER")]
+    pub advertise_peer: Option<String>,
     /// Admin HTTP address for /metrics, /livez and /readyz [default: off].
     #[arg(long, env = "QUIVER_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
@@ -89,6 +93,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
     pub peer_listen: Option<String>,
+    pub advertise_peer: Option<String>,
     pub admin_listen: Option<String>,
     pub seeds: Option<Vec<String>>,
     pub zone: Option<String>,
@@ -108,6 +113,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub peer_listen: SocketAddr,
+    pub advertise_peer: Option<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
     pub seeds: Vec<SocketAddr>,
     pub zone: String,
@@ -127,6 +133,7 @@ impl std::fmt::Debug for Settings {
             .field("data_dir", &self.data_dir)
             .field("listen", &self.listen)
             .field("peer_listen", &self.peer_listen)
+            .field("advertise_peer", &self.advertise_peer)
             .field("admin_listen", &self.admin_listen)
             .field("seeds", &self.seeds)
             .field("zone", &self.zone)
@@ -197,6 +204,7 @@ impl Settings {
             .peer_listen
             .or(file.peer_listen)
             .unwrap_or_else(|| "127.0.0.1:7401".into());
+        let advertise_peer = a.advertise_peer.or(file.advertise_peer);
         let admin_listen = a.admin_listen.or(file.admin_listen);
         let seeds = a.seeds.or(file.seeds).unwrap_or_default();
         let secret = a
@@ -259,6 +267,9 @@ impl Settings {
             data_dir,
             listen: addr("listen", &listen)?,
             peer_listen: addr("peer-listen", &peer_listen)?,
+            advertise_peer: advertise_peer
+                .map(|v| addr("advertise-peer", &v))
+                .transpose()?,
             admin_listen: admin_listen.map(|v| addr("admin-listen", &v)).transpose()?,
             seeds: seeds
                 .iter()

@@ -138,7 +138,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         l.local_addr()
             .map_err(|source| StartError::Bind { what, addr, source })
     };
-    let peer_addr = local(&peer_l, "peer", settings.peer_listen)?;
+    let peer_addr = match settings.advertise_peer {
+        Some(a) => a,
+        None => local(&peer_l, "peer", settings.peer_listen)?,
+    };
     let client_addr = local(&client_l, "client", settings.listen)?;
     let admin_addr = match (&admin_l, settings.admin_listen) {
         (Some(l), Some(a)) => Some(local(l, "admin", a)?),

@@ -1,0 +1,424 @@
+//! A cluster of real `quiver node` child processes on 127.0.0.1, each behind a fault proxy on
+//! its peer port ([`crate::proxy`]): kill -9 and restart from the same data dir, SIGSTOP and
+//! SIGCONT, create-meta, bounded waits. Every child is killed (SIGKILL) when the cluster drops.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::proxy::Proxy;
+
+/// Where the `quiver` binary is: `$QUIVER_BIN`, else `quiver` in the target dir of the running
+/// test executable (`target/<profile>/deps/<test>` -> `target/<profile>/quiver`).
+///
+/// # Panics
+/// When no binary is found: build it first (`cargo build -p cli`, or `cargo test --workspace`,
+/// which builds every member's binaries).
+pub fn quiver_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("QUIVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("quiver");
+    assert!(
+        bin.exists(),
+        "no quiver binary at {}: run `cargo build -p cli` (same profile and target dir) first, \
+         or set QUIVER_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A free port on 127.0.0.1 (bound then released).
+pub fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// Poll `f` every 100 ms until it returns `Some` or `within` passes.
+pub async fn wait_for<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Node settings for tests: short ticks; a long `dead-after` so a killed or paused node is not
+/// removed from meta during a fault window (membership churn is a separate nemesis).
+pub fn fast_flags() -> Vec<(String, String)> {
+    [
+        ("tick-ms", "50"),
+        ("election-ticks", "10"),
+        ("heartbeat-ms", "500"),
+        ("dead-after-ms", "60000"),
+        ("log-segment-mb", "8"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// One child node.
+#[derive(Debug)]
+pub struct NodeProc {
+    /// Its data dir (its log is `<data dir>.log`).
+    pub data_dir: PathBuf,
+    /// Client port.
+    pub client: SocketAddr,
+    /// Peer port the node binds.
+    pub peer: SocketAddr,
+    /// Peer address it advertises: its proxy.
+    pub advertise: SocketAddr,
+    /// Node id (read from `<data dir>/node_id` once started).
+    pub id: u64,
+    /// Whether it is stopped with SIGSTOP.
+    pub paused: bool,
+    child: Option<Child>,
+}
+
+/// The processes, their proxies and their data.
+#[derive(Debug)]
+pub struct Cluster {
+    pub exe: PathBuf,
+    pub dir: PathBuf,
+    pub secret: String,
+    pub nodes: Vec<NodeProc>,
+    /// Extra `--flag value` pairs for every node.
+    pub flags: Vec<(String, String)>,
+    pub proxy: Proxy,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    /// Lay out and start `n` nodes, each behind a proxy, in a fresh temp dir (kept when
+    /// `QUIVER_TEST_KEEP=1`); waits until every node wrote its id. Must run in a tokio runtime.
+    ///
+    /// # Panics
+    /// A node cannot be spawned or does not write its id within 30 s.
+    pub async fn start(n: usize, flags: Vec<(String, String)>) -> Cluster {
+        let tmp = tempfile::Builder::new()
+            .prefix("quiver-nemesis-")
+            .tempdir()
+            .expect("temp dir");
+        let (dir, tmp) = if std::env::var_os("QUIVER_TEST_KEEP").is_some() {
+            let p = tmp.keep();
+            eprintln!("keeping {}", p.display());
+            (p, None)
+        } else {
+            (tmp.path().to_path_buf(), Some(tmp))
+        };
+        let mut nodes = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..n {
+            let peer = free_addr();
+            targets.push(peer);
+            nodes.push(NodeProc {
+                data_dir: dir.join(format!("node-{}", i + 1)),
+                client: free_addr(),
+                peer,
+                advertise: peer,
+                id: 0,
+                paused: false,
+                child: None,
+            });
+        }
+        let proxy = Proxy::start(&targets).await;
+        for (i, a) in proxy.addrs().into_iter().enumerate() {
+            nodes[i].advertise = a;
+        }
+        let secret: String = (0..24)
+            .map(|_| {
+                char::from(
+                    b"abcdefghijklmnopqrstuvwxyz0123456789"[rand::thread_rng().gen_range(0..36)],
+                )
+            })
+            .collect();
+        let mut c = Cluster {
+            exe: quiver_bin(),
+            dir,
+            secret,
+            nodes,
+            flags,
+            proxy,
+            _tmp: tmp,
+        };
+        for i in 0..n {
+            c.spawn(i);
+        }
+        for i in 0..n {
+            let p = c.nodes[i].data_dir.join("node_id");
+            let id = wait_for(Duration::from_secs(30), || {
+                let p = p.clone();
+                async move { std::fs::read_to_string(&p).ok()?.trim().parse::<u64>().ok() }
+            })
+            .await
+            .unwrap_or_else(|| panic!("node {i} wrote no id; see {}", c.log(i).display()));
+            c.nodes[i].id = id;
+            c.proxy.set_node_id(i, id);
+        }
+        c
+    }
+
+    /// Log file of node `i`.
+    pub fn log(&self, i: usize) -> PathBuf {
+        self.nodes[i].data_dir.with_extension("log")
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .take(3)
+            .map(|n| n.advertise.to_string())
+            .collect();
+        let n = &self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.data_dir.with_extension("log"))
+            .expect("log file");
+        let err = log.try_clone().expect("log file");
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("node")
+            .arg("--data-dir")
+            .arg(&n.data_dir)
+            .arg("--listen")
+            .arg(n.client.to_string())
+            .arg("--peer-listen")
+            .arg(n.peer.to_string())
+            .arg("--advertise-peer")
+            .arg(n.advertise.to_string())
+            .arg("--seeds")
+            .arg(seeds.join(","))
+            .arg("--zone")
+            .arg(format!("zone-{}", i % 3))
+            .env("QUIVER_CLUSTER_SECRET", &self.secret)
+            .env_remove("QUIVER_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err);
+        if std::env::var_os("QUIVER_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("QUIVER_LOG", "info");
+        }
+        for (k, v) in &self.flags {
+            cmd.arg(format!("--{k}")).arg(v);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
+        self.nodes[i].child = Some(child);
+        self.nodes[i].paused = false;
+    }
+
+    /// Whether node `i`'s process runs (paused counts as running).
+    pub fn running(&mut self, i: usize) -> bool {
+        match self.nodes[i].child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// SIGKILL node `i` and reap it.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.nodes[i].paused = false;
+    }
+
+    /// Start node `i` again from its data dir (same ports).
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    fn signal(&self, i: usize, sig: rustix::process::Signal) -> bool {
+        let Some(c) = self.nodes[i].child.as_ref() else {
+            return false;
+        };
+        match rustix::process::Pid::from_raw(c.id() as i32) {
+            Some(pid) => rustix::process::kill_process(pid, sig).is_ok(),
+            None => false,
+        }
+    }
+
+    /// SIGSTOP node `i`.
+    pub fn pause(&mut self, i: usize) {
+        if self.signal(i, rustix::process::Signal::STOP) {
+            self.nodes[i].paused = true;
+        }
+    }
+
+    /// SIGCONT node `i`.
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, rustix::process::Signal::CONT);
+        self.nodes[i].paused = false;
+    }
+
+    /// Resume every paused node and restart every dead one.
+    pub fn revive_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].paused {
+                self.resume(i);
+            }
+            if !self.running(i) {
+                self.restart(i);
+            }
+        }
+    }
+
+    /// Index of the node with id `id`.
+    pub fn index_of(&self, id: u64) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id == id)
+    }
+
+    /// Client-port addresses of every node.
+    pub fn client_addrs(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.client).collect()
+    }
+
+    /// A client of the nodes in `idx` with a per-request timeout.
+    pub fn client_of(&self, idx: &[usize], timeout: Duration) -> client::Client {
+        client::Client::new(idx.iter().map(|i| self.nodes[*i].client).collect(), timeout)
+            .expect("client")
+    }
+
+    /// A client of every node.
+    pub fn client(&self, timeout: Duration) -> client::Client {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.client_of(&all, timeout)
+    }
+
+    /// Run `quiver create-meta` against node `i` (through its proxy, like any peer) until it
+    /// succeeds, up to `within`.
+    pub async fn create_meta(&self, i: usize, within: Duration) -> bool {
+        let exe = self.exe.clone();
+        let seed = self.nodes[i].advertise.to_string();
+        let secret = self.secret.clone();
+        wait_for(within, || {
+            let (exe, seed, secret) = (exe.clone(), seed.clone(), secret.clone());
+            async move {
+                let out = tokio::process::Command::new(exe)
+                    .arg("create-meta")
+                    .arg("--seed")
+                    .arg(seed)
+                    .env("QUIVER_CLUSTER_SECRET", secret)
+                    .kill_on_drop(true)
+                    .output()
+                    .await
+                    .ok()?;
+                let err = String::from_utf8_lossy(&out.stderr);
+                (out.status.success() || err.contains("already exists")).then_some(())
+            }
+        })
+        .await
+        .is_some()
+    }
+
+    /// Meta's leader (node id) as its leader reports it, or `None`.
+    pub async fn meta_leader(cl: &client::Client) -> Option<u64> {
+        let s = cl.leader_status().await.ok()?;
+        (s.meta_leader != 0 && s.node == s.meta_leader).then_some(s.meta_leader)
+    }
+
+    /// Wait until meta has a leader that serves a write and a linearizable read; returns how
+    /// long it took, or `None` after `within`.
+    pub async fn wait_serving(&self, within: Duration) -> Option<Duration> {
+        self.wait_target(&crate::workload::Target::Scratch, within)
+            .await
+    }
+
+    /// Wait until `target` serves a write and a linearizable read of a probe key (outside the
+    /// test keys); returns how long it took, or `None` after `within`.
+    pub async fn wait_target(
+        &self,
+        target: &crate::workload::Target,
+        within: Duration,
+    ) -> Option<Duration> {
+        let t0 = Instant::now();
+        let st = crate::workload::Store::new(
+            self.client(Duration::from_secs(2)),
+            target.clone(),
+            u64::MAX,
+            false,
+        );
+        let probe = u64::MAX;
+        wait_for(within, || async {
+            let v = t0.elapsed().as_nanos() as u64;
+            st.put(probe, v).await.ok()?;
+            (st.get(probe).await.ok()? == Some(v)).then_some(t0.elapsed())
+        })
+        .await
+    }
+
+    /// Create KV collection `name` with `replicas` replicas (through `quiver
+    /// create-collection`) and wait until it serves; false after `within`.
+    pub async fn create_collection(&self, name: &str, replicas: usize, within: Duration) -> bool {
+        let seeds: Vec<String> = self.client_addrs().iter().map(|a| a.to_string()).collect();
+        let out = tokio::process::Command::new(&self.exe)
+            .arg("create-collection")
+            .arg(name)
+            .arg("--replicas")
+            .arg(replicas.to_string())
+            .arg("--seeds")
+            .arg(seeds.join(","))
+            .kill_on_drop(true)
+            .output()
+            .await;
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                eprintln!(
+                    "create-collection {name}: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                return false;
+            }
+            Err(e) => {
+                eprintln!("create-collection {name}: {e}");
+                return false;
+            }
+        }
+        self.wait_target(&crate::workload::Target::Collection(name.into()), within)
+            .await
+            .is_some()
+    }
+
+    /// Wait until meta has `n` voters per the leader's status.
+    pub async fn wait_voters(&self, n: usize, within: Duration) -> bool {
+        let cl = self.client(Duration::from_secs(2));
+        wait_for(within, || async {
+            let s = cl.leader_status().await.ok()?;
+            (s.node == s.meta_leader && s.meta_voters.len() >= n && s.meta_learners.is_empty())
+                .then_some(())
+        })
+        .await
+        .is_some()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
