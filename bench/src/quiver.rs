@@ -1,18 +1,16 @@
-//! The Quiver backend: a placeholder until the `client` crate has a KV handle.
+//! The Quiver backend: a `client` KV handle on `collection`, reached through `seeds`.
 //!
-//! To wire it: make [`QuiverFactory::connect`] open a `client` connection to `seeds` and a KV
-//! handle on `collection`, make [`QuiverBackend`] hold it, map put/get/put_batch/cas onto it
-//! (get with [`Consistency::Follower`] as a follower read), and report fsyncs from the nodes'
-//! `/metrics` (admin port) in [`BackendFactory::fsync_count`].
+//! put/get/cas map onto [`client::Kv`]; get with [`Consistency::Follower`] is a follower
+//! read; `put_batch` sends its puts concurrently (the client pipelines them on one
+//! connection per node). The collection must exist (`quiver create-collection`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
+use client::{Client, Expect, Kv, ReadMode};
 
 use crate::backend::{Backend, BackendError, BackendFactory, Consistency};
-
-const NOT_BUILT: BackendError = BackendError::NotBuilt {
-    backend: "quiver",
-    why: "the Quiver KV client does not exist yet; the bench calls it once the client crate has it",
-};
 
 /// Connects to a Quiver cluster through its seeds.
 #[derive(Debug, Clone)]
@@ -23,22 +21,72 @@ pub struct QuiverFactory {
     pub collection: String,
 }
 
-/// One connection to Quiver. No value of it exists yet: [`QuiverFactory::connect`] always
-/// fails with [`BackendError::NotBuilt`].
+/// One Quiver client with a handle on the collection (leader and follower reads).
 #[derive(Debug)]
-pub enum QuiverBackend {}
+pub struct QuiverBackend {
+    leader: Kv,
+    follower: Kv,
+}
+
+fn req(op: &'static str, e: client::ClientError) -> BackendError {
+    BackendError::Request {
+        op,
+        reason: e.to_string(),
+    }
+}
 
 impl Backend for QuiverBackend {
-    async fn put(&self, _key: Bytes, _value: Bytes) -> Result<(), BackendError> {
-        match *self {}
+    async fn put(&self, key: Bytes, value: Bytes) -> Result<(), BackendError> {
+        self.leader
+            .put(&key, &value)
+            .await
+            .map(|_| ())
+            .map_err(|e| req("put", e))
     }
 
-    async fn get(&self, _key: Bytes, _c: Consistency) -> Result<Option<Bytes>, BackendError> {
-        match *self {}
+    async fn get(&self, key: Bytes, c: Consistency) -> Result<Option<Bytes>, BackendError> {
+        let kv = match c {
+            Consistency::Linearizable => &self.leader,
+            Consistency::Follower => &self.follower,
+        };
+        kv.get(&key)
+            .await
+            .map(|v| v.map(|kv| kv.value))
+            .map_err(|e| req("get", e))
     }
 
-    async fn put_batch(&self, _items: &[(Bytes, Bytes)]) -> Result<(), BackendError> {
-        match *self {}
+    async fn put_batch(&self, items: &[(Bytes, Bytes)]) -> Result<(), BackendError> {
+        let mut set = tokio::task::JoinSet::new();
+        for (k, v) in items {
+            let (k, v) = (k.clone(), v.clone());
+            let kv = self.leader.clone();
+            set.spawn(async move { kv.put(&k, &v).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.map_err(|e| BackendError::Request {
+                op: "put_batch",
+                reason: e.to_string(),
+            })?
+            .map_err(|e| req("put_batch", e))?;
+        }
+        Ok(())
+    }
+
+    async fn cas(
+        &self,
+        key: Bytes,
+        expected: Option<Bytes>,
+        new: Bytes,
+    ) -> Result<bool, BackendError> {
+        let expect = match expected {
+            Some(v) => Expect::Value(v.to_vec()),
+            None => Expect::Absent,
+        };
+        self.leader
+            .cas(&key, expect, Some(&new))
+            .await
+            .map(|o| o.succeeded)
+            .map_err(|e| req("cas", e))
     }
 }
 
@@ -50,6 +98,32 @@ impl BackendFactory for QuiverFactory {
     }
 
     async fn connect(&self, _index: usize) -> Result<QuiverBackend, BackendError> {
-        Err(NOT_BUILT)
+        let endpoint = self.seeds.join(",");
+        let seeds: Vec<SocketAddr> = self
+            .seeds
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| BackendError::Connect {
+                endpoint: endpoint.clone(),
+                reason: format!("bad seed address: {e}"),
+            })?;
+        let c = Client::new(seeds, Duration::from_secs(10)).map_err(|e| BackendError::Connect {
+            endpoint: endpoint.clone(),
+            reason: e.to_string(),
+        })?;
+        let leader = c.kv(&self.collection);
+        // Fail early when the collection does not exist.
+        match leader.get(b"\x00bench-probe").await {
+            Ok(_) => {}
+            Err(e) => {
+                return Err(BackendError::Connect {
+                    endpoint,
+                    reason: e.to_string(),
+                })
+            }
+        }
+        let follower = leader.clone().with_reads(ReadMode::Follower);
+        Ok(QuiverBackend { leader, follower })
     }
 }

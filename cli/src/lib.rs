@@ -41,6 +41,8 @@ pub enum Command {
     /// Read and write a KV collection.
     #[command(subcommand)]
     Kv(kv::KvCommand),
+    /// Load a running cluster and measure it (the `quiver-bench` harness).
+    Bench(Box<quiver_bench::BenchArgs>),
     /// Start a local cluster of child processes, run a short workload, stay up until Ctrl-C.
     Demo(demo::DemoArgs),
 }
@@ -123,6 +125,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Kv(k) => {
             init_logs("warn");
             runtime(1)?.block_on(kv::run(&k))
+        }
+        Command::Bench(a) => {
+            init_logs("warn");
+            runtime(2)?
+                .block_on(quiver_bench::run_cli(*a))
+                .map_err(|e| CliError::Msg(e.to_string()))
         }
         Command::Demo(a) => {
             init_logs("warn");

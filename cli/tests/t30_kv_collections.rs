@@ -212,6 +212,35 @@ async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
         other => panic!("empty key: {other:?}"),
     }
 
+    // quiver bench drives the Quiver backend through the client.
+    let (ok, out, err) = quiver(&[
+        "bench",
+        "--seeds",
+        &seeds,
+        "--collection",
+        "blobs",
+        "-w",
+        "W1",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+        "--records",
+        "100",
+        "--connections",
+        "1",
+        "--clients",
+        "2",
+        "--no-progress",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("\"backend\":\"quiver\"") && out.contains("\"errors\":0"),
+        "{out}"
+    );
+
     // Restart a node: it reads back both collections from its data dir.
     let victim = 2;
     assert!(c.terminate(victim, Duration::from_secs(10)));
