@@ -237,15 +237,15 @@ fn decode_body(kind: u8, cell: CellId, r: &mut Reader<'_>) -> Result<Record, Str
             if count == 0 {
                 return Err("entries record with no entries".into());
             }
-            if first == 0 || first > MAX_INDEX {
-                return Err(format!("entry index {first} out of range"));
+            let last = first.saturating_add(u64::from(count) - 1);
+            if first == 0 || last > MAX_INDEX {
+                return Err(format!("entry indexes {first}..={last} out of range"));
             }
             // Each entry takes at least 18 bytes: bound the allocation by what is there.
             let mut entries = Vec::with_capacity((count as usize).min(r.buf.len() / 18 + 1));
             for i in 0..u64::from(count) {
-                let index = first
-                    .checked_add(i)
-                    .ok_or_else(|| "entry index overflows".to_string())?;
+                // Cannot overflow: first + count - 1 <= MAX_INDEX was checked above.
+                let index = first + i;
                 let term = r.u64()?;
                 let entry_type = match r.u8()? {
                     0 => EntryType::EntryNormal,
@@ -299,6 +299,7 @@ fn decode_body(kind: u8, cell: CellId, r: &mut Reader<'_>) -> Result<Record, Str
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use proptest::prelude::*;
 
@@ -375,5 +376,23 @@ mod tests {
             let cut = cut % b.len();
             prop_assert!(decode(&b[..cut]).is_err());
         }
+    }
+
+    /// Found by the `raft_log_record` fuzz target: an Entries record starting at 2^62 with two
+    /// entries decoded to index 2^62 + 1, past the documented bound.
+    #[test]
+    fn entries_record_with_an_index_above_2_62_is_corrupt() {
+        let mut b = vec![1u8]; // kind: Entries
+        b.extend_from_slice(&7u64.to_le_bytes()); // cell 7
+        b.extend_from_slice(&(1u64 << 62).to_le_bytes()); // first_index = 2^62 (allowed)
+        b.extend_from_slice(&2u32.to_le_bytes()); // count 2: the second entry is 2^62 + 1
+        for _ in 0..2 {
+            b.extend_from_slice(&1u64.to_le_bytes()); // term
+            b.extend_from_slice(&[0, 0]); // EntryNormal, no flags
+            b.extend_from_slice(&0u32.to_le_bytes()); // data_len
+            b.extend_from_slice(&0u32.to_le_bytes()); // context_len
+        }
+        let err = decode(&b).expect_err("entry index 2^62 + 1 must be corruption");
+        assert_eq!(err.cell, Some(CellId(7)));
     }
 }
