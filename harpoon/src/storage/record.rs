@@ -299,7 +299,6 @@ fn decode_body(kind: u8, cell: CellId, r: &mut Reader<'_>) -> Result<Record, Str
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
     use proptest::prelude::*;
 
