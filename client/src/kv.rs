@@ -311,7 +311,9 @@ impl Client {
                     match e.code {
                         ClientError_Code::NOT_LEADER => {
                             match e.leader_hint.parse::<SocketAddr>() {
-                                Ok(h) if h != target => {
+                                // A hint at a node that just failed to answer is stale
+                                // (the election has not timed out there yet): wait instead.
+                                Ok(h) if h != target && !skip.contains(&h) => {
                                     hops += 1;
                                     self.cache.lock().leaders.insert(range.id, h);
                                 }

@@ -182,7 +182,10 @@ async fn assign_ranges(seed: &Arc<Seed>) {
     let coll = |id: u64| colls.iter().find(|c| c.value.id == id).map(|c| &c.value);
     for r in ranges.iter().filter(|r| r.value.id != META_RANGE) {
         let listed = r.value.members.iter().any(|m| m.node == seed.id);
-        if !listed || seed.ranges.get(r.value.id).is_some() {
+        if !listed
+            || seed.ranges.get(r.value.id).is_some()
+            || seed.ranges.failed(r.value.id).is_some()
+        {
             continue;
         }
         let Some(c) = coll(r.value.collection) else {

@@ -10,11 +10,14 @@
 //! `<data dir>/ranges/<range id>/range.meta` names the collection and its persistence mode
 //! (written before the cell is created; read at start-up to reopen the range), and the
 //! store's own files live in `<data dir>/ranges/<range id>/kv/`:
-//! - `memory`: nothing (the store is empty after a restart). The node has one raft `LogStore`
-//!   for all its cells, on disk, so a memory range's raft log is on disk like every other;
-//!   the store reports its current apply state as durable (the KvStore contract), so after a
-//!   restart harpoon replays what the log still holds. A memory range survives the restart of
-//!   a minority of its members (they are refilled from the leader), not of all of them.
+//! - `memory`: nothing of the store (it is empty after a restart). The node has one raft
+//!   `LogStore` for all its cells, on disk, so a memory range's raft log is on disk like every
+//!   other (harpoon's in-memory log store is per node, not per cell). The store reports its
+//!   current apply state as durable (the KvStore contract), so harpoon compacts freely; after
+//!   a restart the empty store is behind the log's first index and harpoon refuses the cell
+//!   (`NeedsSnapshot`): the replica is recorded as lost ([`Registry::failed`]) and the range
+//!   is served by its other members. Re-adding such a member needs a way to drop a cell's raft
+//!   state (or a fresh replica id): not done yet.
 //! - `logged`: the store's snapshot file `kv.snap`, written by `persist` (before every log
 //!   compaction and at shutdown); the raft log replays the rest.
 //! - `persistent`: the seglog data log of the store.
@@ -78,6 +81,21 @@ fn to_harpoon(s: collections::kv::ApplyState) -> Result<ApplyState, StateMachine
     })
 }
 
+/// The image of an empty store whose apply state is `state`.
+fn empty_image(state: &ApplyState) -> Result<Bytes, StateMachineError> {
+    let mut s = KvStore::open(KvConfig::memory()).map_err(|e| sm_err("restore", e))?;
+    let meta = state
+        .conf_state
+        .write_to_bytes()
+        .map_err(|e| sm_err("restore", e))?;
+    s.set_commit(state.commit_index, state.commit_term);
+    s.set_apply_meta(state.applied_index, state.applied_term, meta.into());
+    s.reader()
+        .snapshot()
+        .to_bytes()
+        .map_err(|e| sm_err("restore", e))
+}
+
 /// A KV range replica as a harpoon state machine.
 pub struct KvStateMachine {
     store: KvStore,
@@ -133,11 +151,15 @@ impl StateMachine for KvStateMachine {
     }
 
     fn restore(&mut self, snapshot: &SmSnapshot) -> Result<(), StateMachineError> {
-        if snapshot.data.is_empty() {
-            return Ok(());
-        }
+        // An empty image (harpoon's bootstrap): no data, but the apply state (index, commit
+        // point, membership) must become the store's, durably.
+        let image = if snapshot.data.is_empty() {
+            empty_image(&snapshot.state)?
+        } else {
+            snapshot.data.clone()
+        };
         self.store
-            .restore_bytes(&snapshot.data)
+            .restore_bytes(&image)
             .map_err(|e| sm_err("restore", e))?;
         Ok(())
     }
@@ -161,6 +183,8 @@ pub struct LocalRange {
 #[derive(Debug, Default)]
 pub struct Registry {
     ranges: Mutex<HashMap<u64, LocalRange>>,
+    /// Ranges this node is listed in but cannot open (why), not retried until restart.
+    failed: Mutex<HashMap<u64, String>>,
 }
 
 impl Registry {
@@ -174,6 +198,11 @@ impl Registry {
         let mut v: Vec<u64> = self.ranges.lock().keys().copied().collect();
         v.sort_unstable();
         v
+    }
+
+    /// Why range `id` could not be opened here, if it could not.
+    pub fn failed(&self, id: u64) -> Option<String> {
+        self.failed.lock().get(&id).cloned()
     }
 
     fn insert(&self, r: LocalRange) {
@@ -284,7 +313,17 @@ async fn create(seed: &Seed, m: RangeMeta, voters: &[NodeId]) -> Result<(), Open
         .await
     {
         Ok(()) | Err(harpoon::Error::CellExists { .. }) => {}
-        Err(e) => return Err(e.into()),
+        Err(e) => {
+            if matches!(e, harpoon::Error::NeedsSnapshot { .. }) {
+                tracing::warn!(
+                    range = m.range,
+                    error = %e,
+                    "range replica lost (its log was compacted past the store): not served here"
+                );
+                seed.ranges.failed.lock().insert(m.range, e.to_string());
+            }
+            return Err(e.into());
+        }
     }
     seed.ranges.insert(LocalRange {
         id: m.range,
@@ -424,5 +463,33 @@ mod tests {
         other.restore(&snap).unwrap();
         assert_eq!(other.apply_state().conf_state.voters, vec![1, 2, 3]);
         assert!(other.store.get(b"k", 0).unwrap().0.is_some());
+    }
+
+    #[test]
+    fn bootstrap_restore_of_an_empty_image_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = KvConfig::with(Persistence::Persistent {
+            dir: dir.path().join("p"),
+        });
+        let mut sm = KvStateMachine::new(KvStore::open(cfg.clone()).unwrap());
+        let state = ApplyState {
+            applied_index: 5,
+            applied_term: 5,
+            commit_index: 5,
+            commit_term: 5,
+            conf_state: ConfState {
+                voters: vec![9],
+                ..Default::default()
+            },
+        };
+        sm.restore(&SmSnapshot {
+            state: state.clone(),
+            data: Bytes::new(),
+        })
+        .unwrap();
+        assert_eq!(sm.apply_state(), state);
+        drop(sm);
+        let reopened = KvStateMachine::new(KvStore::open(cfg).unwrap());
+        assert_eq!(reopened.apply_state(), state);
     }
 }
