@@ -596,12 +596,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn quiver_reports_not_built() {
+    async fn quiver_without_seeds_is_a_typed_connect_error() {
         let f = crate::quiver::QuiverFactory {
             seeds: vec![],
             collection: "bench".into(),
         };
-        let e = run(&f, &quick("W1")).await.expect_err("not built");
-        assert!(e.to_string().contains("not built yet"), "{e}");
+        let e = run(&f, &quick("W1")).await.expect_err("no seeds");
+        assert!(e.to_string().contains("at least one seed"), "{e}");
     }
 }
