@@ -273,7 +273,10 @@ async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
             .then_some(())
     })
     .await;
-    assert!(back.is_some(), "restarted node never served its ranges");
+    if back.is_none() {
+        let st = cl.status().await.map(|s| s.ranges.into_vec());
+        panic!("restarted node never served its ranges; ranges in meta: {st:?}");
+    }
     let m = cli::demo::wait_for(LONG, || async { cache.get(b"m").await.ok()? }).await;
     assert_eq!(m.unwrap().value.as_ref(), b"mem");
     // Crash (SIGKILL) another node: it replays its raft log over the last persisted state.
