@@ -185,6 +185,26 @@ async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
         &seeds,
     ]);
     assert!(ok, "{err}");
+    // More replicas than nodes: created, and reported under-replicated.
+    let (ok, out, err) = quiver(&[
+        "create-collection",
+        "wide",
+        "--replicas",
+        "5",
+        "--seeds",
+        &seeds,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("under-replicated so far"), "{out}");
+    let table = cli::demo::wait_for(LONG, || async {
+        let (_, t, _) = quiver(&["status", "--seeds", &seeds]);
+        t.contains("under-replicated (3/5)").then_some(t)
+    })
+    .await;
+    assert!(
+        table.is_some(),
+        "status never showed the wide collection at 3/5"
+    );
     let cache = cl.kv("cache");
     let ok = cli::demo::wait_for(LONG, || async { cache.put(b"m", b"mem").await.ok() }).await;
     assert!(ok.is_some());
