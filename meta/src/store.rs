@@ -89,6 +89,7 @@ impl MetaStore {
         }
         let writes = txn.ops.iter().filter(|o| o.op.is_some()).count();
         if writes > 0 {
+            // Cannot overflow: a store starts at 0 and `from_image` refuses u64::MAX.
             let rev = self.revision + 1;
             for op in &txn.ops {
                 match &op.op {
@@ -146,11 +147,24 @@ impl MetaStore {
     /// Rebuild a store from [`MetaStore::image`].
     ///
     /// # Errors
-    /// [`MetaError::Corrupt`] if a record claims a revision above the image's, or a key twice.
+    /// [`MetaError::Corrupt`] if the image's revision is `u64::MAX` (the next write could not
+    /// advance it), a record claims a revision above the image's, revisions out of order, a
+    /// version that more writes than its revisions allow, or a key twice. These bounds are what
+    /// make [`MetaStore::apply`]'s `revision + 1` and `version + 1` unable to overflow.
     pub fn from_image(img: &StoreImage) -> Result<Self, MetaError> {
+        if img.revision == u64::MAX {
+            return Err(MetaError::Corrupt {
+                key: String::new(),
+                why: "image revision is u64::MAX".into(),
+            });
+        }
         let mut map = BTreeMap::new();
         for r in img.records.iter() {
-            if r.mod_revision > img.revision || r.create_revision > r.mod_revision || r.version == 0
+            if r.mod_revision > img.revision
+                || r.create_revision == 0
+                || r.create_revision > r.mod_revision
+                || r.version == 0
+                || r.version > r.mod_revision - r.create_revision + 1
             {
                 return Err(MetaError::Corrupt {
                     key: String::from_utf8_lossy(&r.key).into_owned(),
