@@ -50,15 +50,66 @@ pub struct LocalCluster {
     children: Vec<Option<Child>>,
 }
 
-/// A free port on 127.0.0.1 (bound then released).
+/// A free port on 127.0.0.1 for a node to listen on later.
+///
+/// The port is chosen outside the kernel's ephemeral range when it can be: a port that
+/// `bind(0)` returns is released before the node binds it, and meanwhile any outgoing
+/// connection (every control call dials anew) may take it as its local port, so the node
+/// would exit with "Address already in use". Ports handed out by this process are never
+/// handed out twice.
 ///
 /// # Errors
 /// No port could be bound.
 pub fn free_addr() -> Result<SocketAddr, CliError> {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| CliError::Msg(format!("no free port: {e}")))?;
-    l.local_addr()
-        .map_err(|e| CliError::Msg(format!("no free port: {e}")))
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((lo, hi)) = non_ephemeral_ports() {
+        let mut rng = rand::thread_rng();
+        for _ in 0..1000 {
+            let port = rng.gen_range(lo..=hi);
+            if given.contains(&port) {
+                continue;
+            }
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                if let Ok(a) = l.local_addr() {
+                    given.push(port);
+                    return Ok(a);
+                }
+            }
+        }
+    }
+    for _ in 0..1000 {
+        let l = TcpListener::bind("127.0.0.1:0")
+            .map_err(|e| CliError::Msg(format!("no free port: {e}")))?;
+        let a = l
+            .local_addr()
+            .map_err(|e| CliError::Msg(format!("no free port: {e}")))?;
+        if !given.contains(&a.port()) {
+            given.push(a.port());
+            return Ok(a);
+        }
+    }
+    Err(CliError::Msg(
+        "no free port: every port the kernel offered was taken".into(),
+    ))
+}
+
+/// A range of ports the kernel does not hand out as ephemeral (local) ports, if any.
+fn non_ephemeral_ports() -> Option<(u16, u16)> {
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|x| x.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    if lo >= 12_000 {
+        Some((10_000, (lo - 1) as u16))
+    } else if hi <= 63_000 {
+        Some(((hi + 1) as u16, 65_000))
+    } else {
+        None
+    }
 }
 
 impl LocalCluster {

@@ -2,7 +2,7 @@
 //! its peer port ([`crate::proxy`]): kill -9 and restart from the same data dir, SIGSTOP and
 //! SIGCONT, create-meta, bounded waits. Every child is killed (SIGKILL) when the cluster drops.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,10 +36,11 @@ pub fn quiver_bin() -> PathBuf {
     bin
 }
 
-/// A free port on 127.0.0.1 (bound then released).
+/// A free port on 127.0.0.1 for a node to listen on later, outside the kernel's ephemeral
+/// range (see `cli::demo::free_addr`: a released `bind(0)` port can be taken by any outgoing
+/// connection before the node binds it, and then the node cannot start).
 pub fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr")
+    cli::demo::free_addr().expect("a free port on 127.0.0.1")
 }
 
 /// Poll `f` every 100 ms until it returns `Some` or `within` passes.
