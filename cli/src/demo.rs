@@ -112,6 +112,78 @@ fn non_ephemeral_ports() -> Option<(u16, u16)> {
     }
 }
 
+/// What a local `quiver node` child is started with (the demo's and the tests' clusters).
+#[derive(Debug)]
+pub struct NodeCommand<'a> {
+    /// The `quiver` binary.
+    pub exe: &'a Path,
+    /// Its data dir; its output goes to `<data dir>.log`.
+    pub data_dir: &'a Path,
+    /// `--listen`.
+    pub client: SocketAddr,
+    /// `--peer-listen`.
+    pub peer: SocketAddr,
+    /// `--advertise-peer` (a fault proxy in front of the peer port), if any.
+    pub advertise_peer: Option<SocketAddr>,
+    /// `--admin-listen`, if any.
+    pub admin: Option<SocketAddr>,
+    /// `--seeds` (peer addresses).
+    pub seeds: &'a [SocketAddr],
+    /// `--zone`.
+    pub zone: String,
+    /// The cluster secret (passed in the environment, never on the command line).
+    pub secret: &'a str,
+    /// Extra `--name value` flags.
+    pub flags: &'a [(String, String)],
+}
+
+/// The command that starts one local node as `spec` says, with stdout and stderr appended to
+/// `<data dir>.log` and `QUIVER_LOG=info` unless a log level is already set.
+///
+/// # Errors
+/// The log file cannot be opened.
+pub fn node_command(spec: &NodeCommand<'_>) -> Result<Command, CliError> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.data_dir.with_extension("log"))
+        .map_err(|e| CliError::Msg(format!("log file: {e}")))?;
+    let err = log
+        .try_clone()
+        .map_err(|e| CliError::Msg(format!("log file: {e}")))?;
+    let seeds: Vec<String> = spec.seeds.iter().map(|s| s.to_string()).collect();
+    let mut cmd = Command::new(spec.exe);
+    cmd.arg("node")
+        .arg("--data-dir")
+        .arg(spec.data_dir)
+        .arg("--listen")
+        .arg(spec.client.to_string())
+        .arg("--peer-listen")
+        .arg(spec.peer.to_string())
+        .arg("--seeds")
+        .arg(seeds.join(","))
+        .arg("--zone")
+        .arg(&spec.zone)
+        .env("QUIVER_CLUSTER_SECRET", spec.secret)
+        .env_remove("QUIVER_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err);
+    if let Some(a) = spec.advertise_peer {
+        cmd.arg("--advertise-peer").arg(a.to_string());
+    }
+    if let Some(a) = spec.admin {
+        cmd.arg("--admin-listen").arg(a.to_string());
+    }
+    if std::env::var_os("QUIVER_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("QUIVER_LOG", "info");
+    }
+    for (k, v) in spec.flags {
+        cmd.arg(format!("--{k}")).arg(v);
+    }
+    Ok(cmd)
+}
+
 impl LocalCluster {
     /// Lay out `n` nodes under `dir` (nothing is started); the first min(n, 3) are seeds.
     ///
@@ -157,40 +229,18 @@ impl LocalCluster {
     /// The process cannot be spawned.
     pub fn start(&mut self, i: usize) -> Result<(), CliError> {
         let n = &self.nodes[i];
-        let seeds: Vec<String> = self.seeds.iter().map(|s| s.to_string()).collect();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(n.data_dir.with_extension("log"))
-            .map_err(|e| CliError::Msg(format!("log file: {e}")))?;
-        let err = log
-            .try_clone()
-            .map_err(|e| CliError::Msg(format!("log file: {e}")))?;
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("node")
-            .arg("--data-dir")
-            .arg(&n.data_dir)
-            .arg("--listen")
-            .arg(n.client.to_string())
-            .arg("--peer-listen")
-            .arg(n.peer.to_string())
-            .arg("--admin-listen")
-            .arg(n.admin.to_string())
-            .arg("--seeds")
-            .arg(seeds.join(","))
-            .arg("--zone")
-            .arg(format!("zone-{}", i % 3))
-            .env("QUIVER_CLUSTER_SECRET", &self.secret)
-            .env_remove("QUIVER_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        if std::env::var_os("QUIVER_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("QUIVER_LOG", "info");
-        }
-        for (k, v) in &self.extra {
-            cmd.arg(format!("--{k}")).arg(v);
-        }
+        let mut cmd = node_command(&NodeCommand {
+            exe: &self.exe,
+            data_dir: &n.data_dir,
+            client: n.client,
+            peer: n.peer,
+            advertise_peer: None,
+            admin: Some(n.admin),
+            seeds: &self.seeds,
+            zone: format!("zone-{}", i % 3),
+            secret: &self.secret,
+            flags: &self.extra,
+        })?;
         let child = cmd
             .spawn()
             .map_err(|e| CliError::Msg(format!("cannot start {}: {e}", self.exe.display())))?;

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -183,44 +183,21 @@ impl Cluster {
     }
 
     fn spawn(&mut self, i: usize) {
-        let seeds: Vec<String> = self
-            .nodes
-            .iter()
-            .take(3)
-            .map(|n| n.advertise.to_string())
-            .collect();
+        let seeds: Vec<SocketAddr> = self.nodes.iter().take(3).map(|n| n.advertise).collect();
         let n = &self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(n.data_dir.with_extension("log"))
-            .expect("log file");
-        let err = log.try_clone().expect("log file");
-        let mut cmd = Command::new(&self.exe);
-        cmd.arg("node")
-            .arg("--data-dir")
-            .arg(&n.data_dir)
-            .arg("--listen")
-            .arg(n.client.to_string())
-            .arg("--peer-listen")
-            .arg(n.peer.to_string())
-            .arg("--advertise-peer")
-            .arg(n.advertise.to_string())
-            .arg("--seeds")
-            .arg(seeds.join(","))
-            .arg("--zone")
-            .arg(format!("zone-{}", i % 3))
-            .env("QUIVER_CLUSTER_SECRET", &self.secret)
-            .env_remove("QUIVER_CONFIG")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err);
-        if std::env::var_os("QUIVER_LOG").is_none() && std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("QUIVER_LOG", "info");
-        }
-        for (k, v) in &self.flags {
-            cmd.arg(format!("--{k}")).arg(v);
-        }
+        let mut cmd = cli::demo::node_command(&cli::demo::NodeCommand {
+            exe: &self.exe,
+            data_dir: &n.data_dir,
+            client: n.client,
+            peer: n.peer,
+            advertise_peer: Some(n.advertise),
+            admin: None,
+            seeds: &seeds,
+            zone: format!("zone-{}", i % 3),
+            secret: &self.secret,
+            flags: &self.flags,
+        })
+        .unwrap_or_else(|e| panic!("node {i}: {e}"));
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));
