@@ -11,24 +11,8 @@ use serde::Serialize;
 
 use crate::CliError;
 
-/// `quiver status` flags.
-#[derive(Debug, Clone, clap::Args)]
-pub struct StatusArgs {
-    /// Client-port addresses of seed nodes, comma separated.
-    #[arg(
-        long,
-        env = "QUIVER_CLIENT_SEEDS",
-        value_delimiter = ',',
-        required = true
-    )]
-    pub seeds: Vec<SocketAddr>,
-    /// Print JSON instead of tables.
-    #[arg(long)]
-    pub json: bool,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 10)]
-    pub timeout_secs: u64,
-}
+/// `quiver status` takes the client commands' seeds and output flags.
+pub use crate::kv::ClientArgs as StatusArgs;
 
 /// One node in the status.
 #[derive(Debug, Clone, Serialize)]

@@ -44,22 +44,7 @@ pub fn free_addr() -> SocketAddr {
 }
 
 /// Poll `f` every 100 ms until it returns `Some` or `within` passes.
-pub async fn wait_for<T, F, Fut>(within: Duration, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+pub use cli::demo::wait_for;
 
 /// Node settings for tests: short ticks; a long `dead-after` so a killed or paused node is not
 /// removed from meta during a fault window (membership churn is a separate nemesis).
