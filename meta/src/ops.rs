@@ -178,35 +178,73 @@ pub fn create_collection(s: &MetaStore, spec: &CollectionSpec) -> Result<Txn, Me
     Ok(t)
 }
 
-/// Split: `[lo, hi)` becomes `[lo, at)` and `[at, hi)`, both with new ids, the parent's
-/// members and epoch + 1. Guarded on the parent record and the range counter.
+/// ReserveRangeId: allocate the next range id (a split's daughter), guarded on the range
+/// counter's mod revision: two reservations built from the same read cannot both win, so a
+/// reserved id is never handed out twice. Returns the id and the txn.
 ///
 /// # Errors
-/// [`MetaError::SplitOutsideRange`] unless `lo < at < hi`.
-pub fn split(
+/// [`MetaError::Corrupt`] if the counter does not decode; `InvalidArgument` if ids ran out.
+pub fn reserve_range_id(s: &MetaStore) -> Result<(u64, Txn), MetaError> {
+    let (last, rev) = counter(s, keys::COUNTER_RANGE)?;
+    let id = last.checked_add(1).ok_or(MetaError::InvalidArgument {
+        field: "range",
+        why: "range ids exhausted".into(),
+    })?;
+    let mut t = Txn::new();
+    txn::mod_revision_is(&mut t, keys::COUNTER_RANGE, rev);
+    txn::put(&mut t, keys::COUNTER_RANGE, keys::counter_value(id));
+    Ok((id, t))
+}
+
+/// RecordSplit: the split of `parent` at `at` into the daughter range `daughter` (an id
+/// reserved by [`reserve_range_id`]), applied by the range's replicas, is recorded: the left
+/// half keeps the parent's id as `[lo, at)` under the new key `range/<at>`, the daughter is
+/// `[at, hi)` under the parent's old key `range/<hi>`; both have the parent's members and
+/// epoch + 1. Guarded on the parent record (a stale read, or a second recorder of the same
+/// split, fails as a whole) and on `range/<at>` being absent.
+///
+/// # Errors
+/// [`MetaError::SplitOutsideRange`] unless `lo < at < hi`; `InvalidArgument` when `daughter`
+/// is the parent, was never reserved, or already has a record.
+pub fn record_split(
     s: &MetaStore,
     parent: &Versioned<RangeDescriptor>,
     at: &[u8],
+    daughter: u64,
 ) -> Result<Txn, MetaError> {
     let p = &parent.value;
     if !(p.lo.as_ref() < at && at < p.hi.as_ref()) {
         return Err(MetaError::SplitOutsideRange { range: p.id });
     }
-    let (last_r, r_rev) = counter(s, keys::COUNTER_RANGE)?;
+    let (last_r, _) = counter(s, keys::COUNTER_RANGE)?;
+    if daughter == p.id || daughter == 0 || daughter > last_r {
+        return Err(MetaError::InvalidArgument {
+            field: "daughter",
+            why: format!(
+                "range id {daughter} was not reserved for a split of {}",
+                p.id
+            ),
+        });
+    }
+    if view::range_by_id(s, daughter)?.is_some() {
+        return Err(MetaError::InvalidArgument {
+            field: "daughter",
+            why: format!("range {daughter} is already recorded"),
+        });
+    }
     let mut left = p.clone();
-    left.id = last_r + 1;
     left.hi = at.to_vec().into();
     left.epoch = p.epoch + 1;
     let mut right = p.clone();
-    right.id = last_r + 2;
+    right.id = daughter;
     right.lo = at.to_vec().into();
     right.epoch = p.epoch + 1;
+    let left_key = keys::range(at);
     let mut t = Txn::new();
     txn::mod_revision_is(&mut t, &parent.key, parent.mod_revision);
-    txn::mod_revision_is(&mut t, keys::COUNTER_RANGE, r_rev);
-    txn::put(&mut t, &keys::range(at), enc(&left));
+    txn::version_is(&mut t, &left_key, 0);
+    txn::put(&mut t, &left_key, enc(&left));
     txn::put(&mut t, &parent.key, enc(&right));
-    txn::put(&mut t, keys::COUNTER_RANGE, keys::counter_value(right.id));
     Ok(t)
 }
 
@@ -408,9 +446,7 @@ mod tests {
         assert_eq!(meta_range(&s).value.epoch, 4);
     }
 
-    #[test]
-    fn split_keeps_members_and_covers_parent() {
-        let mut s = meta_store(3);
+    fn users(s: &mut MetaStore) -> CollectionDescriptor {
         let spec = CollectionSpec {
             name: "users".into(),
             kind: CollectionKind::KV,
@@ -420,29 +456,126 @@ mod tests {
             split_size: 64 << 20,
             retention_secs: 0,
         };
-        assert!(s.apply(&create_collection(&s, &spec).unwrap()).succeeded);
+        assert!(s.apply(&create_collection(s, &spec).unwrap()).succeeded);
         assert!(matches!(
-            create_collection(&s, &spec),
+            create_collection(s, &spec),
             Err(MetaError::CollectionExists(_))
         ));
-        let c = view::collection(&s, "users").unwrap().unwrap().value;
-        let mut k = c.prefix.to_vec();
-        k.extend_from_slice(b"m");
-        let parent = view::lookup(&s, &k).unwrap().unwrap();
-        assert!(s.apply(&split(&s, &parent, &k).unwrap()).succeeded);
+        view::collection(s, "users").unwrap().unwrap().value
+    }
+
+    fn key(c: &CollectionDescriptor, k: &[u8]) -> Vec<u8> {
+        let mut v = c.prefix.to_vec();
+        v.extend_from_slice(k);
+        v
+    }
+
+    fn reserve(s: &mut MetaStore) -> u64 {
+        let (id, t) = reserve_range_id(s).unwrap();
+        assert!(s.apply(&t).succeeded);
+        id
+    }
+
+    #[test]
+    fn record_split_keeps_members_and_tiles_the_parent() {
+        let mut s = meta_store(3);
+        let c = users(&mut s);
+        let k = key(&c, b"m");
+        let mut parent = view::lookup(&s, &k).unwrap().unwrap();
+        let t = add_member(&parent, member_of(&node(2), MemberRole::VOTER)).unwrap();
+        assert!(s.apply(&t).succeeded);
+        parent = view::lookup(&s, &k).unwrap().unwrap();
+        let d = reserve(&mut s);
+        assert!(d > parent.value.id);
+        assert!(
+            s.apply(&record_split(&s, &parent, &k, d).unwrap())
+                .succeeded
+        );
         let left = view::lookup(&s, &c.prefix).unwrap().unwrap().value;
         let right = view::lookup(&s, &k).unwrap().unwrap().value;
-        assert_eq!(left.hi.as_ref(), &k[..]);
-        assert_eq!(right.lo.as_ref(), &k[..]);
-        assert_ne!(left.id, right.id);
-        assert!(left.id > parent.value.id && right.id > parent.value.id);
+        assert_eq!(
+            left.id, parent.value.id,
+            "the left half keeps the parent's id"
+        );
+        assert_eq!(right.id, d);
+        assert_eq!(
+            (left.lo.as_ref(), left.hi.as_ref()),
+            (&c.prefix[..], &k[..])
+        );
+        assert_eq!(
+            (right.lo.as_ref(), right.hi.as_ref()),
+            (&k[..], parent.value.hi.as_ref())
+        );
         assert_eq!(left.epoch, parent.value.epoch + 1);
-        // A split built from the stale parent read fails as a whole.
-        let mut k2 = c.prefix.to_vec();
-        k2.extend_from_slice(b"c");
-        assert!(!s.apply(&split(&s, &parent, &k2).unwrap()).succeeded);
-        let again = split(&s, &parent, &c.prefix);
-        assert!(matches!(again, Err(MetaError::SplitOutsideRange { .. })));
+        assert_eq!(right.epoch, parent.value.epoch + 1);
+        assert_eq!(left.members, parent.value.members);
+        assert_eq!(right.members, parent.value.members);
+        // Split keys outside the (new) left half are refused.
+        let d2 = reserve(&mut s);
+        let left_v = view::lookup(&s, &c.prefix).unwrap().unwrap();
+        assert!(matches!(
+            record_split(&s, &left_v, &k, d2),
+            Err(MetaError::SplitOutsideRange { .. })
+        ));
+        assert!(matches!(
+            record_split(&s, &left_v, &c.prefix, 99),
+            Err(MetaError::SplitOutsideRange { .. })
+        ));
+    }
+
+    #[test]
+    fn record_split_races_and_stale_parents_fail() {
+        let mut s = meta_store(3);
+        let c = users(&mut s);
+        let k = key(&c, b"m");
+        let parent = view::lookup(&s, &k).unwrap().unwrap();
+        let d = reserve(&mut s);
+        // Two recorders of the same split (the parent's leader and the daughter's repair),
+        // both from the same read: exactly one applies.
+        let a = record_split(&s, &parent, &k, d).unwrap();
+        let b = record_split(&s, &parent, &k, d).unwrap();
+        assert!(s.apply(&a).succeeded);
+        assert!(!s.apply(&b).succeeded);
+        // Once recorded, the daughter cannot be recorded again, even from a fresh read.
+        let left = view::lookup(&s, &c.prefix).unwrap().unwrap();
+        let k2 = key(&c, b"c");
+        assert!(matches!(
+            record_split(&s, &left, &k2, d),
+            Err(MetaError::InvalidArgument { .. })
+        ));
+        // A split recorded from the stale parent read (another key, another id) fails whole.
+        let d2 = reserve(&mut s);
+        let stale = record_split(&s, &parent, &k2, d2).unwrap();
+        let before = view::ranges(&s).unwrap().len();
+        assert!(!s.apply(&stale).succeeded);
+        assert_eq!(view::ranges(&s).unwrap().len(), before);
+        // Ids never reserved, and the parent's own id, are refused.
+        assert!(matches!(
+            record_split(&s, &left, &k2, d2 + 10),
+            Err(MetaError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            record_split(&s, &left, &k2, left.value.id),
+            Err(MetaError::InvalidArgument { .. })
+        ));
+        assert!(
+            s.apply(&record_split(&s, &left, &k2, d2).unwrap())
+                .succeeded
+        );
+        assert_eq!(view::ranges(&s).unwrap().len(), before + 1);
+    }
+
+    #[test]
+    fn racing_reservations_hand_out_distinct_ids() {
+        let mut s = meta_store(3);
+        let (a, ta) = reserve_range_id(&s).unwrap();
+        let (b, tb) = reserve_range_id(&s).unwrap();
+        assert_eq!(a, b, "both read the same counter");
+        assert!(s.apply(&ta).succeeded);
+        assert!(!s.apply(&tb).succeeded, "the second one's guard fails");
+        let (c, tc) = reserve_range_id(&s).unwrap();
+        assert_eq!(c, a + 1);
+        assert!(s.apply(&tc).succeeded);
     }
 
     #[test]
