@@ -128,6 +128,21 @@ impl Shared {
     }
 }
 
+/// Whether every key of `range` lies in `bounds` (an empty range always does).
+fn covers(bounds: &Bounds, range: &KeyRange) -> bool {
+    if range.is_empty() {
+        return true;
+    }
+    if range.start.as_ref() < bounds.lo.as_ref() {
+        return false;
+    }
+    match (&bounds.hi, &range.end) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(hi), Some(end)) => end <= hi,
+    }
+}
+
 fn is_moved(e: &KvError) -> bool {
     matches!(e, KvError::Storage(seglog::Error::InvalidPosition { .. }))
 }
@@ -165,9 +180,16 @@ impl KvReader {
     }
 
     /// The key's value at `now_ms` (expired keys are invisible).
+    ///
+    /// # Errors
+    /// [`KvError::KeyOutOfRange`] for a key outside the store's bounds (it moved away in a
+    /// split: an empty answer would be stale).
     pub fn get(&self, key: &[u8], now_ms: u64) -> Result<(Option<KeyValue>, ReadHeader)> {
         self.read(
             |st| {
+                if !st.bounds.contains(key) {
+                    return Err(KvError::KeyOutOfRange);
+                }
                 let e = st.visible(key, now_ms).cloned();
                 Ok((e, Self::header(st)))
             },
@@ -185,10 +207,28 @@ impl KvReader {
         )
     }
 
-    /// One page of a scan at `now_ms`.
+    /// One page of a scan at `now_ms`, of the keys of `req.range` that lie in the store's
+    /// bounds (see [`KvReader::scan_in_bounds`] for a range's client reads).
     pub fn scan(&self, req: &ScanRequest, now_ms: u64) -> Result<ScanPage> {
+        self.scan_inner(req, now_ms, false)
+    }
+
+    /// [`KvReader::scan`] for a range's clients: the whole of `req.range` must lie in the
+    /// store's bounds, checked under the same lock as the read.
+    ///
+    /// # Errors
+    /// [`KvError::KeyOutOfRange`] when the scanned keys reach outside the bounds (a part of
+    /// them moved away in a split: a partial answer would be stale).
+    pub fn scan_in_bounds(&self, req: &ScanRequest, now_ms: u64) -> Result<ScanPage> {
+        self.scan_inner(req, now_ms, true)
+    }
+
+    fn scan_inner(&self, req: &ScanRequest, now_ms: u64, strict: bool) -> Result<ScanPage> {
         self.read(
             |st| {
+                if strict && !covers(&st.bounds, &req.range) {
+                    return Err(KvError::KeyOutOfRange);
+                }
                 check_scan_revision(st, req.revision)?;
                 let (c, next) =
                     st.collect_scan(&req.range, req.limit, req.max_bytes, req.keys_only, now_ms);
@@ -725,6 +765,48 @@ impl KvStore {
         Ok(right_store)
     }
 
+    /// The left half of a split at `at` applied as the entry `index`/`term`, when the right
+    /// half already exists elsewhere (this replica got it by snapshot, or holds it from before a
+    /// crash): keys `>= at` and their history are dropped without building the right half.
+    /// Durable on return, at the split index.
+    ///
+    /// # Errors
+    /// `InvalidArgument` if `at` is not strictly inside the bounds (nothing changed); fatal
+    /// I/O errors.
+    pub fn split_drop_right(&mut self, index: u64, term: u64, at: &[u8]) -> Result<ApplyState> {
+        self.check_poison()?;
+        let at = Bytes::copy_from_slice(at);
+        let bounds = self.reader.bounds();
+        if !bounds.contains(&at) || at == bounds.lo {
+            return Err(KvError::invalid(
+                "at",
+                "split key must lie strictly inside the bounds",
+            ));
+        }
+        let shared = self.reader.shared.clone();
+        let mut st = shared.state.write();
+        if index > st.apply.applied_index {
+            st.apply.applied_index = index;
+            st.apply.applied_term = term;
+        }
+        st.restrict(Bounds {
+            lo: bounds.lo.clone(),
+            hi: Some(at),
+        });
+        if let Some(dl) = &mut self.data {
+            let recs = [
+                datalog::encode_bounds(&st.bounds),
+                datalog::encode_commit(&st),
+            ];
+            if let Err(e) = dl.log.append_batch(recs.iter().map(|r| r.as_slice())) {
+                return self.poison(e.into());
+            }
+            dl.last_commit = st.apply.clone();
+        }
+        drop(st);
+        self.persist()
+    }
+
     /// [`KvStore::split_off`] returning both halves.
     pub fn split(
         mut self,
@@ -792,5 +874,103 @@ impl KvStore {
     /// Number of data-log segments (persistent mode; 0 otherwise).
     pub fn segment_count(&self) -> usize {
         self.data.as_ref().map_or(0, |d| d.log.segments().len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::cmd;
+
+    fn put(s: &mut KvStore, index: u64, k: &[u8]) {
+        let c = cmd::encode(&cmd::put(k, b"v", 0));
+        s.apply(index, 1, 0, &c).unwrap();
+    }
+
+    fn range(a: &[u8], b: Option<&[u8]>) -> ScanRequest {
+        ScanRequest::range(KeyRange {
+            start: Bytes::copy_from_slice(a),
+            end: b.map(Bytes::copy_from_slice),
+        })
+    }
+
+    #[test]
+    fn reads_outside_the_bounds_after_a_split_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut left = KvStore::open(KvConfig::memory()).unwrap();
+        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
+            put(&mut left, i as u64 + 1, k);
+        }
+        let cfg = KvConfig::with(Persistence::Logged {
+            dir: dir.path().join("r"),
+        });
+        let right = left.split_off(5, 1, b"d", cfg).unwrap();
+        // Point reads: inside answered, outside refused (never an empty answer).
+        assert!(left.get(b"a", 0).unwrap().0.is_some());
+        assert!(left.get(b"b", 0).unwrap().0.is_none());
+        assert!(matches!(left.get(b"e", 0), Err(KvError::KeyOutOfRange)));
+        assert!(matches!(right.get(b"c", 0), Err(KvError::KeyOutOfRange)));
+        assert!(right.get(b"e", 0).unwrap().0.is_some());
+        // Client scans: the whole range must be held here.
+        let ok = left.scan_in_bounds(&range(b"a", Some(b"d")), 0).unwrap();
+        assert_eq!(ok.kvs.len(), 2);
+        for r in [
+            range(b"a", Some(b"e")),
+            range(b"a", None),
+            range(b"d", Some(b"f")),
+        ] {
+            assert!(matches!(
+                left.scan_in_bounds(&r, 0),
+                Err(KvError::KeyOutOfRange)
+            ));
+        }
+        assert!(matches!(
+            right.scan_in_bounds(&range(b"c", None), 0),
+            Err(KvError::KeyOutOfRange)
+        ));
+        assert_eq!(
+            right
+                .scan_in_bounds(&range(b"d", None), 0)
+                .unwrap()
+                .kvs
+                .len(),
+            2
+        );
+        // An empty range is inside any bounds; the clipping scan is unchanged.
+        assert!(left.scan_in_bounds(&range(b"z", Some(b"a")), 0).is_ok());
+        assert_eq!(left.scan(&range(b"a", None), 0).unwrap().kvs.len(), 2);
+    }
+
+    #[test]
+    fn split_drop_right_keeps_the_left_half_durably() {
+        for persistent in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let d = dir.path().join("l");
+            let cfg = if persistent {
+                KvConfig::with(Persistence::Persistent { dir: d })
+            } else {
+                KvConfig::with(Persistence::Logged { dir: d })
+            };
+            let mut s = KvStore::open(cfg.clone()).unwrap();
+            for (i, k) in [&b"a"[..], b"c", b"e"].iter().enumerate() {
+                put(&mut s, i as u64 + 1, k);
+            }
+            s.persist().unwrap();
+            let rev = s.revision();
+            assert!(s.split_drop_right(4, 2, b"").is_err(), "at == lo");
+            let st = s.split_drop_right(4, 2, b"d").unwrap();
+            assert_eq!((st.applied_index, st.applied_term), (4, 2));
+            assert!(
+                s.split_drop_right(5, 2, b"e").is_err(),
+                "outside the new bounds"
+            );
+            drop(s);
+            let s = KvStore::open(cfg).unwrap();
+            assert_eq!(s.durable_state().applied_index, 4);
+            assert_eq!(s.revision(), rev);
+            assert_eq!(s.bounds().hi.as_deref(), Some(&b"d"[..]));
+            assert_eq!(s.scan(&range(b"a", None), 0).unwrap().kvs.len(), 2);
+            assert!(matches!(s.get(b"e", 0), Err(KvError::KeyOutOfRange)));
+        }
     }
 }
