@@ -4,10 +4,20 @@
 //! # Routing
 //! The client caches, per collection, its descriptor and the range descriptors it looked up
 //! (key → descriptor by one meta `Lookup` at any seed), and per range the node that last
-//! answered as its leader. A request goes to the cached leader, else the range's first
-//! member; `NOT_LEADER{hint}` moves it to the hint (or the next member), `WRONG_RANGE` replaces
-//! the cached descriptor with the one in the answer (or looks it up again), an unreachable
-//! node moves it to the next member. At most [`MAX_ROUTE_HOPS`] hops and the client's timeout.
+//! answered as its leader. A write or leader read goes to the cached leader, else the range's
+//! first member; a follower read goes round robin over the range's members. Then:
+//! - `NOT_LEADER{hint}` moves it to the hint; without a hint (an election) it moves to the
+//!   next member after a backoff wait.
+//! - `WRONG_RANGE{descriptor}` with a higher epoch than the cached one replaces the cached
+//!   descriptor; otherwise (the node's meta may still show the parent of a split for a second
+//!   or two, or not know the range yet) the collection's cached ranges are dropped and looked
+//!   up again after a backoff wait. A `KEY_OUT_OF_RANGE` reply (the range split under a stale
+//!   descriptor; nothing changed) is handled the same way.
+//! - An unreachable node moves it to the next member after a backoff wait.
+//!
+//! Waits grow exponentially from [`BACKOFF_MIN`] to [`BACKOFF_MAX`] (jittered); the only
+//! bound is the client's timeout per request, not a hop count, so routing rides out a split
+//! whose meta change has not reached every node yet.
 //!
 //! # Writes are never applied twice
 //! A write is retried only when it was definitely not applied: refused before it was
@@ -32,9 +42,6 @@ use proto::metapb::{CollectionDescriptor, RangeDescriptor};
 use protobuf::Message;
 
 use crate::{Client, ClientError};
-
-/// Hops (redirects, stale descriptors, unreachable members) per request.
-pub const MAX_ROUTE_HOPS: usize = 16;
 
 /// Where a read is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -88,8 +95,13 @@ impl RangeCache {
         Some((c.clone(), r.clone()))
     }
 
+    /// Cache `r`, replacing the descriptors it overlaps, unless the cache holds the same
+    /// range at a higher epoch (a lookup answered from a lagging meta).
     fn put_range(&mut self, r: RangeDescriptor) {
         let v = self.ranges.entry(r.collection).or_default();
+        if v.iter().any(|o| o.id == r.id && o.epoch > r.epoch) {
+            return;
+        }
         v.retain(|o| o.id != r.id && !(o.lo < r.hi && r.lo < o.hi));
         v.push(r);
     }
@@ -227,8 +239,45 @@ impl Client {
         }
     }
 
+    /// The cached collection and range for `key`, else one lookup. Lookup failures that a
+    /// retry can fix (no seed reachable, meta electing) are retried with `backoff` until
+    /// `deadline`.
+    async fn resolve(
+        &self,
+        name: &str,
+        key: &[u8],
+        deadline: Instant,
+        backoff: &mut Backoff,
+    ) -> Result<(CollectionDescriptor, RangeDescriptor), ClientError> {
+        loop {
+            let cached = {
+                let c = self.cache.lock();
+                c.collections
+                    .get(name)
+                    .and_then(|cd| c.find(name, &with_prefix(&cd.prefix, key)))
+            };
+            if let Some(x) = cached {
+                return Ok(x);
+            }
+            match self.lookup(name, key).await {
+                Ok(x) => return Ok(x),
+                Err(
+                    e @ (ClientError::Unavailable(_)
+                    | ClientError::Connect { .. }
+                    | ClientError::ConnectionLost(_)
+                    | ClientError::NoMeta),
+                ) if Instant::now() + backoff.peek() < deadline => {
+                    let _ = e;
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Route one command (full keys built by `build` from the collection prefix) to the
-    /// range holding `key`.
+    /// range holding `key`, until it is answered or the client's timeout passes (see the
+    /// module docs for the rules).
     async fn route(
         &self,
         name: &str,
@@ -240,27 +289,18 @@ impl Client {
         let deadline = Instant::now() + self.timeout;
         let mut last = ClientError::Unavailable("no replica reachable".into());
         let mut skip: Vec<SocketAddr> = Vec::new();
-        // Redirects that named a target (hint, fresher descriptor); waits for an election or
-        // an unreachable member are bounded by the deadline instead.
-        let mut hops = 0;
-        let mut backoff = Duration::from_millis(20);
-        while hops <= MAX_ROUTE_HOPS {
+        let mut backoff = Backoff::new();
+        // Hints followed in a row without a wait (two nodes naming each other during an
+        // election would otherwise spin).
+        let mut hints = 0;
+        loop {
             if Instant::now() >= deadline {
                 return Err(match last {
                     ClientError::NotLeader(_) | ClientError::WrongRange(_) => ClientError::Timeout,
                     e => e,
                 });
             }
-            let cached = {
-                let c = self.cache.lock();
-                c.collections
-                    .get(name)
-                    .and_then(|cd| c.find(name, &with_prefix(&cd.prefix, key)))
-            };
-            let (coll, range) = match cached {
-                Some(x) => x,
-                None => self.lookup(name, key).await?,
-            };
+            let (coll, range) = self.resolve(name, key, deadline, &mut backoff).await?;
             let members: Vec<SocketAddr> = range
                 .members
                 .iter()
@@ -272,17 +312,22 @@ impl Client {
                     range.id
                 ));
                 self.cache.lock().forget(name);
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                backoff.wait().await;
                 continue;
             }
-            let leader = self.cache.lock().leaders.get(&range.id).copied();
-            let target = leader
-                .filter(|l| !skip.contains(l))
-                .or_else(|| members.iter().copied().find(|m| !skip.contains(m)))
-                .unwrap_or_else(|| {
-                    skip.clear();
-                    members[0]
-                });
+            let follower = !write && mode == ReadMode::Follower;
+            let target = if follower {
+                self.pick_follower(range.id, &members, &skip)
+            } else {
+                let leader = self.cache.lock().leaders.get(&range.id).copied();
+                leader
+                    .filter(|l| !skip.contains(l))
+                    .or_else(|| members.iter().copied().find(|m| !skip.contains(m)))
+                    .unwrap_or_else(|| {
+                        skip.clear();
+                        members[0]
+                    })
+            };
             let cmd = build(&coll.prefix, &range);
             let bytes = cmd
                 .write_to_bytes()
@@ -292,16 +337,23 @@ impl Client {
             k.range = range.id;
             k.epoch = range.epoch;
             k.command = bytes.into();
-            k.follower = !write && mode == ReadMode::Follower;
+            k.follower = follower;
             req.set_kv(k);
             match self.call_at(target, req, deadline).await {
                 Ok(ClientResponse_oneof_kind::kv(r)) => {
                     let resp = kvpb::Response::parse_from_carllerche_bytes(&r.response)
                         .map_err(|e| ClientError::Protocol(e.to_string()))?;
-                    if write || mode == ReadMode::Leader {
+                    if !follower {
                         self.cache.lock().leaders.insert(range.id, target);
                     }
                     if let Some(Response_oneof_result::error(e)) = &resp.result {
+                        if e.code == kvpb::ErrorCode::KEY_OUT_OF_RANGE {
+                            // The range split under a stale descriptor: nothing changed.
+                            last = ClientError::WrongRange(e.why.clone());
+                            self.cache.lock().forget(name);
+                            backoff.wait().await;
+                            continue;
+                        }
                         return Err(response_error(e));
                     }
                     return Ok((resp, coll, range));
@@ -314,32 +366,44 @@ impl Client {
                                 // A hint at a node that just failed to answer is stale
                                 // (the election has not timed out there yet): wait instead.
                                 Ok(h) if h != target && !skip.contains(&h) => {
-                                    hops += 1;
                                     self.cache.lock().leaders.insert(range.id, h);
+                                    hints += 1;
+                                    if hints > members.len() {
+                                        hints = 0;
+                                        backoff.wait().await;
+                                    }
                                 }
                                 _ => {
                                     // No leader known there (an election): next member, wait.
                                     self.cache.lock().leaders.remove(&range.id);
                                     skip.push(target);
-                                    tokio::time::sleep(backoff).await;
-                                    backoff = (backoff * 2).min(Duration::from_millis(300));
+                                    backoff.wait().await;
                                 }
                             }
                         }
                         ClientError_Code::WRONG_RANGE => {
-                            hops += 1;
-                            let mut c = self.cache.lock();
                             let fresh = e.get_range();
-                            if e.has_range() && fresh.epoch > range.epoch {
-                                c.put_range(fresh.clone());
-                            } else {
-                                c.forget(name);
-                                c.leaders.remove(&range.id);
+                            let newer =
+                                e.has_range() && fresh.id == range.id && fresh.epoch > range.epoch;
+                            {
+                                let mut c = self.cache.lock();
+                                if newer {
+                                    c.put_range(fresh.clone());
+                                } else {
+                                    // The node's meta may still show the parent of a split
+                                    // (or not know the range yet): look it up again later.
+                                    c.forget(name);
+                                    c.leaders.remove(&range.id);
+                                }
+                            }
+                            if !newer {
                                 skip.push(target);
+                                backoff.wait().await;
                             }
                         }
-                        ClientError_Code::UNAVAILABLE if !write => {
+                        ClientError_Code::UNAVAILABLE | ClientError_Code::INTERNAL if !write => {
                             skip.push(target);
+                            backoff.wait().await;
                         }
                         _ => return Err(last),
                     }
@@ -353,17 +417,62 @@ impl Client {
                     self.cache.lock().leaders.remove(&range.id);
                     skip.push(target);
                     last = e;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(300));
+                    backoff.wait().await;
                 }
             }
         }
-        Err(match last {
-            ClientError::NotLeader(_) | ClientError::WrongRange(_) => {
-                ClientError::TooManyRedirects(MAX_ROUTE_HOPS)
-            }
-            e => e,
-        })
+    }
+
+    /// A member of the range for a follower read: round robin over the members not
+    /// skipped, so follower reads spread over the replicas (and reach followers).
+    fn pick_follower(&self, range: u64, members: &[SocketAddr], skip: &[SocketAddr]) -> SocketAddr {
+        let n = self
+            .follower_turn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
+        let open: Vec<SocketAddr> = members
+            .iter()
+            .copied()
+            .filter(|m| !skip.contains(m))
+            .collect();
+        let pool = if open.is_empty() { members } else { &open };
+        pool[(n.wrapping_add(range as usize)) % pool.len()]
+    }
+}
+
+/// Waits between routing retries: exponential from [`BACKOFF_MIN`] to [`BACKOFF_MAX`], with
+/// jitter (half to full of the step), so clients that hit the same election do not retry
+/// in lock step.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+}
+
+/// The first wait of a routing retry.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest wait between routing retries.
+pub const BACKOFF_MAX: Duration = Duration::from_millis(200);
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+
+    /// The step the next wait is drawn from.
+    pub(crate) fn peek(&self) -> Duration {
+        self.next
+    }
+
+    /// The next wait (jittered) and the step after it.
+    pub(crate) fn step(&mut self) -> Duration {
+        let cur = self.next;
+        self.next = (cur * 2).min(BACKOFF_MAX);
+        let half = cur / 2;
+        let jitter = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=half.as_micros() as u64);
+        half + Duration::from_micros(jitter)
+    }
+
+    pub(crate) async fn wait(&mut self) {
+        tokio::time::sleep(self.step()).await;
     }
 }
 

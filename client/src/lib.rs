@@ -19,6 +19,7 @@ pub mod kv;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,8 @@ pub struct Client {
     leader: Arc<Mutex<Option<SocketAddr>>>,
     /// Collections, ranges and range leaders (see [`kv`]).
     cache: Arc<Mutex<kv::RangeCache>>,
+    /// Round-robin position of follower reads.
+    follower_turn: Arc<AtomicU64>,
 }
 
 /// A value read with the revision it was last written at.
@@ -75,6 +78,7 @@ impl Client {
             conns: Arc::default(),
             leader: Arc::default(),
             cache: Arc::default(),
+            follower_turn: Arc::default(),
         })
     }
 
