@@ -34,7 +34,17 @@ use crate::config::{Config, SyncMode};
 use crate::error::{Error, Result};
 use crate::format::{self, HEADER_LEN, MARK_LEN, MARK_OFFSET};
 use crate::recovery::{self, Recovery};
-use crate::segment::{self, Segment};
+use crate::segment::{self, ReadError, Segment};
+
+/// The active segment's written pages are dropped from the resident set (`map.rs`) at the end of
+/// a sync round once this many bytes were written since the last release (and a sealed segment
+/// is released whole when the log rolls past it), so the log's resident pages stay near this
+/// plus what was written since the last sync, however large the log grows.
+pub(crate) const RELEASE_STEP: u64 = 4 << 20;
+
+/// Page size assumed when rounding release ranges (a larger real page only widens a release
+/// by whole pages, which changes no byte).
+const PAGE: u64 = 4096;
 
 /// Identifies one record: its segment number and the byte offset of its frame in that segment.
 /// Ordering is log order.
@@ -98,6 +108,8 @@ struct Entry {
     mark: Option<u64>,
     /// Whether `mark` has been flushed since it was written.
     mark_flushed: bool,
+    /// Pages below this offset were last dropped from the resident set (`RELEASE_STEP`).
+    released: u64,
 }
 
 #[derive(Debug)]
@@ -250,6 +262,7 @@ impl SegLog {
                 tail: rs.tail,
                 mark,
                 mark_flushed,
+                released: 0,
             });
         }
         let created_first = segs.is_empty();
@@ -260,6 +273,7 @@ impl SegLog {
                 tail: HEADER_LEN,
                 mark: None,
                 mark_flushed: true,
+                released: 0,
             });
             report.segments = 1;
         }
@@ -412,8 +426,10 @@ impl SegLog {
                 .ok_or(Error::InvalidPosition { pos })?;
             (e.seg.clone(), e.tail)
         };
-        seg.read_record(pos.offset, tail)
-            .map_err(|_| Error::InvalidPosition { pos })
+        seg.read_record(pos.offset, tail).map_err(|e| match e {
+            ReadError::Bad(_) => Error::InvalidPosition { pos },
+            ReadError::Io(e) => e,
+        })
     }
 
     /// Iterates over `(position, payload)` from `from` up to `end()` as of this call.
@@ -562,12 +578,17 @@ impl Inner {
                 segment: seg.number,
                 offset: HEADER_LEN,
             };
+            let sealed = st.active().seg.clone();
             st.segs.push_back(Entry {
                 seg: Arc::new(seg),
                 tail: HEADER_LEN,
                 mark: None,
                 mark_flushed: true,
+                released: 0,
             });
+            // Sealed: nothing writes its records again, so none of its pages need to stay
+            // resident (unflushed ones stay dirty in the page cache for the next sync).
+            sealed.release(0, sealed.capacity());
         }
         let pos = st.end;
         self.counters.appends.fetch_add(1, Ordering::Relaxed);
@@ -646,7 +667,32 @@ impl Inner {
         if end > st.durable {
             st.durable = end;
         }
-        Ok(st.durable)
+        let durable = st.durable;
+        // Drop this round's pages from the resident set: sealed segments whole (their header
+        // page was just rewritten with the mark), the active one up to the page holding `end`
+        // once it grew by `RELEASE_STEP`. After the flush the pages are clean (Data mode), and
+        // in every mode the bytes stay in the page cache and the file.
+        let mut release = Vec::new();
+        for (seg, _) in &work {
+            let Some(i) = st.index(seg.number) else {
+                continue;
+            };
+            let e = &mut st.segs[i];
+            let upto = if e.seg.number < end.segment {
+                e.seg.capacity()
+            } else {
+                end.offset / PAGE * PAGE
+            };
+            if e.seg.number < end.segment || upto >= e.released.saturating_add(RELEASE_STEP) {
+                e.released = upto;
+                release.push((seg.clone(), upto));
+            }
+        }
+        drop(st);
+        for (seg, upto) in release {
+            seg.release(0, upto);
+        }
+        Ok(durable)
     }
 
     fn truncate(&self, from: Position) -> Result<()> {
@@ -664,8 +710,10 @@ impl Inner {
         let e = st
             .entry(from.segment)
             .ok_or(Error::InvalidPosition { pos: from })?;
-        if e.seg.read_record(from.offset, e.tail).is_err() {
-            return Err(invalid);
+        match e.seg.read_record(from.offset, e.tail) {
+            Ok(_) => {}
+            Err(ReadError::Bad(_)) => return Err(invalid),
+            Err(ReadError::Io(err)) => return Err(err),
         }
         let first = st.segs.front().expect("non-empty").seg.number;
         // Cutting at the start of a later segment removes that whole segment.
@@ -731,6 +779,9 @@ impl Inner {
                     .flush(keep_tail, old_tail - keep_tail)
                     .map_err(|err| self.poison(err))?;
             }
+            // The zeroing faulted the cut range in; it holds no records now.
+            e.seg.release(keep_tail, old_tail - keep_tail);
+            e.released = e.released.min(keep_tail);
         }
         Ok(())
     }
@@ -815,18 +866,23 @@ impl Iterator for Iter {
                     self.unverified = false;
                     Some(Ok((pos, payload)))
                 }
-                Err(bad) => {
+                Err(ReadError::Io(e)) => {
+                    self.done = true;
+                    Some(Err(e))
+                }
+                Err(ReadError::Bad(bad)) => {
                     self.done = true;
                     Some(Err(if self.unverified {
                         Error::InvalidPosition { pos }
                     } else {
+                        let frame_len = match seg.frame_len_at(pos.offset) {
+                            Ok(n) => n.to_string(),
+                            Err(e) => format!("unreadable: {e}"),
+                        };
                         Error::Corrupt {
                             segment: pos.segment,
                             offset: pos.offset,
-                            reason: format!(
-                                "{bad} (frame length {})",
-                                seg.frame_len_at(pos.offset)
-                            ),
+                            reason: format!("{bad} (frame length {frame_len})"),
                         }
                     }))
                 }
@@ -1065,6 +1121,99 @@ mod tests {
         drop(log);
         let (log, _) = SegLog::open(dir.path(), small()).unwrap();
         assert_eq!(log.segments().len(), 1);
+    }
+
+    /// Resident bytes of each segment's mapping, oldest first.
+    fn resident(log: &SegLog) -> Vec<u64> {
+        let st = log.inner.state.lock();
+        st.segs.iter().map(|e| e.seg.resident_bytes()).collect()
+    }
+
+    #[test]
+    fn written_pages_are_released_and_reads_fault_nothing_in() {
+        let dir = crate::test_dir();
+        let config = Config {
+            segment_size: 6 * RELEASE_STEP / 4,
+            max_record_size: 64 << 10,
+            sync: SyncMode::Data,
+        };
+        let (log, _) = SegLog::open(dir.path(), config.clone()).unwrap();
+        let record = |i: usize| -> Vec<u8> {
+            let mut v = vec![(i % 251) as u8; 16 << 10];
+            v[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            v
+        };
+        // 4 segments' worth, synced every 1 MiB.
+        let n = (4 * config.segment_size / (16 << 10)) as usize;
+        let mut pos = Vec::new();
+        for i in 0..n {
+            pos.push(log.append(&record(i)).unwrap());
+            if i % 64 == 63 {
+                log.sync().unwrap();
+                let r = resident(&log);
+                let (active, sealed) = r.split_last().unwrap();
+                assert!(sealed.iter().all(|&b| b <= PAGE), "sealed: {r:?}");
+                assert!(*active <= RELEASE_STEP + (1 << 20) + PAGE, "active: {r:?}");
+            }
+        }
+        log.sync().unwrap();
+        assert!(log.segments().len() >= 4);
+        // The active segment grew past RELEASE_STEP once, so it was released at least once.
+        let before = resident(&log);
+        assert!(
+            before.iter().sum::<u64>() < config.segment_size,
+            "{before:?}"
+        );
+        // Reads (pread) return every record and fault no page of the mappings in.
+        for (i, p) in pos.iter().enumerate() {
+            assert!(log.read(*p).unwrap() == record(i), "record {i}");
+        }
+        let mut k = 0;
+        for item in log.iter(Position::default()) {
+            assert!(item.unwrap().1 == record(k), "record {k} by iter");
+            k += 1;
+        }
+        assert_eq!(k, n);
+        assert_eq!(resident(&log), before, "reads leave residency as it was");
+        // Released, unflushed writes of a sealed segment are still there after a reopen.
+        drop(log);
+        let (log, rec) = SegLog::open(dir.path(), config).unwrap();
+        assert_eq!(rec.records, n as u64);
+        assert!(log.read(pos[n - 1]).unwrap() == record(n - 1));
+        let after_open = resident(&log);
+        assert!(after_open.iter().all(|&b| b <= PAGE), "{after_open:?}");
+    }
+
+    #[test]
+    fn rolls_release_sealed_segments_without_any_sync() {
+        let dir = crate::test_dir();
+        let config = Config {
+            segment_size: 256 << 10,
+            max_record_size: 16 << 10,
+            sync: SyncMode::Data,
+        };
+        let (log, _) = SegLog::open(dir.path(), config.clone()).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..200u32).map(|i| vec![i as u8; 10_000]).collect();
+        let pos = log
+            .append_batch(payloads.iter().map(|p| p.as_slice()))
+            .unwrap();
+        let r = resident(&log);
+        assert!(r.len() >= 7);
+        let (_, sealed) = r.split_last().unwrap();
+        assert!(
+            sealed.iter().all(|&b| b == 0),
+            "sealed before any sync: {r:?}"
+        );
+        for (p, want) in pos.iter().zip(&payloads) {
+            assert_eq!(&log.read(*p).unwrap(), want);
+        }
+        // Sync after the release: everything is flushed and recovered.
+        log.sync().unwrap();
+        drop(log);
+        let (log, rec) = SegLog::open(dir.path(), config).unwrap();
+        assert_eq!(rec.records, 200);
+        assert_eq!(rec.torn_tail_bytes, 0);
+        assert_eq!(all(&log), payloads);
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! exclusive read/write lock). A `&mut [u8]` over the whole map would alias; raw copies on checked,
 //! disjoint ranges do not.
 //!
+//! Reads do not go through the mapping (the log reads with `pread`, see `segment.rs`); the
+//! mapping is for writes, and [`SharedMap::release`] drops written pages from this process's
+//! resident set so that a log much larger than memory does not stay resident (RssFile).
+//!
 //! Invariants the callers keep, on which the `Safety:` comments rely:
 //! - the file is never shrunk while mapped (the log only zeroes bytes in place), so every byte of
 //!   `[0, len)` stays backed and no access raises SIGBUS;
@@ -21,7 +25,7 @@
 use std::fs::File;
 use std::io;
 
-use memmap2::{MmapOptions, MmapRaw};
+use memmap2::{MmapOptions, MmapRaw, UncheckedAdvice};
 
 /// A `MAP_SHARED`, read-write mapping of `[0, len)` of a file.
 #[derive(Debug)]
@@ -32,6 +36,10 @@ pub(crate) struct SharedMap {
     /// at every flush. What a power loss right now would certainly keep.
     #[cfg(test)]
     shadow: parking_lot::Mutex<Vec<u8>>,
+    /// Test-only: the mapped file, read with `pread` to update `shadow` (reading through the
+    /// mapping would fault every flushed page back in and defeat `release`).
+    #[cfg(test)]
+    file: File,
     /// Test-only failpoint: the next flush fails with EIO.
     #[cfg(test)]
     pub(crate) fail_next_flush: std::sync::atomic::AtomicBool,
@@ -54,6 +62,8 @@ impl SharedMap {
             len,
             #[cfg(test)]
             shadow,
+            #[cfg(test)]
+            file: file.try_clone()?,
             #[cfg(test)]
             fail_next_flush: std::sync::atomic::AtomicBool::new(false),
         })
@@ -85,7 +95,8 @@ impl SharedMap {
         }
     }
 
-    /// Copies `dst.len()` bytes at `off` out of the map.
+    /// Copies `dst.len()` bytes at `off` out of the map. Test-only: the log reads with `pread`.
+    #[cfg(test)]
     pub(crate) fn read(&self, off: u64, dst: &mut [u8]) {
         let at = self.check(off, dst.len());
         // Safety: the range is inside the live, backed mapping (`check`, module invariants) and no
@@ -102,6 +113,63 @@ impl SharedMap {
         // Safety: in-bounds (`check`), backed (module invariants), and the caller holds the locks
         // that keep every other thread off these bytes.
         unsafe { std::ptr::write_bytes(self.raw.as_mut_ptr().add(at), 0, n) }
+    }
+
+    /// Drops the pages of `[off, off + n)` (widened to whole pages) from this process's page
+    /// tables: `madvise(MADV_DONTNEED)`. The bytes do not change: on a `MAP_SHARED` file mapping
+    /// the kernel moves each zapped entry's dirty bit to the page-cache page (so an unflushed
+    /// write is still written back by the next msync or by writeback), and a later access faults
+    /// the page back in from the page cache or the file ("repopulating the memory contents from
+    /// the up-to-date contents of the underlying mapped file", madvise(2)). What it changes is
+    /// residency: the pages stop counting in the process's RSS (RssFile), and the page cache
+    /// keeps them only as long as the kernel finds no better use for the memory.
+    ///
+    /// A hint: an error costs memory, never data, so callers may ignore it.
+    pub(crate) fn release(&self, off: u64, n: u64) -> io::Result<()> {
+        let end = off.saturating_add(n).min(self.len);
+        if end <= off {
+            return Ok(());
+        }
+        let at = self.check(off, (end - off) as usize);
+        // Safety: `[at, end)` lies inside the live mapping (`check`). On a shared file mapping
+        // MADV_DONTNEED never changes the bytes seen through the mapping (see above), so copies
+        // that other threads run on this range at the same time (writes by appenders or the
+        // sync leader, which the callers' locks keep to disjoint ranges) see the same memory
+        // before and after: they at most fault the page back in. No Rust reference into the
+        // mapping exists (every access is a raw copy in this module), so none is invalidated.
+        unsafe {
+            self.raw
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, at, (end - off) as usize)
+        }
+    }
+
+    /// Test-only: bytes of this mapping resident in this process (`Rss:` of its entry in
+    /// `/proc/self/smaps`), so tests see exactly this map's residency whatever other threads do.
+    #[cfg(test)]
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        let start = self.raw.as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("read /proc/self/smaps");
+        let mut lines = smaps.lines();
+        while let Some(l) = lines.next() {
+            let range = l.split_whitespace().next().unwrap_or("");
+            let Some((a, _)) = range.split_once('-') else {
+                continue;
+            };
+            if usize::from_str_radix(a, 16) != Ok(start) {
+                continue;
+            }
+            for l in lines.by_ref() {
+                if let Some(rest) = l.strip_prefix("Rss:") {
+                    let kib: u64 = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("Rss: value in kB");
+                    return kib * 1024;
+                }
+            }
+        }
+        panic!("mapping at {start:#x} not in /proc/self/smaps")
     }
 
     /// `msync(MS_SYNC)` of `[off, off + n)`: on Linux an fdatasync of that file range.
@@ -125,7 +193,7 @@ impl SharedMap {
             let (a, e) = (off / page * page, end.div_ceil(page) * page);
             let e = e.min(self.len);
             let mut b = vec![0u8; (e - a) as usize];
-            self.read(a, &mut b);
+            std::os::unix::fs::FileExt::read_exact_at(&self.file, &mut b, a)?;
             self.shadow.lock()[a as usize..e as usize].copy_from_slice(&b);
         }
         Ok(())
@@ -158,6 +226,41 @@ mod tests {
         let mut on_disk = [0u8; 10];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut on_disk, 4090).unwrap();
         assert_eq!(on_disk, b);
+    }
+
+    #[test]
+    fn release_drops_residency_and_keeps_every_byte() {
+        let len = 64u64 << 10;
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(len).unwrap();
+        let m = SharedMap::new(&f, len).unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        m.write(0, &data);
+        assert!(m.resident_bytes() >= len, "written pages are resident");
+        // Not flushed yet: the dirty pages leave the page tables but stay dirty in the cache.
+        m.release(0, len).unwrap();
+        assert_eq!(
+            m.resident_bytes(),
+            0,
+            "released pages leave the resident set"
+        );
+        let mut by_pread = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut by_pread, 0).unwrap();
+        assert!(by_pread == data, "pread sees the unflushed writes");
+        let mut by_map = vec![0u8; len as usize];
+        m.read(0, &mut by_map);
+        assert!(by_map == data, "the mapping faults the same bytes back in");
+        // Write into released pages, release again, flush: the file has every byte.
+        m.write(5000, b"after release");
+        m.release(4096, 8192).unwrap();
+        m.flush(0, len).unwrap();
+        let mut b = [0u8; 13];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 5000).unwrap();
+        assert_eq!(&b, b"after release");
+        // Partial ranges widen to pages; empty and out-of-range tails are no-ops.
+        m.release(len - 1, 100).unwrap();
+        m.release(len, 10).unwrap();
+        m.release(3, 0).unwrap();
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //! (preallocate, write header, fsync), then renamed to its final name and the directory is
 //! fsynced. A file with a final name therefore always has a durable, valid header; a bad header is
 //! corruption, never an interrupted creation. Leftover `.tmp` files are deleted by recovery.
+//!
+//! Writes go through the shared mapping; reads use `pread` on the same file. Both see the same
+//! page-cache pages (Linux keeps a `MAP_SHARED` mapping and the file coherent), so a record is
+//! readable by `pread` as soon as its copy into the mapping is done. Reading with `pread` keeps
+//! the pages a reader touches out of the process's resident set, and [`Segment::release`] drops
+//! the written ones (see `map.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -61,6 +67,27 @@ pub(crate) fn preallocate(file: &File, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Why [`Segment::read_record`] returned no record.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The bytes at the offset are not a valid record.
+    Bad(BadRecord),
+    /// `pread` failed.
+    Io(Error),
+}
+
+impl From<BadRecord> for ReadError {
+    fn from(b: BadRecord) -> Self {
+        ReadError::Bad(b)
+    }
+}
+
+impl From<Error> for ReadError {
+    fn from(e: Error) -> Self {
+        ReadError::Io(e)
+    }
+}
+
 /// A mapped segment file.
 #[derive(Debug)]
 pub(crate) struct Segment {
@@ -72,8 +99,8 @@ pub(crate) struct Segment {
     pub(crate) prev_tail: u64,
     /// Path of the file.
     pub(crate) path: PathBuf,
-    /// Kept open for fsync and so the mapping's file stays referenced.
-    _file: File,
+    /// Read with `pread`; kept open so the mapping's file stays referenced.
+    file: File,
     map: SharedMap,
 }
 
@@ -138,7 +165,7 @@ impl Segment {
             nonce: header.nonce,
             prev_tail: header.prev_tail,
             path,
-            _file: file,
+            file,
             map,
         })
     }
@@ -155,36 +182,56 @@ impl Segment {
         self.map.write(off + RECORD_HEADER_LEN, payload);
     }
 
-    /// Reads and checks the record at `off`, whose frame must end at or before `tail`.
-    pub(crate) fn read_record(&self, off: u64, tail: u64) -> Result<Vec<u8>, BadRecord> {
+    /// Reads and checks the record at `off`, whose frame must end at or before `tail` (`pread`).
+    pub(crate) fn read_record(&self, off: u64, tail: u64) -> Result<Vec<u8>, ReadError> {
         if off < HEADER_LEN || off.saturating_add(RECORD_HEADER_LEN) > tail {
-            return Err(BadRecord::NoHeader);
+            return Err(BadRecord::NoHeader.into());
         }
         let mut h = [0u8; RECORD_HEADER_LEN as usize];
-        self.map.read(off, &mut h);
+        self.pread(off, &mut h)?;
         let (len, crc) = format::parse_record_header(&h);
         if u64::from(len) < RECORD_HEADER_LEN {
-            return Err(BadRecord::BadLength(len));
+            return Err(BadRecord::BadLength(len).into());
         }
         if off + u64::from(len) > tail {
             return Err(BadRecord::PastEnd {
                 frame_len: len,
                 available: tail - off,
-            });
+            }
+            .into());
         }
         let mut payload = vec![0u8; (u64::from(len) - RECORD_HEADER_LEN) as usize];
-        self.map.read(off + RECORD_HEADER_LEN, &mut payload);
+        self.pread(off + RECORD_HEADER_LEN, &mut payload)?;
         if format::record_crc(self.nonce, len, &payload) != crc {
-            return Err(BadRecord::BadChecksum);
+            return Err(BadRecord::BadChecksum.into());
         }
         Ok(payload)
     }
 
     /// Length of the frame at `off` per its header, without checking the payload.
-    pub(crate) fn frame_len_at(&self, off: u64) -> u64 {
+    pub(crate) fn frame_len_at(&self, off: u64) -> Result<u64> {
         let mut h = [0u8; RECORD_HEADER_LEN as usize];
-        self.map.read(off, &mut h);
-        u64::from(format::parse_record_header(&h).0)
+        self.pread(off, &mut h)?;
+        Ok(u64::from(format::parse_record_header(&h).0))
+    }
+
+    fn pread(&self, off: u64, dst: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(dst, off)
+            .map_err(|e| Error::io("read segment", &self.path, e))
+    }
+
+    /// Drops the pages of `[off, off + n)` from the process's resident set (`map.rs`); the
+    /// bytes, flushed or not, stay in the file and the page cache. A hint: errors are ignored,
+    /// they cost memory, never data.
+    pub(crate) fn release(&self, off: u64, n: u64) {
+        let _ = self.map.release(off, n);
+    }
+
+    /// Test-only: bytes of the mapping resident in this process.
+    #[cfg(test)]
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        self.map.resident_bytes()
     }
 
     /// Writes the durable-mark slot (`None` erases it). Not flushed: it reaches disk with the
@@ -267,7 +314,7 @@ mod tests {
         s.write_record(HEADER_LEN, b"abc");
         let tail = HEADER_LEN + 11;
         assert_eq!(s.read_record(HEADER_LEN, tail).unwrap(), b"abc");
-        assert_eq!(s.frame_len_at(HEADER_LEN), 11);
+        assert_eq!(s.frame_len_at(HEADER_LEN).unwrap(), 11);
         assert!(s.read_record(HEADER_LEN + 1, tail).is_err());
         assert!(s.read_record(HEADER_LEN, tail - 1).is_err());
         s.write_mark(Some(tail));
@@ -278,9 +325,9 @@ mod tests {
             .unwrap();
         assert_eq!(format::decode_mark(&slot, s.nonce), Some(tail));
         s.zero(HEADER_LEN, 11);
-        assert_eq!(
+        assert!(matches!(
             s.read_record(HEADER_LEN, tail),
-            Err(BadRecord::BadLength(0))
-        );
+            Err(ReadError::Bad(BadRecord::BadLength(0)))
+        ));
     }
 }
