@@ -249,6 +249,9 @@ async fn handle(seed: &Arc<Seed>, req: ClientRequest) -> ClientResponse {
         }
         Some(ClientRequest_oneof_kind::lookup(l)) => return crate::kv_port::lookup(seed, id, l),
         Some(ClientRequest_oneof_kind::kv(k)) => return crate::kv_port::kv(seed, id, k).await,
+        Some(ClientRequest_oneof_kind::watch(w)) => {
+            return crate::watch_port::watch(seed, id, w).await
+        }
         None => return error(id, ClientError_Code::INVALID_ARGUMENT, "empty request"),
     }
     resp

@@ -15,6 +15,8 @@
 //! - [`client_port`]: the client port (multiplexed request ids).
 //! - [`kv_port`]: the client port's collection requests: CreateCollection, Lookup, and KV
 //!   commands routed to a range's replica (epoch and bounds checked, leader or follower reads).
+//! - [`watch_port`]: the client port's watch long-poll on one range's history (any replica;
+//!   events, wait for the next change, resync; bounds re-checked after the read).
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`.
 //!
 //! The async boundary is here: harpoon runs its shards on threads and answers with futures.
@@ -29,6 +31,7 @@ pub mod meta_sm;
 pub mod node;
 pub mod ranges;
 pub mod server;
+pub mod watch_port;
 
 pub use config::{NodeArgs, Settings};
 pub use node::Seed;

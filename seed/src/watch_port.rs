@@ -1,0 +1,708 @@
+//! The client port's watch: a long-poll on one range's watch history.
+//!
+//! A `WatchRequest` names a range (and the epoch of the client's descriptor), the watched
+//! keys `[key, range_end)` (full keys) and a start revision. The answer is, in order of
+//! preference:
+//! - the events from the start revision, in revision order: whole revisions, at most about
+//!   `max_events` events and `max_bytes` bytes (at least one revision), and the revision to
+//!   ask for next;
+//! - when there are none yet, the same after waiting up to `wait_ms` for a change of the
+//!   range (an empty reply with `next_revision` when none came);
+//! - when the history before the start revision is compacted, a resync: the current state of
+//!   the watched keys and the revision events continue from.
+//!
+//! Any replica serves it: every replica applies the same commands, so revisions and history
+//! are identical everywhere (a lagging replica answers later, never differently). The reply
+//! header carries the replica's revision and applied index. A replica that knows no leader
+//! (partitioned, or in an election) answers `UNAVAILABLE` so the client asks another member
+//! instead of waiting on a replica that may never catch up.
+//!
+//! Refusals: `WRONG_RANGE` when this node holds no replica, the client's epoch is stale, or
+//! the watched keys are not inside both the descriptor in meta and the replica's own bounds.
+//! The bounds are checked again after the history is read: bounds only shrink (a split), so
+//! when they still hold afterwards, the events read contain every change of the watched keys
+//! up to `next_revision`; when they do not, the reply is `WRONG_RANGE` and nothing is
+//! delivered (the client looks the ranges up again and continues from its revision in each
+//! daughter, which has the same revision counter and a copy of the history).
+//!
+//! # Waiting
+//! The store broadcasts each applied command to bounded crossbeam subscriptions
+//! ([`KvReader::subscribe`]). A long-poll subscribes *before* it reads the history, so a
+//! change applied after the read always reaches the subscription. Async tasks cannot block
+//! on a crossbeam channel; one process-wide thread (the pump) selects over the
+//! subscriptions of every waiting poll and completes a oneshot when one receives (or
+//! disconnects: the store restored a snapshot, or the subscription overflowed). The poll then
+//! reads the history again. A poll whose task is dropped (its connection closed) leaves a
+//! closed oneshot that the pump discards within [`SWEEP`]; a poll never outlives `wait_ms`.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use collections::kv::{Bounds, KeyRange, KvReader, Subscription, WatchBatch};
+use collections::KvError;
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
+use harpoon::{CellId, Role};
+use meta::{view, RangeDescriptor};
+use proto::clientpb::{
+    ClientError_Code, ClientResponse, ClientResponse_oneof_kind, WatchReply, WatchRequest,
+};
+use proto::kvpb;
+use protobuf::Message;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::client_port::error;
+use crate::node::{now_ms, Seed};
+
+/// Events per reply when the request leaves it 0.
+pub const DEFAULT_MAX_EVENTS: u64 = 1000;
+/// Most events per reply (whole revisions may add a few).
+pub const MAX_EVENTS: u64 = 10_000;
+/// Bytes (keys plus values) per reply when the request leaves it 0.
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 10;
+/// Most bytes per reply (the client port's frame limit is 1 MiB).
+pub const MAX_BYTES: u64 = 768 << 10;
+/// Longest wait for a change.
+pub const MAX_WAIT_MS: u64 = 30_000;
+/// Largest encoded reply: a single revision or a resync above it is refused `TOO_LARGE`.
+pub const MAX_REPLY: usize = crate::client_port::MAX_FRAME - 4096;
+/// How often the pump drops the registrations of polls that went away.
+pub const SWEEP: Duration = Duration::from_millis(500);
+/// Bytes an event costs on the wire besides its key and value (an estimate for `max_bytes`).
+const EVENT_OVERHEAD: u64 = 32;
+
+/// One watch long-poll, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchParams {
+    /// The watched keys (full keys).
+    pub keys: KeyRange,
+    /// Inclusive; 0 = from the next change.
+    pub start_revision: u64,
+    /// Events per reply (at least one whole revision).
+    pub max_events: u64,
+    /// Bytes per reply (at least one whole revision).
+    pub max_bytes: u64,
+    /// Wait this long for a change when there is none.
+    pub wait: Duration,
+}
+
+impl WatchParams {
+    /// Validates `w` and applies the defaults and caps. `Err((field, why))` for bad input.
+    pub fn from_request(w: &WatchRequest) -> Result<WatchParams, (&'static str, String)> {
+        if w.key.is_empty() {
+            return Err(("key", "must not be empty".into()));
+        }
+        let keys = if w.range_end.is_empty() {
+            KeyRange::key(w.key.clone())
+        } else if w.range_end <= w.key {
+            return Err(("range_end", "must be empty or greater than key".into()));
+        } else {
+            KeyRange {
+                start: w.key.clone(),
+                end: Some(w.range_end.clone()),
+            }
+        };
+        let pick = |v: u64, default: u64, cap: u64| if v == 0 { default } else { v.min(cap) };
+        Ok(WatchParams {
+            keys,
+            start_revision: w.start_revision,
+            max_events: pick(w.max_events, DEFAULT_MAX_EVENTS, MAX_EVENTS),
+            max_bytes: pick(w.max_bytes, DEFAULT_MAX_BYTES, MAX_BYTES),
+            wait: Duration::from_millis(w.wait_ms.min(MAX_WAIT_MS)),
+        })
+    }
+}
+
+/// What [`serve`] answers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Served {
+    /// Events (possibly none after the wait) or a resync.
+    Reply(kvpb::WatchResponse),
+    /// The watched keys are not (or no longer) inside the replica's bounds.
+    OutOfBounds,
+    /// One revision (or the resync state) does not fit a reply; its encoded size.
+    TooLarge(usize),
+}
+
+/// Whether every key of `keys` lies inside `b`.
+pub fn within(b: &Bounds, keys: &KeyRange) -> bool {
+    if keys.start.as_ref() < b.lo.as_ref() {
+        return false;
+    }
+    match (&b.hi, &keys.end) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(hi), Some(end)) => end <= hi,
+    }
+}
+
+/// Whether every key of `keys` lies inside the descriptor's `[lo, hi)`.
+pub fn within_descriptor(d: &RangeDescriptor, keys: &KeyRange) -> bool {
+    within(
+        &Bounds {
+            lo: d.lo.clone(),
+            hi: Some(d.hi.clone()),
+        },
+        keys,
+    )
+}
+
+fn event_bytes(e: &collections::kv::Event) -> u64 {
+    (e.kv.key.len() + e.kv.value.len()) as u64 + EVENT_OVERHEAD
+}
+
+fn header(reader: &KvReader) -> kvpb::ResponseHeader {
+    let mut h = kvpb::ResponseHeader::new();
+    h.revision = reader.revision();
+    h.applied_index = reader.apply_state().applied_index;
+    h.compact_revision = reader.range_stats().compact_revision;
+    h
+}
+
+/// Serves one long-poll on `reader` (no routing checks: see [`watch`]). `clock` is the time
+/// (unix ms) that filters expired keys out of a resync.
+///
+/// # Errors
+/// Storage errors reading the history.
+pub async fn serve(
+    reader: &KvReader,
+    p: &WatchParams,
+    clock: &(dyn Fn() -> u64 + Sync),
+) -> Result<Served, KvError> {
+    if !within(&reader.bounds(), &p.keys) {
+        return Ok(Served::OutOfBounds);
+    }
+    let deadline = Instant::now() + p.wait;
+    // Subscribe before the first read: a change applied after the read is never missed.
+    let mut sub = reader.subscribe();
+    let mut from = if p.start_revision == 0 {
+        reader.revision().saturating_add(1)
+    } else {
+        p.start_revision
+    };
+    loop {
+        // The wake-ups so far are consumed by this read; a dropped subscription (it
+        // overflowed, or the store restored a snapshot) is renewed before it.
+        loop {
+            match sub.try_recv() {
+                Ok(_) => {}
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    sub = reader.subscribe();
+                    break;
+                }
+            }
+        }
+        let batch = reader.events_since(from, &p.keys, p.max_events as usize, clock())?;
+        // Bounds only shrink: still inside after the read means the read saw every change of
+        // the watched keys up to its next revision.
+        if !within(&reader.bounds(), &p.keys) {
+            return Ok(Served::OutOfBounds);
+        }
+        let mut resp = match batch {
+            WatchBatch::Resync { .. } => batch.to_pb(),
+            WatchBatch::Events {
+                events,
+                next_revision,
+            } => {
+                // A lagging replica reports its own next revision; never send a client back.
+                let next_revision = next_revision.max(from);
+                if events.is_empty() && Instant::now() < deadline {
+                    from = next_revision;
+                    wait_change(&sub, deadline).await;
+                    continue;
+                }
+                let (events, next_revision) = cut(events, next_revision, p.max_bytes);
+                WatchBatch::Events {
+                    events,
+                    next_revision,
+                }
+                .to_pb()
+            }
+        };
+        resp.set_header(header(reader));
+        let size = resp.compute_size() as usize;
+        if size > MAX_REPLY {
+            return Ok(Served::TooLarge(size));
+        }
+        return Ok(Served::Reply(resp));
+    }
+}
+
+/// Keeps whole revisions of `events` up to about `max_bytes` (at least one revision); the
+/// next revision is the first one left out.
+fn cut(
+    mut events: Vec<collections::kv::Event>,
+    next_revision: u64,
+    max_bytes: u64,
+) -> (Vec<collections::kv::Event>, u64) {
+    let mut bytes = 0u64;
+    let mut prev = None;
+    for i in 0..events.len() {
+        let rev = events[i].revision();
+        let b = event_bytes(&events[i]);
+        if prev.is_some_and(|p| p != rev) && bytes.saturating_add(b) > max_bytes {
+            events.truncate(i);
+            return (events, rev);
+        }
+        bytes = bytes.saturating_add(b);
+        prev = Some(rev);
+    }
+    (events, next_revision)
+}
+
+/// Waits until `sub` receives or disconnects, or `deadline`.
+async fn wait_change(sub: &Subscription, deadline: Instant) {
+    let (tx, rx) = oneshot::channel();
+    let registered = pump().is_some_and(|p| {
+        p.send(Waiter {
+            rx: sub.clone(),
+            done: tx,
+        })
+        .is_ok()
+    });
+    if registered {
+        tokio::select! {
+            _ = rx => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    } else {
+        // No pump thread (it could not be spawned): poll.
+        let step = Instant::now() + Duration::from_millis(20);
+        tokio::time::sleep_until(step.min(deadline)).await;
+    }
+}
+
+/// A poll waiting for a change.
+struct Waiter {
+    rx: Receiver<Arc<collections::kv::Applied>>,
+    done: oneshot::Sender<()>,
+}
+
+/// The pump's registration channel (`None` if its thread could not be spawned).
+fn pump() -> Option<&'static Sender<Waiter>> {
+    static PUMP: OnceLock<Option<Sender<Waiter>>> = OnceLock::new();
+    PUMP.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        match std::thread::Builder::new()
+            .name("watch-pump".into())
+            .spawn(move || run_pump(rx))
+        {
+            Ok(_) => Some(tx),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the watch pump; watches poll");
+                None
+            }
+        }
+    })
+    .as_ref()
+}
+
+fn run_pump(reg: Receiver<Waiter>) {
+    let mut waiting: Vec<Waiter> = Vec::new();
+    let mut swept = std::time::Instant::now();
+    loop {
+        if swept.elapsed() >= SWEEP {
+            waiting.retain(|w| !w.done.is_closed());
+            swept = std::time::Instant::now();
+        }
+        let mut sel = Select::new();
+        let ctl = sel.recv(&reg);
+        for w in &waiting {
+            sel.recv(&w.rx);
+        }
+        let Ok(op) = sel.select_timeout(SWEEP) else {
+            continue;
+        };
+        let i = op.index();
+        if i == ctl {
+            match op.recv(&reg) {
+                Ok(w) => {
+                    drop(sel);
+                    waiting.push(w);
+                }
+                // Every sender is gone: the process is exiting.
+                Err(_) => return,
+            }
+        } else {
+            // A change or a disconnection: either way the poll reads the history again.
+            let _ = op.recv(&waiting[i - 1].rx);
+            drop(sel);
+            let w = waiting.swap_remove(i - 1);
+            let _ = w.done.send(());
+        }
+    }
+}
+
+fn wrong_range(id: u64, why: &str, d: Option<RangeDescriptor>) -> ClientResponse {
+    let mut r = error(id, ClientError_Code::WRONG_RANGE, why);
+    if let (Some(ClientResponse_oneof_kind::error(e)), Some(d)) = (r.kind.as_mut(), d) {
+        e.set_range(d);
+    }
+    r
+}
+
+/// One watch long-poll from the client port.
+pub async fn watch(seed: &Arc<Seed>, id: u64, w: WatchRequest) -> ClientResponse {
+    let p = match WatchParams::from_request(&w) {
+        Ok(p) => p,
+        Err((field, why)) => {
+            let mut r = error(id, ClientError_Code::INVALID_ARGUMENT, why);
+            if let Some(ClientResponse_oneof_kind::error(e)) = r.kind.as_mut() {
+                e.field = field.into();
+            }
+            return r;
+        }
+    };
+    let desc = seed
+        .read_meta(|s| view::range_by_id(s, w.range).ok().flatten())
+        .map(|d| d.value);
+    let Some(local) = seed.ranges.get(w.range) else {
+        return wrong_range(id, "this node holds no replica of the range", desc);
+    };
+    let Some(desc) = desc else {
+        return wrong_range(id, "range unknown to this node's meta", None);
+    };
+    if w.epoch < desc.epoch {
+        return wrong_range(id, "stale range descriptor", Some(desc));
+    }
+    if !within_descriptor(&desc, &p.keys) {
+        return wrong_range(id, "watched keys outside the range", Some(desc));
+    }
+    match seed.node.status(CellId(w.range)).await {
+        Ok(s) if s.role == Role::Leader || s.leader.is_some() => {}
+        Ok(_) => {
+            return error(
+                id,
+                ClientError_Code::UNAVAILABLE,
+                "this replica knows no leader (it may lag): ask another member",
+            )
+        }
+        Err(e) => return error(id, ClientError_Code::UNAVAILABLE, e.to_string()),
+    }
+    match serve(&local.reader, &p, &now_ms).await {
+        Ok(Served::Reply(resp)) => {
+            let mut wr = WatchReply::new();
+            wr.set_response(resp);
+            let mut r = ClientResponse::new();
+            r.id = id;
+            r.set_watch(wr);
+            r
+        }
+        Ok(Served::OutOfBounds) => wrong_range(
+            id,
+            "watched keys outside this replica's bounds (the range split)",
+            Some(desc),
+        ),
+        Ok(Served::TooLarge(size)) => error(
+            id,
+            ClientError_Code::TOO_LARGE,
+            format!(
+                "one revision or the resync state is {size} bytes (reply limit {MAX_REPLY}): \
+                 watch fewer keys"
+            ),
+        ),
+        Err(e) => error(id, ClientError_Code::INTERNAL, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+
+    use collections::kv::{cmd, KvConfig, KvStore};
+    use proto::kvpb::EventType;
+
+    use super::*;
+
+    const NOW: u64 = 1_000_000;
+
+    fn clock() -> u64 {
+        NOW
+    }
+
+    struct Store {
+        s: KvStore,
+        index: u64,
+    }
+
+    impl Store {
+        fn new(cfg: KvConfig) -> Store {
+            Store {
+                s: KvStore::open(cfg).unwrap(),
+                index: 0,
+            }
+        }
+        fn run(&mut self, c: proto::kvpb::Command) {
+            self.index += 1;
+            self.s.apply(self.index, 1, NOW, &cmd::encode(&c)).unwrap();
+        }
+        fn put(&mut self, k: &str, v: &str) {
+            self.run(cmd::put(k.as_bytes(), v.as_bytes(), 0));
+        }
+        fn del(&mut self, k: &str) {
+            self.run(cmd::delete(k.as_bytes(), b""));
+        }
+    }
+
+    fn params(start: &str, end: &str, from: u64, wait_ms: u64) -> WatchParams {
+        let mut w = WatchRequest::new();
+        w.key = Bytes::copy_from_slice(start.as_bytes());
+        w.range_end = Bytes::copy_from_slice(end.as_bytes());
+        w.start_revision = from;
+        w.wait_ms = wait_ms;
+        WatchParams::from_request(&w).unwrap()
+    }
+
+    use bytes::Bytes;
+
+    fn reply(s: Served) -> kvpb::WatchResponse {
+        match s {
+            Served::Reply(r) => r,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn keys(r: &kvpb::WatchResponse) -> Vec<(EventType, String, u64)> {
+        r.events
+            .iter()
+            .map(|e| {
+                (
+                    e.field_type,
+                    String::from_utf8_lossy(&e.get_kv().key).into_owned(),
+                    e.get_kv().mod_revision,
+                )
+            })
+            .collect()
+    }
+
+    /// Polls `f` once (it must be pending), then returns it.
+    async fn started<F: Future + Unpin>(mut f: F) -> F {
+        tokio::select! {
+            biased;
+            _ = &mut f => panic!("the poll answered before any change"),
+            _ = std::future::ready(()) => {}
+        }
+        f
+    }
+
+    #[tokio::test]
+    async fn events_of_the_watched_keys_in_revision_order() {
+        let mut st = Store::new(KvConfig::memory());
+        st.put("a", "1"); // rev 1
+        st.put("p/x", "1"); // rev 2
+        st.put("p/y", "1"); // rev 3
+        st.put("q", "1"); // rev 4
+        st.del("p/x"); // rev 5
+        st.put("p/y", "2"); // rev 6
+        let r = st.s.reader();
+        let got = reply(serve(&r, &params("p/", "p0", 1, 0), &clock).await.unwrap());
+        assert_eq!(
+            keys(&got),
+            vec![
+                (EventType::PUT, "p/x".into(), 2),
+                (EventType::PUT, "p/y".into(), 3),
+                (EventType::DELETE, "p/x".into(), 5),
+                (EventType::PUT, "p/y".into(), 6),
+            ]
+        );
+        assert_eq!(got.next_revision, 7);
+        assert!(!got.resync);
+        assert_eq!(got.get_header().revision, 6);
+        assert_eq!(got.get_header().applied_index, 6);
+        // From the middle; a single key.
+        let got = reply(serve(&r, &params("p/y", "", 4, 0), &clock).await.unwrap());
+        assert_eq!(keys(&got), vec![(EventType::PUT, "p/y".into(), 6)]);
+        // Nothing new and no wait: an empty reply that moves the client forward.
+        let got = reply(serve(&r, &params("p/", "p0", 7, 0), &clock).await.unwrap());
+        assert!(got.events.is_empty());
+        assert_eq!(got.next_revision, 7);
+        // A lagging replica never sends a client back below its revision.
+        let got = reply(serve(&r, &params("p/", "p0", 50, 0), &clock).await.unwrap());
+        assert!(got.events.is_empty());
+        assert_eq!(got.next_revision, 50);
+    }
+
+    #[tokio::test]
+    async fn replies_are_bounded_by_whole_revisions() {
+        let mut st = Store::new(KvConfig::memory());
+        for i in 0..10 {
+            st.put(&format!("k{i}"), &"v".repeat(100));
+        }
+        // One revision holding two events (a range delete).
+        st.run(cmd::delete(b"k0", b"k2"));
+        let r = st.s.reader();
+        let mut p = params("k", "l", 1, 0);
+        p.max_bytes = 250; // two events of ~133 bytes do not fit
+        let got = reply(serve(&r, &p, &clock).await.unwrap());
+        assert_eq!(keys(&got).len(), 1);
+        assert_eq!(got.next_revision, 2);
+        // A revision larger than the bound is sent whole.
+        p.start_revision = 11;
+        p.max_bytes = 1;
+        let got = reply(serve(&r, &p, &clock).await.unwrap());
+        assert_eq!(keys(&got).len(), 2);
+        assert_eq!(got.next_revision, 12);
+        // max_events: whole revisions until at least that many events.
+        p.start_revision = 1;
+        p.max_bytes = MAX_BYTES;
+        p.max_events = 3;
+        let got = reply(serve(&r, &p, &clock).await.unwrap());
+        assert_eq!(keys(&got).len(), 3);
+        assert_eq!(got.next_revision, 4);
+    }
+
+    #[tokio::test]
+    async fn a_poll_waits_for_the_next_change_of_its_keys() {
+        let mut st = Store::new(KvConfig::memory());
+        st.put("w/a", "1");
+        let r = st.s.reader();
+        let p = params("w/", "w0", 2, 60_000);
+        let poll = started(Box::pin(serve(&r, &p, &clock))).await;
+        // A change of another key wakes it, but it keeps waiting for its own keys.
+        st.put("other", "x"); // rev 2
+        let poll = started(poll).await;
+        st.put("w/b", "2"); // rev 3
+        let got = reply(poll.await.unwrap());
+        assert_eq!(keys(&got), vec![(EventType::PUT, "w/b".into(), 3)]);
+        assert_eq!(got.next_revision, 4);
+        // Start revision 0 = the next change.
+        let p0 = params("w/", "w0", 0, 60_000);
+        let poll = started(Box::pin(serve(&r, &p0, &clock))).await;
+        st.del("w/a"); // rev 4
+        let got = reply(poll.await.unwrap());
+        assert_eq!(keys(&got), vec![(EventType::DELETE, "w/a".into(), 4)]);
+        // A poll dropped while waiting (its client went away) leaves nothing stuck: the next
+        // poll is woken as usual.
+        {
+            let gone = started(Box::pin(serve(&r, &p0, &clock))).await;
+            drop(gone);
+        }
+        let poll = started(Box::pin(serve(&r, &p0, &clock))).await;
+        st.put("w/c", "3"); // rev 5
+        let got = reply(poll.await.unwrap());
+        assert_eq!(keys(&got), vec![(EventType::PUT, "w/c".into(), 5)]);
+        // With nothing happening, a short wait ends with an empty reply.
+        let got = reply(serve(&r, &params("w/", "w0", 6, 20), &clock).await.unwrap());
+        assert!(got.events.is_empty());
+        assert_eq!(got.next_revision, 6);
+    }
+
+    #[tokio::test]
+    async fn compacted_history_gives_a_resync_of_the_watched_keys() {
+        let mut st = Store::new(KvConfig::memory());
+        st.put("r/a", "1"); // 1
+        st.put("r/b", "1"); // 2
+        st.put("s", "1"); // 3
+        st.del("r/a"); // 4
+        st.put("r/b", "2"); // 5
+        st.run(cmd::compact(4));
+        let r = st.s.reader();
+        let got = reply(serve(&r, &params("r/", "r0", 2, 0), &clock).await.unwrap());
+        assert!(got.resync);
+        assert!(got.events.is_empty());
+        let cur: Vec<(String, String)> = got
+            .current
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(&kv.key).into_owned(),
+                    String::from_utf8_lossy(&kv.value).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(cur, vec![("r/b".to_string(), "2".to_string())]);
+        assert_eq!(got.next_revision, r.revision() + 1);
+        assert_eq!(got.get_header().compact_revision, 4);
+        // Above the horizon: events again.
+        let got = reply(serve(&r, &params("r/", "r0", 5, 0), &clock).await.unwrap());
+        assert!(!got.resync);
+        assert_eq!(keys(&got), vec![(EventType::PUT, "r/b".into(), 5)]);
+    }
+
+    #[tokio::test]
+    async fn keys_outside_the_bounds_are_refused_also_when_a_split_lands_mid_poll() {
+        let mut st = Store::new(KvConfig::memory());
+        st.put("a", "1");
+        st.put("x", "1");
+        let r = st.s.reader();
+        // A poll across the future split point, waiting.
+        let across = params("a", "z", 3, 60_000);
+        let poll = started(Box::pin(serve(&r, &across, &clock))).await;
+        st.index += 1;
+        let mut right =
+            st.s.split_off(st.index, 1, b"m", KvConfig::memory())
+                .unwrap();
+        st.put("b", "2"); // rev 3 in the left half: wakes the poll
+        assert_eq!(poll.await.unwrap(), Served::OutOfBounds);
+        // Inside the left half: served; the right half continues the same revisions.
+        let got = reply(serve(&r, &params("a", "m", 1, 0), &clock).await.unwrap());
+        assert_eq!(
+            keys(&got),
+            vec![
+                (EventType::PUT, "a".into(), 1),
+                (EventType::PUT, "b".into(), 3)
+            ]
+        );
+        assert_eq!(
+            serve(&r, &params("a", "n", 1, 0), &clock).await.unwrap(),
+            Served::OutOfBounds
+        );
+        right
+            .apply(st.index + 1, 1, NOW, &cmd::encode(&cmd::put(b"y", b"1", 0)))
+            .unwrap();
+        let rr = right.reader();
+        let got = reply(serve(&rr, &params("m", "z", 1, 0), &clock).await.unwrap());
+        assert_eq!(
+            keys(&got),
+            vec![
+                (EventType::PUT, "x".into(), 2),
+                (EventType::PUT, "y".into(), 3)
+            ]
+        );
+        assert_eq!(
+            serve(&rr, &params("a", "z", 1, 0), &clock).await.unwrap(),
+            Served::OutOfBounds
+        );
+    }
+
+    #[test]
+    fn requests_are_validated_and_capped() {
+        let mut w = WatchRequest::new();
+        assert_eq!(WatchParams::from_request(&w).unwrap_err().0, "key");
+        w.key = Bytes::from_static(b"k");
+        w.range_end = Bytes::from_static(b"a");
+        assert_eq!(WatchParams::from_request(&w).unwrap_err().0, "range_end");
+        w.range_end = Bytes::new();
+        w.max_events = u64::MAX;
+        w.max_bytes = u64::MAX;
+        w.wait_ms = u64::MAX;
+        let p = WatchParams::from_request(&w).unwrap();
+        assert_eq!(p.keys, KeyRange::key(Bytes::from_static(b"k")));
+        assert_eq!(p.max_events, MAX_EVENTS);
+        assert_eq!(p.max_bytes, MAX_BYTES);
+        assert_eq!(p.wait, Duration::from_millis(MAX_WAIT_MS));
+        w.max_events = 0;
+        w.max_bytes = 0;
+        let p = WatchParams::from_request(&w).unwrap();
+        assert_eq!(
+            (p.max_events, p.max_bytes),
+            (DEFAULT_MAX_EVENTS, DEFAULT_MAX_BYTES)
+        );
+        let unbounded = Bounds {
+            lo: Bytes::new(),
+            hi: None,
+        };
+        let all = KeyRange::all();
+        assert!(within(&unbounded, &all));
+        let b = Bounds {
+            lo: Bytes::from_static(b"b"),
+            hi: Some(Bytes::from_static(b"d")),
+        };
+        assert!(!within(&b, &all));
+        assert!(within(&b, &KeyRange::key(Bytes::from_static(b"c"))));
+        assert!(!within(&b, &KeyRange::key(Bytes::from_static(b"a"))));
+        assert!(within(&b, &KeyRange::prefix(Bytes::from_static(b"c"))));
+        assert!(!within(&b, &KeyRange::prefix(Bytes::from_static(b"d"))));
+    }
+}
