@@ -496,6 +496,11 @@ impl Kv {
         &self.name
     }
 
+    /// The client behind this handle (for [`crate::watch`]).
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Read `key`; `None` if absent.
     ///
     /// # Errors

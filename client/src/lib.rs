@@ -8,6 +8,8 @@
 //! - [`error`]: [`ClientError`], the typed errors of the wire plus local failures.
 //! - [`kv`]: KV collections: [`kv::Kv`] (`client.kv("name")`), create-collection, the
 //!   range cache and routing to range leaders.
+//! - [`watch`]: [`Watch`] (`client.kv("name").watch_prefix(p, rev)`): long-polls per range
+//!   piece, exactly once per piece by its next revision, re-lookup after splits.
 //! - this file: [`Client`], routing and redirects.
 //!
 //! Until KV collections exist (issue 4) the data operations are `get`/`put` on meta's client
@@ -16,6 +18,7 @@
 pub mod conn;
 pub mod error;
 pub mod kv;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -34,6 +37,7 @@ use rand::seq::SliceRandom;
 pub use conn::Conn;
 pub use error::ClientError;
 pub use kv::{CasOutcome, Expect, Kv, ReadMode};
+pub use watch::{Watch, WatchEvent, WatchUpdate};
 
 /// Redirects followed per request.
 pub const MAX_HOPS: usize = 8;
