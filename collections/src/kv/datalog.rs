@@ -213,22 +213,39 @@ pub(crate) struct DataLog {
 /// Replays `log` into a fresh state (module doc). Cuts a trailing group without `COMMIT`.
 pub(crate) fn recover(log: &SegLog) -> Result<State> {
     let mut st = State::default();
-    let mut group: Vec<(Position, Vec<u8>)> = Vec::new();
+    let mut group: Vec<(Position, Replay)> = Vec::new();
     for item in log.iter(log.first()) {
         let (pos, buf) = item?;
         // Decoding every record up front reports corruption even in an uncommitted tail.
-        if let Record::Commit(c) = decode(&buf)? {
-            for (p, b) in group.drain(..) {
-                replay_one(&mut st, p, &b)?;
+        // Only what replay needs is kept, never a value: a compaction's group holds the
+        // whole live data set, and its payloads would sit in memory until its `COMMIT`.
+        let c = match decode(&buf)? {
+            Record::Commit(c) => c,
+            Record::Mutation(m) => {
+                group.push((
+                    pos,
+                    Replay::Mutation {
+                        origin: m.origin,
+                        kind: m.kind,
+                        key: Bytes::copy_from_slice(m.key),
+                        meta: m.meta,
+                    },
+                ));
+                continue;
             }
-            st.apply = c.apply;
-            st.revision = c.revision;
-            st.clock_ms = c.clock_ms;
-            st.drop_history_upto(c.compact_revision);
-            st.compact_revision = c.compact_revision;
-        } else {
-            group.push((pos, buf));
+            Record::Bounds(b) => {
+                group.push((pos, Replay::Bounds(b)));
+                continue;
+            }
+        };
+        for (p, r) in group.drain(..) {
+            replay_one(&mut st, p, r);
         }
+        st.apply = c.apply;
+        st.revision = c.revision;
+        st.clock_ms = c.clock_ms;
+        st.drop_history_upto(c.compact_revision);
+        st.compact_revision = c.compact_revision;
     }
     if let Some((first, _)) = group.first() {
         // A group cut by a crash: never applied, never reported durable.
@@ -240,31 +257,45 @@ pub(crate) fn recover(log: &SegLog) -> Result<State> {
     Ok(st)
 }
 
-fn replay_one(st: &mut State, pos: Position, buf: &[u8]) -> Result<()> {
-    match decode(buf)? {
-        Record::Mutation(m) => {
-            let key = Bytes::copy_from_slice(m.key);
-            let vref = match m.kind {
+/// A record of the group being recovered, as replay needs it: decoded, without the value
+/// (values stay in the log; the index points at the record).
+enum Replay {
+    Mutation {
+        origin: Origin,
+        kind: EventKind,
+        key: Bytes,
+        meta: Meta,
+    },
+    Bounds(Bounds),
+}
+
+fn replay_one(st: &mut State, pos: Position, r: Replay) {
+    match r {
+        Replay::Mutation {
+            origin,
+            kind,
+            key,
+            meta,
+        } => {
+            let vref = match kind {
                 EventKind::Put => ValueRef::Disk(pos),
                 EventKind::Delete => ValueRef::Inline(Bytes::new()),
             };
-            if m.origin != Origin::HistCopy {
-                install(st, &key, m.kind, m.meta, vref.clone());
+            if origin != Origin::HistCopy {
+                install(st, &key, kind, meta, vref.clone());
             }
             st.insert_hist(
-                m.meta.mod_revision,
+                meta.mod_revision,
                 key,
                 Hist {
-                    kind: m.kind,
-                    meta: m.meta,
+                    kind,
+                    meta,
                     value: vref,
                 },
             );
         }
-        Record::Bounds(b) => st.restrict(b),
-        Record::Commit(_) => {}
+        Replay::Bounds(b) => st.restrict(b),
     }
-    Ok(())
 }
 
 /// Sets the index entry of `key` as replay finds it (no history, no events).
@@ -361,6 +392,7 @@ impl DataLog {
         {
             let st = lock.read();
             let mut batch: Vec<(Position, Vec<u8>)> = Vec::new();
+            let mut batch_bytes = 0usize;
             for item in self.log.iter(self.log.first()) {
                 let (pos, buf) = item?;
                 if pos.segment >= active {
@@ -392,8 +424,11 @@ impl DataLog {
                     pos,
                     encode_mutation(origin, m.kind, m.key, &m.meta, m.value),
                 ));
-                if batch.len() >= 256 {
+                batch_bytes += batch.last().map_or(0, |(_, r)| r.len());
+                // Bounded in records and bytes: the copies are in memory until appended.
+                if batch.len() >= 256 || batch_bytes >= COPY_BATCH_BYTES {
                     self.copy(&mut batch, &mut moves)?;
+                    batch_bytes = 0;
                 }
             }
             self.copy(&mut batch, &mut moves)?;
@@ -577,6 +612,9 @@ impl DataLog {
         Ok(())
     }
 }
+
+/// Compaction appends its copies in batches of at most this many bytes (or 256 records).
+const COPY_BATCH_BYTES: usize = 1 << 20;
 
 /// A record copied by compaction: references to `old` move to `new`.
 struct Move {
