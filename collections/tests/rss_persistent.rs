@@ -3,15 +3,18 @@
 //! The workload writes values of 4 KiB..64 KiB into a persistent [`KvStore`] with the default
 //! configuration (64 MiB segments, `SyncMode::Data`, `persist` every 4 MiB as a raft driver
 //! would), reads `/proc/self/status` (`VmRSS`, `RssAnon`, `RssFile`) at checkpoints as the data
-//! grows, then reads every value back once (a paged full scan, each value checked), reopens the
-//! store (recovery replays the whole log) and scans again. Every figure is the delta against
-//! the process before the store was opened, so it is what the store itself holds resident.
+//! grows, then reads every value back once (a paged full scan, each value checked), overwrites
+//! every 8th key and compacts the data log (which reads it all and copies the live data set),
+//! scans again, reopens the store (recovery replays the whole log) and scans again. Every figure
+//! is the delta against the process before the store was opened, so it is what the store itself
+//! holds resident.
 //!
 //! Why it stays small: the data log writes through a shared mapping but reads with `pread`, and
 //! it drops its written pages from the mapping (`MADV_DONTNEED`) when a segment is sealed and as
-//! the active segment grows past each sync (`seglog::map`); the index holds positions, never
-//! values. The page cache still holds the file's pages, but that is reclaimable kernel memory,
-//! not the process's resident set.
+//! the active segment grows past each sync (seglog's `map.rs`); the index holds positions, never
+//! values; recovery keeps no values while it waits for a group's `COMMIT`; compaction copies in
+//! batches of at most 1 MiB. The page cache still holds the file's pages, but that is
+//! reclaimable kernel memory, not the process's resident set.
 //!
 //! - `resident_memory_stays_below_a_quarter_of_the_data` (CI, 256 MiB): asserts
 //!   `RssAnon + RssFile` deltas below data / 4 at every checkpoint and prints the table.
@@ -140,10 +143,12 @@ impl Values {
         (4 * KIB + h % (60 * KIB + 1)) as usize
     }
 
-    fn value(&self, i: u64) -> Vec<u8> {
-        let off = ((i * 61) % (64 * KIB)) as usize;
+    /// Value of key `i` as written in `round` (0 first, 1 for an overwrite).
+    fn value(&self, i: u64, round: u64) -> Vec<u8> {
+        let off = ((i * 61 + round * 4099) % (64 * KIB)) as usize;
         let mut v = self.pool[off..off + Self::len(i)].to_vec();
         v[..8].copy_from_slice(&i.to_le_bytes());
+        v[8..16].copy_from_slice(&round.to_le_bytes());
         v
     }
 }
@@ -152,8 +157,14 @@ fn key(i: u64) -> Vec<u8> {
     format!("k{i:09}").into_bytes()
 }
 
-/// Reads every value once, in pages of about 1 MiB, checking each against `values`.
-fn scan_and_check(store: &KvStore, values: &Values, keys: u64) {
+/// Keys overwritten by the compaction phase: every 8th.
+fn overwritten(i: u64) -> bool {
+    i % 8 == 0
+}
+
+/// Reads every value once, in pages of about 1 MiB, checking each against `values` (round 1
+/// for the overwritten keys once `overwrote`).
+fn scan_and_check(store: &KvStore, values: &Values, keys: u64, overwrote: bool) {
     let mut req = ScanRequest::range(KeyRange::prefix(&b"k"[..]));
     req.max_bytes = MIB as usize;
     let mut next = 0u64;
@@ -161,8 +172,9 @@ fn scan_and_check(store: &KvStore, values: &Values, keys: u64) {
         let page = store.scan(&req, 0).expect("scan page");
         for kv in &page.kvs {
             assert_eq!(kv.key.as_ref(), key(next).as_slice(), "keys in order");
+            let round = u64::from(overwrote && overwritten(next));
             assert!(
-                kv.value.as_ref() == values.value(next).as_slice(),
+                kv.value.as_ref() == values.value(next, round).as_slice(),
                 "value of key {next} differs"
             );
             next += 1;
@@ -188,7 +200,7 @@ fn measure(dir: &Path, total: u64, checkpoints: &[u64]) -> Vec<Row> {
     let mut checkpoints = checkpoints.iter().copied().peekable();
     let t = Instant::now();
     while data < total {
-        let v = values.value(keys);
+        let v = values.value(keys, 0);
         let index = store.apply_state().applied_index + 1;
         store
             .apply(index, 1, 0, &cmd::encode(&cmd::put(&key(keys), &v, 0)))
@@ -221,10 +233,38 @@ fn measure(dir: &Path, total: u64, checkpoints: &[u64]) -> Vec<Row> {
         rss: Rss::now().minus(base),
     });
     let t = Instant::now();
-    scan_and_check(&store, &values, keys);
+    scan_and_check(&store, &values, keys, false);
     let scan_secs = t.elapsed().as_secs_f64();
     rows.push(Row {
         phase: "after full scan".into(),
+        data,
+        keys,
+        rss: Rss::now().minus(base),
+    });
+    // Overwrite every 8th key, drop the history, compact the data log: compaction reads every
+    // sealed segment and copies the live versions (the whole data set) to the end of the log.
+    let t = Instant::now();
+    for i in (0..keys).filter(|&i| overwritten(i)) {
+        let index = store.apply_state().applied_index + 1;
+        let c = cmd::encode(&cmd::put(&key(i), &values.value(i, 1), 0));
+        store.apply(index, 1, 0, &c).expect("apply overwrite");
+    }
+    let index = store.apply_state().applied_index + 1;
+    let c = cmd::encode(&cmd::compact(store.revision()));
+    store.apply(index, 1, 0, &c).expect("apply compact");
+    let dropped = store.compact_storage().expect("compact storage");
+    assert!(dropped > 0, "compaction dropped sealed segments");
+    store.persist().expect("persist");
+    let compact_secs = t.elapsed().as_secs_f64();
+    rows.push(Row {
+        phase: "overwrote 1/8 + compacted".into(),
+        data,
+        keys,
+        rss: Rss::now().minus(base),
+    });
+    scan_and_check(&store, &values, keys, true);
+    rows.push(Row {
+        phase: "compacted + full scan".into(),
         data,
         keys,
         rss: Rss::now().minus(base),
@@ -239,7 +279,7 @@ fn measure(dir: &Path, total: u64, checkpoints: &[u64]) -> Vec<Row> {
         keys,
         rss: Rss::now().minus(base),
     });
-    scan_and_check(&store, &values, keys);
+    scan_and_check(&store, &values, keys, true);
     rows.push(Row {
         phase: "reopened + full scan".into(),
         data,
@@ -248,10 +288,11 @@ fn measure(dir: &Path, total: u64, checkpoints: &[u64]) -> Vec<Row> {
     });
     drop(store);
     println!(
-        "write {:.1} s ({:.0} MiB/s), scan {:.1} s, reopen {:.1} s",
+        "write {:.1} s ({:.0} MiB/s), scan {:.1} s, overwrite + compaction {:.1} s, reopen {:.1} s",
         write_secs,
         data as f64 / MIB as f64 / write_secs,
         scan_secs,
+        compact_secs,
         reopen_secs
     );
     rows

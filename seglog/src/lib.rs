@@ -8,13 +8,23 @@
 //!
 //! - `format.rs`: the bytes: segment header, durable-mark slot, record frame
 //!   `[frame_len | crc32 | payload]`, the nonce-seeded checksum. Pure functions, no I/O.
-//! - `map.rs`: the one module with `unsafe`: a shared writable mapping with bounds-checked copies.
+//! - `map.rs`: the one module with `unsafe`: a shared writable mapping with bounds-checked copies,
+//!   and `release` (`MADV_DONTNEED`: drop written pages from the resident set, bytes unchanged).
 //! - `segment.rs`: one segment file: atomic creation (tmp, preallocate, header, fsync, rename,
-//!   directory fsync), record and mark writes through the mapping, msync.
+//!   directory fsync), record and mark writes through the mapping, msync, record reads with
+//!   `pread` (which keep the pages they touch out of the process's resident set).
 //! - `recovery.rs`: the scan on open, with `pread` only: torn tail cut and zeroed, damage to
 //!   durable data reported as [`Error::Corrupt`].
 //! - `log.rs`: [`SegLog`]: append, group-commit `sync`, read, iterate, truncate, segment GC; its
-//!   module doc lists the write path step by step.
+//!   module doc lists the write path step by step, including when written pages are released.
+//!
+//! # Memory
+//!
+//! The log's resident memory does not grow with its size: reads use `pread`, a segment's pages
+//! are dropped from the mapping when the log rolls past it, and the active segment's written
+//! pages are dropped at the end of a sync round once 4 MiB more were written. The page cache
+//! keeps the file's pages as long as the kernel likes, but that is reclaimable kernel memory,
+//! not the process's RSS.
 //! - `config.rs`: [`Config`] and [`SyncMode`].
 //! - `error.rs`: [`Error`].
 //!

@@ -13,12 +13,21 @@
 //!    write each flushed segment's durable mark into its header (reaching disk with the next flush
 //!    or by writeback). Every waiter is woken; those covered return without flushing, one of the
 //!    rest leads the next round.
+//! 3. **release** (memory only, no durability role): the leader then drops from the resident set
+//!    the pages of the round's sealed segments and, once it grew by `RELEASE_STEP` (4 MiB) since
+//!    the last release, the active segment's pages below the one holding `end`. A roll releases
+//!    the segment it seals at once (so a writer that never syncs, like compaction's copy phase,
+//!    stays bounded too). `MADV_DONTNEED` on the shared mapping keeps unflushed bytes dirty in
+//!    the page cache, so a release before a flush loses nothing (`map.rs`).
+//!
+//! Reads (`read`, `iter`) use `pread`, which sees the mapping's writes (same page-cache pages)
+//! and faults nothing into the process's page tables.
 //!
 //! A roll (two fsyncs) and the copy of a large payload happen under the state lock, so they delay
 //! other appends and the brief state lookups of readers; reads copy payloads outside it.
 //!
 //! Locks, always taken in this order: the sync gate -> `readers` -> `state`. Appends take only
-//! `state`; reads take `readers` (shared) then `state` briefly, and copy from the mapping under
+//! `state`; reads take `readers` (shared) then `state` briefly, and `pread` payloads under
 //! `readers` only; truncate takes all three (exclusive `readers`), so no read sees bytes being
 //! zeroed.
 
