@@ -5,19 +5,23 @@
 //! 1. advance the applied index/term and the entry clock (`clock = max(clock, now_ms)`: TTL is
 //!    judged by the leader's timestamp carried in the entry, never the local clock);
 //! 2. decode and validate the command (limits, bounds); a bad command gets an error reply and
-//!    changes nothing but the applied index;
+//!    changes nothing but the applied index; a write carrying a request id the range applied
+//!    before gets that reply again, one too old to tell gets `REQUEST_EXPIRED`, and neither
+//!    changes anything else (`dedup.rs`);
 //! 3. run it: each write command that changes something takes the next revision; a key whose
 //!    TTL passed is first removed (its delete event takes its own revision) when a put, cas or
 //!    delete touches it;
 //! 4. trim the watch history to the configured caps (events and bytes; whole revisions,
 //!    oldest first);
-//! 5. return the reply and the list of changes (for the data log and the subscribers).
+//! 5. record the reply of a write with a new request id; return the reply and the list of
+//!    changes (for the data log and the subscribers).
 
 use bytes::Bytes;
 use proto::kvpb::{self, Command_oneof_op as Op, Response_oneof_result as Res};
 use protobuf::Message;
 
 use crate::error::{KvError, Result};
+use crate::kv::dedup::{expired_error, ReqId, Verdict};
 use crate::kv::state::{kv_of, Change, Entry, KeyRange, Loader, State};
 use crate::kv::types::{KeyValue, KvConfig, Limits};
 
@@ -53,6 +57,7 @@ pub(crate) fn apply_entry(
     ctx.st.apply.applied_index = index;
     ctx.st.apply.applied_term = term;
     ctx.st.clock_ms = ctx.st.clock_ms.max(now_ms);
+    let mut new_id = None;
     let result = if cmd.is_empty() {
         Ok(None)
     } else if cmd.len() > ctx.limits.max_command_bytes {
@@ -65,16 +70,54 @@ pub(crate) fn apply_entry(
         // Parsing from a slice gives every `bytes` field its own allocation (a copy), so a
         // stored value never pins the whole command buffer.
         match kvpb::Command::parse_from_bytes(cmd) {
-            Ok(c) => match c.op {
-                Some(op) => exec(ctx, op, true).map(Some),
-                None => Err(KvError::invalid("command", "no operation set")),
-            },
+            Ok(mut c) => {
+                let id = c.request_id.take().filter(|_| is_write(&c.op));
+                match (c.op, id) {
+                    (None, _) => Err(KvError::invalid("command", "no operation set")),
+                    (Some(op), None) => exec(ctx, op, true).map(Some),
+                    (Some(op), Some(pb)) => match ReqId::from_pb(&pb) {
+                        Err(e) => Err(e),
+                        Ok(id) => match ctx.st.dedup.check(&id, ctx.st.clock_ms) {
+                            Verdict::Duplicate(reply) => {
+                                return kvpb::Response::parse_from_carllerche_bytes(&reply).map_err(
+                                    |e| KvError::Corrupt {
+                                        what: "dedup reply",
+                                        why: e.to_string(),
+                                    },
+                                )
+                            }
+                            Verdict::Expired => Ok(Some(Res::error(expired_error(&id)))),
+                            Verdict::New => {
+                                new_id = Some(id);
+                                exec(ctx, op, true).map(Some)
+                            }
+                        },
+                    },
+                }
+            }
             Err(e) => Err(KvError::invalid("command", e.to_string())),
         }
     };
     ctx.st
         .trim_history(cfg.history_max_events, cfg.history_max_bytes);
-    finish(ctx.st, result)
+    let resp = finish(ctx.st, result)?;
+    if let Some(id) = new_id {
+        let reply = resp.write_to_bytes().map_err(|e| KvError::Corrupt {
+            what: "reply",
+            why: e.to_string(),
+        })?;
+        let now = ctx.st.clock_ms;
+        ctx.st.dedup.record(&id, now, Bytes::from(reply));
+    }
+    Ok(resp)
+}
+
+/// Whether `op` is a write a request id applies to.
+fn is_write(op: &Option<Op>) -> bool {
+    matches!(
+        op,
+        Some(Op::put(_) | Op::delete(_) | Op::cas(_) | Op::batch(_))
+    )
 }
 
 fn finish(st: &State, result: Result<Option<Res>>) -> Result<kvpb::Response> {

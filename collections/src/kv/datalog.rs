@@ -8,6 +8,9 @@
 //!   copied the key's live version), `HIST_COPY` (compaction copied a history version).
 //! - `COMMIT` (2): the apply state and counters. It closes a *group*: the mutations of one
 //!   applied command (or one compaction, restore or split), appended with one `append_batch`.
+//!   An optional trailing field carries the request-id table's changes since the previous
+//!   `COMMIT`, or the whole table after a compaction or restore (`dedup.rs`); records
+//!   without it (older logs) decode as before.
 //! - `BOUNDS` (3): the key bounds after a split.
 //!
 //! Recovery replays groups in log order and ignores (and cuts) a trailing group without its
@@ -55,6 +58,8 @@ pub(crate) struct Commit {
     pub(crate) revision: u64,
     pub(crate) clock_ms: u64,
     pub(crate) compact_revision: u64,
+    /// Request-id table payload (`DedupTable::take_payload`); empty if none.
+    pub(crate) dedup: Bytes,
 }
 
 pub(crate) enum Record<'a> {
@@ -84,6 +89,16 @@ pub(crate) fn encode_mutation(
 }
 
 pub(crate) fn encode_commit(st: &State) -> Vec<u8> {
+    encode_commit_with(st, false)
+}
+
+/// A `COMMIT` carrying the whole request-id table (the records before it may be dropped).
+pub(crate) fn encode_commit_image(st: &State) -> Vec<u8> {
+    encode_commit_with(st, true)
+}
+
+fn encode_commit_with(st: &State, image: bool) -> Vec<u8> {
+    let dedup = st.dedup.take_payload(image);
     let a = &st.apply;
     let mut e = Enc::with_capacity(64 + a.apply_meta.len());
     e.u8(REC_COMMIT)
@@ -95,6 +110,9 @@ pub(crate) fn encode_commit(st: &State) -> Vec<u8> {
         .u64(st.clock_ms)
         .u64(st.compact_revision)
         .bytes(&a.apply_meta);
+    if !dedup.is_empty() {
+        e.bytes(&dedup);
+    }
     e.0
 }
 
@@ -160,6 +178,11 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Record<'_>> {
             let clock_ms = d.u64()?;
             let compact_revision = d.u64()?;
             let meta = Bytes::copy_from_slice(d.bytes()?);
+            let dedup = if d.remaining() > 0 {
+                Bytes::copy_from_slice(d.bytes()?)
+            } else {
+                Bytes::new()
+            };
             d.end()?;
             Ok(Record::Commit(Commit {
                 apply: ApplyState {
@@ -169,6 +192,7 @@ pub(crate) fn decode(buf: &[u8]) -> Result<Record<'_>> {
                 revision,
                 clock_ms,
                 compact_revision,
+                dedup,
             }))
         }
         REC_BOUNDS => {
@@ -213,6 +237,7 @@ pub(crate) struct DataLog {
 /// Replays `log` into a fresh state (module doc). Cuts a trailing group without `COMMIT`.
 pub(crate) fn recover(log: &SegLog) -> Result<State> {
     let mut st = State::default();
+    st.dedup.replay_payload(&[])?;
     let mut group: Vec<(Position, Replay)> = Vec::new();
     for item in log.iter(log.first()) {
         let (pos, buf) = item?;
@@ -241,6 +266,7 @@ pub(crate) fn recover(log: &SegLog) -> Result<State> {
         for (p, r) in group.drain(..) {
             replay_one(&mut st, p, r);
         }
+        st.dedup.replay_payload(&c.dedup)?;
         st.apply = c.apply;
         st.revision = c.revision;
         st.clock_ms = c.clock_ms;
@@ -451,7 +477,7 @@ impl DataLog {
             if st.bounds != Bounds::default() {
                 tail.push(encode_bounds(&st.bounds));
             }
-            tail.push(encode_commit(&st));
+            tail.push(encode_commit_image(&st));
             self.log.append_batch(tail.iter().map(Vec::as_slice))?;
             self.last_commit = st.apply.clone();
         }
@@ -604,7 +630,7 @@ impl DataLog {
         if st.bounds != Bounds::default() {
             tail.push(encode_bounds(&st.bounds));
         }
-        tail.push(encode_commit(st));
+        tail.push(encode_commit_image(st));
         self.log.append_batch(tail.iter().map(Vec::as_slice))?;
         self.log.sync()?;
         self.last_commit = st.apply.clone();

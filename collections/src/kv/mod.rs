@@ -4,6 +4,8 @@
 //! - `types.rs`: public value types ([`KeyValue`], [`Event`], [`ApplyState`]) and config.
 //! - `state.rs`: the in-memory state (index, TTL index, history); no I/O.
 //! - `apply.rs`: command semantics (decode, validate, run); its module doc is the apply path.
+//! - `dedup.rs`: request-id deduplication (a retried write applies once per range); the
+//!   table's bounds and persistence are in its module doc.
 //! - `store.rs`: [`KvStore`] (owner: apply, persist, restore, split, compaction) and
 //!   [`KvReader`] (concurrent reads, watch, snapshots).
 //! - `datalog.rs`: persistent mode's data-log records, recovery and compaction.
@@ -16,12 +18,14 @@ mod apply;
 pub mod cmd;
 mod codec;
 mod datalog;
+mod dedup;
 mod snapshot;
 mod state;
 mod store;
 mod types;
 mod watch;
 
+pub use dedup::{CLIENT_MAX_BYTES, EXPIRY_MS, MAX_BYTES, MAX_CLIENTS, WINDOW};
 pub use snapshot::{Restorer, SnapshotReader};
 pub use state::{KeyRange, MAX_REVISION};
 pub use store::{KvReader, KvStore, ReadHeader, ScanPage, ScanRequest};

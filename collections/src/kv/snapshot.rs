@@ -3,7 +3,9 @@
 //!
 //! A chunk is a sequence of framed records `[u32 LE length][record]`; a record never spans
 //! chunks. Records, in order: one `HEADER`, the live keys (`KV`, key order), the history
-//! (`EVENT`, `(revision, key)` order), one `END`. The encoding is a pure function of the logical
+//! (`EVENT`, `(revision, key)` order), the request-id table (`DEDUP`, image version 2 only),
+//! one `END`. Images of version 1 (magic `QVKVSNP1`, no `DEDUP` record) still restore, with an
+//! empty request-id table. The encoding is a pure function of the logical
 //! state (no positions, no persistence mode), so two replicas that applied the same entries
 //! produce byte-identical snapshots. Byte layout: `docs/design/collections.md` §5.
 
@@ -19,14 +21,19 @@ use seglog::SegLog;
 use crate::error::{KvError, Result};
 use crate::kv::codec::{Dec, Enc};
 use crate::kv::datalog::Pending;
+use crate::kv::dedup::DedupTable;
 use crate::kv::state::{check_counters, check_version, Entry, Hist, Meta, State, ValueRef};
 use crate::kv::types::{ApplyState, Bounds, EventKind};
 
-const MAGIC: &[u8; 8] = b"QVKVSNP1";
+/// Image version 2 (written): version 1 plus the `DEDUP` record.
+const MAGIC: &[u8; 8] = b"QVKVSNP2";
+/// Image version 1 (still restored).
+const MAGIC_V1: &[u8; 8] = b"QVKVSNP1";
 const REC_HEADER: u8 = 1;
 const REC_KV: u8 = 2;
 const REC_EVENT: u8 = 3;
 const REC_END: u8 = 4;
+const REC_DEDUP: u8 = 5;
 
 /// Name of the logged-mode snapshot file in the data dir.
 pub(crate) const SNAP_FILE: &str = "kv.snap";
@@ -55,6 +62,13 @@ fn header_record(st: &State, kvs: u64, events: u64) -> Vec<u8> {
         None => e.u8(0),
     };
     e.u64(kvs).u64(events);
+    e.0
+}
+
+fn dedup_record(st: &State) -> Vec<u8> {
+    let img = st.dedup.image();
+    let mut e = Enc::with_capacity(1 + img.len());
+    e.u8(REC_DEDUP).raw(&img);
     e.0
 }
 
@@ -101,6 +115,8 @@ pub struct SnapshotReader {
     header: Option<Vec<u8>>,
     kvs: std::vec::IntoIter<(Bytes, Entry)>,
     events: std::vec::IntoIter<((u64, Bytes), Hist)>,
+    /// The `DEDUP` record, until written.
+    dedup: Option<Vec<u8>>,
     ended: bool,
     log: Option<Arc<SegLog>>,
     _pin: Option<Pin>,
@@ -123,6 +139,7 @@ impl SnapshotReader {
             header: Some(header_record(st, kvs.len() as u64, events.len() as u64)),
             kvs: kvs.into_iter(),
             events: events.into_iter(),
+            dedup: Some(dedup_record(st)),
             ended: false,
             log,
             _pin: pin,
@@ -166,6 +183,8 @@ impl SnapshotReader {
                 meta_fields(&mut r, &h.meta);
                 r.bytes(&k).bytes(&v);
                 frame(&mut out, &r.0);
+            } else if let Some(d) = self.dedup.take() {
+                frame(&mut out, &d);
             } else {
                 frame(&mut out, &[REC_END]);
                 self.ended = true;
@@ -194,6 +213,8 @@ pub struct Restorer {
     header: bool,
     kvs_left: u64,
     events_left: u64,
+    /// Image version 2: a `DEDUP` record is due before `END`.
+    dedup_due: bool,
     ended: bool,
 }
 
@@ -244,7 +265,9 @@ impl Restorer {
                 let (m, rest) = magic
                     .split_at_checked(MAGIC.len())
                     .ok_or_else(|| Self::corrupt("short header"))?;
-                if m != MAGIC {
+                if m == MAGIC {
+                    self.dedup_due = true;
+                } else if m != MAGIC_V1 {
                     return Err(Self::corrupt("bad magic"));
                 }
                 let mut d = Dec::new(rest, "snapshot");
@@ -345,8 +368,15 @@ impl Restorer {
                 self.st
                     .insert_hist(meta.mod_revision, key, Hist { kind, meta, value });
             }
+            REC_DEDUP => {
+                if !self.dedup_due || self.kvs_left != 0 || self.events_left != 0 {
+                    return Err(Self::corrupt("unexpected dedup record"));
+                }
+                self.st.dedup = DedupTable::from_image(d.rest(), "snapshot")?;
+                self.dedup_due = false;
+            }
             REC_END => {
-                if self.kvs_left != 0 || self.events_left != 0 {
+                if self.kvs_left != 0 || self.events_left != 0 || self.dedup_due {
                     return Err(Self::corrupt("END before all announced records"));
                 }
                 d.end()?;

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use seglog::Position;
 
 use crate::error::{KvError, Result};
+use crate::kv::dedup::DedupTable;
 use crate::kv::types::{ApplyState, Bounds, Event, EventKind, KeyValue, RangeStats};
 
 /// Where a value lives.
@@ -196,6 +197,8 @@ pub(crate) struct State {
     pub(crate) live_bytes: u64,
     /// Bytes of keys plus values in `history` (for the byte cap).
     pub(crate) history_bytes: u64,
+    /// Replies of recent writes by request id (`dedup.rs`).
+    pub(crate) dedup: DedupTable,
 }
 
 /// Checks the store-wide counters of a restored or recovered state (`what`: `"snapshot"`,
@@ -632,6 +635,8 @@ impl State {
             revision: self.revision,
             compact_revision: self.compact_revision,
             middle_key,
+            dedup_clients: self.dedup.clients() as u64,
+            dedup_bytes: self.dedup.bytes(),
         }
     }
 }

@@ -204,6 +204,10 @@ pub struct RangeStats {
     pub compact_revision: u64,
     /// A key near the middle of the live bytes (split candidate); `None` below two keys.
     pub middle_key: Option<Bytes>,
+    /// Clients in the request-id table.
+    pub dedup_clients: u64,
+    /// Bytes of replies in the request-id table.
+    pub dedup_bytes: u64,
 }
 
 /// Returns the exclusive end of the prefix range of `prefix` (`None`: unbounded, when the

@@ -1,0 +1,521 @@
+//! Request-id deduplication: a write that carries a `kvpb.RequestId` is applied at most once
+//! per range, however often the client resends it.
+//!
+//! # The table
+//! Per client id: the replies of its most recently applied seqs (`recent`, seq → encoded
+//! `kvpb.Response`) and a `floor`: every seq at or below it is forgotten. A command with an id:
+//! - whose seq is in `recent` is a duplicate: it gets the recorded reply again and changes
+//!   nothing (no revision, no event; only the applied index moves, as for every entry);
+//! - whose seq is at or below `floor` is *expired*: it gets `REQUEST_EXPIRED` ("request id
+//!   expired: outcome unknown") and changes nothing, never a second apply;
+//! - of a client the table does not know, sent again (`attempt > 0`) while the table may have
+//!   evicted that client under pressure (see below), is expired too;
+//! - otherwise it is applied and its reply recorded.
+//!
+//! # Bounds (and what happens past them)
+//! - per client at most [`WINDOW`] replies and [`CLIENT_MAX_BYTES`] of them: the oldest seq
+//!   goes first and raises `floor`; a client's `first_incomplete` (its lowest unanswered seq)
+//!   drops every reply below it at once;
+//! - a client idle for [`EXPIRY_MS`] on the entry clock is forgotten (the client retries a
+//!   request id for at most `client::kv::RETRY_WINDOW`, far less);
+//! - at most [`MAX_CLIENTS`] clients and [`MAX_BYTES`] of replies in all: the least recently
+//!   used client is evicted; for [`EXPIRY_MS`] after that, a retry from a client the table does
+//!   not know is answered expired (it may be the evicted one).
+//!
+//! # Determinism and persistence
+//! Every decision depends only on the table, the command and the entry clock, so replicas
+//! that applied the same entries hold the same table. It is part of the snapshot image
+//! (`snapshot.rs`, image version 2) and, in persistent mode, of the data log: each `COMMIT`
+//! record carries the table changes since the previous one (or the whole table after a
+//! compaction or restore), so the table is recovered exactly at the committed apply index.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use proto::kvpb;
+
+use crate::error::{KvError, Result};
+use crate::kv::codec::{Dec, Enc};
+
+/// Replies remembered per client.
+pub const WINDOW: usize = 64;
+/// Bytes of replies remembered per client.
+pub const CLIENT_MAX_BYTES: u64 = 256 << 10;
+/// Clients remembered per range.
+pub const MAX_CLIENTS: usize = 4096;
+/// Bytes of replies remembered per range.
+pub const MAX_BYTES: u64 = 8 << 20;
+/// A client idle this long (entry clock) is forgotten.
+pub const EXPIRY_MS: u64 = 5 * 60 * 1000;
+
+/// Tag of a data-log payload holding table changes since the previous `COMMIT`.
+const PAYLOAD_DELTAS: u8 = 1;
+/// Tag of a data-log payload holding the whole table.
+const PAYLOAD_IMAGE: u8 = 2;
+
+/// A validated request id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ReqId {
+    pub(crate) client: u64,
+    pub(crate) seq: u64,
+    pub(crate) first_incomplete: u64,
+    pub(crate) attempt: u32,
+}
+
+impl ReqId {
+    /// Checks the wire form: client and seq non-zero, `first_incomplete <= seq`.
+    pub(crate) fn from_pb(r: &kvpb::RequestId) -> Result<ReqId> {
+        if r.client == 0 {
+            return Err(KvError::invalid("request_id.client", "must not be 0"));
+        }
+        if r.seq == 0 {
+            return Err(KvError::invalid("request_id.seq", "must not be 0"));
+        }
+        if r.first_incomplete > r.seq {
+            return Err(KvError::invalid(
+                "request_id.first_incomplete",
+                "is above seq (the request itself is not finished)",
+            ));
+        }
+        Ok(ReqId {
+            client: r.client,
+            seq: r.seq,
+            first_incomplete: r.first_incomplete,
+            attempt: r.attempt,
+        })
+    }
+}
+
+/// What to do with a command carrying a request id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Not seen: apply it, then [`DedupTable::record`] its reply.
+    New,
+    /// Applied before: this is its reply.
+    Duplicate(Bytes),
+    /// Too old to tell: refuse without applying.
+    Expired,
+}
+
+/// The `REQUEST_EXPIRED` error of an expired request id.
+pub(crate) fn expired_error(id: &ReqId) -> kvpb::Error {
+    let mut e = kvpb::Error::new();
+    e.code = kvpb::ErrorCode::REQUEST_EXPIRED;
+    e.field = "request_id".into();
+    e.why = format!(
+        "request id expired: outcome unknown (client {:016x} seq {} is older than what the \
+         range remembers)",
+        id.client, id.seq
+    );
+    e
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ClientEntry {
+    /// Every seq at or below is forgotten.
+    floor: u64,
+    recent: BTreeMap<u64, Bytes>,
+    /// Entry clock of the last record.
+    last_ms: u64,
+    /// Table tick of the last record (its LRU position; unique).
+    last_tick: u64,
+    bytes: u64,
+}
+
+/// The per-range table (module doc).
+#[derive(Debug, Default)]
+pub(crate) struct DedupTable {
+    clients: BTreeMap<u64, ClientEntry>,
+    /// `(last_tick, client)`: least recently used first.
+    lru: BTreeSet<(u64, u64)>,
+    tick: u64,
+    bytes: u64,
+    /// Until this entry-clock time an unknown client's retry may be one evicted under pressure.
+    pressure_until_ms: u64,
+    /// Persistent mode: changes not yet written to the data log (see `take_payload`).
+    journaling: AtomicBool,
+    journal: Mutex<Vec<u8>>,
+    journal_len: Mutex<u64>,
+}
+
+impl Clone for DedupTable {
+    /// The table without its unwritten journal (a copy starts its own persistence).
+    fn clone(&self) -> Self {
+        DedupTable {
+            clients: self.clients.clone(),
+            lru: self.lru.clone(),
+            tick: self.tick,
+            bytes: self.bytes,
+            pressure_until_ms: self.pressure_until_ms,
+            ..DedupTable::default()
+        }
+    }
+}
+
+impl PartialEq for DedupTable {
+    fn eq(&self, o: &Self) -> bool {
+        self.clients == o.clients
+            && self.tick == o.tick
+            && self.bytes == o.bytes
+            && self.pressure_until_ms == o.pressure_until_ms
+    }
+}
+
+impl Eq for DedupTable {}
+
+impl DedupTable {
+    /// Clients remembered.
+    pub(crate) fn clients(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Bytes of replies remembered.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The verdict on `id` (no change to the table).
+    pub(crate) fn check(&self, id: &ReqId, now_ms: u64) -> Verdict {
+        match self.clients.get(&id.client) {
+            Some(c) => match c.recent.get(&id.seq) {
+                Some(r) => Verdict::Duplicate(r.clone()),
+                None if id.seq <= c.floor => Verdict::Expired,
+                None => Verdict::New,
+            },
+            None if id.attempt > 0 && now_ms < self.pressure_until_ms => Verdict::Expired,
+            None => Verdict::New,
+        }
+    }
+
+    /// Records the reply of the newly applied `id` at entry clock `now_ms`, then enforces the
+    /// bounds (module doc).
+    pub(crate) fn record(&mut self, id: &ReqId, now_ms: u64, reply: Bytes) {
+        if self.journaling.load(Ordering::Relaxed) {
+            let mut j = self.journal.lock();
+            let mut e = Enc(std::mem::take(&mut *j));
+            e.u64(id.client)
+                .u64(id.seq)
+                .u64(id.first_incomplete)
+                .u64(now_ms)
+                .bytes(&reply);
+            *j = e.0;
+            *self.journal_len.lock() += 1;
+        }
+        self.tick += 1;
+        let tick = self.tick;
+        let c = self.clients.entry(id.client).or_default();
+        self.lru.remove(&(c.last_tick, id.client));
+        c.last_tick = tick;
+        c.last_ms = c.last_ms.max(now_ms);
+        self.lru.insert((tick, id.client));
+        let mut freed = 0u64;
+        if id.first_incomplete > 1 {
+            let keep = c.recent.split_off(&id.first_incomplete);
+            for r in std::mem::replace(&mut c.recent, keep).into_values() {
+                freed += r.len() as u64;
+            }
+            c.floor = c.floor.max(id.first_incomplete - 1);
+        }
+        let added = reply.len() as u64;
+        c.recent.insert(id.seq, reply);
+        c.bytes = c.bytes + added - freed;
+        while c.recent.len() > WINDOW || (c.bytes > CLIENT_MAX_BYTES && c.recent.len() > 1) {
+            let Some((s, r)) = c.recent.pop_first() else {
+                break;
+            };
+            c.bytes -= r.len() as u64;
+            freed += r.len() as u64;
+            c.floor = c.floor.max(s);
+        }
+        self.bytes = self.bytes + added - freed;
+        self.evict(now_ms);
+    }
+
+    /// Drops expired clients, then least recently used ones past the caps.
+    fn evict(&mut self, now_ms: u64) {
+        while let Some(&(tick, client)) = self.lru.first() {
+            let Some(c) = self.clients.get(&client) else {
+                self.lru.remove(&(tick, client));
+                continue;
+            };
+            let idle = c.last_ms.saturating_add(EXPIRY_MS) <= now_ms;
+            let pressure = self.clients.len() > MAX_CLIENTS || self.bytes > MAX_BYTES;
+            if !idle && !pressure {
+                break;
+            }
+            if self.lru.len() == 1 && !idle {
+                // The client just recorded stays (its own bounds keep it under the caps).
+                break;
+            }
+            if !idle {
+                self.pressure_until_ms = self
+                    .pressure_until_ms
+                    .max(c.last_ms.saturating_add(EXPIRY_MS));
+            }
+            self.bytes -= c.bytes;
+            self.clients.remove(&client);
+            self.lru.remove(&(tick, client));
+        }
+    }
+
+    fn encode_image(&self, e: &mut Enc) {
+        e.u64(self.tick)
+            .u64(self.pressure_until_ms)
+            .u64(self.clients.len() as u64);
+        for (id, c) in &self.clients {
+            e.u64(*id)
+                .u64(c.floor)
+                .u64(c.last_ms)
+                .u64(c.last_tick)
+                .u64(c.recent.len() as u64);
+            for (s, r) in &c.recent {
+                e.u64(*s).bytes(r);
+            }
+        }
+    }
+
+    /// The whole table (snapshot images).
+    pub(crate) fn image(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        self.encode_image(&mut e);
+        e.0
+    }
+
+    /// Decodes [`DedupTable::image`], checking it is a table some sequence of records makes:
+    /// client ids and seqs non-zero, replies above the floor and in order, unique ticks up to
+    /// the table's tick.
+    pub(crate) fn from_image(buf: &[u8], what: &'static str) -> Result<DedupTable> {
+        let mut d = Dec::new(buf, what);
+        let t = Self::decode_image(&mut d, what)?;
+        d.end()?;
+        Ok(t)
+    }
+
+    fn decode_image(d: &mut Dec<'_>, what: &'static str) -> Result<DedupTable> {
+        let bad = |field: &'static str, why: String| KvError::field(what, field, why);
+        let mut t = DedupTable {
+            tick: d.u64()?,
+            pressure_until_ms: d.u64()?,
+            ..DedupTable::default()
+        };
+        let n = d.u64()?;
+        for _ in 0..n {
+            let id = d.u64()?;
+            if id == 0 || t.clients.last_key_value().is_some_and(|(k, _)| *k >= id) {
+                return Err(bad("dedup.client", format!("{id} is 0 or out of order")));
+            }
+            let mut c = ClientEntry {
+                floor: d.u64()?,
+                last_ms: d.u64()?,
+                last_tick: d.u64()?,
+                ..ClientEntry::default()
+            };
+            if c.last_tick == 0 || c.last_tick > t.tick || !t.lru.insert((c.last_tick, id)) {
+                return Err(bad(
+                    "dedup.last_tick",
+                    format!("{} is 0, above the table's tick or taken", c.last_tick),
+                ));
+            }
+            let m = d.u64()?;
+            for _ in 0..m {
+                let s = d.u64()?;
+                let r = Bytes::copy_from_slice(d.bytes()?);
+                if s <= c.floor || c.recent.last_key_value().is_some_and(|(k, _)| *k >= s) {
+                    return Err(bad(
+                        "dedup.seq",
+                        format!("{s} is at or below the floor or out of order"),
+                    ));
+                }
+                c.bytes += r.len() as u64;
+                c.recent.insert(s, r);
+            }
+            t.bytes += c.bytes;
+            t.clients.insert(id, c);
+        }
+        Ok(t)
+    }
+
+    /// Persistent mode: the payload the next `COMMIT` record carries — the records since the
+    /// previous one (empty if none), or the whole table when `image` (after a compaction or a
+    /// restore: the records before are about to go). Starts journaling.
+    pub(crate) fn take_payload(&self, image: bool) -> Vec<u8> {
+        self.journaling.store(true, Ordering::Relaxed);
+        let journal = std::mem::take(&mut *self.journal.lock());
+        let n = std::mem::take(&mut *self.journal_len.lock());
+        let mut e = Enc::default();
+        if image {
+            e.u8(PAYLOAD_IMAGE);
+            self.encode_image(&mut e);
+        } else if n > 0 {
+            e.u8(PAYLOAD_DELTAS).u64(n).raw(&journal);
+        }
+        e.0
+    }
+
+    /// Persistent mode: replays a `COMMIT` record's payload (recovery). Starts journaling.
+    pub(crate) fn replay_payload(&mut self, payload: &[u8]) -> Result<()> {
+        const WHAT: &str = "data-log dedup";
+        self.journaling.store(true, Ordering::Relaxed);
+        if payload.is_empty() {
+            return Ok(());
+        }
+        let mut d = Dec::new(payload, WHAT);
+        match d.u8()? {
+            PAYLOAD_DELTAS => {
+                let n = d.u64()?;
+                let journaling = self.journaling.swap(false, Ordering::Relaxed);
+                for _ in 0..n {
+                    let client = d.u64()?;
+                    let seq = d.u64()?;
+                    let first_incomplete = d.u64()?;
+                    let now_ms = d.u64()?;
+                    let reply = Bytes::copy_from_slice(d.bytes()?);
+                    let mut pb = kvpb::RequestId::new();
+                    (pb.client, pb.seq, pb.first_incomplete) = (client, seq, first_incomplete);
+                    let id = ReqId::from_pb(&pb)?;
+                    self.record(&id, now_ms, reply);
+                }
+                self.journaling.store(journaling, Ordering::Relaxed);
+            }
+            PAYLOAD_IMAGE => {
+                let t = Self::decode_image(&mut d, WHAT)?;
+                *self = DedupTable {
+                    journaling: AtomicBool::new(true),
+                    ..t
+                };
+            }
+            t => {
+                return Err(KvError::Corrupt {
+                    what: WHAT,
+                    why: format!("unknown payload tag {t}"),
+                })
+            }
+        }
+        d.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(client: u64, seq: u64, fi: u64, attempt: u32) -> ReqId {
+        ReqId {
+            client,
+            seq,
+            first_incomplete: fi,
+            attempt,
+        }
+    }
+
+    fn reply(n: u64) -> Bytes {
+        Bytes::from(n.to_le_bytes().to_vec())
+    }
+
+    #[test]
+    fn duplicates_get_the_recorded_reply_and_old_seqs_expire() {
+        let mut t = DedupTable::default();
+        assert_eq!(t.check(&id(7, 1, 1, 0), 0), Verdict::New);
+        t.record(&id(7, 1, 1, 0), 0, reply(1));
+        assert_eq!(t.check(&id(7, 1, 1, 3), 0), Verdict::Duplicate(reply(1)));
+        // Out of order within the window is fine.
+        t.record(&id(7, 3, 1, 0), 0, reply(3));
+        assert_eq!(t.check(&id(7, 2, 1, 0), 0), Verdict::New);
+        // first_incomplete = 3: seqs 1 and 2 are finished and forgotten.
+        t.record(&id(7, 4, 3, 0), 0, reply(4));
+        assert_eq!(t.check(&id(7, 1, 1, 1), 0), Verdict::Expired);
+        assert_eq!(t.check(&id(7, 2, 1, 0), 0), Verdict::Expired);
+        assert_eq!(t.check(&id(7, 3, 3, 1), 0), Verdict::Duplicate(reply(3)));
+        // The window: the oldest reply goes first.
+        for s in 5..4 + WINDOW as u64 {
+            t.record(&id(7, s, 3, 0), 0, reply(s));
+        }
+        assert_eq!(t.check(&id(7, 3, 3, 1), 0), Verdict::Expired);
+        assert_eq!(t.check(&id(7, 4, 3, 1), 0), Verdict::Duplicate(reply(4)));
+        assert_eq!(t.bytes(), 8 * WINDOW as u64);
+    }
+
+    #[test]
+    fn idle_clients_expire_and_pressure_evictions_refuse_unknown_retries() {
+        let mut t = DedupTable::default();
+        t.record(&id(1, 1, 1, 0), 1_000, reply(1));
+        t.record(&id(2, 1, 1, 0), 2_000, reply(1));
+        // Client 1 idle for EXPIRY_MS: forgotten, and a retry from an unknown client is new.
+        t.record(&id(3, 1, 1, 0), 1_000 + EXPIRY_MS, reply(1));
+        assert_eq!(t.clients(), 2);
+        assert_eq!(t.check(&id(1, 1, 1, 1), 1_000 + EXPIRY_MS), Verdict::New);
+        // Past MAX_CLIENTS the least recently used goes, and unknown retries are refused for
+        // EXPIRY_MS after its last use.
+        let now = 3_000 + EXPIRY_MS;
+        for c in 10..10 + MAX_CLIENTS as u64 {
+            t.record(&id(c, 1, 1, 0), now, reply(c));
+        }
+        assert_eq!(t.clients(), MAX_CLIENTS);
+        assert_eq!(t.check(&id(2, 1, 1, 1), now), Verdict::Expired);
+        assert_eq!(t.check(&id(99_999, 5, 5, 1), now), Verdict::Expired);
+        assert_eq!(t.check(&id(99_999, 5, 5, 0), now), Verdict::New);
+        let later = 1_000 + 3 * EXPIRY_MS;
+        assert_eq!(t.check(&id(99_999, 5, 5, 1), later), Verdict::New);
+    }
+
+    #[test]
+    fn replies_are_bounded_in_bytes() {
+        let mut t = DedupTable::default();
+        let big = Bytes::from(vec![0u8; (CLIENT_MAX_BYTES / 2 + 1) as usize]);
+        t.record(&id(1, 1, 0, 0), 0, big.clone());
+        t.record(&id(1, 2, 0, 0), 0, big.clone());
+        assert_eq!(t.check(&id(1, 1, 0, 1), 0), Verdict::Expired);
+        assert_eq!(t.bytes(), big.len() as u64);
+        let mut c = 2;
+        while t.bytes() <= MAX_BYTES - big.len() as u64 {
+            t.record(&id(c, 1, 0, 0), 0, big.clone());
+            c += 1;
+        }
+        t.record(&id(c, 1, 0, 0), 0, big.clone());
+        assert!(t.bytes() <= MAX_BYTES, "{}", t.bytes());
+        assert_eq!(t.check(&id(1, 2, 0, 1), 0), Verdict::Expired);
+    }
+
+    #[test]
+    fn image_and_payloads_round_trip_and_bad_images_are_refused() {
+        let mut t = DedupTable::default();
+        assert!(t.take_payload(false).is_empty());
+        for (c, s) in [(5, 1), (9, 2), (5, 3), (9, 1)] {
+            t.record(&id(c, s, 1, 0), 10, reply(s));
+        }
+        let img = t.image();
+        assert_eq!(DedupTable::from_image(&img, "test").unwrap(), t);
+        // Replaying deltas over the state of the previous payload gives the same table.
+        let full = t.take_payload(true);
+        let mut r = DedupTable::default();
+        r.replay_payload(&full).unwrap();
+        assert_eq!(r, t);
+        t.record(&id(5, 4, 3, 0), 20, reply(4));
+        t.record(&id(11, 1, 0, 0), 20, reply(4));
+        r.replay_payload(&t.take_payload(false)).unwrap();
+        assert_eq!(r, t);
+        // Records replayed are not journaled twice.
+        assert!(r.take_payload(false).is_empty());
+        // Corrupt images: a seq at the floor, a tick above the table's, trailing bytes.
+        let mut bad = DedupTable::default();
+        bad.record(&id(5, 2, 2, 0), 0, reply(2));
+        let mut img = bad.image();
+        // The seq is the last u64 before the reply's length-prefixed bytes.
+        let n = img.len();
+        let seq_at = n - reply(2).len() - 4 - 8;
+        img[seq_at..seq_at + 8].copy_from_slice(&1u64.to_le_bytes());
+        assert!(matches!(
+            DedupTable::from_image(&img, "test"),
+            Err(KvError::InvalidField { .. })
+        ));
+        let mut img = bad.image();
+        img[..8].copy_from_slice(&0u64.to_le_bytes());
+        assert!(DedupTable::from_image(&img, "test").is_err());
+        let mut img = bad.image();
+        img.push(0);
+        assert!(DedupTable::from_image(&img, "test").is_err());
+        assert!(DedupTable::default().replay_payload(&[9]).is_err());
+    }
+}
