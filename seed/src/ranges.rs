@@ -6,9 +6,28 @@
 //! clock TTLs are measured on) followed by an encoded `kvpb.Command` with full keys
 //! (collection prefix included). Every replica applies the same bytes, so the same clock.
 //!
+//! Admin entries set the top bit of the header (a clock is always below 2^63), followed by an
+//! [`AdminCommand`] ([`encode_admin`]); normal entries pay nothing for them.
+//!
+//! # Splits
+//! A [`AdminCommand::Split`] names the split key `at`, the daughter's range id (reserved in
+//! meta) and the bounds the proposer's store had. Every replica applies it the same way
+//! ([`KvStateMachine`] with a [`SplitHost`], the node): if the bounds differ or `at` is not
+//! strictly inside them (a stale or duplicate split) the entry is answered with an error and
+//! changes nothing. If the daughter is already held or being opened here (assign opened it
+//! empty and a snapshot fills it), the store only drops its right half
+//! ([`KvStore::split_drop_right`]). Otherwise the daughter's `range.meta` is written first
+//! (`parent`, `split_index`), then [`KvStore::split_off`] builds the right half in the
+//! daughter's dir (durable before the left half), its apply meta becomes the parent's
+//! `ConfState` made non-joint ([`daughter_conf`]), and the daughter's cell is created without
+//! waiting (the shard thread is applying) and registered. harpoon opens it with the state
+//! machine ahead of an empty log and writes a Snapshot record at (split index, split term).
+//! A registry claim makes exactly one of apply, self-assignment and start-up open a range.
+//!
 //! # On disk
 //! `<data dir>/ranges/<range id>/range.meta` names the collection and its persistence mode
-//! (written before the cell is created; read at start-up to reopen the range), and the
+//! (written before the cell is created; read at start-up to reopen the range), for a daughter
+//! also its parent and split index, and the
 //! store's own files live in `<data dir>/ranges/<range id>/kv/`:
 //! - `memory`: nothing of the store (it is empty after a restart). The node has one raft
 //!   `LogStore` for all its cells, on disk, so a memory range's raft log is on disk like every
@@ -25,9 +44,9 @@
 //! The apply state (applied index, commit point, encoded `ConfState` as `apply_meta`) is
 //! stored by the KvStore atomically with its data.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use collections::kv::{KvConfig, KvReader, KvStore, Persistence};
@@ -37,7 +56,7 @@ use harpoon::{
 };
 use meta::CollectionDescriptor;
 use parking_lot::Mutex;
-use proto::metapb;
+use proto::{kvpb, metapb};
 use protobuf::{Message, ProtobufEnum};
 use raft::eraftpb::ConfState;
 
@@ -46,12 +65,151 @@ use crate::node::Seed;
 /// Bytes of the entry header (the leader's clock).
 pub const ENTRY_HEADER: usize = 8;
 
+/// The header bit that marks an admin entry.
+pub const ADMIN_FLAG: u64 = 1 << 63;
+
 /// Encode an entry: the leader clock, then the command.
 pub fn encode_entry(now_ms: u64, command: &[u8]) -> Bytes {
     let mut v = Vec::with_capacity(ENTRY_HEADER + command.len());
-    v.extend_from_slice(&now_ms.to_be_bytes());
+    v.extend_from_slice(&(now_ms & !ADMIN_FLAG).to_be_bytes());
     v.extend_from_slice(command);
     Bytes::from(v)
+}
+
+/// A split proposed by the range's leader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitCommand {
+    /// The first key of the daughter.
+    pub at: Bytes,
+    /// The daughter's range id (reserved in meta).
+    pub daughter: u64,
+    /// The store's bounds when the split was proposed; a replica whose bounds differ when it
+    /// applies the entry refuses it.
+    pub lo: Bytes,
+    pub hi: Option<Bytes>,
+}
+
+/// An admin entry's command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCommand {
+    Split(SplitCommand),
+}
+
+const ADMIN_SPLIT: u8 = 1;
+
+fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
+    v.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    v.extend_from_slice(b);
+}
+
+/// Encode an admin entry: the clock with [`ADMIN_FLAG`] set, the command's kind, its fields
+/// (u64 big-endian; byte strings as u32 big-endian length then bytes; an optional one as a
+/// presence byte first).
+pub fn encode_admin(now_ms: u64, cmd: &AdminCommand) -> Bytes {
+    let mut v = Vec::with_capacity(64);
+    v.extend_from_slice(&(now_ms | ADMIN_FLAG).to_be_bytes());
+    match cmd {
+        AdminCommand::Split(s) => {
+            v.push(ADMIN_SPLIT);
+            v.extend_from_slice(&s.daughter.to_be_bytes());
+            put_bytes(&mut v, &s.at);
+            put_bytes(&mut v, &s.lo);
+            match &s.hi {
+                None => v.push(0),
+                Some(hi) => {
+                    v.push(1);
+                    put_bytes(&mut v, hi);
+                }
+            }
+        }
+    }
+    Bytes::from(v)
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!("admin entry cut short in {what}"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self, what: &str) -> Result<u8, String> {
+        Ok(self.take(1, what)?[0])
+    }
+    fn u64(&mut self, what: &str) -> Result<u64, String> {
+        let b = self.take(8, what)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn bytes(&mut self, what: &str) -> Result<Bytes, String> {
+        let b = self.take(4, what)?;
+        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        Ok(Bytes::copy_from_slice(self.take(n, what)?))
+    }
+}
+
+/// Decode an admin entry's payload (what follows the 8-byte header).
+///
+/// # Errors
+/// A description of what does not decode (unknown kind, cut short, trailing bytes).
+pub fn decode_admin(payload: &[u8]) -> Result<AdminCommand, String> {
+    let mut c = Cursor(payload);
+    let cmd = match c.u8("kind")? {
+        ADMIN_SPLIT => {
+            let daughter = c.u64("daughter")?;
+            let at = c.bytes("at")?;
+            let lo = c.bytes("lo")?;
+            let hi = match c.u8("hi")? {
+                0 => None,
+                1 => Some(c.bytes("hi")?),
+                n => return Err(format!("admin entry: bad presence byte {n} for hi")),
+            };
+            AdminCommand::Split(SplitCommand {
+                at,
+                daughter,
+                lo,
+                hi,
+            })
+        }
+        k => return Err(format!("unknown admin command kind {k}")),
+    };
+    if !c.0.is_empty() {
+        return Err(format!(
+            "{} trailing bytes after the admin command",
+            c.0.len()
+        ));
+    }
+    Ok(cmd)
+}
+
+/// The daughter's membership: the parent's applied `ConfState` made non-joint, the same way
+/// on every replica: the incoming voters stay voters, learners and the voters being demoted
+/// (`learners_next`) are learners, the outgoing-only voters are dropped.
+pub fn daughter_conf(parent: &ConfState) -> ConfState {
+    let mut learners: Vec<u64> = parent.learners.clone();
+    for l in &parent.learners_next {
+        if !learners.contains(l) && !parent.voters.contains(l) {
+            learners.push(*l);
+        }
+    }
+    learners.retain(|l| !parent.voters.contains(l));
+    ConfState {
+        voters: parent.voters.clone(),
+        learners,
+        ..Default::default()
+    }
+}
+
+fn decode_conf(meta: &[u8]) -> Result<ConfState, StateMachineError> {
+    if meta.is_empty() {
+        return Ok(ConfState::default());
+    }
+    ConfState::parse_from_bytes(meta).map_err(|e| sm_err("conf_state", e))
 }
 
 fn split_entry(data: &[u8]) -> (u64, &[u8]) {
@@ -96,15 +254,165 @@ fn empty_image(state: &ApplyState) -> Result<Bytes, StateMachineError> {
         .map_err(|e| sm_err("restore", e))
 }
 
+/// What a replica applying a split needs from the node holding it.
+pub trait SplitHost: Send + Sync {
+    /// Claim range `range` for opening here: false if it is held, or being opened, here.
+    fn claim(&self, range: u64) -> bool;
+    /// Give a claim back (the range was not opened).
+    fn release(&self, range: u64);
+    /// Write the daughter's `range.meta` (durably) and return its store's configuration.
+    fn prepare(&self, m: &RangeMeta) -> Result<KvConfig, String>;
+    /// Create the daughter's cell around `store` without waiting, register it and give the
+    /// claim back.
+    fn start(&self, m: RangeMeta, store: KvStore);
+}
+
 /// A KV range replica as a harpoon state machine.
 pub struct KvStateMachine {
     store: KvStore,
+    /// The range's record and the node, for splits (without them a split is refused).
+    host: Option<(RangeMeta, Arc<dyn SplitHost>)>,
+}
+
+fn admin_reply(
+    store: &KvStore,
+    index: u64,
+    err: Option<(kvpb::ErrorCode, String)>,
+) -> Result<Bytes, StateMachineError> {
+    let mut r = kvpb::Response::new();
+    let mut h = kvpb::ResponseHeader::new();
+    h.revision = store.revision();
+    h.applied_index = index;
+    r.set_header(h);
+    if let Some((code, why)) = err {
+        let mut e = kvpb::Error::new();
+        e.code = code;
+        e.why = why;
+        r.set_error(e);
+    }
+    r.write_to_bytes()
+        .map(Bytes::from)
+        .map_err(|e| sm_err("admin reply", e))
 }
 
 impl KvStateMachine {
-    /// Wrap `store`.
+    /// Wrap `store` (splits are refused: no node to hold a daughter).
     pub fn new(store: KvStore) -> Self {
-        KvStateMachine { store }
+        KvStateMachine { store, host: None }
+    }
+
+    /// Wrap `store`, the replica of the range `meta` on the node `host`.
+    pub fn with_host(store: KvStore, meta: RangeMeta, host: Arc<dyn SplitHost>) -> Self {
+        KvStateMachine {
+            store,
+            host: Some((meta, host)),
+        }
+    }
+
+    /// An admin entry that changes nothing: it is answered with an error, and applied.
+    fn refuse(
+        &mut self,
+        index: u64,
+        term: u64,
+        code: kvpb::ErrorCode,
+        why: String,
+    ) -> Result<Bytes, StateMachineError> {
+        self.store
+            .apply(index, term, 0, &[])
+            .map_err(|e| sm_err("apply", e))?;
+        admin_reply(&self.store, index, Some((code, why)))
+    }
+
+    fn apply_admin(
+        &mut self,
+        index: u64,
+        term: u64,
+        payload: &[u8],
+    ) -> Result<Bytes, StateMachineError> {
+        match decode_admin(payload) {
+            Ok(AdminCommand::Split(s)) => self.apply_split(index, term, s),
+            Err(why) => self.refuse(index, term, kvpb::ErrorCode::INVALID_ARGUMENT, why),
+        }
+    }
+
+    fn apply_split(
+        &mut self,
+        index: u64,
+        term: u64,
+        s: SplitCommand,
+    ) -> Result<Bytes, StateMachineError> {
+        let b = self.store.bounds();
+        if b.lo != s.lo || b.hi != s.hi {
+            let why = format!(
+                "stale split: the range's bounds are {:?}..{:?}, the split expected {:?}..{:?}",
+                b.lo, b.hi, s.lo, s.hi
+            );
+            return self.refuse(index, term, kvpb::ErrorCode::INVALID_ARGUMENT, why);
+        }
+        if s.at <= b.lo || !b.contains(&s.at) {
+            let why = "split key not strictly inside the range".to_string();
+            return self.refuse(index, term, kvpb::ErrorCode::KEY_OUT_OF_RANGE, why);
+        }
+        let Some((me, host)) = self.host.clone() else {
+            let why = "this replica cannot hold a daughter range".to_string();
+            return self.refuse(index, term, kvpb::ErrorCode::INVALID_ARGUMENT, why);
+        };
+        if s.daughter == me.range || s.daughter == 0 {
+            let why = format!("bad daughter range id {}", s.daughter);
+            return self.refuse(index, term, kvpb::ErrorCode::INVALID_ARGUMENT, why);
+        }
+        let parent_conf = decode_conf(&self.store.apply_state().apply_meta)?;
+        let conf = daughter_conf(&parent_conf)
+            .write_to_bytes()
+            .map_err(|e| sm_err("split", e))?;
+        let dm = RangeMeta {
+            range: s.daughter,
+            collection: me.collection,
+            persistence: me.persistence,
+            replication: me.replication,
+            parent: me.range,
+            split_index: index,
+        };
+        if !host.claim(s.daughter) {
+            // Held here already (opened empty and filled by the daughter's leader): the
+            // parent only lets go of the right half.
+            self.store
+                .split_drop_right(index, term, &s.at)
+                .map_err(|e| sm_err("split", e))?;
+            return admin_reply(&self.store, index, None);
+        }
+        let cfg = match host.prepare(&dm) {
+            Ok(c) => c,
+            Err(e) => {
+                host.release(s.daughter);
+                return Err(sm_err("split: daughter range dir", e));
+            }
+        };
+        match self.store.split_off(index, term, &s.at, cfg) {
+            Ok(mut right) => {
+                right.set_apply_meta(index, term, conf.into());
+                if let Err(e) = right.persist() {
+                    host.release(s.daughter);
+                    return Err(sm_err("split: daughter store", e));
+                }
+                host.start(dm, right);
+            }
+            Err(e) if !e.is_fatal() => {
+                // The daughter's dir holds another state of the daughter (it was held here
+                // before, e.g. a replica that could not be reopened): keep it, drop the right
+                // half here.
+                host.release(s.daughter);
+                tracing::warn!(daughter = s.daughter, error = %e, "split: daughter dir not empty; parent restricted only");
+                self.store
+                    .split_drop_right(index, term, &s.at)
+                    .map_err(|e| sm_err("split", e))?;
+            }
+            Err(e) => {
+                host.release(s.daughter);
+                return Err(sm_err("split", e));
+            }
+        }
+        admin_reply(&self.store, index, None)
     }
 }
 
@@ -115,6 +423,9 @@ impl StateMachine for KvStateMachine {
         } else {
             split_entry(entry.data)
         };
+        if now & ADMIN_FLAG != 0 {
+            return self.apply_admin(entry.index, entry.term, cmd);
+        }
         self.store
             .apply(entry.index, entry.term, now, cmd)
             .map_err(|e| sm_err("apply", e))
@@ -177,12 +488,21 @@ pub struct LocalRange {
     pub collection: u64,
     pub persistence: metapb::Persistence,
     pub reader: KvReader,
+    /// The range this one was split from, when it was materialised by a split here (0: none).
+    pub parent: u64,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    ranges: HashMap<u64, LocalRange>,
+    /// Ranges being opened (by a split's apply, self-assignment or start-up).
+    claims: HashSet<u64>,
 }
 
 /// The ranges this node holds, by range id.
 #[derive(Debug, Default)]
 pub struct Registry {
-    ranges: Mutex<HashMap<u64, LocalRange>>,
+    held: Mutex<Held>,
     /// Ranges this node is listed in but cannot open (why), not retried until restart.
     failed: Mutex<HashMap<u64, String>>,
 }
@@ -190,12 +510,12 @@ pub struct Registry {
 impl Registry {
     /// The replica of range `id`, if held here.
     pub fn get(&self, id: u64) -> Option<LocalRange> {
-        self.ranges.lock().get(&id).cloned()
+        self.held.lock().ranges.get(&id).cloned()
     }
 
     /// Every range held here.
     pub fn ids(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.ranges.lock().keys().copied().collect();
+        let mut v: Vec<u64> = self.held.lock().ranges.keys().copied().collect();
         v.sort_unstable();
         v
     }
@@ -205,8 +525,41 @@ impl Registry {
         self.failed.lock().get(&id).cloned()
     }
 
+    /// Claim range `id` for opening: false if it is held or being opened here.
+    pub fn claim(&self, id: u64) -> bool {
+        let mut h = self.held.lock();
+        !h.ranges.contains_key(&id) && h.claims.insert(id)
+    }
+
+    /// Give back a claim on a range that was not opened.
+    pub fn release(&self, id: u64) {
+        self.held.lock().claims.remove(&id);
+    }
+
+    /// Whether range `id` is being opened here.
+    pub fn claimed(&self, id: u64) -> bool {
+        self.held.lock().claims.contains(&id)
+    }
+
+    /// A range of `collection` held here whose store still holds `key` (a parent that has
+    /// not applied the split that created the range starting at `key`).
+    pub fn holding(&self, collection: u64, key: &[u8]) -> Option<u64> {
+        let h = self.held.lock();
+        h.ranges
+            .values()
+            .find(|r| r.collection == collection && r.reader.bounds().contains(key))
+            .map(|r| r.id)
+    }
+
+    /// Register an opened range (its claim, if any, is given back).
     fn insert(&self, r: LocalRange) {
-        self.ranges.lock().insert(r.id, r);
+        let mut h = self.held.lock();
+        h.claims.remove(&r.id);
+        h.ranges.insert(r.id, r);
+    }
+
+    fn remove(&self, id: u64) {
+        self.held.lock().ranges.remove(&id);
     }
 }
 
@@ -226,14 +579,25 @@ pub struct RangeMeta {
     pub collection: u64,
     pub persistence: metapb::Persistence,
     pub replication: metapb::ReplicationMode,
+    /// The range this one was split from here (0: none).
+    pub parent: u64,
+    /// The index of the split entry that created this range here (0: none).
+    pub split_index: u64,
 }
 
 impl RangeMeta {
     fn encode(&self) -> String {
-        format!(
+        let mut s = format!(
             "range={}\ncollection={}\npersistence={}\nreplication={}\n",
             self.range, self.collection, self.persistence as i32, self.replication as i32
-        )
+        );
+        if self.parent != 0 {
+            s.push_str(&format!(
+                "parent={}\nsplit_index={}\n",
+                self.parent, self.split_index
+            ));
+        }
+        s
     }
 
     fn decode(s: &str) -> Option<RangeMeta> {
@@ -242,6 +606,8 @@ impl RangeMeta {
             collection: 0,
             persistence: metapb::Persistence::MEMORY,
             replication: metapb::ReplicationMode::CONSENSUS,
+            parent: 0,
+            split_index: 0,
         };
         for line in s.lines() {
             let (k, v) = line.split_once('=')?;
@@ -252,6 +618,8 @@ impl RangeMeta {
                 "collection" => m.collection = n,
                 "persistence" => m.persistence = metapb::Persistence::from_i32(e?)?,
                 "replication" => m.replication = metapb::ReplicationMode::from_i32(e?)?,
+                "parent" => m.parent = n,
+                "split_index" => m.split_index = n,
                 _ => {}
             }
         }
@@ -261,6 +629,11 @@ impl RangeMeta {
 
 fn write_meta(dir: &Path, m: &RangeMeta) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
+    if let Ok(old) = std::fs::read_to_string(meta_file(dir)) {
+        if RangeMeta::decode(&old).as_ref() == Some(m) {
+            return Ok(());
+        }
+    }
     let tmp = dir.join("range.meta.tmp");
     std::fs::write(&tmp, m.encode())?;
     std::fs::File::open(&tmp)?.sync_all()?;
@@ -277,10 +650,13 @@ pub enum OpenError {
     Store(#[from] collections::KvError),
     #[error("cell: {0}")]
     Cell(#[from] harpoon::Error),
+    #[error("apply state: {0}")]
+    State(#[from] StateMachineError),
 }
 
-fn open_local(seed: &Seed, m: &RangeMeta) -> Result<KvStore, OpenError> {
-    let dir = range_dir(&seed.dir(), m.range);
+/// The store configuration of range `m` held under `data_dir`; writes its `range.meta` first.
+fn prepare_dir(data_dir: &Path, m: &RangeMeta) -> std::io::Result<KvConfig> {
+    let dir = range_dir(data_dir, m.range);
     write_meta(&dir, m)?;
     let kv_dir = dir.join("kv");
     let persistence = match m.persistence {
@@ -288,28 +664,134 @@ fn open_local(seed: &Seed, m: &RangeMeta) -> Result<KvStore, OpenError> {
         metapb::Persistence::LOGGED => Persistence::Logged { dir: kv_dir },
         metapb::Persistence::PERSISTENT => Persistence::Persistent { dir: kv_dir },
     };
-    Ok(KvStore::open(KvConfig::with(persistence))?)
+    Ok(KvConfig::with(persistence))
 }
 
-async fn create(seed: &Seed, m: RangeMeta, voters: &[NodeId]) -> Result<(), OpenError> {
-    if seed.ranges.get(m.range).is_some() {
+/// A daughter's store that holds exactly the split's image (a crash came before its
+/// membership was set, or after it was set from a joint parent) gets the daughter's
+/// membership, durably, before its cell opens.
+fn settle_daughter(store: &mut KvStore, m: &RangeMeta) -> Result<(), OpenError> {
+    let st = store.apply_state();
+    if m.parent == 0 || m.split_index == 0 || st.applied_index != m.split_index {
         return Ok(());
     }
-    let store = open_local(seed, &m)?;
-    let reader = store.reader();
-    let mode = match m.replication {
+    let conf = decode_conf(&st.apply_meta)?;
+    let want = daughter_conf(&conf);
+    if want != conf {
+        let b = want
+            .write_to_bytes()
+            .map_err(|e| sm_err("daughter conf", e))?;
+        store.set_apply_meta(st.applied_index, st.applied_term, b.into());
+        store.persist()?;
+    }
+    Ok(())
+}
+
+fn mode_of(m: &RangeMeta) -> ReplicationMode {
+    match m.replication {
         metapb::ReplicationMode::CONSENSUS => ReplicationMode::Consensus,
         metapb::ReplicationMode::ASYNC => ReplicationMode::Async,
+    }
+}
+
+/// The node as the [`SplitHost`] of its ranges' state machines.
+#[derive(Clone)]
+pub struct SeedHost {
+    seed: Weak<Seed>,
+    rt: Option<tokio::runtime::Handle>,
+}
+
+impl SeedHost {
+    /// The host of `seed`'s ranges (from inside the runtime: daughters' cell creations are
+    /// awaited on it).
+    pub fn new(seed: &Arc<Seed>) -> Arc<SeedHost> {
+        Arc::new(SeedHost {
+            seed: Arc::downgrade(seed),
+            rt: tokio::runtime::Handle::try_current().ok(),
+        })
+    }
+}
+
+impl SplitHost for SeedHost {
+    fn claim(&self, range: u64) -> bool {
+        self.seed.upgrade().is_some_and(|s| s.ranges.claim(range))
+    }
+
+    fn release(&self, range: u64) {
+        if let Some(s) = self.seed.upgrade() {
+            s.ranges.release(range);
+        }
+    }
+
+    fn prepare(&self, m: &RangeMeta) -> Result<KvConfig, String> {
+        let seed = self.seed.upgrade().ok_or("node stopped")?;
+        prepare_dir(&seed.dir(), m).map_err(|e| e.to_string())
+    }
+
+    fn start(&self, m: RangeMeta, store: KvStore) {
+        let Some(seed) = self.seed.upgrade() else {
+            return;
+        };
+        let reader = store.reader();
+        let host: Arc<dyn SplitHost> = Arc::new(self.clone());
+        let sm = KvStateMachine::with_host(store, m.clone(), host);
+        // The create command is queued to the daughter's shard before anything a client or a
+        // loop sends it after the registration below: registering now is safe.
+        let pending = seed
+            .node
+            .create_cell(CellId(m.range), &[], &[], mode_of(&m), Box::new(sm));
+        seed.ranges.insert(LocalRange {
+            id: m.range,
+            collection: m.collection,
+            persistence: m.persistence,
+            reader,
+            parent: m.parent,
+        });
+        tracing::info!(
+            node = seed.id,
+            range = m.range,
+            parent = m.parent,
+            split_index = m.split_index,
+            "daughter range materialised by a split"
+        );
+        let weak = self.seed.clone();
+        let id = m.range;
+        let watch = async move {
+            match pending.await {
+                Ok(()) | Err(harpoon::Error::CellExists { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(range = id, error = %e, "daughter range cell not created");
+                    if let Some(s) = weak.upgrade() {
+                        s.ranges.remove(id);
+                    }
+                }
+            }
+        };
+        if let Some(rt) = &self.rt {
+            rt.spawn(watch);
+        }
+    }
+}
+
+/// Create the cell of range `m` around `store` (opened here if `None`) and register it. The
+/// caller holds the claim on `m.range`; it is given back whatever happens.
+async fn create_claimed(
+    seed: &Arc<Seed>,
+    m: RangeMeta,
+    voters: &[NodeId],
+    store: Option<KvStore>,
+) -> Result<(), OpenError> {
+    let mut store = match store {
+        Some(s) => s,
+        None => KvStore::open(prepare_dir(&seed.dir(), &m)?)?,
     };
+    settle_daughter(&mut store, &m)?;
+    let reader = store.reader();
+    let host: Arc<dyn SplitHost> = SeedHost::new(seed);
+    let sm = KvStateMachine::with_host(store, m.clone(), host);
     match seed
         .node
-        .create_cell(
-            CellId(m.range),
-            voters,
-            &[],
-            mode,
-            Box::new(KvStateMachine::new(store)),
-        )
+        .create_cell(CellId(m.range), voters, &[], mode_of(&m), Box::new(sm))
         .await
     {
         Ok(()) | Err(harpoon::Error::CellExists { .. }) => {}
@@ -330,6 +812,7 @@ async fn create(seed: &Seed, m: RangeMeta, voters: &[NodeId]) -> Result<(), Open
         collection: m.collection,
         persistence: m.persistence,
         reader,
+        parent: m.parent,
     });
     tracing::info!(
         node = seed.id,
@@ -341,6 +824,24 @@ async fn create(seed: &Seed, m: RangeMeta, voters: &[NodeId]) -> Result<(), Open
     Ok(())
 }
 
+async fn create(
+    seed: &Arc<Seed>,
+    m: RangeMeta,
+    voters: &[NodeId],
+    store: Option<KvStore>,
+) -> Result<(), OpenError> {
+    if !seed.ranges.claim(m.range) {
+        // Held, or being opened (by a split's apply, for one).
+        return Ok(());
+    }
+    let id = m.range;
+    let r = create_claimed(seed, m, voters, store).await;
+    if r.is_err() {
+        seed.ranges.release(id);
+    }
+    r
+}
+
 /// Open this node's replica of range `range` of `collection`: the cell with this node as
 /// its only voter when `bootstrap` (the range's first member), else an empty replica that
 /// the range's leader fills by snapshot.
@@ -348,7 +849,7 @@ async fn create(seed: &Seed, m: RangeMeta, voters: &[NodeId]) -> Result<(), Open
 /// # Errors
 /// The range dir, the store or the cell cannot be created.
 pub async fn open(
-    seed: &Seed,
+    seed: &Arc<Seed>,
     range: u64,
     collection: &CollectionDescriptor,
     bootstrap: bool,
@@ -358,21 +859,29 @@ pub async fn open(
         collection: collection.id,
         persistence: collection.persistence,
         replication: collection.replication,
+        parent: 0,
+        split_index: 0,
     };
     let voters = if bootstrap {
         vec![NodeId(seed.id)]
     } else {
         vec![]
     };
-    create(seed, m, &voters).await
+    create(seed, m, &voters, None).await
 }
 
 /// At start-up: reopen every range whose `range.meta` is in the data dir.
+///
+/// Every store is opened (and its range claimed) before any cell is created, so a parent
+/// replaying a split finds its daughter either held (restricted only) or absent: a daughter
+/// whose store is empty was cut short by a crash in its split and is left to the parent's
+/// replay, which materialises it again.
 pub async fn reopen_all(seed: &Arc<Seed>) {
     let root = seed.dir().join("ranges");
     let Ok(entries) = std::fs::read_dir(&root) else {
         return;
     };
+    let mut opened = Vec::new();
     for e in entries.flatten() {
         let Ok(s) = std::fs::read_to_string(meta_file(&e.path())) else {
             continue;
@@ -381,8 +890,33 @@ pub async fn reopen_all(seed: &Arc<Seed>) {
             tracing::warn!(path = %e.path().display(), "unreadable range.meta; range skipped");
             continue;
         };
+        if !seed.ranges.claim(m.range) {
+            continue;
+        }
+        let store = prepare_dir(&seed.dir(), &m)
+            .map_err(OpenError::from)
+            .and_then(|cfg| Ok(KvStore::open(cfg)?));
+        match store {
+            Ok(store) if m.parent != 0 && store.apply_state().applied_index == 0 => {
+                tracing::info!(
+                    range = m.range,
+                    parent = m.parent,
+                    "daughter with an empty store: left to its parent's split"
+                );
+                seed.ranges.release(m.range);
+            }
+            Ok(store) => opened.push((m, store)),
+            Err(err) => {
+                tracing::warn!(range = m.range, error = %err, "cannot reopen range");
+                seed.ranges.release(m.range);
+            }
+        }
+    }
+    for (m, store) in opened {
         let id = m.range;
-        if let Err(err) = create(seed, m, &[]).await {
+        let r = create_claimed(seed, m, &[], Some(store)).await;
+        if let Err(err) = r {
+            seed.ranges.release(id);
             tracing::warn!(range = id, error = %err, "cannot reopen range");
         }
     }
@@ -408,6 +942,7 @@ pub async fn flush_all(seed: &Arc<Seed>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use collections::kv::Bounds;
 
     #[test]
     fn range_meta_round_trip() {
@@ -416,8 +951,17 @@ mod tests {
             collection: 3,
             persistence: metapb::Persistence::PERSISTENT,
             replication: metapb::ReplicationMode::ASYNC,
+            parent: 0,
+            split_index: 0,
         };
-        assert_eq!(RangeMeta::decode(&m.encode()), Some(m));
+        assert_eq!(RangeMeta::decode(&m.encode()), Some(m.clone()));
+        let d = RangeMeta {
+            range: 9,
+            parent: 7,
+            split_index: 42,
+            ..m
+        };
+        assert_eq!(RangeMeta::decode(&d.encode()), Some(d));
         assert_eq!(RangeMeta::decode("garbage"), None);
     }
 
@@ -491,5 +1035,254 @@ mod tests {
         drop(sm);
         let reopened = KvStateMachine::new(KvStore::open(cfg).unwrap());
         assert_eq!(reopened.apply_state(), state);
+    }
+
+    #[test]
+    fn admin_entries_round_trip_and_garbage_is_refused() {
+        for hi in [None, Some(Bytes::from_static(b"\x00\x00\x00\x03"))] {
+            let cmd = AdminCommand::Split(SplitCommand {
+                at: Bytes::from_static(b"\x00\x02key-5"),
+                daughter: 17,
+                lo: Bytes::new(),
+                hi,
+            });
+            let e = encode_admin(1_700_000_000_000, &cmd);
+            let (now, rest) = split_entry(&e);
+            assert_ne!(now & ADMIN_FLAG, 0);
+            assert_eq!(now & !ADMIN_FLAG, 1_700_000_000_000);
+            assert_eq!(decode_admin(rest).unwrap(), cmd);
+            // Every cut is refused, and so are trailing bytes.
+            for n in 0..rest.len() {
+                assert!(decode_admin(&rest[..n]).is_err(), "cut at {n}");
+            }
+            let mut long = rest.to_vec();
+            long.push(0);
+            assert!(decode_admin(&long).is_err());
+        }
+        assert!(decode_admin(&[9]).is_err());
+        // A normal entry never carries the flag, whatever clock it is given.
+        let e = encode_entry(u64::MAX, b"x");
+        assert_eq!(split_entry(&e).0 & ADMIN_FLAG, 0);
+    }
+
+    #[test]
+    fn daughter_conf_is_never_joint() {
+        let joint = ConfState {
+            voters: vec![1, 2, 4],
+            voters_outgoing: vec![1, 2, 3],
+            learners: vec![5],
+            learners_next: vec![3],
+            auto_leave: true,
+            ..Default::default()
+        };
+        let d = daughter_conf(&joint);
+        assert_eq!(d.voters, vec![1, 2, 4]);
+        assert_eq!(d.learners, vec![5, 3]);
+        assert!(d.voters_outgoing.is_empty() && d.learners_next.is_empty() && !d.auto_leave);
+        assert_eq!(daughter_conf(&d), d);
+    }
+
+    /// A node stand-in: claims, daughters' dirs under a temp dir, started daughters kept.
+    #[derive(Default)]
+    struct FakeHost {
+        dir: PathBuf,
+        claims: Mutex<HashSet<u64>>,
+        held: Mutex<HashSet<u64>>,
+        started: Mutex<Vec<(RangeMeta, KvStore)>>,
+    }
+
+    impl SplitHost for FakeHost {
+        fn claim(&self, range: u64) -> bool {
+            !self.held.lock().contains(&range) && self.claims.lock().insert(range)
+        }
+        fn release(&self, range: u64) {
+            self.claims.lock().remove(&range);
+        }
+        fn prepare(&self, m: &RangeMeta) -> Result<KvConfig, String> {
+            prepare_dir(&self.dir, m).map_err(|e| e.to_string())
+        }
+        fn start(&self, m: RangeMeta, store: KvStore) {
+            self.claims.lock().remove(&m.range);
+            self.held.lock().insert(m.range);
+            self.started.lock().push((m, store));
+        }
+    }
+
+    fn parent_meta() -> RangeMeta {
+        RangeMeta {
+            range: 2,
+            collection: 3,
+            persistence: metapb::Persistence::LOGGED,
+            replication: metapb::ReplicationMode::CONSENSUS,
+            parent: 0,
+            split_index: 0,
+        }
+    }
+
+    fn put_entry(sm: &mut KvStateMachine, index: u64, key: &[u8]) -> kvpb::Response {
+        let cmd = collections::kv::cmd::encode(&collections::kv::cmd::put(key, b"v", 0));
+        let data = encode_entry(1000, &cmd);
+        let r = sm
+            .apply(EntryRef {
+                index,
+                term: 2,
+                data: &data,
+            })
+            .unwrap();
+        kvpb::Response::parse_from_bytes(&r).unwrap()
+    }
+
+    fn split_entry_at(
+        sm: &mut KvStateMachine,
+        index: u64,
+        at: &[u8],
+        daughter: u64,
+        b: &Bounds,
+    ) -> kvpb::Response {
+        let data = encode_admin(
+            1000,
+            &AdminCommand::Split(SplitCommand {
+                at: Bytes::copy_from_slice(at),
+                daughter,
+                lo: b.lo.clone(),
+                hi: b.hi.clone(),
+            }),
+        );
+        let r = sm
+            .apply(EntryRef {
+                index,
+                term: 2,
+                data: &data,
+            })
+            .unwrap();
+        kvpb::Response::parse_from_bytes(&r).unwrap()
+    }
+
+    #[test]
+    fn split_entries_materialise_the_daughter_once_and_stale_ones_change_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Arc::new(FakeHost {
+            dir: dir.path().to_path_buf(),
+            ..Default::default()
+        });
+        let pm = parent_meta();
+        let cfg = prepare_dir(dir.path(), &pm).unwrap();
+        let mut sm =
+            KvStateMachine::with_host(KvStore::open(cfg).unwrap(), pm.clone(), host.clone());
+        let joint = ConfState {
+            voters: vec![1, 2],
+            voters_outgoing: vec![1, 2, 3],
+            ..Default::default()
+        };
+        sm.apply_conf_change(1, 2, &joint).unwrap();
+        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
+            put_entry(&mut sm, 2 + i as u64, k);
+        }
+        let before = sm.store.bounds();
+        let r = split_entry_at(&mut sm, 6, b"d", 9, &before);
+        assert!(!r.has_error(), "{r:?}");
+        assert_eq!(sm.store.bounds().hi.as_deref(), Some(&b"d"[..]));
+        {
+            let started = host.started.lock();
+            assert_eq!(started.len(), 1);
+            let (m, d) = &started[0];
+            assert_eq!((m.range, m.parent, m.split_index), (9, 2, 6));
+            assert_eq!(d.bounds().lo.as_ref(), b"d");
+            assert_eq!(d.apply_state().applied_index, 6);
+            let conf = decode_conf(&d.durable_state().apply_meta).unwrap();
+            assert_eq!(conf, daughter_conf(&joint));
+            assert!(d.get(b"e", 0).unwrap().0.is_some());
+            // Its range.meta names the parent (written before the store).
+            let s = std::fs::read_to_string(meta_file(&range_dir(dir.path(), 9))).unwrap();
+            assert_eq!(RangeMeta::decode(&s).unwrap(), m.clone());
+        }
+        // The parent refuses the keys it gave away, and reads of them.
+        let r = put_entry(&mut sm, 7, b"f");
+        assert_eq!(r.get_error().code, kvpb::ErrorCode::KEY_OUT_OF_RANGE);
+        assert!(sm.store.get(b"e", 0).is_err());
+        // The same split again (a duplicate proposal): stale bounds, nothing changes.
+        let r = split_entry_at(&mut sm, 8, b"d", 9, &before);
+        assert_eq!(r.get_error().code, kvpb::ErrorCode::INVALID_ARGUMENT);
+        let now = sm.store.bounds();
+        let r = split_entry_at(&mut sm, 9, b"f", 10, &now);
+        assert_eq!(r.get_error().code, kvpb::ErrorCode::KEY_OUT_OF_RANGE);
+        let r = split_entry_at(&mut sm, 10, b"", 10, &now);
+        assert!(r.has_error());
+        assert_eq!(host.started.lock().len(), 1);
+        assert_eq!(
+            sm.store.apply_state().applied_index,
+            10,
+            "refusals are applied"
+        );
+        assert_eq!(sm.store.bounds(), now);
+        // A daughter already held here: the parent only drops its right half.
+        host.held.lock().insert(11);
+        let r = split_entry_at(&mut sm, 11, b"b", 11, &now);
+        assert!(!r.has_error(), "{r:?}");
+        assert_eq!(sm.store.bounds().hi.as_deref(), Some(&b"b"[..]));
+        assert_eq!(host.started.lock().len(), 1);
+        assert!(!range_dir(dir.path(), 11).exists());
+        // Without a node, splits are refused.
+        let mut bare = KvStateMachine::new(KvStore::open(KvConfig::memory()).unwrap());
+        let b = bare.store.bounds();
+        put_entry(&mut bare, 1, b"a");
+        put_entry(&mut bare, 2, b"z");
+        let r = split_entry_at(&mut bare, 3, b"m", 5, &b);
+        assert!(r.has_error());
+        assert_eq!(bare.store.bounds(), b);
+    }
+
+    #[test]
+    fn a_split_replayed_after_a_crash_reuses_the_durable_right_half() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Arc::new(FakeHost {
+            dir: dir.path().to_path_buf(),
+            ..Default::default()
+        });
+        let pm = parent_meta();
+        let cfg = prepare_dir(dir.path(), &pm).unwrap();
+        let mut sm = KvStateMachine::with_host(
+            KvStore::open(cfg.clone()).unwrap(),
+            pm.clone(),
+            host.clone(),
+        );
+        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
+            put_entry(&mut sm, 1 + i as u64, k);
+        }
+        sm.persist().unwrap();
+        let b = sm.store.bounds();
+        // The crash: the right half durable, the parent not (its durable state is older).
+        let dm = RangeMeta {
+            range: 9,
+            parent: 2,
+            split_index: 5,
+            ..pm.clone()
+        };
+        let dcfg = prepare_dir(dir.path(), &dm).unwrap();
+        {
+            let mut copy = KvStore::open(KvConfig::memory()).unwrap();
+            copy.restore_bytes(&sm.store.reader().snapshot().to_bytes().unwrap())
+                .unwrap();
+            let right = copy.split_off(5, 2, b"d", dcfg.clone()).unwrap();
+            assert_eq!(right.durable_state().applied_index, 5);
+        }
+        drop(sm);
+        let mut sm = KvStateMachine::with_host(KvStore::open(cfg).unwrap(), pm, host.clone());
+        let r = split_entry_at(&mut sm, 5, b"d", 9, &b);
+        assert!(!r.has_error(), "{r:?}");
+        let started = host.started.lock();
+        assert_eq!(started.len(), 1);
+        assert_eq!(
+            started[0]
+                .1
+                .scan(
+                    &collections::kv::ScanRequest::range(collections::kv::KeyRange::all()),
+                    0
+                )
+                .unwrap()
+                .kvs
+                .len(),
+            2
+        );
     }
 }
