@@ -19,21 +19,29 @@
 //! bound is the client's timeout per request, not a hop count, so routing rides out a split
 //! whose meta change has not reached every node yet.
 //!
-//! # Writes are never applied twice
-//! A write is retried only when it was definitely not applied: refused before it was
-//! proposed (`NOT_LEADER`, `WRONG_RANGE`, a node that could not be reached). When the answer
-//! is lost after the request was sent (connection lost, timeout) or the node reports an
-//! unknown outcome, the write fails with [`ClientError::UnknownOutcome`]: it may or may not
-//! have applied, and the caller decides (a `cas` on the version makes the retry safe).
+//! # Writes are applied once, and retried
+//! Every put, delete and cas carries a request id (`kvpb.RequestId`: a random client id per
+//! [`Client`], a seq per write, the client's lowest unanswered seq, and how many earlier sends
+//! may have reached a range). Each range remembers the replies of recent ids and answers a
+//! resent id with the recorded reply without applying it again (`collections::kv` dedup).
+//! So when the answer is lost after the request was sent (connection lost, no answer within a
+//! send's timeout, `UNKNOWN_OUTCOME` after a leader change), the client resends the *same* id
+//! to the range's (possibly new) leader, with the backoff above, for at most
+//! [`MAX_UNKNOWN_RETRIES`] sends, the client's timeout and [`RETRY_WINDOW`].
+//! [`ClientError::UnknownOutcome`] is returned only when that budget runs out, or when the
+//! range no longer remembers the id (`REQUEST_EXPIRED`): the write may or may not have
+//! applied, and it will not apply later either.
 //!
 //! Keys in this API are collection-relative; the client adds the collection's prefix (its
 //! slice of the global keyspace) and strips it from answers.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use proto::clientpb::{
     ClientError_Code, ClientRequest, ClientResponse_oneof_kind, CreateCollection, KvRequest, Lookup,
 };
@@ -285,22 +293,49 @@ impl Client {
         write: bool,
         mode: ReadMode,
         build: &(dyn Fn(&[u8], &RangeDescriptor) -> kvpb::Command + Sync),
-    ) -> Result<(kvpb::Response, CollectionDescriptor, RangeDescriptor), ClientError> {
-        let deadline = Instant::now() + self.timeout;
+    ) -> Result<Routed, ClientError> {
+        let start = Instant::now();
+        // A request id is retried for at most RETRY_WINDOW (the range remembers it longer).
+        let deadline = start
+            + if write {
+                self.timeout.min(RETRY_WINDOW)
+            } else {
+                self.timeout
+            };
+        let attempt_timeout = (self.timeout / 4).max(MIN_ATTEMPT_TIMEOUT);
         let mut last = ClientError::Unavailable("no replica reachable".into());
         let mut skip: Vec<SocketAddr> = Vec::new();
         let mut backoff = Backoff::new();
+        // Writes: one request id for every send; `sent` counts the sends whose outcome is
+        // unknown (they may have applied), `unknown` why the last one is.
+        let ticket = write.then(|| self.ids.begin());
+        let mut sent: u32 = 0;
+        let mut unknown: Option<String> = None;
         // Hints followed in a row without a wait (two nodes naming each other during an
         // election would otherwise spin).
         let mut hints = 0;
         loop {
             if Instant::now() >= deadline {
+                if let Some(why) = unknown {
+                    return Err(ClientError::UnknownOutcome(format!(
+                        "{why}; retried with the same request id for {:?}",
+                        start.elapsed()
+                    )));
+                }
                 return Err(match last {
                     ClientError::NotLeader(_) | ClientError::WrongRange(_) => ClientError::Timeout,
                     e => e,
                 });
             }
-            let (coll, range) = self.resolve(name, key, deadline, &mut backoff).await?;
+            let (coll, range) = match self.resolve(name, key, deadline, &mut backoff).await {
+                Ok(x) => x,
+                Err(e) => {
+                    return Err(match unknown {
+                        Some(why) => ClientError::UnknownOutcome(format!("{why}; then {e}")),
+                        None => e,
+                    })
+                }
+            };
             let members: Vec<SocketAddr> = range
                 .members
                 .iter()
@@ -328,7 +363,10 @@ impl Client {
                         members[0]
                     })
             };
-            let cmd = build(&coll.prefix, &range);
+            let mut cmd = build(&coll.prefix, &range);
+            if let Some(t) = &ticket {
+                cmd.set_request_id(t.id(sent));
+            }
             let bytes = cmd
                 .write_to_bytes()
                 .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -339,7 +377,8 @@ impl Client {
             k.command = bytes.into();
             k.follower = follower;
             req.set_kv(k);
-            match self.call_at(target, req, deadline).await {
+            let attempt_deadline = deadline.min(Instant::now() + attempt_timeout);
+            match self.call_at(target, req, attempt_deadline).await {
                 Ok(ClientResponse_oneof_kind::kv(r)) => {
                     let resp = kvpb::Response::parse_from_carllerche_bytes(&r.response)
                         .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -354,9 +393,21 @@ impl Client {
                             backoff.wait().await;
                             continue;
                         }
+                        if e.code == kvpb::ErrorCode::REQUEST_EXPIRED {
+                            return Err(ClientError::UnknownOutcome(format!(
+                                "{}; first: {}",
+                                e.why,
+                                unknown.unwrap_or_default()
+                            )));
+                        }
                         return Err(response_error(e));
                     }
-                    return Ok((resp, coll, range));
+                    return Ok(Routed {
+                        resp,
+                        coll,
+                        range,
+                        node: target,
+                    });
                 }
                 Ok(ClientResponse_oneof_kind::error(e)) => {
                     last = ClientError::from_wire(&e);
@@ -405,14 +456,51 @@ impl Client {
                             skip.push(target);
                             backoff.wait().await;
                         }
-                        _ => return Err(last),
+                        // Proposed, outcome unknown (leadership lost, timed out): resend the
+                        // same request id; the range applies it at most once.
+                        ClientError_Code::UNKNOWN_OUTCOME if ticket.is_some() => {
+                            sent += 1;
+                            unknown = Some(format!("{target}: {}", e.message));
+                            if sent > MAX_UNKNOWN_RETRIES {
+                                return Err(ClientError::UnknownOutcome(format!(
+                                    "{}; gave up after {sent} sends",
+                                    e.message
+                                )));
+                            }
+                            self.cache.lock().leaders.remove(&range.id);
+                            backoff.wait().await;
+                        }
+                        _ => {
+                            return Err(match unknown {
+                                Some(why) => {
+                                    ClientError::UnknownOutcome(format!("{why}; then {last}"))
+                                }
+                                None => last,
+                            })
+                        }
                     }
                 }
                 Ok(_) => return Err(ClientError::Protocol("unexpected answer".into())),
-                Err(e @ (ClientError::Timeout | ClientError::ConnectionLost(_))) if write => {
-                    return Err(ClientError::UnknownOutcome(e.to_string()))
+                // Sent, answer lost: the write may have applied. Resend the same request id
+                // (elsewhere: the node may be gone), within the budget.
+                Err(e @ (ClientError::Timeout | ClientError::ConnectionLost(_)))
+                    if ticket.is_some() =>
+                {
+                    sent += 1;
+                    unknown = Some(format!("{target}: {e}"));
+                    if sent > MAX_UNKNOWN_RETRIES {
+                        return Err(ClientError::UnknownOutcome(format!(
+                            "{e}; gave up after {sent} sends"
+                        )));
+                    }
+                    self.cache.lock().leaders.remove(&range.id);
+                    skip.push(target);
+                    last = e;
+                    backoff.wait().await;
                 }
-                Err(ClientError::Timeout) => return Err(ClientError::Timeout),
+                Err(e @ ClientError::Timeout) if Instant::now() >= deadline => return Err(e),
+                // Not a routing problem: the same request fails everywhere.
+                Err(e @ (ClientError::TooLarge(_) | ClientError::Protocol(_))) => return Err(e),
                 Err(e) => {
                     self.cache.lock().leaders.remove(&range.id);
                     skip.push(target);
@@ -436,6 +524,121 @@ impl Client {
             .collect();
         let pool = if open.is_empty() { members } else { &open };
         pool[(n.wrapping_add(range as usize)) % pool.len()]
+    }
+}
+
+/// A routed command's answer and where it came from.
+struct Routed {
+    resp: kvpb::Response,
+    coll: CollectionDescriptor,
+    range: RangeDescriptor,
+    node: SocketAddr,
+}
+
+/// A read and the state it was served at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served<T> {
+    /// What was read.
+    pub value: T,
+    /// The range's revision when it was served.
+    pub revision: u64,
+    /// The raft index the serving replica had applied (a follower read may lag the leader).
+    pub applied_index: u64,
+    /// The node that served it.
+    pub node: SocketAddr,
+}
+
+/// Bytes (keys plus values) a scan asks per page by default.
+pub const SCAN_PAGE_BYTES: u64 = 256 << 10;
+
+/// How long a write's request id is resent at most (from its first send): the ranges
+/// remember a client's replies far longer (`collections::kv::EXPIRY_MS`), so a resend always
+/// finds the reply of an earlier send that applied.
+pub const RETRY_WINDOW: Duration = Duration::from_secs(60);
+/// Sends of one write whose outcome is unknown before the client gives up with
+/// [`ClientError::UnknownOutcome`] (the time budget usually ends it first).
+pub const MAX_UNKNOWN_RETRIES: u32 = 16;
+/// The shortest wait for one send's answer; longer when the client's timeout is (a quarter
+/// of it), so a node that stopped answering is left in time to try another.
+pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Request ids of one client: a random client id and a sequence per write, with the writes
+/// still waiting for an answer (their lowest is the `first_incomplete` sent with every id).
+#[derive(Debug)]
+pub(crate) struct RequestIds {
+    client: u64,
+    state: Mutex<IdState>,
+}
+
+#[derive(Debug, Default)]
+struct IdState {
+    next: u64,
+    open: std::collections::BTreeSet<u64>,
+}
+
+impl RequestIds {
+    pub(crate) fn new() -> Self {
+        let mut client = 0;
+        while client == 0 {
+            client = rand::random::<u64>();
+        }
+        RequestIds {
+            client,
+            state: Mutex::new(IdState {
+                next: 1,
+                open: Default::default(),
+            }),
+        }
+    }
+
+    /// The client id.
+    pub(crate) fn client(&self) -> u64 {
+        self.client
+    }
+
+    /// A new seq, open until the ticket is dropped.
+    pub(crate) fn begin(self: &Arc<Self>) -> Ticket {
+        let mut st = self.state.lock();
+        let seq = st.next;
+        st.next += 1;
+        st.open.insert(seq);
+        Ticket {
+            ids: self.clone(),
+            seq,
+        }
+    }
+}
+
+/// One write's request id; dropping it finishes the seq.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    ids: Arc<RequestIds>,
+    seq: u64,
+}
+
+impl Ticket {
+    /// The wire id for a send after `attempt` sends of unknown outcome.
+    pub(crate) fn id(&self, attempt: u32) -> kvpb::RequestId {
+        let first = self
+            .ids
+            .state
+            .lock()
+            .open
+            .first()
+            .copied()
+            .unwrap_or(self.seq);
+        let mut id = kvpb::RequestId::new();
+        id.client = self.ids.client;
+        id.seq = self.seq;
+        id.first_incomplete = first.min(self.seq);
+        id.attempt = attempt;
+        id
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.ids.state.lock().open.remove(&self.seq);
     }
 }
 
@@ -506,9 +709,26 @@ impl Kv {
     /// # Errors
     /// Routing failures, typed command errors.
     pub async fn get(&self, key: &[u8]) -> Result<Option<kvpb::KeyValue>, ClientError> {
+        Ok(self.get_served(key).await?.value)
+    }
+
+    /// [`Kv::get`] with the state it was served at (for [`ReadMode::Follower`]: which replica,
+    /// at which applied index).
+    ///
+    /// # Errors
+    /// As [`Kv::get`].
+    pub async fn get_served(
+        &self,
+        key: &[u8],
+    ) -> Result<Served<Option<kvpb::KeyValue>>, ClientError> {
         check_key(key)?;
         let k = key.to_vec();
-        let (mut resp, c, _) = self
+        let Routed {
+            mut resp,
+            coll,
+            node,
+            ..
+        } = self
             .client
             .route(&self.name, key, false, self.read, &|p, _| {
                 let mut g = kvpb::Get::new();
@@ -518,11 +738,17 @@ impl Kv {
                 cmd
             })
             .await?;
+        let h = resp.get_header().clone();
         match resp.result.take() {
-            Some(Response_oneof_result::get(mut g)) => Ok(g.kv.take().map(|mut kv| {
-                strip(&c.prefix, &mut kv);
-                kv
-            })),
+            Some(Response_oneof_result::get(mut g)) => Ok(Served {
+                value: g.kv.take().map(|mut kv| {
+                    strip(&coll.prefix, &mut kv);
+                    kv
+                }),
+                revision: h.revision,
+                applied_index: h.applied_index,
+                node,
+            }),
             _ => Err(ClientError::Protocol("unexpected reply to get".into())),
         }
     }
@@ -534,7 +760,7 @@ impl Kv {
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<u64, ClientError> {
         check_key(key)?;
         let (k, v) = (key.to_vec(), Bytes::copy_from_slice(value));
-        let (resp, _, _) = self
+        let Routed { resp, .. } = self
             .client
             .route(&self.name, key, true, ReadMode::Leader, &|p, _| {
                 let mut put = kvpb::Put::new();
@@ -555,7 +781,7 @@ impl Kv {
     pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
         check_key(key)?;
         let k = key.to_vec();
-        let (resp, _, _) = self
+        let Routed { resp, .. } = self
             .client
             .route(&self.name, key, true, ReadMode::Leader, &|p, _| {
                 let mut d = kvpb::Delete::new();
@@ -585,7 +811,7 @@ impl Kv {
         check_key(key)?;
         let k = key.to_vec();
         let nv = new_value.map(Bytes::copy_from_slice);
-        let (resp, c, _) = self
+        let Routed { resp, coll: c, .. } = self
             .client
             .route(&self.name, key, true, ReadMode::Leader, &|p, _| {
                 let mut cas = kvpb::Cas::new();
@@ -627,7 +853,7 @@ impl Kv {
     }
 
     /// Keys in `[start, end)` (`end` empty: to the end of the collection), at most `limit`
-    /// (0: no limit), fetched in bounded pages across ranges.
+    /// (0: no limit), fetched in bounded pages across ranges (see [`Kv::scanner`]).
     ///
     /// # Errors
     /// Routing failures.
@@ -638,52 +864,163 @@ impl Kv {
         limit: usize,
     ) -> Result<Vec<kvpb::KeyValue>, ClientError> {
         let mut out = Vec::new();
-        // Collection-relative cursor; `None` once done.
-        let mut cursor = Some(start.to_vec());
-        while let Some(from) = cursor.take() {
-            let want = if limit == 0 { 0 } else { limit - out.len() };
-            let end_rel = end.to_vec();
-            let (resp, c, range) = self
-                .client
-                .route(&self.name, &from, false, self.read, &|p, r| {
-                    let mut s = kvpb::Scan::new();
-                    s.start = with_prefix(p, &from);
-                    let full_end = if end_rel.is_empty() {
-                        prefix_end(p)
-                    } else {
-                        with_prefix(p, &end_rel)
-                    };
-                    s.end = if full_end.as_ref() < r.hi.as_ref() {
-                        full_end
-                    } else {
-                        r.hi.clone()
-                    };
-                    s.limit = want as u64;
-                    let mut cmd = kvpb::Command::new();
-                    cmd.set_scan(s);
-                    cmd
-                })
-                .await?;
-            let Some(Response_oneof_result::scan(s)) = resp.result else {
-                return Err(ClientError::Protocol("unexpected reply to scan".into()));
-            };
-            for mut kv in s.kvs.into_iter() {
-                strip(&c.prefix, &mut kv);
-                out.push(kv);
-            }
-            if limit != 0 && out.len() >= limit {
-                out.truncate(limit);
-                break;
-            }
-            let rel = |full: &[u8]| full.strip_prefix(c.prefix.as_ref()).map(<[u8]>::to_vec);
-            if s.more {
-                cursor = rel(&s.next_key);
-            } else if range.hi.as_ref() < prefix_end(&c.prefix).as_ref() {
-                // The next range of the collection, unless past `end`.
-                let next = rel(&range.hi);
-                cursor = next.filter(|n| end.is_empty() || n.as_slice() < end);
-            }
+        let mut s = self.scanner(start, end, limit);
+        while let Some(page) = s.next_page().await? {
+            out.extend(page.value);
         }
         Ok(out)
+    }
+
+    /// A scan of `[start, end)` (`end` empty: to the end of the collection) streamed page by
+    /// page: each page is one request to one range, at most [`SCAN_PAGE_BYTES`] of keys and
+    /// values (see [`Scanner::page_bytes`]) and never more keys than `limit` still allows
+    /// (0: no limit); pages continue across range boundaries and stop at `limit` or `end`.
+    pub fn scanner(&self, start: &[u8], end: &[u8], limit: usize) -> Scanner {
+        Scanner {
+            kv: self.clone(),
+            cursor: Some(start.to_vec()),
+            end: end.to_vec(),
+            limit,
+            returned: 0,
+            page_bytes: SCAN_PAGE_BYTES,
+        }
+    }
+}
+
+/// A scan in progress ([`Kv::scanner`]).
+#[derive(Debug, Clone)]
+pub struct Scanner {
+    kv: Kv,
+    /// Collection-relative key the next page starts at; `None` once done.
+    cursor: Option<Vec<u8>>,
+    end: Vec<u8>,
+    limit: usize,
+    returned: usize,
+    page_bytes: u64,
+}
+
+impl Scanner {
+    /// Bytes of keys plus values asked per page (at least one key comes back; the node caps
+    /// pages too).
+    pub fn page_bytes(mut self, bytes: u64) -> Self {
+        self.page_bytes = bytes.max(1);
+        self
+    }
+
+    /// The next page (possibly empty when a range holds no key of the scan), or `None` when
+    /// the scan is done.
+    ///
+    /// # Errors
+    /// Routing failures.
+    pub async fn next_page(&mut self) -> Result<Option<Served<Vec<kvpb::KeyValue>>>, ClientError> {
+        let Some(from) = self.cursor.take() else {
+            return Ok(None);
+        };
+        let want = if self.limit == 0 {
+            0
+        } else {
+            self.limit - self.returned
+        };
+        let end_rel = self.end.clone();
+        let max_bytes = self.page_bytes;
+        let Routed {
+            resp,
+            coll: c,
+            range,
+            node,
+        } = self
+            .kv
+            .client
+            .route(&self.kv.name, &from, false, self.kv.read, &|p, r| {
+                let mut s = kvpb::Scan::new();
+                s.start = with_prefix(p, &from);
+                let full_end = if end_rel.is_empty() {
+                    prefix_end(p)
+                } else {
+                    with_prefix(p, &end_rel)
+                };
+                s.end = if r.hi.is_empty() || full_end.as_ref() < r.hi.as_ref() {
+                    full_end
+                } else {
+                    r.hi.clone()
+                };
+                s.limit = want as u64;
+                s.max_bytes = max_bytes;
+                let mut cmd = kvpb::Command::new();
+                cmd.set_scan(s);
+                cmd
+            })
+            .await?;
+        let h = resp.get_header().clone();
+        let Some(Response_oneof_result::scan(s)) = resp.result else {
+            return Err(ClientError::Protocol("unexpected reply to scan".into()));
+        };
+        let mut page = Vec::with_capacity(s.kvs.len());
+        for mut kv in s.kvs.into_iter() {
+            strip(&c.prefix, &mut kv);
+            page.push(kv);
+        }
+        if self.limit != 0 {
+            page.truncate(self.limit - self.returned);
+        }
+        self.returned += page.len();
+        let rel = |full: &[u8]| full.strip_prefix(c.prefix.as_ref()).map(<[u8]>::to_vec);
+        if self.limit != 0 && self.returned >= self.limit {
+            self.cursor = None;
+        } else if s.more {
+            self.cursor = rel(&s.next_key);
+        } else if !range.hi.is_empty() && range.hi.as_ref() < prefix_end(&c.prefix).as_ref() {
+            // The next range of the collection, unless past `end`.
+            let next = rel(&range.hi);
+            self.cursor =
+                next.filter(|n| self.end.is_empty() || n.as_slice() < self.end.as_slice());
+        }
+        Ok(Some(Served {
+            value: page,
+            revision: h.revision,
+            applied_index: h.applied_index,
+            node,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_from_10_to_200_ms_with_jitter() {
+        let mut b = Backoff::new();
+        let mut steps = Vec::new();
+        for _ in 0..10 {
+            let step = b.peek();
+            let wait = b.step();
+            assert!(
+                wait >= step / 2 && wait <= step,
+                "{wait:?} for step {step:?}"
+            );
+            steps.push(step.as_millis());
+        }
+        assert_eq!(steps, vec![10, 20, 40, 80, 160, 200, 200, 200, 200, 200]);
+    }
+
+    #[test]
+    fn first_incomplete_is_the_lowest_open_seq() {
+        let ids = Arc::new(RequestIds::new());
+        assert_ne!(ids.client(), 0);
+        let a = ids.begin();
+        let b = ids.begin();
+        let c = ids.begin();
+        assert_eq!((a.seq, b.seq, c.seq), (1, 2, 3));
+        assert_eq!(c.id(0).first_incomplete, 1);
+        drop(a);
+        let id = c.id(2);
+        assert_eq!((id.seq, id.first_incomplete, id.attempt), (3, 2, 2));
+        drop(b);
+        assert_eq!(c.id(0).first_incomplete, 3);
+        drop(c);
+        let d = ids.begin();
+        assert_eq!((d.seq, d.id(0).first_incomplete), (4, 4));
+        assert_eq!(d.id(0).client, ids.client());
     }
 }

@@ -7,7 +7,10 @@
 //!   answers matched by request id.
 //! - [`error`]: [`ClientError`], the typed errors of the wire plus local failures.
 //! - [`kv`]: KV collections: [`kv::Kv`] (`client.kv("name")`), create-collection, the
-//!   range cache and routing to range leaders.
+//!   range cache and routing to range leaders (backoff bounded by the timeout, descriptors
+//!   refreshed from WRONG_RANGE by epoch), request ids on writes and the resend of a write
+//!   whose answer was lost, follower reads round robin with the served-at applied index
+//!   ([`kv::Served`]), scans streamed page by page across ranges ([`kv::Scanner`]).
 //! - [`watch`]: [`Watch`] (`client.kv("name").watch_prefix(p, rev)`): long-polls per range
 //!   piece, exactly once per piece by its next revision, re-lookup after splits.
 //! - this file: [`Client`], routing and redirects.
@@ -36,7 +39,7 @@ use rand::seq::SliceRandom;
 
 pub use conn::Conn;
 pub use error::ClientError;
-pub use kv::{CasOutcome, Expect, Kv, ReadMode};
+pub use kv::{CasOutcome, Expect, Kv, ReadMode, Scanner, Served};
 pub use watch::{Watch, WatchEvent, WatchUpdate};
 
 /// Redirects followed per request.
@@ -54,6 +57,8 @@ pub struct Client {
     cache: Arc<Mutex<kv::RangeCache>>,
     /// Round-robin position of follower reads.
     follower_turn: Arc<AtomicU64>,
+    /// This client's request ids (writes are deduplicated per range by them).
+    ids: Arc<kv::RequestIds>,
 }
 
 /// A value read with the revision it was last written at.
@@ -83,7 +88,13 @@ impl Client {
             leader: Arc::default(),
             cache: Arc::default(),
             follower_turn: Arc::default(),
+            ids: Arc::new(kv::RequestIds::new()),
         })
+    }
+
+    /// The random id this client puts in its writes' request ids.
+    pub fn client_id(&self) -> u64 {
+        self.ids.client()
     }
 
     async fn conn(&self, addr: SocketAddr) -> Result<Conn, ClientError> {
