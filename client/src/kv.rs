@@ -366,6 +366,10 @@ impl Client {
             let mut cmd = build(&coll.prefix, &range);
             if let Some(t) = &ticket {
                 cmd.set_request_id(t.id(sent));
+                if sent > 0 {
+                    self.resends
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             let bytes = cmd
                 .write_to_bytes()

@@ -59,6 +59,8 @@ pub struct Client {
     follower_turn: Arc<AtomicU64>,
     /// This client's request ids (writes are deduplicated per range by them).
     ids: Arc<kv::RequestIds>,
+    /// Sends of writes whose earlier send's outcome was unknown.
+    resends: Arc<AtomicU64>,
 }
 
 /// A value read with the revision it was last written at.
@@ -89,12 +91,20 @@ impl Client {
             cache: Arc::default(),
             follower_turn: Arc::default(),
             ids: Arc::new(kv::RequestIds::new()),
+            resends: Arc::default(),
         })
     }
 
     /// The random id this client puts in its writes' request ids.
     pub fn client_id(&self) -> u64 {
         self.ids.client()
+    }
+
+    /// How many times a write was resent (same request id) after a send whose outcome was
+    /// unknown: each is a write that would have failed with `UnknownOutcome` before request
+    /// ids. Shared by clones.
+    pub fn resent_writes(&self) -> u64 {
+        self.resends.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn conn(&self, addr: SocketAddr) -> Result<Conn, ClientError> {

@@ -220,6 +220,7 @@ async fn a_lost_answer_is_resent_with_the_same_request_id() {
     let id = c.client_id();
     assert_ne!(id, 0);
     assert_eq!(ids(&f), vec![(id, 1, 1, 0), (id, 1, 1, 1)]);
+    assert_eq!(c.resent_writes(), 1);
     // The next write has the next seq; every write carries an id.
     c.kv("c").delete(b"k").await.expect("delete");
     c.kv("c")
