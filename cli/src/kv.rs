@@ -1,4 +1,5 @@
-//! `quiver create-collection` and `quiver kv get|put|del|cas|scan` (table or `--json`).
+//! `quiver create-collection` and `quiver kv get|put|del|cas|scan` (table or `--json`), and
+//! `quiver kv watch` (one line per change until Ctrl-C or `--count`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -268,6 +269,34 @@ pub enum KvCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print the changes of KEY (or of every key starting with KEY, with --prefix), one line
+    /// per change: type, key, value, mod revision. Runs until Ctrl-C or --count changes.
+    /// Revisions are counted per range; within a range (so for each key) changes come in
+    /// order, across ranges in arrival order.
+    #[command(after_help = "Text lines: `PUT <key> <value> (revision N)`, \
+`DELETE <key> (revision N)`; when the history from --from-revision is compacted: \
+`RESYNC [start, end): K keys, continuing at revision N` followed by one \
+`CURRENT <key> <value> (revision N)` line per key. With --json, one JSON object per line \
+(\"type\": put | delete | resync). --timeout-secs bounds each request; the watch gives \
+up with a one-line error when no replica of a range answers for three times that.")]
+    Watch {
+        /// The collection's name.
+        collection: String,
+        /// The key (with --prefix: the prefix; may be empty for the whole collection).
+        key: String,
+        /// Watch every key starting with KEY.
+        #[arg(long)]
+        prefix: bool,
+        /// Start at this revision (inclusive), replaying the history from there; 0: only
+        /// changes from now on.
+        #[arg(long, default_value_t = 0)]
+        from_revision: u64,
+        /// Stop after this many changes (0: run until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 /// One key as printed.
@@ -467,7 +496,137 @@ pub async fn run(cmd: &KvCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
+        KvCommand::Watch {
+            collection,
+            key,
+            prefix,
+            from_revision,
+            count,
+            client,
+        } => {
+            tokio::select! {
+                r = watch(collection, key, *prefix, *from_revision, *count, client) => r,
+                _ = crate::stop_signal() => Ok(()),
+            }
+        }
     }
+}
+
+/// One watched change as printed with `--json`.
+#[derive(Debug, Serialize)]
+pub struct EventOut {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub key: String,
+    pub value: String,
+    pub create_revision: u64,
+    pub mod_revision: u64,
+    pub version: u64,
+}
+
+/// A text line of one change.
+pub fn event_line(e: &client::WatchEvent) -> String {
+    let key = String::from_utf8_lossy(&e.kv.key);
+    if e.kind == kvpb::EventType::DELETE {
+        format!("DELETE {key} (revision {})", e.kv.mod_revision)
+    } else {
+        format!(
+            "PUT {key} {} (revision {})",
+            String::from_utf8_lossy(&e.kv.value),
+            e.kv.mod_revision
+        )
+    }
+}
+
+fn event_json(e: &client::WatchEvent) -> String {
+    let o = EventOut {
+        kind: if e.kind == kvpb::EventType::DELETE {
+            "delete"
+        } else {
+            "put"
+        },
+        key: String::from_utf8_lossy(&e.kv.key).into_owned(),
+        value: String::from_utf8_lossy(&e.kv.value).into_owned(),
+        create_revision: e.kv.create_revision,
+        mod_revision: e.kv.mod_revision,
+        version: e.kv.version,
+    };
+    serde_json::to_string(&o).unwrap_or_default()
+}
+
+/// `quiver kv watch`: prints changes until `count` (0: forever).
+async fn watch(
+    collection: &str,
+    key: &str,
+    prefix: bool,
+    from_revision: u64,
+    count: u64,
+    args: &ClientArgs,
+) -> Result<(), CliError> {
+    let kv = args.client()?.kv(collection);
+    let mut w = if prefix {
+        kv.watch_prefix(key.as_bytes(), from_revision).await?
+    } else {
+        if key.is_empty() {
+            return Err(CliError::Msg(
+                "watch needs a non-empty KEY (or --prefix)".into(),
+            ));
+        }
+        kv.watch(key.as_bytes(), from_revision).await?
+    };
+    let mut seen = 0u64;
+    while count == 0 || seen < count {
+        match w.next().await? {
+            client::WatchUpdate::Events(events) => {
+                for e in &events {
+                    if args.json {
+                        println!("{}", event_json(e));
+                    } else {
+                        println!("{}", event_line(e));
+                    }
+                    seen += 1;
+                    if count != 0 && seen >= count {
+                        break;
+                    }
+                }
+            }
+            client::WatchUpdate::Resync {
+                start,
+                end,
+                current,
+                next_revision,
+            } => {
+                let (s, e) = (
+                    String::from_utf8_lossy(&start).into_owned(),
+                    String::from_utf8_lossy(&end).into_owned(),
+                );
+                if args.json {
+                    let cur: Vec<KvOut> = current.iter().map(out).collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "type": "resync", "start": s, "end": e,
+                            "next_revision": next_revision, "current": cur,
+                        })
+                    );
+                } else {
+                    println!(
+                        "RESYNC [{s:?}, {e:?}): {} keys, continuing at revision {next_revision}",
+                        current.len()
+                    );
+                    for kv in &current {
+                        println!(
+                            "CURRENT {} {} (revision {})",
+                            String::from_utf8_lossy(&kv.key),
+                            String::from_utf8_lossy(&kv.value),
+                            kv.mod_revision
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,526 @@
+//! Watch end to end on three real nodes: a library watcher and a `quiver kv watch --json`
+//! process watch a prefix from revision 1 while a writer makes puts and deletes (and writes
+//! outside the prefix) and the range's leader is killed (SIGKILL) and restarted. Both
+//! watchers see every acknowledged change exactly once, in order per key, with the
+//! acknowledged revision; writes whose outcome is unknown may appear, never twice; nothing
+//! outside the prefix appears. Also: `--count`, Ctrl-C, `--help`, one-line errors.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use client::{Conn, WatchUpdate};
+use common::*;
+use proto::clientpb::{ClientRequest, ClientResponse_oneof_kind, KvRequest, WatchRequest};
+use proto::kvpb;
+use proto::metapb::{CollectionDescriptor, CollectionKind, Persistence, ReplicationMode};
+
+fn quiver(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(args)
+        .output()
+        .expect("run quiver");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// One change as a watcher saw it: (type, key, value, mod revision).
+type Seen = (String, String, String, u64);
+
+/// One write of the writer.
+#[derive(Debug, Clone)]
+enum Op {
+    Put {
+        key: String,
+        value: String,
+        revision: u64,
+    },
+    /// `existed`: the acknowledged delete removed the key (so it made an event).
+    Delete { key: String, existed: bool },
+}
+
+impl Op {
+    fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key, .. } => key,
+        }
+    }
+}
+
+/// The CLI watcher: a child process and the lines it printed so far.
+struct CliWatcher {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl CliWatcher {
+    fn start(args: &[&str]) -> CliWatcher {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start quiver kv watch");
+        let out = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                l2.lock().unwrap().push(line);
+            }
+        });
+        CliWatcher { child, lines }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value =
+                    serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
+                let s = |f: &str| v[f].as_str().unwrap_or_default().to_string();
+                (
+                    s("type").to_uppercase(),
+                    s("key"),
+                    s("value"),
+                    v["mod_revision"].as_u64().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Ctrl-C: the process stops by itself with success.
+    fn interrupt(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("SIGINT");
+        let deadline = std::time::Instant::now() + LONG;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                assert!(st.success(), "watcher exited with {st} after Ctrl-C");
+                return;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("watcher did not stop on Ctrl-C");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for CliWatcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Checks what a watcher saw against the writer's log: every acknowledged change exactly
+/// once with its revision, in order per key; unacknowledged writes at most once; nothing
+/// else.
+fn check(who: &str, seen: &[Seen], acked: &[Op], unknown: &[Op]) {
+    assert!(
+        seen.windows(2).all(|w| w[0].3 < w[1].3),
+        "{who}: revisions not strictly increasing (a change seen twice or out of order): {seen:?}"
+    );
+    let mut by_key: HashMap<&str, Vec<&Seen>> = HashMap::new();
+    for s in seen {
+        assert!(
+            s.1.starts_with("p/"),
+            "{who}: key outside the prefix: {s:?}"
+        );
+        by_key.entry(s.1.as_str()).or_default().push(s);
+    }
+    let mut keys: Vec<&str> = acked.iter().chain(unknown).map(Op::key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for s in seen {
+        assert!(keys.contains(&s.1.as_str()), "{who}: never written: {s:?}");
+    }
+    for k in keys {
+        let got = by_key.get(k).cloned().unwrap_or_default();
+        let want: Vec<&Op> = acked
+            .iter()
+            .filter(|o| o.key() == k)
+            .filter(|o| !matches!(o, Op::Delete { existed: false, .. }))
+            .collect();
+        let maybe: Vec<&Op> = unknown.iter().filter(|o| o.key() == k).collect();
+        // The acknowledged changes are a subsequence of what was seen, in order.
+        let mut it = got.iter();
+        for w in &want {
+            let found = it.by_ref().any(|s| match w {
+                Op::Put {
+                    value, revision, ..
+                } => {
+                    if s.0 == "PUT" && &s.2 == value {
+                        assert_eq!(s.3, *revision, "{who}: {k}={value} at another revision");
+                        true
+                    } else {
+                        false
+                    }
+                }
+                Op::Delete { .. } => s.0 == "DELETE",
+            });
+            assert!(
+                found,
+                "{who}: acknowledged {w:?} missing or out of order; seen for {k}: {got:?}"
+            );
+        }
+        // What else was seen must be unacknowledged writes, each at most once.
+        let puts_seen = got.iter().filter(|s| s.0 == "PUT").count();
+        let dels_seen = got.iter().filter(|s| s.0 == "DELETE").count();
+        let puts_want = want.iter().filter(|o| matches!(o, Op::Put { .. })).count();
+        let dels_want = want.len() - puts_want;
+        let puts_maybe = maybe.iter().filter(|o| matches!(o, Op::Put { .. })).count();
+        let dels_maybe = maybe.len() - puts_maybe;
+        assert!(
+            puts_seen <= puts_want + puts_maybe && dels_seen <= dels_want + dels_maybe,
+            "{who}: more changes of {k} than written: {got:?}"
+        );
+        for s in got.iter().filter(|s| s.0 == "PUT") {
+            let known = acked
+                .iter()
+                .chain(unknown)
+                .any(|o| matches!(o, Op::Put { key, value, .. } if key == k && value == &s.2));
+            assert!(known, "{who}: a value never written: {s:?}");
+        }
+        let mut values: Vec<&str> = got
+            .iter()
+            .filter(|s| s.0 == "PUT")
+            .map(|s| s.2.as_str())
+            .collect();
+        let n = values.len();
+        values.sort_unstable();
+        values.dedup();
+        assert_eq!(values.len(), n, "{who}: a put of {k} seen twice: {got:?}");
+    }
+}
+
+/// One write of the writer (op `i`): a put or a delete of `p/<i mod 7>`, and every tenth
+/// op a put outside the watched prefix.
+async fn write(feed: &client::Kv, i: usize, acked: &mut Vec<Op>, unknown: &mut Vec<Op>) {
+    if i % 10 == 5 {
+        let _ = feed.put(format!("q/{i}").as_bytes(), b"not watched").await;
+    }
+    let key = format!("p/{}", i % 7);
+    if i % 4 == 3 {
+        match feed.delete(key.as_bytes()).await {
+            Ok(existed) => acked.push(Op::Delete { key, existed }),
+            Err(e) => {
+                eprintln!("delete {key}: {e}");
+                unknown.push(Op::Delete { key, existed: true });
+            }
+        }
+    } else {
+        let value = format!("v{i}");
+        match feed.put(key.as_bytes(), value.as_bytes()).await {
+            Ok(revision) => acked.push(Op::Put {
+                key,
+                value,
+                revision,
+            }),
+            Err(e) => {
+                eprintln!("put {key}={value}: {e}");
+                unknown.push(Op::Put {
+                    key,
+                    value,
+                    revision: 0,
+                });
+            }
+        }
+    }
+}
+
+/// The revision node `i`'s replica of `range` has applied (a watch poll that does not wait).
+async fn served_revision(
+    c: &cli::demo::LocalCluster,
+    i: usize,
+    range: &proto::metapb::RangeDescriptor,
+) -> Option<u64> {
+    let conn = Conn::connect(c.clients([i])[0], Duration::from_secs(2))
+        .await
+        .ok()?;
+    let mut w = WatchRequest::new();
+    w.range = range.id;
+    w.epoch = range.epoch;
+    w.key = range.lo.clone();
+    w.range_end = range.hi.clone();
+    w.start_revision = 1;
+    w.max_events = 1;
+    let mut req = ClientRequest::new();
+    req.set_watch(w);
+    match tokio::time::timeout(Duration::from_secs(5), conn.call(req)).await {
+        Ok(Ok(ClientResponse_oneof_kind::watch(r))) => Some(r.get_response().get_header().revision),
+        _ => None,
+    }
+}
+
+/// Protobuf varint.
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+/// An encoded `kvpb.Command { get: Get { key } }` (this crate does not depend on protobuf).
+fn encode_get(key: &[u8]) -> Bytes {
+    let mut get = vec![0x0a]; // Get.key: field 1, length-delimited
+    varint(key.len(), &mut get);
+    get.extend_from_slice(key);
+    let mut cmd = vec![0x3a]; // Command.get: field 7, length-delimited
+    varint(get.len(), &mut cmd);
+    cmd.extend_from_slice(&get);
+    Bytes::from(cmd)
+}
+
+/// The node index of the range's leader: the member that serves a leader read.
+async fn range_leader(
+    c: &cli::demo::LocalCluster,
+    range: &proto::metapb::RangeDescriptor,
+) -> Option<usize> {
+    let bytes = encode_get(&range.lo);
+    for i in 0..c.nodes.len() {
+        let addr = c.clients([i])[0];
+        let Ok(conn) = Conn::connect(addr, Duration::from_secs(2)).await else {
+            continue;
+        };
+        let mut k = KvRequest::new();
+        k.range = range.id;
+        k.epoch = range.epoch;
+        k.command = bytes.clone();
+        let mut req = ClientRequest::new();
+        req.set_kv(k);
+        if let Ok(Ok(ClientResponse_oneof_kind::kv(_))) =
+            tokio::time::timeout(Duration::from_secs(5), conn.call(req)).await
+        {
+            return Some(i);
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_sees_every_change_once_across_a_leader_kill() {
+    let t0 = std::time::Instant::now();
+    let (mut c, _dir) = cluster(3);
+    create_meta(&c, 0).await;
+    let cl = client(&c);
+    wait_voters(&cl, 3, LONG).await;
+    let seeds = c
+        .clients(0..3)
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+
+    let mut spec = CollectionDescriptor::new();
+    spec.name = "feed".into();
+    spec.kind = CollectionKind::KV;
+    spec.persistence = Persistence::LOGGED;
+    spec.replication = ReplicationMode::CONSENSUS;
+    spec.replication_factor = 3;
+    spec.split_size = 64 << 20;
+    let made = cl.create_collection(spec).await.expect("create feed");
+    let feed = cl.kv("feed");
+    let first = cli::demo::wait_for(LONG, || async { feed.put(b"outside", b"x").await.ok() }).await;
+    assert!(first.is_some(), "no put succeeded on the new collection");
+    let range = cli::demo::wait_for(LONG, || async {
+        let s = cl.status().await.ok()?;
+        let r = s.ranges.iter().find(|r| r.collection == made.id)?.clone();
+        (r.members.len() == 3 && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER))
+            .then_some(r)
+    })
+    .await
+    .expect("feed never got 3 voters");
+
+    // Bad input and help, one line each.
+    let (ok, _, err) = quiver(&["kv", "watch", "nosuch", "k", "--seeds", &seeds]);
+    assert!(!ok && err.contains("no collection"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (ok, _, err) = quiver(&["kv", "watch", "feed", "", "--seeds", &seeds]);
+    assert!(!ok && err.contains("non-empty KEY"), "{err}");
+    let (ok, out, _) = quiver(&["kv", "watch", "--help"]);
+    for flag in [
+        "--prefix",
+        "--from-revision",
+        "--count",
+        "--json",
+        "--seeds",
+    ] {
+        assert!(ok && out.contains(flag), "--help lacks {flag}: {out}");
+    }
+
+    // Both watchers from revision 1: they replay the history, then follow.
+    let lib_seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let mut w = feed.watch_prefix(b"p/", 1).await.expect("watch");
+    let l2 = lib_seen.clone();
+    let lib_task = tokio::spawn(async move {
+        loop {
+            match w.next().await {
+                Ok(WatchUpdate::Events(evs)) => {
+                    let mut l = l2.lock().unwrap();
+                    for e in evs {
+                        let t = if e.kind == kvpb::EventType::DELETE {
+                            "DELETE"
+                        } else {
+                            "PUT"
+                        };
+                        l.push((
+                            t.to_string(),
+                            String::from_utf8_lossy(&e.kv.key).into_owned(),
+                            String::from_utf8_lossy(&e.kv.value).into_owned(),
+                            e.kv.mod_revision,
+                        ));
+                    }
+                }
+                Ok(u @ WatchUpdate::Resync { .. }) => panic!("no compaction here: {u:?}"),
+                Err(e) => panic!("library watcher: {e}"),
+            }
+        }
+    });
+    let cli_w = CliWatcher::start(&[
+        "kv",
+        "watch",
+        "feed",
+        "p/",
+        "--prefix",
+        "--from-revision",
+        "1",
+        "--json",
+        "--seeds",
+        &seeds,
+    ]);
+
+    // The writer: puts and deletes on a few keys and writes outside the prefix, while each
+    // node in turn, the range's leader first, is killed (SIGKILL) and restarted: whichever
+    // replica a watcher polls is killed under it at least once.
+    let leader = range_leader(&c, &range)
+        .await
+        .expect("the range has a leader");
+    let mut order = vec![leader];
+    order.extend((0..3).filter(|i| *i != leader));
+    let mut acked: Vec<Op> = Vec::new();
+    let mut unknown: Vec<Op> = Vec::new();
+    const PER_PHASE: usize = 40;
+    for (phase, victim) in order.into_iter().enumerate() {
+        eprintln!("killing node {victim}");
+        c.kill(victim);
+        for i in phase * PER_PHASE..(phase + 1) * PER_PHASE {
+            write(&feed, i, &mut acked, &mut unknown).await;
+        }
+        eprintln!("restarting node {victim}");
+        c.start(victim).expect("restart");
+        let rev = acked
+            .iter()
+            .filter_map(|o| match o {
+                Op::Put { revision, .. } => Some(*revision),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let back = cli::demo::wait_for(LONG, || async {
+            (served_revision(&c, victim, &range).await? >= rev).then_some(())
+        })
+        .await;
+        assert!(
+            back.is_some(),
+            "node {victim} never caught up to revision {rev}"
+        );
+    }
+    // A last acknowledged put: both watchers must reach its revision.
+    let mut attempt = 0;
+    let last = loop {
+        attempt += 1;
+        let (key, value) = ("p/end".to_string(), format!("end{attempt}"));
+        match feed.put(key.as_bytes(), value.as_bytes()).await {
+            Ok(revision) => {
+                acked.push(Op::Put {
+                    key,
+                    value,
+                    revision,
+                });
+                break revision;
+            }
+            Err(e) => {
+                assert!(attempt < 20, "the last put never succeeded: {e}");
+                unknown.push(Op::Put {
+                    key,
+                    value,
+                    revision: 0,
+                });
+            }
+        }
+    };
+    eprintln!(
+        "{} acknowledged, {} unknown outcomes, last revision {last}",
+        acked.len(),
+        unknown.len()
+    );
+    let reached = |s: &[Seen]| s.iter().any(|x| x.3 >= last);
+    let ok = cli::demo::wait_for(LONG, || async {
+        (reached(&lib_seen.lock().unwrap()) && reached(&cli_w.seen())).then_some(())
+    })
+    .await;
+    assert!(
+        ok.is_some(),
+        "watchers never reached revision {last}: library saw {}, CLI saw {}",
+        lib_seen.lock().unwrap().len(),
+        cli_w.seen().len()
+    );
+    lib_task.abort();
+    check(
+        "library watcher",
+        &lib_seen.lock().unwrap(),
+        &acked,
+        &unknown,
+    );
+    check("quiver kv watch", &cli_w.seen(), &acked, &unknown);
+    cli_w.interrupt();
+
+    // --count: the first two changes of one key, as text (as the library watcher saw
+    // them), then exit.
+    let want: Vec<String> = lib_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.1 == "p/1")
+        .take(2)
+        .map(|(t, k, v, r)| {
+            if t == "PUT" {
+                format!("PUT {k} {v} (revision {r})")
+            } else {
+                format!("DELETE {k} (revision {r})")
+            }
+        })
+        .collect();
+    assert_eq!(want.len(), 2);
+    let (ok, out, err) = quiver(&[
+        "kv",
+        "watch",
+        "feed",
+        "p/1",
+        "--from-revision",
+        "1",
+        "--count",
+        "2",
+        "--seeds",
+        &seeds,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), want, "{out}");
+    eprintln!("t60 took {:?}", t0.elapsed());
+}
