@@ -27,28 +27,34 @@
 //!
 //! # Waiting
 //! The store broadcasts each applied command to bounded crossbeam subscriptions
-//! ([`KvReader::subscribe`]). A long-poll subscribes *before* it reads the history, so a
-//! change applied after the read always reaches the subscription. Async tasks cannot block
-//! on a crossbeam channel; one process-wide thread (the pump) selects over the
-//! subscriptions of every waiting poll and completes a oneshot when one receives (or
-//! disconnects: the store restored a snapshot, or the subscription overflowed). The poll then
-//! reads the history again. A poll whose task is dropped (its connection closed) leaves a
-//! closed oneshot that the pump discards within [`SWEEP`]; a poll never outlives `wait_ms`.
+//! ([`KvReader::subscribe`]). Async tasks cannot block on a crossbeam channel, and a
+//! subscription per poll would cost a channel buffer per poll until the range's next write.
+//! So there is one subscription per watched range (per node), owned by one process-wide
+//! thread, the pump, which selects over them and bumps a `tokio::sync::watch` counter per
+//! range on every message. A poll takes a receiver of its range's counter *before* it reads
+//! the history (creating the subscription if the range has none), so a change applied after
+//! the read always bumps the counter it waits on. A subscription that disconnects (it
+//! overflowed, the store restored a snapshot or was dropped) is removed and its counter
+//! dropped, which wakes its polls; they take a fresh one and read again. A range nobody waits
+//! on for [`SWEEP`] loses its subscription. A poll whose task is dropped just drops its
+//! receiver; a poll never outlives `wait_ms`.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use collections::kv::{Bounds, KeyRange, KvReader, Subscription, WatchBatch};
 use collections::KvError;
-use crossbeam_channel::{Receiver, Select, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Select, Sender};
 use harpoon::{CellId, Role};
 use meta::{view, RangeDescriptor};
+use parking_lot::Mutex;
 use proto::clientpb::{
     ClientError_Code, ClientResponse, ClientResponse_oneof_kind, WatchReply, WatchRequest,
 };
 use proto::kvpb;
 use protobuf::Message;
-use tokio::sync::oneshot;
+use tokio::sync::watch as counter;
 use tokio::time::Instant;
 
 use crate::client_port::error;
@@ -66,7 +72,7 @@ pub const MAX_BYTES: u64 = 768 << 10;
 pub const MAX_WAIT_MS: u64 = 30_000;
 /// Largest encoded reply: a single revision or a resync above it is refused `TOO_LARGE`.
 pub const MAX_REPLY: usize = crate::client_port::MAX_FRAME - 4096;
-/// How often the pump drops the registrations of polls that went away.
+/// How long the pump keeps the subscription of a range nobody waits on.
 pub const SWEEP: Duration = Duration::from_millis(500);
 /// Bytes an event costs on the wire besides its key and value (an estimate for `max_bytes`).
 const EVENT_OVERHEAD: u64 = 32;
@@ -159,13 +165,15 @@ fn header(reader: &KvReader) -> kvpb::ResponseHeader {
     h
 }
 
-/// Serves one long-poll on `reader` (no routing checks: see [`watch`]). `clock` is the time
-/// (unix ms) that filters expired keys out of a resync.
+/// Serves one long-poll on `reader` (no routing checks: see [`watch`]). `range` names the
+/// store for the pump (unique per store in this process: the node and the range id). `clock`
+/// is the time (unix ms) that filters expired keys out of a resync.
 ///
 /// # Errors
 /// Storage errors reading the history.
 pub async fn serve(
     reader: &KvReader,
+    range: RangeKey,
     p: &WatchParams,
     clock: &(dyn Fn() -> u64 + Sync),
 ) -> Result<Served, KvError> {
@@ -173,25 +181,16 @@ pub async fn serve(
         return Ok(Served::OutOfBounds);
     }
     let deadline = Instant::now() + p.wait;
-    // Subscribe before the first read: a change applied after the read is never missed.
-    let mut sub = reader.subscribe();
+    // Listen before the first read: a change applied after the read is never missed.
+    let mut changes = listen(range, reader);
     let mut from = if p.start_revision == 0 {
         reader.revision().saturating_add(1)
     } else {
         p.start_revision
     };
     loop {
-        // The wake-ups so far are consumed by this read; a dropped subscription (it
-        // overflowed, or the store restored a snapshot) is renewed before it.
-        loop {
-            match sub.try_recv() {
-                Ok(_) => {}
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    sub = reader.subscribe();
-                    break;
-                }
-            }
+        if let Some(c) = changes.as_mut() {
+            c.borrow_and_update();
         }
         let batch = reader.events_since(from, &p.keys, p.max_events as usize, clock())?;
         // Bounds only shrink: still inside after the read means the read saw every change of
@@ -209,7 +208,22 @@ pub async fn serve(
                 let next_revision = next_revision.max(from);
                 if events.is_empty() && Instant::now() < deadline {
                     from = next_revision;
-                    wait_change(&sub, deadline).await;
+                    match changes.as_mut() {
+                        Some(c) => {
+                            tokio::select! {
+                                r = c.changed() => if r.is_err() {
+                                    // The subscription went away: listen again, then read.
+                                    changes = listen(range, reader);
+                                },
+                                _ = tokio::time::sleep_until(deadline) => {}
+                            }
+                        }
+                        None => {
+                            // No pump thread (it could not be spawned): poll.
+                            let step = Instant::now() + Duration::from_millis(20);
+                            tokio::time::sleep_until(step.min(deadline)).await;
+                        }
+                    }
                     continue;
                 }
                 let (events, next_revision) = cut(events, next_revision, p.max_bytes);
@@ -251,44 +265,29 @@ fn cut(
     (events, next_revision)
 }
 
-/// Waits until `sub` receives or disconnects, or `deadline`.
-async fn wait_change(sub: &Subscription, deadline: Instant) {
-    let (tx, rx) = oneshot::channel();
-    let registered = pump().is_some_and(|p| {
-        p.send(Waiter {
-            rx: sub.clone(),
-            done: tx,
-        })
-        .is_ok()
-    });
-    if registered {
-        tokio::select! {
-            _ = rx => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-        }
-    } else {
-        // No pump thread (it could not be spawned): poll.
-        let step = Instant::now() + Duration::from_millis(20);
-        tokio::time::sleep_until(step.min(deadline)).await;
-    }
+/// Names one store for the pump: (namespace, range id); the node uses its own address as the
+/// namespace so nodes sharing a process never share an entry.
+pub type RangeKey = (u64, u64);
+
+/// The counters of the watched ranges, and the pump's registration channel.
+struct Hub {
+    counters: Mutex<HashMap<RangeKey, Arc<counter::Sender<u64>>>>,
+    reg: Sender<(RangeKey, Subscription, Arc<counter::Sender<u64>>)>,
 }
 
-/// A poll waiting for a change.
-struct Waiter {
-    rx: Receiver<Arc<collections::kv::Applied>>,
-    done: oneshot::Sender<()>,
-}
-
-/// The pump's registration channel (`None` if its thread could not be spawned).
-fn pump() -> Option<&'static Sender<Waiter>> {
-    static PUMP: OnceLock<Option<Sender<Waiter>>> = OnceLock::new();
-    PUMP.get_or_init(|| {
+/// The hub (`None` if the pump thread could not be spawned).
+fn hub() -> Option<&'static Hub> {
+    static HUB: OnceLock<Option<Hub>> = OnceLock::new();
+    HUB.get_or_init(|| {
         let (tx, rx) = crossbeam_channel::unbounded();
         match std::thread::Builder::new()
             .name("watch-pump".into())
             .spawn(move || run_pump(rx))
         {
-            Ok(_) => Some(tx),
+            Ok(_) => Some(Hub {
+                counters: Mutex::new(HashMap::new()),
+                reg: tx,
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the watch pump; watches poll");
                 None
@@ -298,18 +297,61 @@ fn pump() -> Option<&'static Sender<Waiter>> {
     .as_ref()
 }
 
-fn run_pump(reg: Receiver<Waiter>) {
-    let mut waiting: Vec<Waiter> = Vec::new();
+/// A receiver of `range`'s change counter, subscribing the store if the range has none.
+fn listen(range: RangeKey, reader: &KvReader) -> Option<counter::Receiver<u64>> {
+    let hub = hub()?;
+    let mut counters = hub.counters.lock();
+    if let Some(c) = counters.get(&range) {
+        return Some(c.subscribe());
+    }
+    let (tx, rx) = counter::channel(0);
+    let tx = Arc::new(tx);
+    hub.reg.send((range, reader.subscribe(), tx.clone())).ok()?;
+    counters.insert(range, tx);
+    Some(rx)
+}
+
+/// Drops `range`'s entry if it is still `tx` (a newer one may have replaced it).
+fn forget(range: RangeKey, tx: &Arc<counter::Sender<u64>>, only_unused: bool) -> bool {
+    let Some(hub) = hub() else { return true };
+    let mut counters = hub.counters.lock();
+    // Receivers are only made under this lock, so the count cannot grow meanwhile.
+    if only_unused && tx.receiver_count() > 0 {
+        return false;
+    }
+    if counters.get(&range).is_some_and(|c| Arc::ptr_eq(c, tx)) {
+        counters.remove(&range);
+    }
+    true
+}
+
+type Entry = (RangeKey, Subscription, Arc<counter::Sender<u64>>);
+
+fn run_pump(reg: Receiver<Entry>) {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut idle_since: HashMap<RangeKey, std::time::Instant> = HashMap::new();
     let mut swept = std::time::Instant::now();
     loop {
         if swept.elapsed() >= SWEEP {
-            waiting.retain(|w| !w.done.is_closed());
-            swept = std::time::Instant::now();
+            let now = std::time::Instant::now();
+            entries.retain(|(range, _, tx)| {
+                if tx.receiver_count() > 0 {
+                    idle_since.remove(range);
+                    return true;
+                }
+                let since = *idle_since.entry(*range).or_insert(now);
+                if now.duration_since(since) < SWEEP || !forget(*range, tx, true) {
+                    return true;
+                }
+                idle_since.remove(range);
+                false
+            });
+            swept = now;
         }
         let mut sel = Select::new();
         let ctl = sel.recv(&reg);
-        for w in &waiting {
-            sel.recv(&w.rx);
+        for (_, sub, _) in &entries {
+            sel.recv(sub);
         }
         let Ok(op) = sel.select_timeout(SWEEP) else {
             continue;
@@ -317,19 +359,26 @@ fn run_pump(reg: Receiver<Waiter>) {
         let i = op.index();
         if i == ctl {
             match op.recv(&reg) {
-                Ok(w) => {
+                Ok(e) => {
                     drop(sel);
-                    waiting.push(w);
+                    entries.push(e);
                 }
                 // Every sender is gone: the process is exiting.
                 Err(_) => return,
             }
-        } else {
-            // A change or a disconnection: either way the poll reads the history again.
-            let _ = op.recv(&waiting[i - 1].rx);
-            drop(sel);
-            let w = waiting.swap_remove(i - 1);
-            let _ = w.done.send(());
+            continue;
+        }
+        let got = op.recv(&entries[i - 1].1);
+        drop(sel);
+        match got {
+            Ok(_) => entries[i - 1].2.send_modify(|n| *n = n.wrapping_add(1)),
+            Err(_) => {
+                // Overflowed, restored or dropped: its polls wake (the counter goes away) and
+                // listen again.
+                let (range, _, tx) = entries.swap_remove(i - 1);
+                forget(range, &tx, false);
+                idle_since.remove(&range);
+            }
         }
     }
 }
@@ -380,7 +429,8 @@ pub async fn watch(seed: &Arc<Seed>, id: u64, w: WatchRequest) -> ClientResponse
         }
         Err(e) => return error(id, ClientError_Code::UNAVAILABLE, e.to_string()),
     }
-    match serve(&local.reader, &p, &now_ms).await {
+    let key = (Arc::as_ptr(seed) as usize as u64, w.range);
+    match serve(&local.reader, key, &p, &now_ms).await {
         Ok(Served::Reply(resp)) => {
             let mut wr = WatchReply::new();
             wr.set_response(resp);
@@ -421,9 +471,19 @@ mod tests {
         NOW
     }
 
+    /// A pump key no other test uses.
+    fn fresh_key() -> RangeKey {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        (
+            u64::MAX,
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
     struct Store {
         s: KvStore,
         index: u64,
+        key: RangeKey,
     }
 
     impl Store {
@@ -431,6 +491,7 @@ mod tests {
             Store {
                 s: KvStore::open(cfg).unwrap(),
                 index: 0,
+                key: fresh_key(),
             }
         }
         fn run(&mut self, c: proto::kvpb::Command) {
@@ -496,7 +557,11 @@ mod tests {
         st.del("p/x"); // rev 5
         st.put("p/y", "2"); // rev 6
         let r = st.s.reader();
-        let got = reply(serve(&r, &params("p/", "p0", 1, 0), &clock).await.unwrap());
+        let got = reply(
+            serve(&r, st.key, &params("p/", "p0", 1, 0), &clock)
+                .await
+                .unwrap(),
+        );
         assert_eq!(
             keys(&got),
             vec![
@@ -511,14 +576,26 @@ mod tests {
         assert_eq!(got.get_header().revision, 6);
         assert_eq!(got.get_header().applied_index, 6);
         // From the middle; a single key.
-        let got = reply(serve(&r, &params("p/y", "", 4, 0), &clock).await.unwrap());
+        let got = reply(
+            serve(&r, st.key, &params("p/y", "", 4, 0), &clock)
+                .await
+                .unwrap(),
+        );
         assert_eq!(keys(&got), vec![(EventType::PUT, "p/y".into(), 6)]);
         // Nothing new and no wait: an empty reply that moves the client forward.
-        let got = reply(serve(&r, &params("p/", "p0", 7, 0), &clock).await.unwrap());
+        let got = reply(
+            serve(&r, st.key, &params("p/", "p0", 7, 0), &clock)
+                .await
+                .unwrap(),
+        );
         assert!(got.events.is_empty());
         assert_eq!(got.next_revision, 7);
         // A lagging replica never sends a client back below its revision.
-        let got = reply(serve(&r, &params("p/", "p0", 50, 0), &clock).await.unwrap());
+        let got = reply(
+            serve(&r, st.key, &params("p/", "p0", 50, 0), &clock)
+                .await
+                .unwrap(),
+        );
         assert!(got.events.is_empty());
         assert_eq!(got.next_revision, 50);
     }
@@ -534,20 +611,20 @@ mod tests {
         let r = st.s.reader();
         let mut p = params("k", "l", 1, 0);
         p.max_bytes = 250; // two events of ~133 bytes do not fit
-        let got = reply(serve(&r, &p, &clock).await.unwrap());
+        let got = reply(serve(&r, st.key, &p, &clock).await.unwrap());
         assert_eq!(keys(&got).len(), 1);
         assert_eq!(got.next_revision, 2);
         // A revision larger than the bound is sent whole.
         p.start_revision = 11;
         p.max_bytes = 1;
-        let got = reply(serve(&r, &p, &clock).await.unwrap());
+        let got = reply(serve(&r, st.key, &p, &clock).await.unwrap());
         assert_eq!(keys(&got).len(), 2);
         assert_eq!(got.next_revision, 12);
         // max_events: whole revisions until at least that many events.
         p.start_revision = 1;
         p.max_bytes = MAX_BYTES;
         p.max_events = 3;
-        let got = reply(serve(&r, &p, &clock).await.unwrap());
+        let got = reply(serve(&r, st.key, &p, &clock).await.unwrap());
         assert_eq!(keys(&got).len(), 3);
         assert_eq!(got.next_revision, 4);
     }
@@ -558,7 +635,7 @@ mod tests {
         st.put("w/a", "1");
         let r = st.s.reader();
         let p = params("w/", "w0", 2, 60_000);
-        let poll = started(Box::pin(serve(&r, &p, &clock))).await;
+        let poll = started(Box::pin(serve(&r, st.key, &p, &clock))).await;
         // A change of another key wakes it, but it keeps waiting for its own keys.
         st.put("other", "x"); // rev 2
         let poll = started(poll).await;
@@ -568,22 +645,26 @@ mod tests {
         assert_eq!(got.next_revision, 4);
         // Start revision 0 = the next change.
         let p0 = params("w/", "w0", 0, 60_000);
-        let poll = started(Box::pin(serve(&r, &p0, &clock))).await;
+        let poll = started(Box::pin(serve(&r, st.key, &p0, &clock))).await;
         st.del("w/a"); // rev 4
         let got = reply(poll.await.unwrap());
         assert_eq!(keys(&got), vec![(EventType::DELETE, "w/a".into(), 4)]);
         // A poll dropped while waiting (its client went away) leaves nothing stuck: the next
         // poll is woken as usual.
         {
-            let gone = started(Box::pin(serve(&r, &p0, &clock))).await;
+            let gone = started(Box::pin(serve(&r, st.key, &p0, &clock))).await;
             drop(gone);
         }
-        let poll = started(Box::pin(serve(&r, &p0, &clock))).await;
+        let poll = started(Box::pin(serve(&r, st.key, &p0, &clock))).await;
         st.put("w/c", "3"); // rev 5
         let got = reply(poll.await.unwrap());
         assert_eq!(keys(&got), vec![(EventType::PUT, "w/c".into(), 5)]);
         // With nothing happening, a short wait ends with an empty reply.
-        let got = reply(serve(&r, &params("w/", "w0", 6, 20), &clock).await.unwrap());
+        let got = reply(
+            serve(&r, st.key, &params("w/", "w0", 6, 20), &clock)
+                .await
+                .unwrap(),
+        );
         assert!(got.events.is_empty());
         assert_eq!(got.next_revision, 6);
     }
@@ -598,7 +679,11 @@ mod tests {
         st.put("r/b", "2"); // 5
         st.run(cmd::compact(4));
         let r = st.s.reader();
-        let got = reply(serve(&r, &params("r/", "r0", 2, 0), &clock).await.unwrap());
+        let got = reply(
+            serve(&r, st.key, &params("r/", "r0", 2, 0), &clock)
+                .await
+                .unwrap(),
+        );
         assert!(got.resync);
         assert!(got.events.is_empty());
         let cur: Vec<(String, String)> = got
@@ -615,7 +700,11 @@ mod tests {
         assert_eq!(got.next_revision, r.revision() + 1);
         assert_eq!(got.get_header().compact_revision, 4);
         // Above the horizon: events again.
-        let got = reply(serve(&r, &params("r/", "r0", 5, 0), &clock).await.unwrap());
+        let got = reply(
+            serve(&r, st.key, &params("r/", "r0", 5, 0), &clock)
+                .await
+                .unwrap(),
+        );
         assert!(!got.resync);
         assert_eq!(keys(&got), vec![(EventType::PUT, "r/b".into(), 5)]);
     }
@@ -628,7 +717,7 @@ mod tests {
         let r = st.s.reader();
         // A poll across the future split point, waiting.
         let across = params("a", "z", 3, 60_000);
-        let poll = started(Box::pin(serve(&r, &across, &clock))).await;
+        let poll = started(Box::pin(serve(&r, st.key, &across, &clock))).await;
         st.index += 1;
         let mut right =
             st.s.split_off(st.index, 1, b"m", KvConfig::memory())
@@ -636,7 +725,11 @@ mod tests {
         st.put("b", "2"); // rev 3 in the left half: wakes the poll
         assert_eq!(poll.await.unwrap(), Served::OutOfBounds);
         // Inside the left half: served; the right half continues the same revisions.
-        let got = reply(serve(&r, &params("a", "m", 1, 0), &clock).await.unwrap());
+        let got = reply(
+            serve(&r, st.key, &params("a", "m", 1, 0), &clock)
+                .await
+                .unwrap(),
+        );
         assert_eq!(
             keys(&got),
             vec![
@@ -645,14 +738,21 @@ mod tests {
             ]
         );
         assert_eq!(
-            serve(&r, &params("a", "n", 1, 0), &clock).await.unwrap(),
+            serve(&r, st.key, &params("a", "n", 1, 0), &clock)
+                .await
+                .unwrap(),
             Served::OutOfBounds
         );
         right
             .apply(st.index + 1, 1, NOW, &cmd::encode(&cmd::put(b"y", b"1", 0)))
             .unwrap();
         let rr = right.reader();
-        let got = reply(serve(&rr, &params("m", "z", 1, 0), &clock).await.unwrap());
+        let rkey = fresh_key();
+        let got = reply(
+            serve(&rr, rkey, &params("m", "z", 1, 0), &clock)
+                .await
+                .unwrap(),
+        );
         assert_eq!(
             keys(&got),
             vec![
@@ -661,9 +761,48 @@ mod tests {
             ]
         );
         assert_eq!(
-            serve(&rr, &params("a", "z", 1, 0), &clock).await.unwrap(),
+            serve(&rr, rkey, &params("a", "z", 1, 0), &clock)
+                .await
+                .unwrap(),
             Served::OutOfBounds
         );
+    }
+
+    #[tokio::test]
+    async fn a_restore_wakes_waiting_polls_and_idle_ranges_are_unsubscribed() {
+        let mut other = Store::new(KvConfig::memory());
+        for i in 0..5 {
+            other.put(&format!("n/{i}"), "x");
+        }
+        let image = other.s.reader().snapshot().to_bytes().unwrap();
+        let mut st = Store::new(KvConfig::memory());
+        st.put("n/0", "old");
+        let r = st.s.reader();
+        let p = params("n/", "n0", 2, 60_000);
+        let poll = started(Box::pin(serve(&r, st.key, &p, &clock))).await;
+        // The restore drops every subscription: the poll wakes, listens again, and reads the
+        // restored history.
+        st.s.restore_bytes(&image).unwrap();
+        let got = reply(poll.await.unwrap());
+        assert_eq!(keys(&got).first(), Some(&(EventType::PUT, "n/1".into(), 2)));
+        assert_eq!(got.next_revision, 6);
+        // Later polls use a fresh subscription.
+        let p = params("n/", "n0", 6, 60_000);
+        let poll = started(Box::pin(serve(&r, st.key, &p, &clock))).await;
+        st.index = 100;
+        st.put("n/9", "new");
+        let got = reply(poll.await.unwrap());
+        assert_eq!(keys(&got), vec![(EventType::PUT, "n/9".into(), 6)]);
+        // Nobody waits any more: the range's subscription is dropped after the sweep period.
+        let h = hub().expect("pump");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while h.counters.lock().contains_key(&st.key) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "idle subscription kept"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[test]
