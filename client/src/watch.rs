@@ -452,3 +452,122 @@ impl Piece {
         Step::Ok
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &[u8] = b"\x00\x00\x00\x07";
+
+    fn piece(next: u64) -> (Piece, mpsc::Receiver<Result<WatchUpdate, ClientError>>) {
+        let client =
+            Client::new(vec!["127.0.0.1:9".parse().unwrap()], Duration::from_secs(1)).unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        let p = Piece {
+            client,
+            name: "c".into(),
+            prefix: Bytes::from_static(P),
+            lo: with_prefix(P, b"p/"),
+            hi: prefix_end(P),
+            next,
+            range: None,
+            turn: 0,
+            tx,
+        };
+        (p, rx)
+    }
+
+    fn event(key: &str, rev: u64) -> kvpb::Event {
+        let mut e = kvpb::Event::new();
+        e.field_type = kvpb::EventType::PUT;
+        let mut kv = kvpb::KeyValue::new();
+        kv.key = with_prefix(P, key.as_bytes());
+        kv.value = Bytes::from(format!("v{rev}"));
+        kv.mod_revision = rev;
+        e.set_kv(kv);
+        e
+    }
+
+    fn events(revs: &[u64], next: u64) -> kvpb::WatchResponse {
+        let mut r = kvpb::WatchResponse::new();
+        r.events = revs.iter().map(|r| event("p/k", *r)).collect();
+        r.next_revision = next;
+        r
+    }
+
+    fn revs(u: WatchUpdate) -> Vec<(String, u64)> {
+        match u {
+            WatchUpdate::Events(e) => e
+                .iter()
+                .map(|e| {
+                    (
+                        String::from_utf8_lossy(&e.kv.key).into_owned(),
+                        e.revision(),
+                    )
+                })
+                .collect(),
+            other => panic!("expected events, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn events_below_the_next_revision_are_dropped_and_it_never_goes_back() {
+        let (mut p, mut rx) = piece(4);
+        assert!(matches!(p.deliver(events(&[3, 4, 5], 6)).await, Step::Ok));
+        let got = revs(rx.recv().await.unwrap().unwrap());
+        assert_eq!(got, vec![("p/k".into(), 4), ("p/k".into(), 5)]);
+        assert_eq!(p.next, 6);
+        // The same reply again (a repeated poll, another replica): nothing delivered.
+        p.deliver(events(&[3, 4, 5], 6)).await;
+        assert!(rx.try_recv().is_err());
+        // A lagging replica's "nothing yet, next 3": the position stays.
+        p.deliver(events(&[], 3)).await;
+        assert_eq!(p.next, 6);
+        assert!(rx.try_recv().is_err());
+        // Nothing for these keys up to 9: the position moves without an update.
+        p.deliver(events(&[], 9)).await;
+        assert_eq!(p.next, 9);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_resync_is_delivered_once_with_relative_keys() {
+        let (mut p, mut rx) = piece(2);
+        let mut r = kvpb::WatchResponse::new();
+        r.resync = true;
+        r.next_revision = 10;
+        let mut kv = kvpb::KeyValue::new();
+        kv.key = with_prefix(P, b"p/a");
+        r.current.push(kv);
+        p.deliver(r.clone()).await;
+        match rx.recv().await.unwrap().unwrap() {
+            WatchUpdate::Resync {
+                start,
+                end,
+                current,
+                next_revision,
+            } => {
+                assert_eq!(start, b"p/".to_vec());
+                assert!(end.is_empty(), "to the end of the collection");
+                assert_eq!(current[0].key.as_ref(), b"p/a");
+                assert_eq!(next_revision, 10);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.next, 10);
+        // Not again.
+        p.deliver(r).await;
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_watch_stops_its_pieces() {
+        let (p, rx) = piece(1);
+        let task = tokio::spawn(p.run());
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the piece stopped")
+            .unwrap();
+    }
+}
