@@ -159,7 +159,7 @@ fn key(i: u64) -> Vec<u8> {
 
 /// Keys overwritten by the compaction phase: every 8th.
 fn overwritten(i: u64) -> bool {
-    i % 8 == 0
+    i.is_multiple_of(8)
 }
 
 /// Reads every value once, in pages of about 1 MiB, checking each against `values` (round 1
