@@ -5,8 +5,13 @@
 //!   stale read), answered with the stored descriptor.
 //! - **Lookup**: the collection's descriptor and the range holding a key (one seek in meta).
 //! - **Kv**: one `kvpb.Command` for one range. The router answers `WRONG_RANGE{descriptor}`
-//!   when this node does not hold the range, the key lies outside its bounds or the client's
-//!   epoch is older than the descriptor's; `NOT_LEADER{hint}` when a write or a leader read
+//!   when this node does not hold the range, the key lies outside its bounds (meta's, or the
+//!   local store's: a split applied here that meta does not show yet) or the client's
+//!   epoch is older than the descriptor's. A write that reached the range after a split moved
+//!   its key away is answered `KEY_OUT_OF_RANGE` by apply (not applied): the client gets
+//!   `WRONG_RANGE` with meta's current descriptor; reads check the store's bounds under the
+//!   same lock as the read, so a key the store no longer holds is never answered empty.
+//!   `NOT_LEADER{hint}` when a write or a leader read
 //!   reaches a follower. Writes are proposed as `now_ms ‖ command` (see [`crate::ranges`]);
 //!   leader reads wait for harpoon's read barrier (lease, else ReadIndex), follower reads are
 //!   served from the local replica and carry the applied index they were served at.
@@ -19,7 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use collections::kv::{KeyRange, ScanRequest};
+use collections::kv::{Bounds, KeyRange, ScanRequest};
+use collections::KvError;
 use harpoon::{CellId, Error as HError, ReadConsistency, Role};
 use meta::ops::{self, CollectionSpec};
 use meta::{view, CollectionDescriptor, MetaError, RangeDescriptor};
@@ -193,6 +199,34 @@ fn inside(d: &RangeDescriptor, key: &[u8]) -> bool {
     d.lo.as_ref() <= key && key < d.hi.as_ref()
 }
 
+/// Whether `[start, end)` (`end` empty: to the store's end) lies in the store's bounds.
+fn in_store(b: &Bounds, start: &[u8], end: &[u8]) -> bool {
+    if !b.contains(start) {
+        return false;
+    }
+    match &b.hi {
+        None => true,
+        Some(hi) => !end.is_empty() && end <= hi.as_ref(),
+    }
+}
+
+/// `WRONG_RANGE` for a key this replica's store no longer holds (a split moved it), with
+/// meta's current descriptor of the range.
+fn moved(seed: &Seed, id: u64, range: u64) -> ClientResponse {
+    let desc = seed.read_meta(|s| view::range_by_id(s, range).ok().flatten());
+    wrong_range(
+        id,
+        "key moved to another range by a split",
+        desc.map(|d| d.value),
+    )
+}
+
+/// Whether an applied write was refused because its key moved away in a split.
+fn moved_away(resp: &[u8]) -> bool {
+    kvpb::Response::parse_from_bytes(resp)
+        .is_ok_and(|r| r.has_error() && r.get_error().code == kvpb::ErrorCode::KEY_OUT_OF_RANGE)
+}
+
 fn reply(id: u64, resp: &kvpb::Response) -> ClientResponse {
     match resp.write_to_bytes() {
         Ok(b) => {
@@ -252,6 +286,23 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
     if !keys_ok {
         return wrong_range(id, "key outside the range", Some(desc));
     }
+    // The local store's bounds: a split applied here that meta does not show yet.
+    let held = local.reader.bounds();
+    let local_ok = match &cmd.op {
+        Some(Command_oneof_op::put(p)) => held.contains(&p.key),
+        Some(Command_oneof_op::cas(c)) => held.contains(&c.key),
+        Some(Command_oneof_op::get(g)) => held.contains(&g.key),
+        Some(Command_oneof_op::delete(d)) if d.range_end.is_empty() => held.contains(&d.key),
+        Some(Command_oneof_op::delete(d)) => in_store(&held, &d.key, &d.range_end),
+        Some(Command_oneof_op::scan(s)) => {
+            let end = if s.end.is_empty() { &desc.hi } else { &s.end };
+            in_store(&held, &s.start, end)
+        }
+        _ => true,
+    };
+    if !local_ok {
+        return moved(seed, id, k.range);
+    }
     let cell = CellId(k.range);
     let deadline = Instant::now() + Duration::from_secs(5);
     if read {
@@ -287,6 +338,7 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
                     r.set_get(gr);
                     r
                 }
+                Err(KvError::KeyOutOfRange) => return moved(seed, id, k.range),
                 Err(e) => return error(id, ClientError_Code::INTERNAL, e.to_string()),
             },
             Some(Command_oneof_op::scan(s)) => {
@@ -315,8 +367,9 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
                     keys_only: s.keys_only,
                     revision: s.revision,
                 };
-                match local.reader.scan(&req, now) {
+                match local.reader.scan_in_bounds(&req, now) {
                     Ok(page) => page.to_pb(),
+                    Err(KvError::KeyOutOfRange) => return moved(seed, id, k.range),
                     Err(e) => return invalid(id, "scan", e.to_string()),
                 }
             }
@@ -327,6 +380,8 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
     let data: Bytes = encode_entry(now_ms(), &k.command);
     match seed.node.propose_by(cell, data, deadline).await {
         Ok(r) => match r.response {
+            // Applied as a refusal: the key moved away in a split before the write applied.
+            Some(bytes) if moved_away(&bytes) => moved(seed, id, k.range),
             Some(bytes) => {
                 let mut kr = KvReply::new();
                 kr.response = bytes;

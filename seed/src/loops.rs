@@ -10,15 +10,28 @@
 //! - **reconcile** (on meta's leader only): make the cell's membership follow the range
 //!   descriptor: add learners, promote them once caught up and record the promotion, remove
 //!   members the descriptor no longer lists; remove dead nodes from every range descriptor.
+//! - **split** (on each KV range's leader, about every second): when the store holds more
+//!   than the collection's split size, has a middle key, meta shows exactly the store's
+//!   bounds (no split pending) and the cell is not mid membership change: reserve the
+//!   daughter's id in meta, propose the admin Split entry (see [`crate::ranges`]), wait until
+//!   it applied here, record the split in meta (`RecordSplit`, compare-and-swap). Repair: the
+//!   leader of a daughter that meta does not list records its split from the parent's record
+//!   while that still covers it (the parent's leader failed between apply and record).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harpoon::{NodeId, Role};
-use meta::{ops, placement, view, MemberRole, MetaStore, META_RANGE};
+use bytes::Bytes;
+use collections::kv::Bounds;
+use harpoon::{CellId, NodeId, Role};
+use meta::{
+    keys, ops, placement, view, CollectionDescriptor, MemberRole, MetaError, MetaStore,
+    RangeDescriptor, META_RANGE,
+};
 use proto::metapb::{ControlError_Code, ControlRequest, ControlResponse_oneof_kind, Heartbeat};
+use protobuf::Message;
 use rand::Rng;
 use tokio::task::JoinSet;
 
@@ -31,7 +44,241 @@ pub fn spawn_all(seed: &Arc<Seed>) -> JoinSet<()> {
     set.spawn(heartbeat(seed.clone()));
     set.spawn(assign(seed.clone()));
     set.spawn(reconcile(seed.clone()));
+    set.spawn(split(seed.clone()));
     set
+}
+
+/// How often a range's leader checks whether to split it.
+pub const SPLIT_CHECK: Duration = Duration::from_secs(1);
+
+async fn split(seed: Arc<Seed>) {
+    loop {
+        tokio::time::sleep(jitter(SPLIT_CHECK)).await;
+        if seed.draining.load(Ordering::Relaxed) || !seed.meta_known() {
+            continue;
+        }
+        for id in seed.ranges.ids() {
+            if let Err(e) = split_check(&seed, id).await {
+                tracing::info!(range = id, error = %e, "split not done");
+            }
+        }
+    }
+}
+
+/// Whether the store's bounds are exactly the range's record (the first range of a
+/// collection has an unbounded store: its ends are the collection's).
+pub fn same_bounds(store: &Bounds, rec: &RangeDescriptor, coll: &CollectionDescriptor) -> bool {
+    let lo = store.lo == rec.lo || (store.lo.is_empty() && rec.lo == coll.prefix);
+    let hi = match &store.hi {
+        Some(h) => *h == rec.hi,
+        None => keys::prefix_end(&coll.prefix).is_some_and(|e| e == rec.hi.as_ref()),
+    };
+    lo && hi
+}
+
+async fn split_check(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
+    let Some(local) = seed.ranges.get(id) else {
+        return Ok(());
+    };
+    let cell = CellId(id);
+    let Ok(st) = seed.node.status(cell).await else {
+        return Ok(());
+    };
+    if st.role != Role::Leader {
+        return Ok(());
+    }
+    let (rec, coll) = seed.read_meta(|s| {
+        let rec = view::range_by_id(s, id).ok().flatten();
+        let coll = view::collections(s)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.value.id == local.collection)
+            .map(|c| c.value);
+        (rec, coll)
+    });
+    let Some(coll) = coll else {
+        return Ok(());
+    };
+    let bounds = local.reader.bounds();
+    let Some(rec) = rec else {
+        if local.parent != 0 {
+            return repair_record(seed, &local.reader.bounds(), local.parent, id).await;
+        }
+        return Ok(());
+    };
+    if !same_bounds(&bounds, &rec.value, &coll)
+        || !st.conf.voters_outgoing.is_empty()
+        || !st.conf.learners_next.is_empty()
+    {
+        return Ok(());
+    }
+    let stats = local.reader.range_stats();
+    if stats.bytes <= coll.split_size {
+        return Ok(());
+    }
+    let Some(at) = stats.middle_key else {
+        return Ok(());
+    };
+    if at.as_ref() <= rec.value.lo.as_ref()
+        || at.as_ref() >= rec.value.hi.as_ref()
+        || at <= bounds.lo
+        || !bounds.contains(&at)
+    {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let daughter = reserve_range_id(seed).await?;
+    let cmd = crate::ranges::AdminCommand::Split(crate::ranges::SplitCommand {
+        at: at.clone(),
+        daughter,
+        lo: bounds.lo.clone(),
+        hi: bounds.hi.clone(),
+    });
+    let data = crate::ranges::encode_admin(now_ms(), &cmd);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reply = seed
+        .node
+        .propose_by(cell, data, deadline)
+        .await
+        .map_err(|e| format!("split entry: {e}"))?;
+    if let Some(b) = reply.response {
+        let r = proto::kvpb::Response::parse_from_carllerche_bytes(&b)
+            .map_err(|e| format!("split reply: {e}"))?;
+        if r.has_error() {
+            return Err(format!("split refused: {}", r.get_error().why));
+        }
+    }
+    let applied = Instant::now();
+    // Async mode answers before applying: wait until the split applied here.
+    let want = Some(at.clone());
+    let ok = cli_wait(Duration::from_secs(5), || local.reader.bounds().hi == want).await;
+    if !ok {
+        return Err("split entry not applied here in 5 s".into());
+    }
+    record_split(seed, id, &at, daughter).await?;
+    tracing::info!(
+        range = id,
+        daughter,
+        at = ?at,
+        bytes = stats.bytes,
+        split_ms = t0.elapsed().as_millis() as u64,
+        record_ms = applied.elapsed().as_millis() as u64,
+        "range split and recorded in meta"
+    );
+    Ok(())
+}
+
+async fn cli_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn reserve_range_id(seed: &Arc<Seed>) -> Result<u64, String> {
+    let mut last = String::new();
+    for attempt in 0..5u64 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+        }
+        let (id, txn) = seed
+            .read_meta(ops::reserve_range_id)
+            .map_err(|e| e.to_string())?;
+        match seed.propose_anywhere(&txn).await {
+            Ok(r) if r.succeeded => return Ok(id),
+            Ok(_) => last = "range counter changed concurrently".into(),
+            Err(e) => last = format!("{e:?}"),
+        }
+    }
+    Err(format!("cannot reserve a range id: {last}"))
+}
+
+/// Record in meta that `parent` split at `at` into `daughter` (compare-and-swap on the
+/// parent's record, re-read and retried on a stale read, for about 2 s). Done if meta lists
+/// the daughter.
+async fn record_split(
+    seed: &Arc<Seed>,
+    parent: u64,
+    at: &[u8],
+    daughter: u64,
+) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 0..8u64 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+        }
+        let built = seed.read_meta(|s| -> Result<Option<_>, MetaError> {
+            if view::range_by_id(s, daughter)?.is_some() {
+                return Ok(None);
+            }
+            let Some(p) = view::range_by_id(s, parent)? else {
+                return Err(MetaError::InvalidArgument {
+                    field: "parent",
+                    why: format!("range {parent} unknown to meta"),
+                });
+            };
+            ops::record_split(s, &p, at, daughter).map(Some)
+        });
+        let txn = match built {
+            Ok(None) => return Ok(()),
+            Ok(Some(t)) => t,
+            // This node's meta may lag the reservation (or the parent's last change): read
+            // again. A split key outside the parent's record will not get better.
+            Err(e @ MetaError::SplitOutsideRange { .. }) => return Err(e.to_string()),
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        match seed.propose_anywhere(&txn).await {
+            Ok(r) if r.succeeded => return Ok(()),
+            Ok(_) => last = "parent record changed concurrently".into(),
+            Err(e) => last = format!("{e:?}"),
+        }
+    }
+    Err(format!(
+        "split of {parent} into {daughter} not recorded: {last}"
+    ))
+}
+
+/// The leader of daughter `id` (split here from `parent`, unknown to meta): record the split
+/// from the parent's record while that still covers the daughter.
+async fn repair_record(
+    seed: &Arc<Seed>,
+    bounds: &Bounds,
+    parent: u64,
+    id: u64,
+) -> Result<(), String> {
+    let at: Bytes = bounds.lo.clone();
+    let covers = seed.read_meta(|s| {
+        let p = view::range_by_id(s, parent).ok().flatten()?;
+        let coll = view::collections(s)
+            .ok()?
+            .into_iter()
+            .find(|c| c.value.id == p.value.collection)?
+            .value;
+        let hi_ok = match &bounds.hi {
+            Some(h) => *h == p.value.hi,
+            None => keys::prefix_end(&coll.prefix).is_some_and(|e| e == p.value.hi.as_ref()),
+        };
+        Some(p.value.lo.as_ref() < at.as_ref() && at.as_ref() < p.value.hi.as_ref() && hi_ok)
+    });
+    if covers != Some(true) {
+        return Ok(());
+    }
+    record_split(seed, parent, &at, id).await?;
+    tracing::info!(
+        range = id,
+        parent,
+        "split recorded in meta by the daughter's leader (repair)"
+    );
+    Ok(())
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -191,6 +438,15 @@ async fn assign_ranges(seed: &Arc<Seed>) {
         let Some(c) = coll(r.value.collection) else {
             continue;
         };
+        // A range held here still holds this one's keys: it has not applied the split that
+        // created this range yet, and will materialise it when it does.
+        if seed
+            .ranges
+            .holding(r.value.collection, &r.value.lo)
+            .is_some_and(|p| p != r.value.id)
+        {
+            continue;
+        }
         // The sole member whose cell was never created (stopped between claim and open).
         let bootstrap = r.value.members.len() == 1;
         if let Err(e) = crate::ranges::open(seed, r.value.id, c, bootstrap).await {

@@ -1,0 +1,377 @@
+//! KV ranges split at the nodes under load: three real nodes, a collection with a 64 KiB
+//! split size, concurrent writers of distinct keys while the ranges split several times.
+//! Then: meta lists at least 4 ranges that tile the collection's keyspace exactly, each with
+//! 3 voters; every acknowledged write reads back with its last acknowledged value; a scan
+//! across all ranges equals the model; a get of every key through every node as the only
+//! seed follows redirects to the right range; a node restarted after the splits reopens
+//! parents and daughters and serves every range from its own replica (follower scans sent
+//! to it directly) and takes writes again. Prints the split latencies the nodes logged.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use client::{ClientError, Conn};
+use common::*;
+use proto::clientpb::{ClientRequest, ClientResponse_oneof_kind, KvRequest};
+use proto::kvpb::{self, Response_oneof_result};
+use proto::metapb::RangeDescriptor;
+
+const NAME: &str = "splits";
+const WRITERS: usize = 4;
+const KEYS: usize = 128;
+const VALUE: usize = 1024;
+
+type Model = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
+
+fn quiver(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(args)
+        .output()
+        .expect("run quiver");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn value(w: usize, i: usize, round: usize) -> Vec<u8> {
+    let mut v = format!("{w}-{i}-{round}-").into_bytes();
+    v.resize(VALUE, b'a' + (i % 26) as u8);
+    v
+}
+
+/// Put until acknowledged: every failure is retried with the same value (a write with an
+/// unknown outcome that applied leaves the same value), so the last acknowledged value of a
+/// key is the value it must read back.
+async fn put_acked(kv: &client::Kv, key: &[u8], v: &[u8]) {
+    let deadline = Instant::now() + LONG;
+    let mut last: Option<ClientError> = None;
+    while Instant::now() < deadline {
+        match kv.put(key, v).await {
+            Ok(_) => return,
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        }
+    }
+    panic!(
+        "put of {} never acknowledged: {last:?}",
+        String::from_utf8_lossy(key)
+    );
+}
+
+/// Writes every key of writer `w` once, then overwrites a third of them per round until
+/// `stop` (so the splits happen under load).
+async fn writer(kv: client::Kv, w: usize, model: Model, stop: Arc<AtomicBool>) -> usize {
+    let mut puts = 0;
+    for round in 0.. {
+        for i in 0..KEYS {
+            if round > 0 && (i + round) % 3 != 0 {
+                continue;
+            }
+            let key = format!("w{w}/k{i:03}").into_bytes();
+            let v = value(w, i, round);
+            put_acked(&kv, &key, &v).await;
+            model.lock().unwrap().insert(key, v);
+            puts += 1;
+            if round > 0 && stop.load(Ordering::Relaxed) {
+                return puts;
+            }
+        }
+    }
+    puts
+}
+
+/// A log line without its colour escapes.
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut esc = false;
+    for ch in line.chars() {
+        match (esc, ch) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// The collection's ranges in meta, sorted by `lo`.
+async fn ranges_of(cl: &client::Client, coll: u64) -> Option<Vec<RangeDescriptor>> {
+    let s = leader_status(cl).await?;
+    let mut rs: Vec<RangeDescriptor> = s
+        .ranges
+        .into_iter()
+        .filter(|r| r.collection == coll)
+        .collect();
+    rs.sort_by(|a, b| a.lo.cmp(&b.lo));
+    Some(rs)
+}
+
+/// Whether `rs` tile `[prefix, prefix_end(prefix))` exactly.
+fn tiles(rs: &[RangeDescriptor], prefix: &[u8]) -> bool {
+    let end = meta::keys::prefix_end(prefix).unwrap_or_default();
+    !rs.is_empty()
+        && rs[0].lo.as_ref() == prefix
+        && rs.last().is_some_and(|r| r.hi.as_ref() == end.as_slice())
+        && rs.windows(2).all(|w| w[0].hi == w[1].lo)
+        && rs.iter().all(|r| r.lo < r.hi)
+}
+
+fn full(prefix: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+/// A follower scan of the whole of range `r`, sent to one node directly (served by its own
+/// replica or refused).
+async fn scan_at(conn: &Conn, r: &RangeDescriptor) -> Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    let mut start = r.lo.clone();
+    loop {
+        let mut s = kvpb::Scan::new();
+        s.start = start.clone();
+        s.end = r.hi.clone();
+        let mut cmd = kvpb::Command::new();
+        cmd.set_scan(s);
+        let mut k = KvRequest::new();
+        k.range = r.id;
+        k.epoch = r.epoch;
+        // The crate has no protobuf of its own: a frame's payload is the encoding.
+        let mut framed = Vec::new();
+        proto::frame::encode_message(&cmd, 1 << 20, &mut framed).map_err(|e| e.to_string())?;
+        k.command = framed.split_off(4).into();
+        k.follower = true;
+        let mut req = ClientRequest::new();
+        req.set_kv(k);
+        let resp = match conn.call(req).await.map_err(|e| e.to_string())? {
+            ClientResponse_oneof_kind::kv(k) => {
+                proto::frame::decode_message::<kvpb::Response>(&k.response)
+                    .map_err(|e| e.to_string())?
+            }
+            other => return Err(format!("{other:?}")),
+        };
+        let Some(Response_oneof_result::scan(s)) = resp.result else {
+            return Err(format!("{resp:?}"));
+        };
+        for kv in s.kvs.iter() {
+            out.push((kv.key.to_vec(), kv.value.to_vec()));
+        }
+        if !s.more {
+            return Ok(out);
+        }
+        start = s.next_key.clone();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_split_under_load_without_losing_or_repeating_writes() {
+    let t0 = Instant::now();
+    let (mut c, _dir) = cluster(3);
+    create_meta(&c, 0).await;
+    let cl = client(&c);
+    wait_voters(&cl, 3, LONG).await;
+    let seeds = c
+        .clients(0..3)
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let (ok, out, err) = quiver(&[
+        "create-collection",
+        NAME,
+        "--persistence",
+        "logged",
+        "--replicas",
+        "3",
+        "--split-size",
+        "64KiB",
+        "--json",
+        "--seeds",
+        &seeds,
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let coll = v["id"].as_u64().expect("collection id");
+    let prefix = meta::keys::collection_prefix(coll);
+    let kv = cl.kv(NAME);
+    // Placed and led before the load starts.
+    let first = cli::demo::wait_for(LONG, || async { kv.put(b"a-first", b"1").await.ok() }).await;
+    assert!(first.is_some(), "no put succeeded on the new collection");
+    let model: Model = Arc::new(Mutex::new(BTreeMap::new()));
+    model
+        .lock()
+        .unwrap()
+        .insert(b"a-first".to_vec(), b"1".to_vec());
+
+    // Concurrent writers of distinct keys while the ranges split, until meta shows 4 ranges
+    // (or a minute passed).
+    let load = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        tasks.push(tokio::spawn(writer(
+            cl.kv(NAME),
+            w,
+            model.clone(),
+            stop.clone(),
+        )));
+    }
+    let split_under_load = cli::demo::wait_for(Duration::from_secs(60), || async {
+        let n = ranges_of(&cl, coll).await?.len();
+        (n >= 4).then_some(n)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut puts = 0;
+    for t in tasks {
+        puts += t.await.expect("writer");
+    }
+    eprintln!(
+        "load: {puts} acknowledged puts of {} keys in {:?}; {split_under_load:?} ranges while writing",
+        model.lock().unwrap().len(),
+        load.elapsed()
+    );
+    assert!(
+        split_under_load.is_some(),
+        "fewer than 4 ranges after a minute of writes"
+    );
+
+    // Meta: at least 4 ranges tiling the keyspace, each with 3 voters.
+    let seen = Mutex::new(Vec::new());
+    let rs = cli::demo::wait_for(LONG, || async {
+        let rs = ranges_of(&cl, coll).await?;
+        *seen.lock().unwrap() = rs
+            .iter()
+            .map(|r| (r.id, r.lo.to_vec(), r.hi.to_vec(), r.members.len()))
+            .collect();
+        (rs.len() >= 4
+            && tiles(&rs, &prefix)
+            && rs.iter().all(|r| {
+                r.members.len() == 3 && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
+            }))
+        .then_some(rs)
+    })
+    .await;
+    let rs = rs.unwrap_or_else(|| {
+        panic!(
+            "meta never showed >= 4 tiling ranges with 3 voters: {:?}",
+            seen.lock().unwrap()
+        )
+    });
+    eprintln!("{} ranges after the load", rs.len());
+
+    let model = model.lock().unwrap().clone();
+    // Every acknowledged write reads back with its last acknowledged value.
+    for (k, v) in &model {
+        let got = cli::demo::wait_for(LONG, || async { kv.get(k).await.ok() }).await;
+        let got = got.unwrap_or_else(|| panic!("get {} kept failing", String::from_utf8_lossy(k)));
+        let got = got.unwrap_or_else(|| panic!("{} lost", String::from_utf8_lossy(k)));
+        assert_eq!(got.value.as_ref(), &v[..], "{}", String::from_utf8_lossy(k));
+    }
+    // A scan across all ranges equals the model.
+    let all = cli::demo::wait_for(LONG, || async { kv.scan(b"", b"", 0).await.ok() })
+        .await
+        .expect("scan across ranges");
+    let scanned: BTreeMap<Vec<u8>, Vec<u8>> = all
+        .iter()
+        .map(|kv| (kv.key.to_vec(), kv.value.to_vec()))
+        .collect();
+    assert_eq!(all.len(), scanned.len(), "a key scanned twice");
+    assert!(scanned == model, "the scan differs from the model");
+    // Through every node as the only seed: redirects lead to the right range.
+    for i in 0..3 {
+        let one = client_of(&c, &[i]).kv(NAME);
+        for (k, v) in &model {
+            let got = cli::demo::wait_for(LONG, || async { one.get(k).await.ok() })
+                .await
+                .flatten();
+            assert_eq!(got.map(|g| g.value.to_vec()).as_ref(), Some(v), "node {i}");
+        }
+    }
+    let checked = Instant::now();
+
+    // Restart one node: it reopens parents and daughters and serves each range itself.
+    let restarted = 1;
+    assert!(
+        c.terminate(restarted, Duration::from_secs(15)),
+        "node did not stop"
+    );
+    c.start(restarted).expect("restart");
+    let addr = c.clients([restarted])[0];
+    let rs = ranges_of(&cl, coll).await.expect("ranges");
+    for r in &rs {
+        let want: BTreeMap<Vec<u8>, Vec<u8>> = model
+            .iter()
+            .filter(|(k, _)| {
+                let f = full(&prefix, k);
+                r.lo.as_ref() <= f.as_slice() && f.as_slice() < r.hi.as_ref()
+            })
+            .map(|(k, v)| (full(&prefix, k), v.clone()))
+            .collect();
+        let served = cli::demo::wait_for(LONG, || async {
+            let conn = Conn::connect(addr, Duration::from_secs(2)).await.ok()?;
+            let got: BTreeMap<_, _> = scan_at(&conn, r).await.ok()?.into_iter().collect();
+            (got == want).then_some(())
+        })
+        .await;
+        assert!(
+            served.is_some(),
+            "restarted node never served range {} ({} keys)",
+            r.id,
+            want.len()
+        );
+    }
+    // And the cluster takes writes in every range again.
+    let again = client_of(&c, &[restarted]).kv(NAME);
+    for (k, _) in model.iter().step_by(37) {
+        put_acked(&again, k, b"after-restart").await;
+        let got = again.get(k).await.expect("get").expect("value");
+        assert_eq!(got.value.as_ref(), b"after-restart");
+    }
+    eprintln!(
+        "checks {:?}, restart checks {:?}",
+        checked.duration_since(load),
+        checked.elapsed()
+    );
+
+    // The split latencies the nodes logged (trigger to meta updated).
+    let mut lat = Vec::new();
+    for n in &c.nodes {
+        let log = std::fs::read_to_string(cli::demo::log_path(&n.data_dir)).unwrap_or_default();
+        for line in log
+            .lines()
+            .map(plain)
+            .filter(|l| l.contains("range split and recorded"))
+        {
+            if let Some(ms) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("split_ms="))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                lat.push(ms);
+            }
+        }
+    }
+    lat.sort_unstable();
+    assert!(!lat.is_empty(), "no split was logged");
+    eprintln!(
+        "{} splits; trigger to meta updated: min {} ms, median {} ms, max {} ms",
+        lat.len(),
+        lat[0],
+        lat[lat.len() / 2],
+        lat[lat.len() - 1]
+    );
+    for i in 0..3 {
+        c.terminate(i, Duration::from_secs(10));
+    }
+    eprintln!("t40 took {:?}", t0.elapsed());
+}
