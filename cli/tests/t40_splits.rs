@@ -172,6 +172,31 @@ async fn scan_at(conn: &Conn, r: &RangeDescriptor) -> Result<Vec<(Vec<u8>, Vec<u
     }
 }
 
+/// Whether the node at `addr` serves every range of the collection from its own replica
+/// (follower scans sent to it), together holding exactly the model's keys and values.
+async fn serves_all(
+    addr: std::net::SocketAddr,
+    cl: &client::Client,
+    coll: u64,
+    prefix: &[u8],
+    model: &BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Option<()> {
+    let rs = ranges_of(cl, coll).await?;
+    if !tiles(&rs, prefix) {
+        return None;
+    }
+    let conn = Conn::connect(addr, Duration::from_secs(2)).await.ok()?;
+    let mut got = BTreeMap::new();
+    for r in &rs {
+        got.extend(scan_at(&conn, r).await.ok()?);
+    }
+    let want: BTreeMap<Vec<u8>, Vec<u8>> = model
+        .iter()
+        .map(|(k, v)| (full(prefix, k), v.clone()))
+        .collect();
+    (got == want).then_some(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_split_under_load_without_losing_or_repeating_writes() {
     let t0 = Instant::now();
@@ -269,7 +294,7 @@ async fn ranges_split_under_load_without_losing_or_repeating_writes() {
     });
     eprintln!("{} ranges after the load", rs.len());
 
-    let model = model.lock().unwrap().clone();
+    let mut model = model.lock().unwrap().clone();
     // Every acknowledged write reads back with its last acknowledged value.
     for (k, v) in &model {
         let got = cli::demo::wait_for(LONG, || async { kv.get(k).await.ok() }).await;
@@ -299,43 +324,37 @@ async fn ranges_split_under_load_without_losing_or_repeating_writes() {
     }
     let checked = Instant::now();
 
-    // Restart one node: it reopens parents and daughters and serves each range itself.
-    let restarted = 1;
-    assert!(
-        c.terminate(restarted, Duration::from_secs(15)),
-        "node did not stop"
-    );
-    c.start(restarted).expect("restart");
-    let addr = c.clients([restarted])[0];
-    let rs = ranges_of(&cl, coll).await.expect("ranges");
-    for r in &rs {
-        let want: BTreeMap<Vec<u8>, Vec<u8>> = model
-            .iter()
-            .filter(|(k, _)| {
-                let f = full(&prefix, k);
-                r.lo.as_ref() <= f.as_slice() && f.as_slice() < r.hi.as_ref()
-            })
-            .map(|(k, v)| (full(&prefix, k), v.clone()))
-            .collect();
-        let served = cli::demo::wait_for(LONG, || async {
-            let conn = Conn::connect(addr, Duration::from_secs(2)).await.ok()?;
-            let got: BTreeMap<_, _> = scan_at(&conn, r).await.ok()?.into_iter().collect();
-            (got == want).then_some(())
-        })
-        .await;
+    // Restart a node (SIGKILL: its stores replay their logs, parents their splits), then
+    // another (SIGTERM): each reopens parents and daughters and serves every range itself.
+    for (node, kill) in [(1, true), (2, false)] {
+        if kill {
+            c.kill(node);
+        } else {
+            assert!(
+                c.terminate(node, Duration::from_secs(15)),
+                "node did not stop"
+            );
+        }
+        c.start(node).expect("restart");
+        let addr = c.clients([node])[0];
+        let served =
+            cli::demo::wait_for(LONG, || serves_all(addr, &cl, coll, &prefix, &model)).await;
         assert!(
             served.is_some(),
-            "restarted node never served range {} ({} keys)",
-            r.id,
-            want.len()
+            "restarted node {node} (kill {kill}) never served every range with the model's keys"
         );
-    }
-    // And the cluster takes writes in every range again.
-    let again = client_of(&c, &[restarted]).kv(NAME);
-    for (k, _) in model.iter().step_by(37) {
-        put_acked(&again, k, b"after-restart").await;
-        let got = again.get(k).await.expect("get").expect("value");
-        assert_eq!(got.value.as_ref(), b"after-restart");
+        // And the cluster takes writes in every range again, through that node.
+        let again = client_of(&c, &[node]).kv(NAME);
+        let some: Vec<Vec<u8>> = model.keys().step_by(37).cloned().collect();
+        for k in some {
+            let v = format!("after-restart-{node}").into_bytes();
+            put_acked(&again, &k, &v).await;
+            let got = cli::demo::wait_for(LONG, || async { again.get(&k).await.ok() })
+                .await
+                .flatten();
+            assert_eq!(got.map(|g| g.value.to_vec()), Some(v.clone()));
+            model.insert(k, v);
+        }
     }
     eprintln!(
         "checks {:?}, restart checks {:?}",
