@@ -10,11 +10,14 @@
 //! - [`control`]: control connections on the peer port: HMAC challenge with the cluster
 //!   secret, then one request (CreateMeta, WatchMeta, Heartbeat, ProposeTxn) and its response.
 //! - [`ranges`]: the KV ranges held here: `KvStore` as a harpoon `StateMachine`, range dirs,
-//!   reopening at start-up.
-//! - [`loops`]: subscription to meta, heartbeats, self-assignment, the leader's reconcile.
+//!   reopening at start-up, admin Split entries (daughters materialised on apply, one opener
+//!   per range by registry claims).
+//! - [`loops`]: subscription to meta, heartbeats, self-assignment, the leader's reconcile,
+//!   range splits (trigger, reserve, propose, record in meta; repair by the daughter).
 //! - [`client_port`]: the client port (multiplexed request ids).
 //! - [`kv_port`]: the client port's collection requests: CreateCollection, Lookup, and KV
-//!   commands routed to a range's replica (epoch and bounds checked, leader or follower reads).
+//!   commands routed to a range's replica (epoch, meta's and the store's bounds checked, leader
+//!   or follower reads; keys moved away by a split answered `WRONG_RANGE`).
 //! - [`watch_port`]: the client port's watch long-poll on one range's history (any replica;
 //!   events, wait for the next change, resync; bounds re-checked after the read).
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`.

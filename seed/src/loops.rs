@@ -112,6 +112,9 @@ async fn split_check(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
     {
         return Ok(());
     }
+    if local.reader.live_bytes() <= coll.split_size {
+        return Ok(());
+    }
     let stats = local.reader.range_stats();
     if stats.bytes <= coll.split_size {
         return Ok(());

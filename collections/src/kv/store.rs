@@ -257,7 +257,12 @@ impl KvReader {
         }
     }
 
-    /// Statistics for split decisions.
+    /// Bytes of live keys plus values (constant time: the split check's first test).
+    pub fn live_bytes(&self) -> u64 {
+        self.shared.state.read().live_bytes
+    }
+
+    /// Statistics for split decisions (walks the index for the middle key).
     pub fn range_stats(&self) -> RangeStats {
         self.shared.state.read().stats()
     }
@@ -905,6 +910,8 @@ mod tests {
             dir: dir.path().join("r"),
         });
         let right = left.split_off(5, 1, b"d", cfg).unwrap();
+        assert_eq!(left.live_bytes(), left.range_stats().bytes);
+        assert_eq!(right.live_bytes(), right.range_stats().bytes);
         // Point reads: inside answered, outside refused (never an empty answer).
         assert!(left.get(b"a", 0).unwrap().0.is_some());
         assert!(left.get(b"b", 0).unwrap().0.is_none());
