@@ -43,7 +43,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use collections::kv::{Bounds, KeyRange, KvReader, Subscription, WatchBatch};
+use collections::kv::{Bounds, KeyRange, KvReader, ScanRequest, Subscription, WatchBatch};
 use collections::KvError;
 use crossbeam_channel::{Receiver, Select, Sender};
 use harpoon::{CellId, Role};
@@ -157,12 +157,21 @@ fn event_bytes(e: &collections::kv::Event) -> u64 {
     (e.kv.key.len() + e.kv.value.len()) as u64 + EVENT_OVERHEAD
 }
 
-fn header(reader: &KvReader) -> kvpb::ResponseHeader {
-    let mut h = kvpb::ResponseHeader::new();
-    h.revision = reader.revision();
-    h.applied_index = reader.apply_state().applied_index;
-    h.compact_revision = reader.range_stats().compact_revision;
-    h
+/// The replica's revision, applied index and horizon, read together (a keys-only scan of at
+/// most one key of `keys`: O(log n), unlike `range_stats`, which walks half the index).
+fn header(
+    reader: &KvReader,
+    keys: &KeyRange,
+    now_ms: u64,
+) -> Result<kvpb::ResponseHeader, KvError> {
+    let req = ScanRequest {
+        range: KeyRange::key(keys.start.clone()),
+        limit: 1,
+        max_bytes: 0,
+        keys_only: true,
+        revision: 0,
+    };
+    Ok(reader.scan(&req, now_ms)?.header.to_pb())
 }
 
 /// Serves one long-poll on `reader` (no routing checks: see [`watch`]). `range` names the
@@ -234,7 +243,7 @@ pub async fn serve(
                 .to_pb()
             }
         };
-        resp.set_header(header(reader));
+        resp.set_header(header(reader, &p.keys, clock())?);
         let size = resp.compute_size() as usize;
         if size > MAX_REPLY {
             return Ok(Served::TooLarge(size));
