@@ -1,9 +1,16 @@
-//! Watch end to end on three real nodes: a library watcher and a `quiver kv watch --json`
-//! process watch a prefix from revision 1 while a writer makes puts and deletes (and writes
-//! outside the prefix) and the range's leader is killed (SIGKILL) and restarted. Both
-//! watchers see every acknowledged change exactly once, in order per key, with the
-//! acknowledged revision; writes whose outcome is unknown may appear, never twice; nothing
-//! outside the prefix appears. Also: `--count`, Ctrl-C, `--help`, one-line errors.
+//! Watch end to end on three real nodes.
+//!
+//! - Failures: a library watcher and a `quiver kv watch --json` process watch a prefix from
+//!   revision 1 while a writer makes puts and deletes (and writes outside the prefix) and
+//!   each node in turn, the range's leader first, is killed (SIGKILL) and restarted.
+//! - Splits: a library watcher of the whole collection and a CLI watcher of `k/`, started
+//!   while the collection is one range, follow it while writes of 1 KiB values split it into
+//!   at least three ranges (64 KiB split size), and as many changes again after.
+//!
+//! Both watchers must see every acknowledged change exactly once, with its acknowledged
+//! revision, in order per key; writes whose outcome is unknown may appear, never twice;
+//! nothing outside the watched keys appears. Also: `--count`, Ctrl-C, `--help`, one-line
+//! errors.
 
 mod common;
 
@@ -127,27 +134,51 @@ impl Drop for CliWatcher {
     }
 }
 
+/// Fails `verify` with a message.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
 /// Checks what a watcher saw against the writer's log: every acknowledged change exactly
 /// once with its revision, in order per key; unacknowledged writes at most once; nothing
-/// else.
-fn check(who: &str, seen: &[Seen], acked: &[Op], unknown: &[Op]) {
-    assert!(
-        seen.windows(2).all(|w| w[0].3 < w[1].3),
-        "{who}: revisions not strictly increasing (a change seen twice or out of order): {seen:?}"
-    );
+/// else. `one_range`: the watched keys lie in one range, whose revisions order every change.
+fn verify(
+    who: &str,
+    seen: &[Seen],
+    acked: &[Op],
+    unknown: &[Op],
+    prefix: &str,
+    one_range: bool,
+) -> Result<(), String> {
+    if one_range {
+        ensure!(
+            seen.windows(2).all(|w| w[0].3 < w[1].3),
+            "{who}: revisions not strictly increasing (a change seen twice or out of order): {seen:?}"
+        );
+    }
     let mut by_key: HashMap<&str, Vec<&Seen>> = HashMap::new();
     for s in seen {
-        assert!(
-            s.1.starts_with("p/"),
+        ensure!(
+            s.1.starts_with(prefix),
             "{who}: key outside the prefix: {s:?}"
         );
         by_key.entry(s.1.as_str()).or_default().push(s);
+    }
+    for (k, v) in &by_key {
+        ensure!(
+            v.windows(2).all(|w| w[0].3 < w[1].3),
+            "{who}: changes of {k} repeated or out of order: {v:?}"
+        );
     }
     let mut keys: Vec<&str> = acked.iter().chain(unknown).map(Op::key).collect();
     keys.sort_unstable();
     keys.dedup();
     for s in seen {
-        assert!(keys.contains(&s.1.as_str()), "{who}: never written: {s:?}");
+        ensure!(keys.contains(&s.1.as_str()), "{who}: never written: {s:?}");
     }
     for k in keys {
         let got = by_key.get(k).cloned().unwrap_or_default();
@@ -163,19 +194,12 @@ fn check(who: &str, seen: &[Seen], acked: &[Op], unknown: &[Op]) {
             let found = it.by_ref().any(|s| match w {
                 Op::Put {
                     value, revision, ..
-                } => {
-                    if s.0 == "PUT" && &s.2 == value {
-                        assert_eq!(s.3, *revision, "{who}: {k}={value} at another revision");
-                        true
-                    } else {
-                        false
-                    }
-                }
+                } => s.0 == "PUT" && &s.2 == value && s.3 == *revision,
                 Op::Delete { .. } => s.0 == "DELETE",
             });
-            assert!(
+            ensure!(
                 found,
-                "{who}: acknowledged {w:?} missing or out of order; seen for {k}: {got:?}"
+                "{who}: acknowledged {w:?} missing, out of order or at another revision; seen for {k}: {got:?}"
             );
         }
         // What else was seen must be unacknowledged writes, each at most once.
@@ -185,7 +209,7 @@ fn check(who: &str, seen: &[Seen], acked: &[Op], unknown: &[Op]) {
         let dels_want = want.len() - puts_want;
         let puts_maybe = maybe.iter().filter(|o| matches!(o, Op::Put { .. })).count();
         let dels_maybe = maybe.len() - puts_maybe;
-        assert!(
+        ensure!(
             puts_seen <= puts_want + puts_maybe && dels_seen <= dels_want + dels_maybe,
             "{who}: more changes of {k} than written: {got:?}"
         );
@@ -194,7 +218,7 @@ fn check(who: &str, seen: &[Seen], acked: &[Op], unknown: &[Op]) {
                 .iter()
                 .chain(unknown)
                 .any(|o| matches!(o, Op::Put { key, value, .. } if key == k && value == &s.2));
-            assert!(known, "{who}: a value never written: {s:?}");
+            ensure!(known, "{who}: a value never written: {s:?}");
         }
         let mut values: Vec<&str> = got
             .iter()
@@ -204,8 +228,51 @@ fn check(who: &str, seen: &[Seen], acked: &[Op], unknown: &[Op]) {
         let n = values.len();
         values.sort_unstable();
         values.dedup();
-        assert_eq!(values.len(), n, "{who}: a put of {k} seen twice: {got:?}");
+        ensure!(values.len() == n, "{who}: a put of {k} seen twice: {got:?}");
     }
+    Ok(())
+}
+
+/// Waits until both watchers' views pass [`verify`] (changes may still be on their way);
+/// fails with the last complaint.
+async fn check_watchers(
+    lib: &Mutex<Vec<Seen>>,
+    cli_w: &CliWatcher,
+    acked: &[Op],
+    unknown: &[Op],
+    prefix: &str,
+    one_range: bool,
+) {
+    let last = Mutex::new(String::new());
+    let ok = cli::demo::wait_for(LONG, || async {
+        let r = verify(
+            "library watcher",
+            &lib.lock().unwrap(),
+            acked,
+            unknown,
+            prefix,
+            one_range,
+        )
+        .and_then(|_| {
+            verify(
+                "quiver kv watch",
+                &cli_w.seen(),
+                acked,
+                unknown,
+                prefix,
+                one_range,
+            )
+        });
+        match r {
+            Ok(()) => Some(()),
+            Err(e) => {
+                *last.lock().unwrap() = e;
+                None
+            }
+        }
+    })
+    .await;
+    assert!(ok.is_some(), "{}", last.lock().unwrap());
 }
 
 /// One write of the writer (op `i`): a put or a delete of `p/<i mod 7>`, and every tenth
@@ -265,6 +332,41 @@ async fn served_revision(
         Ok(Ok(ClientResponse_oneof_kind::watch(r))) => Some(r.get_response().get_header().revision),
         _ => None,
     }
+}
+
+/// A library watcher on `prefix` from revision 1, collecting what it sees.
+async fn lib_watcher(
+    kv: &client::Kv,
+    prefix: &[u8],
+) -> (Arc<Mutex<Vec<Seen>>>, tokio::task::JoinHandle<()>) {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let mut w = kv.watch_prefix(prefix, 1).await.expect("watch");
+    let s2 = seen.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            match w.next().await {
+                Ok(WatchUpdate::Events(evs)) => {
+                    let mut l = s2.lock().unwrap();
+                    for e in evs {
+                        let t = if e.kind == kvpb::EventType::DELETE {
+                            "DELETE"
+                        } else {
+                            "PUT"
+                        };
+                        l.push((
+                            t.to_string(),
+                            String::from_utf8_lossy(&e.kv.key).into_owned(),
+                            String::from_utf8_lossy(&e.kv.value).into_owned(),
+                            e.kv.mod_revision,
+                        ));
+                    }
+                }
+                Ok(u @ WatchUpdate::Resync { .. }) => panic!("no compaction here: {u:?}"),
+                Err(e) => panic!("library watcher: {e}"),
+            }
+        }
+    });
+    (seen, task)
 }
 
 /// Protobuf varint.
@@ -365,33 +467,7 @@ async fn watch_sees_every_change_once_across_a_leader_kill() {
     }
 
     // Both watchers from revision 1: they replay the history, then follow.
-    let lib_seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let mut w = feed.watch_prefix(b"p/", 1).await.expect("watch");
-    let l2 = lib_seen.clone();
-    let lib_task = tokio::spawn(async move {
-        loop {
-            match w.next().await {
-                Ok(WatchUpdate::Events(evs)) => {
-                    let mut l = l2.lock().unwrap();
-                    for e in evs {
-                        let t = if e.kind == kvpb::EventType::DELETE {
-                            "DELETE"
-                        } else {
-                            "PUT"
-                        };
-                        l.push((
-                            t.to_string(),
-                            String::from_utf8_lossy(&e.kv.key).into_owned(),
-                            String::from_utf8_lossy(&e.kv.value).into_owned(),
-                            e.kv.mod_revision,
-                        ));
-                    }
-                }
-                Ok(u @ WatchUpdate::Resync { .. }) => panic!("no compaction here: {u:?}"),
-                Err(e) => panic!("library watcher: {e}"),
-            }
-        }
-    });
+    let (lib_seen, lib_task) = lib_watcher(&feed, b"p/").await;
     let cli_w = CliWatcher::start(&[
         "kv",
         "watch",
@@ -470,25 +546,8 @@ async fn watch_sees_every_change_once_across_a_leader_kill() {
         acked.len(),
         unknown.len()
     );
-    let reached = |s: &[Seen]| s.iter().any(|x| x.3 >= last);
-    let ok = cli::demo::wait_for(LONG, || async {
-        (reached(&lib_seen.lock().unwrap()) && reached(&cli_w.seen())).then_some(())
-    })
-    .await;
-    assert!(
-        ok.is_some(),
-        "watchers never reached revision {last}: library saw {}, CLI saw {}",
-        lib_seen.lock().unwrap().len(),
-        cli_w.seen().len()
-    );
+    check_watchers(&lib_seen, &cli_w, &acked, &unknown, "p/", true).await;
     lib_task.abort();
-    check(
-        "library watcher",
-        &lib_seen.lock().unwrap(),
-        &acked,
-        &unknown,
-    );
-    check("quiver kv watch", &cli_w.seen(), &acked, &unknown);
     cli_w.interrupt();
 
     // --count: the first two changes of one key, as text (as the library watcher saw
@@ -523,4 +582,112 @@ async fn watch_sees_every_change_once_across_a_leader_kill() {
     assert!(ok, "{err}");
     assert_eq!(out.lines().collect::<Vec<_>>(), want, "{out}");
     eprintln!("t60 took {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_continues_across_range_splits() {
+    let t0 = std::time::Instant::now();
+    let (c, _dir) = cluster(3);
+    create_meta(&c, 0).await;
+    let cl = client(&c);
+    wait_voters(&cl, 3, LONG).await;
+    let seeds = c
+        .clients(0..3)
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut spec = CollectionDescriptor::new();
+    spec.name = "grow".into();
+    spec.kind = CollectionKind::KV;
+    spec.persistence = Persistence::LOGGED;
+    spec.replication = ReplicationMode::CONSENSUS;
+    spec.replication_factor = 3;
+    spec.split_size = 64 << 10;
+    let made = cl.create_collection(spec).await.expect("create grow");
+    let grow = cl.kv("grow");
+    let first = cli::demo::wait_for(LONG, || async { grow.put(b"k/first", b"x").await.ok() }).await;
+    assert!(first.is_some(), "no put succeeded on the new collection");
+
+    // Watchers of the whole collection (library) and of k/ (CLI), from revision 1, started
+    // while the collection is one range.
+    let (lib_seen, lib_task) = lib_watcher(&grow, b"").await;
+    let cli_w = CliWatcher::start(&[
+        "kv",
+        "watch",
+        "grow",
+        "k/",
+        "--prefix",
+        "--from-revision",
+        "1",
+        "--json",
+        "--seeds",
+        &seeds,
+    ]);
+    let ranges = || async {
+        let s = cl.status().await.ok()?;
+        Some(s.ranges.iter().filter(|r| r.collection == made.id).count())
+    };
+    // Puts of 1 KiB values and deletes until the collection split into at least 3 ranges,
+    // then as many changes again on the daughters.
+    let mut acked = vec![Op::Put {
+        key: "k/first".into(),
+        value: "x".into(),
+        revision: first.unwrap(),
+    }];
+    let mut unknown: Vec<Op> = Vec::new();
+    let pad = "p".repeat(1024);
+    let mut i = 0;
+    let mut split_at = None;
+    while i < 3000 {
+        if split_at.is_none() && i % 50 == 0 && ranges().await.unwrap_or(0) >= 3 {
+            split_at = Some(i);
+            eprintln!("{} ranges after {i} changes", ranges().await.unwrap_or(0));
+        }
+        if split_at.is_some_and(|s| i >= 2 * s) {
+            break;
+        }
+        let key = format!("k/{:03}", (i * 37) % 251);
+        if i % 5 == 4 {
+            match grow.delete(key.as_bytes()).await {
+                Ok(existed) => acked.push(Op::Delete { key, existed }),
+                Err(e) => {
+                    eprintln!("delete {key}: {e}");
+                    unknown.push(Op::Delete { key, existed: true });
+                }
+            }
+        } else {
+            let value = format!("v{i}-{pad}");
+            match grow.put(key.as_bytes(), value.as_bytes()).await {
+                Ok(revision) => acked.push(Op::Put {
+                    key,
+                    value,
+                    revision,
+                }),
+                Err(e) => {
+                    eprintln!("put {key}: {e}");
+                    unknown.push(Op::Put {
+                        key,
+                        value,
+                        revision: 0,
+                    });
+                }
+            }
+        }
+        i += 1;
+    }
+    assert!(
+        split_at.is_some(),
+        "the collection never split into 3 ranges"
+    );
+    eprintln!(
+        "{} acknowledged, {} unknown outcomes, {} ranges",
+        acked.len(),
+        unknown.len(),
+        ranges().await.unwrap_or(0)
+    );
+    check_watchers(&lib_seen, &cli_w, &acked, &unknown, "k/", false).await;
+    lib_task.abort();
+    cli_w.interrupt();
+    eprintln!("t60 splits took {:?}", t0.elapsed());
 }
