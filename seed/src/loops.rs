@@ -708,3 +708,59 @@ async fn reconcile_cell(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn coll(id: u64) -> CollectionDescriptor {
+        let mut c = CollectionDescriptor::new();
+        c.id = id;
+        c.prefix = keys::collection_prefix(id).into();
+        c
+    }
+
+    fn rec(lo: &[u8], hi: &[u8]) -> RangeDescriptor {
+        let mut r = RangeDescriptor::new();
+        r.lo = lo.to_vec().into();
+        r.hi = hi.to_vec().into();
+        r
+    }
+
+    fn key(c: &CollectionDescriptor, k: &[u8]) -> Vec<u8> {
+        let mut v = c.prefix.to_vec();
+        v.extend_from_slice(k);
+        v
+    }
+
+    #[test]
+    fn store_bounds_match_meta_only_without_a_pending_split() {
+        let c = coll(5);
+        let end = keys::prefix_end(&c.prefix).unwrap();
+        let (m, z) = (key(&c, b"m"), key(&c, b"z"));
+        let whole = rec(&c.prefix, &end);
+        // The first range's store is unbounded: its ends are the collection's.
+        let unbounded = Bounds::default();
+        assert!(same_bounds(&unbounded, &whole, &c));
+        // After the split applied here, meta still shows the parent's old bounds: pending.
+        let left = Bounds {
+            lo: Bytes::new(),
+            hi: Some(m.clone().into()),
+        };
+        assert!(!same_bounds(&left, &whole, &c));
+        assert!(same_bounds(&left, &rec(&c.prefix, &m), &c));
+        // The daughter: [m, unbounded) matches [m, end) once recorded.
+        let right = Bounds {
+            lo: m.clone().into(),
+            hi: None,
+        };
+        assert!(same_bounds(&right, &rec(&m, &end), &c));
+        assert!(!same_bounds(&right, &rec(&m, &z), &c));
+        let inner = Bounds {
+            lo: m.clone().into(),
+            hi: Some(z.clone().into()),
+        };
+        assert!(same_bounds(&inner, &rec(&m, &z), &c));
+        assert!(!same_bounds(&inner, &rec(&c.prefix, &z), &c));
+    }
+}

@@ -542,12 +542,17 @@ impl Registry {
     }
 
     /// A range of `collection` held here whose store still holds `key` (a parent that has
-    /// not applied the split that created the range starting at `key`).
+    /// not applied the split that created the range starting at `key`). An empty replica
+    /// (nothing applied: waiting for its first snapshot) holds nothing.
     pub fn holding(&self, collection: u64, key: &[u8]) -> Option<u64> {
         let h = self.held.lock();
         h.ranges
             .values()
-            .find(|r| r.collection == collection && r.reader.bounds().contains(key))
+            .find(|r| {
+                r.collection == collection
+                    && r.reader.bounds().contains(key)
+                    && r.reader.apply_state().applied_index > 0
+            })
             .map(|r| r.id)
     }
 
