@@ -1,6 +1,7 @@
 //! `quiver create-collection` and `quiver kv get|put|del|cas|scan` (table or `--json`), and
 //! `quiver kv watch` (one line per change until Ctrl-C or `--count`).
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -575,63 +576,139 @@ async fn watch(
         kv.watch(key.as_bytes(), from_revision).await?
     };
     let mut seen = 0u64;
+    let mut stdout = std::io::stdout();
     while count == 0 || seen < count {
-        match w.next().await? {
-            client::WatchUpdate::Events(events) => {
-                for e in &events {
-                    if args.json {
-                        println!("{}", event_json(e));
-                    } else {
-                        println!("{}", event_line(e));
-                    }
-                    seen += 1;
-                    if count != 0 && seen >= count {
-                        break;
-                    }
+        let update = w.next().await?;
+        for (line, change) in render(&update, args.json) {
+            if let Err(e) = writeln!(stdout, "{line}").and_then(|_| stdout.flush()) {
+                // The reader went away (`| head`): stop quietly.
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    return Ok(());
                 }
+                return Err(CliError::Msg(format!("cannot write to stdout: {e}")));
             }
-            client::WatchUpdate::Resync {
-                start,
-                end,
-                current,
-                next_revision,
-            } => {
-                let (s, e) = (
-                    String::from_utf8_lossy(&start).into_owned(),
-                    String::from_utf8_lossy(&end).into_owned(),
-                );
-                if args.json {
-                    let cur: Vec<KvOut> = current.iter().map(out).collect();
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "type": "resync", "start": s, "end": e,
-                            "next_revision": next_revision, "current": cur,
-                        })
-                    );
-                } else {
-                    println!(
-                        "RESYNC [{s:?}, {e:?}): {} keys, continuing at revision {next_revision}",
-                        current.len()
-                    );
-                    for kv in &current {
-                        println!(
-                            "CURRENT {} {} (revision {})",
-                            String::from_utf8_lossy(&kv.key),
-                            String::from_utf8_lossy(&kv.value),
-                            kv.mod_revision
-                        );
-                    }
-                }
+            seen += u64::from(change);
+            if count != 0 && seen >= count {
+                break;
             }
         }
     }
     Ok(())
 }
 
+/// The lines printed for one watch update, each with whether it is a change (counted by
+/// `--count`; a resync's lines are not).
+pub fn render(u: &client::WatchUpdate, json: bool) -> Vec<(String, bool)> {
+    match u {
+        client::WatchUpdate::Events(events) => events
+            .iter()
+            .map(|e| {
+                let line = if json { event_json(e) } else { event_line(e) };
+                (line, true)
+            })
+            .collect(),
+        client::WatchUpdate::Resync {
+            start,
+            end,
+            current,
+            next_revision,
+        } => {
+            let (s, e) = (
+                String::from_utf8_lossy(start).into_owned(),
+                String::from_utf8_lossy(end).into_owned(),
+            );
+            if json {
+                let cur: Vec<KvOut> = current.iter().map(out).collect();
+                let v = serde_json::json!({
+                    "type": "resync", "start": s, "end": e,
+                    "next_revision": next_revision, "current": cur,
+                });
+                return vec![(v.to_string(), false)];
+            }
+            let mut lines = vec![(
+                format!(
+                    "RESYNC [{s:?}, {e:?}): {} keys, continuing at revision {next_revision}",
+                    current.len()
+                ),
+                false,
+            )];
+            for kv in current {
+                lines.push((
+                    format!(
+                        "CURRENT {} {} (revision {})",
+                        String::from_utf8_lossy(&kv.key),
+                        String::from_utf8_lossy(&kv.value),
+                        kv.mod_revision
+                    ),
+                    false,
+                ));
+            }
+            lines
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_lines() {
+        let mut kv = kvpb::KeyValue::new();
+        kv.key = "k".into();
+        kv.value = "v".into();
+        kv.mod_revision = 7;
+        kv.create_revision = 3;
+        kv.version = 2;
+        let put = client::WatchEvent {
+            kind: kvpb::EventType::PUT,
+            kv: kv.clone(),
+        };
+        let mut dk = kvpb::KeyValue::new();
+        dk.key = "k".into();
+        dk.mod_revision = 8;
+        let del = client::WatchEvent {
+            kind: kvpb::EventType::DELETE,
+            kv: dk,
+        };
+        let u = client::WatchUpdate::Events(vec![put, del]);
+        assert_eq!(
+            render(&u, false),
+            vec![
+                ("PUT k v (revision 7)".to_string(), true),
+                ("DELETE k (revision 8)".to_string(), true)
+            ]
+        );
+        let j = render(&u, true);
+        let v: serde_json::Value = serde_json::from_str(&j[0].0).unwrap();
+        assert_eq!(v["type"], "put");
+        assert_eq!(v["mod_revision"], 7);
+        assert_eq!(v["version"], 2);
+        let v: serde_json::Value = serde_json::from_str(&j[1].0).unwrap();
+        assert_eq!(v["type"], "delete");
+        let r = client::WatchUpdate::Resync {
+            start: b"p/".to_vec(),
+            end: Vec::new(),
+            current: vec![kv],
+            next_revision: 9,
+        };
+        assert_eq!(
+            render(&r, false),
+            vec![
+                (
+                    "RESYNC [\"p/\", \"\"): 1 keys, continuing at revision 9".to_string(),
+                    false
+                ),
+                ("CURRENT k v (revision 7)".to_string(), false)
+            ]
+        );
+        let j = render(&r, true);
+        assert_eq!(j.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(&j[0].0).unwrap();
+        assert_eq!(v["type"], "resync");
+        assert_eq!(v["next_revision"], 9);
+        assert_eq!(v["current"][0]["key"], "k");
+    }
 
     #[test]
     fn sizes_and_durations() {

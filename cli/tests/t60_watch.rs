@@ -581,6 +581,48 @@ async fn watch_sees_every_change_once_across_a_leader_kill() {
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.lines().collect::<Vec<_>>(), want, "{out}");
+    // A reader that goes away (`| head -1`): at its next change the watcher stops quietly,
+    // no panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args([
+            "kv",
+            "watch",
+            "feed",
+            "p/",
+            "--prefix",
+            "--from-revision",
+            "1",
+            "--seeds",
+            &seeds,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start quiver kv watch");
+    {
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        out.read_line(&mut first).expect("a first line");
+        assert!(first.starts_with("PUT p/"), "{first}");
+    }
+    // The next change it prints finds the pipe closed.
+    feed.put(b"p/after", b"closed").await.expect("put");
+    let child = Mutex::new(child);
+    let exited = cli::demo::wait_for(LONG, || async {
+        child.lock().unwrap().try_wait().ok().flatten()
+    })
+    .await;
+    let mut child = child.into_inner().unwrap();
+    let Some(status) = exited else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the watcher kept running after its reader went away");
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    assert!(status.success() && err.is_empty(), "{status}: {err}");
     eprintln!("t60 took {:?}", t0.elapsed());
 }
 
