@@ -7,6 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use proto::clientpb::{
+    ClientError_Code, ClientRequest, ClientResponse_oneof_kind, KvRequest, Lookup,
+};
+use proto::kvpb;
+use proto::metapb::{CollectionDescriptor, MemberRole, RangeDescriptor};
+use protobuf::Message;
 use rand::Rng;
 
 use crate::proxy::Proxy;
@@ -198,6 +205,16 @@ impl Cluster {
         }
     }
 
+    /// How node `i`'s process ended, if it did (reaps it).
+    pub fn exit_status(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        self.nodes[i].child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// The raft log directory of node `i`.
+    pub fn raft_dir(&self, i: usize) -> PathBuf {
+        self.nodes[i].data_dir.join("raft")
+    }
+
     /// SIGKILL node `i` and reap it.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
@@ -335,6 +352,19 @@ impl Cluster {
     /// Create KV collection `name` with `replicas` replicas (through `quiver
     /// create-collection`) and wait until it serves; false after `within`.
     pub async fn create_collection(&self, name: &str, replicas: usize, within: Duration) -> bool {
+        self.create_collection_with(name, replicas, &[], within)
+            .await
+    }
+
+    /// [`Cluster::create_collection`] with extra `create-collection` arguments (e.g.
+    /// `["--persistence", "persistent"]`).
+    pub async fn create_collection_with(
+        &self,
+        name: &str,
+        replicas: usize,
+        args: &[&str],
+        within: Duration,
+    ) -> bool {
         let seeds: Vec<String> = self.client_addrs().iter().map(|a| a.to_string()).collect();
         let out = tokio::process::Command::new(&self.exe)
             .arg("create-collection")
@@ -343,6 +373,7 @@ impl Cluster {
             .arg(replicas.to_string())
             .arg("--seeds")
             .arg(seeds.join(","))
+            .args(args)
             .kill_on_drop(true)
             .output()
             .await;
@@ -363,6 +394,179 @@ impl Cluster {
         self.wait_target(&crate::workload::Target::Collection(name.into()), within)
             .await
             .is_some()
+    }
+
+    /// Ask node `i` directly (no routing, no redirects) with a bounded wait.
+    pub async fn ask(
+        &self,
+        i: usize,
+        req: ClientRequest,
+        within: Duration,
+    ) -> Option<ClientResponse_oneof_kind> {
+        tokio::time::timeout(within, async {
+            let conn = client::Conn::connect(self.nodes[i].client, within)
+                .await
+                .ok()?;
+            conn.call(req).await.ok()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// The descriptors of collection `name` and of its range holding `key`
+    /// (collection-relative), from the first node that answers a lookup.
+    pub async fn lookup(
+        &self,
+        name: &str,
+        key: &[u8],
+    ) -> Option<(CollectionDescriptor, RangeDescriptor)> {
+        let mut req = ClientRequest::new();
+        let mut l = Lookup::new();
+        l.collection = name.to_string();
+        l.key = Bytes::copy_from_slice(key);
+        req.set_lookup(l);
+        for i in 0..self.nodes.len() {
+            if let Some(ClientResponse_oneof_kind::lookup(mut r)) =
+                self.ask(i, req.clone(), Duration::from_secs(1)).await
+            {
+                if r.has_range() {
+                    return Some((r.take_collection(), r.take_range()));
+                }
+            }
+        }
+        None
+    }
+
+    /// Read `key` (collection-relative) of collection `name` directly at node `i`: a leader
+    /// read (`follower == false`: answered only by the range's leader, after its read barrier)
+    /// or a read of node `i`'s own replica. The answer's `kvpb::Response`, or the wire error.
+    pub async fn read_at(
+        &self,
+        i: usize,
+        coll: &CollectionDescriptor,
+        range: &RangeDescriptor,
+        key: &[u8],
+        follower: bool,
+    ) -> Option<Result<kvpb::Response, proto::clientpb::ClientError>> {
+        let mut g = kvpb::Get::new();
+        let mut full = coll.prefix.to_vec();
+        full.extend_from_slice(key);
+        g.key = full.into();
+        let mut cmd = kvpb::Command::new();
+        cmd.set_get(g);
+        let mut k = KvRequest::new();
+        k.range = range.id;
+        k.epoch = range.epoch;
+        k.command = cmd.write_to_bytes().ok()?.into();
+        k.follower = follower;
+        let mut req = ClientRequest::new();
+        req.set_kv(k);
+        match self.ask(i, req, Duration::from_secs(2)).await? {
+            ClientResponse_oneof_kind::kv(r) => {
+                kvpb::Response::parse_from_carllerche_bytes(&r.response)
+                    .ok()
+                    .map(Ok)
+            }
+            ClientResponse_oneof_kind::error(e) => Some(Err(e)),
+            _ => None,
+        }
+    }
+
+    /// The node (index) leading the range of collection `name` that holds `key`, and the
+    /// range's id. Nodes expose no per-range leader (status and `/metrics` show meta's only),
+    /// so every node is asked for a leader read of `key`: only the range's leader answers it
+    /// (after its read barrier confirms the leadership); the others answer `NOT_LEADER` with
+    /// a hint, which is the fallback when no node answered.
+    pub async fn range_leader(&self, name: &str, key: &[u8]) -> Option<(usize, u64)> {
+        let (coll, range) = self.lookup(name, key).await?;
+        let mut hint = None;
+        for i in 0..self.nodes.len() {
+            match self.read_at(i, &coll, &range, key, false).await {
+                Some(Ok(_)) => return Some((i, range.id)),
+                Some(Err(e)) if e.code == ClientError_Code::NOT_LEADER => {
+                    if let Ok(a) = e.leader_hint.parse::<SocketAddr>() {
+                        hint = self.nodes.iter().position(|n| n.client == a);
+                    }
+                }
+                _ => {}
+            }
+        }
+        hint.map(|i| (i, range.id))
+    }
+
+    /// Wait until meta's descriptor of the range of collection `name` holding `key` lists `n`
+    /// voters; the descriptor, or `None` after `within`.
+    pub async fn wait_range_voters(
+        &self,
+        name: &str,
+        key: &[u8],
+        n: usize,
+        within: Duration,
+    ) -> Option<RangeDescriptor> {
+        wait_for(within, || async {
+            let (_, r) = self.lookup(name, key).await?;
+            let voters = r
+                .members
+                .iter()
+                .filter(|m| m.role == MemberRole::VOTER)
+                .count();
+            (voters >= n).then_some(r)
+        })
+        .await
+    }
+
+    /// Whether node `id` is out of meta's cell (per meta's leader) and, with `collection`, out
+    /// of the members of the collection's range holding the workload's keys.
+    pub async fn removed(&self, id: u64, collection: Option<&str>) -> bool {
+        let cl = self.client(Duration::from_secs(1));
+        let Ok(s) = cl.leader_status().await else {
+            return false;
+        };
+        if s.node != s.meta_leader || s.meta_voters.contains(&id) || s.meta_learners.contains(&id) {
+            return false;
+        }
+        match collection {
+            None => true,
+            Some(name) => self
+                .lookup(name, b"k0")
+                .await
+                .is_some_and(|(_, r)| r.members.iter().all(|m| m.node != id)),
+        }
+    }
+
+    /// Meta's cell (per its leader) and the members of the range of `collection` holding the
+    /// workload's keys, as text, for failure reports.
+    pub async fn membership_state(&self, collection: Option<&str>) -> String {
+        let cl = self.client(Duration::from_secs(2));
+        let meta = match cl.leader_status().await {
+            Ok(s) => format!(
+                "meta leader {} voters {:?} learners {:?}",
+                s.meta_leader, s.meta_voters, s.meta_learners
+            ),
+            Err(e) => format!("meta status: {e}"),
+        };
+        let range = match collection {
+            None => String::new(),
+            Some(name) => match self.lookup(name, b"k0").await {
+                Some((_, r)) => {
+                    let m: Vec<String> = r
+                        .members
+                        .iter()
+                        .map(|m| format!("{}:{:?}", m.node, m.role))
+                        .collect();
+                    format!(
+                        "; range {} epoch {} members [{}]",
+                        r.id,
+                        r.epoch,
+                        m.join(" ")
+                    )
+                }
+                None => "; range: no lookup answer".into(),
+            },
+        };
+        let ids: Vec<String> = self.nodes.iter().map(|n| n.id.to_string()).collect();
+        format!("{meta}{range}; node ids by index [{}]", ids.join(" "))
     }
 
     /// Wait until meta has `n` voters per the leader's status.

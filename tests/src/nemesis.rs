@@ -22,6 +22,10 @@ use crate::proxy::Rule;
 pub enum Fault {
     /// kill -9 node index `node`, restart it from its data dir at heal.
     Kill { node: usize },
+    /// kill -9 node index `node` and keep it down past the nodes' `dead-after`, until meta has
+    /// removed it from meta's cell and from the workload collection's range (a membership
+    /// change; bounded); restart it at heal (it is added back as a new member).
+    LongKill { node: usize },
     /// SIGSTOP node index `node`, SIGCONT at heal.
     Pause { node: usize },
     /// Split the nodes (shuffled with `order`) into a minority and a majority, both ways.
@@ -30,6 +34,10 @@ pub enum Fault {
     Bridge { order: u64 },
     /// Cut meta's current leader from every other node, both ways.
     IsolateLeader,
+    /// Cut the current leader of the workload collection's range (found by asking every node,
+    /// see [`Cluster::range_leader`]) from every other node, both ways; meta's leader when the
+    /// workload has no collection.
+    IsolateRangeLeader,
     /// Node index `node` cannot send to the others (`outbound`) or cannot hear them.
     OneWay { node: usize, outbound: bool },
     /// Every link delayed.
@@ -43,10 +51,12 @@ impl Fault {
     pub fn kind(&self) -> &'static str {
         match self {
             Fault::Kill { .. } => "kill",
+            Fault::LongKill { .. } => "kill-long",
             Fault::Pause { .. } => "pause",
             Fault::MajorityMinority { .. } => "partition-majority",
             Fault::Bridge { .. } => "partition-bridge",
             Fault::IsolateLeader => "partition-isolate-leader",
+            Fault::IsolateRangeLeader => "partition-isolate-range-leader",
             Fault::OneWay { .. } => "partition-one-way",
             Fault::Delay { .. } => "delay",
             Fault::Loss { .. } => "loss",
@@ -63,6 +73,9 @@ pub struct Planned {
     pub gap: Duration,
 }
 
+/// Fault kinds a schedule covers (each `rounds` times), long kills aside.
+pub const KINDS: u8 = 9;
+
 /// A seeded list of faults.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -74,10 +87,22 @@ impl Schedule {
     /// Faults for `nodes` nodes, covering every kind `rounds` times in a seeded order, each
     /// held for 1.5-3 s with 0.5-1.5 s of quiet before it.
     pub fn generate(seed: u64, nodes: usize, rounds: usize) -> Schedule {
+        Schedule::generate_with(seed, nodes, rounds, None)
+    }
+
+    /// [`Schedule::generate`], plus with `long_kill: Some(d)` one [`Fault::LongKill`] per
+    /// round, held at least `d` (the nodes' dead-after and a margin).
+    pub fn generate_with(
+        seed: u64,
+        nodes: usize,
+        rounds: usize,
+        long_kill: Option<Duration>,
+    ) -> Schedule {
         let mut rng = SmallRng::seed_from_u64(seed);
         let mut faults = Vec::new();
+        let n = KINDS + u8::from(long_kill.is_some());
         for _ in 0..rounds {
-            let mut kinds: Vec<u8> = (0..8).collect();
+            let mut kinds: Vec<u8> = (0..n).collect();
             kinds.shuffle(&mut rng);
             for k in kinds {
                 let node = rng.gen_range(0..nodes);
@@ -91,23 +116,37 @@ impl Schedule {
                         node,
                         outbound: rng.gen(),
                     },
+                    8 => Fault::IsolateRangeLeader,
                     6 => Fault::Delay {
                         fixed_ms: rng.gen_range(20..120),
                         jitter_ms: rng.gen_range(0..80),
                     },
-                    _ => Fault::Loss {
+                    7 => Fault::Loss {
                         p: rng.gen_range(0.1..0.4),
                         cut: rng.gen_bool(0.3),
                     },
+                    _ => Fault::LongKill { node },
+                };
+                let hold = Duration::from_millis(rng.gen_range(1500..3000));
+                let hold = match (&fault, long_kill) {
+                    (Fault::LongKill { .. }, Some(d)) => d,
+                    _ => hold,
                 };
                 faults.push(Planned {
                     fault,
-                    hold: Duration::from_millis(rng.gen_range(1500..3000)),
+                    hold,
                     gap: Duration::from_millis(rng.gen_range(500..1500)),
                 });
             }
         }
         Schedule { seed, faults }
+    }
+
+    /// Distinct fault kinds in the schedule.
+    pub fn kinds(&self) -> usize {
+        let k: std::collections::BTreeSet<&str> =
+            self.faults.iter().map(|p| p.fault.kind()).collect();
+        k.len()
     }
 
     /// Total planned time.
@@ -123,11 +162,23 @@ pub struct LogEntry {
     pub what: String,
 }
 
+/// One injected fault's window: from its start until it was healed.
+#[derive(Debug, Clone)]
+pub struct FaultWindow {
+    pub kind: &'static str,
+    pub start: Instant,
+    pub heal: Instant,
+}
+
 /// What the nemesis did.
 #[derive(Debug, Default, Clone)]
 pub struct NemesisLog {
     pub entries: Vec<LogEntry>,
     pub by_kind: BTreeMap<&'static str, usize>,
+    /// Long kills after which meta had removed the node from its cell and from the range.
+    pub removed: usize,
+    /// Every fault's window, in order (for unavailability, [`crate::availability`]).
+    pub windows: Vec<FaultWindow>,
 }
 
 impl fmt::Display for NemesisLog {
@@ -155,8 +206,14 @@ fn cut_between(c: &Cluster, a: &[usize], b: &[usize], rules: &mut HashMap<(u64, 
     }
 }
 
-/// Apply `fault`; returns a description of what was done (with resolved choices).
-pub async fn apply(c: &mut Cluster, fault: &Fault) -> String {
+fn isolate(c: &Cluster, li: usize, rules: &mut HashMap<(u64, u64), Rule>) {
+    let others: Vec<usize> = (0..c.nodes.len()).filter(|i| *i != li).collect();
+    cut_between(c, &[li], &others, rules);
+}
+
+/// Apply `fault` (`collection`: the workload's KV collection, if any); returns a description
+/// of what was done (with resolved choices).
+pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> String {
     let n = c.nodes.len();
     let all: Vec<usize> = (0..n).collect();
     let mut rules = HashMap::new();
@@ -164,6 +221,13 @@ pub async fn apply(c: &mut Cluster, fault: &Fault) -> String {
         Fault::Kill { node } => {
             c.kill(*node);
             format!("kill -9 node {} (id {})", node, c.nodes[*node].id)
+        }
+        Fault::LongKill { node } => {
+            c.kill(*node);
+            format!(
+                "kill -9 node {} (id {}) past dead-after",
+                node, c.nodes[*node].id
+            )
         }
         Fault::Pause { node } => {
             c.pause(*node);
@@ -187,11 +251,32 @@ pub async fn apply(c: &mut Cluster, fault: &Fault) -> String {
             let cl = c.client(Duration::from_secs(1));
             match Cluster::meta_leader(&cl).await.and_then(|l| c.index_of(l)) {
                 Some(li) => {
-                    let others: Vec<usize> = all.iter().copied().filter(|i| *i != li).collect();
-                    cut_between(c, &[li], &others, &mut rules);
+                    isolate(c, li, &mut rules);
                     format!("partition isolate leader node {li}")
                 }
                 None => "partition isolate leader: no leader known, nothing done".into(),
+            }
+        }
+        Fault::IsolateRangeLeader => {
+            let found = match collection {
+                Some(name) => c
+                    .range_leader(name, b"k0")
+                    .await
+                    .map(|(li, range)| (li, format!("range {range} of {name:?}"))),
+                None => {
+                    let cl = c.client(Duration::from_secs(1));
+                    Cluster::meta_leader(&cl)
+                        .await
+                        .and_then(|l| c.index_of(l))
+                        .map(|li| (li, "meta (no collection)".to_string()))
+                }
+            };
+            match found {
+                Some((li, what)) => {
+                    isolate(c, li, &mut rules);
+                    format!("partition isolate the leader of {what}: node {li}")
+                }
+                None => "partition isolate range leader: no leader found, nothing done".into(),
             }
         }
         Fault::OneWay { node, outbound } => {
@@ -251,19 +336,52 @@ pub fn heal(c: &mut Cluster) {
     c.revive_all();
 }
 
-/// Run `schedule` against `c`, logging with times relative to `t0`.
-pub async fn run(c: &mut Cluster, schedule: &Schedule, t0: Instant) -> NemesisLog {
+/// Run `schedule` against `c` (`collection`: the workload's, if any), logging with times
+/// relative to `t0`.
+pub async fn run(
+    c: &mut Cluster,
+    schedule: &Schedule,
+    collection: Option<&str>,
+    t0: Instant,
+) -> NemesisLog {
     let mut log = NemesisLog::default();
     for p in &schedule.faults {
         tokio::time::sleep(p.gap).await;
-        let what = apply(c, &p.fault).await;
+        let start = Instant::now();
+        let what = apply(c, &p.fault, collection).await;
         *log.by_kind.entry(p.fault.kind()).or_default() += 1;
         log.entries.push(LogEntry {
             at: t0.elapsed(),
             what: format!("start {what} for {:?}", p.hold),
         });
         tokio::time::sleep(p.hold).await;
+        if let Fault::LongKill { node } = p.fault {
+            // Down until meta removed it (a membership change), or 10 s more.
+            let id = c.nodes[node].id;
+            let removed = crate::cluster::wait_for(Duration::from_secs(10), || async {
+                c.removed(id, collection).await.then_some(())
+            })
+            .await
+            .is_some();
+            log.removed += usize::from(removed);
+            log.entries.push(LogEntry {
+                at: t0.elapsed(),
+                what: format!(
+                    "node {node} {}",
+                    if removed {
+                        "removed from meta's cell and the range"
+                    } else {
+                        "NOT removed within 10 s past its hold"
+                    }
+                ),
+            });
+        }
         heal(c);
+        log.windows.push(FaultWindow {
+            kind: p.fault.kind(),
+            start,
+            heal: Instant::now(),
+        });
         log.entries.push(LogEntry {
             at: t0.elapsed(),
             what: "heal".into(),

@@ -1,6 +1,9 @@
 //! The long nemesis run, by hand: `cargo test -p quiver-tests --release -- --ignored
 //! --nocapture`. Many seeds (`QUIVER_NEMESIS_RUNS`, default 6), each fault kind 3 times per
-//! run, on 5 nodes; prints each run and the totals. `QUIVER_NEMESIS_SEED` sets the first seed.
+//! run (long kills past a 6 s dead-after included), on 5 nodes; prints each run and the
+//! totals. `QUIVER_NEMESIS_SEED` sets the first seed.
+
+use std::time::Duration;
 
 use quiver_tests::workload::{Target, WorkloadConfig};
 use quiver_tests::{run_nemesis, seed_from_env, RunConfig, Totals};
@@ -18,6 +21,8 @@ async fn nemesis_long_many_seeds() {
     for s in first..first + runs {
         // Alternate targets: a KV collection, and meta's scratch space every third seed.
         let mut cfg = RunConfig::new(s, 5, 3);
+        cfg.dead_after = Some(Duration::from_secs(6));
+        cfg.split_size = Some("64KiB".into());
         if s % 3 == 2 {
             cfg.workload.target = Target::Scratch;
         }
@@ -51,6 +56,9 @@ async fn nemesis_catches_planted_stale_reads() {
                 stale_reads: true,
                 ..WorkloadConfig::default()
             },
+            appends: None,
+            split_size: None,
+            dead_after: None,
         };
         let r = run_nemesis(&cfg).await;
         eprintln!("planted: {}", r.summary());

@@ -56,6 +56,7 @@ async fn follower_reads_without_read_index_are_caught() {
             node: victim,
             outbound: false,
         },
+        None,
     )
     .await;
     let acked = wait_for(Duration::from_secs(30), || async {

@@ -1,0 +1,168 @@
+//! Storage damage at the node level (`docs/design/log-format.md` §4): with the cluster stopped,
+//! node T's raft log gets a torn write at the tail of its newest segment, and node F's gets a
+//! bit flipped in a record below the durable mark. On restart:
+//! - T cuts the torn tail, starts, and rejoins (its replica applies new writes);
+//! - F refuses to start, with one error line naming the damaged record (`segment:offset`),
+//!   instead of serving from a log with a hole;
+//! - the cluster (every node but F) keeps every acknowledged write.
+//!
+//! Three nodes: L (the KV range's leader before the stop, undamaged), T and F. With F down,
+//! the range and meta serve only if T recovered and rejoined (2 of 3 voters; the test waits for
+//! the range to have its 3 voters before the load).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use quiver_tests::cluster::wait_for;
+use quiver_tests::crash::{read_back, write_once, Writes};
+use quiver_tests::damage::{flip_below_mark, tear_tail};
+use quiver_tests::ready_cluster;
+use quiver_tests::workload::Target;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_tail_recovers_and_a_flip_below_the_mark_is_refused() {
+    let mut c = ready_cluster(3).await;
+    let coll = "damage";
+    assert!(
+        c.create_collection(coll, 3, Duration::from_secs(90)).await,
+        "{coll} does not serve; logs in {}",
+        c.dir.display()
+    );
+    let t_voters = std::time::Instant::now();
+    assert!(
+        c.wait_range_voters(coll, b"k0", 3, Duration::from_secs(60))
+            .await
+            .is_some(),
+        "the range of {coll} never had 3 voters; logs in {}",
+        c.dir.display()
+    );
+    eprintln!(
+        "the range had 3 voters {:.1}s after the collection first served",
+        t_voters.elapsed().as_secs_f64()
+    );
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = write_once(
+        c.client_addrs(),
+        vec![coll.to_string()],
+        8,
+        "d",
+        stop.clone(),
+        writes.clone(),
+    );
+    let loaded = wait_for(Duration::from_secs(60), || {
+        let w = writes.clone();
+        async move { (w.lock().acked.len() >= 300).then_some(()) }
+    })
+    .await;
+    assert!(loaded.is_some(), "too few writes acknowledged");
+    let (l, _) = c
+        .range_leader(coll, b"k0")
+        .await
+        .expect("the range has a leader");
+    let (t, f) = ((l + 1) % 3, (l + 2) % 3);
+    // Stop the cluster in the middle of the load (kill -9), then damage the stopped files.
+    for i in 0..c.nodes.len() {
+        c.kill(i);
+    }
+    stop.store(true, Ordering::Relaxed);
+    while load.join_next().await.is_some() {}
+    let (torn_scan, torn_at) = tear_tail(&c.raft_dir(t)).expect("tear T's tail");
+    let (flip_scan, flip_at) = flip_below_mark(&c.raft_dir(f)).expect("flip F's log");
+    eprintln!(
+        "L = node {l}; T = node {t}: torn record at {}:{torn_at} (mark {}, {} records); F = node {f}: bit flipped \
+         in record {}:{flip_at} (mark {}, {} records)",
+        torn_scan.number,
+        torn_scan.mark,
+        torn_scan.records.len(),
+        flip_scan.number,
+        flip_scan.mark,
+        flip_scan.records.len()
+    );
+    c.revive_all();
+
+    // F refuses to start, naming the damaged record.
+    let status = wait_for(Duration::from_secs(60), || {
+        let s = c.exit_status(f);
+        async move { s }
+    })
+    .await;
+    let log = std::fs::read_to_string(c.log(f)).unwrap_or_default();
+    let last = log.lines().last().unwrap_or_default().to_string();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "node {f} started on a log with a flipped bit below its durable mark; log {}",
+            c.log(f).display()
+        )
+    });
+    eprintln!("F = node {f} exited ({status}): {last}");
+    assert!(!status.success(), "node {f} exited successfully: {last}");
+    let position = format!("{}:{flip_at}", flip_scan.number);
+    assert!(
+        last.to_ascii_lowercase().contains("corrupt") && last.contains(&position),
+        "node {f}'s last line does not report the corrupt record {position}: {last}"
+    );
+
+    // The others serve, with every acknowledged write.
+    assert!(
+        c.wait_target(&Target::Collection(coll.into()), Duration::from_secs(90))
+            .await
+            .is_some(),
+        "{coll} does not serve without node {f}; logs in {}",
+        c.dir.display()
+    );
+    let w = writes.lock().clone();
+    let r = read_back(c.client_addrs(), &w).await;
+    eprintln!(
+        "acknowledged={} unknown={} read_back={} missing={} wrong={} unread={} unknown_applied={}",
+        w.acked.len(),
+        w.unknown.len(),
+        r.acked_checked,
+        r.missing.len(),
+        r.wrong.len(),
+        r.unread.len(),
+        r.unknown_applied
+    );
+    assert!(
+        r.ok(),
+        "acknowledged writes lost: missing {:?}, wrong {:?}, unread {:?}; logs in {}",
+        r.missing.iter().take(5).collect::<Vec<_>>(),
+        r.wrong.iter().take(5).collect::<Vec<_>>(),
+        r.unread.iter().take(5).collect::<Vec<_>>(),
+        c.dir.display()
+    );
+    assert_eq!(r.acked_checked, w.acked.len());
+
+    // T rejoined: its own replica applies a write made after the restart.
+    let cl = c.client(Duration::from_secs(2));
+    let key = b"after-restart";
+    let put = wait_for(Duration::from_secs(30), || {
+        let kv = cl.kv(coll);
+        async move { kv.put(key, b"yes").await.ok() }
+    })
+    .await;
+    assert!(put.is_some(), "no write after the restart");
+    let (cd, rd) = c.lookup(coll, key).await.expect("lookup");
+    let last = Mutex::new(String::new());
+    let seen = wait_for(Duration::from_secs(30), || {
+        let (c, cd, rd, last) = (&c, &cd, &rd, &last);
+        async move {
+            let r = c.read_at(t, cd, rd, key, true).await;
+            *last.lock() = format!("{r:?}");
+            match r? {
+                Ok(resp) if resp.get_get().has_kv() => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert!(
+        seen.is_some(),
+        "node {t} (torn tail) never applied a write made after the restart; last answer of its \
+         replica: {}; log {}",
+        last.lock(),
+        c.log(t).display()
+    );
+}
