@@ -4,6 +4,9 @@
 //! it comes back with the same data dir it reopens its old meta and range replicas ("meta
 //! replica restarted from the data dir", "range replica opened ... bootstrap=false") and is
 //! never added back: meta's cell and the range stay at 4 voters of 5 (observed for 120 s).
+//! Likely cause: no leader replicates to a removed member, so its local meta replica stops at
+//! the removal, and self-assignment (`assign_meta` / `assign_ranges` in seed's loops, reading
+//! that local view) sees it still a member and never claims a slot.
 //! Run it with `cargo test -p quiver-tests --test removed_node_rejoins_range -- --ignored`.
 
 use std::time::{Duration, Instant};
