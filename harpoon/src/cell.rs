@@ -2,9 +2,12 @@
 //! its waiting callers and its leader lease. The driver (`shard.rs`) owns many cells and runs
 //! the I/O; a cell only turns events into storage writes, messages and replies.
 //!
-//! The Ready order (RAFT.md §1.2) is split in two because the driver does one log write and
-//! one sync for all cells of a round: [`Cell::ready_append`] runs steps 1-5 (everything up to
-//! the durable write), [`Cell::ready_persisted`] runs steps 6-8 after the sync.
+//! The Ready order (RAFT.md §1.2, asynchronous as in §1.3) is split in two because the driver
+//! does one log write for all cells of a round and syncs on its IO thread: [`Cell::ready_append`]
+//! runs steps 1-5 and 8 (everything up to the write, then `advance_append_async`), and
+//! [`Cell::ready_persisted`] runs steps 6-7 once the sync covering that ready is done
+//! (persisted messages, `on_persist_ready`). A cell may have several readies in flight; they
+//! become durable in order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -18,7 +21,7 @@ use raft::eraftpb::{
     ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
     SnapshotMetadata,
 };
-use raft::{RawNode, Ready, StateRole, Storage};
+use raft::{RawNode, StateRole, Storage};
 
 use crate::config::NodeConfig;
 use crate::error::{Error, Result, StateMachineError};
@@ -121,13 +124,57 @@ struct PendingRead {
     term: u64,
 }
 
-/// What `ready_append` leaves for `ready_persisted`.
+/// What `ready_append` leaves for `ready_persisted`: the ready's number (raft already
+/// advanced it asynchronously), what may only happen once it is durable.
 pub(crate) struct Unpersisted {
-    rd: Ready,
+    number: u64,
+    /// Messages that must wait for the sync (a follower's or candidate's).
+    msgs: Vec<Message>,
+    /// Async-mode callers whose entries this ready carries: `(index, term, caller)`.
+    acks: Vec<(u64, u64, Tx<Reply>)>,
 }
 
 /// Outgoing messages of one round, grouped per destination node.
 pub(crate) type Outbox = HashMap<NodeId, Vec<Envelope>>;
+
+/// What a leader publishes so that lease reads can be answered without a trip through the
+/// shard thread ([`crate::Node::read_barrier`] with [`ReadConsistency::Lease`]).
+///
+/// Why a read answered from it is linearizable: the lease means no other leader exists before
+/// its end; the view was taken when `applied >= committed`, in a term whose lease came from a
+/// quorum round, which raft only completes after the leader committed an entry of its own term,
+/// so every entry of earlier terms is applied; entries of this term are answered (Consensus
+/// mode) only after their apply, and `applied` is raised before each answer, so the index a
+/// read gets covers every write acknowledged before the read started.
+#[derive(Debug, Default)]
+pub(crate) struct ReadView {
+    /// The lease's term and end, `None` when there is no valid lease (not leader, transfer
+    /// under way, lease reads off).
+    lease: Option<(u64, Instant)>,
+    /// Half the lease: a read in the last half goes through the shard, which renews the lease.
+    half: std::time::Duration,
+    committed: u64,
+    applied: u64,
+    /// A read was answered from the view since the last tick (the tick then keeps the lease
+    /// renewed ahead of time).
+    used: bool,
+}
+
+impl ReadView {
+    /// The applied index to read at, when the view answers at `now`.
+    pub(crate) fn read(&mut self, now: Instant) -> Option<u64> {
+        let (_, until) = self.lease?;
+        if now + self.half < until && self.applied >= self.committed {
+            self.used = true;
+            Some(self.applied)
+        } else {
+            None
+        }
+    }
+}
+
+/// A cell's [`ReadView`], shared with the node's API.
+pub(crate) type SharedView = Arc<parking_lot::Mutex<ReadView>>;
 
 pub(crate) struct Cell {
     pub(crate) id: CellId,
@@ -140,8 +187,10 @@ pub(crate) struct Cell {
     /// Consensus-mode callers keyed by log index, with the term the entry was proposed in:
     /// a reply is sent only if the entry applied at that index has the same term.
     proposals: BTreeMap<u64, (u64, Instant, Tx<Reply>)>,
-    /// Async-mode callers waiting for the leader's sync of their entry `(index, term)`.
+    /// Async-mode callers whose entry `(index, term)` is not in a ready yet.
     durable_acks: Vec<(u64, u64, Tx<Reply>)>,
+    /// Readies advanced with `advance_append_async` whose write is not durable yet.
+    inflight: usize,
     /// Async writes acknowledged and not yet seen applied: index -> term.
     async_acked: BTreeMap<u64, u64>,
     async_lost: u64,
@@ -163,6 +212,8 @@ pub(crate) struct Cell {
     /// When this replica was opened (created or restarted): it refuses votes for one election
     /// timeout from then (see `Shard::deliver`).
     pub(crate) opened: Instant,
+    /// Published for lease reads outside the shard (see [`ReadView`]).
+    pub(crate) view: SharedView,
 }
 
 fn role_leader(raw: &RawNode<CellStorage>) -> bool {
@@ -335,6 +386,7 @@ impl Cell {
             metrics,
             proposals: BTreeMap::new(),
             durable_acks: Vec::new(),
+            inflight: 0,
             async_acked,
             async_lost: 0,
             reads: HashMap::new(),
@@ -348,6 +400,7 @@ impl Cell {
             last_heard: HashMap::new(),
             removed: false,
             opened: Instant::now(),
+            view: SharedView::default(),
         })
     }
 
@@ -356,6 +409,27 @@ impl Cell {
         // Errors here are stale or foreign messages (e.g. from a removed peer): raft already
         // ignored them, and the sender retransmits if it matters.
         let _ = self.raw.step(msg);
+        if self
+            .lease
+            .is_some_and(|(t, _)| t != self.raw.raft.term || !role_leader(&self.raw))
+        {
+            self.lease = None;
+            self.publish();
+        }
+    }
+
+    /// Publishes the lease, commit and applied index for reads outside the shard.
+    fn publish(&self) {
+        let now = Instant::now();
+        let lease = self
+            .lease_valid(now)
+            .filter(|_| role_leader(&self.raw))
+            .map(|until| (self.raw.raft.term, until));
+        let mut v = self.view.lock();
+        v.lease = lease;
+        v.half = self.cfg.lease() / 2;
+        v.committed = self.raw.raft.raft_log.committed;
+        v.applied = self.applied;
     }
 
     pub(crate) fn tick(&mut self, now: Instant) {
@@ -363,6 +437,17 @@ impl Cell {
         if self.raw.raft.lead_transferee.is_some() || !role_leader(&self.raw) {
             self.lease = None;
         }
+        // Reads answered from the view never reach the shard: renew the lease ahead of time
+        // for them (the shard's own reads renew it when less than half is left).
+        let used = std::mem::take(&mut self.view.lock().used);
+        if used
+            && self.lease_valid(now).is_some_and(|until| {
+                until.saturating_duration_since(now) < self.cfg.lease() * 3 / 4
+            })
+        {
+            self.read_index(None, now + self.cfg.election_timeout(), now);
+        }
+        self.publish();
         let cell = self.id;
         let expired = |d: Instant| d <= now;
         self.reads.retain(|_, r| {
@@ -612,6 +697,7 @@ impl Cell {
         }
         // The lease is suspect from now on: the target may win an election at once.
         self.lease = None;
+        self.publish();
         self.raw.transfer_leader(to.get());
         if let Some((_, _, old)) = self.transfer.replace((to, deadline, tx)) {
             send(old, Err(Error::Timeout { cell: self.id }));
@@ -650,8 +736,14 @@ impl Cell {
         }
     }
 
+    /// Whether a ready is due now. A received snapshot waiting for earlier readies to become
+    /// durable is not: finishing those touches the cell again.
     pub(crate) fn has_ready(&self) -> bool {
-        self.raw.has_ready()
+        self.raw.has_ready() && !self.snapshot_blocked()
+    }
+
+    fn snapshot_blocked(&self) -> bool {
+        self.inflight > 0 && self.raw.snap().is_some_and(|s| !s.is_empty())
     }
 
     fn envelopes(&self, msgs: Vec<Message>, out: &mut Outbox) {
@@ -667,14 +759,19 @@ impl Cell {
         }
     }
 
-    /// Ready steps 1-5: everything before the round's durable write.
+    /// Ready steps 1-5: everything before the durable write, then hands the ready back to raft
+    /// with `advance_append_async`, so the cell keeps stepping (and producing readies) while
+    /// the driver's sync of this one runs. Returns `None` when there is nothing to do, or when
+    /// a received snapshot must wait until every earlier ready of this cell is durable (the
+    /// driver retouches the cell when that happens).
     pub(crate) fn ready_append(
         &mut self,
         wb: &mut WriteBatch,
         early: &mut Outbox,
         must_sync: &mut bool,
     ) -> Result<Option<Unpersisted>> {
-        if !self.raw.has_ready() {
+        // TiKV's rule: no snapshot is installed while an earlier ready is unpersisted.
+        if !self.has_ready() {
             return Ok(None);
         }
         let mut rd = self.raw.ready();
@@ -693,7 +790,6 @@ impl Cell {
             wb.apply_snapshot(self.id, snap.get_metadata().clone());
         }
         // 3. ReadIndex answers: they wait for apply to reach their index.
-        let now = Instant::now();
         for rs in rd.take_read_states() {
             // Only our own requests: a ctx of another replica or of an earlier process of
             // this node is not ours, whatever its counter says.
@@ -715,9 +811,9 @@ impl Cell {
                 self.read_waits.push((rs.index, p));
             }
         }
-        let _ = now;
-        // 4. Committed entries are already durable locally: apply them now, overlapping the
-        //    append below (after the snapshot, if any, was restored).
+        // 4. Committed entries are already durable locally (raft-rs 0.7 hands out only
+        //    entries up to the persisted index): apply them now, overlapping the append below
+        //    (after the snapshot, if any, was restored).
         self.apply(rd.take_committed_entries())?;
         // 5. New entries and the hard state join the round's single write; the driver syncs
         //    once for every cell if any of them must be durable.
@@ -728,19 +824,36 @@ impl Cell {
             wb.set_hard_state(self.id, hs.clone());
         }
         *must_sync |= rd.must_sync();
-        Ok(Some(Unpersisted { rd }))
+        let u = Unpersisted {
+            number: rd.number(),
+            // Follower/candidate messages (append responses, votes) wait for the sync.
+            msgs: rd.take_persisted_messages(),
+            // Async mode: every proposal made before this ready has its entry in it.
+            acks: std::mem::take(&mut self.durable_acks),
+        };
+        // raft-rs wants the entries readable through storage once it is told they are stable:
+        // the driver's write of this round caches them before anything else touches this cell
+        // (`advance_append_async` itself reads nothing).
+        self.raw.advance_append_async(rd);
+        self.inflight += 1;
+        self.advance_applied();
+        self.serve_reads();
+        self.publish();
+        Ok(Some(u))
     }
 
-    /// Ready steps 6-8, after the round's write and sync.
-    pub(crate) fn ready_persisted(&mut self, u: Unpersisted, late: &mut Outbox) -> Result<()> {
-        let Unpersisted { mut rd } = u;
+    /// Ready steps 6-7 once the write of the ready `u` (and of every earlier one) is durable:
+    /// persisted messages go out, async writes are acknowledged, and raft learns the ready is
+    /// persisted. What that releases (a commit, committed entries, messages) comes out of the
+    /// cell's next ready, so the driver touches the cell again.
+    pub(crate) fn ready_persisted(&mut self, u: Unpersisted, late: &mut Outbox) {
+        let Unpersisted { number, msgs, acks } = u;
         // 6. Follower/candidate messages (append responses, votes) only now that entries and
         //    hard state are durable: acknowledging an entry promises it survives a crash.
-        self.envelopes(rd.take_persisted_messages(), late);
-        // Async mode: the leader has the entries durably in its own log now, unless the same
-        // round replaced them (a higher-term append conflicting at their index): acknowledge
+        self.envelopes(msgs, late);
+        // Async mode: the leader has the entries durably in its own log now, unless a later
+        // ready replaced them (a higher-term append conflicting at their index): acknowledge
         // only what the log holds with the proposing term.
-        let acks = std::mem::take(&mut self.durable_acks);
         for (index, term, tx) in acks {
             if self.raw.store().term(index).ok() != Some(term) {
                 send(
@@ -763,17 +876,39 @@ impl Cell {
                 }),
             );
         }
-        // 7. The persist may have advanced the commit index (single voter) or released
-        //    messages and committed entries: handle them too.
-        let mut lr = self.raw.advance_append(rd);
-        self.envelopes(lr.take_messages(), late);
-        self.apply(lr.take_committed_entries())?;
-        // 8. Tell raft what was applied, only after applying it.
-        self.raw.advance_apply_to(self.applied);
-        self.serve_reads();
-        Ok(())
+        // 7. Raft's persisted index moves (it checks the log holds each entry with its term,
+        //    so entries a later ready replaced are not counted).
+        self.raw.on_persist_ready(number);
+        self.inflight -= 1;
+        self.advance_applied();
     }
 
+    /// Step 8: tell raft what was applied, only after applying it, and only once raft counts
+    /// it persisted (an installed snapshot is applied before its Snapshot record is durable).
+    fn advance_applied(&mut self) {
+        let log = &self.raw.raft.raft_log;
+        if self.applied > log.applied && self.applied <= log.committed.min(log.persisted) {
+            self.raw.advance_apply_to(self.applied);
+        }
+    }
+
+    /// Readies handed to the driver and not yet durable.
+    pub(crate) fn inflight(&self) -> usize {
+        self.inflight
+    }
+}
+
+impl Unpersisted {
+    /// The ready will never be finished (node stopping or poisoned, cell fenced): its
+    /// async-mode callers get `err`.
+    pub(crate) fn fail(self, err: &Error) {
+        for (_, _, tx) in self.acks {
+            send(tx, Err(err.clone()));
+        }
+    }
+}
+
+impl Cell {
     fn restore(&mut self, snap: &Snapshot) -> Result<()> {
         let meta = snap.get_metadata();
         let state = ApplyState {
@@ -849,6 +984,9 @@ impl Cell {
                         })
                         .map_err(sm_err)?;
                     self.applied = e.index;
+                    // Before the reply: a lease read that starts after the caller learns of
+                    // this write must be answered at this index or later.
+                    self.view.lock().applied = e.index;
                     self.on_applied_normal(e.index, e.term, resp);
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
@@ -1042,6 +1180,8 @@ impl Cell {
 
     /// Fail every waiting caller (node stopping or poisoned).
     pub(crate) fn fail_all(&mut self, err: &Error) {
+        self.lease = None;
+        *self.view.lock() = ReadView::default();
         for (_, (_, _, tx)) in std::mem::take(&mut self.proposals) {
             send(tx, Err(err.clone()));
         }

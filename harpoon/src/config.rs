@@ -53,7 +53,11 @@ pub struct CellConfig {
     /// Lease length in ticks, counted from the send time of a quorum-acknowledged round. Must be
     /// below `election_tick - 1` (followers ignore votes for `election_tick` after a contact).
     pub lease_ticks: usize,
-    /// Compact a cell's log once it holds this many applied entries.
+    /// Compact a cell's log once it holds this many applied entries. Compacting first makes
+    /// the state machine durable (`StateMachine::persist`), which for a `logged` KV store
+    /// writes its whole image on the shard thread: keep this large (etcd's snapshot count is
+    /// 100,000). Log GC bounds the log by bytes anyway (it force-compacts cells that pin old
+    /// segments).
     pub log_gc_threshold: u64,
     /// Entries kept below the applied index when compacting, for slightly slow followers
     /// (beyond that they catch up by snapshot).
@@ -74,7 +78,7 @@ impl Default for CellConfig {
             max_committed_size_per_ready: 16 << 20,
             lease_reads: true,
             lease_ticks: 7,
-            log_gc_threshold: 4096,
+            log_gc_threshold: 65_536,
             log_gc_slack: 512,
             promote_max_lag: 256,
         }

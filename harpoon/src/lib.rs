@@ -7,8 +7,9 @@
 //! - `cell`: one replica: a `RawNode`, the Ready order, callers keyed by `(term, index)`,
 //!   ReadIndex and leader-lease reads, Consensus/Async replies, snapshots, compaction.
 //! - [`membership`]: learner → promote → leave joint, safe removal, dropped-change detection.
-//! - `shard`: one thread owning many cells; one coalesced tick, one log write + one sync per
-//!   round for every cell touched, one transport send per destination node.
+//! - `shard`: one thread owning many cells; one coalesced tick, one log write per round for
+//!   every cell touched, one transport send per destination node; its IO thread syncs the log
+//!   while the shard keeps stepping (readies are finished in order once durable).
 //! - `node`: [`Node`], the public API (futures), and the router that is the transport's sink.
 //! - [`storage`]: the node's raft log (`LogStore`) and per-cell raft storage.
 //! - [`transport`]: the network seam (`Transport`, `MessageSink`), in-memory and TCP.
@@ -22,13 +23,17 @@
 //! 3. **propose**: the leader's shard calls `RawNode::propose` and keys the caller by the
 //!    `(term, index)` the entry got.
 //! 4. **append**: the shard collects the ready of every cell touched this round, sends leader
-//!    messages at once, then does one `LogStore::write` and one `LogStore::sync`; followers
-//!    acknowledge only after that sync.
+//!    messages at once, does one `LogStore::write` and hands one `LogStore::sync` to its IO
+//!    thread, then goes on stepping (raft-rs `advance_append_async`); followers acknowledge
+//!    only after that sync, and raft learns of it (`on_persist_ready`) only then.
 //! 5. **apply**: committed entries go to the cell's `StateMachine`, which stores its apply
 //!    state (applied index, commit point, ConfState) atomically with the data.
 //! 6. **respond**: Consensus mode answers when the entry applies with the proposing term
 //!    (`Guarantee::Applied`); Async mode answers after step 4's sync on the leader
 //!    (`Guarantee::LeaderDurable`).
+//! 7. **read**: a lease read on a leader whose lease has more than half left and which applied
+//!    all it committed is answered from the cell's published read view, without the shard
+//!    ([`Node::read_barrier`]); otherwise the shard answers (lease renewal or ReadIndex).
 
 //!
 //! # Operational invariants

@@ -8,6 +8,7 @@ pub(crate) struct Metrics {
     pub(crate) rounds: AtomicU64,
     pub(crate) log_writes: AtomicU64,
     pub(crate) log_syncs: AtomicU64,
+    pub(crate) log_sync_micros: AtomicU64,
     pub(crate) proposals: AtomicU64,
     pub(crate) applied: AtomicU64,
     pub(crate) async_lost: AtomicU64,
@@ -15,6 +16,7 @@ pub(crate) struct Metrics {
     pub(crate) compactions: AtomicU64,
     pub(crate) transport_sends: AtomicU64,
     pub(crate) log_segments_dropped: AtomicU64,
+    pub(crate) lease_fast_reads: AtomicU64,
 }
 
 /// A copy of a node's counters.
@@ -24,8 +26,11 @@ pub struct NodeMetrics {
     pub rounds: u64,
     /// `LogStore::write` calls (one per round with something to write).
     pub log_writes: u64,
-    /// `LogStore::sync` calls (one per round that had to be durable).
+    /// `LogStore::sync` calls: at most one per round that had to be durable (the IO thread
+    /// answers sync requests that queued up during a sync with one more).
     pub log_syncs: u64,
+    /// Wall time spent in those syncs, microseconds (on the IO threads, not the shards).
+    pub log_sync_micros: u64,
     /// Proposals accepted by raft on this node as leader.
     pub proposals: u64,
     /// Apply batches.
@@ -41,6 +46,8 @@ pub struct NodeMetrics {
     pub transport_sends: u64,
     /// Raft-log segments reclaimed by the periodic log GC.
     pub log_segments_dropped: u64,
+    /// Lease reads answered from a cell's read view, without a trip through its shard.
+    pub lease_fast_reads: u64,
 }
 
 impl Metrics {
@@ -50,6 +57,7 @@ impl Metrics {
             rounds: g(&self.rounds),
             log_writes: g(&self.log_writes),
             log_syncs: g(&self.log_syncs),
+            log_sync_micros: g(&self.log_sync_micros),
             proposals: g(&self.proposals),
             applied: g(&self.applied),
             async_lost: g(&self.async_lost),
@@ -57,6 +65,7 @@ impl Metrics {
             compactions: g(&self.compactions),
             transport_sends: g(&self.transport_sends),
             log_segments_dropped: g(&self.log_segments_dropped),
+            lease_fast_reads: g(&self.lease_fast_reads),
         }
     }
 }

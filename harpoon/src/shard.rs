@@ -1,33 +1,48 @@
-//! A shard: one std thread that owns a set of cells and runs their rounds.
+//! A shard: one std thread that owns a set of cells and runs their rounds, and its IO thread
+//! that makes the rounds' writes durable.
 //!
 //! One round (the write path's *append* hop for every cell touched):
-//! 1. drain the inbox (messages, proposals, reads, admin) and step the cells;
+//! 1. drain the inbox (messages, proposals, reads, admin, finished syncs) and step the cells;
 //! 2. tick every cell of the shard if the coalesced tick is due;
-//! 3. collect the ready of every touched cell (Ready steps 1-5, `Cell::ready_append`) into
-//!    ONE write batch, sending leader messages first, one `Transport::send` per node;
-//! 4. ONE `LogStore::write` and, if any ready must be durable, ONE `LogStore::sync`;
-//! 5. finish every ready (steps 6-8, `Cell::ready_persisted`): persisted messages, advance,
-//!    apply, reply; then one more `Transport::send` per node for what the persist released.
+//! 3. collect the ready of every touched cell (Ready steps 1-5, `Cell::ready_append`, which
+//!    applies what is committed and advances raft asynchronously) into ONE write batch,
+//!    sending leader messages first, one `Transport::send` per node;
+//! 4. ONE `LogStore::write` (a copy into the mapped log: the entries are readable at once);
+//! 5. if any ready must be durable, ask the IO thread for ONE `LogStore::sync` and park the
+//!    round's readies until it is done; the shard goes on with the next round meanwhile
+//!    (proposals, acknowledgements, commits and applies keep flowing while the disk flushes);
+//! 6. when a sync is reported, finish the readies it covers (steps 6-7,
+//!    `Cell::ready_persisted`): persisted messages, async acks, `on_persist_ready`; one more
+//!    `Transport::send` per node; those cells are touched, so what the persist released
+//!    (commits, applies, replies) comes out of their next ready.
+//!
+//! Readies become durable in order: the IO thread serves sync requests in order (several
+//! queued requests are one sync), and a ready that needs no sync of its own but follows an
+//! unfinished ready of the same cell waits for that one. A memory log has no IO thread: its
+//! no-op sync runs inline.
 //!
 //! A RawNode never leaves its shard thread, so nothing raft-related is held across an await.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Mutex, RwLock};
 use proto::{CellId, NodeId};
 use raft::eraftpb::{ConfState, MessageType};
 
-use crate::cell::{Cell, CellStatus, Outbox, ReadConsistency, ReplicationMode, Reply};
+use crate::cell::{
+    Cell, CellStatus, Outbox, ReadConsistency, ReplicationMode, Reply, SharedView, Unpersisted,
+};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::membership::MembershipChange;
 use crate::metrics::Metrics;
 use crate::state_machine::StateMachine;
-use crate::storage::{LogStore, WriteBatch};
+use crate::storage::{LogStore, StorageError, WriteBatch};
 use crate::transport::{Envelope, SnapshotStatus, Transport};
 use crate::{CellFactory, Tx};
 
@@ -80,7 +95,62 @@ pub(crate) enum Command {
         cell: CellId,
         tx: Tx<CellStatus>,
     },
+    /// From the shard's IO thread: every sync request up to `seq` is durable (or failed).
+    Synced {
+        seq: u64,
+        result: std::result::Result<(), StorageError>,
+    },
     Shutdown,
+}
+
+/// The shard's IO thread: serves sync requests in order; requests that queued up while a
+/// sync ran are answered by the next one (group commit across rounds).
+pub(crate) struct Io {
+    tx: Sender<u64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Io {
+    /// Starts the IO thread of shard `name`; it reports to `inbox`.
+    pub(crate) fn start(
+        name: String,
+        log: LogStore,
+        inbox: Sender<Command>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Io> {
+        let (tx, rx) = crossbeam_channel::unbounded::<u64>();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            while let Ok(mut seq) = rx.recv() {
+                while let Ok(more) = rx.try_recv() {
+                    seq = more;
+                }
+                let t0 = Instant::now();
+                let result = log.sync();
+                if result.is_ok() {
+                    metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
+                    metrics
+                        .log_sync_micros
+                        .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
+                if inbox.send(Command::Synced { seq, result }).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(Io {
+            tx,
+            thread: Some(thread),
+        })
+    }
+
+    fn stop(&mut self) {
+        // Closing the request channel ends the thread after its current sync.
+        let (dead, _) = crossbeam_channel::unbounded();
+        drop(std::mem::replace(&mut self.tx, dead));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 pub(crate) struct Shard {
@@ -104,7 +174,18 @@ pub(crate) struct Shard {
     pub(crate) touched: HashSet<CellId>,
     /// Compactions decided since the last round; they join the next write.
     pub(crate) pending: WriteBatch,
+    /// The IO thread (`None` for a memory log: its sync is a no-op and runs inline).
+    pub(crate) io: Option<Io>,
+    /// Number of the next sync request.
+    pub(crate) next_sync: u64,
+    /// Readies waiting for a sync, in request order: `(sync request, readies)`.
+    pub(crate) unsynced: VecDeque<(u64, Vec<(CellId, Unpersisted)>)>,
+    /// Every cell's read view, shared with the node's API (lease reads outside the shard).
+    pub(crate) views: Views,
 }
+
+/// The read views of a node's cells.
+pub(crate) type Views = Arc<RwLock<HashMap<CellId, SharedView>>>;
 
 fn is_initial(m: &raft::eraftpb::Message) -> bool {
     matches!(
@@ -160,9 +241,21 @@ impl Shard {
                 break;
             }
         }
+        if let Some(io) = self.io.as_mut() {
+            io.stop();
+        }
         let err = self.poisoned().unwrap_or(Error::Stopped);
+        self.fail_unsynced(&err);
         for c in self.cells.values_mut() {
             c.fail_all(&err);
+        }
+    }
+
+    fn fail_unsynced(&mut self, err: &Error) {
+        for (_, readies) in self.unsynced.drain(..) {
+            for (_, u) in readies {
+                u.fail(err);
+            }
         }
     }
 
@@ -211,6 +304,7 @@ impl Shard {
             return;
         }
         tracing::error!(node = %self.node, cell = %id, %reason, "replica fenced");
+        self.views.write().remove(&id);
         if let Some(mut c) = self.cells.remove(&id) {
             c.fail_all(&Error::Fenced {
                 cell: id,
@@ -235,6 +329,7 @@ impl Shard {
                 *p = Some(e.to_string());
             }
         }
+        self.fail_unsynced(e);
         for c in self.cells.values_mut() {
             c.fail_all(e);
         }
@@ -354,9 +449,43 @@ impl Shard {
                     let _ = tx.send(Ok(c.status()));
                 }
             }
+            Command::Synced { seq, result } => match result {
+                Ok(()) => self.synced(seq),
+                Err(e) => self.poison_with(&Error::Storage {
+                    cell: None,
+                    source: Arc::new(e),
+                }),
+            },
             Command::Shutdown => return true,
         }
         false
+    }
+
+    /// Sync requests up to `seq` are durable: finish the readies they cover.
+    fn synced(&mut self, seq: u64) {
+        let mut late = Outbox::new();
+        while self.unsynced.front().is_some_and(|(s, _)| *s <= seq) {
+            if let Some((_, readies)) = self.unsynced.pop_front() {
+                self.finish(readies, &mut late);
+            }
+        }
+        self.flush(late);
+    }
+
+    /// Steps 6-7 for readies whose write is durable; their cells are touched so what the
+    /// persist released comes out in the next round.
+    fn finish(&mut self, readies: Vec<(CellId, Unpersisted)>, late: &mut Outbox) {
+        for (id, u) in readies {
+            if !self.cells.contains_key(&id) {
+                // Fenced or removed meanwhile.
+                u.fail(&Error::CellNotFound { cell: id });
+                continue;
+            }
+            self.guarded(id, |c| c.ready_persisted(u, late));
+            if self.cells.contains_key(&id) {
+                self.touched.insert(id);
+            }
+        }
     }
 
     fn create(
@@ -386,6 +515,7 @@ impl Shard {
             voters,
             learners,
         )?;
+        self.views.write().insert(cell, c.view.clone());
         self.cells.insert(cell, c);
         self.touched.insert(cell);
         Ok(())
@@ -529,12 +659,12 @@ impl Shard {
         let mut wb = std::mem::take(&mut self.pending);
         let mut early = Outbox::new();
         let mut must_sync = false;
-        let mut unpersisted = Vec::new();
+        let mut readies: Vec<(CellId, Unpersisted)> = Vec::new();
         for id in &touched {
             match self.guarded(*id, |c| c.ready_append(&mut wb, &mut early, &mut must_sync)) {
                 Some(r) => {
                     if let Some(u) = r? {
-                        unpersisted.push((*id, u));
+                        readies.push((*id, u));
                     }
                 }
                 // Fenced mid-ready: none of its writes may reach the log.
@@ -552,26 +682,57 @@ impl Shard {
             // A write the log refuses for one cell (e.g. an entry over the record limit from a
             // leader with a larger limit) fences that cell; the others were written.
             for (id, e) in refused {
-                unpersisted.retain(|(c, _)| *c != id);
-                self.fence(id, format!("its log write was refused: {e}"));
+                let (gone, kept): (Vec<_>, Vec<_>) =
+                    readies.into_iter().partition(|(c, _)| *c == id);
+                readies = kept;
+                let reason = format!("its log write was refused: {e}");
+                for (_, u) in gone {
+                    u.fail(&Error::Fenced {
+                        cell: id,
+                        reason: reason.clone(),
+                    });
+                }
+                self.fence(id, reason);
             }
             self.metrics.log_writes.fetch_add(1, Ordering::Relaxed);
         }
-        if must_sync {
-            self.log.sync().map_err(|e| Error::Storage {
-                cell: None,
-                source: Arc::new(e),
-            })?;
-            self.metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
-        }
-        if !unpersisted.is_empty() {
+        if !readies.is_empty() {
             self.metrics.rounds.fetch_add(1, Ordering::Relaxed);
         }
         let mut late = Outbox::new();
-        for (id, u) in unpersisted {
-            if let Some(r) = self.guarded(id, |c| c.ready_persisted(u, &mut late)) {
-                r?;
+        if must_sync {
+            match &self.io {
+                Some(io) => {
+                    let seq = self.next_sync;
+                    self.next_sync += 1;
+                    if io.tx.send(seq).is_err() {
+                        return Err(Error::Poisoned {
+                            reason: "the shard's IO thread stopped".into(),
+                        });
+                    }
+                    self.unsynced.push_back((seq, readies));
+                }
+                None => {
+                    self.log.sync().map_err(|e| Error::Storage {
+                        cell: None,
+                        source: Arc::new(e),
+                    })?;
+                    self.metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
+                    self.finish(readies, &mut late);
+                }
             }
+        } else {
+            // Nothing of this round must be synced. A ready that follows an unfinished one of
+            // its cell finishes with it (readies are durable in order); the others now.
+            let mut now = Vec::new();
+            for (id, u) in readies {
+                let behind = self.cells.get(&id).is_some_and(|c| c.inflight() > 1);
+                match self.unsynced.back_mut() {
+                    Some((_, last)) if behind => last.push((id, u)),
+                    _ => now.push((id, u)),
+                }
+            }
+            self.finish(now, &mut late);
         }
         self.flush(late);
         let mut removed = Vec::new();
@@ -591,6 +752,7 @@ impl Shard {
             }
         }
         for id in removed {
+            self.views.write().remove(&id);
             if let Some(mut c) = self.cells.remove(&id) {
                 c.fail_all(&Error::CellNotFound { cell: id });
                 if let Err(e) = self.log.destroy_cell(id) {

@@ -92,6 +92,9 @@ fn uncommitted_bytes_are_bounded_with_busy(kind: TransportKind) {
     let mut opts = ClusterOptions::over(kind);
     opts.node.cell.max_uncommitted_size = 4096;
     opts.node.cell.max_size_per_msg = 1024;
+    // The isolated leader must stay leader (check_quorum) for the ~8 synced writes this takes,
+    // also on a loaded machine where one fsync can take tens of milliseconds.
+    opts.node.cell.election_tick = 50;
     let mut c = Cluster::new(3, opts);
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);

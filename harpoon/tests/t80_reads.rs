@@ -45,6 +45,57 @@ fn lease_and_read_index_reads_see_acknowledged_writes() {
     ));
 }
 
+/// Lease reads answered from the read view (no shard trip) still cover every write
+/// acknowledged before them, including while writes keep applying; and they stop once the
+/// leadership moved.
+#[test]
+fn fast_lease_reads_cover_acknowledged_writes_and_stop_after_transfer() {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
+    let leader = c.wait_leader(cell, WAIT).unwrap();
+    write_n(&c, cell, "a", 3);
+    let dl = || Instant::now() + Duration::from_secs(5);
+    let node = c.node(leader);
+    // The first lease read establishes the lease through the shard.
+    node.read_barrier(cell, ReadConsistency::Lease, dl())
+        .wait()
+        .unwrap();
+    let before = node.metrics().lease_fast_reads;
+    for i in 0..200 {
+        let r = node
+            .propose(cell, bytes::Bytes::from(format!("w{i}")))
+            .wait()
+            .unwrap();
+        let at = node
+            .read_barrier(cell, ReadConsistency::Lease, dl())
+            .wait()
+            .unwrap();
+        assert!(
+            at >= r.index,
+            "lease read at {at} misses acked write {}",
+            r.index
+        );
+    }
+    assert!(
+        node.metrics().lease_fast_reads > before,
+        "no lease read was answered from the read view"
+    );
+    // Once the leadership moved, the old leader's view answers nothing.
+    let to = (1..=3).map(NodeId).find(|n| *n != leader).unwrap();
+    node.transfer_leader(cell, to, dl()).wait().unwrap();
+    let fast = node.metrics().lease_fast_reads;
+    let r = node
+        .read_barrier(
+            cell,
+            ReadConsistency::Lease,
+            Instant::now() + Duration::from_millis(300),
+        )
+        .wait();
+    assert!(r.is_err(), "the old leader served a lease read: {r:?}");
+    assert_eq!(node.metrics().lease_fast_reads, fast);
+}
+
 #[test]
 fn isolated_leader_never_serves_reads_once_a_new_leader_exists() {
     let mut c = Cluster::new(3, ClusterOptions::default());

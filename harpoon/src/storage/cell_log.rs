@@ -20,8 +20,9 @@ struct Slot {
     term: u64,
     /// The Entries record holding it (`None` in the memory backend, where `entry` is the data).
     loc: Option<LogPosition>,
-    /// The entry itself while cached.
-    entry: Option<Entry>,
+    /// The entry itself while cached (boxed: most slots of a long log are not cached, and an
+    /// unboxed `Entry` would make every slot three times larger).
+    entry: Option<Box<Entry>>,
 }
 
 /// How [`CellLog::entries_plan`] says to get one entry.
@@ -159,7 +160,7 @@ impl CellLog {
                     if !plan.is_empty() && max_size.is_some_and(|m| size > m) {
                         break;
                     }
-                    plan.push(Fetch::Cached(e.clone()));
+                    plan.push(Fetch::Cached(Entry::clone(e)));
                 }
                 (None, Some(loc)) => plan.push(Fetch::Disk {
                     loc,
@@ -369,7 +370,7 @@ impl CellLog {
                 Slot {
                     term: e.term,
                     loc,
-                    entry: Some(e),
+                    entry: Some(Box::new(e)),
                 },
             );
         }
@@ -386,7 +387,10 @@ impl CellLog {
         if self.cached <= max_entries && self.cached_bytes <= max_bytes {
             return;
         }
-        for s in self.slots.values_mut() {
+        // The cached entries are the newest ones (appends are cached, trimming takes the oldest
+        // first): start there rather than walking every uncached slot of a long log.
+        let first_cached = (self.last_index() + 1).saturating_sub(self.cached as u64);
+        for s in self.slots.range_mut(first_cached..).map(|(_, s)| s) {
             if self.cached <= max_entries && self.cached_bytes <= max_bytes {
                 break;
             }

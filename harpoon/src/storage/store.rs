@@ -393,6 +393,11 @@ impl LogStore {
             .map(|s| super::backend::from_pos(s.durable_end()))
     }
 
+    /// Whether this is the memory backend (nothing on disk, `sync` is a no-op).
+    pub fn is_memory(&self) -> bool {
+        matches!(self.inner.backend, Backend::Memory)
+    }
+
     /// The first fatal error, if the store is poisoned.
     pub fn poisoned(&self) -> Option<StorageError> {
         self.inner.poison.lock().clone()
