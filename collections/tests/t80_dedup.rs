@@ -294,6 +294,36 @@ fn the_table_survives_snapshot_restore_into_every_mode() {
 }
 
 #[test]
+fn both_halves_of_a_split_keep_the_table() {
+    for mode in MODES {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut left, sent) = populated(mode, &dir.path().join("left"));
+        let index = left.apply_state().applied_index + 1;
+        let at = key((WINDOW / 2) as u8);
+        let right = left
+            .split_off(index, 1, &at, config(mode, &dir.path().join("right")))
+            .expect("split");
+        // A write applied before the split and resent after it reaches either half (the
+        // client re-routes by key); each half answers the recorded reply and changes nothing.
+        for mut half in [left, right] {
+            assert_eq!(half.range_stats().dedup_clients, 3, "{mode:?}");
+            assert_remembered(&mut half, &sent);
+            if mode != Mode::Memory {
+                let bounds = half.bounds();
+                let d = if bounds.lo.is_empty() {
+                    "left"
+                } else {
+                    "right"
+                };
+                drop(half);
+                let mut again = open(mode, &dir.path().join(d));
+                assert_remembered(&mut again, &sent);
+            }
+        }
+    }
+}
+
+#[test]
 fn the_table_survives_restart_exactly_at_the_durable_apply_index() {
     for mode in [Mode::Logged, Mode::Persistent] {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -729,6 +729,8 @@ impl KvStore {
             clock_ms: st.clock_ms,
             apply: st.apply.clone(),
             bounds: right_bounds.clone(),
+            // A write applied in the parent and resent after the split reaches the right half.
+            dedup: st.dedup.clone(),
             ..State::default()
         };
         for (k, e) in st.index.range(at.clone()..) {
