@@ -132,7 +132,7 @@ fn main() {
     }
     println!(
         "persistent big values: {mb} MiB in {n} values of 64 KiB at {:.0} MiB/s; \
-         VmRSS {} -> {} MiB (includes reclaimable pages of the mapped data log), \
+         VmRSS {} -> {} MiB (seglog releases written pages), \
          RssAnon {} -> {} MiB; values held in memory by the index: {} bytes; \
          {checked} values read back",
         mb as f64 / secs,
