@@ -8,9 +8,9 @@
 //!   whose only write is a [`Txn`](proto::metapb::Txn): compares on version or mod revision,
 //!   then puts and deletes, all at one revision. This is the compare-and-swap every meta
 //!   operation is built on. Deterministic: replicas applying the same txns hold the same bytes.
-//! - [`ops`]: the meta operations (CreateMeta, CreateCollection, ReserveRangeId and RecordSplit, AddMember, DelMember,
-//!   SetRole, node records) as functions from a read of the store to a guarded [`Txn`]: two
-//!   writers that read the same record cannot both win.
+//! - [`ops`]: the meta operations (CreateMeta, CreateCollection, ReserveRangeId and
+//!   RecordSplit, AddMember, DelMember, SetRole, node records) as functions from a read of the
+//!   store to a guarded [`Txn`]: two writers that read the same record cannot both win.
 //! - [`view`]: typed reads: descriptors with their revisions, key-to-range lookup (one seek),
 //!   GetMembers, liveness of nodes.
 //! - [`placement`]: which under-replicated range a node should claim.
