@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - this file: [`Cli`] (clap derive), [`run`], logging set-up, `node` and `create-meta`.
-//! - [`kv`]: `quiver create-collection` and `quiver kv get|put|del|cas|scan`.
+//! - [`kv`]: `quiver create-collection` and `quiver kv get|put|del|cas|scan|watch`.
 //! - [`status`]: `quiver status` (table or `--json`).
 //! - [`demo`]: `quiver demo`, a local cluster of child processes with a short workload.
 

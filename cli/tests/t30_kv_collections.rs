@@ -301,13 +301,21 @@ async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
     assert_eq!(m.unwrap().value.as_ref(), b"mem");
     // Crash (SIGKILL) another node: it replays its raft log over the last persisted state.
     c.kill(0);
-    // A write on a connection the kill cut is answered UnknownOutcome, never retried by the
-    // client; a put of the same value is safe to repeat here.
+    // The client resends a write whose answer the kill cut (same request id); if its budget
+    // runs out while the survivors elect a leader it answers UnknownOutcome, Timeout or
+    // Unavailable. A put of the same value is safe to repeat here; anything else is a bug.
     let put = cli::demo::wait_for(LONG, || async {
         match users.put(b"crash", b"after").await {
             Ok(_) => Some(()),
-            Err(ClientError::UnknownOutcome(m)) => {
-                eprintln!("put after kill: outcome unknown ({m}); repeating");
+            Err(
+                e @ (ClientError::UnknownOutcome(_)
+                | ClientError::Timeout
+                | ClientError::Unavailable(_)
+                | ClientError::NotLeader(_)
+                | ClientError::ConnectionLost(_)
+                | ClientError::Connect { .. }),
+            ) => {
+                eprintln!("put after kill: {e}; repeating");
                 None
             }
             Err(e) => panic!("put after kill: {e}"),
