@@ -6,8 +6,8 @@
 #
 # Usage: bench/compare-etcd.sh [--quick] [--reps N] [--workloads W1,W2,...] [--etcd-only]
 #                              [--no-docs] [--bench-args "EXTRA FLAGS"]
-#   --quick       0.5 s warm-up + 2 s per workload, 10K records, 2 reps: under 3 minutes
-#   --reps N      repetitions per system [default 3, or 2 with --quick]
+#   --quick       0.5 s warm-up + 2 s per workload, 10K records, 1 rep: about 4 minutes
+#   --reps N      repetitions per system [default 3, or 1 with --quick]
 #   --workloads   workloads to run [default all: W1..W10, W12]
 #   --etcd-only   do not try Quiver
 #   --no-docs     print the table, leave docs/benchmarks.md alone
@@ -16,8 +16,8 @@
 # you want to measure, not tmpfs) [default /var/tmp], ETCD_BASE_PORT [default 32379],
 # QUIVER_BASE_PORT [default 37400], QUIVER_BIN (a prebuilt `quiver` binary).
 #
-# Installs etcd (Debian: etcd-server, etcd-client) and protoc (protobuf-compiler, needed to build
-# the etcd backend) when missing. Everything binds 127.0.0.1; every process started here is
+# Installs etcd (Debian: etcd-server, etcd-client), protoc (protobuf-compiler, needed to build
+# the etcd backend) and jq when missing. Everything binds 127.0.0.1; every process started here is
 # killed on exit.
 set -euo pipefail
 
@@ -41,7 +41,7 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-[[ -n $REPS ]] || REPS=$((QUICK ? 2 : 3))
+[[ -n $REPS ]] || REPS=$((QUICK ? 1 : 3))
 MODE_FLAGS=()
 [[ $QUICK == 1 ]] && MODE_FLAGS+=(--quick)
 
@@ -79,13 +79,32 @@ if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
     log "installing etcd from the system packages"
     apt_install etcd-server etcd-client
 fi
+if ! command -v jq >/dev/null; then
+    log "installing jq (reads \`quiver status --json\` while the Quiver cluster assembles)"
+    apt_install jq
+fi
 if ! command -v protoc >/dev/null; then
     log "installing protoc (building the etcd backend needs it)"
     apt_install protobuf-compiler
 fi
 
-log "building quiver-bench (release, --features etcd)"
-(cd "$ROOT" && cargo build --release -q -p quiver-bench --features etcd)
+# One cargo invocation for both binaries: building them separately would build the shared
+# dependencies twice (different feature sets).
+BUILD_PKGS=(-p quiver-bench)
+[[ $ETCD_ONLY == 0 && -z ${QUIVER_BIN:-} ]] && BUILD_PKGS+=(-p cli)
+log "building ${BUILD_PKGS[*]} (release, quiver-bench/etcd)"
+if ! (cd "$ROOT" && cargo build --release -q "${BUILD_PKGS[@]}" --features quiver-bench/etcd) \
+    >"$TMP/build.log" 2>&1; then
+    if [[ ${#BUILD_PKGS[@]} -gt 2 ]]; then
+        log "that failed; building quiver-bench alone (Quiver will be skipped)"
+        tail -n 5 "$TMP/build.log" >&2
+        (cd "$ROOT" && cargo build --release -q -p quiver-bench --features etcd)
+        QUIVER_BUILD_FAILED=1
+    else
+        cat "$TMP/build.log" >&2
+        exit 1
+    fi
+fi
 BENCH=$CARGO_TARGET_DIR/release/quiver-bench
 
 # ---- etcd ---------------------------------------------------------------------------------------
@@ -142,53 +161,91 @@ run_etcd() {
 }
 
 # ---- Quiver -------------------------------------------------------------------------------------
-# >>> QUIVER CLUSTER: adjust here when the commands land. <<<
-# Needs: `quiver node`, `quiver create-meta`, and a command that creates a KV collection with
-# replication factor 3 and one range (assumed: `quiver create-collection --name bench --kind kv
-# --replication-factor 3 --ranges 1`), plus the quiver backend of quiver-bench (bench/src/quiver.rs).
+# A 3-node cluster as `quiver demo` starts one (cli/src/demo.rs): three `quiver node` processes
+# whose seeds are the three peer ports, meta created on node 0 (`quiver create-meta`), then one
+# KV collection (`quiver create-collection bench --replicas 3`, persistence `logged`, one range
+# placed on all three nodes by self-assignment). The fsync counter is harpoon's raft-log sync
+# counter on each node's admin port.
 QUIVER=""
 QUIVER_PIDS=()
 QUIVER_SEEDS=""
 QUIVER_METRICS=""
-QUIVER_FSYNC_METRIC=${QUIVER_FSYNC_METRIC:-quiver_fsyncs_total}
+QUIVER_SECRET=""
+QUIVER_FSYNC_METRIC=${QUIVER_FSYNC_METRIC:-harpoon_log_syncs_total}
+QUIVER_PERSISTENCE=${QUIVER_PERSISTENCE:-logged}
 quiver_available() {
     QUIVER=${QUIVER_BIN:-}
     if [[ -z $QUIVER ]]; then
-        log "building quiver (release)"
-        if ! (cd "$ROOT" && cargo build --release -q -p cli) >"$TMP/quiver-build.log" 2>&1; then
-            echo "Quiver skipped: \`cargo build --release -p cli\` failed (see below)." >&2
-            tail -n 5 "$TMP/quiver-build.log" >&2
+        if [[ ${QUIVER_BUILD_FAILED:-0} == 1 ]]; then
+            echo "Quiver skipped: \`cargo build --release -p cli\` failed (see above)." >&2
             return 1
         fi
         QUIVER=$CARGO_TARGET_DIR/release/quiver
     fi
     local help cmd
     help=$("$QUIVER" --help 2>&1 || true)
-    for cmd in node create-meta create-collection; do
+    for cmd in node create-meta create-collection status; do
         if ! grep -qE "^\s+$cmd\b" <<<"$help"; then
-            echo "Quiver skipped: \`quiver $cmd\` does not exist yet (needed to start a 3-node cluster with a replicated KV collection)." >&2
+            echo "Quiver skipped: \`quiver $cmd\` does not exist (needed to start a 3-node cluster with a replicated KV collection)." >&2
             return 1
         fi
     done
 }
+# Poll `quiver status --json` until the jq filter $1 is true (at most $2 seconds).
+quiver_wait_status() {
+    local filter=$1 secs=$2 t
+    for t in $(seq 1 $((secs * 5))); do
+        if "$QUIVER" status --json --timeout-secs 2 --seeds "$QUIVER_SEEDS" 2>/dev/null \
+            | jq -e "$filter" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    return 1
+}
 start_quiver() {
-    local dir=$TMP/quiver secret="bench-$$-$RANDOM" peers="" i
+    local dir=$TMP/quiver peers="" i
+    QUIVER_SECRET="bench-$$-$RANDOM"
     rm -rf "$dir"; mkdir -p "$dir"
     for i in 0 1 2; do peers+="${peers:+,}127.0.0.1:$((QUIVER_BASE_PORT + 10 * i + 1))"; done
     QUIVER_PIDS=(); QUIVER_SEEDS=""; QUIVER_METRICS=""
     for i in 0 1 2; do
         local c=$((QUIVER_BASE_PORT + 10 * i)) p=$((QUIVER_BASE_PORT + 10 * i + 1)) a=$((QUIVER_BASE_PORT + 10 * i + 2))
-        QUIVER_CLUSTER_SECRET=$secret "$QUIVER" node --data-dir "$dir/q$i" \
-            --listen "127.0.0.1:$c" --peer-listen "127.0.0.1:$p" --admin-listen "127.0.0.1:$a" \
-            --seeds "$peers" >"$dir/q$i.log" 2>&1 &
+        QUIVER_CLUSTER_SECRET=$QUIVER_SECRET QUIVER_LOG=${QUIVER_LOG:-warn} "$QUIVER" node \
+            --data-dir "$dir/q$i" --listen "127.0.0.1:$c" --peer-listen "127.0.0.1:$p" \
+            --admin-listen "127.0.0.1:$a" --seeds "$peers" --zone "zone-$i" \
+            >"$dir/q$i.log" 2>&1 &
         PIDS+=($!); QUIVER_PIDS+=($!)
         QUIVER_SEEDS+="${QUIVER_SEEDS:+,}127.0.0.1:$c"
         QUIVER_METRICS+="${QUIVER_METRICS:+,}http://127.0.0.1:$a/metrics"
     done
-    QUIVER_CLUSTER_SECRET=$secret "$QUIVER" create-meta --seed "127.0.0.1:$((QUIVER_BASE_PORT + 1))" \
-        --replication-factor 3
-    QUIVER_CLUSTER_SECRET=$secret "$QUIVER" create-collection --seeds "$QUIVER_SEEDS" \
-        --name bench --kind kv --replication-factor 3 --ranges 1
+    local t
+    for t in $(seq 1 150); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$((QUIVER_BASE_PORT + 1))") 2>/dev/null && break
+        sleep 0.2
+    done
+    QUIVER_CLUSTER_SECRET=$QUIVER_SECRET "$QUIVER" create-meta \
+        --seed "127.0.0.1:$((QUIVER_BASE_PORT + 1))" --timeout-secs 30 >/dev/null || return 1
+    # Meta with three voters and three live nodes, then the collection.
+    quiver_wait_status '([.ranges[] | select(.id == 1) | .voters] | max // 0) >= 3
+        and ([.nodes[] | select(.alive)] | length) >= 3' 60 || {
+        echo "meta did not reach 3 voters on 3 live nodes within 60 s" >&2; return 1; }
+    local made id
+    made=$("$QUIVER" create-collection bench --replicas 3 --persistence "$QUIVER_PERSISTENCE" \
+        --json --seeds "$QUIVER_SEEDS") || return 1
+    id=$(jq -r .id <<<"$made")
+    quiver_wait_status "[.ranges[] | select(.collection == $id)]
+        | length >= 1 and all(.voters >= 3)" 60 || {
+        echo "collection bench (id $id) was not placed on 3 voters within 60 s" >&2; return 1; }
+    # A first write through the client: the range has a leader that applies.
+    for t in $(seq 1 150); do
+        if "$QUIVER" kv put bench bench-warm x --seeds "$QUIVER_SEEDS" >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "no write to collection bench succeeded within 30 s" >&2
+    return 1
 }
 stop_quiver() {
     local p
@@ -244,7 +301,9 @@ CMD+=" --reps $REPS"
 [[ $ETCD_ONLY == 1 ]] && CMD+=" --etcd-only"
 [[ -n $EXTRA ]] && CMD+=" --bench-args \"$EXTRA\""
 if [[ $WITH_QUIVER == 1 ]]; then
-    QNOTE="Quiver: 3 \`quiver node\` processes, one KV collection, replication factor 3, one range."
+    QNOTE="Quiver: 3 \`quiver node\` processes (raft log fsync on every member), one KV collection
+(\`$QUIVER_PERSISTENCE\`, consensus replication), replication factor 3, one range; fsyncs are
+\`$QUIVER_FSYNC_METRIC\` summed over the nodes."
 else
     QNOTE="Quiver: not in this run (its KV client and collection commands are not built yet),
 so the ratio columns are empty."
