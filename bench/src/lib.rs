@@ -8,7 +8,7 @@
 //! - [`memory`]: an in-process backend (a map behind a lock, optional injected latency and
 //!   errors) for tests and for checking the harness itself.
 //! - [`etcd`] (feature `etcd`): etcd v3 over gRPC, the comparison baseline.
-//! - [`quiver`]: the Quiver backend, a placeholder until the client crate has a KV handle.
+//! - [`quiver`]: the Quiver backend, the `client` crate's KV handle on one collection.
 //! - [`keys`]: key generators, uniform and YCSB's zipfian (theta 0.99), and key encoding.
 //! - [`workload`]: the workloads W1..W12 as data, looked up with [`Workload::by_name`].
 //! - [`hist`]: HDR latency histograms per client, merged per run, and their summary.
