@@ -166,3 +166,150 @@ async fn torn_tail_recovers_and_a_flip_below_the_mark_is_refused() {
         c.log(t).display()
     );
 }
+
+/// A bit flipped in a follower's range image (`ranges/<id>/kv/kv.snap`, the store of a
+/// `logged` collection, which replays the raft log after it): the node must either refuse to
+/// start, or not serve that replica (any read at it is refused), or, if it serves it, serve
+/// every acknowledged write exactly; never a missing or different value. The cluster keeps
+/// every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flip_in_a_range_image_is_never_served() {
+    let mut c = ready_cluster(3).await;
+    let coll = "datalog";
+    assert!(c.create_collection(coll, 3, Duration::from_secs(90)).await);
+    assert!(c
+        .wait_range_voters(coll, b"k0", 3, Duration::from_secs(60))
+        .await
+        .is_some());
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = write_once(
+        c.client_addrs(),
+        vec![coll.to_string()],
+        8,
+        "g",
+        stop.clone(),
+        writes.clone(),
+    );
+    let loaded = wait_for(Duration::from_secs(60), || {
+        let w = writes.clone();
+        async move { (w.lock().acked.len() >= 300).then_some(()) }
+    })
+    .await;
+    assert!(loaded.is_some(), "too few writes acknowledged");
+    let (l, range) = c.range_leader(coll, b"k0").await.expect("range leader");
+    let f = (l + 1) % 3;
+    for i in 0..c.nodes.len() {
+        c.kill(i);
+    }
+    stop.store(true, Ordering::Relaxed);
+    while load.join_next().await.is_some() {}
+    // A `logged` store keeps its image in `kv.snap` and replays the raft log after it.
+    let snap = c.nodes[f]
+        .data_dir
+        .join("ranges")
+        .join(range.to_string())
+        .join("kv")
+        .join("kv.snap");
+    let mut bytes =
+        std::fs::read(&snap).unwrap_or_else(|e| panic!("range image {}: {e}", snap.display()));
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x10;
+    std::fs::write(&snap, &bytes).expect("write the damaged image");
+    eprintln!(
+        "F = node {f}: bit flipped at byte {at} of the {}-byte image of range {range}",
+        bytes.len()
+    );
+    c.revive_all();
+    assert!(
+        c.wait_target(&Target::Collection(coll.into()), Duration::from_secs(90))
+            .await
+            .is_some(),
+        "{coll} does not serve; logs in {}",
+        c.dir.display()
+    );
+    let w = writes.lock().clone();
+    let r = read_back(c.client_addrs(), &w).await;
+    assert!(
+        r.ok() && r.acked_checked == w.acked.len(),
+        "acknowledged writes lost: {} missing, {} wrong, {} unread; logs in {}",
+        r.missing.len(),
+        r.wrong.len(),
+        r.unread.len(),
+        c.dir.display()
+    );
+    // What F does with its damaged replica.
+    let exited = wait_for(Duration::from_secs(5), || {
+        let s = c.exit_status(f);
+        async move { s }
+    })
+    .await;
+    if let Some(status) = exited {
+        let log = std::fs::read_to_string(c.log(f)).unwrap_or_default();
+        let last = log.lines().last().unwrap_or_default().to_string();
+        eprintln!("F refused to start ({status}): {last}");
+        assert!(!status.success());
+        return;
+    }
+    // F runs: once it applied a write made now, every acknowledged key read at its own
+    // replica must be exact, or refused.
+    let cl = c.client(Duration::from_secs(2));
+    let marker = b"after-restart";
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let kv = cl.kv(coll);
+            async move { kv.put(marker, b"m").await.ok() }
+        })
+        .await
+        .is_some(),
+        "no write after the restart"
+    );
+    let (cd, rd) = c.lookup(coll, marker).await.expect("lookup");
+    let caught_up = wait_for(Duration::from_secs(20), || {
+        let (c, cd, rd) = (&c, &cd, &rd);
+        async move {
+            match c.read_at(f, cd, rd, marker, true).await? {
+                Ok(resp) if resp.get_get().has_kv() => Some(true),
+                Ok(_) => None,
+                Err(_) => Some(false),
+            }
+        }
+    })
+    .await;
+    let (mut exact, mut refused, mut bad) = (0, 0, Vec::new());
+    for x in &w.acked {
+        let (cd, rd) = c.lookup(coll, x.key.as_bytes()).await.expect("lookup");
+        match c.read_at(f, &cd, &rd, x.key.as_bytes(), true).await {
+            Some(Ok(resp)) => {
+                let g = resp.get_get();
+                if g.has_kv() && g.get_kv().value.as_ref() == x.value.as_bytes() {
+                    exact += 1;
+                } else {
+                    bad.push(x.key.clone());
+                }
+            }
+            _ => refused += 1,
+        }
+    }
+    eprintln!(
+        "F runs (caught up: {caught_up:?}): its replica answered {exact} acknowledged keys \
+         exactly, refused {refused}, wrong or missing {}",
+        bad.len()
+    );
+    if refused > 0 {
+        let log = std::fs::read_to_string(c.log(f)).unwrap_or_default();
+        assert!(
+            log.to_ascii_lowercase().contains("corrupt"),
+            "node {f} refuses its replica without reporting the damage; log {}",
+            c.log(f).display()
+        );
+    }
+    assert!(
+        bad.is_empty(),
+        "node {f} served a damaged replica: {} acknowledged keys missing or different (first \
+         {:?}); logs in {}",
+        bad.len(),
+        bad.iter().take(5).collect::<Vec<_>>(),
+        c.dir.display()
+    );
+}
