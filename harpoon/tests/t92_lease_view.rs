@@ -3,6 +3,9 @@
 
 mod common;
 
+/// Each read's start time and the applied index it was served at (None: refused).
+type Reads = Vec<(Instant, Option<u64>)>;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +30,7 @@ fn isolated_leader_stops_lease_view_reads_before_a_new_leader_acks() {
         .wait()
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let log: Arc<Mutex<Vec<(Instant, Option<u64>)>>> = Arc::default();
+    let log: Arc<Mutex<Reads>> = Arc::default();
     let fast0 = c.node(old).metrics().lease_fast_reads;
     c.isolate(old);
     std::thread::scope(|s| {
