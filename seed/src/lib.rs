@@ -9,11 +9,14 @@
 //! - [`meta_sm`]: meta's replica as a harpoon `StateMachine`, persisted in the data dir.
 //! - [`control`]: control connections on the peer port: HMAC challenge with the cluster
 //!   secret, then one request (CreateMeta, WatchMeta, Heartbeat, ProposeTxn) and its response.
-//! - [`ranges`]: the KV ranges held here: `KvStore` as a harpoon `StateMachine`, range dirs,
-//!   reopening at start-up, admin Split entries (daughters materialised on apply, one opener
-//!   per range by registry claims).
+//! - [`ranges`]: the KV ranges held here: `KvStore` as a harpoon `StateMachine`, range dirs
+//!   (17 MiB data-log segments), reopening at start-up, admin Split entries (daughters
+//!   materialised on apply, one opener per range by registry claims), dropping removed and
+//!   forgetting lost replicas.
 //! - [`loops`]: subscription to meta, heartbeats, self-assignment, the leader's reconcile,
-//!   range splits (trigger, reserve, propose, record in meta; repair by the daughter).
+//!   range splits (trigger, reserve, propose, record in meta; repair by the daughter),
+//!   housekeeping (the range leader's `Expire` and retention `Compact`, removed replicas,
+//!   lost replicas leaving the cell before rejoining as learners).
 //! - [`client_port`]: the client port (multiplexed request ids).
 //! - [`kv_port`]: the client port's collection requests: CreateCollection, Lookup, and KV
 //!   commands routed to a range's replica (epoch, meta's and the store's bounds checked, leader

@@ -17,7 +17,32 @@
 //!   it applied here, record the split in meta (`RecordSplit`, compare-and-swap). Repair: the
 //!   leader of a daughter that meta does not list records its split from the parent's record
 //!   while that still covers it (the parent's leader failed between apply and record).
+//! - **housekeeping** (on each KV range's leader, about every second, jittered):
+//!   - TTL expiry: the store exposes no cheap "earliest expiry" (its TTL index is private to
+//!     `collections`), so the leader proposes `Expire{now_ms: 0}` (the entry's own clock) every
+//!     [`EXPIRE_EVERY`] while the range holds live keys (`live_bytes > 0`). An `Expire` with
+//!     nothing due changes no revision: it costs one small log entry per range per interval.
+//!   - retention: the store cannot map time to revision, so the leader keeps a small ring of
+//!     `(leader clock, applied revision)` samples ([`RevisionRing`]), one per interval in which
+//!     the revision moved, and proposes `Compact{revision}` for the newest sample at least the
+//!     collection's `retention_secs` old (0: keep everything). The ring lives on the leader in
+//!     memory: a new leader starts an empty one, so after a leader change history is kept up to
+//!     one retention period longer. The leader's clock is what the entry clock is made of.
+//!     Followers never propose either.
+//!   - removed replicas (every replica): a range registered here whose cell harpoon removed
+//!     (this node was taken out of its membership) is dropped, dir included, once meta knows
+//!     the range and no longer lists this node ([`crate::ranges::drop_removed`]); never while
+//!     it is listed.
+//!   - lost replicas (every node): a replica refused at start-up (`NeedsSnapshot`, e.g. a
+//!     memory-mode store after a restart) rejoins: listed as a voter, it asks meta to demote it
+//!     to a learner; the range's leader ([`reconcile_cell`]) takes a KV range voter that meta
+//!     lists as a learner, and that it did not promote itself, out of the cell and only then
+//!     out of meta (meta's leader demotes dead voters the same way, and leaves dead learners
+//!     to the range's leader while the range has a live voter). So "not listed" means "not a
+//!     voter of the cell", and only then does the node forget the cell's raft state and dir
+//!     ([`crate::ranges::forget_lost`]) and let self-assignment claim a slot as a learner.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -45,7 +70,226 @@ pub fn spawn_all(seed: &Arc<Seed>) -> JoinSet<()> {
     set.spawn(assign(seed.clone()));
     set.spawn(reconcile(seed.clone()));
     set.spawn(split(seed.clone()));
+    set.spawn(housekeeping(seed.clone()));
     set
+}
+
+/// How often a range's leader does its housekeeping (expiry, retention).
+pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// How often a range's leader proposes `Expire` while the range holds live keys.
+pub const EXPIRE_EVERY: Duration = Duration::from_secs(2);
+
+/// Samples kept per range by [`RevisionRing`] (thinned, never the newest, when full).
+pub const RING_SAMPLES: usize = 1024;
+
+/// `(leader clock ms, applied revision)` samples of one range on its leader, oldest first:
+/// revision `r` sampled at `t` was applied at or before `t`, so once `t` is older than the
+/// retention every event at or below `r` may be compacted.
+#[derive(Debug, Default)]
+pub struct RevisionRing {
+    samples: VecDeque<(u64, u64)>,
+}
+
+impl RevisionRing {
+    /// Record `revision` seen at `now_ms` (only when it moved since the last sample: the
+    /// earliest time a revision was seen is the one that matters). When full, every other
+    /// sample is dropped (coarser, so compaction keeps more history, never less).
+    pub fn record(&mut self, now_ms: u64, revision: u64) {
+        if self.samples.back().is_some_and(|&(_, r)| r >= revision) {
+            return;
+        }
+        if self.samples.len() >= RING_SAMPLES {
+            let kept: VecDeque<(u64, u64)> = self
+                .samples
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 2 == 1)
+                .map(|(_, s)| *s)
+                .collect();
+            self.samples = kept;
+        }
+        self.samples.push_back((now_ms, revision));
+    }
+
+    /// The newest revision sampled at least `retention_ms` before `now_ms`, if any; the samples
+    /// up to it are dropped (they are due).
+    pub fn due(&mut self, now_ms: u64, retention_ms: u64) -> Option<u64> {
+        let mut due = None;
+        while let Some(&(t, r)) = self.samples.front() {
+            if t.saturating_add(retention_ms) > now_ms {
+                break;
+            }
+            due = Some(r);
+            self.samples.pop_front();
+        }
+        due
+    }
+
+    /// Samples held.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether no sample is held.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+}
+
+/// What a range's leader remembers for its housekeeping (reset when its term changes).
+#[derive(Debug, Default)]
+struct Housekeeping {
+    term: u64,
+    ring: RevisionRing,
+    /// The highest revision compacted by this leader (or due and not yet proposed).
+    compacted: u64,
+    want: u64,
+    last_expire: Option<Instant>,
+}
+
+async fn housekeeping(seed: Arc<Seed>) {
+    let mut state: HashMap<u64, Housekeeping> = HashMap::new();
+    loop {
+        tokio::time::sleep(jitter(HOUSEKEEPING)).await;
+        if seed.draining.load(Ordering::Relaxed) || !seed.meta_known() {
+            continue;
+        }
+        let ids = seed.ranges.ids();
+        state.retain(|id, _| ids.contains(id));
+        for id in ids {
+            let hk = state.entry(id).or_default();
+            if let Err(e) = housekeep(&seed, id, hk).await {
+                tracing::info!(range = id, error = %e, "housekeeping not done");
+            }
+        }
+        for id in seed.ranges.failed_ids() {
+            if let Err(e) = rejoin_lost(&seed, id).await {
+                tracing::info!(range = id, error = %e, "lost replica not rejoined yet");
+            }
+        }
+    }
+}
+
+/// This node's replica of range `id` was lost (recorded in `Registry::failed`). Listed in meta
+/// as a voter: ask meta to demote it to a learner (the range's leader then takes it out of the
+/// cell, and only then out of meta, see [`reconcile_cell`]). Listed as a learner: wait for
+/// that. No longer listed: it is out of the cell; forget its raft state and dir, and let
+/// self-assignment claim a slot again as a learner.
+async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
+    let Some(range) = seed.read_meta(|s| view::range_by_id(s, id).ok().flatten()) else {
+        return Ok(());
+    };
+    match range.value.members.iter().find(|m| m.node == seed.id) {
+        Some(m) if m.role == MemberRole::VOTER => {
+            let txn =
+                ops::set_role(&range, seed.id, MemberRole::LEARNER).map_err(|e| e.to_string())?;
+            match seed.propose_anywhere(&txn).await {
+                Ok(r) if r.succeeded => tracing::info!(
+                    node = seed.id,
+                    range = id,
+                    "lost replica: asked meta to demote it (the range's leader takes it out)"
+                ),
+                Ok(_) => {}
+                Err(e) => return Err(format!("demote: {e:?}")),
+            }
+            Ok(())
+        }
+        Some(_) => Ok(()),
+        None => crate::ranges::forget_lost(seed, id).map_err(|e| e.to_string()),
+    }
+}
+
+/// Range `id` is registered here but its cell is gone (harpoon removed this node from it):
+/// once meta knows the range and no longer lists this node, drop the replica and its dir.
+/// Never while meta lists it (this node's view may lag, or it is being re-added).
+fn drop_if_removed(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
+    let listed = seed.read_meta(|s| {
+        view::range_by_id(s, id)
+            .ok()
+            .flatten()
+            .map(|r| r.value.members.iter().any(|m| m.node == seed.id))
+    });
+    if listed != Some(false) {
+        return Ok(());
+    }
+    crate::ranges::drop_removed(seed, id).map_err(|e| format!("delete range dir: {e}"))
+}
+
+/// Propose one range command (`cmd`, full keys) on `cell`, led here, and check its answer.
+async fn propose_command(
+    seed: &Arc<Seed>,
+    cell: CellId,
+    cmd: &proto::kvpb::Command,
+) -> Result<(), String> {
+    let data = crate::ranges::encode_entry(now_ms(), &collections::kv::cmd::encode(cmd));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reply = seed
+        .node
+        .propose_by(cell, data, deadline)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(b) = reply.response {
+        let r = proto::kvpb::Response::parse_from_carllerche_bytes(&b)
+            .map_err(|e| format!("reply: {e}"))?;
+        if r.has_error() {
+            return Err(format!("refused: {}", r.get_error().why));
+        }
+    }
+    Ok(())
+}
+
+async fn housekeep(seed: &Arc<Seed>, id: u64, hk: &mut Housekeeping) -> Result<(), String> {
+    let Some(local) = seed.ranges.get(id) else {
+        return Ok(());
+    };
+    let cell = CellId(id);
+    let st = match seed.node.status(cell).await {
+        Ok(st) => st,
+        Err(harpoon::Error::CellNotFound { .. }) => return drop_if_removed(seed, id),
+        Err(_) => return Ok(()),
+    };
+    if st.role != Role::Leader {
+        *hk = Housekeeping::default();
+        return Ok(());
+    }
+    if hk.term != st.term {
+        *hk = Housekeeping {
+            term: st.term,
+            ..Housekeeping::default()
+        };
+    }
+    let retention = seed.read_meta(|s| {
+        view::collections(s)
+            .unwrap_or_default()
+            .into_iter()
+            .find(|c| c.value.id == local.collection)
+            .map(|c| c.value.retention_secs)
+    });
+    let now = now_ms();
+    if local.reader.live_bytes() > 0 && hk.last_expire.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
+        hk.last_expire = Some(Instant::now());
+        propose_command(seed, cell, &collections::kv::cmd::expire(0))
+            .await
+            .map_err(|e| format!("expire: {e}"))?;
+    }
+    let retention_ms = match retention {
+        Some(r) if r > 0 => r.saturating_mul(1000),
+        _ => return Ok(()),
+    };
+    hk.ring.record(now, local.reader.revision());
+    if let Some(r) = hk.ring.due(now, retention_ms) {
+        hk.want = hk.want.max(r);
+    }
+    if hk.want > hk.compacted {
+        let to = hk.want;
+        propose_command(seed, cell, &collections::kv::cmd::compact(to))
+            .await
+            .map_err(|e| format!("compact to {to}: {e}"))?;
+        hk.compacted = to;
+        tracing::debug!(range = id, revision = to, "history compacted for retention");
+    }
+    Ok(())
 }
 
 /// How often a range's leader checks whether to split it.
@@ -464,7 +708,13 @@ async fn assign_ranges(seed: &Arc<Seed>) {
         .collect();
     let dead_after = seed.settings.dead_after.as_millis() as u64;
     let claim = placement::claimable(seed.id, &data, &records, now_ms(), dead_after);
-    let Some(target) = claim.first() else {
+    // Not a range held here, nor one whose lost replica is still being forgotten (its raft
+    // state would refuse the new replica again).
+    let Some(target) = claim.iter().find(|t| {
+        seed.ranges.get(t.id).is_none()
+            && seed.ranges.failed(t.id).is_none()
+            && !seed.ranges.claimed(t.id)
+    }) else {
         return;
     };
     let Some(range) = ranges.iter().find(|r| r.value.id == target.id) else {
@@ -600,8 +850,37 @@ async fn reconcile_once(seed: &Arc<Seed>, st: &harpoon::CellStatus) -> Result<()
         // Nothing is dead yet from this leader's point of view.
     } else {
         for r in &ranges {
-            for dead in placement::dead_members(&r.value, &records, now, dead_after) {
+            let dead_members = placement::dead_members(&r.value, &records, now, dead_after);
+            let live_voter = r
+                .value
+                .members
+                .iter()
+                .any(|m| m.role == MemberRole::VOTER && !dead_members.contains(&m.node));
+            for dead in dead_members {
                 if dead == seed.id {
+                    continue;
+                }
+                let voter = r
+                    .value
+                    .members
+                    .iter()
+                    .any(|m| m.node == dead && m.role == MemberRole::VOTER);
+                if voter && live_voter && r.value.id != META_RANGE {
+                    // A KV range's dead voter is demoted: the range's leader takes it out of
+                    // the cell, then out of meta (so "not listed" implies "not a voter").
+                    let txn =
+                        ops::set_role(r, dead, MemberRole::LEARNER).map_err(|e| e.to_string())?;
+                    let res = seed
+                        .propose_local(&txn)
+                        .await
+                        .map_err(|e| format!("{e:?}"))?;
+                    if res.succeeded {
+                        tracing::info!(range = r.value.id, node = dead, "demoted dead voter");
+                    }
+                    return Ok(());
+                }
+                if !voter && live_voter && r.value.id != META_RANGE {
+                    // A dead learner (or one demoted above): the range's leader takes it out.
                     continue;
                 }
                 let txn = ops::del_member(r, dead).map_err(|e| e.to_string())?;
@@ -643,6 +922,24 @@ async fn reconcile_cell(
     let deadline = Instant::now() + Duration::from_secs(5);
     let voters = &st.conf.voters;
     let learners = &st.conf.learners;
+    if cell != META_CELL && seed.started.elapsed() >= seed.settings.dead_after {
+        // Dead learners (meta's leader demotes dead voters to learners): out of the cell,
+        // then out of meta.
+        let records: Vec<_> = seed
+            .read_meta(|s| view::nodes(s).unwrap_or_default())
+            .into_iter()
+            .map(|n| n.value)
+            .collect();
+        let dead_after = seed.settings.dead_after.as_millis() as u64;
+        let dead = placement::dead_members(&range.value, &records, now_ms(), dead_after);
+        if let Some(m) =
+            range.value.members.iter().find(|m| {
+                m.role == MemberRole::LEARNER && m.node != seed.id && dead.contains(&m.node)
+            })
+        {
+            return take_out(seed, cell, range, m.node, voters, deadline).await;
+        }
+    }
     for m in range.value.members.iter() {
         let id = NodeId(m.node);
         if let Ok(a) = m.peer_addr.parse() {
@@ -670,6 +967,8 @@ async fn reconcile_cell(
                         .membership_changes
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(cell = cell.0, node = m.node, "promoted to voter");
+                    PROMOTED.lock().insert((seed.id, cell.0, m.node));
+                    return record_voter(seed, cell, range, m.node).await;
                 }
                 Err(harpoon::Error::NotCaughtUp { matched: 0, .. }) => {
                     // Still waiting for a first snapshot it can install: offer a fresh one.
@@ -680,11 +979,15 @@ async fn reconcile_cell(
             return Ok(());
         }
         if voters.contains(&m.node) && m.role == MemberRole::LEARNER {
-            let txn = ops::set_role(range, m.node, MemberRole::VOTER).map_err(|e| e.to_string())?;
-            seed.propose_anywhere(&txn)
-                .await
-                .map_err(|e| format!("{e:?}"))?;
-            return Ok(());
+            if cell == META_CELL || promoted_here(seed.id, cell, m.node) {
+                return record_voter(seed, cell, range, m.node).await;
+            }
+            // A KV range voter that meta lists as a learner and that this leader did not
+            // promote: the member asked to be demoted (its replica was lost), or an earlier
+            // leader promoted it and never recorded it. Take it out of the cell, then out of
+            // meta: a node meta no longer lists is out of the cell, so it may start over as
+            // an empty replica without ever being counted as a voter with an empty log.
+            return take_out(seed, cell, range, m.node, voters, deadline).await;
         }
     }
     let listed = |n: &u64| range.value.members.iter().any(|m| m.node == *n);
@@ -709,6 +1012,107 @@ async fn reconcile_cell(
     Ok(())
 }
 
+/// `(node, cell, member)`: members this process promoted as the cell's leader and has not
+/// recorded as voters in meta yet (a cell voter that meta lists as a learner is legitimate only
+/// here; anywhere else it is taken out of the cell, see [`reconcile_cell`]).
+static PROMOTED: parking_lot::Mutex<std::collections::BTreeSet<(u64, u64, u64)>> =
+    parking_lot::const_mutex(std::collections::BTreeSet::new());
+
+fn promoted_here(me: u64, cell: CellId, node: u64) -> bool {
+    PROMOTED.lock().contains(&(me, cell.0, node))
+}
+
+/// Record in meta that `node` is a voter of `range` (promoted in the cell).
+async fn record_voter(
+    seed: &Arc<Seed>,
+    cell: CellId,
+    range: &meta::Versioned<meta::RangeDescriptor>,
+    node: u64,
+) -> Result<(), String> {
+    let txn = ops::set_role(range, node, MemberRole::VOTER).map_err(|e| e.to_string())?;
+    let r = seed
+        .propose_anywhere(&txn)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    if r.succeeded {
+        PROMOTED.lock().remove(&(seed.id, cell.0, node));
+    }
+    Ok(())
+}
+
+/// Take `node` out of cell `cell` (this node leads it), then out of `range` in meta (the
+/// record is re-read and retried on a concurrent change). This leader itself hands its
+/// leadership over first.
+async fn take_out(
+    seed: &Arc<Seed>,
+    cell: CellId,
+    range: &meta::Versioned<meta::RangeDescriptor>,
+    node: u64,
+    voters: &[u64],
+    deadline: Instant,
+) -> Result<(), String> {
+    let listed = |n: &u64| range.value.members.iter().any(|m| m.node == *n);
+    if node == seed.id {
+        let others = voters
+            .iter()
+            .copied()
+            .find(|v| *v != seed.id && listed(v) && !listed_as_learner(range, *v));
+        if let Some(to) = others {
+            let _ = seed.node.transfer_leader(cell, NodeId(to), deadline).await;
+        }
+        return Ok(());
+    }
+    if voters.contains(&node) || cell_learner(seed, cell, node).await {
+        let r = seed.node.remove(cell, NodeId(node), deadline).await;
+        seed.counters
+            .membership_changes
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(cell = cell.0, node, result = ?r.as_ref().err(), "demoted member taken out of the cell");
+        r.map_err(|e| format!("remove {node} from the cell: {e}"))?;
+    }
+    let id = range.value.id;
+    let mut last = String::new();
+    for attempt in 0..5u64 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+        }
+        let Some(cur) = seed.read_meta(|s| view::range_by_id(s, id).ok().flatten()) else {
+            return Ok(());
+        };
+        if !cur.value.members.iter().any(|m| m.node == node) {
+            return Ok(());
+        }
+        let txn = ops::del_member(&cur, node).map_err(|e| e.to_string())?;
+        match seed.propose_anywhere(&txn).await {
+            Ok(r) if r.succeeded => {
+                tracing::info!(range = id, node, "member out of the cell, now out of meta");
+                return Ok(());
+            }
+            Ok(_) => last = "range record changed concurrently".into(),
+            Err(e) => last = format!("{e:?}"),
+        }
+    }
+    Err(format!(
+        "{node} out of cell {} but not out of meta: {last}",
+        cell.0
+    ))
+}
+
+fn listed_as_learner(range: &meta::Versioned<meta::RangeDescriptor>, node: u64) -> bool {
+    range
+        .value
+        .members
+        .iter()
+        .any(|m| m.node == node && m.role == MemberRole::LEARNER)
+}
+
+async fn cell_learner(seed: &Arc<Seed>, cell: CellId, node: u64) -> bool {
+    seed.node
+        .status(cell)
+        .await
+        .is_ok_and(|st| st.conf.learners.contains(&node))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,6 +1135,29 @@ mod tests {
         let mut v = c.prefix.to_vec();
         v.extend_from_slice(k);
         v
+    }
+
+    #[test]
+    fn revision_ring_compacts_what_is_older_than_the_retention() {
+        let mut r = RevisionRing::default();
+        assert_eq!(r.due(10_000, 1_000), None);
+        r.record(1_000, 5);
+        r.record(1_500, 5); // unchanged revision: the first time it was seen counts
+        r.record(2_000, 9);
+        r.record(3_000, 12);
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.due(2_999, 1_000), Some(5));
+        assert_eq!(r.due(3_000, 1_000), Some(9));
+        assert_eq!(r.due(3_500, 1_000), None);
+        assert_eq!(r.due(4_000, 1_000), Some(12));
+        assert!(r.is_empty());
+        // Full: thinned, never losing the newest sample.
+        for i in 0..(RING_SAMPLES as u64 * 3) {
+            r.record(10_000 + i, 100 + i);
+        }
+        assert!(r.len() <= RING_SAMPLES);
+        let newest = 100 + RING_SAMPLES as u64 * 3 - 1;
+        assert_eq!(r.due(u64::MAX / 2, 0), Some(newest));
     }
 
     #[test]

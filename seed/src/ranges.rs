@@ -35,11 +35,19 @@
 //!   current apply state as durable (the KvStore contract), so harpoon compacts freely; after
 //!   a restart the empty store is behind the log's first index and harpoon refuses the cell
 //!   (`NeedsSnapshot`): the replica is recorded as lost ([`Registry::failed`]) and the range
-//!   is served by its other members. Re-adding such a member needs a way to drop a cell's raft
-//!   state (or a fresh replica id): not done yet.
+//!   is served by its other members. It rejoins ([`crate::loops`], housekeeping): listed as a
+//!   voter, it asks meta to demote it to a learner; the range's leader takes such a voter out
+//!   of the cell, then out of meta; once meta no longer lists it, [`forget_lost`] destroys the
+//!   cell's raft state and the range dir, and self-assignment claims a slot again as a learner.
 //! - `logged`: the store's snapshot file `kv.snap`, written by `persist` (before every log
 //!   compaction and at shutdown); the raft log replays the rest.
-//! - `persistent`: the seglog data log of the store.
+//! - `persistent`: the seglog data log of the store, in [`RANGE_SEGMENT_SIZE`] (17 MiB)
+//!   segments rather than seglog's 64 MiB default: every segment is preallocated and a reopen
+//!   scans the active one, per range.
+//!
+//! A replica this node was removed from (harpoon destroyed its cell and raft log) is dropped
+//! with its dir once meta no longer lists this node ([`drop_removed`], from the housekeeping
+//! loop); a lost replica's raft state and dir are forgotten the same way ([`forget_lost`]).
 //!
 //! The apply state (applied index, commit point, encoded `ConfState` as `apply_meta`) is
 //! stored by the KvStore atomically with its data.
@@ -525,6 +533,13 @@ impl Registry {
         self.failed.lock().get(&id).cloned()
     }
 
+    /// Every range recorded as lost here, ascending.
+    pub fn failed_ids(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.failed.lock().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Claim range `id` for opening: false if it is held or being opened here.
     pub fn claim(&self, id: u64) -> bool {
         let mut h = self.held.lock();
@@ -657,6 +672,8 @@ pub enum OpenError {
     Cell(#[from] harpoon::Error),
     #[error("apply state: {0}")]
     State(#[from] StateMachineError),
+    #[error("raft log: {0}")]
+    Log(String),
 }
 
 /// The store configuration of range `m` held under `data_dir`; writes its `range.meta` first.
@@ -669,7 +686,21 @@ fn prepare_dir(data_dir: &Path, m: &RangeMeta) -> std::io::Result<KvConfig> {
         metapb::Persistence::LOGGED => Persistence::Logged { dir: kv_dir },
         metapb::Persistence::PERSISTENT => Persistence::Persistent { dir: kv_dir },
     };
-    Ok(KvConfig::with(persistence))
+    Ok(range_config(persistence))
+}
+
+/// Segment size of a range's data log (persistent mode): the smallest round size that holds
+/// seglog's 1 KiB segment header plus one record of the default `max_record_size` (16 MiB),
+/// instead of seglog's 64 MiB default. Every segment is preallocated in full, and a node holds
+/// one data log per range: smaller segments make creating and reopening many ranges cheaper.
+/// Existing segments keep the size they were created with.
+pub const RANGE_SEGMENT_SIZE: u64 = 17 << 20;
+
+/// The store configuration of a range held here, for `persistence`.
+pub fn range_config(persistence: Persistence) -> KvConfig {
+    let mut cfg = KvConfig::with(persistence);
+    cfg.seglog.segment_size = RANGE_SEGMENT_SIZE;
+    cfg
 }
 
 /// A daughter's store that holds exactly the split's image (a crash came before its
@@ -927,6 +958,73 @@ pub async fn reopen_all(seed: &Arc<Seed>) {
     }
 }
 
+/// Range `id`'s cell is gone here (harpoon removed this node from it and destroyed its raft
+/// log) and meta no longer lists this node (the caller checked): forget the replica and
+/// delete its dir.
+///
+/// # Errors
+/// The dir cannot be deleted (the registry entry is gone anyway; the dir is retried at the
+/// next start-up's cleanup only if meta still does not list this node).
+pub fn drop_removed(seed: &Seed, id: u64) -> std::io::Result<()> {
+    seed.ranges.remove(id);
+    delete_dir(&seed.dir(), id)?;
+    tracing::info!(
+        node = seed.id,
+        range = id,
+        "removed replica dropped: range dir deleted"
+    );
+    Ok(())
+}
+
+/// Delete range `id`'s dir: its `range.meta` first (durably), so a crash part way never
+/// reopens a half-deleted store.
+pub fn delete_dir(data_dir: &Path, id: u64) -> std::io::Result<()> {
+    let dir = range_dir(data_dir, id);
+    match std::fs::remove_file(meta_file(&dir)) {
+        Ok(()) => std::fs::File::open(&dir)?.sync_all()?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Forget this node's lost replica of range `id` (recorded in [`Registry::failed`]): its raft
+/// state in the node's log store (destroyed, then synced), its dir, and the failure record.
+/// Self-assignment may then claim a slot of the range again, as a learner filled by snapshot.
+///
+/// Only once meta no longer lists this node for the range (the caller checks): a lost voter
+/// first asks to be demoted in meta, and the range's leader takes it out of the cell before
+/// it takes it out of meta (see [`crate::loops`]), so an empty replica opened later is never
+/// counted as a voter of the old membership.
+///
+/// # Errors
+/// The log store or the dir cannot be changed (the failure record stays: retried).
+pub fn forget_lost(seed: &Seed, id: u64) -> Result<(), OpenError> {
+    if seed.ranges.get(id).is_some() || seed.ranges.claimed(id) {
+        return Ok(());
+    }
+    let log = seed.node.log();
+    log.destroy_cell(CellId(id))
+        .map_err(|e| OpenError::Log(e.to_string()))?;
+    log.sync().map_err(|e| OpenError::Log(e.to_string()))?;
+    delete_dir(&seed.dir(), id)?;
+    seed.ranges.failed.lock().remove(&id);
+    tracing::info!(
+        node = seed.id,
+        range = id,
+        "lost replica forgotten (raft state and dir): may rejoin as a learner"
+    );
+    Ok(())
+}
+
 /// At shutdown: hand the leadership of every range led here to another voter, and make
 /// every range's applied state durable (log compaction persists first).
 pub async fn flush_all(seed: &Arc<Seed>) {
@@ -948,6 +1046,55 @@ pub async fn flush_all(seed: &Arc<Seed>) {
 mod tests {
     use super::*;
     use collections::kv::Bounds;
+
+    #[test]
+    fn range_data_log_segments_are_small_and_valid() {
+        let cfg = range_config(Persistence::Memory);
+        assert_eq!(cfg.seglog.segment_size, RANGE_SEGMENT_SIZE);
+        assert!(cfg.seglog.segment_size < seglog::Config::DEFAULT_SEGMENT_SIZE);
+        cfg.seglog
+            .validate()
+            .expect("a record of max_record_size fits a segment");
+        assert!(u64::from(cfg.seglog.max_record_size) >= cfg.limits.max_command_bytes as u64);
+        // A persistent range opens with it and takes a command of the largest value.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = range_config(Persistence::Persistent {
+            dir: dir.path().join("kv"),
+        });
+        let big = vec![7u8; cfg.limits.max_value_bytes];
+        let mut store = KvStore::open(cfg).unwrap();
+        let cmd = collections::kv::cmd::encode(&collections::kv::cmd::put(b"k", &big, 0));
+        store.apply(1, 1, 1000, &cmd).unwrap();
+        store.persist().unwrap();
+        assert_eq!(store.segment_count(), 1);
+    }
+
+    #[test]
+    fn deleting_a_range_dir_removes_its_meta_and_store() {
+        let data = tempfile::tempdir().unwrap();
+        let m = RangeMeta {
+            range: 12,
+            collection: 3,
+            persistence: metapb::Persistence::PERSISTENT,
+            replication: metapb::ReplicationMode::CONSENSUS,
+            parent: 0,
+            split_index: 0,
+        };
+        let cfg = prepare_dir(data.path(), &m).unwrap();
+        let mut store = KvStore::open(cfg).unwrap();
+        let cmd = collections::kv::cmd::encode(&collections::kv::cmd::put(b"k", b"v", 0));
+        store.apply(1, 1, 1000, &cmd).unwrap();
+        store.persist().unwrap();
+        let other = RangeMeta { range: 13, ..m };
+        prepare_dir(data.path(), &other).unwrap();
+        assert!(meta_file(&range_dir(data.path(), 12)).exists());
+        delete_dir(data.path(), 12).unwrap();
+        assert!(!range_dir(data.path(), 12).exists());
+        // Idempotent, and the other range is untouched.
+        delete_dir(data.path(), 12).unwrap();
+        assert!(meta_file(&range_dir(data.path(), 13)).exists());
+        drop(store);
+    }
 
     #[test]
     fn range_meta_round_trip() {
