@@ -212,6 +212,7 @@ impl Node {
                 next_sync: 0,
                 unsynced: Default::default(),
                 views: views.clone(),
+                handled: 0,
             };
             let t = std::thread::Builder::new()
                 .name(format!("harpoon-{id}-s{i}"))

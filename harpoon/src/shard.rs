@@ -19,8 +19,8 @@
 //! Readies become durable in order: the IO thread serves sync requests in order (several
 //! queued requests are one sync), and a ready that needs no sync of its own but follows an
 //! unfinished ready of the same cell waits for that one. A memory log has no IO thread: its
-//! no-op sync runs inline; so does a sync of an idle shard (empty inbox, nothing in flight),
-//! which spares a lone writer two thread hand-offs.
+//! no-op sync runs inline; so does a sync of an idle shard (a round made of one or two
+//! commands, empty inbox, nothing in flight), which spares a lone writer two thread hand-offs.
 //!
 //! A RawNode never leaves its shard thread, so nothing raft-related is held across an await.
 
@@ -183,6 +183,8 @@ pub(crate) struct Shard {
     pub(crate) unsynced: VecDeque<(u64, Vec<(CellId, Unpersisted)>)>,
     /// Every cell's read view, shared with the node's API (lease reads outside the shard).
     pub(crate) views: Views,
+    /// Commands handled in the current iteration (inline sync only when it was one or two).
+    pub(crate) handled: usize,
 }
 
 /// The read views of a node's cells.
@@ -220,6 +222,7 @@ impl Shard {
                 }
                 n += 1;
             }
+            self.handled = n;
             let now = Instant::now();
             if now >= next_tick {
                 self.check_log();
@@ -702,10 +705,10 @@ impl Shard {
         }
         let mut late = Outbox::new();
         if must_sync {
-            // Idle (nothing queued, no sync in flight): sync inline, which saves the two
-            // thread hand-offs a lone writer would otherwise wait for. Under load, the IO
-            // thread syncs while the shard keeps going.
-            let idle = self.unsynced.is_empty() && self.rx.is_empty();
+            // Idle (this round came from one or two commands, nothing queued, no sync in
+            // flight): sync inline, which saves the two thread hand-offs a lone writer would
+            // otherwise wait for. Under load, the IO thread syncs while the shard goes on.
+            let idle = self.unsynced.is_empty() && self.rx.is_empty() && self.handled <= 2;
             match self.io.as_ref().filter(|_| !idle) {
                 Some(io) => {
                     let seq = self.next_sync;
