@@ -129,7 +129,12 @@ fn cas_reports_current_value_and_does_not_bump_revision_on_failure() {
 #[test]
 fn ttl_follows_the_entry_clock() {
     let mut s = mem();
+    assert_eq!(s.reader().next_expiry_ms(), None);
     apply(&mut s, 1_000, &cmd::put(b"t", b"v", 500));
+    apply(&mut s, 1_000, &cmd::put(b"later", b"v", 900));
+    apply(&mut s, 1_000, &cmd::put(b"never", b"v", 0));
+    // The leader proposes Expire once the earliest TTL is due.
+    assert_eq!(s.reader().next_expiry_ms(), Some(1_500));
     // Reads filter with the caller's clock.
     assert!(s.get(b"t", 1_499).expect("get").0.is_some());
     assert!(s.get(b"t", 1_500).expect("get").0.is_none());
@@ -141,6 +146,7 @@ fn ttl_follows_the_entry_clock() {
     let a = sub.try_recv().expect("event");
     assert_eq!(a.events.len(), 1);
     assert_eq!(a.events[0].kind, collections::kv::EventKind::Delete);
+    assert_eq!(s.reader().next_expiry_ms(), Some(1_900));
     // A clock that goes backwards (new leader) never revives anything: the entry clock is a max.
     apply(&mut s, 100, &cmd::put(b"u", b"v", 50));
     assert_eq!(

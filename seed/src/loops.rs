@@ -18,10 +18,10 @@
 //!   leader of a daughter that meta does not list records its split from the parent's record
 //!   while that still covers it (the parent's leader failed between apply and record).
 //! - **housekeeping** (on each KV range's leader, about every second, jittered):
-//!   - TTL expiry: the store exposes no cheap "earliest expiry" (its TTL index is private to
-//!     `collections`), so the leader proposes `Expire{now_ms: 0}` (the entry's own clock) every
-//!     [`EXPIRE_EVERY`] while the range holds live keys (`live_bytes > 0`). An `Expire` with
-//!     nothing due changes no revision: it costs one small log entry per range per interval.
+//!   - TTL expiry: once the earliest TTL of the range (`KvReader::next_expiry_ms`, constant
+//!     time) has passed by the leader's clock, the leader proposes `Expire{now_ms: 0}` (the
+//!     entry's own clock), at most once per [`EXPIRE_EVERY`]. Ranges without due TTLs propose
+//!     nothing.
 //!   - retention: the store cannot map time to revision, so the leader keeps a small ring of
 //!     `(leader clock, applied revision)` samples ([`RevisionRing`]), one per interval in which
 //!     the revision moved, and proposes `Compact{revision}` for the newest sample at least the
@@ -77,8 +77,8 @@ pub fn spawn_all(seed: &Arc<Seed>) -> JoinSet<()> {
 /// How often a range's leader does its housekeeping (expiry, retention).
 pub const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
-/// How often a range's leader proposes `Expire` while the range holds live keys.
-pub const EXPIRE_EVERY: Duration = Duration::from_secs(2);
+/// The least time between two `Expire` proposals of one range (only proposed once a TTL is due).
+pub const EXPIRE_EVERY: Duration = Duration::from_millis(500);
 
 /// Samples kept per range by [`RevisionRing`] (thinned, never the newest, when full).
 pub const RING_SAMPLES: usize = 1024;
@@ -146,6 +146,8 @@ struct Housekeeping {
     compacted: u64,
     want: u64,
     last_expire: Option<Instant>,
+    /// When this range's cell was first seen gone while meta lists this node.
+    missing_since: Option<Instant>,
 }
 
 async fn housekeeping(seed: Arc<Seed>) {
@@ -203,15 +205,33 @@ async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
 /// Range `id` is registered here but its cell is gone (harpoon removed this node from it):
 /// once meta knows the range and no longer lists this node, drop the replica and its dir.
 /// Never while meta lists it (this node's view may lag, or it is being re-added).
-fn drop_if_removed(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
+fn drop_if_removed(seed: &Arc<Seed>, id: u64, hk: &mut Housekeeping) -> Result<(), String> {
     let listed = seed.read_meta(|s| {
         view::range_by_id(s, id)
             .ok()
             .flatten()
             .map(|r| r.value.members.iter().any(|m| m.node == seed.id))
     });
-    if listed != Some(false) {
-        return Ok(());
+    match listed {
+        Some(false) => {}
+        // Harpoon destroys a cell only when it applies its own replica's removal, so the
+        // cell's membership no longer counts this node: a replica removed while its node was
+        // down, which claimed its slot again (as a learner) and then caught up to its removal.
+        // Its store is stale; drop it, and self-assignment opens an empty replica that the
+        // range's leader fills by snapshot. Seen twice a housekeeping interval apart, because a
+        // split's daughter is registered just before its cell is created.
+        Some(true) => {
+            let since = *hk.missing_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < HOUSEKEEPING {
+                return Ok(());
+            }
+            hk.missing_since = None;
+            tracing::info!(
+                range = id,
+                "cell removed while meta lists this node: reopening empty"
+            );
+        }
+        None => return Ok(()),
     }
     crate::ranges::drop_removed(seed, id).map_err(|e| format!("delete range dir: {e}"))
 }
@@ -246,7 +266,7 @@ async fn housekeep(seed: &Arc<Seed>, id: u64, hk: &mut Housekeeping) -> Result<(
     let cell = CellId(id);
     let st = match seed.node.status(cell).await {
         Ok(st) => st,
-        Err(harpoon::Error::CellNotFound { .. }) => return drop_if_removed(seed, id),
+        Err(harpoon::Error::CellNotFound { .. }) => return drop_if_removed(seed, id, hk),
         Err(_) => return Ok(()),
     };
     if st.role != Role::Leader {
@@ -267,7 +287,8 @@ async fn housekeep(seed: &Arc<Seed>, id: u64, hk: &mut Housekeeping) -> Result<(
             .map(|c| c.value.retention_secs)
     });
     let now = now_ms();
-    if local.reader.live_bytes() > 0 && hk.last_expire.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
+    let expiry_due = local.reader.next_expiry_ms().is_some_and(|t| t <= now);
+    if expiry_due && hk.last_expire.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
         hk.last_expire = Some(Instant::now());
         propose_command(seed, cell, &collections::kv::cmd::expire(0))
             .await
@@ -651,12 +672,13 @@ async fn heartbeat(seed: Arc<Seed>) {
 }
 
 async fn assign(seed: Arc<Seed>) {
+    let mut meta_missing: Option<Instant> = None;
     loop {
         tokio::time::sleep(jitter(seed.settings.heartbeat / 2)).await;
         if seed.draining.load(Ordering::Relaxed) || !seed.meta_known() {
             continue;
         }
-        assign_meta(&seed).await;
+        assign_meta(&seed, &mut meta_missing).await;
         assign_ranges(&seed).await;
     }
 }
@@ -708,13 +730,15 @@ async fn assign_ranges(seed: &Arc<Seed>) {
         .collect();
     let dead_after = seed.settings.dead_after.as_millis() as u64;
     let claim = placement::claimable(seed.id, &data, &records, now_ms(), dead_after);
-    // Not a range held here, nor one whose lost replica is still being forgotten (its raft
-    // state would refuse the new replica again).
-    let Some(target) = claim.iter().find(|t| {
-        seed.ranges.get(t.id).is_none()
-            && seed.ranges.failed(t.id).is_none()
-            && !seed.ranges.claimed(t.id)
-    }) else {
+    // Not one whose lost replica is still being forgotten (its raft state would refuse the
+    // new replica again), nor one being opened. A range held here that meta does not list is
+    // a replica removed while this node was down: it claims its slot again as a learner, and
+    // its stale cell catches up from the range's leader (or, applying its own removal, is
+    // destroyed, dropped by housekeeping and reopened empty).
+    let Some(target) = claim
+        .iter()
+        .find(|t| seed.ranges.failed(t.id).is_none() && !seed.ranges.claimed(t.id))
+    else {
         return;
     };
     let Some(range) = ranges.iter().find(|r| r.value.id == target.id) else {
@@ -749,7 +773,7 @@ async fn assign_ranges(seed: &Arc<Seed>) {
     }
 }
 
-async fn assign_meta(seed: &Arc<Seed>) {
+async fn assign_meta(seed: &Arc<Seed>, missing: &mut Option<Instant>) {
     let (range, nodes) = seed.read_meta(|s| {
         (
             view::range_by_id(s, META_RANGE).ok().flatten(),
@@ -759,6 +783,26 @@ async fn assign_meta(seed: &Arc<Seed>) {
     let Some(range) = range else { return };
     let me_member = range.value.members.iter().any(|m| m.node == seed.id);
     if me_member {
+        // A replica whose cell harpoon destroyed (it applied its own removal: the node was
+        // removed while down, claimed its slot again and caught up to the removal): drop the
+        // stale replica, seen gone twice (a replica is registered just before its cell is
+        // created), and open an empty one.
+        let gone = seed.replica().is_some()
+            && matches!(
+                seed.node.status(META_CELL).await,
+                Err(harpoon::Error::CellNotFound { .. })
+            );
+        if !gone {
+            *missing = None;
+        } else if missing.get_or_insert_with(Instant::now).elapsed() >= seed.settings.heartbeat / 2
+        {
+            *missing = None;
+            tracing::info!(
+                node = seed.id,
+                "meta cell removed while meta lists this node: reopening empty"
+            );
+            seed.forget_meta_replica();
+        }
         // Listed but no replica (e.g. it was lost): open an empty one to be filled.
         if seed.replica().is_none() {
             if let Err(e) = seed.open_meta_replica(&[]).await {

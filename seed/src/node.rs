@@ -139,6 +139,13 @@ impl Seed {
         self.replica.lock().clone()
     }
 
+    /// Forget the meta replica whose cell is gone (harpoon destroyed it when it applied this
+    /// node's removal): the next [`Seed::open_meta_replica`] starts an empty one.
+    pub fn forget_meta_replica(&self) {
+        *self.replica.lock() = None;
+        self.replica_led.store(false, Ordering::Relaxed);
+    }
+
     /// Create a fresh (empty) meta replica here, unless one exists; `voters` non-empty only
     /// for the bootstrap.
     pub async fn open_meta_replica(&self, voters: &[NodeId]) -> Result<(), HError> {

@@ -1,13 +1,15 @@
-//! Regression test for a bug the long-kill nemesis found (open, in seed's membership loops;
-//! `#[ignore]` until fixed): a node killed past `dead-after` is removed from meta's cell and
+//! Regression test for a bug the long-kill nemesis found (fixed in seed's loops): a node
+//! killed past `dead-after` is removed from meta's cell and
 //! from its ranges ("removed dead member", "removed from the cell" in the leaders' logs); when
 //! it comes back with the same data dir it reopens its old meta and range replicas ("meta
 //! replica restarted from the data dir", "range replica opened ... bootstrap=false") and is
 //! never added back: meta's cell and the range stay at 4 voters of 5 (observed for 120 s).
-//! Likely cause: no leader replicates to a removed member, so its local meta replica stops at
+//! Cause: no leader replicates to a removed member, so its local meta replica stops at
 //! the removal, and self-assignment (`assign_meta` / `assign_ranges` in seed's loops, reading
 //! that local view) sees it still a member and never claims a slot.
-//! Run it with `cargo test -p quiver-tests --test removed_node_rejoins_range -- --ignored`.
+//! Fix: self-assignment claims a slot of a range it still holds a stale replica of; the stale
+//! cell catches up from the leader, or applies its own removal and is destroyed, and then the
+//! replica (meta's or a range's) is dropped and reopened empty (`assign_meta`, `housekeep`).
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +17,6 @@ use quiver_tests::cluster::{fast_flags, wait_for};
 use quiver_tests::ready_cluster_with;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open bug: a node removed as dead is not added back when it returns"]
 async fn removed_node_rejoins_meta_and_the_range() {
     let mut flags = fast_flags();
     for (k, v) in flags.iter_mut() {

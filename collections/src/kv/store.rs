@@ -262,6 +262,12 @@ impl KvReader {
         self.shared.state.read().live_bytes
     }
 
+    /// The earliest TTL among live keys (entry clock, ms), if any key has one (constant time:
+    /// the first entry of the expiry index). The leader proposes `Expire` once it is due.
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        self.shared.state.read().expiry.first().map(|(t, _)| *t)
+    }
+
     /// Statistics for split decisions (walks the index for the middle key).
     pub fn range_stats(&self) -> RangeStats {
         self.shared.state.read().stats()
