@@ -18,7 +18,7 @@ pub enum ConfigError {
     ZeroHeartbeat,
     #[error("election_tick ({election}) must be > heartbeat_tick ({heartbeat})")]
     ElectionNotAboveHeartbeat { election: usize, heartbeat: usize },
-    #[error("lease_ticks ({lease}) must be < election_tick - 1 ({election} - 1)")]
+    #[error("lease_ticks ({lease}) must be < election_tick - 2 ({election} - 2)")]
     LeaseTooLong { lease: usize, election: usize },
     #[error("{field} must be > 0")]
     Zero { field: &'static str },
@@ -51,7 +51,11 @@ pub struct CellConfig {
     /// contact and could otherwise help elect a leader inside the old leader's lease).
     pub lease_reads: bool,
     /// Lease length in ticks, counted from the send time of a quorum-acknowledged round. Must be
-    /// below `election_tick - 1` (followers ignore votes for `election_tick` after a contact).
+    /// at most `election_tick - 3`: followers ignore votes for `election_tick` ticks after a
+    /// contact, but ticks are not evenly spaced (the tick loop can fire one late and the next
+    /// moments after it, so a follower may count two ticks in little more than one interval),
+    /// and the leader's clock and its followers' tick phases differ by up to one tick. The
+    /// three-tick margin covers both, plus the leader's own tick granularity.
     pub lease_ticks: usize,
     /// Compact a cell's log once it holds this many applied entries. Compacting first makes
     /// the state machine durable (`StateMachine::persist`), which for a `logged` KV store
@@ -97,7 +101,7 @@ impl CellConfig {
                 heartbeat: self.heartbeat_tick,
             });
         }
-        if self.lease_reads && self.lease_ticks + 1 >= self.election_tick {
+        if self.lease_reads && self.lease_ticks + 2 >= self.election_tick {
             return Err(ConfigError::LeaseTooLong {
                 lease: self.lease_ticks,
                 election: self.election_tick,
@@ -237,6 +241,21 @@ mod tests {
             Err(ConfigError::LeaseTooLong { .. })
         ));
         c.lease_reads = false;
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn lease_keeps_a_three_tick_margin() {
+        let mut c = CellConfig {
+            election_tick: 10,
+            lease_ticks: 8,
+            ..CellConfig::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::LeaseTooLong { .. })
+        ));
+        c.lease_ticks = 7;
         assert_eq!(c.validate(), Ok(()));
     }
 
