@@ -128,6 +128,9 @@ struct PendingRead {
 /// advanced it asynchronously), what may only happen once it is durable.
 pub(crate) struct Unpersisted {
     number: u64,
+    /// The generation of the replica that made the ready (see `Cell::generation`): a ready
+    /// of a removed or fenced replica must never be finished on a later one of the same id.
+    generation: u64,
     /// Messages that must wait for the sync (a follower's or candidate's).
     msgs: Vec<Message>,
     /// Async-mode callers whose entries this ready carries: `(index, term, caller)`.
@@ -214,6 +217,9 @@ pub(crate) struct Cell {
     pub(crate) opened: Instant,
     /// Published for lease reads outside the shard (see [`ReadView`]).
     pub(crate) view: SharedView,
+    /// Which incarnation of this cell id on the shard this replica is (set by the shard from
+    /// a counter when it opens the replica); carried by its unpersisted readies.
+    pub(crate) generation: u64,
 }
 
 fn role_leader(raw: &RawNode<CellStorage>) -> bool {
@@ -401,6 +407,7 @@ impl Cell {
             removed: false,
             opened: Instant::now(),
             view: SharedView::default(),
+            generation: 0,
         })
     }
 
@@ -826,6 +833,7 @@ impl Cell {
         *must_sync |= rd.must_sync();
         let u = Unpersisted {
             number: rd.number(),
+            generation: self.generation,
             // Follower/candidate messages (append responses, votes) wait for the sync.
             msgs: rd.take_persisted_messages(),
             // Async mode: every proposal made before this ready has its entry in it.
@@ -847,7 +855,9 @@ impl Cell {
     /// persisted. What that releases (a commit, committed entries, messages) comes out of the
     /// cell's next ready, so the driver touches the cell again.
     pub(crate) fn ready_persisted(&mut self, u: Unpersisted, late: &mut Outbox) {
-        let Unpersisted { number, msgs, acks } = u;
+        let Unpersisted {
+            number, msgs, acks, ..
+        } = u;
         // 6. Follower/candidate messages (append responses, votes) only now that entries and
         //    hard state are durable: acknowledging an entry promises it survives a crash.
         self.envelopes(msgs, late);
@@ -879,7 +889,8 @@ impl Cell {
         // 7. Raft's persisted index moves (it checks the log holds each entry with its term,
         //    so entries a later ready replaced are not counted).
         self.raw.on_persist_ready(number);
-        self.inflight -= 1;
+        debug_assert!(self.inflight > 0, "a ready finished twice");
+        self.inflight = self.inflight.saturating_sub(1);
         self.advance_applied();
     }
 
@@ -899,6 +910,11 @@ impl Cell {
 }
 
 impl Unpersisted {
+    /// The generation of the replica that made this ready.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The ready will never be finished (node stopping or poisoned, cell fenced): its
     /// async-mode callers get `err`.
     pub(crate) fn fail(self, err: &Error) {

@@ -174,23 +174,38 @@ impl Node {
             reason: e.to_string(),
         })?;
         let views = Views::default();
-        let mut threads = Vec::new();
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        // A shard or IO thread that cannot be spawned stops the ones already running.
+        let abort = |threads: Vec<JoinHandle<()>>, e: Error| {
+            for s in &router.shards {
+                let _ = s.send(Command::Shutdown);
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+            e
+        };
         for (i, rx) in receivers.into_iter().enumerate() {
             let io = if log.is_memory() {
                 None
             } else {
                 let inbox = router.shards[i].clone();
-                Some(
-                    crate::shard::Io::start(
-                        format!("harpoon-{id}-io{i}"),
-                        log.clone(),
-                        inbox,
-                        metrics.clone(),
-                    )
-                    .map_err(|e| Error::Poisoned {
-                        reason: format!("spawning IO thread: {e}"),
-                    })?,
-                )
+                match crate::shard::Io::start(
+                    format!("harpoon-{id}-io{i}"),
+                    log.clone(),
+                    inbox,
+                    metrics.clone(),
+                ) {
+                    Ok(io) => Some(io),
+                    Err(e) => {
+                        return Err(abort(
+                            threads,
+                            Error::Poisoned {
+                                reason: format!("spawning IO thread: {e}"),
+                            },
+                        ))
+                    }
+                }
             };
             let shard = Shard {
                 node: id,
@@ -213,14 +228,23 @@ impl Node {
                 unsynced: Default::default(),
                 views: views.clone(),
                 handled: 0,
+                next_generation: 0,
             };
-            let t = std::thread::Builder::new()
+            // A failed spawn drops the shard, and with it its IO thread (`Io` stops on drop).
+            match std::thread::Builder::new()
                 .name(format!("harpoon-{id}-s{i}"))
                 .spawn(move || shard.run())
-                .map_err(|e| Error::Poisoned {
-                    reason: format!("spawning shard thread: {e}"),
-                })?;
-            threads.push(t);
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    return Err(abort(
+                        threads,
+                        Error::Poisoned {
+                            reason: format!("spawning shard thread: {e}"),
+                        },
+                    ))
+                }
+            }
         }
         Ok(Node {
             id,

@@ -22,6 +22,13 @@
 //! no-op sync runs inline; so does a sync of an idle shard (a round made of one or two
 //! commands, empty inbox, nothing in flight), which spares a lone writer two thread hand-offs.
 //!
+//! A parked ready belongs to one replica, not to a cell id: every replica the shard opens gets
+//! a new generation, and a ready is finished only on the replica of its generation. Removing,
+//! fencing or re-creating a cell fails its parked readies (a ready of a removed replica
+//! finished on its successor would count the successor's unsynced entries as persisted).
+//! A panic in the IO thread is reported as a failed sync, which poisons the node, so parked
+//! readies never wait forever.
+//!
 //! A RawNode never leaves its shard thread, so nothing raft-related is held across an await.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -43,7 +50,7 @@ use crate::error::{Error, Result};
 use crate::membership::MembershipChange;
 use crate::metrics::Metrics;
 use crate::state_machine::StateMachine;
-use crate::storage::{LogStore, StorageError, WriteBatch};
+use crate::storage::{LogStore, WriteBatch};
 use crate::transport::{Envelope, SnapshotStatus, Transport};
 use crate::{CellFactory, Tx};
 
@@ -96,10 +103,11 @@ pub(crate) enum Command {
         cell: CellId,
         tx: Tx<CellStatus>,
     },
-    /// From the shard's IO thread: every sync request up to `seq` is durable (or failed).
+    /// From the shard's IO thread: every sync request up to `seq` is durable (or failed:
+    /// a storage error, or `Error::Poisoned` when the IO thread panicked and stopped).
     Synced {
         seq: u64,
-        result: std::result::Result<(), StorageError>,
+        result: Result<()>,
     },
     Shutdown,
 }
@@ -125,15 +133,38 @@ impl Io {
                 while let Ok(more) = rx.try_recv() {
                     seq = more;
                 }
-                let t0 = Instant::now();
-                let result = log.sync();
-                if result.is_ok() {
-                    metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
-                    metrics
-                        .log_sync_micros
-                        .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                }
-                if inbox.send(Command::Synced { seq, result }).is_err() {
+                // A panic in the sync must not end this thread silently: the shard would wait
+                // forever on the readies it parked. Report it as a failed sync and stop.
+                let synced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let t0 = Instant::now();
+                    let result = log.sync();
+                    if result.is_ok() {
+                        metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
+                        metrics
+                            .log_sync_micros
+                            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    }
+                    result
+                }));
+                let (result, panicked) = match synced {
+                    Ok(r) => (
+                        r.map_err(|e| Error::Storage {
+                            cell: None,
+                            source: Arc::new(e),
+                        }),
+                        false,
+                    ),
+                    Err(payload) => (
+                        Err(Error::Poisoned {
+                            reason: format!(
+                                "the shard's IO thread panicked in a log sync: {}",
+                                panic_reason(&payload)
+                            ),
+                        }),
+                        true,
+                    ),
+                };
+                if inbox.send(Command::Synced { seq, result }).is_err() || panicked {
                     break;
                 }
             }
@@ -144,13 +175,19 @@ impl Io {
         })
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         // Closing the request channel ends the thread after its current sync.
         let (dead, _) = crossbeam_channel::unbounded();
         drop(std::mem::replace(&mut self.tx, dead));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for Io {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -185,10 +222,21 @@ pub(crate) struct Shard {
     pub(crate) views: Views,
     /// Commands handled in the current iteration (inline sync only when it was one or two).
     pub(crate) handled: usize,
+    /// Generation of the next replica this shard opens (see `Cell::generation`).
+    pub(crate) next_generation: u64,
 }
 
 /// The read views of a node's cells.
 pub(crate) type Views = Arc<RwLock<HashMap<CellId, SharedView>>>;
+
+/// The message of a caught panic.
+fn panic_reason(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
 
 fn is_initial(m: &raft::eraftpb::Message) -> bool {
     matches!(
@@ -286,11 +334,7 @@ impl Shard {
         match r {
             Ok(r) => Some(r),
             Err(payload) => {
-                let reason = payload
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "panic in raft".to_string());
+                let reason = panic_reason(&payload);
                 self.fence(
                     id,
                     format!("raft failed on this replica's storage: {reason}"),
@@ -309,14 +353,30 @@ impl Shard {
         }
         tracing::error!(node = %self.node, cell = %id, %reason, "replica fenced");
         self.views.write().remove(&id);
+        let err = Error::Fenced {
+            cell: id,
+            reason: reason.clone(),
+        };
+        self.drop_unsynced(id, &err);
         if let Some(mut c) = self.cells.remove(&id) {
-            c.fail_all(&Error::Fenced {
-                cell: id,
-                reason: reason.clone(),
-            });
+            c.fail_all(&err);
         }
         self.touched.remove(&id);
         self.fenced.insert(id, reason);
+    }
+
+    /// Takes the parked readies of cell `id` out of `unsynced` and fails them: the replica
+    /// that made them is gone, and they must never be finished on a later one of that id.
+    fn drop_unsynced(&mut self, id: CellId, err: &Error) {
+        for (_, readies) in self.unsynced.iter_mut() {
+            let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(readies)
+                .into_iter()
+                .partition(|(c, _)| *c == id);
+            *readies = kept;
+            for (_, u) in gone {
+                u.fail(err);
+            }
+        }
     }
 
     fn poisoned(&self) -> Option<Error> {
@@ -455,10 +515,8 @@ impl Shard {
             }
             Command::Synced { seq, result } => match result {
                 Ok(()) => self.synced(seq),
-                Err(e) => self.poison_with(&Error::Storage {
-                    cell: None,
-                    source: Arc::new(e),
-                }),
+                // The log's durability is unknown from here on: fail everything waiting.
+                Err(e) => self.poison_with(&e),
             },
             Command::Shutdown => return true,
         }
@@ -480,8 +538,13 @@ impl Shard {
     /// persist released comes out in the next round.
     fn finish(&mut self, readies: Vec<(CellId, Unpersisted)>, late: &mut Outbox) {
         for (id, u) in readies {
-            if !self.cells.contains_key(&id) {
-                // Fenced or removed meanwhile.
+            let same = self
+                .cells
+                .get(&id)
+                .is_some_and(|c| c.generation == u.generation());
+            if !same {
+                // Fenced or removed meanwhile, maybe re-created since: the ready belongs to
+                // a replica that no longer exists.
                 u.fail(&Error::CellNotFound { cell: id });
                 continue;
             }
@@ -508,7 +571,9 @@ impl Shard {
         }
         // Re-creating a fenced cell (re-seeding it) lifts the fence.
         self.fenced.remove(&cell);
-        let c = Cell::open(
+        // Readies of an earlier replica of this id must not finish on the new one.
+        self.drop_unsynced(cell, &Error::CellNotFound { cell });
+        let mut c = Cell::open(
             cell,
             self.node,
             self.cfg.clone(),
@@ -519,6 +584,8 @@ impl Shard {
             voters,
             learners,
         )?;
+        c.generation = self.next_generation;
+        self.next_generation += 1;
         self.views.write().insert(cell, c.view.clone());
         self.cells.insert(cell, c);
         self.touched.insert(cell);
@@ -765,6 +832,7 @@ impl Shard {
         }
         for id in removed {
             self.views.write().remove(&id);
+            self.drop_unsynced(id, &Error::CellNotFound { cell: id });
             if let Some(mut c) = self.cells.remove(&id) {
                 c.fail_all(&Error::CellNotFound { cell: id });
                 if let Err(e) = self.log.destroy_cell(id) {
@@ -778,3 +846,125 @@ impl Shard {
 
 /// Default wait for API calls without an explicit deadline.
 pub(crate) const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::LogStateMachine;
+
+    struct Null;
+    impl Transport for Null {
+        fn send(&self, _: NodeId, _: Vec<Envelope>) {}
+    }
+
+    fn shard() -> (Shard, Sender<Command>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let cfg = Arc::new(NodeConfig::default());
+        let s = Shard {
+            node: NodeId(1),
+            cfg: cfg.clone(),
+            log: LogStore::in_memory(),
+            transport: Arc::new(Null),
+            rx,
+            metrics: Arc::new(Metrics::default()),
+            poison: Arc::new(Mutex::new(None)),
+            factory: Arc::new(RwLock::new(None)),
+            cells: HashMap::new(),
+            fenced: HashMap::new(),
+            index: 0,
+            gc_pins: Arc::new(Mutex::new(HashSet::new())),
+            next_log_gc: Instant::now() + cfg.log_gc_interval,
+            touched: HashSet::new(),
+            pending: WriteBatch::default(),
+            io: None,
+            next_sync: 0,
+            unsynced: VecDeque::new(),
+            views: Views::default(),
+            handled: 0,
+            next_generation: 0,
+        };
+        (s, tx)
+    }
+
+    /// Opens `id` as the single voter and ticks it into an election: its first ready (the
+    /// new term's hard state and empty entry) must be synced. The ready is parked in
+    /// `unsynced` as sync request `seq`, as the IO thread path does.
+    fn park_first_ready(s: &mut Shard, id: CellId, seq: u64) {
+        let (sm, _) = LogStateMachine::in_memory();
+        s.create(
+            id,
+            &[NodeId(1)],
+            &[],
+            ReplicationMode::Consensus,
+            Box::new(sm),
+        )
+        .expect("create");
+        let c = s.cells.get_mut(&id).expect("cell");
+        let now = Instant::now();
+        for _ in 0..2 * s.cfg.cell.election_tick {
+            c.tick(now);
+        }
+        let mut wb = WriteBatch::default();
+        let mut early = Outbox::new();
+        let mut must_sync = false;
+        let u = c
+            .ready_append(&mut wb, &mut early, &mut must_sync)
+            .expect("ready")
+            .expect("a ready after the election");
+        assert!(must_sync, "a new term must be synced");
+        assert_eq!(c.inflight(), 1);
+        s.log.write_fencing(wb).expect("write");
+        s.unsynced.push_back((seq, vec![(id, u)]));
+        s.next_sync = seq + 1;
+    }
+
+    /// A replica fenced while its ready waits for a sync, then re-created before the sync
+    /// returns: the old ready must not be finished on the new replica (its persisted index
+    /// would move over entries that are not durable, and its inflight count would drop).
+    #[test]
+    fn ready_of_a_replaced_replica_is_not_finished_on_the_new_one() {
+        let (mut s, _tx) = shard();
+        let id = CellId(7);
+        park_first_ready(&mut s, id, 0);
+        s.fence(id, "test".into());
+        assert!(!s.cells.contains_key(&id));
+        // Re-seeded from scratch (as a removed replica's log is destroyed).
+        s.log.destroy_cell(id).expect("destroy");
+        park_first_ready(&mut s, id, 1);
+        let gen = s.cells[&id].generation;
+        // The old replica's sync returns.
+        s.synced(0);
+        let c = s.cells.get(&id).expect("the new replica is still served");
+        assert_eq!(c.generation, gen);
+        assert_eq!(
+            c.inflight(),
+            1,
+            "the new replica's own ready is still waiting for its sync"
+        );
+        // Its own sync finishes it.
+        s.synced(1);
+        assert_eq!(s.cells[&id].inflight(), 0);
+        assert!(s.unsynced.is_empty());
+        assert!(!s.fenced.contains_key(&id));
+    }
+
+    /// Same with the generation check alone: an old ready that is still parked (as if the
+    /// replica was replaced without going through `fence`) is failed, not finished.
+    #[test]
+    fn finish_checks_the_generation() {
+        let (mut s, _tx) = shard();
+        let id = CellId(8);
+        park_first_ready(&mut s, id, 0);
+        let (_, old) = s.unsynced.pop_front().expect("parked");
+        // Replace the replica behind the shard's back.
+        s.views.write().remove(&id);
+        s.cells.remove(&id);
+        s.log.destroy_cell(id).expect("destroy");
+        park_first_ready(&mut s, id, 1);
+        let mut late = Outbox::new();
+        s.finish(old, &mut late);
+        assert_eq!(s.cells[&id].inflight(), 1, "old ready was dropped");
+        s.synced(1);
+        assert_eq!(s.cells[&id].inflight(), 0);
+    }
+}
