@@ -204,6 +204,10 @@ pub(crate) struct Cell {
     next_read_id: u64,
     /// Leader lease: valid in `term` until the instant.
     lease: Option<(u64, Instant)>,
+    /// The last term in which a leadership transfer was under way. Lease reads stay off for
+    /// the rest of that term even if raft aborts the transfer: a late MsgTimeoutNow makes
+    /// the target campaign with CAMPAIGN_TRANSFER, which followers grant inside our lease.
+    transfer_term: Option<u64>,
     membership: Option<MembershipOp>,
     transfer: Option<(NodeId, Instant, Tx<()>)>,
     conf: ConfState,
@@ -399,6 +403,7 @@ impl Cell {
             read_waits: Vec::new(),
             next_read_id: 1,
             lease: None,
+            transfer_term: None,
             membership: None,
             transfer: None,
             conf: st.conf_state,
@@ -416,9 +421,11 @@ impl Cell {
         // Errors here are stale or foreign messages (e.g. from a removed peer): raft already
         // ignored them, and the sender retransmits if it matters.
         let _ = self.raw.step(msg);
-        if self
-            .lease
-            .is_some_and(|(t, _)| t != self.raw.raft.term || !role_leader(&self.raw))
+        let transferring = self.note_transfer();
+        if transferring
+            || self
+                .lease
+                .is_some_and(|(t, _)| t != self.raw.raft.term || !role_leader(&self.raw))
         {
             self.lease = None;
             self.publish();
@@ -441,6 +448,7 @@ impl Cell {
 
     pub(crate) fn tick(&mut self, now: Instant) {
         self.raw.tick();
+        let _ = self.note_transfer();
         if self.raw.raft.lead_transferee.is_some() || !role_leader(&self.raw) {
             self.lease = None;
         }
@@ -606,13 +614,26 @@ impl Cell {
         self.read_index(Some(tx), deadline, now);
     }
 
+    /// Remembers the term of a transfer under way (raft starts one on our API call or on a
+    /// follower's forwarded MsgTransferLeader), see `transfer_term`; returns whether one is
+    /// under way.
+    fn note_transfer(&mut self) -> bool {
+        if self.raw.raft.lead_transferee.is_some() {
+            self.transfer_term = Some(self.raw.raft.term);
+            self.lease = None;
+            return true;
+        }
+        false
+    }
+
     fn lease_valid(&self, now: Instant) -> Option<Instant> {
         match self.lease {
             Some((term, until))
                 if self.cfg.cell.lease_reads
                     && term == self.raw.raft.term
                     && now < until
-                    && self.raw.raft.lead_transferee.is_none() =>
+                    && self.raw.raft.lead_transferee.is_none()
+                    && self.transfer_term != Some(term) =>
             {
                 Some(until)
             }
@@ -704,6 +725,7 @@ impl Cell {
         }
         // The lease is suspect from now on: the target may win an election at once.
         self.lease = None;
+        self.transfer_term = Some(self.raw.raft.term);
         self.publish();
         self.raw.transfer_leader(to.get());
         if let Some((_, _, old)) = self.transfer.replace((to, deadline, tx)) {
@@ -781,6 +803,7 @@ impl Cell {
         if !self.has_ready() {
             return Ok(None);
         }
+        let _ = self.note_transfer();
         let mut rd = self.raw.ready();
         // 1. Leader messages go out before our own fsync (thesis §10.2.1): replication and
         //    the local write overlap. Only a leader's messages are in `messages()`.
@@ -808,7 +831,11 @@ impl Cell {
             };
             // A quorum acknowledged a round sent at `p.issued` in `p.term`: no other leader
             // can be elected before `issued + election timeout`; the lease is shorter.
-            if role_leader(&self.raw) && p.term == self.raw.raft.term && self.cfg.cell.lease_reads {
+            if role_leader(&self.raw)
+                && p.term == self.raw.raft.term
+                && self.cfg.cell.lease_reads
+                && self.transfer_term != Some(p.term)
+            {
                 let until = p.issued + self.cfg.lease();
                 if self.lease.is_none_or(|(t, u)| t != p.term || u < until) {
                     self.lease = Some((p.term, until));
