@@ -127,6 +127,16 @@ impl Io {
         inbox: Sender<Command>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Io> {
+        Io::start_with(name, move || log.sync(), inbox, metrics)
+    }
+
+    /// [`Io::start`] with the sync given as a function (tests inject failing ones).
+    fn start_with(
+        name: String,
+        sync: impl Fn() -> std::result::Result<(), crate::storage::StorageError> + Send + 'static,
+        inbox: Sender<Command>,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<Io> {
         let (tx, rx) = crossbeam_channel::unbounded::<u64>();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             while let Ok(mut seq) = rx.recv() {
@@ -137,7 +147,7 @@ impl Io {
                 // forever on the readies it parked. Report it as a failed sync and stop.
                 let synced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let t0 = Instant::now();
-                    let result = log.sync();
+                    let result = sync();
                     if result.is_ok() {
                         metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
                         metrics
@@ -946,6 +956,46 @@ mod tests {
         assert_eq!(s.cells[&id].inflight(), 0);
         assert!(s.unsynced.is_empty());
         assert!(!s.fenced.contains_key(&id));
+    }
+
+    /// A panic in the IO thread's sync is reported to the shard as a failed sync (the shard
+    /// then poisons the node and fails the parked readies) and ends the thread.
+    #[test]
+    fn io_thread_reports_a_panicking_sync() {
+        let (inbox, rx) = crossbeam_channel::unbounded();
+        let mut io = Io::start_with(
+            "io-test".into(),
+            || panic!("disk on fire"),
+            inbox,
+            Arc::new(Metrics::default()),
+        )
+        .expect("spawn");
+        io.tx.send(3).expect("request");
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Command::Synced {
+                seq: 3,
+                result: Err(Error::Poisoned { reason }),
+            }) => assert!(reason.contains("disk on fire"), "{reason}"),
+            Ok(_) => panic!("expected a failed sync of request 3"),
+            Err(e) => panic!("no report from the IO thread: {e}"),
+        }
+        // The thread ended: a later request is never answered, and stop() joins at once.
+        let _ = io.tx.send(4);
+        io.stop();
+        assert!(rx.try_recv().is_err());
+
+        // The shard fails what was parked and poisons the node.
+        let (mut s, _tx) = shard();
+        park_first_ready(&mut s, CellId(9), 0);
+        let stop = s.handle(Command::Synced {
+            seq: 0,
+            result: Err(Error::Poisoned {
+                reason: "the shard's IO thread panicked".into(),
+            }),
+        });
+        assert!(!stop);
+        assert!(s.unsynced.is_empty());
+        assert!(s.poisoned().is_some());
     }
 
     /// Same with the generation check alone: an old ready that is still parked (as if the
