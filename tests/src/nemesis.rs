@@ -38,6 +38,9 @@ pub enum Fault {
     /// see [`Cluster::range_leader`]) from every other node, both ways; meta's leader when the
     /// workload has no collection.
     IsolateRangeLeader,
+    /// kill -9 the current leader of the workload collection's range (found like
+    /// [`Fault::IsolateRangeLeader`]; meta's leader without a collection), restart it at heal.
+    KillRangeLeader,
     /// Node index `node` cannot send to the others (`outbound`) or cannot hear them.
     OneWay { node: usize, outbound: bool },
     /// Every link delayed.
@@ -57,6 +60,7 @@ impl Fault {
             Fault::Bridge { .. } => "partition-bridge",
             Fault::IsolateLeader => "partition-isolate-leader",
             Fault::IsolateRangeLeader => "partition-isolate-range-leader",
+            Fault::KillRangeLeader => "kill-range-leader",
             Fault::OneWay { .. } => "partition-one-way",
             Fault::Delay { .. } => "delay",
             Fault::Loss { .. } => "loss",
@@ -74,7 +78,7 @@ pub struct Planned {
 }
 
 /// Fault kinds a schedule covers (each `rounds` times), long kills aside.
-pub const KINDS: u8 = 9;
+pub const KINDS: u8 = 10;
 
 /// A seeded list of faults.
 #[derive(Debug, Clone)]
@@ -117,6 +121,7 @@ impl Schedule {
                         outbound: rng.gen(),
                     },
                     8 => Fault::IsolateRangeLeader,
+                    9 => Fault::KillRangeLeader,
                     6 => Fault::Delay {
                         fixed_ms: rng.gen_range(20..120),
                         jitter_ms: rng.gen_range(0..80),
@@ -257,20 +262,18 @@ pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> 
                 None => "partition isolate leader: no leader known, nothing done".into(),
             }
         }
+        Fault::KillRangeLeader => match range_leader(c, collection).await {
+            Some((li, what)) => {
+                c.kill(li);
+                format!(
+                    "kill -9 the leader of {what}: node {li} (id {})",
+                    c.nodes[li].id
+                )
+            }
+            None => "kill range leader: no leader found, nothing done".into(),
+        },
         Fault::IsolateRangeLeader => {
-            let found = match collection {
-                Some(name) => c
-                    .range_leader(name, b"k0")
-                    .await
-                    .map(|(li, range)| (li, format!("range {range} of {name:?}"))),
-                None => {
-                    let cl = c.client(Duration::from_secs(1));
-                    Cluster::meta_leader(&cl)
-                        .await
-                        .and_then(|l| c.index_of(l))
-                        .map(|li| (li, "meta (no collection)".to_string()))
-                }
-            };
+            let found = range_leader(c, collection).await;
             match found {
                 Some((li, what)) => {
                     isolate(c, li, &mut rules);
@@ -318,6 +321,24 @@ pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> 
         c.proxy.set_all(rules);
     }
     what
+}
+
+/// The node index leading the workload collection's range holding `k0` (meta's leader without
+/// a collection), with a description.
+async fn range_leader(c: &Cluster, collection: Option<&str>) -> Option<(usize, String)> {
+    match collection {
+        Some(name) => c
+            .range_leader(name, b"k0")
+            .await
+            .map(|(li, range)| (li, format!("range {range} of {name:?}"))),
+        None => {
+            let cl = c.client(Duration::from_secs(1));
+            Cluster::meta_leader(&cl)
+                .await
+                .and_then(|l| c.index_of(l))
+                .map(|li| (li, "meta (no collection)".to_string()))
+        }
+    }
 }
 
 fn every_link(c: &Cluster, rule: Rule, rules: &mut HashMap<(u64, u64), Rule>) {
