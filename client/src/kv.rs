@@ -566,10 +566,25 @@ pub const MAX_UNKNOWN_RETRIES: u32 = 16;
 /// of it), so a node that stopped answering is left in time to try another.
 pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Seqs one client id may span: a write is begun under the current client id only while the
+/// lowest seq still open is fewer than this below it. It must not exceed the replies a range
+/// remembers per client (`collections::kv::dedup::WINDOW`, 64): a range then never evicts a
+/// reply by count, so its floor never passes a seq still in flight (which would answer a first
+/// send `REQUEST_EXPIRED`).
+pub const ID_WINDOW: u64 = 64;
+
 /// Request ids of one client: a random client id and a sequence per write, with the writes
 /// still waiting for an answer (their lowest is the `first_incomplete` sent with every id).
+/// When the open seqs would span more than [`ID_WINDOW`] (many writes in flight, or one
+/// write retried for long), later writes start a fresh client id instead of waiting.
 #[derive(Debug)]
 pub(crate) struct RequestIds {
+    current: Mutex<Arc<IdSpace>>,
+}
+
+/// One client id and its seqs.
+#[derive(Debug)]
+pub(crate) struct IdSpace {
     client: u64,
     state: Mutex<IdState>,
 }
@@ -580,35 +595,51 @@ struct IdState {
     open: std::collections::BTreeSet<u64>,
 }
 
-impl RequestIds {
-    pub(crate) fn new() -> Self {
+impl IdSpace {
+    fn new() -> Arc<Self> {
         let mut client = 0;
         while client == 0 {
             client = rand::random::<u64>();
         }
-        RequestIds {
+        Arc::new(IdSpace {
             client,
             state: Mutex::new(IdState {
                 next: 1,
                 open: Default::default(),
             }),
+        })
+    }
+}
+
+impl RequestIds {
+    pub(crate) fn new() -> Self {
+        RequestIds {
+            current: Mutex::new(IdSpace::new()),
         }
     }
 
-    /// The client id.
+    /// The current client id.
     pub(crate) fn client(&self) -> u64 {
-        self.client
+        self.current.lock().client
     }
 
     /// A new seq, open until the ticket is dropped.
-    pub(crate) fn begin(self: &Arc<Self>) -> Ticket {
-        let mut st = self.state.lock();
-        let seq = st.next;
-        st.next += 1;
-        st.open.insert(seq);
-        Ticket {
-            ids: self.clone(),
-            seq,
+    pub(crate) fn begin(&self) -> Ticket {
+        let mut current = self.current.lock();
+        loop {
+            let space = current.clone();
+            let mut st = space.state.lock();
+            let seq = st.next;
+            let lowest = st.open.first().copied().unwrap_or(seq);
+            if seq - lowest >= ID_WINDOW {
+                drop(st);
+                *current = IdSpace::new();
+                continue;
+            }
+            st.next += 1;
+            st.open.insert(seq);
+            drop(st);
+            return Ticket { ids: space, seq };
         }
     }
 }
@@ -616,7 +647,7 @@ impl RequestIds {
 /// One write's request id; dropping it finishes the seq.
 #[derive(Debug)]
 pub(crate) struct Ticket {
-    ids: Arc<RequestIds>,
+    ids: Arc<IdSpace>,
     seq: u64,
 }
 
@@ -1026,5 +1057,33 @@ mod tests {
         let d = ids.begin();
         assert_eq!((d.seq, d.id(0).first_incomplete), (4, 4));
         assert_eq!(d.id(0).client, ids.client());
+    }
+
+    #[test]
+    fn open_seqs_never_span_more_than_the_window_under_one_client_id() {
+        let ids = RequestIds::new();
+        let stuck = ids.begin();
+        let first = stuck.id(0).client;
+        // Writes complete while the first stays open (retried for long).
+        for seq in 2..=ID_WINDOW {
+            let t = ids.begin();
+            assert_eq!((t.seq, t.id(0).client), (seq, first));
+        }
+        // The next would span ID_WINDOW + 1 seqs from the open one: a fresh client id, from 1.
+        let t = ids.begin();
+        assert_ne!(t.id(0).client, first);
+        assert_eq!((t.seq, t.id(0).first_incomplete), (1, 1));
+        assert_eq!(ids.client(), t.id(0).client);
+        // The stuck write keeps its own id and its own lowest open seq.
+        assert_eq!(
+            (stuck.id(3).client, stuck.id(3).first_incomplete),
+            (first, 1)
+        );
+        // Many writes in flight at once: each id's open seqs span less than the window.
+        let held: Vec<Ticket> = (0..3 * ID_WINDOW).map(|_| ids.begin()).collect();
+        for t in &held {
+            let id = t.id(0);
+            assert!(id.seq - id.first_incomplete < ID_WINDOW, "{id:?}");
+        }
     }
 }
