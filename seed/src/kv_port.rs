@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use collections::kv::{Bounds, KeyRange, ScanRequest};
 use collections::KvError;
-use harpoon::{CellId, Error as HError, ReadConsistency, Role};
+use harpoon::{CellId, Error as HError, ReadConsistency};
 use meta::ops::{self, CollectionSpec};
 use meta::{view, CollectionDescriptor, MetaError, RangeDescriptor};
 use proto::clientpb::{
@@ -307,12 +307,8 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
     let deadline = Instant::now() + Duration::from_secs(5);
     if read {
         if !k.follower {
-            let st = seed.node.status(cell).await;
-            match st {
-                Ok(s) if s.role == Role::Leader => {}
-                Ok(s) => return not_leader(seed, id, s.leader.map(|l| l.get())),
-                Err(e) => return error(id, ClientError_Code::UNAVAILABLE, e.to_string()),
-            }
+            // A lease read on a non-leader answers NotLeader at once (with its hint); a leader
+            // with a fresh lease answers from its read view without a trip through the shard.
             match seed
                 .node
                 .read_barrier(cell, ReadConsistency::Lease, deadline)
