@@ -3,8 +3,8 @@
 //! split size (a filler grows it ~4 KiB/s, so its range splits during the run; splits count as
 //! faults); 0 anomalies,
 //! 0 lost acknowledged writes, every replica's append sequence a prefix of the others'.
-//! Replay a failing run with `QUIVER_NEMESIS_SEED=<seed>`. (Long kills, which remove a member,
-//! run in `nemesis_long.rs`: a removed node is not added back yet.)
+//! Replay a failing run with `QUIVER_NEMESIS_SEED=<seed>`. (Long kills, which remove a member
+//! and wait for its refill, run in `nemesis_long.rs`: they need `dead-after` plus a refill.)
 
 use quiver_tests::{run_nemesis, seed_from_env, RunConfig};
 
