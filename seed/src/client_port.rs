@@ -55,6 +55,7 @@ pub(crate) fn refusal(id: u64, r: Refusal) -> ClientResponse {
             error(id, ClientError_Code::UNAVAILABLE, m)
         }
         Refusal::Invalid(m) => error(id, ClientError_Code::INVALID_ARGUMENT, m),
+        Refusal::Corrupt { .. } => error(id, ClientError_Code::INTERNAL, r.control().1),
     }
 }
 

@@ -6,6 +6,8 @@
 //!   transport and control connections), graceful shutdown.
 //! - [`node`]: [`Seed`], the running node: its harpoon `Node`, transport, meta replica and view,
 //!   proposing to meta's leader wherever it is, CreateMeta.
+//! - [`durable`]: `write_durably` (temporary file, fsync, rename, fsync the directory), for
+//!   every file in the data dir that is replaced.
 //! - [`meta_sm`]: meta's replica as a harpoon `StateMachine`, persisted in the data dir.
 //! - [`control`]: control connections on the peer port: HMAC challenge with the cluster
 //!   secret, then one request (CreateMeta, WatchMeta, Heartbeat, ProposeTxn) and its response.
@@ -31,6 +33,7 @@ pub mod admin;
 pub mod client_port;
 pub mod config;
 pub mod control;
+pub mod durable;
 pub mod kv_port;
 pub mod loops;
 pub mod meta_sm;

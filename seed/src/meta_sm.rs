@@ -9,8 +9,6 @@
 //! `restore` and on shutdown. `apply_state()` reports what that file holds, so after a restart
 //! harpoon replays the log from there.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -134,16 +132,7 @@ impl MetaStateMachine {
         p.commit_term = s.commit_term;
         p.conf_state = encode_conf(&s.conf_state)?.into();
         let bytes = p.write_to_bytes().map_err(|e| err("persist", e))?;
-        let tmp = self.path.with_extension("sm.tmp");
-        let mut f = File::create(&tmp).map_err(|e| err("persist", e))?;
-        f.write_all(&bytes).map_err(|e| err("persist", e))?;
-        f.sync_all().map_err(|e| err("persist", e))?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| err("persist", e))?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| err("persist", e))?;
-        }
+        crate::durable::write_durably(&self.path, &bytes).map_err(|e| err("persist", e))?;
         self.durable = self.current.clone();
         Ok(())
     }

@@ -35,6 +35,27 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The reservation to create meta, kept in the file `path`: granted to `node` when the file
+/// is absent (written durably before answering) or already names `node`. Answers (granted,
+/// holder).
+fn reserve_in(path: &std::path::Path, node: u64) -> Result<(bool, u64), Refusal> {
+    let io = |e: std::io::Error| Refusal::Unavailable(format!("meta reservation: {e}"));
+    match std::fs::read_to_string(path) {
+        Ok(s) => match s.trim().parse::<u64>() {
+            Ok(holder) if holder > 0 => Ok((holder == node, holder)),
+            _ => Err(Refusal::Corrupt {
+                path: path.to_path_buf(),
+                why: format!("{:?} is not a positive node id", s.trim()),
+            }),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::durable::write_durably(path, format!("{node}\n").as_bytes()).map_err(io)?;
+            Ok((true, node))
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
 /// Where to go instead, for a request this node cannot serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -52,6 +73,11 @@ pub enum Refusal {
     Unavailable(String),
     /// Bad request.
     Invalid(String),
+    /// A file in the data dir does not hold what it must (left as it is: an operator looks).
+    Corrupt {
+        path: std::path::PathBuf,
+        why: String,
+    },
 }
 
 impl Refusal {
@@ -71,6 +97,11 @@ impl Refusal {
             Refusal::MetaExists(m) => (ControlError_Code::META_EXISTS, m.clone(), vec![]),
             Refusal::Unavailable(m) => (ControlError_Code::UNAVAILABLE, m.clone(), vec![]),
             Refusal::Invalid(m) => (ControlError_Code::INVALID_ARGUMENT, m.clone(), vec![]),
+            Refusal::Corrupt { path, why } => (
+                ControlError_Code::INTERNAL,
+                format!("{} is corrupt: {why}", path.display()),
+                vec![],
+            ),
         }
     }
 }
@@ -405,24 +436,7 @@ impl Seed {
             ));
         }
         let _g = self.reservation.lock();
-        let path = self.settings.data_dir.join("meta_reservation");
-        let io = |e: std::io::Error| Refusal::Unavailable(format!("meta reservation: {e}"));
-        match std::fs::read_to_string(&path) {
-            Ok(s) => {
-                let holder = s.trim().parse::<u64>().unwrap_or(0);
-                Ok((holder == node, holder))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, format!("{node}\n")).map_err(io)?;
-                std::fs::File::open(&tmp)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io)?;
-                std::fs::rename(&tmp, &path).map_err(io)?;
-                Ok((true, node))
-            }
-            Err(e) => Err(io(e)),
-        }
+        reserve_in(&self.settings.data_dir.join("meta_reservation"), node)
     }
 
     /// Reserve the creation of meta at a majority of the seeds (this node included when it
@@ -532,5 +546,39 @@ impl Seed {
     /// The scratch-space key of a client key.
     pub fn scratch_key(key: &[u8]) -> Vec<u8> {
         keys::scratch(key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_meta_reservation_is_granted_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta_reservation");
+        assert_eq!(reserve_in(&p, 7).unwrap(), (true, 7));
+        assert_eq!(reserve_in(&p, 9).unwrap(), (false, 7));
+        assert_eq!(reserve_in(&p, 7).unwrap(), (true, 7));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "7\n");
+    }
+
+    #[test]
+    fn a_corrupt_reservation_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("meta_reservation");
+        for bad in ["", "x\n", "0\n", "-3"] {
+            std::fs::write(&p, bad).unwrap();
+            let r = reserve_in(&p, 7).unwrap_err();
+            assert!(
+                matches!(&r, Refusal::Corrupt { path, .. } if path == &p),
+                "{r:?}"
+            );
+            let (code, msg, _) = r.control();
+            assert_eq!(code, ControlError_Code::INTERNAL);
+            assert!(msg.contains("meta_reservation"), "{msg}");
+            // Left as it is for an operator to look at.
+            assert_eq!(std::fs::read_to_string(&p).unwrap(), bad);
+        }
     }
 }

@@ -654,11 +654,7 @@ fn write_meta(dir: &Path, m: &RangeMeta) -> std::io::Result<()> {
             return Ok(());
         }
     }
-    let tmp = dir.join("range.meta.tmp");
-    std::fs::write(&tmp, m.encode())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, meta_file(dir))?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::durable::write_durably(&meta_file(dir), m.encode().as_bytes())
 }
 
 /// Why a range could not be opened.

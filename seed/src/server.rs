@@ -84,12 +84,7 @@ pub fn node_id(dir: &Path) -> Result<u64, StartError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Ids fit in 53 bits so JSON tools print them exactly.
             let id = rand::random::<u64>() % ((1 << 53) - 1) + 1;
-            let tmp = dir.join("node_id.tmp");
-            std::fs::write(&tmp, format!("{id}\n")).map_err(io)?;
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
+            crate::durable::write_durably(&path, format!("{id}\n").as_bytes()).map_err(io)?;
             Ok(id)
         }
         Err(e) => Err(io(e)),
