@@ -195,19 +195,56 @@ fn not_leader(seed: &Seed, id: u64, hint: Option<u64>) -> ClientResponse {
     r
 }
 
-fn inside(d: &RangeDescriptor, key: &[u8]) -> bool {
-    d.lo.as_ref() <= key && key < d.hi.as_ref()
+/// Whether every key of `span` lies in `b`, and its first key does (so an empty span is not
+/// held by bounds it lies beyond).
+fn holds(b: &Bounds, span: &KeyRange) -> bool {
+    b.contains(&span.start) && crate::watch_port::within(b, span)
 }
 
-/// Whether `[start, end)` (`end` empty: to the store's end) lies in the store's bounds.
-fn in_store(b: &Bounds, start: &[u8], end: &[u8]) -> bool {
-    if !b.contains(start) {
-        return false;
-    }
-    match &b.hi {
-        None => true,
-        Some(hi) => !end.is_empty() && end <= hi.as_ref(),
-    }
+/// The keys a command touches (a scan without an end: `None`, to the range's end) and
+/// whether it reads; bad keys are answered `(field, why)`.
+fn command_span(op: &Command_oneof_op) -> Result<(KeyRange, bool), (&'static str, &'static str)> {
+    Ok(match op {
+        Command_oneof_op::put(p) => (KeyRange::key(p.key.clone()), false),
+        Command_oneof_op::cas(c) => (KeyRange::key(c.key.clone()), false),
+        Command_oneof_op::get(g) => (KeyRange::key(g.key.clone()), true),
+        Command_oneof_op::delete(d) => {
+            if d.range_end.as_ref() == [0] {
+                return Err((
+                    "range_end",
+                    "\"\\0\" (every key from key on) spans ranges: give an end inside the range",
+                ));
+            }
+            if !d.range_end.is_empty() && d.range_end <= d.key {
+                return Err((
+                    "range_end",
+                    "must be above key (or empty for the key alone)",
+                ));
+            }
+            (KeyRange::etcd(d.key.clone(), d.range_end.clone()), false)
+        }
+        Command_oneof_op::scan(s) => {
+            if s.end.as_ref() == [0] {
+                return Err((
+                    "end",
+                    "\"\\0\" (every key from start on) spans ranges: give an end inside the \
+                     range, or none for the range's end",
+                ));
+            }
+            if !s.end.is_empty() && s.end <= s.start {
+                return Err(("end", "must be above start (or empty for the range's end)"));
+            }
+            let end = (!s.end.is_empty()).then(|| s.end.clone());
+            (
+                KeyRange {
+                    start: s.start.clone(),
+                    end,
+                },
+                true,
+            )
+        }
+        _ => return Err(("command", "not a client command")),
+    })
 }
 
 /// `WRONG_RANGE` for a key this replica's store no longer holds (a split moved it), with
@@ -251,6 +288,13 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
         Ok(c) => c,
         Err(e) => return invalid(id, "command", format!("does not decode: {e}")),
     };
+    let Some(op) = &cmd.op else {
+        return invalid(id, "command", "empty command");
+    };
+    let (span, read) = match command_span(op) {
+        Ok(s) => s,
+        Err((field, why)) => return invalid(id, field, why),
+    };
     let desc = seed.read_meta(|s| view::range_by_id(s, k.range).ok().flatten());
     let Some(local) = seed.ranges.get(k.range) else {
         return wrong_range(
@@ -265,42 +309,20 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
     if k.epoch < desc.epoch {
         return wrong_range(id, "stale range descriptor", Some(desc));
     }
-    // The keys the command touches must lie in the range.
-    let (keys_ok, read) = match &cmd.op {
-        Some(Command_oneof_op::put(p)) => (inside(&desc, &p.key), false),
-        Some(Command_oneof_op::cas(c)) => (inside(&desc, &c.key), false),
-        Some(Command_oneof_op::delete(d)) => (
-            inside(&desc, &d.key)
-                && (d.range_end.is_empty() || d.range_end.as_ref() <= desc.hi.as_ref())
-                && d.range_end.as_ref() != [0],
-            false,
-        ),
-        Some(Command_oneof_op::get(g)) => (inside(&desc, &g.key), true),
-        Some(Command_oneof_op::scan(s)) => (
-            inside(&desc, &s.start) && (s.end.is_empty() || s.end.as_ref() <= desc.hi.as_ref()),
-            true,
-        ),
-        Some(_) => return invalid(id, "command", "not a client command"),
-        None => return invalid(id, "command", "empty command"),
+    // The keys the command touches must lie in the range: in meta's descriptor, and in the
+    // local store's bounds (a split applied here that meta does not show yet).
+    let span = KeyRange {
+        end: Some(span.end.unwrap_or_else(|| desc.hi.clone())),
+        ..span
     };
-    if !keys_ok {
+    let in_meta = Bounds {
+        lo: desc.lo.clone(),
+        hi: Some(desc.hi.clone()),
+    };
+    if !holds(&in_meta, &span) {
         return wrong_range(id, "key outside the range", Some(desc));
     }
-    // The local store's bounds: a split applied here that meta does not show yet.
-    let held = local.reader.bounds();
-    let local_ok = match &cmd.op {
-        Some(Command_oneof_op::put(p)) => held.contains(&p.key),
-        Some(Command_oneof_op::cas(c)) => held.contains(&c.key),
-        Some(Command_oneof_op::get(g)) => held.contains(&g.key),
-        Some(Command_oneof_op::delete(d)) if d.range_end.is_empty() => held.contains(&d.key),
-        Some(Command_oneof_op::delete(d)) => in_store(&held, &d.key, &d.range_end),
-        Some(Command_oneof_op::scan(s)) => {
-            let end = if s.end.is_empty() { &desc.hi } else { &s.end };
-            in_store(&held, &s.start, end)
-        }
-        _ => true,
-    };
-    if !local_ok {
+    if !holds(&local.reader.bounds(), &span) {
         return moved(seed, id, k.range);
     }
     let cell = CellId(k.range);
@@ -338,11 +360,6 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
                 Err(e) => return error(id, ClientError_Code::INTERNAL, e.to_string()),
             },
             Some(Command_oneof_op::scan(s)) => {
-                let end = if s.end.is_empty() {
-                    desc.hi.clone()
-                } else {
-                    s.end.clone()
-                };
                 let limit = if s.limit == 0 {
                     MAX_SCAN_KEYS
                 } else {
@@ -354,10 +371,7 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
                     s.max_bytes.min(MAX_SCAN_BYTES)
                 };
                 let req = ScanRequest {
-                    range: KeyRange {
-                        start: s.start.clone(),
-                        end: Some(end),
-                    },
+                    range: span,
                     limit: limit as usize,
                     max_bytes: max_bytes as usize,
                     keys_only: s.keys_only,
@@ -408,5 +422,103 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
             ClientError_Code::UNKNOWN_OUTCOME,
             format!("outcome unknown: {e}"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::kvpb::{Delete, Get, Put, Scan};
+
+    fn b(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn delete(key: &str, end: &[u8]) -> Command_oneof_op {
+        let mut d = Delete::new();
+        d.key = b(key);
+        d.range_end = Bytes::copy_from_slice(end);
+        Command_oneof_op::delete(d)
+    }
+
+    fn scan(start: &str, end: &[u8]) -> Command_oneof_op {
+        let mut s = Scan::new();
+        s.start = b(start);
+        s.end = Bytes::copy_from_slice(end);
+        Command_oneof_op::scan(s)
+    }
+
+    #[test]
+    fn keys_past_the_range_are_invalid_not_wrong_range() {
+        assert_eq!(
+            command_span(&delete("k", b"\0")).unwrap_err().0,
+            "range_end"
+        );
+        assert_eq!(command_span(&delete("k", b"k")).unwrap_err().0, "range_end");
+        assert_eq!(command_span(&delete("k", b"a")).unwrap_err().0, "range_end");
+        assert_eq!(command_span(&scan("k", b"\0")).unwrap_err().0, "end");
+        assert_eq!(command_span(&scan("k", b"k")).unwrap_err().0, "end");
+        assert_eq!(command_span(&scan("k", b"a")).unwrap_err().0, "end");
+    }
+
+    #[test]
+    fn spans_of_the_commands() {
+        let mut p = Put::new();
+        p.key = b("k");
+        assert_eq!(
+            command_span(&Command_oneof_op::put(p)).unwrap(),
+            (KeyRange::key(b("k")), false)
+        );
+        let mut g = Get::new();
+        g.key = b("k");
+        assert_eq!(
+            command_span(&Command_oneof_op::get(g)).unwrap(),
+            (KeyRange::key(b("k")), true)
+        );
+        assert_eq!(
+            command_span(&delete("k", b"")).unwrap(),
+            (KeyRange::key(b("k")), false)
+        );
+        assert_eq!(
+            command_span(&delete("k", b"m")).unwrap(),
+            (
+                KeyRange {
+                    start: b("k"),
+                    end: Some(b("m"))
+                },
+                false
+            )
+        );
+        assert_eq!(
+            command_span(&scan("k", b"")).unwrap(),
+            (
+                KeyRange {
+                    start: b("k"),
+                    end: None
+                },
+                true
+            )
+        );
+    }
+
+    #[test]
+    fn a_span_is_held_when_all_its_keys_and_its_start_are() {
+        let d = Bounds {
+            lo: b("c"),
+            hi: Some(b("m")),
+        };
+        assert!(holds(&d, &KeyRange::key(b("c"))));
+        assert!(!holds(&d, &KeyRange::key(b("m"))));
+        assert!(!holds(&d, &KeyRange::key(b("b"))));
+        let span = |s: &str, e: &str| KeyRange {
+            start: b(s),
+            end: Some(b(e)),
+        };
+        assert!(holds(&d, &span("c", "m")));
+        assert!(!holds(&d, &span("c", "n")));
+        // Empty (a scan to a range end below its start): not held.
+        assert!(!holds(&d, &span("x", "m")));
+        let unbounded = Bounds::default();
+        assert!(holds(&unbounded, &KeyRange::etcd(b("a"), b("\0"))));
     }
 }
