@@ -39,7 +39,7 @@ use protobuf::Message;
 
 use crate::client_port::{error, refusal};
 use crate::node::{now_ms, Refusal, Seed};
-use crate::ranges::encode_entry;
+use crate::ranges::{encode_entry, LocalRange};
 
 /// Most keys per scan page served.
 pub const MAX_SCAN_KEYS: u64 = 1000;
@@ -55,7 +55,7 @@ fn ok(id: u64, kind: ClientResponse_oneof_kind) -> ClientResponse {
     r
 }
 
-fn invalid(id: u64, field: &str, msg: impl Into<String>) -> ClientResponse {
+pub(crate) fn invalid(id: u64, field: &str, msg: impl Into<String>) -> ClientResponse {
     let mut r = error(id, ClientError_Code::INVALID_ARGUMENT, msg);
     if let Some(ClientResponse_oneof_kind::error(e)) = r.kind.as_mut() {
         e.field = field.into();
@@ -166,12 +166,58 @@ pub fn lookup(seed: &Arc<Seed>, id: u64, l: Lookup) -> ClientResponse {
     }
 }
 
-fn wrong_range(id: u64, why: &str, d: Option<RangeDescriptor>) -> ClientResponse {
+pub(crate) fn wrong_range(id: u64, why: &str, d: Option<RangeDescriptor>) -> ClientResponse {
     let mut r = error(id, ClientError_Code::WRONG_RANGE, why);
     if let (Some(ClientResponse_oneof_kind::error(e)), Some(d)) = (r.kind.as_mut(), d) {
         e.set_range(d);
     }
     r
+}
+
+/// Route a request for range `range` (the client's descriptor at `epoch`) whose first key is
+/// `first_key`: this node's replica of the range and meta's descriptor of the range holding
+/// `first_key` (one seek). `WRONG_RANGE` (with meta's descriptor when there is one) when this
+/// node holds no replica, meta puts `first_key` in another range or none, or the client's
+/// epoch is stale.
+pub(crate) fn route(
+    seed: &Seed,
+    id: u64,
+    range: u64,
+    epoch: u64,
+    first_key: &[u8],
+) -> Result<(LocalRange, RangeDescriptor), Box<ClientResponse>> {
+    let desc = seed
+        .read_meta(|s| view::lookup(s, first_key).ok().flatten())
+        .map(|d| d.value);
+    let Some(local) = seed.ranges.get(range) else {
+        return Err(Box::new(wrong_range(
+            id,
+            "this node holds no replica of the range",
+            desc,
+        )));
+    };
+    let Some(desc) = desc else {
+        return Err(Box::new(wrong_range(
+            id,
+            "no range holds the key in this node's meta",
+            None,
+        )));
+    };
+    if desc.id != range {
+        return Err(Box::new(wrong_range(
+            id,
+            "key in another range",
+            Some(desc),
+        )));
+    }
+    if epoch < desc.epoch {
+        return Err(Box::new(wrong_range(
+            id,
+            "stale range descriptor",
+            Some(desc),
+        )));
+    }
+    Ok((local, desc))
 }
 
 /// The client address of node `node`, from meta.
@@ -295,20 +341,10 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
         Ok(s) => s,
         Err((field, why)) => return invalid(id, field, why),
     };
-    let desc = seed.read_meta(|s| view::range_by_id(s, k.range).ok().flatten());
-    let Some(local) = seed.ranges.get(k.range) else {
-        return wrong_range(
-            id,
-            "this node holds no replica of the range",
-            desc.map(|d| d.value),
-        );
+    let (local, desc) = match route(seed, id, k.range, k.epoch, &span.start) {
+        Ok(r) => r,
+        Err(r) => return *r,
     };
-    let Some(desc) = desc.map(|d| d.value) else {
-        return wrong_range(id, "range unknown to this node's meta", None);
-    };
-    if k.epoch < desc.epoch {
-        return wrong_range(id, "stale range descriptor", Some(desc));
-    }
     // The keys the command touches must lie in the range: in meta's descriptor, and in the
     // local store's bounds (a split applied here that meta does not show yet).
     let span = KeyRange {

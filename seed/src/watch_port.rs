@@ -47,17 +47,16 @@ use collections::kv::{Bounds, KeyRange, KvReader, ScanRequest, Subscription, Wat
 use collections::KvError;
 use crossbeam_channel::{Receiver, Select, Sender};
 use harpoon::{CellId, Role};
-use meta::{view, RangeDescriptor};
+use meta::RangeDescriptor;
 use parking_lot::Mutex;
-use proto::clientpb::{
-    ClientError_Code, ClientResponse, ClientResponse_oneof_kind, WatchReply, WatchRequest,
-};
+use proto::clientpb::{ClientError_Code, ClientResponse, WatchReply, WatchRequest};
 use proto::kvpb;
 use protobuf::Message;
 use tokio::sync::watch as counter;
 use tokio::time::Instant;
 
 use crate::client_port::error;
+use crate::kv_port::{invalid, route, wrong_range};
 use crate::node::{now_ms, Seed};
 
 /// Events per reply when the request leaves it 0.
@@ -392,38 +391,16 @@ fn run_pump(reg: Receiver<Entry>) {
     }
 }
 
-fn wrong_range(id: u64, why: &str, d: Option<RangeDescriptor>) -> ClientResponse {
-    let mut r = error(id, ClientError_Code::WRONG_RANGE, why);
-    if let (Some(ClientResponse_oneof_kind::error(e)), Some(d)) = (r.kind.as_mut(), d) {
-        e.set_range(d);
-    }
-    r
-}
-
 /// One watch long-poll from the client port.
 pub async fn watch(seed: &Arc<Seed>, id: u64, w: WatchRequest) -> ClientResponse {
     let p = match WatchParams::from_request(&w) {
         Ok(p) => p,
-        Err((field, why)) => {
-            let mut r = error(id, ClientError_Code::INVALID_ARGUMENT, why);
-            if let Some(ClientResponse_oneof_kind::error(e)) = r.kind.as_mut() {
-                e.field = field.into();
-            }
-            return r;
-        }
+        Err((field, why)) => return invalid(id, field, why),
     };
-    let desc = seed
-        .read_meta(|s| view::range_by_id(s, w.range).ok().flatten())
-        .map(|d| d.value);
-    let Some(local) = seed.ranges.get(w.range) else {
-        return wrong_range(id, "this node holds no replica of the range", desc);
+    let (local, desc) = match route(seed, id, w.range, w.epoch, &p.keys.start) {
+        Ok(r) => r,
+        Err(r) => return *r,
     };
-    let Some(desc) = desc else {
-        return wrong_range(id, "range unknown to this node's meta", None);
-    };
-    if w.epoch < desc.epoch {
-        return wrong_range(id, "stale range descriptor", Some(desc));
-    }
     if !within_descriptor(&desc, &p.keys) {
         return wrong_range(id, "watched keys outside the range", Some(desc));
     }
