@@ -109,11 +109,15 @@ pub struct CollectionSpec {
 pub const MAX_NAME: usize = 64;
 
 /// CreateCollection: a descriptor with a fresh id and prefix, and one range covering the
-/// whole prefix with no members yet (filled by self-assignment).
+/// whole prefix with no members yet (filled by self-assignment). Returns the descriptor the
+/// txn writes and the txn.
 ///
 /// # Errors
 /// Invalid arguments, or [`MetaError::CollectionExists`].
-pub fn create_collection(s: &MetaStore, spec: &CollectionSpec) -> Result<Txn, MetaError> {
+pub fn create_collection(
+    s: &MetaStore,
+    spec: &CollectionSpec,
+) -> Result<(CollectionDescriptor, Txn), MetaError> {
     let name = &spec.name;
     if name.is_empty()
         || name.len() > MAX_NAME
@@ -175,7 +179,7 @@ pub fn create_collection(s: &MetaStore, spec: &CollectionSpec) -> Result<Txn, Me
     txn::put(&mut t, &keys::range(&hi), enc(&r));
     txn::put(&mut t, keys::COUNTER_COLLECTION, keys::counter_value(id));
     txn::put(&mut t, keys::COUNTER_RANGE, keys::counter_value(r.id));
-    Ok(t)
+    Ok((c, t))
 }
 
 /// ReserveRangeId: allocate the next range id (a split's daughter), guarded on the range
@@ -456,12 +460,15 @@ mod tests {
             split_size: 64 << 20,
             retention_secs: 0,
         };
-        assert!(s.apply(&create_collection(s, &spec).unwrap()).succeeded);
+        let (written, t) = create_collection(s, &spec).unwrap();
+        assert!(s.apply(&t).succeeded);
         assert!(matches!(
             create_collection(s, &spec),
             Err(MetaError::CollectionExists(_))
         ));
-        view::collection(s, "users").unwrap().unwrap().value
+        let stored = view::collection(s, "users").unwrap().unwrap().value;
+        assert_eq!(stored, written);
+        stored
     }
 
     fn key(c: &CollectionDescriptor, k: &[u8]) -> Vec<u8> {

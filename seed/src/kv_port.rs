@@ -28,7 +28,7 @@ use collections::kv::{Bounds, KeyRange, ScanRequest};
 use collections::KvError;
 use harpoon::{CellId, Error as HError, ReadConsistency};
 use meta::ops::{self, CollectionSpec};
-use meta::{view, CollectionDescriptor, MetaError, RangeDescriptor};
+use meta::{view, MetaError, RangeDescriptor};
 use proto::clientpb::{
     ClientError_Code, ClientResponse, ClientResponse_oneof_kind, CreateCollection, KvReply,
     KvRequest, Lookup, LookupReply,
@@ -38,7 +38,7 @@ use proto::metapb::CollectionKind;
 use protobuf::Message;
 
 use crate::client_port::{error, refusal};
-use crate::node::{now_ms, Refusal, Seed};
+use crate::node::{now_ms, Attempt, Refusal, RetryError, Seed};
 use crate::ranges::{encode_entry, LocalRange};
 
 /// Most keys per scan page served.
@@ -93,45 +93,23 @@ pub async fn create_collection(seed: &Arc<Seed>, id: u64, c: CreateCollection) -
         split_size: d.split_size,
         retention_secs: d.retention_secs,
     };
-    let mut last = String::new();
-    for attempt in 0..5 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-        }
-        let txn = match seed.read_meta(|s| ops::create_collection(s, &spec)) {
-            Ok(t) => t,
-            Err(e) => return meta_error(id, e),
-        };
-        match seed.propose_anywhere(&txn).await {
-            Ok(r) if r.succeeded => {
-                // The descriptor as written (this node's view may not have it yet).
-                let key = meta::keys::collection(&spec.name);
-                let written = txn.ops.iter().find_map(|op| match &op.op {
-                    Some(proto::metapb::WriteOp_oneof_op::put(p)) if p.key.as_ref() == key => {
-                        CollectionDescriptor::parse_from_carllerche_bytes(&p.value).ok()
-                    }
-                    _ => None,
-                });
-                return match written {
-                    Some(out) => ok(id, ClientResponse_oneof_kind::collection(out)),
-                    None => error(
-                        id,
-                        ClientError_Code::INTERNAL,
-                        "created, descriptor unreadable",
-                    ),
-                };
-            }
-            // A stale read (or a concurrent create): read again.
-            Ok(_) => last = "meta changed concurrently".into(),
-            Err(Refusal::Invalid(m)) => return invalid(id, "request", m),
-            Err(e) => last = format!("{e:?}"),
-        }
+    // A stale read (or a concurrent create) fails the guard: read again. The answer is the
+    // descriptor as written (this node's view may not have it yet).
+    let created = seed
+        .propose_retrying(5, Duration::from_millis(100), |s| {
+            ops::create_collection(s, &spec).map(|(c, t)| Attempt::Propose(t, c))
+        })
+        .await;
+    match created {
+        Ok(c) => ok(id, ClientResponse_oneof_kind::collection(c)),
+        Err(RetryError::Build(e)) => meta_error(id, e),
+        Err(RetryError::Invalid(m)) => invalid(id, "request", m),
+        Err(RetryError::GaveUp(last)) => error(
+            id,
+            ClientError_Code::UNAVAILABLE,
+            format!("create-collection not applied: {last}"),
+        ),
     }
-    error(
-        id,
-        ClientError_Code::UNAVAILABLE,
-        format!("create-collection not applied: {last}"),
-    )
 }
 
 /// Lookup: collection descriptor and the range holding `key`.

@@ -60,7 +60,7 @@ use protobuf::Message;
 use rand::Rng;
 use tokio::task::JoinSet;
 
-use crate::node::{now_ms, Refusal, Seed, META_CELL};
+use crate::node::{now_ms, Attempt, Refusal, RetryError, Seed, META_CELL};
 
 /// Spawn every loop.
 pub fn spawn_all(seed: &Arc<Seed>) -> JoinSet<()> {
@@ -450,21 +450,20 @@ async fn cli_wait(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 }
 
 async fn reserve_range_id(seed: &Arc<Seed>) -> Result<u64, String> {
-    let mut last = String::new();
-    for attempt in 0..5u64 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-        }
-        let (id, txn) = seed
-            .read_meta(ops::reserve_range_id)
-            .map_err(|e| e.to_string())?;
-        match seed.propose_anywhere(&txn).await {
-            Ok(r) if r.succeeded => return Ok(id),
-            Ok(_) => last = "range counter changed concurrently".into(),
-            Err(e) => last = format!("{e:?}"),
-        }
+    seed.propose_retrying(5, Duration::from_millis(50), |s| {
+        ops::reserve_range_id(s).map(|(id, t)| Attempt::Propose(t, id))
+    })
+    .await
+    .map_err(|e| format!("cannot reserve a range id: {}", retry_error(e)))
+}
+
+/// The text of a [`RetryError`].
+fn retry_error<E: std::fmt::Display>(e: RetryError<E>) -> String {
+    match e {
+        RetryError::Build(e) => e.to_string(),
+        RetryError::Invalid(m) => format!("refused: {m}"),
+        RetryError::GaveUp(last) => last,
     }
-    Err(format!("cannot reserve a range id: {last}"))
 }
 
 /// Record in meta that `parent` split at `at` into `daughter` (compare-and-swap on the
@@ -476,43 +475,29 @@ async fn record_split(
     at: &[u8],
     daughter: u64,
 ) -> Result<(), String> {
-    let mut last = String::new();
-    for attempt in 0..8u64 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+    let built = |s: &MetaStore| -> Result<Attempt<()>, MetaError> {
+        if view::range_by_id(s, daughter)?.is_some() {
+            return Ok(Attempt::Done(()));
         }
-        let built = seed.read_meta(|s| -> Result<Option<_>, MetaError> {
-            if view::range_by_id(s, daughter)?.is_some() {
-                return Ok(None);
-            }
-            let Some(p) = view::range_by_id(s, parent)? else {
-                return Err(MetaError::InvalidArgument {
-                    field: "parent",
-                    why: format!("range {parent} unknown to meta"),
-                });
-            };
-            ops::record_split(s, &p, at, daughter).map(Some)
-        });
-        let txn = match built {
-            Ok(None) => return Ok(()),
-            Ok(Some(t)) => t,
-            // This node's meta may lag the reservation (or the parent's last change): read
-            // again. A split key outside the parent's record will not get better.
-            Err(e @ MetaError::SplitOutsideRange { .. }) => return Err(e.to_string()),
-            Err(e) => {
-                last = e.to_string();
-                continue;
-            }
+        let Some(p) = view::range_by_id(s, parent)? else {
+            return Ok(Attempt::Retry(format!("range {parent} unknown to meta")));
         };
-        match seed.propose_anywhere(&txn).await {
-            Ok(r) if r.succeeded => return Ok(()),
-            Ok(_) => last = "parent record changed concurrently".into(),
-            Err(e) => last = format!("{e:?}"),
+        match ops::record_split(s, &p, at, daughter) {
+            Ok(t) => Ok(Attempt::Propose(t, ())),
+            // A split key outside the parent's record will not get better.
+            Err(e @ MetaError::SplitOutsideRange { .. }) => Err(e),
+            // This node's meta may lag the reservation (or the parent's last change).
+            Err(e) => Ok(Attempt::Retry(e.to_string())),
         }
-    }
-    Err(format!(
-        "split of {parent} into {daughter} not recorded: {last}"
-    ))
+    };
+    seed.propose_retrying(8, Duration::from_millis(50), built)
+        .await
+        .map_err(|e| {
+            format!(
+                "split of {parent} into {daughter} not recorded: {}",
+                retry_error(e)
+            )
+        })
 }
 
 /// The leader of daughter `id` (split here from `parent`, unknown to meta): record the split
@@ -1115,31 +1100,28 @@ async fn take_out(
         r.map_err(|e| format!("remove {node} from the cell: {e}"))?;
     }
     let id = range.value.id;
-    let mut last = String::new();
-    for attempt in 0..5u64 {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
-        }
-        let Some(cur) = seed.read_meta(|s| view::range_by_id(s, id).ok().flatten()) else {
-            return Ok(());
-        };
-        if !cur.value.members.iter().any(|m| m.node == node) {
-            return Ok(());
-        }
-        let txn = ops::del_member(&cur, node).map_err(|e| e.to_string())?;
-        match seed.propose_anywhere(&txn).await {
-            Ok(r) if r.succeeded => {
-                tracing::info!(range = id, node, "member out of the cell, now out of meta");
-                return Ok(());
+    let out = seed
+        .propose_retrying(5, Duration::from_millis(50), |s| {
+            let Some(cur) = view::range_by_id(s, id).ok().flatten() else {
+                return Ok(Attempt::Done(false));
+            };
+            if !cur.value.members.iter().any(|m| m.node == node) {
+                return Ok(Attempt::Done(false));
             }
-            Ok(_) => last = "range record changed concurrently".into(),
-            Err(e) => last = format!("{e:?}"),
-        }
+            ops::del_member(&cur, node).map(|t| Attempt::Propose(t, true))
+        })
+        .await
+        .map_err(|e| {
+            format!(
+                "{node} out of cell {} but not out of meta: {}",
+                cell.0,
+                retry_error(e)
+            )
+        })?;
+    if out {
+        tracing::info!(range = id, node, "member out of the cell, now out of meta");
     }
-    Err(format!(
-        "{node} out of cell {} but not out of meta: {last}",
-        cell.0
-    ))
+    Ok(())
 }
 
 fn listed_as_learner(range: &meta::Versioned<meta::RangeDescriptor>, node: u64) -> bool {

@@ -56,6 +56,28 @@ fn reserve_in(path: &std::path::Path, node: u64) -> Result<(bool, u64), Refusal>
     }
 }
 
+/// What one attempt of [`Seed::propose_retrying`] builds from this node's meta.
+#[derive(Debug)]
+pub enum Attempt<T> {
+    /// Propose this txn (a compare-and-swap); once it succeeds, answer the value.
+    Propose(Txn, T),
+    /// Nothing (more) to do: answer the value now.
+    Done(T),
+    /// Not buildable from this node's meta yet (it may lag): read again after the back-off.
+    Retry(String),
+}
+
+/// Why [`Seed::propose_retrying`] gave up.
+#[derive(Debug)]
+pub enum RetryError<E> {
+    /// Building the txn failed for good.
+    Build(E),
+    /// Meta's leader refused the txn as invalid.
+    Invalid(String),
+    /// Every attempt failed: the last reason.
+    GaveUp(String),
+}
+
 /// Where to go instead, for a request this node cannot serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -328,6 +350,41 @@ impl Seed {
             Err(HError::NotLeader { .. }) => Err(self.redirect().await),
             Err(e) => Err(Refusal::Unavailable(e.to_string())),
         }
+    }
+
+    /// Read meta, build a txn with `build`, propose it to meta's leader wherever it is, and
+    /// on a failed guard (a stale read or a concurrent change) or a transient refusal back off
+    /// (`step` times the attempt) and read again, for `attempts` attempts.
+    ///
+    /// # Errors
+    /// `build` failing, the txn refused as invalid, or every attempt failing.
+    pub async fn propose_retrying<T, E>(
+        &self,
+        attempts: u64,
+        step: Duration,
+        mut build: impl FnMut(&MetaStore) -> Result<Attempt<T>, E>,
+    ) -> Result<T, RetryError<E>> {
+        let mut last = String::from("no attempt");
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(step * attempt as u32).await;
+            }
+            let (txn, out) = match self.read_meta(&mut build).map_err(RetryError::Build)? {
+                Attempt::Propose(txn, out) => (txn, out),
+                Attempt::Done(out) => return Ok(out),
+                Attempt::Retry(why) => {
+                    last = why;
+                    continue;
+                }
+            };
+            match self.propose_anywhere(&txn).await {
+                Ok(r) if r.succeeded => return Ok(out),
+                Ok(_) => last = "meta changed concurrently (a stale read)".into(),
+                Err(Refusal::Invalid(m)) => return Err(RetryError::Invalid(m)),
+                Err(e) => last = format!("{e:?}"),
+            }
+        }
+        Err(RetryError::GaveUp(last))
     }
 
     /// Propose `txn` to meta's leader wherever it is, following redirects (bounded).
