@@ -846,14 +846,20 @@ async fn reconcile_ranges(seed: &Arc<Seed>) {
     if seed.draining.load(Ordering::Relaxed) {
         return;
     }
-    for id in seed.ranges.ids() {
+    let ids = seed.ranges.ids();
+    // Promotions of ranges no longer held here are forgotten.
+    seed.promoted.lock().retain_held(&ids);
+    for id in ids {
         let cell = harpoon::CellId(id);
         let Ok(st) = seed.node.status(cell).await else {
+            seed.promoted.lock().keep(id, None);
             continue;
         };
         if st.role != Role::Leader {
+            seed.promoted.lock().keep(id, None);
             continue;
         }
+        seed.promoted.lock().keep(id, Some(st.term));
         let Some(range) = seed.read_meta(|s| view::range_by_id(s, id).ok().flatten()) else {
             continue;
         };
@@ -996,7 +1002,7 @@ async fn reconcile_cell(
                         .membership_changes
                         .fetch_add(1, Ordering::Relaxed);
                     tracing::info!(cell = cell.0, node = m.node, "promoted to voter");
-                    PROMOTED.lock().insert((seed.id, cell.0, m.node));
+                    seed.promoted.lock().note(cell.0, st.term, m.node);
                     return record_voter(seed, cell, range, m.node).await;
                 }
                 Err(harpoon::Error::NotCaughtUp { matched: 0, .. }) => {
@@ -1008,7 +1014,7 @@ async fn reconcile_cell(
             return Ok(());
         }
         if voters.contains(&m.node) && m.role == MemberRole::LEARNER {
-            if cell == META_CELL || promoted_here(seed.id, cell, m.node) {
+            if cell == META_CELL || seed.promoted.lock().contains(cell.0, st.term, m.node) {
                 return record_voter(seed, cell, range, m.node).await;
             }
             // A KV range voter that meta lists as a learner and that this leader did not
@@ -1041,16 +1047,6 @@ async fn reconcile_cell(
     Ok(())
 }
 
-/// `(node, cell, member)`: members this process promoted as the cell's leader and has not
-/// recorded as voters in meta yet (a cell voter that meta lists as a learner is legitimate only
-/// here; anywhere else it is taken out of the cell, see [`reconcile_cell`]).
-static PROMOTED: parking_lot::Mutex<std::collections::BTreeSet<(u64, u64, u64)>> =
-    parking_lot::const_mutex(std::collections::BTreeSet::new());
-
-fn promoted_here(me: u64, cell: CellId, node: u64) -> bool {
-    PROMOTED.lock().contains(&(me, cell.0, node))
-}
-
 /// Record in meta that `node` is a voter of `range` (promoted in the cell).
 async fn record_voter(
     seed: &Arc<Seed>,
@@ -1064,7 +1060,7 @@ async fn record_voter(
         .await
         .map_err(|e| format!("{e:?}"))?;
     if r.succeeded {
-        PROMOTED.lock().remove(&(seed.id, cell.0, node));
+        seed.promoted.lock().recorded(cell.0, node);
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! (when this node is a member) and the node's view of meta; the ports and background loops
 //! (in `server.rs` and `loops.rs`) act through it.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,6 +54,50 @@ fn reserve_in(path: &std::path::Path, node: u64) -> Result<(bool, u64), Refusal>
             Ok((true, node))
         }
         Err(e) => Err(io(e)),
+    }
+}
+
+/// Per KV cell this node leads: the term, and the members it promoted to voters in that term
+/// and has not recorded as voters in meta yet.
+#[derive(Debug, Default)]
+pub struct Promotions(HashMap<u64, (u64, HashSet<u64>)>);
+
+impl Promotions {
+    /// This node, leading `cell` in `term`, promoted `node` to voter.
+    pub fn note(&mut self, cell: u64, term: u64, node: u64) {
+        let e = self.0.entry(cell).or_insert_with(|| (term, HashSet::new()));
+        if e.0 != term {
+            *e = (term, HashSet::new());
+        }
+        e.1.insert(node);
+    }
+
+    /// Whether this node promoted `node` in `cell` while leading it in `term` (and has not
+    /// recorded it in meta since).
+    pub fn contains(&self, cell: u64, term: u64, node: u64) -> bool {
+        self.0
+            .get(&cell)
+            .is_some_and(|(t, nodes)| *t == term && nodes.contains(&node))
+    }
+
+    /// `node` is recorded as a voter of `cell` in meta.
+    pub fn recorded(&mut self, cell: u64, node: u64) {
+        if let Some((_, nodes)) = self.0.get_mut(&cell) {
+            nodes.remove(&node);
+        }
+    }
+
+    /// Drop the promotions of `cell` unless this node still leads it in the same term
+    /// (`leading`: the term it leads in, `None` when it does not lead).
+    pub fn keep(&mut self, cell: u64, leading: Option<u64>) {
+        if self.0.get(&cell).is_some_and(|(t, _)| Some(*t) != leading) {
+            self.0.remove(&cell);
+        }
+    }
+
+    /// Drop the promotions of every cell not in `held` (sorted).
+    pub fn retain_held(&mut self, held: &[u64]) {
+        self.0.retain(|c, _| held.binary_search(c).is_ok());
     }
 }
 
@@ -164,6 +209,10 @@ pub struct Seed {
     pub create_lock: tokio::sync::Mutex<()>,
     /// Serializes the meta reservation file.
     pub reservation: Mutex<()>,
+    /// Per KV cell this node leads: the term, and the members it promoted to voters in that
+    /// term and has not recorded as voters in meta yet (a cell voter that meta lists as a
+    /// learner is legitimate only here; see `loops`). Dropped when the leadership ends.
+    pub promoted: Mutex<Promotions>,
     pub draining: AtomicBool,
     /// Whether the local meta replica currently knows a leader (refreshed by the
     /// subscription loop).
@@ -609,6 +658,33 @@ impl Seed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn promotions_last_one_leadership_term() {
+        let mut p = Promotions::default();
+        p.note(5, 3, 7);
+        assert!(p.contains(5, 3, 7));
+        assert!(!p.contains(5, 4, 7), "another term");
+        assert!(!p.contains(6, 3, 7), "another cell");
+        p.keep(5, Some(3));
+        assert!(p.contains(5, 3, 7), "same leadership");
+        p.keep(5, Some(4));
+        assert!(!p.contains(5, 3, 7), "term changed");
+        p.note(5, 4, 7);
+        p.keep(5, None);
+        assert!(!p.contains(5, 4, 7), "no longer leader");
+        p.note(5, 4, 7);
+        p.note(5, 5, 8);
+        assert!(!p.contains(5, 4, 7), "a new term starts over");
+        assert!(p.contains(5, 5, 8));
+        p.recorded(5, 8);
+        assert!(!p.contains(5, 5, 8));
+        p.note(5, 5, 8);
+        p.note(9, 1, 8);
+        p.retain_held(&[9]);
+        assert!(!p.contains(5, 5, 8), "range no longer held");
+        assert!(p.contains(9, 1, 8));
+    }
 
     #[test]
     fn the_meta_reservation_is_granted_once_and_kept() {

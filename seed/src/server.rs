@@ -239,6 +239,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         view_changed,
         create_lock: tokio::sync::Mutex::new(()),
         reservation: Mutex::new(()),
+        promoted: Mutex::default(),
         draining: std::sync::atomic::AtomicBool::new(false),
         replica_led: std::sync::atomic::AtomicBool::new(false),
         peer_addr,
