@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use checker::history::{KvOp, KvOut, Recorder};
-use checker::linearizable::{check_kv, CheckOptions, CheckReport, CheckResult};
+use checker::linearizable::{check_kv, CheckOptions, CheckReport};
 
 use crate::availability::{ByKind, FaultAvailability};
 use crate::cluster::Cluster;
@@ -211,19 +211,14 @@ impl fmt::Display for RunReport {
             )?;
             writeln!(f, "fault schedule:\n{}", self.faults)?;
             writeln!(f, "checker: {}", self.check)?;
-            if !self.refill_state.is_empty() {
-                writeln!(f, "membership not refilled: {}", self.refill_state)?;
-            }
-        } else if !self.refill_state.is_empty() {
-            writeln!(f, "membership not refilled: {}", self.refill_state)?;
-            if let CheckResult::Illegal { key, slice } = &self.check.result {
-                writeln!(f, "smallest failing slice (key {key}):\n{slice}")?;
-            }
             if let Some(a) = &self.appends {
                 for (key, r) in &a.failing {
                     writeln!(f, "append log {key}:\n{r}")?;
                 }
             }
+        }
+        if !self.refill_state.is_empty() {
+            writeln!(f, "membership not refilled: {}", self.refill_state)?;
         }
         Ok(())
     }
