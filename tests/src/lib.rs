@@ -122,10 +122,8 @@ impl RunReport {
         self.check.anomalies()
     }
 
-    /// No anomaly (KV and append), no lost write, every key read, recovered after the heal.
-    /// (Whether long-killed nodes came back as members is [`RunReport::refilled`], reported
-    /// apart: a removed node that returns is not added back yet,
-    /// `tests/removed_node_rejoins_range.rs`.)
+    /// No anomaly (KV and append), no lost write, every key read, recovered after the heal,
+    /// and every long-killed node back as a voter ([`RunReport::refilled`]).
     pub fn passed(&self) -> bool {
         self.check.is_linearizable()
             && self.lost_acknowledged == 0
@@ -135,6 +133,7 @@ impl RunReport {
                 .is_none_or(|a| a.anomalies == 0 && a.lost_acked == 0)
             && self.recovery.is_some()
             && self.unread_keys == 0
+            && self.refilled()
     }
 
     /// False when a long-killed node did not become a voter of meta and of the range again.
