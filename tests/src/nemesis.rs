@@ -217,8 +217,9 @@ fn isolate(c: &Cluster, li: usize, rules: &mut HashMap<(u64, u64), Rule>) {
 }
 
 /// Apply `fault` (`collection`: the workload's KV collection, if any); returns a description
-/// of what was done (with resolved choices).
-pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> String {
+/// of what was done (with resolved choices), or `None` when nothing was done (a leader-directed
+/// fault found no leader).
+pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> Option<String> {
     let n = c.nodes.len();
     let all: Vec<usize> = (0..n).collect();
     let mut rules = HashMap::new();
@@ -253,34 +254,22 @@ pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> 
             format!("partition bridge {bridge} between {a:?} and {b:?}")
         }
         Fault::IsolateLeader => {
-            let cl = c.client(Duration::from_secs(1));
-            match Cluster::meta_leader(&cl).await.and_then(|l| c.index_of(l)) {
-                Some(li) => {
-                    isolate(c, li, &mut rules);
-                    format!("partition isolate leader node {li}")
-                }
-                None => "partition isolate leader: no leader known, nothing done".into(),
-            }
+            let (li, _) = range_leader(c, None).await?;
+            isolate(c, li, &mut rules);
+            format!("partition isolate leader node {li}")
         }
-        Fault::KillRangeLeader => match range_leader(c, collection).await {
-            Some((li, what)) => {
-                c.kill(li);
-                format!(
-                    "kill -9 the leader of {what}: node {li} (id {})",
-                    c.nodes[li].id
-                )
-            }
-            None => "kill range leader: no leader found, nothing done".into(),
-        },
+        Fault::KillRangeLeader => {
+            let (li, what) = range_leader(c, collection).await?;
+            c.kill(li);
+            format!(
+                "kill -9 the leader of {what}: node {li} (id {})",
+                c.nodes[li].id
+            )
+        }
         Fault::IsolateRangeLeader => {
-            let found = range_leader(c, collection).await;
-            match found {
-                Some((li, what)) => {
-                    isolate(c, li, &mut rules);
-                    format!("partition isolate the leader of {what}: node {li}")
-                }
-                None => "partition isolate range leader: no leader found, nothing done".into(),
-            }
+            let (li, what) = range_leader(c, collection).await?;
+            isolate(c, li, &mut rules);
+            format!("partition isolate the leader of {what}: node {li}")
         }
         Fault::OneWay { node, outbound } => {
             let me = c.nodes[*node].id;
@@ -320,7 +309,7 @@ pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> 
     if !rules.is_empty() {
         c.proxy.set_all(rules);
     }
-    what
+    Some(what)
 }
 
 /// The node index leading the workload collection's range holding `k0` (meta's leader without
@@ -369,7 +358,14 @@ pub async fn run(
     for p in &schedule.faults {
         tokio::time::sleep(p.gap).await;
         let start = Instant::now();
-        let what = apply(c, &p.fault, collection).await;
+        let Some(what) = apply(c, &p.fault, collection).await else {
+            // Not injected: neither counted nor given a window.
+            log.entries.push(LogEntry {
+                at: t0.elapsed(),
+                what: format!("skip {}: no leader found, nothing done", p.fault.kind()),
+            });
+            continue;
+        };
         *log.by_kind.entry(p.fault.kind()).or_default() += 1;
         log.entries.push(LogEntry {
             at: t0.elapsed(),
