@@ -1021,23 +1021,6 @@ pub fn forget_lost(seed: &Seed, id: u64) -> Result<(), OpenError> {
     Ok(())
 }
 
-/// At shutdown: hand the leadership of every range led here to another voter, and make
-/// every range's applied state durable (log compaction persists first).
-pub async fn flush_all(seed: &Arc<Seed>) {
-    for id in seed.ranges.ids() {
-        let cell = CellId(id);
-        if let Ok(st) = seed.node.status(cell).await {
-            if st.role == harpoon::Role::Leader {
-                if let Some(to) = st.conf.voters.iter().copied().find(|v| *v != seed.id) {
-                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-                    let _ = seed.node.transfer_leader(cell, NodeId(to), deadline).await;
-                }
-            }
-        }
-        let _ = seed.node.compact_log(cell).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

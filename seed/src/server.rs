@@ -270,34 +270,47 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
 }
 
 impl Running {
-    /// Graceful shutdown: stop accepting, hand meta's leadership to another voter, persist
-    /// the replica, stop the loops, the transport and the consensus threads.
+    /// Graceful shutdown: stop accepting, hand the leadership of meta and of every range led
+    /// here to another voter (concurrently, 2 s at most in all), persist their state, stop the
+    /// loops, the transport and the consensus threads.
     pub async fn shutdown(mut self) {
         let seed = self.seed.clone();
         seed.draining.store(true, Ordering::Relaxed);
         self.ports.abort_all();
-        if let Some(st) = seed.meta_status().await {
-            if st.role == Role::Leader {
-                let to = st.conf.voters.iter().copied().find(|v| *v != seed.id);
-                if let Some(to) = to {
-                    let deadline = Instant::now() + Duration::from_secs(2);
-                    let r = seed
-                        .node
-                        .transfer_leader(META_CELL, NodeId(to), deadline)
-                        .await;
-                    tracing::info!(to, result = ?r.err(), "handed meta's leadership over");
-                }
-            }
-            // Compaction persists the replica first: the flush.
-            let _ = seed.node.compact_log(META_CELL).await;
+        // Meta's cell and every range's, concurrently, under one deadline.
+        let deadline = Instant::now() + HAND_OVER;
+        let mut flushes = JoinSet::new();
+        let cells = seed.ranges.ids().into_iter().map(harpoon::CellId);
+        for cell in std::iter::once(META_CELL).chain(cells) {
+            let seed = seed.clone();
+            flushes.spawn(async move { hand_over_and_flush(&seed, cell, deadline).await });
         }
-        crate::ranges::flush_all(&seed).await;
+        while flushes.join_next().await.is_some() {}
         self.loops.abort_all();
         while self.loops.join_next().await.is_some() {}
         while self.ports.join_next().await.is_some() {}
         seed.transport.shutdown();
         tracing::info!(node = seed.id, "node stopped");
     }
+}
+
+/// How long a graceful shutdown waits for the leaderships led here to move.
+const HAND_OVER: Duration = Duration::from_secs(2);
+
+/// At shutdown: when this node leads `cell`, hand its leadership to another voter (waiting
+/// until `deadline` at most), then make the cell's applied state durable (log compaction
+/// persists the state machine first). A cell not open here is skipped.
+async fn hand_over_and_flush(seed: &Seed, cell: harpoon::CellId, deadline: Instant) {
+    let Ok(st) = seed.node.status(cell).await else {
+        return;
+    };
+    if st.role == Role::Leader {
+        if let Some(to) = st.conf.voters.iter().copied().find(|v| *v != seed.id) {
+            let r = seed.node.transfer_leader(cell, NodeId(to), deadline).await;
+            tracing::info!(cell = cell.0, to, result = ?r.err(), "handed the leadership over");
+        }
+    }
+    let _ = seed.node.compact_log(cell).await;
 }
 
 /// Run a node until `stop` resolves, then shut it down gracefully.
