@@ -175,7 +175,8 @@ impl KeyRange {
             },
         )
     }
-    pub(crate) fn is_empty(&self) -> bool {
+    /// Whether the range holds no key (`end` at or below `start`).
+    pub fn is_empty(&self) -> bool {
         self.end.as_ref().is_some_and(|e| e <= &self.start)
     }
 }

@@ -128,21 +128,6 @@ impl Shared {
     }
 }
 
-/// Whether every key of `range` lies in `bounds` (an empty range always does).
-fn covers(bounds: &Bounds, range: &KeyRange) -> bool {
-    if range.is_empty() {
-        return true;
-    }
-    if range.start.as_ref() < bounds.lo.as_ref() {
-        return false;
-    }
-    match (&bounds.hi, &range.end) {
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(hi), Some(end)) => end <= hi,
-    }
-}
-
 fn is_moved(e: &KvError) -> bool {
     matches!(e, KvError::Storage(seglog::Error::InvalidPosition { .. }))
 }
@@ -226,7 +211,7 @@ impl KvReader {
     fn scan_inner(&self, req: &ScanRequest, now_ms: u64, strict: bool) -> Result<ScanPage> {
         self.read(
             |st| {
-                if strict && !covers(&st.bounds, &req.range) {
+                if strict && !st.bounds.covers(&req.range) {
                     return Err(KvError::KeyOutOfRange);
                 }
                 check_scan_revision(st, req.revision)?;

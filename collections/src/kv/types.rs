@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use proto::kvpb;
 
+use crate::kv::state::KeyRange;
+
 /// One key's current value and metadata (etcd semantics).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyValue {
@@ -101,6 +103,21 @@ impl Bounds {
     /// Whether `key` lies in the bounds.
     pub fn contains(&self, key: &[u8]) -> bool {
         key >= self.lo.as_ref() && self.hi.as_ref().is_none_or(|hi| key < hi.as_ref())
+    }
+
+    /// Whether every key of `r` lies in the bounds (an empty range always does).
+    pub fn covers(&self, r: &KeyRange) -> bool {
+        if r.is_empty() {
+            return true;
+        }
+        if r.start.as_ref() < self.lo.as_ref() {
+            return false;
+        }
+        match (&self.hi, &r.end) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(hi), Some(end)) => end <= hi,
+        }
     }
 }
 
@@ -242,5 +259,25 @@ mod tests {
             hi: Some(Bytes::from_static(b"d")),
         };
         assert!(b.contains(b"b") && b.contains(b"c\xff") && !b.contains(b"d") && !b.contains(b"a"));
+    }
+
+    #[test]
+    fn bounds_cover_ranges() {
+        let r = |s: &'static [u8], e: Option<&'static [u8]>| KeyRange {
+            start: Bytes::from_static(s),
+            end: e.map(Bytes::from_static),
+        };
+        let b = Bounds {
+            lo: Bytes::from_static(b"b"),
+            hi: Some(Bytes::from_static(b"d")),
+        };
+        assert!(b.covers(&r(b"b", Some(b"d"))) && b.covers(&r(b"c", Some(b"c\0"))));
+        assert!(!b.covers(&r(b"a", Some(b"c"))) && !b.covers(&r(b"c", Some(b"d\0"))));
+        assert!(!b.covers(&r(b"c", None)));
+        // Empty ranges are covered wherever they point.
+        assert!(b.covers(&r(b"z", Some(b"a"))) && b.covers(&r(b"x", Some(b"x"))));
+        assert!(r(b"x", Some(b"x")).is_empty() && !r(b"x", None).is_empty());
+        let all = Bounds::default();
+        assert!(all.covers(&KeyRange::all()) && all.covers(&r(b"q", None)));
     }
 }
