@@ -468,6 +468,9 @@ mod tests {
         ));
         let stored = view::collection(s, "users").unwrap().unwrap().value;
         assert_eq!(stored, written);
+        let by_id = view::collection_by_id(s, stored.id).unwrap().unwrap().value;
+        assert_eq!(by_id, stored);
+        assert!(view::collection_by_id(s, stored.id + 1).unwrap().is_none());
         stored
     }
 

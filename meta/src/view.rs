@@ -51,6 +51,17 @@ pub fn collections(s: &MetaStore) -> Result<Vec<Versioned<CollectionDescriptor>>
         .collect()
 }
 
+/// The collection with id `id` (a scan: ids are not keys).
+///
+/// # Errors
+/// [`MetaError::Corrupt`] if a record does not decode.
+pub fn collection_by_id(
+    s: &MetaStore,
+    id: u64,
+) -> Result<Option<Versioned<CollectionDescriptor>>, MetaError> {
+    Ok(collections(s)?.into_iter().find(|c| c.value.id == id))
+}
+
 /// Every range, ordered by `hi`.
 ///
 /// # Errors

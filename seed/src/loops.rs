@@ -159,9 +159,10 @@ async fn housekeeping(seed: Arc<Seed>) {
         }
         let ids = seed.ranges.ids();
         state.retain(|id, _| ids.contains(id));
+        let recs = Records::read(&seed);
         for id in ids {
             let hk = state.entry(id).or_default();
-            if let Err(e) = housekeep(&seed, id, hk).await {
+            if let Err(e) = housekeep(&seed, id, hk, &recs).await {
                 tracing::info!(range = id, error = %e, "housekeeping not done");
             }
         }
@@ -205,13 +206,16 @@ async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
 /// Range `id` is registered here but its cell is gone (harpoon removed this node from it):
 /// once meta knows the range and no longer lists this node, drop the replica and its dir.
 /// Never while meta lists it (this node's view may lag, or it is being re-added).
-fn drop_if_removed(seed: &Arc<Seed>, id: u64, hk: &mut Housekeeping) -> Result<(), String> {
-    let listed = seed.read_meta(|s| {
-        view::range_by_id(s, id)
-            .ok()
-            .flatten()
-            .map(|r| r.value.members.iter().any(|m| m.node == seed.id))
-    });
+fn drop_if_removed(
+    seed: &Arc<Seed>,
+    id: u64,
+    hk: &mut Housekeeping,
+    recs: &Records,
+) -> Result<(), String> {
+    let listed = recs
+        .ranges
+        .get(&id)
+        .map(|r| r.value.members.iter().any(|m| m.node == seed.id));
     match listed {
         Some(false) => {}
         // Harpoon destroys a cell only when it applies its own replica's removal, so the
@@ -243,6 +247,12 @@ async fn propose_command(
     cmd: &proto::kvpb::Command,
 ) -> Result<(), String> {
     let data = crate::ranges::encode_entry(now_ms(), &collections::kv::cmd::encode(cmd));
+    propose_entry(seed, cell, data).await
+}
+
+/// Propose one encoded range entry on `cell`, led here, and check its answer (a `kvpb`
+/// response, when the mode answers after applying).
+async fn propose_entry(seed: &Arc<Seed>, cell: CellId, data: Bytes) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     let reply = seed
         .node
@@ -259,14 +269,19 @@ async fn propose_command(
     Ok(())
 }
 
-async fn housekeep(seed: &Arc<Seed>, id: u64, hk: &mut Housekeeping) -> Result<(), String> {
+async fn housekeep(
+    seed: &Arc<Seed>,
+    id: u64,
+    hk: &mut Housekeeping,
+    recs: &Records,
+) -> Result<(), String> {
     let Some(local) = seed.ranges.get(id) else {
         return Ok(());
     };
     let cell = CellId(id);
     let st = match seed.node.status(cell).await {
         Ok(st) => st,
-        Err(harpoon::Error::CellNotFound { .. }) => return drop_if_removed(seed, id, hk),
+        Err(harpoon::Error::CellNotFound { .. }) => return drop_if_removed(seed, id, hk, recs),
         Err(_) => return Ok(()),
     };
     if st.role != Role::Leader {
@@ -279,13 +294,7 @@ async fn housekeep(seed: &Arc<Seed>, id: u64, hk: &mut Housekeeping) -> Result<(
             ..Housekeeping::default()
         };
     }
-    let retention = seed.read_meta(|s| {
-        view::collections(s)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|c| c.value.id == local.collection)
-            .map(|c| c.value.retention_secs)
-    });
+    let retention = recs.colls.get(&local.collection).map(|c| c.retention_secs);
     let now = now_ms();
     let expiry_due = local.reader.next_expiry_ms().is_some_and(|t| t <= now);
     if expiry_due && hk.last_expire.is_none_or(|t| t.elapsed() >= EXPIRE_EVERY) {
@@ -322,8 +331,9 @@ async fn split(seed: Arc<Seed>) {
         if seed.draining.load(Ordering::Relaxed) || !seed.meta_known() {
             continue;
         }
+        let recs = Records::read(&seed);
         for id in seed.ranges.ids() {
-            if let Err(e) = split_check(&seed, id).await {
+            if let Err(e) = split_check(&seed, id, &recs).await {
                 tracing::info!(range = id, error = %e, "split not done");
             }
         }
@@ -334,14 +344,43 @@ async fn split(seed: Arc<Seed>) {
 /// collection has an unbounded store: its ends are the collection's).
 pub fn same_bounds(store: &Bounds, rec: &RangeDescriptor, coll: &CollectionDescriptor) -> bool {
     let lo = store.lo == rec.lo || (store.lo.is_empty() && rec.lo == coll.prefix);
-    let hi = match &store.hi {
-        Some(h) => *h == rec.hi,
-        None => keys::prefix_end(&coll.prefix).is_some_and(|e| e == rec.hi.as_ref()),
-    };
-    lo && hi
+    lo && same_hi(store, &rec.hi, coll)
 }
 
-async fn split_check(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
+/// Whether the store's upper bound is `hi` (an unbounded store's is its collection's end).
+fn same_hi(store: &Bounds, hi: &[u8], coll: &CollectionDescriptor) -> bool {
+    match &store.hi {
+        Some(h) => h.as_ref() == hi,
+        None => keys::prefix_end(&coll.prefix).is_some_and(|e| e == hi),
+    }
+}
+
+/// Meta's ranges and collections by id, read once per pass of a per-range loop (instead of
+/// decoding every record once per range).
+#[derive(Debug, Default)]
+struct Records {
+    ranges: HashMap<u64, meta::Versioned<RangeDescriptor>>,
+    colls: HashMap<u64, CollectionDescriptor>,
+}
+
+impl Records {
+    fn read(seed: &Seed) -> Records {
+        seed.read_meta(|s| Records {
+            ranges: view::ranges(s)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|r| (r.value.id, r))
+                .collect(),
+            colls: view::collections(s)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| (c.value.id, c.value))
+                .collect(),
+        })
+    }
+}
+
+async fn split_check(seed: &Arc<Seed>, id: u64, recs: &Records) -> Result<(), String> {
     let Some(local) = seed.ranges.get(id) else {
         return Ok(());
     };
@@ -352,16 +391,8 @@ async fn split_check(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
     if st.role != Role::Leader {
         return Ok(());
     }
-    let (rec, coll) = seed.read_meta(|s| {
-        let rec = view::range_by_id(s, id).ok().flatten();
-        let coll = view::collections(s)
-            .unwrap_or_default()
-            .into_iter()
-            .find(|c| c.value.id == local.collection)
-            .map(|c| c.value);
-        (rec, coll)
-    });
-    let Some(coll) = coll else {
+    let rec = recs.ranges.get(&id);
+    let Some(coll) = recs.colls.get(&local.collection) else {
         return Ok(());
     };
     let bounds = local.reader.bounds();
@@ -371,7 +402,7 @@ async fn split_check(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
         }
         return Ok(());
     };
-    if !same_bounds(&bounds, &rec.value, &coll)
+    if !same_bounds(&bounds, &rec.value, coll)
         || !st.conf.voters_outgoing.is_empty()
         || !st.conf.learners_next.is_empty()
     {
@@ -403,19 +434,9 @@ async fn split_check(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
         hi: bounds.hi.clone(),
     });
     let data = crate::ranges::encode_admin(now_ms(), &cmd);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let reply = seed
-        .node
-        .propose_by(cell, data, deadline)
+    propose_entry(seed, cell, data)
         .await
         .map_err(|e| format!("split entry: {e}"))?;
-    if let Some(b) = reply.response {
-        let r = proto::kvpb::Response::parse_from_carllerche_bytes(&b)
-            .map_err(|e| format!("split reply: {e}"))?;
-        if r.has_error() {
-            return Err(format!("split refused: {}", r.get_error().why));
-        }
-    }
     let applied = Instant::now();
     // Async mode answers before applying: wait until the split applied here.
     let want = Some(at.clone());
@@ -511,15 +532,10 @@ async fn repair_record(
     let at: Bytes = bounds.lo.clone();
     let covers = seed.read_meta(|s| {
         let p = view::range_by_id(s, parent).ok().flatten()?;
-        let coll = view::collections(s)
-            .ok()?
-            .into_iter()
-            .find(|c| c.value.id == p.value.collection)?
-            .value;
-        let hi_ok = match &bounds.hi {
-            Some(h) => *h == p.value.hi,
-            None => keys::prefix_end(&coll.prefix).is_some_and(|e| e == p.value.hi.as_ref()),
-        };
+        let coll = view::collection_by_id(s, p.value.collection)
+            .ok()
+            .flatten()?;
+        let hi_ok = same_hi(bounds, &p.value.hi, &coll.value);
         Some(p.value.lo.as_ref() < at.as_ref() && at.as_ref() < p.value.hi.as_ref() && hi_ok)
     });
     if covers != Some(true) {
@@ -847,6 +863,7 @@ async fn reconcile_ranges(seed: &Arc<Seed>) {
         return;
     }
     let ids = seed.ranges.ids();
+    let recs = Records::read(seed);
     // Promotions of ranges no longer held here are forgotten.
     seed.promoted.lock().retain_held(&ids);
     for id in ids {
@@ -860,10 +877,10 @@ async fn reconcile_ranges(seed: &Arc<Seed>) {
             continue;
         }
         seed.promoted.lock().keep(id, Some(st.term));
-        let Some(range) = seed.read_meta(|s| view::range_by_id(s, id).ok().flatten()) else {
+        let Some(range) = recs.ranges.get(&id) else {
             continue;
         };
-        if let Err(e) = reconcile_cell(seed, cell, &range, &st).await {
+        if let Err(e) = reconcile_cell(seed, cell, range, &st).await {
             tracing::debug!(range = id, error = %e, "reconcile range");
         }
     }
