@@ -350,7 +350,9 @@ impl Cluster {
     }
 
     /// Create KV collection `name` with `replicas` replicas (through `quiver
-    /// create-collection`) and wait until it serves; false after `within`.
+    /// create-collection`) and wait until it serves and its range holding `k0` has `replicas`
+    /// voters (a collection serves once its first replica does; faults injected before the
+    /// others are voters can leave a range that cannot elect); false after `within` (each wait).
     pub async fn create_collection(&self, name: &str, replicas: usize, within: Duration) -> bool {
         self.create_collection_with(name, replicas, &[], within)
             .await
@@ -391,9 +393,26 @@ impl Cluster {
                 return false;
             }
         }
-        self.wait_target(&crate::workload::Target::Collection(name.into()), within)
+        if self
+            .wait_target(&crate::workload::Target::Collection(name.into()), within)
             .await
-            .is_some()
+            .is_none()
+        {
+            eprintln!("create-collection {name}: it does not serve");
+            return false;
+        }
+        if self
+            .wait_range_voters(name, b"k0", replicas, within)
+            .await
+            .is_none()
+        {
+            eprintln!(
+                "create-collection {name}: its range never had {replicas} voters; {}",
+                self.membership_state(Some(name)).await
+            );
+            return false;
+        }
+        true
     }
 
     /// Ask node `i` directly (no routing, no redirects) with a bounded wait.

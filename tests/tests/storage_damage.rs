@@ -27,20 +27,8 @@ async fn torn_tail_recovers_and_a_flip_below_the_mark_is_refused() {
     let coll = "damage";
     assert!(
         c.create_collection(coll, 3, Duration::from_secs(90)).await,
-        "{coll} does not serve; logs in {}",
+        "{coll} does not serve with 3 voters; logs in {}",
         c.dir.display()
-    );
-    let t_voters = std::time::Instant::now();
-    assert!(
-        c.wait_range_voters(coll, b"k0", 3, Duration::from_secs(60))
-            .await
-            .is_some(),
-        "the range of {coll} never had 3 voters; logs in {}",
-        c.dir.display()
-    );
-    eprintln!(
-        "the range had 3 voters {:.1}s after the collection first served",
-        t_voters.elapsed().as_secs_f64()
     );
     let writes = Arc::new(Mutex::new(Writes::default()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -177,10 +165,6 @@ async fn flip_in_a_range_image_is_never_served() {
     let mut c = ready_cluster(3).await;
     let coll = "datalog";
     assert!(c.create_collection(coll, 3, Duration::from_secs(90)).await);
-    assert!(c
-        .wait_range_voters(coll, b"k0", 3, Duration::from_secs(60))
-        .await
-        .is_some());
     let writes = Arc::new(Mutex::new(Writes::default()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = write_once(
