@@ -321,10 +321,9 @@ fn read_index_ctx_collision_stale_read() {
         .read_barrier(cell, ReadConsistency::ReadIndex, Instant::now() + WAIT)
         .wait()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(wait_until(WAIT, || !captured.lock().unwrap().is_empty()));
     c.net.remove_filter(filt);
     let stale = captured.lock().unwrap().clone();
-    assert!(!stale.is_empty());
 
     // L, cut off, starts its own read; G's old acknowledgement arrives.
     c.isolate(l);
@@ -334,7 +333,7 @@ fn read_index_ctx_collision_stale_read() {
         ReadConsistency::ReadIndex,
         Instant::now() + Duration::from_secs(1),
     );
-    std::thread::sleep(Duration::from_millis(5));
+    // The read and the delivery go down the cell's shard channel in this order.
     node_l.sink().deliver(g, stale);
     let r = p.wait();
     assert!(
@@ -387,21 +386,25 @@ fn commit_point_beyond_persisted_log_blocks_restart() {
             .leader(cell)
             .is_some_and(|(n, _)| n == l)));
     }
-    c.node(l)
+    let w0 = c
+        .node(l)
         .propose(cell, Bytes::from_static(b"w0"))
         .wait()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(wait_until(WAIT, || applied_on(&c, f, cell) >= w0.index));
     // F gets entry E but no heartbeat (which would carry its commit).
     let lf = l;
     let filt = c.net.drop_if(move |from, to, env| {
         from == lf && to == f && env.msg.get_msg_type() == MessageType::MsgHeartbeat
     });
-    c.node(l)
+    let e = c
+        .node(l)
         .propose(cell, Bytes::from_static(b"E"))
         .wait()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(wait_until(WAIT, || c
+        .status(f, cell)
+        .is_some_and(|s| s.last_index >= e.index)));
     c.isolate(f);
     for i in 0..3 {
         c.node(l)
@@ -439,11 +442,14 @@ fn async_durable_ack_for_truncated_entry() {
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
     let l = c.wait_leader(cell, WAIT).unwrap();
+    let mut last = 0;
     for i in 0..3 {
-        c.propose_retry(cell, Bytes::from(format!("x{i}")), WAIT)
-            .unwrap();
+        last = c
+            .propose_retry(cell, Bytes::from(format!("x{i}")), WAIT)
+            .unwrap()
+            .index;
     }
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(c.wait_applied(cell, last, WAIT));
     c.isolate(l);
     let s = c.node(l).status(cell).wait().unwrap();
     let f = (1..=3).map(NodeId).find(|n| *n != l).unwrap();
@@ -510,11 +516,14 @@ fn async_acked_write_covered_by_snapshot_counted_lost() {
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
     let a = c.wait_leader(cell, WAIT).unwrap();
+    let mut last = 0;
     for i in 0..3 {
-        c.propose_retry(cell, Bytes::from(format!("x{i}")), WAIT)
-            .unwrap();
+        last = c
+            .propose_retry(cell, Bytes::from(format!("x{i}")), WAIT)
+            .unwrap()
+            .index;
     }
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(c.wait_applied(cell, last, WAIT));
     c.isolate(a);
     let mut acked = Vec::new();
     for i in 0..3 {
@@ -618,7 +627,7 @@ fn restarted_replica_refuses_votes_within_election_timeout() {
     c.node(f)
         .sink()
         .deliver(NodeId(1), vec![Envelope { cell, msg: m }]);
-    std::thread::sleep(Duration::from_millis(30));
+    // The status request goes down the cell's shard channel after the delivery.
     let after = c.node(f).status(cell).wait().unwrap();
     assert_eq!(
         after.term, s.term,
@@ -879,7 +888,7 @@ fn forged_sender_message_dropped() {
     m.term = s.term + 5;
     m.commit = s.commit;
     c.node(f).sink().deliver(g, vec![Envelope { cell, msg: m }]);
-    std::thread::sleep(Duration::from_millis(50));
+    // The status request goes down the cell's shard channel after the delivery.
     let after = c.node(f).status(cell).wait().unwrap();
     assert!(
         after.term < s.term + 5,
