@@ -68,11 +68,13 @@ pub struct MetaStateMachine {
     durable: ApplyState,
 }
 
-fn err(doing: &'static str, e: impl std::fmt::Display) -> StateMachineError {
+/// A state machine error while `doing`.
+pub(crate) fn err(doing: &'static str, e: impl std::fmt::Display) -> StateMachineError {
     StateMachineError::new(doing, e.to_string())
 }
 
-fn encode_conf(cs: &ConfState) -> Result<Vec<u8>, StateMachineError> {
+/// The encoded `ConfState` (kept with a state machine's apply state).
+pub(crate) fn encode_conf(cs: &ConfState) -> Result<Vec<u8>, StateMachineError> {
     cs.write_to_bytes().map_err(|e| err("encode", e))
 }
 

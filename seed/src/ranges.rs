@@ -68,6 +68,7 @@ use proto::{kvpb, metapb};
 use protobuf::{Message, ProtobufEnum};
 use raft::eraftpb::ConfState;
 
+use crate::meta_sm::{encode_conf, err};
 use crate::node::Seed;
 
 /// Bytes of the entry header (the leader's clock).
@@ -217,7 +218,7 @@ fn decode_conf(meta: &[u8]) -> Result<ConfState, StateMachineError> {
     if meta.is_empty() {
         return Ok(ConfState::default());
     }
-    ConfState::parse_from_bytes(meta).map_err(|e| sm_err("conf_state", e))
+    ConfState::parse_from_bytes(meta).map_err(|e| err("conf_state", e))
 }
 
 fn split_entry(data: &[u8]) -> (u64, &[u8]) {
@@ -228,16 +229,8 @@ fn split_entry(data: &[u8]) -> (u64, &[u8]) {
     }
 }
 
-fn sm_err(doing: &'static str, e: impl std::fmt::Display) -> StateMachineError {
-    StateMachineError::new(doing, e.to_string())
-}
-
 fn to_harpoon(s: collections::kv::ApplyState) -> Result<ApplyState, StateMachineError> {
-    let conf_state = if s.apply_meta.is_empty() {
-        ConfState::default()
-    } else {
-        ConfState::parse_from_bytes(&s.apply_meta).map_err(|e| sm_err("apply_state", e))?
-    };
+    let conf_state = decode_conf(&s.apply_meta)?;
     Ok(ApplyState {
         applied_index: s.applied_index,
         applied_term: s.applied_term,
@@ -249,17 +242,14 @@ fn to_harpoon(s: collections::kv::ApplyState) -> Result<ApplyState, StateMachine
 
 /// The image of an empty store whose apply state is `state`.
 fn empty_image(state: &ApplyState) -> Result<Bytes, StateMachineError> {
-    let mut s = KvStore::open(KvConfig::memory()).map_err(|e| sm_err("restore", e))?;
-    let meta = state
-        .conf_state
-        .write_to_bytes()
-        .map_err(|e| sm_err("restore", e))?;
+    let mut s = KvStore::open(KvConfig::memory()).map_err(|e| err("restore", e))?;
+    let meta = encode_conf(&state.conf_state)?;
     s.set_commit(state.commit_index, state.commit_term);
     s.set_apply_meta(state.applied_index, state.applied_term, meta.into());
     s.reader()
         .snapshot()
         .to_bytes()
-        .map_err(|e| sm_err("restore", e))
+        .map_err(|e| err("restore", e))
 }
 
 /// What a replica applying a split needs from the node holding it.
@@ -285,14 +275,14 @@ pub struct KvStateMachine {
 fn admin_reply(
     store: &KvStore,
     index: u64,
-    err: Option<(kvpb::ErrorCode, String)>,
+    refused: Option<(kvpb::ErrorCode, String)>,
 ) -> Result<Bytes, StateMachineError> {
     let mut r = kvpb::Response::new();
     let mut h = kvpb::ResponseHeader::new();
     h.revision = store.revision();
     h.applied_index = index;
     r.set_header(h);
-    if let Some((code, why)) = err {
+    if let Some((code, why)) = refused {
         let mut e = kvpb::Error::new();
         e.code = code;
         e.why = why;
@@ -300,7 +290,7 @@ fn admin_reply(
     }
     r.write_to_bytes()
         .map(Bytes::from)
-        .map_err(|e| sm_err("admin reply", e))
+        .map_err(|e| err("admin reply", e))
 }
 
 impl KvStateMachine {
@@ -327,7 +317,7 @@ impl KvStateMachine {
     ) -> Result<Bytes, StateMachineError> {
         self.store
             .apply(index, term, 0, &[])
-            .map_err(|e| sm_err("apply", e))?;
+            .map_err(|e| err("apply", e))?;
         admin_reply(&self.store, index, Some((code, why)))
     }
 
@@ -370,9 +360,7 @@ impl KvStateMachine {
             return self.refuse(index, term, kvpb::ErrorCode::INVALID_ARGUMENT, why);
         }
         let parent_conf = decode_conf(&self.store.apply_state().apply_meta)?;
-        let conf = daughter_conf(&parent_conf)
-            .write_to_bytes()
-            .map_err(|e| sm_err("split", e))?;
+        let conf = encode_conf(&daughter_conf(&parent_conf))?;
         let dm = RangeMeta {
             range: s.daughter,
             collection: me.collection,
@@ -386,14 +374,14 @@ impl KvStateMachine {
             // parent only lets go of the right half.
             self.store
                 .split_drop_right(index, term, &s.at)
-                .map_err(|e| sm_err("split", e))?;
+                .map_err(|e| err("split", e))?;
             return admin_reply(&self.store, index, None);
         }
         let cfg = match host.prepare(&dm) {
             Ok(c) => c,
             Err(e) => {
                 host.release(s.daughter);
-                return Err(sm_err("split: daughter range dir", e));
+                return Err(err("split: daughter range dir", e));
             }
         };
         match self.store.split_off(index, term, &s.at, cfg) {
@@ -401,7 +389,7 @@ impl KvStateMachine {
                 right.set_apply_meta(index, term, conf.into());
                 if let Err(e) = right.persist() {
                     host.release(s.daughter);
-                    return Err(sm_err("split: daughter store", e));
+                    return Err(err("split: daughter store", e));
                 }
                 host.start(dm, right);
             }
@@ -413,11 +401,11 @@ impl KvStateMachine {
                 tracing::warn!(daughter = s.daughter, error = %e, "split: daughter dir not empty; parent restricted only");
                 self.store
                     .split_drop_right(index, term, &s.at)
-                    .map_err(|e| sm_err("split", e))?;
+                    .map_err(|e| err("split", e))?;
             }
             Err(e) => {
                 host.release(s.daughter);
-                return Err(sm_err("split", e));
+                return Err(err("split", e));
             }
         }
         admin_reply(&self.store, index, None)
@@ -426,17 +414,13 @@ impl KvStateMachine {
 
 impl StateMachine for KvStateMachine {
     fn apply(&mut self, entry: EntryRef<'_>) -> Result<Bytes, StateMachineError> {
-        let (now, cmd) = if entry.data.is_empty() {
-            (0, entry.data)
-        } else {
-            split_entry(entry.data)
-        };
+        let (now, cmd) = split_entry(entry.data);
         if now & ADMIN_FLAG != 0 {
             return self.apply_admin(entry.index, entry.term, cmd);
         }
         self.store
             .apply(entry.index, entry.term, now, cmd)
-            .map_err(|e| sm_err("apply", e))
+            .map_err(|e| err("apply", e))
     }
 
     fn apply_conf_change(
@@ -445,9 +429,7 @@ impl StateMachine for KvStateMachine {
         term: u64,
         conf_state: &ConfState,
     ) -> Result<(), StateMachineError> {
-        let meta = conf_state
-            .write_to_bytes()
-            .map_err(|e| sm_err("apply_conf_change", e))?;
+        let meta = encode_conf(conf_state)?;
         self.store.set_apply_meta(index, term, meta.into());
         Ok(())
     }
@@ -465,7 +447,7 @@ impl StateMachine for KvStateMachine {
     fn snapshot(&mut self) -> Result<SmSnapshot, StateMachineError> {
         let snap = self.store.reader().snapshot();
         let state = to_harpoon(snap.apply_state().clone())?;
-        let data = snap.to_bytes().map_err(|e| sm_err("snapshot", e))?;
+        let data = snap.to_bytes().map_err(|e| err("snapshot", e))?;
         Ok(SmSnapshot { state, data })
     }
 
@@ -479,12 +461,12 @@ impl StateMachine for KvStateMachine {
         };
         self.store
             .restore_bytes(&image)
-            .map_err(|e| sm_err("restore", e))?;
+            .map_err(|e| err("restore", e))?;
         Ok(())
     }
 
     fn persist(&mut self) -> Result<(), StateMachineError> {
-        self.store.persist().map_err(|e| sm_err("persist", e))?;
+        self.store.persist().map_err(|e| err("persist", e))?;
         Ok(())
     }
 }
@@ -571,8 +553,16 @@ impl Registry {
             .map(|r| r.id)
     }
 
-    /// Register an opened range (its claim, if any, is given back).
-    fn insert(&self, r: LocalRange) {
+    /// Register the opened range `m`, read through `reader` (its claim, if any, is given
+    /// back).
+    fn register(&self, m: &RangeMeta, reader: KvReader) {
+        let r = LocalRange {
+            id: m.range,
+            collection: m.collection,
+            persistence: m.persistence,
+            reader,
+            parent: m.parent,
+        };
         let mut h = self.held.lock();
         h.claims.remove(&r.id);
         h.ranges.insert(r.id, r);
@@ -710,9 +700,7 @@ fn settle_daughter(store: &mut KvStore, m: &RangeMeta) -> Result<(), OpenError> 
     let conf = decode_conf(&st.apply_meta)?;
     let want = daughter_conf(&conf);
     if want != conf {
-        let b = want
-            .write_to_bytes()
-            .map_err(|e| sm_err("daughter conf", e))?;
+        let b = encode_conf(&want)?;
         store.set_apply_meta(st.applied_index, st.applied_term, b.into());
         store.persist()?;
     }
@@ -772,13 +760,7 @@ impl SplitHost for SeedHost {
         let pending = seed
             .node
             .create_cell(CellId(m.range), &[], &[], mode_of(&m), Box::new(sm));
-        seed.ranges.insert(LocalRange {
-            id: m.range,
-            collection: m.collection,
-            persistence: m.persistence,
-            reader,
-            parent: m.parent,
-        });
+        seed.ranges.register(&m, reader);
         tracing::info!(
             node = seed.id,
             range = m.range,
@@ -839,13 +821,7 @@ async fn create_claimed(
             return Err(e.into());
         }
     }
-    seed.ranges.insert(LocalRange {
-        id: m.range,
-        collection: m.collection,
-        persistence: m.persistence,
-        reader,
-        parent: m.parent,
-    });
+    seed.ranges.register(&m, reader);
     tracing::info!(
         node = seed.id,
         range = m.range,
