@@ -275,13 +275,24 @@ run_quiver() {
 }
 
 # ---- the runs: etcd, Quiver, etcd, Quiver ... ---------------------------------------------------
+# WITH_QUIVER: Quiver runs in the next rep (not after a failure); QUIVER_RAN: Quiver's rows are
+# in at least one rep; QUIVER_FAILED_REP: the rep it failed in, if any.
 WITH_QUIVER=0
+QUIVER_RAN=0
+QUIVER_FAILED_REP=""
 if [[ $ETCD_ONLY == 0 ]] && quiver_available; then WITH_QUIVER=1; fi
 T0=$(date +%s)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for rep in $(seq 1 "$REPS"); do
     run_etcd "$rep"
-    if [[ $WITH_QUIVER == 1 ]] && ! run_quiver "$rep"; then WITH_QUIVER=0; fi
+    if [[ $WITH_QUIVER == 1 ]]; then
+        if run_quiver "$rep"; then
+            QUIVER_RAN=1
+        else
+            WITH_QUIVER=0
+            QUIVER_FAILED_REP=$rep
+        fi
+    fi
 done
 ELAPSED=$(( $(date +%s) - T0 ))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -300,13 +311,19 @@ CMD+=" --reps $REPS"
 [[ $WORKLOADS != all ]] && CMD+=" --workloads $WORKLOADS"
 [[ $ETCD_ONLY == 1 ]] && CMD+=" --etcd-only"
 [[ -n $EXTRA ]] && CMD+=" --bench-args \"$EXTRA\""
-if [[ $WITH_QUIVER == 1 ]]; then
+if [[ $QUIVER_RAN == 1 ]]; then
     QNOTE="Quiver: 3 \`quiver node\` processes (raft log fsync on every member), one KV collection
 (\`$QUIVER_PERSISTENCE\`, consensus replication), replication factor 3, one range; fsyncs are
 \`$QUIVER_FSYNC_METRIC\` summed over the nodes."
+    if [[ -n $QUIVER_FAILED_REP ]]; then
+        QNOTE+=" Quiver failed in rep $QUIVER_FAILED_REP and was not run after it: its rows come
+from the reps before."
+    fi
+elif [[ $ETCD_ONLY == 1 ]]; then
+    QNOTE="Quiver: not in this run (\`--etcd-only\`), so the ratio columns are empty."
 else
-    QNOTE="Quiver: not in this run (its KV client and collection commands are not built yet),
-so the ratio columns are empty."
+    QNOTE="Quiver: not in this run (it did not build, did not start, or its first bench run failed;
+see the script's log), so the ratio columns are empty."
 fi
 SECTION=$(cat <<EOF
 ## Side-by-side with etcd
