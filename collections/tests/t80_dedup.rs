@@ -370,6 +370,32 @@ fn the_table_survives_restart_exactly_at_the_durable_apply_index() {
 }
 
 #[test]
+fn a_failed_restore_leaves_the_table_journaled_in_persistent_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = open(Mode::Persistent, dir.path());
+    apply(&mut s, 0, &cmd::put(b"before", b"v", 0));
+    // A corrupt image: the store is left empty, ready for another attempt.
+    let bad: Vec<Result<Vec<u8>, collections::KvError>> = vec![Ok(vec![0xff; 64])];
+    assert!(s.restore_chunks(bad).is_err());
+    assert_eq!(s.apply_state().applied_index, 0);
+    let c = with_id(cmd::put(b"k", b"once", 0), 7, 1, 1, 0);
+    let first = apply(&mut s, 0, &c);
+    assert!(matches!(first.result, Some(Res::put(_))), "{first:?}");
+    s.persist().expect("persist");
+    drop(s);
+    let mut s = open(Mode::Persistent, dir.path());
+    let rev = s.revision();
+    let mut again = c.clone();
+    again.mut_request_id().attempt = 1;
+    assert_eq!(
+        apply(&mut s, 0, &again),
+        first,
+        "the recorded reply, not a second apply"
+    );
+    assert_eq!(s.revision(), rev);
+}
+
+#[test]
 fn a_write_that_changes_nothing_is_still_remembered() {
     for mode in MODES {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -21,7 +21,7 @@ use proto::kvpb::{self, Command_oneof_op as Op, Response_oneof_result as Res};
 use protobuf::Message;
 
 use crate::error::{KvError, Result};
-use crate::kv::dedup::{expired_error, ReqId, Verdict};
+use crate::kv::dedup::{expired_error, Recorded, ReqId, Verdict};
 use crate::kv::state::{kv_of, Change, Entry, KeyRange, Loader, State};
 use crate::kv::types::{KeyValue, KvConfig, Limits};
 
@@ -31,6 +31,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) limits: &'a Limits,
     pub(crate) load: Loader<'a>,
     pub(crate) changes: Vec<Change>,
+    /// The request-id table record the command made, if any (for the data log's journal).
+    pub(crate) recorded: Option<Recorded>,
 }
 
 /// Applies one entry. `Err` only for fatal errors (a value could not be loaded from disk).
@@ -106,8 +108,10 @@ pub(crate) fn apply_entry(
             what: "reply",
             why: e.to_string(),
         })?;
-        let now = ctx.st.clock_ms;
-        ctx.st.dedup.record(&id, now, Bytes::from(reply));
+        let now_ms = ctx.st.clock_ms;
+        let reply = Bytes::from(reply);
+        ctx.st.dedup.record(&id, now_ms, reply.clone());
+        ctx.recorded = Some(Recorded { id, now_ms, reply });
     }
     Ok(resp)
 }

@@ -24,6 +24,7 @@ use seglog::{Position, SegLog};
 
 use crate::error::{KvError, Result};
 use crate::kv::codec::{Dec, Enc};
+use crate::kv::dedup::Journal;
 use crate::kv::state::{Change, Entry, Hist, Meta, State, ValueRef};
 use crate::kv::types::{ApplyState, Bounds, EventKind};
 
@@ -58,7 +59,7 @@ pub(crate) struct Commit {
     pub(crate) revision: u64,
     pub(crate) clock_ms: u64,
     pub(crate) compact_revision: u64,
-    /// Request-id table payload (`DedupTable::take_payload`); empty if none.
+    /// Request-id table payload (`Journal::take_payload`); empty if none.
     pub(crate) dedup: Bytes,
 }
 
@@ -88,17 +89,9 @@ pub(crate) fn encode_mutation(
     e.0
 }
 
-pub(crate) fn encode_commit(st: &State) -> Vec<u8> {
-    encode_commit_with(st, false)
-}
-
-/// A `COMMIT` carrying the whole request-id table (the records before it may be dropped).
-pub(crate) fn encode_commit_image(st: &State) -> Vec<u8> {
-    encode_commit_with(st, true)
-}
-
-fn encode_commit_with(st: &State, image: bool) -> Vec<u8> {
-    let dedup = st.dedup.take_payload(image);
+/// A `COMMIT` of `st` carrying the request-id table payload `dedup`
+/// ([`Journal::take_payload`]).
+fn encode_commit(st: &State, dedup: &[u8]) -> Vec<u8> {
     let a = &st.apply;
     let mut e = Enc::with_capacity(64 + a.apply_meta.len());
     e.u8(REC_COMMIT)
@@ -111,7 +104,7 @@ fn encode_commit_with(st: &State, image: bool) -> Vec<u8> {
         .u64(st.compact_revision)
         .bytes(&a.apply_meta);
     if !dedup.is_empty() {
-        e.bytes(&dedup);
+        e.bytes(dedup);
     }
     e.0
 }
@@ -232,12 +225,14 @@ pub(crate) struct DataLog {
     pub(crate) last_commit: ApplyState,
     /// The apply state of the last `COMMIT` known durable.
     pub(crate) durable: ApplyState,
+    /// Request-id table records since the last `COMMIT` (the apply path pushes every record
+    /// the table makes: a store with a data log always journals).
+    pub(crate) journal: Journal,
 }
 
 /// Replays `log` into a fresh state (module doc). Cuts a trailing group without `COMMIT`.
 pub(crate) fn recover(log: &SegLog) -> Result<State> {
     let mut st = State::default();
-    st.dedup.replay_payload(&[])?;
     let mut group: Vec<(Position, Replay)> = Vec::new();
     for item in log.iter(log.first()) {
         let (pos, buf) = item?;
@@ -344,6 +339,17 @@ fn install(st: &mut State, key: &Bytes, kind: EventKind, meta: Meta, value: Valu
 }
 
 impl DataLog {
+    /// A `COMMIT` of `st` carrying the request-id records since the previous one.
+    pub(crate) fn encode_commit(&mut self, st: &State) -> Vec<u8> {
+        encode_commit(st, &self.journal.take_payload(&st.dedup, false))
+    }
+
+    /// A `COMMIT` of `st` carrying the whole request-id table (the records before it may be
+    /// dropped).
+    pub(crate) fn encode_commit_image(&mut self, st: &State) -> Vec<u8> {
+        encode_commit(st, &self.journal.take_payload(&st.dedup, true))
+    }
+
     /// Appends the group of one applied command: its mutations, then a `COMMIT`; then points
     /// the index and history at the records (the values leave memory).
     pub(crate) fn append_group(&mut self, st: &mut State, changes: &[Change]) -> Result<()> {
@@ -351,7 +357,7 @@ impl DataLog {
             .iter()
             .map(|c| encode_mutation(Origin::Original, c.kind, &c.key, &c.meta, &c.value))
             .collect();
-        recs.push(encode_commit(st));
+        recs.push(self.encode_commit(st));
         let positions = self.log.append_batch(recs.iter().map(Vec::as_slice))?;
         for (c, pos) in changes.iter().zip(positions) {
             if c.kind != EventKind::Put {
@@ -375,7 +381,8 @@ impl DataLog {
     /// apply state.
     pub(crate) fn persist(&mut self, st: &State) -> Result<ApplyState> {
         if self.last_commit != st.apply {
-            self.log.append(&encode_commit(st))?;
+            let rec = self.encode_commit(st);
+            self.log.append(&rec)?;
             self.last_commit = st.apply.clone();
         }
         self.log.sync()?;
@@ -477,7 +484,7 @@ impl DataLog {
             if st.bounds != Bounds::default() {
                 tail.push(encode_bounds(&st.bounds));
             }
-            tail.push(encode_commit_image(&st));
+            tail.push(self.encode_commit_image(&st));
             self.log.append_batch(tail.iter().map(Vec::as_slice))?;
             self.last_commit = st.apply.clone();
         }
@@ -630,7 +637,7 @@ impl DataLog {
         if st.bounds != Bounds::default() {
             tail.push(encode_bounds(&st.bounds));
         }
-        tail.push(encode_commit_image(st));
+        tail.push(self.encode_commit_image(st));
         self.log.append_batch(tail.iter().map(Vec::as_slice))?;
         self.log.sync()?;
         self.last_commit = st.apply.clone();

@@ -28,12 +28,13 @@
 //! (`snapshot.rs`, image version 2) and, in persistent mode, of the data log: each `COMMIT`
 //! record carries the table changes since the previous one (or the whole table after a
 //! compaction or restore), so the table is recovered exactly at the committed apply index.
+//! The changes wait in a [`Journal`] owned by the data log (`DataLog`): the apply path hands
+//! it every [`Recorded`] reply, so a store with a data log journals whatever its state went
+//! through (a restore, a failed restore).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 use proto::kvpb;
 
 use crate::error::{KvError, Result};
@@ -125,7 +126,7 @@ struct ClientEntry {
 }
 
 /// The per-range table (module doc).
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct DedupTable {
     clients: BTreeMap<u64, ClientEntry>,
     /// `(last_tick, client)`: least recently used first.
@@ -134,36 +135,59 @@ pub(crate) struct DedupTable {
     bytes: u64,
     /// Until this entry-clock time an unknown client's retry may be one evicted under pressure.
     pressure_until_ms: u64,
-    /// Persistent mode: changes not yet written to the data log (see `take_payload`).
-    journaling: AtomicBool,
-    journal: Mutex<Vec<u8>>,
-    journal_len: Mutex<u64>,
 }
 
-impl Clone for DedupTable {
-    /// The table without its unwritten journal (a copy starts its own persistence).
-    fn clone(&self) -> Self {
-        DedupTable {
-            clients: self.clients.clone(),
-            lru: self.lru.clone(),
-            tick: self.tick,
-            bytes: self.bytes,
-            pressure_until_ms: self.pressure_until_ms,
-            ..DedupTable::default()
+/// One reply recorded by [`DedupTable::record`]: the apply path hands it to the data log's
+/// [`Journal`] (persistent mode) so the next `COMMIT` carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Recorded {
+    pub(crate) id: ReqId,
+    pub(crate) now_ms: u64,
+    pub(crate) reply: Bytes,
+}
+
+/// Persistent mode: the table records not yet written to the data log. It belongs to the data
+/// log (`DataLog`), so a store with a data log journals every record, whatever happened to
+/// its state (a restore, a failed restore).
+#[derive(Debug, Default)]
+pub(crate) struct Journal {
+    buf: Vec<u8>,
+    len: u64,
+}
+
+impl Journal {
+    /// Adds a record to the next `COMMIT`'s deltas.
+    pub(crate) fn push(&mut self, r: &Recorded) {
+        let mut e = Enc(std::mem::take(&mut self.buf));
+        e.u64(r.id.client)
+            .u64(r.id.seq)
+            .u64(r.id.first_incomplete)
+            .u64(r.now_ms)
+            .bytes(&r.reply);
+        self.buf = e.0;
+        self.len += 1;
+    }
+
+    /// Forgets the records (the state they were made on is gone).
+    pub(crate) fn clear(&mut self) {
+        *self = Journal::default();
+    }
+
+    /// The payload the next `COMMIT` record carries: the records since the previous one
+    /// (empty if none), or the whole `table` when `image` (after a compaction or a restore:
+    /// the records before are about to go).
+    pub(crate) fn take_payload(&mut self, table: &DedupTable, image: bool) -> Vec<u8> {
+        let j = std::mem::take(self);
+        let mut e = Enc::default();
+        if image {
+            e.u8(PAYLOAD_IMAGE);
+            table.encode_image(&mut e);
+        } else if j.len > 0 {
+            e.u8(PAYLOAD_DELTAS).u64(j.len).raw(&j.buf);
         }
+        e.0
     }
 }
-
-impl PartialEq for DedupTable {
-    fn eq(&self, o: &Self) -> bool {
-        self.clients == o.clients
-            && self.tick == o.tick
-            && self.bytes == o.bytes
-            && self.pressure_until_ms == o.pressure_until_ms
-    }
-}
-
-impl Eq for DedupTable {}
 
 impl DedupTable {
     /// Clients remembered.
@@ -192,17 +216,6 @@ impl DedupTable {
     /// Records the reply of the newly applied `id` at entry clock `now_ms`, then enforces the
     /// bounds (module doc).
     pub(crate) fn record(&mut self, id: &ReqId, now_ms: u64, reply: Bytes) {
-        if self.journaling.load(Ordering::Relaxed) {
-            let mut j = self.journal.lock();
-            let mut e = Enc(std::mem::take(&mut *j));
-            e.u64(id.client)
-                .u64(id.seq)
-                .u64(id.first_incomplete)
-                .u64(now_ms)
-                .bytes(&reply);
-            *j = e.0;
-            *self.journal_len.lock() += 1;
-        }
         self.tick += 1;
         let tick = self.tick;
         let c = self.clients.entry(id.client).or_default();
@@ -337,27 +350,10 @@ impl DedupTable {
         Ok(t)
     }
 
-    /// Persistent mode: the payload the next `COMMIT` record carries — the records since the
-    /// previous one (empty if none), or the whole table when `image` (after a compaction or a
-    /// restore: the records before are about to go). Starts journaling.
-    pub(crate) fn take_payload(&self, image: bool) -> Vec<u8> {
-        self.journaling.store(true, Ordering::Relaxed);
-        let journal = std::mem::take(&mut *self.journal.lock());
-        let n = std::mem::take(&mut *self.journal_len.lock());
-        let mut e = Enc::default();
-        if image {
-            e.u8(PAYLOAD_IMAGE);
-            self.encode_image(&mut e);
-        } else if n > 0 {
-            e.u8(PAYLOAD_DELTAS).u64(n).raw(&journal);
-        }
-        e.0
-    }
-
-    /// Persistent mode: replays a `COMMIT` record's payload (recovery). Starts journaling.
+    /// Persistent mode: replays a `COMMIT` record's payload ([`Journal::take_payload`];
+    /// recovery).
     pub(crate) fn replay_payload(&mut self, payload: &[u8]) -> Result<()> {
         const WHAT: &str = "data-log dedup";
-        self.journaling.store(true, Ordering::Relaxed);
         if payload.is_empty() {
             return Ok(());
         }
@@ -365,7 +361,6 @@ impl DedupTable {
         match d.u8()? {
             PAYLOAD_DELTAS => {
                 let n = d.u64()?;
-                let journaling = self.journaling.swap(false, Ordering::Relaxed);
                 for _ in 0..n {
                     let client = d.u64()?;
                     let seq = d.u64()?;
@@ -377,15 +372,8 @@ impl DedupTable {
                     let id = ReqId::from_pb(&pb)?;
                     self.record(&id, now_ms, reply);
                 }
-                self.journaling.store(journaling, Ordering::Relaxed);
             }
-            PAYLOAD_IMAGE => {
-                let t = Self::decode_image(&mut d, WHAT)?;
-                *self = DedupTable {
-                    journaling: AtomicBool::new(true),
-                    ..t
-                };
-            }
+            PAYLOAD_IMAGE => *self = Self::decode_image(&mut d, WHAT)?,
             t => {
                 return Err(KvError::Corrupt {
                     what: WHAT,
@@ -481,23 +469,33 @@ mod tests {
     #[test]
     fn image_and_payloads_round_trip_and_bad_images_are_refused() {
         let mut t = DedupTable::default();
-        assert!(t.take_payload(false).is_empty());
+        let mut j = Journal::default();
+        let rec = |t: &mut DedupTable, j: &mut Journal, i: ReqId, now_ms: u64, r: Bytes| {
+            t.record(&i, now_ms, r.clone());
+            j.push(&Recorded {
+                id: i,
+                now_ms,
+                reply: r,
+            });
+        };
+        assert!(j.take_payload(&t, false).is_empty());
         for (c, s) in [(5, 1), (9, 2), (5, 3), (9, 1)] {
-            t.record(&id(c, s, 1, 0), 10, reply(s));
+            rec(&mut t, &mut j, id(c, s, 1, 0), 10, reply(s));
         }
         let img = t.image();
         assert_eq!(DedupTable::from_image(&img, "test").unwrap(), t);
         // Replaying deltas over the state of the previous payload gives the same table.
-        let full = t.take_payload(true);
+        let full = j.take_payload(&t, true);
         let mut r = DedupTable::default();
         r.replay_payload(&full).unwrap();
         assert_eq!(r, t);
-        t.record(&id(5, 4, 3, 0), 20, reply(4));
-        t.record(&id(11, 1, 0, 0), 20, reply(4));
-        r.replay_payload(&t.take_payload(false)).unwrap();
+        // The image took the journal.
+        assert!(j.take_payload(&t, false).is_empty());
+        rec(&mut t, &mut j, id(5, 4, 3, 0), 20, reply(4));
+        rec(&mut t, &mut j, id(11, 1, 0, 0), 20, reply(4));
+        r.replay_payload(&j.take_payload(&t, false)).unwrap();
         assert_eq!(r, t);
-        // Records replayed are not journaled twice.
-        assert!(r.take_payload(false).is_empty());
+        assert!(j.take_payload(&t, false).is_empty());
         // Corrupt images: a seq at the floor, a tick above the table's, trailing bytes.
         let mut bad = DedupTable::default();
         bad.record(&id(5, 2, 2, 0), 0, reply(2));

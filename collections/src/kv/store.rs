@@ -29,6 +29,7 @@ use seglog::SegLog;
 use crate::error::{KvError, Result};
 use crate::kv::apply::{apply_entry, check_scan_revision, Ctx};
 use crate::kv::datalog::{self, DataLog};
+use crate::kv::dedup::Journal;
 use crate::kv::snapshot::{self, Pin, Restorer, SnapshotReader};
 use crate::kv::state::{inline_only, kv_event, load_all, KeyRange, State, ValueRef};
 use crate::kv::types::{ApplyState, Bounds, KeyValue, KvConfig, Persistence, RangeStats};
@@ -402,6 +403,7 @@ impl KvStore {
             log: l.clone(),
             last_commit: durable.clone(),
             durable: durable.clone(),
+            journal: Journal::default(),
         });
         let shared = Arc::new(Shared {
             state: RwLock::new(state),
@@ -480,13 +482,19 @@ impl KvStore {
             limits: &self.cfg.limits,
             load: &load,
             changes: Vec::new(),
+            recorded: None,
         };
         let resp = apply_entry(&mut ctx, &self.cfg, index, term, now_ms, cmd);
         let changes = std::mem::take(&mut ctx.changes);
+        let recorded = ctx.recorded.take();
         let resp = match resp {
             Ok(r) => r,
             Err(e) => return self.poison(e),
         };
+        if let (Some(dl), Some(r)) = (&mut self.data, &recorded) {
+            // Written with the next `COMMIT` (this group's, or a later one if none).
+            dl.journal.push(r);
+        }
         if let (Some(dl), false) = (&mut self.data, changes.is_empty()) {
             if let Err(e) = dl.append_group(&mut st, &changes) {
                 return self.poison(e);
@@ -636,6 +644,8 @@ impl KvStore {
             return self.poison(e.into());
         }
         *guard = State::default();
+        // Records made on the old state must not replay over the new one.
+        dl.journal.clear();
         dl.last_commit = ApplyState::default();
         dl.durable = ApplyState::default();
         self.durable = ApplyState::default();
@@ -743,10 +753,7 @@ impl KvStore {
             hi: Some(at),
         });
         if let Some(dl) = &mut self.data {
-            let recs = [
-                datalog::encode_bounds(&st.bounds),
-                datalog::encode_commit(&st),
-            ];
+            let recs = [datalog::encode_bounds(&st.bounds), dl.encode_commit(&st)];
             if let Err(e) = dl.log.append_batch(recs.iter().map(|r| r.as_slice())) {
                 return self.poison(e.into());
             }
@@ -792,10 +799,7 @@ impl KvStore {
             hi: Some(at),
         });
         if let Some(dl) = &mut self.data {
-            let recs = [
-                datalog::encode_bounds(&st.bounds),
-                datalog::encode_commit(&st),
-            ];
+            let recs = [datalog::encode_bounds(&st.bounds), dl.encode_commit(&st)];
             if let Err(e) = dl.log.append_batch(recs.iter().map(|r| r.as_slice())) {
                 return self.poison(e.into());
             }
