@@ -2,14 +2,12 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use bytes::Bytes;
 use harpoon::testkit::{AppliedEntry, Cluster};
 use harpoon::{CellId, Reply};
 
-/// Generous bound for every wait: CI shares 2 cores.
-pub const WAIT: Duration = Duration::from_secs(30);
+pub use harpoon::testkit::WAIT;
 
 /// Propose `n` writes `"{prefix}{i}"` one after the other; returns the acknowledged ones.
 pub fn write_n(c: &Cluster, cell: CellId, prefix: &str, n: usize) -> Vec<(Bytes, Reply)> {

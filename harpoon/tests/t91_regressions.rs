@@ -1,19 +1,23 @@
 //! Regressions from the harpoon review: each test failed before its fix.
 
+mod common;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use harpoon::testkit::{wait_until, Cluster, ClusterOptions, LogStateMachine};
+use common::WAIT;
+use harpoon::storage::LogStore;
+use harpoon::testkit::{wait_until, Cluster, ClusterOptions, LogHandle, LogStateMachine};
+use harpoon::transport::mem::MemNetwork;
 use harpoon::transport::Envelope;
 use harpoon::{
-    ApplyState, CellId, EntryRef, Error, NodeId, ReadConsistency, ReplicationMode, Role,
-    SmSnapshot, StateMachine, StateMachineError,
+    ApplyState, CellId, EntryRef, Error, Node, NodeConfig, NodeId, ReadConsistency,
+    ReplicationMode, Role, SmSnapshot, StateMachine, StateMachineError,
 };
 use raft::eraftpb::{ConfState, Entry, Message, MessageType};
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// How a [`Faulty`] state machine "crashes".
 #[derive(Clone, Copy, PartialEq)]
@@ -22,6 +26,9 @@ enum Fault {
     RestoreBefore(usize),
     /// Once armed, the next apply is done (durably) and then the process "crashes".
     ApplyAfter,
+    /// Applying this entry panics: the same call path where raft-rs panics on a storage error
+    /// it cannot handle (an unreadable record while collecting committed entries).
+    PanicOn(&'static [u8]),
 }
 
 /// The recording state machine with one injected crash (an error poisons the node; nothing
@@ -46,6 +53,9 @@ impl Faulty {
 
 impl StateMachine for Faulty {
     fn apply(&mut self, e: EntryRef<'_>) -> Result<Bytes, StateMachineError> {
+        if let Fault::PanicOn(pill) = self.fault {
+            assert!(e.data != pill, "simulated raft panic on a storage error");
+        }
         let r = self.inner.apply(e)?;
         if self.fault == Fault::ApplyAfter && self.armed.load(Ordering::SeqCst) {
             self.inner.persist()?;
@@ -88,15 +98,66 @@ impl StateMachine for Faulty {
     }
 }
 
+/// [`common::write_n`], returning the index of the last write.
 fn write_n(c: &Cluster, cell: CellId, p: &str, n: usize) -> u64 {
-    let mut last = 0;
-    for i in 0..n {
-        last = c
-            .propose_retry(cell, Bytes::from(format!("{p}{i}")), WAIT)
-            .unwrap()
-            .index;
-    }
-    last
+    common::write_n(c, cell, p, n)
+        .last()
+        .map_or(0, |(_, r)| r.index)
+}
+
+/// Opens a replica of `cell` on `n` over the state machine file `sm`.
+fn open_replica(
+    c: &Cluster,
+    n: NodeId,
+    cell: CellId,
+    voters: &[NodeId],
+    sm: &Path,
+) -> (harpoon::Result<()>, LogHandle) {
+    let (sm, h) = LogStateMachine::open(sm).unwrap();
+    let r = c
+        .node(n)
+        .create_cell(cell, voters, &[], ReplicationMode::Consensus, Box::new(sm))
+        .wait();
+    (r, h)
+}
+
+/// Kills `n`, starts it again and reopens its replica of `cell` from the state machine file
+/// `sm` (what a process restart does).
+fn reopen(
+    c: &mut Cluster,
+    n: NodeId,
+    cell: CellId,
+    voters: &[NodeId],
+    sm: &Path,
+) -> (harpoon::Result<()>, LogHandle) {
+    c.kill(n);
+    c.start_node(n);
+    open_replica(c, n, cell, voters, sm)
+}
+
+/// A seglog in `dir`.
+fn open_seglog(dir: &Path, segment_size: u64, max_record_size: u32) -> LogStore {
+    let seg = seglog::Config {
+        segment_size,
+        max_record_size,
+        ..seglog::Config::default()
+    };
+    LogStore::open(dir, seg).unwrap().0
+}
+
+/// Starts node `id` on `net` over `log`, with the testkit's node configuration changed by
+/// `tweak`.
+fn start_mem_node(
+    net: &MemNetwork,
+    id: NodeId,
+    log: LogStore,
+    tweak: impl FnOnce(&mut NodeConfig),
+) -> Node {
+    let mut cfg = ClusterOptions::default().node;
+    tweak(&mut cfg);
+    let node = Node::start(id, cfg, log, net.transport(id)).unwrap();
+    net.register(id, node.sink());
+    node
 }
 
 fn applied_on(c: &Cluster, n: NodeId, cell: CellId) -> u64 {
@@ -137,13 +198,8 @@ fn snapshot_install_crash_window_new_member() {
         .unwrap();
     assert!(wait_until(WAIT, || c.node(NodeId(4)).poisoned().is_some()));
 
-    c.kill(NodeId(4));
-    c.start_node(NodeId(4));
-    let (sm, h4) = LogStateMachine::open(&smpath).unwrap();
-    c.node(NodeId(4))
-        .create_cell(cell, &[], &[], ReplicationMode::Consensus, Box::new(sm))
-        .wait()
-        .unwrap();
+    let (r, h4) = reopen(&mut c, NodeId(4), cell, &[], &smpath);
+    r.unwrap();
     let last = write_n(&c, cell, "b", 5);
     assert!(
         wait_until(WAIT, || applied_on(&c, NodeId(4), cell) >= last),
@@ -196,13 +252,7 @@ fn snapshot_install_crash_window_existing_replica() {
     c.heal();
     assert!(wait_until(WAIT, || c.node(NodeId(4)).poisoned().is_some()));
 
-    c.kill(NodeId(4));
-    c.start_node(NodeId(4));
-    let (sm, h4) = LogStateMachine::open(&smpath).unwrap();
-    let r = c
-        .node(NodeId(4))
-        .create_cell(cell, &[], &[], ReplicationMode::Consensus, Box::new(sm))
-        .wait();
+    let (r, h4) = reopen(&mut c, NodeId(4), cell, &[], &smpath);
     assert!(r.is_ok(), "replica cannot restart: {r:?}");
     let last = write_n(&c, cell, "d", 3);
     assert!(wait_until(WAIT, || applied_on(&c, NodeId(4), cell) >= last));
@@ -230,13 +280,12 @@ fn bootstrap_crash_window_empty_conf() {
         )
         .wait();
     assert!(r.is_err(), "the injected bootstrap crash did not happen");
-    c.kill(NodeId(3));
-    c.start_node(NodeId(3));
-    for n in 1..=3u64 {
-        let (sm, _) = LogStateMachine::open(path(n)).unwrap();
-        c.node(NodeId(n))
-            .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
-            .wait()
+    reopen(&mut c, NodeId(3), cell, &voters, &path(3))
+        .0
+        .unwrap();
+    for n in 1..=2u64 {
+        open_replica(&c, NodeId(n), cell, &voters, &path(n))
+            .0
             .unwrap();
     }
     let s3 = c.node(NodeId(3)).status(cell).wait().unwrap();
@@ -262,11 +311,8 @@ fn open_refuses_state_machine_behind_compacted_log() {
     let cell = CellId(1);
     let voters = [NodeId(1), NodeId(2), NodeId(3)];
     for n in 1..=3u64 {
-        let (sm, _) = LogStateMachine::open(dir.path().join(format!("n{n}.sm"))).unwrap();
-        c.node(NodeId(n))
-            .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
-            .wait()
-            .unwrap();
+        let sm = dir.path().join(format!("n{n}.sm"));
+        open_replica(&c, NodeId(n), cell, &voters, &sm).0.unwrap();
     }
     assert!(c.wait_leader(cell, WAIT).is_some());
     let last = write_n(&c, cell, "a", 10);
@@ -277,13 +323,13 @@ fn open_refuses_state_machine_behind_compacted_log() {
         .unwrap()
         .first_index
         > 10));
-    c.kill(NodeId(3));
-    c.start_node(NodeId(3));
-    let (sm, _) = LogStateMachine::open(dir.path().join("lost.sm")).unwrap();
-    let r = c
-        .node(NodeId(3))
-        .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
-        .wait();
+    let (r, _) = reopen(
+        &mut c,
+        NodeId(3),
+        cell,
+        &voters,
+        &dir.path().join("lost.sm"),
+    );
     assert!(
         matches!(r, Err(Error::NeedsSnapshot { applied: 0, .. })),
         "expected NeedsSnapshot, got {r:?}"
@@ -305,7 +351,7 @@ fn read_index_ctx_collision_stale_read() {
     let (f, g) = (others[0], others[1]);
     let captured: Arc<Mutex<Vec<Envelope>>> = Arc::default();
     let cap = captured.clone();
-    let filt = c.net.drop_if(move |from, to, env| {
+    let filt = c.drop_if(move |from, to, env| {
         if from == g
             && to == l
             && env.msg.get_msg_type() == MessageType::MsgHeartbeatResponse
@@ -322,7 +368,7 @@ fn read_index_ctx_collision_stale_read() {
         .wait()
         .unwrap();
     assert!(wait_until(WAIT, || !captured.lock().unwrap().is_empty()));
-    c.net.remove_filter(filt);
+    c.remove_filter(filt);
     let stale = captured.lock().unwrap().clone();
 
     // L, cut off, starts its own read; G's old acknowledgement arrives.
@@ -394,7 +440,7 @@ fn commit_point_beyond_persisted_log_blocks_restart() {
     assert!(wait_until(WAIT, || applied_on(&c, f, cell) >= w0.index));
     // F gets entry E but no heartbeat (which would carry its commit).
     let lf = l;
-    let filt = c.net.drop_if(move |from, to, env| {
+    let filt = c.drop_if(move |from, to, env| {
         from == lf && to == f && env.msg.get_msg_type() == MessageType::MsgHeartbeat
     });
     let e = c
@@ -423,14 +469,8 @@ fn commit_point_beyond_persisted_log_blocks_restart() {
         .node(f)
         .poisoned()
         .is_some()));
-    c.net.remove_filter(filt);
-    c.kill(f);
-    let (sm, _) = LogStateMachine::open(&fpath).unwrap();
-    c.start_node(f);
-    let r = c
-        .node(f)
-        .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
-        .wait();
+    c.remove_filter(filt);
+    let (r, _) = reopen(&mut c, f, cell, &voters, &fpath);
     assert!(r.is_ok(), "replica cannot restart: {r:?}");
 }
 
@@ -596,10 +636,8 @@ fn restarted_replica_refuses_votes_within_election_timeout() {
     let voters = [NodeId(1), NodeId(2), NodeId(3)];
     let path = |n: u64| dir.path().join(format!("n{n}.sm"));
     for n in 1..=3u64 {
-        let (sm, _) = LogStateMachine::open(path(n)).unwrap();
-        c.node(NodeId(n))
-            .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
-            .wait()
+        open_replica(&c, NodeId(n), cell, &voters, &path(n))
+            .0
             .unwrap();
     }
     assert!(c.wait_leader(cell, WAIT).is_some());
@@ -611,11 +649,7 @@ fn restarted_replica_refuses_votes_within_election_timeout() {
     // The node has been up for several election timeouts when the replica opens.
     std::thread::sleep(election * 3);
     c.isolate(f);
-    let (sm, _) = LogStateMachine::open(path(3)).unwrap();
-    c.node(f)
-        .create_cell(cell, &voters, &[], ReplicationMode::Consensus, Box::new(sm))
-        .wait()
-        .unwrap();
+    open_replica(&c, f, cell, &voters, &path(3)).0.unwrap();
     let s = c.node(f).status(cell).wait().unwrap();
     let mut m = Message::default();
     m.set_msg_type(MessageType::MsgRequestVote);
@@ -639,31 +673,15 @@ fn restarted_replica_refuses_votes_within_election_timeout() {
 /// threshold) pinned old segments forever: the log grew until the disk filled.
 #[test]
 fn log_gc_reclaims_segments_with_idle_cell() {
-    use harpoon::storage::LogStore;
-    use harpoon::transport::mem::MemNetwork;
-    use harpoon::{Node, NodeConfig};
-
     let dir = tempfile::tempdir().unwrap();
-    let seg = seglog::Config {
-        segment_size: 256 << 10,
-        max_record_size: 64 << 10,
-        ..seglog::Config::default()
-    };
-    let (log, _) = LogStore::open(dir.path().join("raft"), seg).unwrap();
-    let mut cfg = NodeConfig {
-        tick_interval: Duration::from_millis(10),
-        log_gc_interval: Duration::from_millis(50),
-        ..NodeConfig::default()
-    };
-    cfg.cell.election_tick = 10;
-    cfg.cell.heartbeat_tick = 2;
-    cfg.cell.lease_ticks = 7;
-    cfg.cell.log_gc_threshold = 16;
-    cfg.cell.log_gc_slack = 4;
+    let log = open_seglog(&dir.path().join("raft"), 256 << 10, 64 << 10);
     let net = MemNetwork::new(1);
     let me = NodeId(1);
-    let node = Node::start(me, cfg, log.clone(), net.transport(me)).unwrap();
-    net.register(me, node.sink());
+    let node = start_mem_node(&net, me, log.clone(), |cfg| {
+        cfg.log_gc_interval = Duration::from_millis(50);
+        cfg.cell.log_gc_threshold = 16;
+        cfg.cell.log_gc_slack = 4;
+    });
     let cells: Vec<CellId> = (1..=4).map(CellId).collect();
     for cell in &cells {
         let (sm, _) = LogStateMachine::in_memory();
@@ -671,25 +689,13 @@ fn log_gc_reclaims_segments_with_idle_cell() {
             .wait()
             .unwrap();
     }
-    let propose = |cell: CellId, data: Bytes| {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match node.propose(cell, data.clone()).wait() {
-                Ok(r) => return r,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("propose: {e}"),
-            }
-        }
-    };
+    let nodes = std::slice::from_ref(&node);
     // Cell 1 writes once and then stays idle; the others write ~3 MiB in all.
-    propose(cells[0], Bytes::from_static(b"idle"));
+    manual_write(nodes, cells[0], Bytes::from_static(b"idle"));
     let chunk = Bytes::from(vec![1u8; 4 << 10]);
     let mut max_segments = 0;
     for i in 0..768 {
-        propose(cells[1 + i % 3], chunk.clone());
+        manual_write(nodes, cells[1 + i % 3], chunk.clone());
         max_segments = max_segments.max(log.stats().segments);
     }
     let reclaimed = wait_until(WAIT, || log.stats().segments <= 4);
@@ -710,29 +716,17 @@ fn manual_cluster(
     dir: &std::path::Path,
     max_records: [u32; 3],
     sm: impl Fn(NodeId, CellId) -> Box<dyn StateMachine>,
-) -> (harpoon::transport::mem::MemNetwork, Vec<harpoon::Node>) {
-    use harpoon::storage::LogStore;
-    let mut cfg = harpoon::NodeConfig {
-        tick_interval: Duration::from_millis(10),
-        ..harpoon::NodeConfig::default()
-    };
-    cfg.cell.election_tick = 10;
-    cfg.cell.heartbeat_tick = 2;
-    cfg.cell.lease_ticks = 7;
-    let net = harpoon::transport::mem::MemNetwork::new(3);
+) -> (MemNetwork, Vec<Node>) {
+    let net = MemNetwork::new(3);
     let ids = [NodeId(1), NodeId(2), NodeId(3)];
-    let mut nodes = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let seg = seglog::Config {
-            segment_size: 8 << 20,
-            max_record_size: max_records[i],
-            ..seglog::Config::default()
-        };
-        let (log, _) = LogStore::open(dir.join(format!("n{}", id.get())), seg).unwrap();
-        let node = harpoon::Node::start(*id, cfg.clone(), log, net.transport(*id)).unwrap();
-        net.register(*id, node.sink());
-        nodes.push(node);
-    }
+    let nodes: Vec<Node> = ids
+        .iter()
+        .zip(max_records)
+        .map(|(id, max_record)| {
+            let log = open_seglog(&dir.join(format!("n{}", id.get())), 8 << 20, max_record);
+            start_mem_node(&net, *id, log, |_| {})
+        })
+        .collect();
     for cell in [CellId(1), CellId(2)] {
         for (i, id) in ids.iter().enumerate() {
             nodes[i]
@@ -744,7 +738,7 @@ fn manual_cluster(
     (net, nodes)
 }
 
-fn manual_leader(nodes: &[harpoon::Node], cell: CellId) -> usize {
+fn manual_leader(nodes: &[Node], cell: CellId) -> usize {
     let mut found = None;
     assert!(wait_until(WAIT, || {
         found = nodes
@@ -755,14 +749,27 @@ fn manual_leader(nodes: &[harpoon::Node], cell: CellId) -> usize {
     found.unwrap()
 }
 
-fn manual_write(nodes: &[harpoon::Node], cell: CellId, data: Bytes) -> u64 {
+/// Moves the leadership of `cell` off node 3 (`nodes[2]`) if it holds it.
+fn lead_off_node_3(nodes: &[Node], cell: CellId) {
+    if manual_leader(nodes, cell) == 2 {
+        nodes[2]
+            .transfer_leader(cell, NodeId(1), Instant::now() + WAIT)
+            .wait()
+            .unwrap();
+    }
+}
+
+/// Writes `data` at the current leader, retrying (as `Cluster::propose_retry`) only on errors
+/// that guarantee the write was not applied; returns its index.
+fn manual_write(nodes: &[Node], cell: CellId, data: Bytes) -> u64 {
     let deadline = Instant::now() + WAIT;
     loop {
         let l = manual_leader(nodes, cell);
         match nodes[l].propose(cell, data.clone()).wait() {
             Ok(r) => return r.index,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
+            Err(Error::NotLeader { .. } | Error::Busy { .. } | Error::ProposalDropped { .. })
+                if Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
             Err(e) => panic!("write: {e}"),
@@ -780,13 +787,7 @@ fn refused_cell_write_fences_cell_not_node() {
         Box::new(LogStateMachine::in_memory().0)
     });
     let cell = CellId(1);
-    let l = manual_leader(&nodes, cell);
-    if l == 2 {
-        nodes[2]
-            .transfer_leader(cell, NodeId(1), Instant::now() + WAIT)
-            .wait()
-            .unwrap();
-    }
+    lead_off_node_3(&nodes, cell);
     // Accepted by nodes 1 and 2, refused by node 3's log.
     manual_write(&nodes, cell, Bytes::from(vec![5u8; 128 << 10]));
     assert!(
@@ -806,37 +807,6 @@ fn refused_cell_write_fences_cell_not_node() {
         .is_ok_and(|s| s.applied >= i)));
 }
 
-/// A state machine that panics on one entry: the same call path where raft-rs panics on a
-/// storage error it cannot handle (an unreadable record while collecting committed entries).
-struct PanicOn(LogStateMachine, &'static [u8]);
-
-impl StateMachine for PanicOn {
-    fn apply(&mut self, e: EntryRef<'_>) -> Result<Bytes, StateMachineError> {
-        assert!(e.data != self.1, "simulated raft panic on a storage error");
-        self.0.apply(e)
-    }
-    fn apply_conf_change(
-        &mut self,
-        i: u64,
-        t: u64,
-        cs: &ConfState,
-    ) -> Result<(), StateMachineError> {
-        self.0.apply_conf_change(i, t, cs)
-    }
-    fn set_commit(&mut self, i: u64, t: u64) {
-        self.0.set_commit(i, t)
-    }
-    fn apply_state(&self) -> ApplyState {
-        self.0.apply_state()
-    }
-    fn snapshot(&mut self) -> Result<SmSnapshot, StateMachineError> {
-        self.0.snapshot()
-    }
-    fn restore(&mut self, s: &SmSnapshot) -> Result<(), StateMachineError> {
-        self.0.restore(s)
-    }
-}
-
 /// Finding 9: a panic inside one cell's raft processing (raft-rs panics on storage errors
 /// such as a corrupt read) killed the shard thread and every cell on it; now it fences that
 /// cell (callers get `Error::Fenced`) and the others keep serving.
@@ -846,11 +816,13 @@ fn raft_panic_in_one_cell_fences_only_that_cell() {
     let (_net, nodes) = manual_cluster(dir.path(), [4 << 20; 3], |n, c| {
         let sm = LogStateMachine::in_memory().0;
         if n == NodeId(3) && c == CellId(1) {
-            Box::new(PanicOn(sm, b"poison-pill"))
+            Box::new(Faulty::new(sm, Fault::PanicOn(b"poison-pill")))
         } else {
             Box::new(sm)
         }
     });
+    // On a leader, the pill would fence the replica that has to answer the write.
+    lead_off_node_3(&nodes, CellId(1));
     manual_write(&nodes, CellId(1), Bytes::from_static(b"poison-pill"));
     assert!(
         wait_until(WAIT, || matches!(
@@ -901,16 +873,11 @@ fn forged_sender_message_dropped() {
 /// empty ConfState (or refusing).
 #[test]
 fn bootstrap_image_in_log_without_state_machine_is_redone() {
-    use harpoon::storage::{LogStore, WriteBatch};
+    use harpoon::storage::WriteBatch;
     use raft::eraftpb::{HardState, SnapshotMetadata};
 
     let dir = tempfile::tempdir().unwrap();
-    let seg = seglog::Config {
-        segment_size: 8 << 20,
-        max_record_size: 4 << 20,
-        ..seglog::Config::default()
-    };
-    let (log, _) = LogStore::open(dir.path().join("raft"), seg).unwrap();
+    let log = open_seglog(&dir.path().join("raft"), 8 << 20, 4 << 20);
     let cell = CellId(1);
     let me = NodeId(1);
     // What the old bootstrap wrote before the crash: the image in the log only.
@@ -936,16 +903,8 @@ fn bootstrap_image_in_log_without_state_machine_is_redone() {
     log.write(wb).unwrap();
     log.sync().unwrap();
 
-    let mut cfg = harpoon::NodeConfig {
-        tick_interval: Duration::from_millis(10),
-        ..harpoon::NodeConfig::default()
-    };
-    cfg.cell.election_tick = 10;
-    cfg.cell.heartbeat_tick = 2;
-    cfg.cell.lease_ticks = 7;
-    let net = harpoon::transport::mem::MemNetwork::new(1);
-    let node = harpoon::Node::start(me, cfg, log, net.transport(me)).unwrap();
-    net.register(me, node.sink());
+    let net = MemNetwork::new(1);
+    let node = start_mem_node(&net, me, log, |_| {});
     let (sm, h) = LogStateMachine::in_memory();
     node.create_cell(cell, &[me], &[], ReplicationMode::Consensus, Box::new(sm))
         .wait()

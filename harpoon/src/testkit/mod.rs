@@ -4,12 +4,12 @@
 //!   persisted to a file together with its apply state.
 //! - [`Cluster`]: N nodes in one process over `transport::mem` or over TCP on 127.0.0.1
 //!   ([`TransportKind`]), with kill/restart from the node's "disk", partitions and bounded
-//!   waits (never fixed sleeps as assertions).
+//!   waits (never fixed sleeps as assertions), bounded by [`WAIT`].
 
 mod cluster;
 mod log_sm;
 
-pub use cluster::{Cluster, ClusterOptions, TransportKind};
+pub use cluster::{Cluster, ClusterOptions, TransportKind, WAIT};
 pub use log_sm::{AppliedEntry, LogHandle, LogStateMachine};
 
 use std::time::{Duration, Instant};
