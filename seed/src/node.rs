@@ -575,7 +575,14 @@ impl Seed {
                                 "meta already exists (seed {s} knows it)"
                             )))
                         }
-                        _ => Ok((false, 0)),
+                        Some(ControlResponse_oneof_kind::error(e)) => {
+                            tracing::warn!(seed = %s, code = ?e.code, message = %e.message, "seed refused the meta reservation");
+                            Ok((false, 0))
+                        }
+                        other => {
+                            tracing::warn!(seed = %s, answer = ?other, "seed answered the meta reservation with something else");
+                            Ok((false, 0))
+                        }
                     },
                     Err(e) => {
                         tracing::warn!(seed = %s, error = %e, "seed unreachable for the meta reservation");

@@ -622,8 +622,14 @@ mod tests {
         let r = st.s.reader();
         let p = params("w/", "w0", 2, 60_000);
         let poll = started(Box::pin(serve(&r, st.key, &p, &clock))).await;
-        // A change of another key wakes it, but it keeps waiting for its own keys.
+        // A change of another key wakes it (the pump bumps the range's counter it waits on),
+        // but it keeps waiting for its own keys.
+        let mut bumped = listen(st.key, &r).expect("the pump runs");
         st.put("other", "x"); // rev 2
+        tokio::time::timeout(std::time::Duration::from_secs(10), bumped.changed())
+            .await
+            .expect("the pump bumps the range's counter")
+            .expect("the counter is still there");
         let poll = started(poll).await;
         st.put("w/b", "2"); // rev 3
         let got = reply(poll.await.unwrap());
