@@ -296,6 +296,20 @@ impl DedupTable {
         e.0
     }
 
+    /// Checks the table's tick against the applied index it was recovered at: every record
+    /// takes the next tick and comes from an applied entry, so the tick is at most the applied
+    /// index, and the next record (made by a later entry) cannot overflow it.
+    pub(crate) fn check_tick(&self, what: &'static str, applied_index: u64) -> Result<()> {
+        if self.tick > applied_index {
+            return Err(KvError::field(
+                what,
+                "dedup.tick",
+                format!("{} is above the applied index {applied_index}", self.tick),
+            ));
+        }
+        Ok(())
+    }
+
     /// Decodes [`DedupTable::image`], checking it is a table some sequence of records makes:
     /// client ids and seqs non-zero, replies above the floor and in order, unique ticks up to
     /// the table's tick.
@@ -515,5 +529,11 @@ mod tests {
         img.push(0);
         assert!(DedupTable::from_image(&img, "test").is_err());
         assert!(DedupTable::default().replay_payload(&[9]).is_err());
+        // The tick is at most the applied index (one record per applied entry at most).
+        assert!(t.check_tick("test", t.tick).is_ok());
+        assert!(matches!(
+            t.check_tick("test", t.tick - 1),
+            Err(KvError::InvalidField { field: "dedup.tick", .. })
+        ));
     }
 }

@@ -372,7 +372,9 @@ impl Restorer {
                 if !self.dedup_due || self.kvs_left != 0 || self.events_left != 0 {
                     return Err(Self::corrupt("unexpected dedup record"));
                 }
-                self.st.dedup = DedupTable::from_image(d.rest(), "snapshot")?;
+                let t = DedupTable::from_image(d.rest(), "snapshot")?;
+                t.check_tick("snapshot", self.st.apply.applied_index)?;
+                self.st.dedup = t;
                 self.dedup_due = false;
             }
             REC_END => {

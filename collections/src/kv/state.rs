@@ -600,6 +600,7 @@ impl State {
     /// [`check_version`] for each live entry and history event).
     pub(crate) fn validate(&self, what: &'static str) -> Result<()> {
         check_counters(what, self.revision, self.compact_revision, &self.bounds)?;
+        self.dedup.check_tick(what, self.apply.applied_index)?;
         for (k, e) in &self.index {
             check_version(what, self, k, EventKind::Put, &e.meta, false)?;
         }
