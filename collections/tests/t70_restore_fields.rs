@@ -169,19 +169,29 @@ fn failed_restore_leaves_an_empty_usable_store_in_every_mode() {
     }
 }
 
-/// Builds a valid image with live keys, history of puts and deletes, TTLs and a horizon.
+/// The request id (client, seq) of the `i`th op of [`rich_image`], if it carries one.
+fn request_id(i: usize, k: u8) -> Option<(u64, u64)> {
+    (k % 3 != 0).then(|| (u64::from(k % 3), i as u64 + 1))
+}
+
+/// Builds a valid image with live keys, history of puts and deletes, TTLs, a horizon and
+/// request-id records (writes of two clients).
 fn rich_image(ops: &[(u8, u8)]) -> Vec<u8> {
     let mut s = mem();
     for (i, (op, k)) in ops.iter().enumerate() {
         let key = [b'a' + k % 4];
         let now = 1000 + i as u64 * 10;
-        let c = match op % 6 {
+        let mut c = match op % 6 {
             0 | 1 => cmd::put(&key, b"val", 0),
             2 => cmd::put(&key, b"ttl", 15),
             3 => cmd::delete(&key, b""),
             4 => cmd::expire(0),
             _ => cmd::compact(s.reader().revision() / 2),
         };
+        if let Some((client, seq)) = request_id(i, *k) {
+            c.mut_request_id().client = client;
+            c.mut_request_id().seq = seq;
+        }
         apply(&mut s, now, &c);
     }
     s.reader().snapshot().to_bytes().unwrap().to_vec()
@@ -213,6 +223,28 @@ fn fields(img: &[u8]) -> Vec<(usize, usize)> {
                 out.push((r + 1, 1));
                 (0..4).for_each(|i| out.push((r + 2 + 8 * i, 8)));
             }
+            5 => {
+                // DEDUP: tick, pressure_until_ms, clients; per client id, floor, last_ms,
+                // last_tick, replies; per reply its seq and the first byte of its bytes.
+                let u = |p: usize| u64::from_le_bytes(img[p..p + 8].try_into().unwrap()) as usize;
+                let mut p = r + 1;
+                (0..3).for_each(|i| out.push((p + 8 * i, 8)));
+                let clients = u(p + 16);
+                p += 24;
+                for _ in 0..clients {
+                    (0..5).for_each(|i| out.push((p + 8 * i, 8)));
+                    let replies = u(p + 32);
+                    p += 40;
+                    for _ in 0..replies {
+                        out.push((p, 8));
+                        let n = u32::from_le_bytes(img[p + 8..p + 12].try_into().unwrap());
+                        if n > 0 {
+                            out.push((p + 12, 1));
+                        }
+                        p += 12 + n as usize;
+                    }
+                }
+            }
             _ => {}
         }
         at = r + len;
@@ -220,11 +252,23 @@ fn fields(img: &[u8]) -> Vec<(usize, usize)> {
     out
 }
 
-/// After a successful restore: writes apply (or get typed error replies), revisions never go
-/// back, reads are consistent, and the store's own image restores again.
+/// After a successful restore: writes apply (or get typed error replies), resent request ids
+/// answer a recorded reply, an expiry or a first apply (never a fatal error), revisions never
+/// go back, reads are consistent, and the store's own image restores again.
 fn check_working(s: &mut KvStore, keys: &[u8]) {
     let mut now = s.reader().clock_ms().saturating_add(1);
     let mut index = s.apply_state().applied_index;
+    for client in 1..=2 {
+        for seq in 1..=24 {
+            let mut c = cmd::put(b"a", b"again", 0);
+            c.mut_request_id().client = client;
+            c.mut_request_id().seq = seq;
+            c.mut_request_id().attempt = 1;
+            index = index.saturating_add(1);
+            s.apply_pb(index, 1, now, &cmd::encode(&c))
+                .expect("resend after restore");
+        }
+    }
     for k in keys.iter().chain([b'z'].iter()) {
         for c in [
             cmd::put(&[*k], b"x", 0),

@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use proto::kvpb;
+use protobuf::Message;
 
 use crate::error::{KvError, Result};
 use crate::kv::codec::{Dec, Enc};
@@ -312,7 +313,7 @@ impl DedupTable {
 
     /// Decodes [`DedupTable::image`], checking it is a table some sequence of records makes:
     /// client ids and seqs non-zero, replies above the floor and in order, unique ticks up to
-    /// the table's tick.
+    /// the table's tick, every reply a `kvpb.Response` (a duplicate answers it as is).
     pub(crate) fn from_image(buf: &[u8], what: &'static str) -> Result<DedupTable> {
         let mut d = Dec::new(buf, what);
         let t = Self::decode_image(&mut d, what)?;
@@ -349,6 +350,9 @@ impl DedupTable {
             for _ in 0..m {
                 let s = d.u64()?;
                 let r = Bytes::copy_from_slice(d.bytes()?);
+                if let Err(e) = kvpb::Response::parse_from_carllerche_bytes(&r) {
+                    return Err(bad("dedup.reply", format!("seq {s}: {e}")));
+                }
                 if s <= c.floor || c.recent.last_key_value().is_some_and(|(k, _)| *k >= s) {
                     return Err(bad(
                         "dedup.seq",
@@ -381,6 +385,13 @@ impl DedupTable {
                     let first_incomplete = d.u64()?;
                     let now_ms = d.u64()?;
                     let reply = Bytes::copy_from_slice(d.bytes()?);
+                    if let Err(e) = kvpb::Response::parse_from_carllerche_bytes(&reply) {
+                        return Err(KvError::field(
+                            WHAT,
+                            "dedup.reply",
+                            format!("seq {seq}: {e}"),
+                        ));
+                    }
                     let mut pb = kvpb::RequestId::new();
                     (pb.client, pb.seq, pb.first_incomplete) = (client, seq, first_incomplete);
                     let id = ReqId::from_pb(&pb)?;
@@ -412,8 +423,11 @@ mod tests {
         }
     }
 
+    /// A reply of fixed length (for n below 10^8).
     fn reply(n: u64) -> Bytes {
-        Bytes::from(n.to_le_bytes().to_vec())
+        let mut r = kvpb::Response::new();
+        r.mut_error().why = format!("{n:08}");
+        Bytes::from(r.write_to_bytes().unwrap())
     }
 
     #[test]
@@ -436,7 +450,7 @@ mod tests {
         }
         assert_eq!(t.check(&id(7, 3, 3, 1), 0), Verdict::Expired);
         assert_eq!(t.check(&id(7, 4, 3, 1), 0), Verdict::Duplicate(reply(4)));
-        assert_eq!(t.bytes(), 8 * WINDOW as u64);
+        assert_eq!(t.bytes(), reply(0).len() as u64 * WINDOW as u64);
     }
 
     #[test]
@@ -465,7 +479,9 @@ mod tests {
     #[test]
     fn replies_are_bounded_in_bytes() {
         let mut t = DedupTable::default();
-        let big = Bytes::from(vec![0u8; (CLIENT_MAX_BYTES / 2 + 1) as usize]);
+        let mut r = kvpb::Response::new();
+        r.mut_error().why = "x".repeat((CLIENT_MAX_BYTES / 2) as usize);
+        let big = Bytes::from(r.write_to_bytes().unwrap());
         t.record(&id(1, 1, 0, 0), 0, big.clone());
         t.record(&id(1, 2, 0, 0), 0, big.clone());
         assert_eq!(t.check(&id(1, 1, 0, 1), 0), Verdict::Expired);
@@ -528,12 +544,40 @@ mod tests {
         let mut img = bad.image();
         img.push(0);
         assert!(DedupTable::from_image(&img, "test").is_err());
+        // A reply that is not a `kvpb.Response` (here: a truncated field) is refused by name,
+        // as is the same reply in a data-log delta.
+        let mut garbage = DedupTable::default();
+        let mut j = Journal::default();
+        let r = Recorded {
+            id: id(5, 2, 2, 0),
+            now_ms: 0,
+            reply: Bytes::from_static(&[0x12, 0x05, 0x01]),
+        };
+        garbage.record(&r.id, 0, r.reply.clone());
+        j.push(&r);
+        assert!(matches!(
+            DedupTable::from_image(&garbage.image(), "test"),
+            Err(KvError::InvalidField {
+                field: "dedup.reply",
+                ..
+            })
+        ));
+        assert!(matches!(
+            DedupTable::default().replay_payload(&j.take_payload(&garbage, false)),
+            Err(KvError::InvalidField {
+                field: "dedup.reply",
+                ..
+            })
+        ));
         assert!(DedupTable::default().replay_payload(&[9]).is_err());
         // The tick is at most the applied index (one record per applied entry at most).
         assert!(t.check_tick("test", t.tick).is_ok());
         assert!(matches!(
             t.check_tick("test", t.tick - 1),
-            Err(KvError::InvalidField { field: "dedup.tick", .. })
+            Err(KvError::InvalidField {
+                field: "dedup.tick",
+                ..
+            })
         ));
     }
 }
