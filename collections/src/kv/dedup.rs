@@ -394,7 +394,9 @@ impl DedupTable {
                     }
                     let mut pb = kvpb::RequestId::new();
                     (pb.client, pb.seq, pb.first_incomplete) = (client, seq, first_incomplete);
-                    let id = ReqId::from_pb(&pb)?;
+                    // Written by the apply path from a checked id: a bad one is corruption.
+                    let id = ReqId::from_pb(&pb)
+                        .map_err(|e| KvError::field(WHAT, "dedup.request_id", e.to_string()))?;
                     self.record(&id, now_ms, reply);
                 }
             }
@@ -570,6 +572,29 @@ mod tests {
             })
         ));
         assert!(DedupTable::default().replay_payload(&[9]).is_err());
+        // A bad request id in a data-log delta is data-log corruption (fatal), not a command
+        // error.
+        let mut j = Journal::default();
+        j.push(&Recorded {
+            id: id(0, 2, 2, 0),
+            now_ms: 0,
+            reply: reply(2),
+        });
+        let e = DedupTable::default()
+            .replay_payload(&j.take_payload(&DedupTable::default(), false))
+            .unwrap_err();
+        assert!(e.is_fatal(), "{e:?}");
+        assert!(
+            matches!(
+                e,
+                KvError::InvalidField {
+                    what: "data-log dedup",
+                    field: "dedup.request_id",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
         // The tick is at most the applied index (one record per applied entry at most).
         assert!(t.check_tick("test", t.tick).is_ok());
         assert!(matches!(
