@@ -219,10 +219,12 @@ fn not_leader(seed: &Seed, id: u64, hint: Option<u64>) -> ClientResponse {
     r
 }
 
-/// Whether every key of `span` lies in `b`, and its first key does (so an empty span is not
-/// held by bounds it lies beyond).
-fn holds(b: &Bounds, span: &KeyRange) -> bool {
-    b.contains(&span.start) && crate::watch_port::within(b, span)
+/// A descriptor's `[lo, hi)` as bounds.
+pub(crate) fn descriptor_bounds(d: &RangeDescriptor) -> Bounds {
+    Bounds {
+        lo: d.lo.clone(),
+        hi: Some(d.hi.clone()),
+    }
 }
 
 /// The keys a command touches (a scan without an end: `None`, to the range's end) and
@@ -329,14 +331,11 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
         end: Some(span.end.unwrap_or_else(|| desc.hi.clone())),
         ..span
     };
-    let in_meta = Bounds {
-        lo: desc.lo.clone(),
-        hi: Some(desc.hi.clone()),
-    };
-    if !holds(&in_meta, &span) {
+    // Never empty: its start is below the descriptor's hi (route) and its end above it.
+    if !descriptor_bounds(&desc).covers(&span) {
         return wrong_range(id, "key outside the range", Some(desc));
     }
-    if !holds(&local.reader.bounds(), &span) {
+    if !local.reader.bounds().covers(&span) {
         return moved(seed, id, k.range);
     }
     let cell = CellId(k.range);
@@ -516,23 +515,24 @@ mod tests {
     }
 
     #[test]
-    fn a_span_is_held_when_all_its_keys_and_its_start_are() {
-        let d = Bounds {
-            lo: b("c"),
-            hi: Some(b("m")),
-        };
-        assert!(holds(&d, &KeyRange::key(b("c"))));
-        assert!(!holds(&d, &KeyRange::key(b("m"))));
-        assert!(!holds(&d, &KeyRange::key(b("b"))));
+    fn a_span_is_checked_against_the_descriptors_lo_and_hi() {
+        let mut desc = RangeDescriptor::new();
+        desc.lo = b("c");
+        desc.hi = b("m");
+        let d = descriptor_bounds(&desc);
+        assert_eq!(d.lo, b("c"));
+        assert_eq!(d.hi, Some(b("m")));
+        assert!(d.covers(&KeyRange::key(b("c"))));
+        assert!(!d.covers(&KeyRange::key(b("m"))));
+        assert!(!d.covers(&KeyRange::key(b("b"))));
         let span = |s: &str, e: &str| KeyRange {
             start: b(s),
             end: Some(b(e)),
         };
-        assert!(holds(&d, &span("c", "m")));
-        assert!(!holds(&d, &span("c", "n")));
-        // Empty (a scan to a range end below its start): not held.
-        assert!(!holds(&d, &span("x", "m")));
+        assert!(d.covers(&span("c", "m")));
+        assert!(!d.covers(&span("c", "n")));
+        assert!(!d.covers(&KeyRange::etcd(b("c"), b("\0"))));
         let unbounded = Bounds::default();
-        assert!(holds(&unbounded, &KeyRange::etcd(b("a"), b("\0"))));
+        assert!(unbounded.covers(&KeyRange::etcd(b("a"), b("\0"))));
     }
 }

@@ -43,11 +43,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use collections::kv::{Bounds, KeyRange, KvReader, ScanRequest, Subscription, WatchBatch};
+use collections::kv::{KeyRange, KvReader, ScanRequest, Subscription, WatchBatch};
 use collections::KvError;
 use crossbeam_channel::{Receiver, Select, Sender};
 use harpoon::{CellId, Role};
-use meta::RangeDescriptor;
 use parking_lot::Mutex;
 use proto::clientpb::{ClientError_Code, ClientResponse, WatchReply, WatchRequest};
 use proto::kvpb;
@@ -56,7 +55,7 @@ use tokio::sync::watch as counter;
 use tokio::time::Instant;
 
 use crate::client_port::error;
-use crate::kv_port::{invalid, route, wrong_range};
+use crate::kv_port::{descriptor_bounds, invalid, route, wrong_range};
 use crate::node::{now_ms, Seed};
 
 /// Events per reply when the request leaves it 0.
@@ -129,29 +128,6 @@ pub enum Served {
     TooLarge(usize),
 }
 
-/// Whether every key of `keys` lies inside `b`.
-pub fn within(b: &Bounds, keys: &KeyRange) -> bool {
-    if keys.start.as_ref() < b.lo.as_ref() {
-        return false;
-    }
-    match (&b.hi, &keys.end) {
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(hi), Some(end)) => end <= hi,
-    }
-}
-
-/// Whether every key of `keys` lies inside the descriptor's `[lo, hi)`.
-pub fn within_descriptor(d: &RangeDescriptor, keys: &KeyRange) -> bool {
-    within(
-        &Bounds {
-            lo: d.lo.clone(),
-            hi: Some(d.hi.clone()),
-        },
-        keys,
-    )
-}
-
 fn event_bytes(e: &collections::kv::Event) -> u64 {
     (e.kv.key.len() + e.kv.value.len()) as u64 + EVENT_OVERHEAD
 }
@@ -185,7 +161,7 @@ pub async fn serve(
     p: &WatchParams,
     clock: &(dyn Fn() -> u64 + Sync),
 ) -> Result<Served, KvError> {
-    if !within(&reader.bounds(), &p.keys) {
+    if !reader.bounds().covers(&p.keys) {
         return Ok(Served::OutOfBounds);
     }
     let deadline = Instant::now() + p.wait;
@@ -203,7 +179,7 @@ pub async fn serve(
         let batch = reader.events_since(from, &p.keys, p.max_events as usize, clock())?;
         // Bounds only shrink: still inside after the read means the read saw every change of
         // the watched keys up to its next revision.
-        if !within(&reader.bounds(), &p.keys) {
+        if !reader.bounds().covers(&p.keys) {
             return Ok(Served::OutOfBounds);
         }
         let mut resp = match batch {
@@ -401,7 +377,7 @@ pub async fn watch(seed: &Arc<Seed>, id: u64, w: WatchRequest) -> ClientResponse
         Ok(r) => r,
         Err(r) => return *r,
     };
-    if !within_descriptor(&desc, &p.keys) {
+    if !descriptor_bounds(&desc).covers(&p.keys) {
         return wrong_range(id, "watched keys outside the range", Some(desc));
     }
     match seed.node.status(CellId(w.range)).await {
@@ -450,6 +426,7 @@ mod tests {
     use proto::kvpb::EventType;
 
     use super::*;
+    use collections::kv::Bounds;
 
     const NOW: u64 = 1_000_000;
 
@@ -825,15 +802,15 @@ mod tests {
             hi: None,
         };
         let all = KeyRange::all();
-        assert!(within(&unbounded, &all));
+        assert!(unbounded.covers(&all));
         let b = Bounds {
             lo: Bytes::from_static(b"b"),
             hi: Some(Bytes::from_static(b"d")),
         };
-        assert!(!within(&b, &all));
-        assert!(within(&b, &KeyRange::key(Bytes::from_static(b"c"))));
-        assert!(!within(&b, &KeyRange::key(Bytes::from_static(b"a"))));
-        assert!(within(&b, &KeyRange::prefix(Bytes::from_static(b"c"))));
-        assert!(!within(&b, &KeyRange::prefix(Bytes::from_static(b"d"))));
+        assert!(!b.covers(&all));
+        assert!(b.covers(&KeyRange::key(Bytes::from_static(b"c"))));
+        assert!(!b.covers(&KeyRange::key(Bytes::from_static(b"a"))));
+        assert!(b.covers(&KeyRange::prefix(Bytes::from_static(b"c"))));
+        assert!(!b.covers(&KeyRange::prefix(Bytes::from_static(b"d"))));
     }
 }
