@@ -11,6 +11,8 @@
 //!   its key away is answered `KEY_OUT_OF_RANGE` by apply (not applied): the client gets
 //!   `WRONG_RANGE` with meta's current descriptor; reads check the store's bounds under the
 //!   same lock as the read, so a key the store no longer holds is never answered empty.
+//!   A delete's `range_end` or a scan's `end` of `"\0"` (to the end of the key space: no
+//!   range holds that) or at/below its start key is `INVALID_ARGUMENT` with the field named.
 //!   `NOT_LEADER{hint}` when a write or a leader read
 //!   reaches a follower. Writes are proposed as `now_ms ‖ command` (see [`crate::ranges`]);
 //!   leader reads wait for harpoon's read barrier (lease, else ReadIndex), follower reads are
