@@ -35,6 +35,16 @@ pub(crate) struct Ctx<'a> {
     pub(crate) recorded: Option<Recorded>,
 }
 
+/// The reply of one entry, in the form the apply path already has it (each form is encoded or
+/// parsed at most once).
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// A reply made now, with its encoding if the request-id table recorded it.
+    Pb(kvpb::Response, Option<Bytes>),
+    /// The encoded reply the request-id table recorded for a duplicate.
+    Recorded(Bytes),
+}
+
 /// Applies one entry. `Err` only for fatal errors (a value could not be loaded from disk).
 pub(crate) fn apply_entry(
     ctx: &mut Ctx<'_>,
@@ -43,17 +53,20 @@ pub(crate) fn apply_entry(
     term: u64,
     now_ms: u64,
     cmd: &[u8],
-) -> Result<kvpb::Response> {
+) -> Result<Reply> {
     if index <= ctx.st.apply.applied_index {
-        return Ok(error_response(
-            ctx.st,
-            &KvError::invalid(
-                "index",
-                format!(
-                    "entry {index} is not after the applied index {}",
-                    ctx.st.apply.applied_index
+        return Ok(Reply::Pb(
+            error_response(
+                ctx.st,
+                &KvError::invalid(
+                    "index",
+                    format!(
+                        "entry {index} is not after the applied index {}",
+                        ctx.st.apply.applied_index
+                    ),
                 ),
             ),
+            None,
         ));
     }
     ctx.st.apply.applied_index = index;
@@ -80,14 +93,7 @@ pub(crate) fn apply_entry(
                     (Some(op), Some(pb)) => match ReqId::from_pb(&pb) {
                         Err(e) => Err(e),
                         Ok(id) => match ctx.st.dedup.check(&id, ctx.st.clock_ms) {
-                            Verdict::Duplicate(reply) => {
-                                return kvpb::Response::parse_from_carllerche_bytes(&reply).map_err(
-                                    |e| KvError::Corrupt {
-                                        what: "dedup reply",
-                                        why: e.to_string(),
-                                    },
-                                )
-                            }
+                            Verdict::Duplicate(reply) => return Ok(Reply::Recorded(reply)),
                             Verdict::Expired => Ok(Some(Res::error(expired_error(&id)))),
                             Verdict::New => {
                                 new_id = Some(id);
@@ -103,17 +109,26 @@ pub(crate) fn apply_entry(
     ctx.st
         .trim_history(cfg.history_max_events, cfg.history_max_bytes);
     let resp = finish(ctx.st, result)?;
-    if let Some(id) = new_id {
-        let reply = resp.write_to_bytes().map_err(|e| KvError::Corrupt {
-            what: "reply",
-            why: e.to_string(),
-        })?;
-        let now_ms = ctx.st.clock_ms;
-        let reply = Bytes::from(reply);
-        ctx.st.dedup.record(&id, now_ms, reply.clone());
-        ctx.recorded = Some(Recorded { id, now_ms, reply });
-    }
-    Ok(resp)
+    let Some(id) = new_id else {
+        return Ok(Reply::Pb(resp, None));
+    };
+    let reply = Bytes::from(encode_reply(&resp)?);
+    let now_ms = ctx.st.clock_ms;
+    ctx.st.dedup.record(&id, now_ms, reply.clone());
+    ctx.recorded = Some(Recorded {
+        id,
+        now_ms,
+        reply: reply.clone(),
+    });
+    Ok(Reply::Pb(resp, Some(reply)))
+}
+
+/// Encodes a reply (fails only on a message protobuf cannot size: fatal).
+pub(crate) fn encode_reply(resp: &kvpb::Response) -> Result<Vec<u8>> {
+    resp.write_to_bytes().map_err(|e| KvError::Corrupt {
+        what: "reply",
+        why: e.to_string(),
+    })
 }
 
 /// Whether `op` is a write a request id applies to.

@@ -27,7 +27,7 @@ use protobuf::Message;
 use seglog::SegLog;
 
 use crate::error::{KvError, Result};
-use crate::kv::apply::{apply_entry, check_scan_revision, Ctx};
+use crate::kv::apply::{apply_entry, check_scan_revision, encode_reply, Ctx, Reply};
 use crate::kv::datalog::{self, DataLog};
 use crate::kv::dedup::Journal;
 use crate::kv::snapshot::{self, Pin, Restorer, SnapshotReader};
@@ -453,14 +453,10 @@ impl KvStore {
     /// Only fatal ones (the data log failed, a value could not be read back): the store is
     /// poisoned and refuses further applies; reopen it.
     pub fn apply(&mut self, index: u64, term: u64, now_ms: u64, cmd: &[u8]) -> Result<Bytes> {
-        self.apply_pb(index, term, now_ms, cmd).and_then(|r| {
-            r.write_to_bytes()
-                .map(Bytes::from)
-                .map_err(|e| KvError::Corrupt {
-                    what: "reply",
-                    why: e.to_string(),
-                })
-        })
+        match self.apply_reply(index, term, now_ms, cmd)? {
+            Reply::Pb(_, Some(b)) | Reply::Recorded(b) => Ok(b),
+            Reply::Pb(r, None) => encode_reply(&r).map(Bytes::from),
+        }
     }
 
     /// [`KvStore::apply`] returning the reply unencoded.
@@ -471,6 +467,22 @@ impl KvStore {
         now_ms: u64,
         cmd: &[u8],
     ) -> Result<proto::kvpb::Response> {
+        match self.apply_reply(index, term, now_ms, cmd)? {
+            Reply::Pb(r, _) => Ok(r),
+            // Checked when the table took it (`dedup.rs` validates decoded replies too), so
+            // this cannot fail short of memory corruption: fatal.
+            Reply::Recorded(b) => match proto::kvpb::Response::parse_from_carllerche_bytes(&b) {
+                Ok(r) => Ok(r),
+                Err(e) => self.poison(KvError::Corrupt {
+                    what: "dedup reply",
+                    why: e.to_string(),
+                }),
+            },
+        }
+    }
+
+    /// The apply path of [`KvStore::apply`] and [`KvStore::apply_pb`].
+    fn apply_reply(&mut self, index: u64, term: u64, now_ms: u64, cmd: &[u8]) -> Result<Reply> {
         self.check_poison()?;
         let shared = self.reader.shared.clone();
         let mut st = shared.state.write();
