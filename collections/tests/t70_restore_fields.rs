@@ -171,7 +171,7 @@ fn failed_restore_leaves_an_empty_usable_store_in_every_mode() {
 
 /// The request id (client, seq) of the `i`th op of [`rich_image`], if it carries one.
 fn request_id(i: usize, k: u8) -> Option<(u64, u64)> {
-    (k % 3 != 0).then(|| (u64::from(k % 3), i as u64 + 1))
+    (!k.is_multiple_of(3)).then(|| (u64::from(k % 3), i as u64 + 1))
 }
 
 /// Builds a valid image with live keys, history of puts and deletes, TTLs, a horizon and
