@@ -210,6 +210,25 @@ impl Cluster {
         self.nodes[i].child.as_mut()?.try_wait().ok().flatten()
     }
 
+    /// Wait until node `i`'s process ended (polled every 100 ms); how, or `None` after
+    /// `within`.
+    pub async fn wait_exit(
+        &mut self,
+        i: usize,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.exit_status(i) {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The raft log directory of node `i`.
     pub fn raft_dir(&self, i: usize) -> PathBuf {
         self.nodes[i].data_dir.join("raft")
@@ -222,6 +241,13 @@ impl Cluster {
             let _ = c.wait();
         }
         self.nodes[i].paused = false;
+    }
+
+    /// SIGKILL every node and reap them.
+    pub fn kill_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
     }
 
     /// Start node `i` again from its data dir (same ports).
@@ -603,8 +629,6 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for i in 0..self.nodes.len() {
-            self.kill(i);
-        }
+        self.kill_all();
     }
 }

@@ -91,6 +91,54 @@ pub fn write_once(
     set
 }
 
+/// A running [`write_once`] load.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    writers: tokio::task::JoinSet<()>,
+}
+
+impl Load {
+    /// Start [`write_once`] and wait until at least `min_new` more writes are acknowledged in
+    /// `out` than when it started (up to 60 s).
+    ///
+    /// # Panics
+    /// Fewer acknowledged within 60 s.
+    pub async fn start_until_acked(
+        seeds: Vec<SocketAddr>,
+        collections: Vec<String>,
+        clients: usize,
+        tag: &str,
+        out: &Arc<Mutex<Writes>>,
+        min_new: usize,
+    ) -> Load {
+        let before = out.lock().acked.len();
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = write_once(seeds, collections, clients, tag, stop.clone(), out.clone());
+        let loaded = crate::cluster::wait_for(Duration::from_secs(60), || {
+            let w = out.clone();
+            async move { (w.lock().acked.len() >= before + min_new).then_some(()) }
+        })
+        .await;
+        assert!(loaded.is_some(), "{tag}: too few writes acknowledged");
+        Load { stop, writers }
+    }
+
+    /// Stop the writers and wait for them.
+    ///
+    /// # Panics
+    /// A writer panicked (its panic goes on).
+    pub async fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        while let Some(r) = self.writers.join_next().await {
+            if let Err(e) = r {
+                if e.is_panic() {
+                    std::panic::resume_unwind(e.into_panic());
+                }
+            }
+        }
+    }
+}
+
 /// What reading back found.
 #[derive(Debug, Default, Clone)]
 pub struct ReadBack {

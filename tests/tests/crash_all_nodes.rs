@@ -7,13 +7,11 @@
 //! written to a shared mapping, FAULTS.md §4, so this tests the restart and replay path, not
 //! durability against power loss; `storage_damage.rs` damages the files themselves.)
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use quiver_tests::cluster::wait_for;
-use quiver_tests::crash::{read_back, write_once, Writes};
+use quiver_tests::crash::{read_back, Load, Writes};
 use quiver_tests::ready_cluster;
 use quiver_tests::workload::Target;
 
@@ -43,32 +41,19 @@ async fn acknowledged_writes_survive_kill_9_of_every_node() {
     );
     let writes = Arc::new(Mutex::new(Writes::default()));
     for round in 0..2 {
-        let stop = Arc::new(AtomicBool::new(false));
-        let before = writes.lock().acked.len();
-        let mut load = write_once(
+        // Heavy load for a while: at least 300 new acknowledged writes.
+        let load = Load::start_until_acked(
             c.client_addrs(),
             colls.iter().map(|s| s.to_string()).collect(),
             8,
             &format!("r{round}"),
-            stop.clone(),
-            writes.clone(),
-        );
-        // Heavy load for a while: at least 300 new acknowledged writes.
-        let loaded = wait_for(Duration::from_secs(60), || {
-            let w = writes.clone();
-            async move { (w.lock().acked.len() >= before + 300).then_some(()) }
-        })
+            &writes,
+            300,
+        )
         .await;
-        assert!(
-            loaded.is_some(),
-            "round {round}: too few writes acknowledged"
-        );
         // kill -9 every node at once, in the middle of the load.
-        for i in 0..c.nodes.len() {
-            c.kill(i);
-        }
-        stop.store(true, Ordering::Relaxed);
-        while load.join_next().await.is_some() {}
+        c.kill_all();
+        load.stop().await;
         c.revive_all();
         for name in colls {
             assert!(

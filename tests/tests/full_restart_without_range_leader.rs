@@ -6,13 +6,11 @@
 //! replicas join later, and a range of voters {L, X} cannot serve without L. The harness now
 //! waits for every replica to be a voter before it injects faults: `Cluster::create_collection`.)
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use quiver_tests::cluster::wait_for;
-use quiver_tests::crash::{write_once, Writes};
+use quiver_tests::crash::{Load, Writes};
 use quiver_tests::ready_cluster;
 use quiver_tests::workload::Target;
 
@@ -26,27 +24,18 @@ async fn range_elects_a_leader_without_its_old_one_after_a_full_restart() {
         c.dir.display()
     );
     let writes = Arc::new(Mutex::new(Writes::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut load = write_once(
+    let load = Load::start_until_acked(
         c.client_addrs(),
         vec![coll.to_string()],
         4,
         "r",
-        stop.clone(),
-        writes.clone(),
-    );
-    let loaded = wait_for(Duration::from_secs(60), || {
-        let w = writes.clone();
-        async move { (w.lock().acked.len() >= 100).then_some(()) }
-    })
+        &writes,
+        100,
+    )
     .await;
-    assert!(loaded.is_some(), "too few writes acknowledged");
     let (leader, _) = c.range_leader(coll, b"k0").await.expect("range leader");
-    for i in 0..c.nodes.len() {
-        c.kill(i);
-    }
-    stop.store(true, Ordering::Relaxed);
-    while load.join_next().await.is_some() {}
+    c.kill_all();
+    load.stop().await;
     for i in (0..c.nodes.len()).filter(|i| *i != leader) {
         c.restart(i);
     }

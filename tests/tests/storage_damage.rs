@@ -10,13 +10,12 @@
 //! the range and meta serve only if T recovered and rejoined (2 of 3 voters; the test waits for
 //! the range to have its 3 voters before the load).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use quiver_tests::cluster::wait_for;
-use quiver_tests::crash::{read_back, write_once, Writes};
+use quiver_tests::crash::{read_back, Load, Writes};
 use quiver_tests::damage::{flip_below_mark, tear_tail};
 use quiver_tests::ready_cluster;
 use quiver_tests::workload::Target;
@@ -31,32 +30,23 @@ async fn torn_tail_recovers_and_a_flip_below_the_mark_is_refused() {
         c.dir.display()
     );
     let writes = Arc::new(Mutex::new(Writes::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut load = write_once(
+    let load = Load::start_until_acked(
         c.client_addrs(),
         vec![coll.to_string()],
         8,
         "d",
-        stop.clone(),
-        writes.clone(),
-    );
-    let loaded = wait_for(Duration::from_secs(60), || {
-        let w = writes.clone();
-        async move { (w.lock().acked.len() >= 300).then_some(()) }
-    })
+        &writes,
+        300,
+    )
     .await;
-    assert!(loaded.is_some(), "too few writes acknowledged");
     let (l, _) = c
         .range_leader(coll, b"k0")
         .await
         .expect("the range has a leader");
     let (t, f) = ((l + 1) % 3, (l + 2) % 3);
     // Stop the cluster in the middle of the load (kill -9), then damage the stopped files.
-    for i in 0..c.nodes.len() {
-        c.kill(i);
-    }
-    stop.store(true, Ordering::Relaxed);
-    while load.join_next().await.is_some() {}
+    c.kill_all();
+    load.stop().await;
     let (torn_scan, torn_at) = tear_tail(&c.raft_dir(t)).expect("tear T's tail");
     let (flip_scan, flip_at) = flip_below_mark(&c.raft_dir(f)).expect("flip F's log");
     eprintln!(
@@ -72,11 +62,7 @@ async fn torn_tail_recovers_and_a_flip_below_the_mark_is_refused() {
     c.revive_all();
 
     // F refuses to start, naming the damaged record.
-    let status = wait_for(Duration::from_secs(60), || {
-        let s = c.exit_status(f);
-        async move { s }
-    })
-    .await;
+    let status = c.wait_exit(f, Duration::from_secs(60)).await;
     let log = std::fs::read_to_string(c.log(f)).unwrap_or_default();
     let last = log.lines().last().unwrap_or_default().to_string();
     let status = status.unwrap_or_else(|| {
@@ -166,28 +152,19 @@ async fn flip_in_a_range_image_is_never_served() {
     let coll = "datalog";
     assert!(c.create_collection(coll, 3, Duration::from_secs(90)).await);
     let writes = Arc::new(Mutex::new(Writes::default()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut load = write_once(
+    let load = Load::start_until_acked(
         c.client_addrs(),
         vec![coll.to_string()],
         8,
         "g",
-        stop.clone(),
-        writes.clone(),
-    );
-    let loaded = wait_for(Duration::from_secs(60), || {
-        let w = writes.clone();
-        async move { (w.lock().acked.len() >= 300).then_some(()) }
-    })
+        &writes,
+        300,
+    )
     .await;
-    assert!(loaded.is_some(), "too few writes acknowledged");
     let (l, range) = c.range_leader(coll, b"k0").await.expect("range leader");
     let f = (l + 1) % 3;
-    for i in 0..c.nodes.len() {
-        c.kill(i);
-    }
-    stop.store(true, Ordering::Relaxed);
-    while load.join_next().await.is_some() {}
+    c.kill_all();
+    load.stop().await;
     // A `logged` store keeps its image in `kv.snap` and replays the raft log after it.
     let snap = c.nodes[f]
         .data_dir
@@ -223,11 +200,7 @@ async fn flip_in_a_range_image_is_never_served() {
         c.dir.display()
     );
     // What F does with its damaged replica.
-    let exited = wait_for(Duration::from_secs(5), || {
-        let s = c.exit_status(f);
-        async move { s }
-    })
-    .await;
+    let exited = c.wait_exit(f, Duration::from_secs(5)).await;
     if let Some(status) = exited {
         let log = std::fs::read_to_string(c.log(f)).unwrap_or_default();
         let last = log.lines().last().unwrap_or_default().to_string();
