@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use checker::history::{KvHistory, KvOp, KvOut, Recorder};
+use checker::history::{KvHistory, KvOp, KvOut, OpHandle, Recorder};
 use client::{ClientError, Expect, ReadMode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -177,13 +177,7 @@ impl Store {
     pub fn write_unknown(&self, e: &ClientError) -> bool {
         match self.target {
             Target::Scratch => true,
-            Target::Collection(_) => matches!(
-                e,
-                ClientError::UnknownOutcome(_)
-                    | ClientError::Timeout
-                    | ClientError::ConnectionLost(_)
-                    | ClientError::Protocol(_)
-            ),
+            Target::Collection(_) => crate::crash::outcome_unknown(e),
         }
     }
 }
@@ -218,6 +212,17 @@ pub enum WriteResult {
     Unknown,
 }
 
+/// Record a write that answered `e`: unknown when it may have applied, else failed.
+fn settle(h: OpHandle<KvOp, KvOut>, st: &Store, e: &ClientError) -> WriteResult {
+    if st.write_unknown(e) {
+        h.unknown();
+        WriteResult::Unknown
+    } else {
+        h.fail();
+        WriteResult::Fail
+    }
+}
+
 /// One put, recorded.
 pub async fn recorded_put(
     rec: &Recorder<KvOp, KvOut>,
@@ -232,14 +237,7 @@ pub async fn recorded_put(
             h.ok(KvOut::Put);
             WriteResult::Ok
         }
-        Err(e) if st.write_unknown(&e) => {
-            h.unknown();
-            WriteResult::Unknown
-        }
-        Err(_) => {
-            h.fail();
-            WriteResult::Fail
-        }
+        Err(e) => settle(h, st, &e),
     }
 }
 
@@ -262,14 +260,7 @@ pub async fn recorded_cas(
                 WriteResult::NotSwapped
             }
         }
-        Err(e) if st.write_unknown(&e) => {
-            h.unknown();
-            WriteResult::Unknown
-        }
-        Err(_) => {
-            h.fail();
-            WriteResult::Fail
-        }
+        Err(e) => settle(h, st, &e),
     }
 }
 
