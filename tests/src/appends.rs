@@ -66,12 +66,18 @@ pub fn log_key(j: u64) -> String {
     format!("a{j}")
 }
 
+/// What an unparseable entry reads as: no append appends it, so the checker flags a damaged
+/// log (`1,2,3x`) instead of taking its valid prefix for the log.
+pub const GARBLED: u64 = u64::MAX;
+
 fn parse(v: &[u8]) -> Vec<u64> {
-    std::str::from_utf8(v)
-        .unwrap_or_default()
-        .split(',')
-        .filter_map(|s| s.parse().ok())
-        .collect()
+    if v.is_empty() {
+        return Vec::new();
+    }
+    match std::str::from_utf8(v) {
+        Ok(s) => s.split(',').map(|t| t.parse().unwrap_or(GARBLED)).collect(),
+        Err(_) => vec![GARBLED],
+    }
 }
 
 fn render(v: &[u64]) -> String {
@@ -269,5 +275,12 @@ mod tests {
         assert_eq!(parse(b""), Vec::<u64>::new());
         assert_eq!(parse(render(&[3, 1, 2]).as_bytes()), vec![3, 1, 2]);
         assert_eq!(render(&[]), "");
+    }
+
+    #[test]
+    fn a_damaged_entry_reads_as_a_value_never_appended() {
+        assert_eq!(parse(b"1,2,3x"), vec![1, 2, GARBLED]);
+        assert_eq!(parse(b"1,,2"), vec![1, GARBLED, 2]);
+        assert_eq!(parse(&[0xff, b'1']), vec![GARBLED]);
     }
 }

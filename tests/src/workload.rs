@@ -82,9 +82,18 @@ pub struct Store {
     stale: bool,
 }
 
-fn parse(v: &[u8]) -> Option<u64> {
-    std::str::from_utf8(v).ok()?.parse().ok()
+/// A value written by the workload; one it cannot have written (damaged, garbled) reads as
+/// [`GARBLED`], which no write writes, so the checker flags the read instead of taking it
+/// for an absent key.
+fn parse(v: &[u8]) -> u64 {
+    std::str::from_utf8(v)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(GARBLED)
 }
+
+/// What an unparseable value reads as: no write writes it.
+pub const GARBLED: u64 = u64::MAX;
 
 impl Store {
     /// A store over `client`; `stale` reads from any replica.
@@ -130,12 +139,12 @@ impl Store {
     pub async fn get(&self, k: u64) -> Result<Option<u64>, ClientError> {
         let key = self.key(k);
         match self.kv() {
-            Some(kv) => Ok(kv.get(&key).await?.and_then(|v| parse(&v.value))),
+            Some(kv) => Ok(kv.get(&key).await?.map(|v| parse(&v.value))),
             None => Ok(self
                 .client
                 .get(&key, !self.stale)
                 .await?
-                .and_then(|v| parse(&v.value))),
+                .map(|v| parse(&v.value))),
         }
     }
 
@@ -370,4 +379,17 @@ pub fn lost_acknowledged(
         }
     }
     lost
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_garbled_value_reads_as_a_value_never_written() {
+        assert_eq!(parse(b"42"), 42);
+        assert_eq!(parse(b"42x"), GARBLED);
+        assert_eq!(parse(b""), GARBLED);
+        assert_eq!(parse(&[0xff]), GARBLED);
+    }
 }
