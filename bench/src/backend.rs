@@ -24,12 +24,6 @@ pub enum Consistency {
 /// Why one request failed. The runner counts errors; it never stops a run for one.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
-    /// The backend exists as a name but its client is not built yet.
-    #[error("the {backend} backend is not built yet: {why}")]
-    NotBuilt {
-        backend: &'static str,
-        why: &'static str,
-    },
     /// The backend does not support this operation (e.g. CAS).
     #[error("the {backend} backend does not support {op}")]
     Unsupported {

@@ -87,11 +87,6 @@ impl Zipfian {
         }
     }
 
-    /// Number of ranks.
-    pub fn n(&self) -> u64 {
-        self.n
-    }
-
     /// Probability of rank `r` (0-based): `1 / ((r+1)^theta * zeta(n))`.
     pub fn probability(&self, rank: u64) -> f64 {
         1.0 / ((rank + 1) as f64).powf(self.theta) / self.zetan

@@ -89,13 +89,8 @@ pub struct Schedule {
 
 impl Schedule {
     /// Faults for `nodes` nodes, covering every kind `rounds` times in a seeded order, each
-    /// held for 1.5-3 s with 0.5-1.5 s of quiet before it.
-    pub fn generate(seed: u64, nodes: usize, rounds: usize) -> Schedule {
-        Schedule::generate_with(seed, nodes, rounds, None)
-    }
-
-    /// [`Schedule::generate`], plus with `long_kill: Some(d)` one [`Fault::LongKill`] per
-    /// round, held at least `d` (the nodes' dead-after and a margin).
+    /// held for 1.5-3 s with 0.5-1.5 s of quiet before it; with `long_kill: Some(d)` also one
+    /// [`Fault::LongKill`] per round, held `d` (the nodes' dead-after and a margin).
     pub fn generate_with(
         seed: u64,
         nodes: usize,
@@ -145,18 +140,6 @@ impl Schedule {
             }
         }
         Schedule { seed, faults }
-    }
-
-    /// Distinct fault kinds in the schedule.
-    pub fn kinds(&self) -> usize {
-        let k: std::collections::BTreeSet<&str> =
-            self.faults.iter().map(|p| p.fault.kind()).collect();
-        k.len()
-    }
-
-    /// Total planned time.
-    pub fn duration(&self) -> Duration {
-        self.faults.iter().map(|p| p.hold + p.gap).sum()
     }
 }
 

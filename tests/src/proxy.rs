@@ -126,16 +126,6 @@ impl Proxy {
         self.shared.ids.write()[j] = id;
     }
 
-    /// Set the rule of link `from -> to` (node ids).
-    pub fn set(&self, from: u64, to: u64, rule: Rule) {
-        let mut r = self.shared.rules.write();
-        if rule == Rule::Pass {
-            r.remove(&(from, to));
-        } else {
-            r.insert((from, to), rule);
-        }
-    }
-
     /// Replace every rule with `rules`.
     pub fn set_all(&self, rules: HashMap<(u64, u64), Rule>) {
         *self.shared.rules.write() = rules;
