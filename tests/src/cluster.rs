@@ -68,6 +68,18 @@ pub fn fast_flags() -> Vec<(String, String)> {
     .collect()
 }
 
+/// [`fast_flags`] with `dead-after-ms` = `d`: a node down longer is removed from meta's cell
+/// and from its ranges.
+pub fn fast_flags_with_dead_after(d: Duration) -> Vec<(String, String)> {
+    let mut flags = fast_flags();
+    for (k, v) in flags.iter_mut() {
+        if k == "dead-after-ms" {
+            *v = d.as_millis().to_string();
+        }
+    }
+    flags
+}
+
 /// One child node.
 #[derive(Debug)]
 pub struct NodeProc {

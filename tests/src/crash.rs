@@ -129,13 +129,7 @@ impl Load {
     /// A writer panicked (its panic goes on).
     pub async fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        while let Some(r) = self.writers.join_next().await {
-            if let Err(e) = r {
-                if e.is_panic() {
-                    std::panic::resume_unwind(e.into_panic());
-                }
-            }
-        }
+        crate::join_all(&mut self.writers).await;
     }
 }
 
@@ -216,7 +210,7 @@ pub async fn read_back(seeds: Vec<SocketAddr>, w: &Writes) -> ReadBack {
             }
         });
     }
-    while set.join_next().await.is_some() {}
+    crate::join_all(&mut set).await;
     let r = result.lock().clone();
     r
 }

@@ -258,14 +258,10 @@ pub async fn ready_cluster_with(nodes: usize, flags: Vec<(String, String)>) -> C
 /// One run: cluster, workload under the seeded nemesis, final heal, final reads, checks.
 pub async fn run_nemesis(cfg: &RunConfig) -> RunReport {
     let t0 = Instant::now();
-    let mut flags = cluster::fast_flags();
-    if let Some(d) = cfg.dead_after {
-        for (k, v) in flags.iter_mut() {
-            if k == "dead-after-ms" {
-                *v = d.as_millis().to_string();
-            }
-        }
-    }
+    let flags = match cfg.dead_after {
+        Some(d) => cluster::fast_flags_with_dead_after(d),
+        None => cluster::fast_flags(),
+    };
     let mut c = ready_cluster_with(cfg.nodes, flags).await;
     let target = cfg.workload.target.clone();
     if let Target::Collection(name) = &target {
@@ -349,15 +345,15 @@ pub async fn run_nemesis(cfg: &RunConfig) -> RunReport {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let load_end = Instant::now();
-    let _ = load.await;
+    joined(load).await;
     if let Some(set) = appenders.as_mut() {
-        while set.join_next().await.is_some() {}
+        join_all(set).await;
     }
     if let Some(f) = filler {
-        let _ = f.await;
+        joined(f).await;
     }
     if let Some(w) = splits {
-        let seen = w.await.unwrap_or_default();
+        let seen = joined(w).await.unwrap_or_default();
         let mut last = 1;
         for (at, n) in seen {
             faults.entries.push(nemesis::LogEntry {
@@ -452,6 +448,26 @@ pub async fn run_nemesis(cfg: &RunConfig) -> RunReport {
         unread_keys: unread,
         proxy: c.proxy.stats().to_string(),
         wall: t0.elapsed(),
+    }
+}
+
+/// The output of task `h`; `None` if it was cancelled. A panic in it goes on here.
+async fn joined<T>(h: tokio::task::JoinHandle<T>) -> Option<T> {
+    match h.await {
+        Ok(v) => Some(v),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
+    }
+}
+
+/// Wait for every task of `set`. A panic in one goes on here.
+pub(crate) async fn join_all(set: &mut tokio::task::JoinSet<()>) {
+    while let Some(r) = set.join_next().await {
+        if let Err(e) = r {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
     }
 }
 

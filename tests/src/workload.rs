@@ -332,7 +332,7 @@ pub async fn run(
             }
         });
     }
-    while tasks.join_next().await.is_some() {}
+    crate::join_all(&mut tasks).await;
 }
 
 /// Acknowledged writes lost, given final reads: a write `w` (a put, or a cas that answered

@@ -13,18 +13,12 @@
 
 use std::time::{Duration, Instant};
 
-use quiver_tests::cluster::{fast_flags, wait_for};
+use quiver_tests::cluster::{fast_flags_with_dead_after, wait_for};
 use quiver_tests::ready_cluster_with;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_node_rejoins_meta_and_the_range() {
-    let mut flags = fast_flags();
-    for (k, v) in flags.iter_mut() {
-        if k == "dead-after-ms" {
-            *v = "4000".into();
-        }
-    }
-    let mut c = ready_cluster_with(5, flags).await;
+    let mut c = ready_cluster_with(5, fast_flags_with_dead_after(Duration::from_secs(4))).await;
     let coll = "rejoin";
     assert!(
         c.create_collection(coll, 5, Duration::from_secs(90)).await,
