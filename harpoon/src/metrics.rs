@@ -29,7 +29,8 @@ pub struct NodeMetrics {
     /// `LogStore::sync` calls: at most one per round that had to be durable (the IO thread
     /// answers sync requests that queued up during a sync with one more).
     pub log_syncs: u64,
-    /// Wall time spent in those syncs, microseconds (on the IO threads, not the shards).
+    /// Wall time spent in those syncs, microseconds (on the IO threads, and on the shard
+    /// threads for the inline syncs of idle shards and memory logs).
     pub log_sync_micros: u64,
     /// Proposals accepted by raft on this node as leader.
     pub proposals: u64,

@@ -21,9 +21,9 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::membership::MembershipChange;
 use crate::metrics::{Metrics, NodeMetrics};
-use crate::shard::{Command, Shard, Views, DEFAULT_DEADLINE};
+use crate::shard::{Command, Shard, Shared, Views, DEFAULT_DEADLINE};
 use crate::state_machine::StateMachine;
-use crate::storage::{LogStore, WriteBatch};
+use crate::storage::LogStore;
 use crate::transport::{Envelope, MessageSink, SnapshotStatus, Transport};
 use crate::CellFactory;
 
@@ -174,6 +174,17 @@ impl Node {
             reason: e.to_string(),
         })?;
         let views = Views::default();
+        let shared = Shared {
+            node: id,
+            cfg: cfg.clone(),
+            log: log.clone(),
+            transport,
+            metrics: metrics.clone(),
+            poison: poison.clone(),
+            factory: factory.clone(),
+            gc_pins,
+            views: views.clone(),
+        };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         // A shard or IO thread that cannot be spawned stops the ones already running.
         let abort = |threads: Vec<JoinHandle<()>>, e: Error| {
@@ -207,29 +218,7 @@ impl Node {
                     }
                 }
             };
-            let shard = Shard {
-                node: id,
-                cfg: cfg.clone(),
-                log: log.clone(),
-                transport: transport.clone(),
-                rx,
-                metrics: metrics.clone(),
-                poison: poison.clone(),
-                factory: factory.clone(),
-                cells: Default::default(),
-                fenced: Default::default(),
-                index: i,
-                gc_pins: gc_pins.clone(),
-                next_log_gc: Instant::now() + cfg.log_gc_interval,
-                touched: Default::default(),
-                pending: WriteBatch::default(),
-                io,
-                next_sync: 0,
-                unsynced: Default::default(),
-                views: views.clone(),
-                handled: 0,
-                next_generation: 0,
-            };
+            let shard = Shard::new(shared.clone(), i, rx, io);
             // A failed spawn drops the shard, and with it its IO thread (`Io` stops on drop).
             match std::thread::Builder::new()
                 .name(format!("harpoon-{id}-s{i}"))

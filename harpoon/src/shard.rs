@@ -50,7 +50,7 @@ use crate::error::{Error, Result};
 use crate::membership::MembershipChange;
 use crate::metrics::Metrics;
 use crate::state_machine::StateMachine;
-use crate::storage::{LogStore, WriteBatch};
+use crate::storage::{LogStore, StorageError, WriteBatch};
 use crate::transport::{Envelope, SnapshotStatus, Transport};
 use crate::{CellFactory, Tx};
 
@@ -133,7 +133,7 @@ impl Io {
     /// [`Io::start`] with the sync given as a function (tests inject failing ones).
     fn start_with(
         name: String,
-        sync: impl Fn() -> std::result::Result<(), crate::storage::StorageError> + Send + 'static,
+        sync: impl Fn() -> std::result::Result<(), StorageError> + Send + 'static,
         inbox: Sender<Command>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Io> {
@@ -146,24 +146,10 @@ impl Io {
                 // A panic in the sync must not end this thread silently: the shard would wait
                 // forever on the readies it parked. Report it as a failed sync and stop.
                 let synced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let t0 = Instant::now();
-                    let result = sync();
-                    if result.is_ok() {
-                        metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
-                        metrics
-                            .log_sync_micros
-                            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    }
-                    result
+                    timed_sync(&sync, &metrics)
                 }));
                 let (result, panicked) = match synced {
-                    Ok(r) => (
-                        r.map_err(|e| Error::Storage {
-                            cell: None,
-                            source: Arc::new(e),
-                        }),
-                        false,
-                    ),
+                    Ok(r) => (r, false),
                     Err(payload) => (
                         Err(Error::Poisoned {
                             reason: format!(
@@ -236,8 +222,43 @@ pub(crate) struct Shard {
     pub(crate) next_generation: u64,
 }
 
+/// What every shard of a node shares.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) node: NodeId,
+    pub(crate) cfg: Arc<NodeConfig>,
+    pub(crate) log: LogStore,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) poison: Arc<Mutex<Option<String>>>,
+    pub(crate) factory: Arc<RwLock<Option<CellFactory>>>,
+    pub(crate) gc_pins: Arc<Mutex<HashSet<CellId>>>,
+    pub(crate) views: Views,
+}
+
 /// The read views of a node's cells.
 pub(crate) type Views = Arc<RwLock<HashMap<CellId, SharedView>>>;
+
+/// A failure of the node's shared log (not of one cell's records).
+fn log_error(e: StorageError) -> Error {
+    Error::Storage {
+        cell: None,
+        source: Arc::new(e),
+    }
+}
+
+/// Runs one log sync, counting it and its wall time when it succeeds.
+fn timed_sync(
+    sync: impl FnOnce() -> std::result::Result<(), StorageError>,
+    m: &Metrics,
+) -> Result<()> {
+    let t0 = Instant::now();
+    sync().map_err(log_error)?;
+    m.log_syncs.fetch_add(1, Ordering::Relaxed);
+    m.log_sync_micros
+        .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    Ok(())
+}
 
 /// The message of a caught panic.
 fn panic_reason(payload: &Box<dyn std::any::Any + Send>) -> String {
@@ -256,6 +277,49 @@ fn is_initial(m: &raft::eraftpb::Message) -> bool {
 }
 
 impl Shard {
+    /// Shard number `index` of a node, reading `rx`, syncing on `io` (`None`: inline).
+    pub(crate) fn new(
+        shared: Shared,
+        index: usize,
+        rx: Receiver<Command>,
+        io: Option<Io>,
+    ) -> Shard {
+        let Shared {
+            node,
+            cfg,
+            log,
+            transport,
+            metrics,
+            poison,
+            factory,
+            gc_pins,
+            views,
+        } = shared;
+        Shard {
+            node,
+            next_log_gc: Instant::now() + cfg.log_gc_interval,
+            cfg,
+            log,
+            transport,
+            rx,
+            metrics,
+            poison,
+            factory,
+            cells: HashMap::new(),
+            fenced: HashMap::new(),
+            index,
+            gc_pins,
+            touched: HashSet::new(),
+            pending: WriteBatch::default(),
+            io,
+            next_sync: 0,
+            unsynced: VecDeque::new(),
+            views,
+            handled: 0,
+            next_generation: 0,
+        }
+    }
+
     pub(crate) fn run(mut self) {
         let tick = self.cfg.tick_interval;
         let mut next_tick = Instant::now() + tick;
@@ -328,10 +392,7 @@ impl Shard {
             return;
         }
         if let Some(e) = self.log.poisoned() {
-            self.poison_with(&Error::Storage {
-                cell: None,
-                source: Arc::new(e),
-            });
+            self.poison_with(&log_error(e));
         }
     }
 
@@ -362,17 +423,23 @@ impl Shard {
             return;
         }
         tracing::error!(node = %self.node, cell = %id, %reason, "replica fenced");
-        self.views.write().remove(&id);
         let err = Error::Fenced {
             cell: id,
             reason: reason.clone(),
         };
-        self.drop_unsynced(id, &err);
-        if let Some(mut c) = self.cells.remove(&id) {
-            c.fail_all(&err);
-        }
-        self.touched.remove(&id);
+        self.retire(id, &err);
         self.fenced.insert(id, reason);
+    }
+
+    /// Takes replica `id` out of the shard (read view, parked readies, the cell itself),
+    /// failing everything waiting on it with `err`; returns the cell if there was one.
+    fn retire(&mut self, id: CellId, err: &Error) -> Option<Cell> {
+        self.views.write().remove(&id);
+        self.drop_unsynced(id, err);
+        self.touched.remove(&id);
+        let mut c = self.cells.remove(&id)?;
+        c.fail_all(err);
+        Some(c)
     }
 
     /// Takes the parked readies of cell `id` out of `unsynced` and fails them: the replica
@@ -756,10 +823,7 @@ impl Shard {
         }
         self.flush(early);
         if !wb.is_empty() {
-            let refused = self.log.write_fencing(wb).map_err(|e| Error::Storage {
-                cell: None,
-                source: Arc::new(e),
-            })?;
+            let refused = self.log.write_fencing(wb).map_err(log_error)?;
             // A write the log refuses for one cell (e.g. an entry over the record limit from a
             // leader with a larger limit) fences that cell; the others were written.
             for (id, e) in refused {
@@ -798,15 +862,7 @@ impl Shard {
                     self.unsynced.push_back((seq, readies));
                 }
                 None => {
-                    let t0 = Instant::now();
-                    self.log.sync().map_err(|e| Error::Storage {
-                        cell: None,
-                        source: Arc::new(e),
-                    })?;
-                    self.metrics.log_syncs.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .log_sync_micros
-                        .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    timed_sync(|| self.log.sync(), &self.metrics)?;
                     self.finish(readies, &mut late);
                 }
             }
@@ -841,10 +897,7 @@ impl Shard {
             }
         }
         for id in removed {
-            self.views.write().remove(&id);
-            self.drop_unsynced(id, &Error::CellNotFound { cell: id });
-            if let Some(mut c) = self.cells.remove(&id) {
-                c.fail_all(&Error::CellNotFound { cell: id });
+            if self.retire(id, &Error::CellNotFound { cell: id }).is_some() {
                 if let Err(e) = self.log.destroy_cell(id) {
                     tracing::warn!(cell = %id, error = %e, "destroying removed cell's log failed");
                 }
@@ -869,31 +922,18 @@ mod tests {
 
     fn shard() -> (Shard, Sender<Command>) {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let cfg = Arc::new(NodeConfig::default());
-        let s = Shard {
+        let shared = Shared {
             node: NodeId(1),
-            cfg: cfg.clone(),
+            cfg: Arc::new(NodeConfig::default()),
             log: LogStore::in_memory(),
             transport: Arc::new(Null),
-            rx,
             metrics: Arc::new(Metrics::default()),
             poison: Arc::new(Mutex::new(None)),
             factory: Arc::new(RwLock::new(None)),
-            cells: HashMap::new(),
-            fenced: HashMap::new(),
-            index: 0,
             gc_pins: Arc::new(Mutex::new(HashSet::new())),
-            next_log_gc: Instant::now() + cfg.log_gc_interval,
-            touched: HashSet::new(),
-            pending: WriteBatch::default(),
-            io: None,
-            next_sync: 0,
-            unsynced: VecDeque::new(),
             views: Views::default(),
-            handled: 0,
-            next_generation: 0,
         };
-        (s, tx)
+        (Shard::new(shared, 0, rx, None), tx)
     }
 
     /// Opens `id` as the single voter and ticks it into an election: its first ready (the
