@@ -129,6 +129,17 @@ impl Shared {
     }
 }
 
+/// The apply state of both halves of a split applied as the entry `index`/`term` (a split
+/// redone after a crash may find the index already applied).
+fn split_apply(apply: &ApplyState, index: u64, term: u64) -> ApplyState {
+    let mut a = apply.clone();
+    if index > a.applied_index {
+        a.applied_index = index;
+        a.applied_term = term;
+    }
+    a
+}
+
 fn is_moved(e: &KvError) -> bool {
     matches!(e, KvError::Storage(seglog::Error::InvalidPosition { .. }))
 }
@@ -705,14 +716,7 @@ impl KvStore {
         right: KvConfig,
     ) -> Result<KvStore> {
         self.check_poison()?;
-        let at = Bytes::copy_from_slice(at);
-        let bounds = self.reader.bounds();
-        if !bounds.contains(&at) || at == bounds.lo {
-            return Err(KvError::invalid(
-                "at",
-                "split key must lie strictly inside the bounds",
-            ));
-        }
+        let (at, bounds) = self.check_split_key(at)?;
         let mut right_store = KvStore::open(right)?;
         // A right half already materialised by this very split (a crash after the right half
         // was durable but before the left half was) is what this call would build again:
@@ -727,10 +731,6 @@ impl KvStore {
         }
         let shared = self.reader.shared.clone();
         let mut st = shared.state.write();
-        if index > st.apply.applied_index {
-            st.apply.applied_index = index;
-            st.apply.applied_term = term;
-        }
         // The right half: an image of [at, hi) through the snapshot path (values loaded here).
         let right_bounds = Bounds {
             lo: at.clone(),
@@ -740,7 +740,7 @@ impl KvStore {
             revision: st.revision,
             compact_revision: st.compact_revision,
             clock_ms: st.clock_ms,
-            apply: st.apply.clone(),
+            apply: split_apply(&st.apply, index, term),
             bounds: right_bounds.clone(),
             // A write applied in the parent and resent after the split reaches the right half.
             dedup: st.dedup.clone(),
@@ -759,18 +759,7 @@ impl KvStore {
         }
         let mut image = SnapshotReader::capture(&view, shared.log.clone(), None);
         drop(view);
-        // The left half.
-        st.restrict(Bounds {
-            lo: bounds.lo.clone(),
-            hi: Some(at),
-        });
-        if let Some(dl) = &mut self.data {
-            let recs = [datalog::encode_bounds(&st.bounds), dl.encode_commit(&st)];
-            if let Err(e) = dl.log.append_batch(recs.iter().map(|r| r.as_slice())) {
-                return self.poison(e.into());
-            }
-            dl.last_commit = st.apply.clone();
-        }
+        self.keep_left(&mut st, index, term, bounds.lo, at)?;
         drop(st);
         if !reuse_right {
             // Streamed: in persistent mode the right half never sits in memory as a whole.
@@ -792,6 +781,16 @@ impl KvStore {
     /// I/O errors.
     pub fn split_drop_right(&mut self, index: u64, term: u64, at: &[u8]) -> Result<ApplyState> {
         self.check_poison()?;
+        let (at, bounds) = self.check_split_key(at)?;
+        let shared = self.reader.shared.clone();
+        let mut st = shared.state.write();
+        self.keep_left(&mut st, index, term, bounds.lo, at)?;
+        drop(st);
+        self.persist()
+    }
+
+    /// The split key `at` and the current bounds, if `at` lies strictly inside them.
+    fn check_split_key(&self, at: &[u8]) -> Result<(Bytes, Bounds)> {
         let at = Bytes::copy_from_slice(at);
         let bounds = self.reader.bounds();
         if !bounds.contains(&at) || at == bounds.lo {
@@ -800,25 +799,30 @@ impl KvStore {
                 "split key must lie strictly inside the bounds",
             ));
         }
-        let shared = self.reader.shared.clone();
-        let mut st = shared.state.write();
-        if index > st.apply.applied_index {
-            st.apply.applied_index = index;
-            st.apply.applied_term = term;
-        }
-        st.restrict(Bounds {
-            lo: bounds.lo.clone(),
-            hi: Some(at),
-        });
+        Ok((at, bounds))
+    }
+
+    /// The left half of a split at `at` applied as the entry `index`/`term`: advances the
+    /// applied index, keeps `[lo, at)`, and (persistent) appends `BOUNDS` + `COMMIT`, not yet
+    /// synced.
+    fn keep_left(
+        &mut self,
+        st: &mut State,
+        index: u64,
+        term: u64,
+        lo: Bytes,
+        at: Bytes,
+    ) -> Result<()> {
+        st.apply = split_apply(&st.apply, index, term);
+        st.restrict(Bounds { lo, hi: Some(at) });
         if let Some(dl) = &mut self.data {
-            let recs = [datalog::encode_bounds(&st.bounds), dl.encode_commit(&st)];
+            let recs = [datalog::encode_bounds(&st.bounds), dl.encode_commit(st)];
             if let Err(e) = dl.log.append_batch(recs.iter().map(|r| r.as_slice())) {
                 return self.poison(e.into());
             }
             dl.last_commit = st.apply.clone();
         }
-        drop(st);
-        self.persist()
+        Ok(())
     }
 
     /// [`KvStore::split_off`] returning both halves.
