@@ -828,7 +828,10 @@ impl Kv {
             .await?;
         match resp.result {
             Some(Response_oneof_result::delete(d)) => Ok(d.deleted > 0),
-            _ => Ok(false),
+            Some(_) => Err(ClientError::Protocol("unexpected reply to delete".into())),
+            None => Err(ClientError::Protocol(
+                "no delete result (async replication answers before apply)".into(),
+            )),
         }
     }
 

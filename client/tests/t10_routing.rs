@@ -161,6 +161,20 @@ fn put_ok(revision: u64) -> Action {
     kv_reply(&r)
 }
 
+fn delete_ok(revision: u64, deleted: u64) -> Action {
+    let mut r = kvpb::Response::new();
+    r.mut_header().revision = revision;
+    let mut d = kvpb::DeleteResult::new();
+    d.deleted = deleted;
+    r.set_delete(d);
+    kv_reply(&r)
+}
+
+/// The command a kv request carries.
+fn command(k: &KvRequest) -> kvpb::Command {
+    kvpb::Command::parse_from_carllerche_bytes(&k.command).expect("command")
+}
+
 fn wire_error(code: ClientError_Code, hint: &str, range: Option<RangeDescriptor>) -> Action {
     let mut e = WireError::new();
     e.code = code;
@@ -214,7 +228,12 @@ fn ids(f: &Fake) -> Vec<(u64, u64, u64, u32)> {
 
 #[tokio::test]
 async fn a_lost_answer_is_resent_with_the_same_request_id() {
-    let f = one_node(|n, _| if n == 0 { Action::Drop } else { put_ok(7) }).await;
+    let f = one_node(|n, k| match n {
+        0 => Action::Drop,
+        _ if command(k).has_delete() => delete_ok(7, 1),
+        _ => put_ok(7),
+    })
+    .await;
     let c = client(&[f.addr], 5_000);
     assert_eq!(c.kv("c").put(b"k", b"v").await, Ok(7));
     let id = c.client_id();
@@ -222,7 +241,7 @@ async fn a_lost_answer_is_resent_with_the_same_request_id() {
     assert_eq!(ids(&f), vec![(id, 1, 1, 0), (id, 1, 1, 1)]);
     assert_eq!(c.resent_writes(), 1);
     // The next write has the next seq; every write carries an id.
-    c.kv("c").delete(b"k").await.expect("delete");
+    assert_eq!(c.kv("c").delete(b"k").await, Ok(true));
     c.kv("c")
         .cas(b"k", client::Expect::Absent, Some(b"v"))
         .await
@@ -239,6 +258,26 @@ async fn a_lost_answer_is_resent_with_the_same_request_id() {
     let c = client(&[g.addr], 5_000);
     assert_eq!(c.kv("c").get(b"k").await, Ok(None));
     assert!(!g.kvs()[0].1.has_request_id());
+}
+
+#[tokio::test]
+async fn a_delete_is_answered_by_its_delete_result_only() {
+    let f = one_node(|_, _| delete_ok(3, 0)).await;
+    let c = client(&[f.addr], 5_000);
+    assert_eq!(c.kv("c").delete(b"k").await, Ok(false));
+    // Another kind of result, or none (an async-mode ack), is not "did not exist".
+    let f = one_node(|_, _| put_ok(4)).await;
+    let c = client(&[f.addr], 5_000);
+    assert!(matches!(
+        c.kv("c").delete(b"k").await,
+        Err(ClientError::Protocol(_))
+    ));
+    let f = one_node(|_, _| kv_reply(&kvpb::Response::new())).await;
+    let c = client(&[f.addr], 5_000);
+    assert!(matches!(
+        c.kv("c").delete(b"k").await,
+        Err(ClientError::Protocol(_))
+    ));
 }
 
 #[tokio::test]
