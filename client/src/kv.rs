@@ -121,14 +121,15 @@ impl RangeCache {
     }
 }
 
-fn with_prefix(prefix: &[u8], key: &[u8]) -> Bytes {
+pub(crate) fn with_prefix(prefix: &[u8], key: &[u8]) -> Bytes {
     let mut v = Vec::with_capacity(prefix.len() + key.len());
     v.extend_from_slice(prefix);
     v.extend_from_slice(key);
     Bytes::from(v)
 }
 
-fn prefix_end(prefix: &[u8]) -> Bytes {
+/// The first key after every key starting with `prefix` (empty: no such key).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Bytes {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -139,7 +140,8 @@ fn prefix_end(prefix: &[u8]) -> Bytes {
     Bytes::new()
 }
 
-fn strip(prefix: &[u8], kv: &mut kvpb::KeyValue) {
+/// Makes `kv`'s key collection-relative.
+pub(crate) fn strip(prefix: &[u8], kv: &mut kvpb::KeyValue) {
     if let Some(rest) = kv.key.strip_prefix(prefix) {
         kv.key = Bytes::copy_from_slice(rest);
     }
@@ -162,7 +164,8 @@ fn response_error(e: &kvpb::Error) -> ClientError {
     }
 }
 
-fn check_key(key: &[u8]) -> Result<(), ClientError> {
+/// Keys must not be empty.
+pub(crate) fn check_key(key: &[u8]) -> Result<(), ClientError> {
     if key.is_empty() {
         return Err(ClientError::InvalidArgument {
             field: "key".into(),
@@ -218,8 +221,9 @@ impl Client {
         Err(last)
     }
 
-    /// Collection descriptor and range descriptor for `key` (collection-relative).
-    async fn lookup(
+    /// Collection descriptor and range descriptor for `key` (collection-relative), from any
+    /// seed (cached).
+    pub(crate) async fn lookup(
         &self,
         name: &str,
         key: &[u8],

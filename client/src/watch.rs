@@ -27,14 +27,12 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use proto::clientpb::{
-    ClientError_Code, ClientRequest, ClientResponse_oneof_kind, Lookup, WatchRequest,
-};
+use proto::clientpb::{ClientError_Code, ClientRequest, ClientResponse_oneof_kind, WatchRequest};
 use proto::kvpb;
-use proto::metapb::{CollectionDescriptor, RangeDescriptor};
+use proto::metapb::RangeDescriptor;
 use tokio::sync::mpsc;
 
-use crate::kv::Kv;
+use crate::kv::{check_key, prefix_end, strip, with_prefix, Backoff, Kv};
 use crate::{Client, ClientError};
 
 /// Longest a poll waits at the node for a change.
@@ -108,42 +106,13 @@ impl Watch {
     }
 }
 
-fn prefix_end(prefix: &[u8]) -> Bytes {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return Bytes::from(end);
-        }
-    }
-    Bytes::new()
-}
-
-fn with_prefix(prefix: &[u8], key: &[u8]) -> Bytes {
-    let mut v = prefix.to_vec();
-    v.extend_from_slice(key);
-    Bytes::from(v)
-}
-
-fn strip(prefix: &[u8], key: &Bytes) -> Bytes {
-    match key.strip_prefix(prefix) {
-        Some(rest) => Bytes::copy_from_slice(rest),
-        None => key.clone(),
-    }
-}
-
 impl Kv {
     /// Watch one key from `from_revision` (inclusive; 0: from the next change).
     ///
     /// # Errors
     /// An empty key, an unknown collection, unreachable seeds.
     pub async fn watch(&self, key: &[u8], from_revision: u64) -> Result<Watch, ClientError> {
-        if key.is_empty() {
-            return Err(ClientError::InvalidArgument {
-                field: "key".into(),
-                message: "must not be empty".into(),
-            });
-        }
+        check_key(key)?;
         let mut end = key.to_vec();
         end.push(0);
         self.watch_range(key, &end, from_revision).await
@@ -186,7 +155,7 @@ impl Kv {
         }
         let client = self.client().clone();
         let name = self.name().to_string();
-        let (coll, first) = lookup(&client, &name, start).await?;
+        let (coll, first) = client.lookup(&name, start).await?;
         let hi = if end.is_empty() {
             prefix_end(&coll.prefix)
         } else {
@@ -206,31 +175,6 @@ impl Kv {
         };
         spawn_piece(piece);
         Ok(Watch { rx: Some(rx) })
-    }
-}
-
-/// The collection and the range holding `key` (collection-relative), from any seed.
-async fn lookup(
-    client: &Client,
-    name: &str,
-    key: &[u8],
-) -> Result<(CollectionDescriptor, RangeDescriptor), ClientError> {
-    let mut req = ClientRequest::new();
-    let mut l = Lookup::new();
-    l.collection = name.to_string();
-    l.key = Bytes::copy_from_slice(key);
-    req.set_lookup(l);
-    match client.any(req).await? {
-        ClientResponse_oneof_kind::lookup(mut r) => {
-            let c = r.take_collection();
-            if !r.has_range() {
-                return Err(ClientError::Unavailable(format!(
-                    "no range of collection {name:?} holds the key"
-                )));
-            }
-            Ok((c, r.take_range()))
-        }
-        _ => Err(ClientError::Protocol("unexpected answer to lookup".into())),
     }
 }
 
@@ -267,13 +211,15 @@ enum Step {
 
 impl Piece {
     fn rel(&self, full: &Bytes) -> Vec<u8> {
-        strip(&self.prefix, full).to_vec()
+        full.strip_prefix(self.prefix.as_ref())
+            .unwrap_or(full)
+            .to_vec()
     }
 
     async fn run(mut self) {
         let give_up_after = self.client.timeout * 3;
         let mut failing_since: Option<Instant> = None;
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new();
         let tx = self.tx.clone();
         loop {
             let step = tokio::select! {
@@ -283,7 +229,7 @@ impl Piece {
             match step {
                 Step::Ok => {
                     failing_since = None;
-                    backoff = Duration::from_millis(20);
+                    backoff = Backoff::new();
                 }
                 Step::Retry(e) => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
@@ -293,9 +239,8 @@ impl Piece {
                     }
                     tokio::select! {
                         _ = self.tx.closed() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.step()) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
                 Step::Fatal(e) => {
                     let _ = self.tx.send(Err(e)).await;
@@ -309,7 +254,7 @@ impl Piece {
     async fn step(&mut self) -> Step {
         let range = match self.range.clone() {
             Some(r) => r,
-            None => match lookup(&self.client, &self.name, &self.rel(&self.lo)).await {
+            None => match self.client.lookup(&self.name, &self.rel(&self.lo)).await {
                 Ok((_, r)) => r,
                 Err(e @ (ClientError::NotFound(_) | ClientError::InvalidArgument { .. })) => {
                     return Step::Fatal(e)
@@ -413,7 +358,7 @@ impl Piece {
                 .current
                 .into_iter()
                 .map(|mut kv| {
-                    kv.key = strip(&self.prefix, &kv.key);
+                    strip(&self.prefix, &mut kv);
                     kv
                 })
                 .collect();
@@ -432,7 +377,7 @@ impl Piece {
             .filter(|e| e.get_kv().mod_revision >= from)
             .map(|mut e| {
                 let mut kv = e.take_kv();
-                kv.key = strip(&self.prefix, &kv.key);
+                strip(&self.prefix, &mut kv);
                 WatchEvent {
                     kind: e.field_type,
                     kv,
