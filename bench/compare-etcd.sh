@@ -140,10 +140,14 @@ start_etcd() {
     tail -n 20 "$dir"/e*.log >&2
     return 1
 }
-stop_etcd() {
+# Stop the processes whose pids are the arguments (children of this script) and reap them.
+stop_pids() {
     local p
-    for p in "${ETCD_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${ETCD_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    for p in "$@"; do kill "$p" 2>/dev/null || true; done
+    for p in "$@"; do wait "$p" 2>/dev/null || true; done
+}
+stop_etcd() {
+    stop_pids "${ETCD_PIDS[@]}"
     ETCD_PIDS=()
     rm -rf "$TMP/etcd"
 }
@@ -248,9 +252,7 @@ start_quiver() {
     return 1
 }
 stop_quiver() {
-    local p
-    for p in "${QUIVER_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${QUIVER_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    stop_pids "${QUIVER_PIDS[@]}"
     QUIVER_PIDS=()
     rm -rf "$TMP/quiver"
 }
