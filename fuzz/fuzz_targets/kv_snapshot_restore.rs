@@ -144,8 +144,8 @@ fuzz_target!(|input: Input| {
     } else {
         let _ = scan(&one);
     }
-    // Known bug (fuzz/regressions/kv_restore_revision_overflow.rs): a restored revision or
-    // version of u64::MAX overflows on the next write.
+    // Bug `kv-restore-unchecked-fields` (docs/fuzzing.md, "Bugs the targets found"; fixed): a
+    // restored revision or version of u64::MAX overflowed on the next write.
     if quiver_fuzz::allowed("kv-restore-unchecked-fields")
         && (one.reader().revision() == u64::MAX
             || scan(&one).iter().any(|kv| kv.version == u64::MAX))

@@ -132,7 +132,8 @@ fn meta_image(img: &StoreImage) {
     if let Ok(mut s) = meta::MetaStore::from_image(img) {
         let back = s.image();
         assert_eq!(back.records.len(), img.records.len());
-        // Known bug (fuzz/regressions/meta_image_revision_overflow.rs): the put below overflows.
+        // Bug `meta-image-revision-max` (docs/fuzzing.md, "Bugs the targets found"; fixed): the
+        // put below overflowed.
         if s.revision() == u64::MAX && quiver_fuzz::allowed("meta-image-revision-max") {
             return;
         }
