@@ -110,6 +110,18 @@ pub enum KvError {
         /// Its current value.
         value: u64,
     },
+    /// A write's request id is older than what the range remembers (`kv/dedup.rs`): it was
+    /// not applied now, and whether it was before is unknown. Wire code `REQUEST_EXPIRED`.
+    #[error(
+        "kv: request id expired: outcome unknown (client {client:016x} seq {seq} is older \
+         than what the range remembers)"
+    )]
+    RequestExpired {
+        /// The request id's client.
+        client: u64,
+        /// The request id's seq.
+        seq: u64,
+    },
     /// An earlier fatal error; the store refuses writes until reopened.
     #[error("kv: poisoned by an earlier storage failure; reopen the store")]
     Poisoned,
@@ -183,6 +195,12 @@ impl KvError {
                 (kvpb::ErrorCode::FUTURE_REVISION, *current, *requested)
             }
             KvError::KeyOutOfRange => (kvpb::ErrorCode::KEY_OUT_OF_RANGE, 0, 0),
+            KvError::RequestExpired { .. } => {
+                e.field = "request_id".into();
+                // The wire text is the message without the crate prefix.
+                e.why = self.to_string().trim_start_matches("kv: ").to_string();
+                (kvpb::ErrorCode::REQUEST_EXPIRED, 0, 0)
+            }
             other => {
                 e.why = other.to_string();
                 (kvpb::ErrorCode::UNKNOWN, 0, 0)
@@ -212,5 +230,18 @@ mod tests {
         assert_eq!((e.limit, e.actual), (5, 10));
         assert!(!KvError::KeyOutOfRange.is_fatal());
         assert!(KvError::Poisoned.is_fatal());
+        let e = KvError::RequestExpired {
+            client: 0xab,
+            seq: 7,
+        };
+        assert!(!e.is_fatal());
+        let pb = e.to_pb();
+        assert_eq!(pb.code, kvpb::ErrorCode::REQUEST_EXPIRED);
+        assert_eq!(pb.field, "request_id");
+        assert_eq!(
+            pb.why,
+            "request id expired: outcome unknown (client 00000000000000ab seq 7 is older than \
+             what the range remembers)"
+        );
     }
 }

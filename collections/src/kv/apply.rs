@@ -21,7 +21,7 @@ use proto::kvpb::{self, Command_oneof_op as Op, Response_oneof_result as Res};
 use protobuf::Message;
 
 use crate::error::{KvError, Result};
-use crate::kv::dedup::{expired_error, Recorded, ReqId, Verdict};
+use crate::kv::dedup::{Recorded, ReqId, Verdict};
 use crate::kv::state::{kv_of, Change, Entry, KeyRange, Loader, State};
 use crate::kv::types::{KeyValue, KvConfig, Limits};
 
@@ -82,28 +82,20 @@ pub(crate) fn apply_entry(
             what: "bytes",
         })
     } else {
-        // Parsing from a slice gives every `bytes` field its own allocation (a copy), so a
-        // stored value never pins the whole command buffer.
-        match kvpb::Command::parse_from_bytes(cmd) {
-            Ok(mut c) => {
-                let id = c.request_id.take().filter(|_| is_write(&c.op));
-                match (c.op, id) {
-                    (None, _) => Err(KvError::invalid("command", "no operation set")),
-                    (Some(op), None) => exec(ctx, op, true).map(Some),
-                    (Some(op), Some(pb)) => match ReqId::from_pb(&pb) {
-                        Err(e) => Err(e),
-                        Ok(id) => match ctx.st.dedup.check(&id, ctx.st.clock_ms) {
-                            Verdict::Duplicate(reply) => return Ok(Reply::Recorded(reply)),
-                            Verdict::Expired => Ok(Some(Res::error(expired_error(&id)))),
-                            Verdict::New => {
-                                new_id = Some(id);
-                                exec(ctx, op, true).map(Some)
-                            }
-                        },
-                    },
+        match decode_command(cmd) {
+            Err(e) => Err(e),
+            Ok((op, None)) => exec(ctx, op, true).map(Some),
+            Ok((op, Some(id))) => match ctx.st.dedup.check(&id, ctx.st.clock_ms) {
+                Verdict::Duplicate(reply) => return Ok(Reply::Recorded(reply)),
+                Verdict::Expired => Err(KvError::RequestExpired {
+                    client: id.client,
+                    seq: id.seq,
+                }),
+                Verdict::New => {
+                    new_id = Some(id);
+                    exec(ctx, op, true).map(Some)
                 }
-            }
-            Err(e) => Err(KvError::invalid("command", e.to_string())),
+            },
         }
     };
     ctx.st
@@ -121,6 +113,18 @@ pub(crate) fn apply_entry(
         reply: reply.clone(),
     });
     Ok(Reply::Pb(resp, Some(reply)))
+}
+
+/// Decodes a command: its operation, and its request id if it is a write carrying one.
+fn decode_command(cmd: &[u8]) -> Result<(Op, Option<ReqId>)> {
+    // Parsing from a slice gives every `bytes` field its own allocation (a copy), so a stored
+    // value never pins the whole command buffer.
+    let mut c = kvpb::Command::parse_from_bytes(cmd)
+        .map_err(|e| KvError::invalid("command", e.to_string()))?;
+    let id = c.request_id.take().filter(|_| is_write(&c.op));
+    let op =
+        c.op.ok_or_else(|| KvError::invalid("command", "no operation set"))?;
+    Ok((op, id.as_ref().map(ReqId::from_pb).transpose()?))
 }
 
 /// Encodes a reply (fails only on a message protobuf cannot size: fatal).

@@ -97,21 +97,8 @@ pub(crate) enum Verdict {
     New,
     /// Applied before: this is its reply.
     Duplicate(Bytes),
-    /// Too old to tell: refuse without applying.
+    /// Too old to tell: refuse without applying ([`KvError::RequestExpired`]).
     Expired,
-}
-
-/// The `REQUEST_EXPIRED` error of an expired request id.
-pub(crate) fn expired_error(id: &ReqId) -> kvpb::Error {
-    let mut e = kvpb::Error::new();
-    e.code = kvpb::ErrorCode::REQUEST_EXPIRED;
-    e.field = "request_id".into();
-    e.why = format!(
-        "request id expired: outcome unknown (client {:016x} seq {} is older than what the \
-         range remembers)",
-        id.client, id.seq
-    );
-    e
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
