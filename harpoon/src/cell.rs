@@ -151,9 +151,9 @@ pub(crate) type Outbox = HashMap<NodeId, Vec<Envelope>>;
 /// read gets covers every write acknowledged before the read started.
 #[derive(Debug, Default)]
 pub(crate) struct ReadView {
-    /// The lease's term and end, `None` when there is no valid lease (not leader, transfer
-    /// under way, lease reads off).
-    lease: Option<(u64, Instant)>,
+    /// The lease's end, `None` when there is no valid lease (not leader, transfer under way,
+    /// lease reads off). The shard withdraws it when the term or the role changes.
+    lease: Option<Instant>,
     /// Half the lease: a read in the last half goes through the shard, which renews the lease.
     half: std::time::Duration,
     committed: u64,
@@ -166,7 +166,7 @@ pub(crate) struct ReadView {
 impl ReadView {
     /// The applied index to read at, when the view answers at `now`.
     pub(crate) fn read(&mut self, now: Instant) -> Option<u64> {
-        let (_, until) = self.lease?;
+        let until = self.lease?;
         if now + self.half < until && self.applied >= self.committed {
             self.used = true;
             Some(self.applied)
@@ -435,10 +435,7 @@ impl Cell {
     /// Publishes the lease, commit and applied index for reads outside the shard.
     fn publish(&self) {
         let now = Instant::now();
-        let lease = self
-            .lease_valid(now)
-            .filter(|_| role_leader(&self.raw))
-            .map(|until| (self.raw.raft.term, until));
+        let lease = self.lease_valid(now).filter(|_| role_leader(&self.raw));
         let mut v = self.view.lock();
         v.lease = lease;
         v.half = self.cfg.lease() / 2;

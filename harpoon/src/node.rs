@@ -336,9 +336,14 @@ impl Node {
         deadline: Instant,
     ) -> Pending<u64> {
         let (tx, p) = Pending::new();
-        if consistency == ReadConsistency::Lease && self.poison.lock().is_none() {
-            let view = self.views.read().get(&cell).cloned();
-            if let Some(index) = view.and_then(|v| v.lock().read(Instant::now())) {
+        // A poisoned node has no views left (`Shard::poison_with` clears them).
+        if consistency == ReadConsistency::Lease {
+            let index = self
+                .views
+                .read()
+                .get(&cell)
+                .and_then(|v| v.lock().read(Instant::now()));
+            if let Some(index) = index {
                 self.metrics
                     .lease_fast_reads
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -470,6 +470,9 @@ impl Shard {
                 *p = Some(e.to_string());
             }
         }
+        // No lease read outside the shards from now on (`create` refuses a poisoned node, so
+        // no view comes back; no round runs to give a view left over a lease).
+        self.views.write().clear();
         self.fail_unsynced(e);
         for c in self.cells.values_mut() {
             c.fail_all(e);
