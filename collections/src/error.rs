@@ -101,11 +101,12 @@ pub enum KvError {
         why: String,
     },
     /// A counter cannot advance: the store's revision is at its maximum
-    /// ([`MAX_REVISION`](crate::kv::MAX_REVISION)), or a key's version at u64::MAX. A command
-    /// error: the write is refused (deterministically on every replica), reads go on.
+    /// ([`MAX_REVISION`](crate::kv::MAX_REVISION)); a key's version never exceeds the revision,
+    /// so it cannot run out first. A command error: the write is refused (deterministically on
+    /// every replica), reads go on.
     #[error("kv: {counter} {value} cannot advance")]
     CounterExhausted {
-        /// `"revision"` or `"version"`.
+        /// `"revision"`.
         counter: &'static str,
         /// Its current value.
         value: u64,

@@ -237,9 +237,10 @@ impl DedupTable {
     /// Drops expired clients, then least recently used ones past the caps.
     fn evict(&mut self, now_ms: u64) {
         while let Some(&(tick, client)) = self.lru.first() {
+            // `lru` and `clients` name the same clients (record, evict and decode_image keep
+            // them in step), so this always finds one.
             let Some(c) = self.clients.get(&client) else {
-                self.lru.remove(&(tick, client));
-                continue;
+                break;
             };
             let idle = c.last_ms.saturating_add(EXPIRY_MS) <= now_ms;
             let pressure = self.clients.len() > MAX_CLIENTS || self.bytes > MAX_BYTES;

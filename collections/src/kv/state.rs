@@ -347,8 +347,8 @@ impl State {
         Ok(next)
     }
 
-    /// Writes `key` at the next revision; returns the previous entry. If the key's version or
-    /// the revision cannot advance, nothing changes.
+    /// Writes `key` at the next revision; returns the previous entry. If the revision cannot
+    /// advance, nothing changes.
     pub(crate) fn put(
         &mut self,
         key: Bytes,
@@ -357,17 +357,9 @@ impl State {
         changes: &mut Vec<Change>,
     ) -> Result<Option<Entry>> {
         let prev = self.index.get(&key).cloned();
-        let version = match &prev {
-            None => 1,
-            Some(p) => p
-                .meta
-                .version
-                .checked_add(1)
-                .ok_or(KvError::CounterExhausted {
-                    counter: "version",
-                    value: p.meta.version,
-                })?,
-        };
+        // A version is at most its key's revision span (`check_version` refuses more on
+        // restore and recovery; each put adds one to both), so it stays below MAX_REVISION.
+        let version = prev.as_ref().map_or(1, |p| p.meta.version + 1);
         let rev = self.next_revision()?;
         let meta = Meta {
             create_revision: prev.as_ref().map_or(rev, |p| p.meta.create_revision),
