@@ -17,6 +17,8 @@
 //!   durable data reported as [`Error::Corrupt`].
 //! - `log.rs`: [`SegLog`]: append, group-commit `sync`, read, iterate, truncate, segment GC; its
 //!   module doc lists the write path step by step, including when written pages are released.
+//! - `config.rs`: [`Config`] and [`SyncMode`].
+//! - `error.rs`: [`Error`].
 //!
 //! # Memory
 //!
@@ -25,8 +27,6 @@
 //! pages are dropped at the end of a sync round once 4 MiB more were written. The page cache
 //! keeps the file's pages as long as the kernel likes, but that is reclaimable kernel memory,
 //! not the process's RSS.
-//! - `config.rs`: [`Config`] and [`SyncMode`].
-//! - `error.rs`: [`Error`].
 //!
 //! # Example
 //!

@@ -1187,7 +1187,13 @@ mod tests {
             k += 1;
         }
         assert_eq!(k, n);
-        assert_eq!(resident(&log), before, "reads leave residency as it was");
+        // No page faulted in (the kernel may still reclaim some meanwhile: never more).
+        let after = resident(&log);
+        assert_eq!(after.len(), before.len());
+        assert!(
+            after.iter().zip(&before).all(|(a, b)| a <= b),
+            "reads fault nothing in: {before:?} -> {after:?}"
+        );
         // Released, unflushed writes of a sealed segment are still there after a reopen.
         drop(log);
         let (log, rec) = SegLog::open(dir.path(), config).unwrap();
