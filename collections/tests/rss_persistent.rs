@@ -76,6 +76,16 @@ struct Row {
     rss: Rss,
 }
 
+/// Records the resident memory (against `base`) at the phase `phase`.
+fn checkpoint(rows: &mut Vec<Row>, phase: &str, data: u64, keys: u64, base: Rss) {
+    rows.push(Row {
+        phase: phase.into(),
+        data,
+        keys,
+        rss: Rss::now().minus(base),
+    });
+}
+
 impl Row {
     /// Anonymous memory per key: the index and the watch history (positions and metadata).
     fn anon_per_key(&self) -> i64 {
@@ -216,31 +226,16 @@ fn measure(dir: &Path, total: u64, checkpoints: &[u64]) -> Vec<Row> {
             checkpoints.next();
             store.persist().expect("persist");
             since_persist = 0;
-            rows.push(Row {
-                phase: "written".into(),
-                data,
-                keys,
-                rss: Rss::now().minus(base),
-            });
+            checkpoint(&mut rows, "written", data, keys, base);
         }
     }
     store.persist().expect("persist");
     let write_secs = t.elapsed().as_secs_f64();
-    rows.push(Row {
-        phase: "written (all)".into(),
-        data,
-        keys,
-        rss: Rss::now().minus(base),
-    });
+    checkpoint(&mut rows, "written (all)", data, keys, base);
     let t = Instant::now();
     scan_and_check(&store, &values, keys, false);
     let scan_secs = t.elapsed().as_secs_f64();
-    rows.push(Row {
-        phase: "after full scan".into(),
-        data,
-        keys,
-        rss: Rss::now().minus(base),
-    });
+    checkpoint(&mut rows, "after full scan", data, keys, base);
     // Overwrite every 8th key, drop the history, compact the data log: compaction reads every
     // sealed segment and copies the live versions (the whole data set) to the end of the log.
     let t = Instant::now();
@@ -256,36 +251,16 @@ fn measure(dir: &Path, total: u64, checkpoints: &[u64]) -> Vec<Row> {
     assert!(dropped > 0, "compaction dropped sealed segments");
     store.persist().expect("persist");
     let compact_secs = t.elapsed().as_secs_f64();
-    rows.push(Row {
-        phase: "overwrote 1/8 + compacted".into(),
-        data,
-        keys,
-        rss: Rss::now().minus(base),
-    });
+    checkpoint(&mut rows, "overwrote 1/8 + compacted", data, keys, base);
     scan_and_check(&store, &values, keys, true);
-    rows.push(Row {
-        phase: "compacted + full scan".into(),
-        data,
-        keys,
-        rss: Rss::now().minus(base),
-    });
+    checkpoint(&mut rows, "compacted + full scan", data, keys, base);
     drop(store);
     let t = Instant::now();
     let store = KvStore::open(config).expect("reopen store");
     let reopen_secs = t.elapsed().as_secs_f64();
-    rows.push(Row {
-        phase: "reopened (log replayed)".into(),
-        data,
-        keys,
-        rss: Rss::now().minus(base),
-    });
+    checkpoint(&mut rows, "reopened (log replayed)", data, keys, base);
     scan_and_check(&store, &values, keys, true);
-    rows.push(Row {
-        phase: "reopened + full scan".into(),
-        data,
-        keys,
-        rss: Rss::now().minus(base),
-    });
+    checkpoint(&mut rows, "reopened + full scan", data, keys, base);
     drop(store);
     println!(
         "write {:.1} s ({:.0} MiB/s), scan {:.1} s, overwrite + compaction {:.1} s, reopen {:.1} s",
