@@ -128,6 +128,27 @@ enum Request {
     PutBatch,
 }
 
+/// [`send`], given up at `deadline` (a request still out after the run's drain time) as a
+/// failed request.
+async fn send_until<B: Backend>(
+    deadline: Instant,
+    b: &B,
+    plan: &Plan,
+    rng: &mut SmallRng,
+    batch: &mut Vec<(Bytes, Bytes)>,
+) -> (u64, Result<bool, BackendError>) {
+    match tokio::time::timeout_at(deadline.into(), send(b, plan, rng, batch)).await {
+        Ok(x) => x,
+        Err(_) => (
+            0,
+            Err(BackendError::Request {
+                op: "request",
+                reason: "timed out after the run".into(),
+            }),
+        ),
+    }
+}
+
 /// Send one request; `Ok(found)` for gets (`true` for puts). Reuses `batch` as the buffer.
 async fn send<B: Backend>(
     b: &B,
@@ -190,18 +211,7 @@ async fn closed_client<B: Backend>(
         if start >= end {
             break;
         }
-        let sent =
-            tokio::time::timeout_at((end + DRAIN).into(), send(&*b, &plan, &mut rng, &mut batch));
-        let (ops, res) = match sent.await {
-            Ok(x) => x,
-            Err(_) => (
-                0,
-                Err(BackendError::Request {
-                    op: "request",
-                    reason: "timed out after the run".into(),
-                }),
-            ),
-        };
+        let (ops, res) = send_until(end + DRAIN, &*b, &plan, &mut rng, &mut batch).await;
         let done = Instant::now();
         plan.done.fetch_add(1, Ordering::Relaxed);
         if done >= warm_end && (done <= end || res.is_err()) {
@@ -242,17 +252,7 @@ async fn open_client<B: Backend>(
             }
             continue;
         }
-        let sent = tokio::time::timeout_at(deadline.into(), send(&*b, &plan, &mut rng, &mut batch));
-        let (ops, res) = match sent.await {
-            Ok(x) => x,
-            Err(_) => (
-                0,
-                Err(BackendError::Request {
-                    op: "request",
-                    reason: "timed out after the run".into(),
-                }),
-            ),
-        };
+        let (ops, res) = send_until(deadline, &*b, &plan, &mut rng, &mut batch).await;
         let done = open.t0.elapsed();
         plan.done.fetch_add(1, Ordering::Relaxed);
         match open.window.account(intended, Some(now), done) {
