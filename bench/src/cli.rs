@@ -291,13 +291,6 @@ pub async fn run_cli(args: BenchArgs) -> Result<(), BenchError> {
     if !args.report_from.is_empty() {
         return print_comparison(&args);
     }
-    fn wrap<F>(inner: F, args: &BenchArgs) -> WithMetrics<F> {
-        WithMetrics {
-            inner,
-            urls: args.metrics_urls.clone(),
-            metric: args.fsync_metric.clone(),
-        }
-    }
     match args.backend {
         BackendKind::Memory => {
             run_all(&wrap(crate::memory::MemoryFactory::new(), &args), &args).await
@@ -313,18 +306,22 @@ pub async fn run_cli(args: BenchArgs) -> Result<(), BenchError> {
     }
 }
 
+/// `inner` with the server-side fsync counter of `--metrics-urls` / `--fsync-metric`.
+fn wrap<F>(inner: F, args: &BenchArgs) -> WithMetrics<F> {
+    WithMetrics {
+        inner,
+        urls: args.metrics_urls.clone(),
+        metric: args.fsync_metric.clone(),
+    }
+}
+
 #[cfg(feature = "etcd")]
 async fn run_etcd(args: &BenchArgs) -> Result<(), BenchError> {
     let mut f = crate::etcd::EtcdFactory::new(args.endpoints.clone());
     if !args.metrics_urls.is_empty() && args.fsync_metric.is_none() {
         f.metrics_urls = args.metrics_urls.clone();
     }
-    let f = WithMetrics {
-        inner: f,
-        urls: args.metrics_urls.clone(),
-        metric: args.fsync_metric.clone(),
-    };
-    run_all(&f, args).await
+    run_all(&wrap(f, args), args).await
 }
 
 #[cfg(not(feature = "etcd"))]
