@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -90,11 +90,16 @@ impl MemoryBackend {
         Ok(())
     }
 
-    fn write(&self, items: &[(Bytes, Bytes)]) -> Result<(), BackendError> {
-        let mut m = self.shared.map.lock().map_err(|_| BackendError::Request {
-            op: "put",
+    /// The locked map; a poisoned lock fails request `op`.
+    fn map(&self, op: &'static str) -> Result<MutexGuard<'_, HashMap<Bytes, Bytes>>, BackendError> {
+        self.shared.map.lock().map_err(|_| BackendError::Request {
+            op,
             reason: "memory map poisoned".into(),
-        })?;
+        })
+    }
+
+    fn write(&self, op: &'static str, items: &[(Bytes, Bytes)]) -> Result<(), BackendError> {
+        let mut m = self.map(op)?;
         for (k, v) in items {
             m.insert(k.clone(), v.clone());
         }
@@ -106,15 +111,12 @@ impl MemoryBackend {
 impl Backend for MemoryBackend {
     async fn put(&self, key: Bytes, value: Bytes) -> Result<(), BackendError> {
         self.begin("put").await?;
-        self.write(&[(key, value)])
+        self.write("put", &[(key, value)])
     }
 
     async fn get(&self, key: Bytes, _c: Consistency) -> Result<Option<Bytes>, BackendError> {
         self.begin("get").await?;
-        let m = self.shared.map.lock().map_err(|_| BackendError::Request {
-            op: "get",
-            reason: "memory map poisoned".into(),
-        })?;
+        let m = self.map("get")?;
         Ok(m.get(&key).cloned())
     }
 
@@ -129,7 +131,7 @@ impl Backend for MemoryBackend {
                 });
             }
         }
-        self.write(items)
+        self.write("put_batch", items)
     }
 
     async fn cas(
@@ -139,10 +141,7 @@ impl Backend for MemoryBackend {
         new: Bytes,
     ) -> Result<bool, BackendError> {
         self.begin("cas").await?;
-        let mut m = self.shared.map.lock().map_err(|_| BackendError::Request {
-            op: "cas",
-            reason: "memory map poisoned".into(),
-        })?;
+        let mut m = self.map("cas")?;
         if m.get(&key) != expected.as_ref() {
             return Ok(false);
         }
