@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
-use proto::frame::{FrameDecoder, HEADER_LEN};
+use proto::frame::FrameDecoder;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -241,9 +241,11 @@ async fn serve(dialer: TcpStream, target: SocketAddr, j: usize, shared: Arc<Shar
             } else {
                 shared.rule(f, to())
             };
-            let mut frame = BytesMut::with_capacity(HEADER_LEN + payload.len());
-            frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            frame.extend_from_slice(&payload);
+            // The decoder took it with the same limit, so it encodes.
+            let mut frame = BytesMut::new();
+            if proto::frame::encode(&payload, dec.max_frame(), &mut frame).is_err() {
+                break 'conn;
+            }
             let now = Instant::now();
             let at = match rule {
                 Rule::Pass => now,
