@@ -201,7 +201,7 @@ fn isolate(c: &Cluster, li: usize, rules: &mut HashMap<(u64, u64), Rule>) {
 
 /// Apply `fault` (`collection`: the workload's KV collection, if any); returns a description
 /// of what was done (with resolved choices), or `None` when nothing was done (a leader-directed
-/// fault found no leader).
+/// fault found no leader within 5 s).
 pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> Option<String> {
     let n = c.nodes.len();
     let all: Vec<usize> = (0..n).collect();
@@ -237,12 +237,12 @@ pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> 
             format!("partition bridge {bridge} between {a:?} and {b:?}")
         }
         Fault::IsolateLeader => {
-            let (li, _) = range_leader(c, None).await?;
+            let (li, _) = find_leader(c, None).await?;
             isolate(c, li, &mut rules);
             format!("partition isolate leader node {li}")
         }
         Fault::KillRangeLeader => {
-            let (li, what) = range_leader(c, collection).await?;
+            let (li, what) = find_leader(c, collection).await?;
             c.kill(li);
             format!(
                 "kill -9 the leader of {what}: node {li} (id {})",
@@ -250,7 +250,7 @@ pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> 
             )
         }
         Fault::IsolateRangeLeader => {
-            let (li, what) = range_leader(c, collection).await?;
+            let (li, what) = find_leader(c, collection).await?;
             isolate(c, li, &mut rules);
             format!("partition isolate the leader of {what}: node {li}")
         }
@@ -293,6 +293,12 @@ pub async fn apply(c: &mut Cluster, fault: &Fault, collection: Option<&str>) -> 
         c.proxy.set_all(rules);
     }
     Some(what)
+}
+
+/// [`range_leader`], asked again every 100 ms for up to 5 s (a leader may be being elected
+/// after the previous fault's heal).
+async fn find_leader(c: &Cluster, collection: Option<&str>) -> Option<(usize, String)> {
+    crate::cluster::wait_for(Duration::from_secs(5), || range_leader(c, collection)).await
 }
 
 /// The node index leading the workload collection's range holding `k0` (meta's leader without
@@ -340,7 +346,6 @@ pub async fn run(
     let mut log = NemesisLog::default();
     for p in &schedule.faults {
         tokio::time::sleep(p.gap).await;
-        let start = Instant::now();
         let Some(what) = apply(c, &p.fault, collection).await else {
             // Not injected: neither counted nor given a window.
             log.entries.push(LogEntry {
@@ -349,6 +354,9 @@ pub async fn run(
             });
             continue;
         };
+        // The fault is in place once apply returns (a leader-directed one first looks up the
+        // leader).
+        let start = Instant::now();
         *log.by_kind.entry(p.fault.kind()).or_default() += 1;
         log.entries.push(LogEntry {
             at: t0.elapsed(),
