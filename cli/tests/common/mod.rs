@@ -133,3 +133,21 @@ pub async fn write_read(cl: &client::Client, key: &str, value: &str, within: Dur
         "write+read of {key} did not succeed within {within:?}"
     );
 }
+
+/// Wait until a follower read of `key` in `kv` is served by `node` (a client address) and
+/// returns `want`: reads go round robin over the range's members, so only a read that
+/// `node` served shows what `node` holds.
+pub async fn served_by(
+    kv: &client::Kv,
+    key: &[u8],
+    node: std::net::SocketAddr,
+    want: &[u8],
+) -> bool {
+    let f = kv.clone().with_reads(client::ReadMode::Follower);
+    wait_for(LONG, || async {
+        let s = f.get_served(key).await.ok()?;
+        (s.node == node && s.value?.value.as_ref() == want).then_some(())
+    })
+    .await
+    .is_some()
+}
