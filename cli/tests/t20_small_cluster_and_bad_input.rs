@@ -15,18 +15,6 @@ use proto::metapb::{
     ControlResponse_oneof_kind, ProposeTxn,
 };
 
-fn quiver(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
-        .args(args)
-        .output()
-        .expect("run quiver");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Send raw bytes, return what comes back until the node closes the connection.
 fn raw(addr: std::net::SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let mut s = TcpStream::connect(addr).expect("connect");
@@ -68,6 +56,7 @@ async fn three_nodes_under_replicated_then_fourth_joins_and_bad_input_is_refused
     );
     let cl = client_of(&c, &[0, 1, 2]);
     wait_voters(&cl, 3, LONG).await;
+    // The three started nodes (the fourth joins later).
     let seeds = c
         .clients(0..3)
         .iter()

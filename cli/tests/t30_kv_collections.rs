@@ -10,46 +10,10 @@ use std::time::Duration;
 use client::{ClientError, Expect, ReadMode};
 use common::*;
 
-fn quiver(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
-        .args(args)
-        .output()
-        .expect("run quiver");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Wait until every range of collection `id` has `n` voters recorded in meta.
-async fn wait_placed(cl: &client::Client, id: u64, n: usize) {
-    let ok = cli::demo::wait_for(LONG, || async {
-        let s = cl.status().await.ok()?;
-        let rs: Vec<_> = s.ranges.iter().filter(|r| r.collection == id).collect();
-        (!rs.is_empty()
-            && rs.iter().all(|r| {
-                r.members.len() == n && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
-            }))
-        .then_some(())
-    })
-    .await;
-    assert!(ok.is_some(), "collection {id} never got {n} voters");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
     let t0 = std::time::Instant::now();
-    let (mut c, _dir) = cluster(3);
-    create_meta(&c, 0).await;
-    let cl = client(&c);
-    wait_voters(&cl, 3, LONG).await;
-    let seeds = c
-        .clients(0..3)
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
 
     // create-collection through the CLI, both persistent modes that survive restarts.
     let (ok, out, err) = quiver(&[
@@ -111,12 +75,9 @@ async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
         assert_eq!(err.trim().lines().count(), 1, "{err}");
     }
 
-    let st = cl.status().await.unwrap();
-    let _ = st;
     let users = cl.kv("users");
     // Wait for the range to be placed and led, then check placement in meta.
-    let first = cli::demo::wait_for(LONG, || async { users.put(b"k0", b"v0").await.ok() }).await;
-    assert!(first.is_some(), "no put succeeded on the new collection");
+    first_put(&users, b"k0", b"v0").await;
     let uid = cl
         .status()
         .await
@@ -206,11 +167,8 @@ async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
         "status never showed the wide collection at 3/5"
     );
     let cache = cl.kv("cache");
-    let ok = cli::demo::wait_for(LONG, || async { cache.put(b"m", b"mem").await.ok() }).await;
-    assert!(ok.is_some());
-    let blobs = cl.kv("blobs");
-    let ok = cli::demo::wait_for(LONG, || async { blobs.put(b"b", b"big").await.ok() }).await;
-    assert!(ok.is_some());
+    first_put(&cache, b"m", b"mem").await;
+    first_put(&cl.kv("blobs"), b"b", b"big").await;
 
     // CLI: put/get/cas/scan/del, table and JSON, one-line errors.
     let (ok, out, err) = quiver(&["kv", "put", "users", "cli", "hello", "--seeds", &seeds]);

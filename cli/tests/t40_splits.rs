@@ -27,18 +27,6 @@ const VALUE: usize = 1024;
 
 type Model = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
 
-fn quiver(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
-        .args(args)
-        .output()
-        .expect("run quiver");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn value(w: usize, i: usize, round: usize) -> Vec<u8> {
     let mut v = format!("{w}-{i}-{round}-").into_bytes();
     v.resize(VALUE, b'a' + (i % 26) as u8);
@@ -200,16 +188,7 @@ async fn serves_all(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_split_under_load_without_losing_or_repeating_writes() {
     let t0 = Instant::now();
-    let (mut c, _dir) = cluster(3);
-    create_meta(&c, 0).await;
-    let cl = client(&c);
-    wait_voters(&cl, 3, LONG).await;
-    let seeds = c
-        .clients(0..3)
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
     let (ok, out, err) = quiver(&[
         "create-collection",
         NAME,
@@ -229,8 +208,7 @@ async fn ranges_split_under_load_without_losing_or_repeating_writes() {
     let prefix = meta::keys::collection_prefix(coll);
     let kv = cl.kv(NAME);
     // Placed and led before the load starts.
-    let first = cli::demo::wait_for(LONG, || async { kv.put(b"a-first", b"1").await.ok() }).await;
-    assert!(first.is_some(), "no put succeeded on the new collection");
+    first_put(&kv, b"a-first", b"1").await;
     let model: Model = Arc::new(Mutex::new(BTreeMap::new()));
     model
         .lock()

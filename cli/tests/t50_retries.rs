@@ -24,30 +24,6 @@ struct Tally {
     failed: AtomicU64,
 }
 
-fn quiver(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
-        .args(args)
-        .output()
-        .expect("run quiver");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// The node index of the range leader of collection `name` (the node that serves a leader
-/// read of `key`).
-async fn leader_of(c: &cli::demo::LocalCluster, cl: &client::Client, key: &[u8]) -> usize {
-    let kv = cl.kv("ctr");
-    let node = cli::demo::wait_for(LONG, || async {
-        kv.get_served(key).await.ok().map(|s| s.node)
-    })
-    .await
-    .expect("a leader read is served");
-    c.index_of_client(&node.to_string())
-        .expect("a node of the cluster")
-}
-
 async fn acked_total(t: &[Arc<Tally>], ctr: &Tally) -> u64 {
     t.iter()
         .map(|x| x.acked.load(Ordering::Relaxed))
@@ -68,46 +44,25 @@ async fn progress(t: &[Arc<Tally>], ctr: &Tally, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_apply_exactly_once_across_leader_kills() {
     let t0 = std::time::Instant::now();
-    let (mut c, _dir) = cluster(3);
-    create_meta(&c, 0).await;
-    let cl = client(&c);
-    wait_voters(&cl, 3, LONG).await;
-    let seeds = c
-        .clients(0..3)
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let (ok, err) = quiver(&[
+    let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
+    let (ok, out, err) = quiver(&[
         "create-collection",
         "ctr",
         "--persistence",
         "logged",
         "--replicas",
         "3",
+        "--json",
         "--seeds",
         &seeds,
     ]);
     assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    let coll = v["id"].as_u64().expect("collection id");
     let kv = cl.kv("ctr");
-    let first = cli::demo::wait_for(LONG, || async { kv.put(b"n", b"0").await.ok() }).await;
-    assert!(first.is_some(), "no put succeeded on the new collection");
+    first_put(&kv, b"n", b"0").await;
     // All three members placed, so a kill leaves a majority.
-    let placed = cli::demo::wait_for(LONG, || async {
-        let s = cl.status().await.ok()?;
-        let rs: Vec<_> = s
-            .ranges
-            .iter()
-            .filter(|r| r.collection != meta::META_COLLECTION)
-            .collect();
-        (!rs.is_empty()
-            && rs.iter().all(|r| {
-                r.members.len() == 3 && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
-            }))
-        .then_some(())
-    })
-    .await;
-    assert!(placed.is_some(), "the collection never got 3 voters");
+    wait_placed(&cl, coll, 3).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let tallies: Vec<Arc<Tally>> = (0..WRITERS).map(|_| Arc::default()).collect();
@@ -186,7 +141,7 @@ async fn acknowledged_writes_apply_exactly_once_across_leader_kills() {
     }
 
     progress(&tallies, &ctr_tally, 50).await;
-    let victim = leader_of(&c, &cl, b"n").await;
+    let victim = leader_index(&c, &cl.kv("ctr"), b"n").await;
     eprintln!("killing range leader node {victim}");
     c.kill(victim);
     progress(&tallies, &ctr_tally, 50).await;
@@ -204,7 +159,7 @@ async fn acknowledged_writes_apply_exactly_once_across_leader_kills() {
         served.is_some(),
         "the restarted node never served the range"
     );
-    let victim2 = leader_of(&c, &cl2, b"n").await;
+    let victim2 = leader_index(&c, &cl2.kv("ctr"), b"n").await;
     eprintln!("killing range leader node {victim2}");
     c.kill(victim2);
     progress(&tallies, &ctr_tally, 50).await;

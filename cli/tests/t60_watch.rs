@@ -20,24 +20,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use client::{Conn, WatchUpdate};
 use common::*;
-use proto::clientpb::{ClientRequest, ClientResponse_oneof_kind, KvRequest, WatchRequest};
+use proto::clientpb::{ClientRequest, ClientResponse_oneof_kind, WatchRequest};
 use proto::kvpb;
-use proto::metapb::{CollectionDescriptor, CollectionKind, Persistence, ReplicationMode};
-
-fn quiver(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_quiver"))
-        .args(args)
-        .output()
-        .expect("run quiver");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use proto::metapb::Persistence;
 
 /// One change as a watcher saw it: (type, key, value, mod revision).
 type Seen = (String, String, String, u64);
@@ -369,85 +356,22 @@ async fn lib_watcher(
     (seen, task)
 }
 
-/// Protobuf varint.
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    while n >= 0x80 {
-        out.push((n as u8) | 0x80);
-        n >>= 7;
-    }
-    out.push(n as u8);
-}
-
-/// An encoded `kvpb.Command { get: Get { key } }` (this crate does not depend on protobuf).
-fn encode_get(key: &[u8]) -> Bytes {
-    let mut get = vec![0x0a]; // Get.key: field 1, length-delimited
-    varint(key.len(), &mut get);
-    get.extend_from_slice(key);
-    let mut cmd = vec![0x3a]; // Command.get: field 7, length-delimited
-    varint(get.len(), &mut cmd);
-    cmd.extend_from_slice(&get);
-    Bytes::from(cmd)
-}
-
-/// The node index of the range's leader: the member that serves a leader read.
-async fn range_leader(
-    c: &cli::demo::LocalCluster,
-    range: &proto::metapb::RangeDescriptor,
-) -> Option<usize> {
-    let bytes = encode_get(&range.lo);
-    for i in 0..c.nodes.len() {
-        let addr = c.clients([i])[0];
-        let Ok(conn) = Conn::connect(addr, Duration::from_secs(2)).await else {
-            continue;
-        };
-        let mut k = KvRequest::new();
-        k.range = range.id;
-        k.epoch = range.epoch;
-        k.command = bytes.clone();
-        let mut req = ClientRequest::new();
-        req.set_kv(k);
-        if let Ok(Ok(ClientResponse_oneof_kind::kv(_))) =
-            tokio::time::timeout(Duration::from_secs(5), conn.call(req)).await
-        {
-            return Some(i);
-        }
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_sees_every_change_once_across_a_leader_kill() {
     let t0 = std::time::Instant::now();
-    let (mut c, _dir) = cluster(3);
-    create_meta(&c, 0).await;
-    let cl = client(&c);
-    wait_voters(&cl, 3, LONG).await;
-    let seeds = c
-        .clients(0..3)
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
 
-    let mut spec = CollectionDescriptor::new();
-    spec.name = "feed".into();
-    spec.kind = CollectionKind::KV;
-    spec.persistence = Persistence::LOGGED;
-    spec.replication = ReplicationMode::CONSENSUS;
-    spec.replication_factor = 3;
-    spec.split_size = 64 << 20;
-    let made = cl.create_collection(spec).await.expect("create feed");
+    let made = cl
+        .create_collection(kv_spec("feed", Persistence::LOGGED, 64 << 20, 0))
+        .await
+        .expect("create feed");
     let feed = cl.kv("feed");
-    let first = cli::demo::wait_for(LONG, || async { feed.put(b"outside", b"x").await.ok() }).await;
-    assert!(first.is_some(), "no put succeeded on the new collection");
-    let range = cli::demo::wait_for(LONG, || async {
-        let s = cl.status().await.ok()?;
-        let r = s.ranges.iter().find(|r| r.collection == made.id)?.clone();
-        (r.members.len() == 3 && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER))
-            .then_some(r)
-    })
-    .await
-    .expect("feed never got 3 voters");
+    first_put(&feed, b"outside", b"x").await;
+    let range = wait_placed(&cl, made.id, 3)
+        .await
+        .into_iter()
+        .next()
+        .expect("the feed range");
 
     // Bad input and help, one line each.
     let (ok, _, err) = quiver(&["kv", "watch", "nosuch", "k", "--seeds", &seeds]);
@@ -484,9 +408,7 @@ async fn watch_sees_every_change_once_across_a_leader_kill() {
     // The writer: puts and deletes on a few keys and writes outside the prefix, while each
     // node in turn, the range's leader first, is killed (SIGKILL) and restarted: whichever
     // replica a watcher polls is killed under it at least once.
-    let leader = range_leader(&c, &range)
-        .await
-        .expect("the range has a leader");
+    let leader = leader_index(&c, &feed, b"outside").await;
     let mut order = vec![leader];
     order.extend((0..3).filter(|i| *i != leader));
     let mut acked: Vec<Op> = Vec::new();
@@ -629,27 +551,13 @@ async fn watch_sees_every_change_once_across_a_leader_kill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_continues_across_range_splits() {
     let t0 = std::time::Instant::now();
-    let (c, _dir) = cluster(3);
-    create_meta(&c, 0).await;
-    let cl = client(&c);
-    wait_voters(&cl, 3, LONG).await;
-    let seeds = c
-        .clients(0..3)
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
-    let mut spec = CollectionDescriptor::new();
-    spec.name = "grow".into();
-    spec.kind = CollectionKind::KV;
-    spec.persistence = Persistence::LOGGED;
-    spec.replication = ReplicationMode::CONSENSUS;
-    spec.replication_factor = 3;
-    spec.split_size = 64 << 10;
-    let made = cl.create_collection(spec).await.expect("create grow");
+    let (_c, _dir, cl, seeds) = ready_cluster(3).await;
+    let made = cl
+        .create_collection(kv_spec("grow", Persistence::LOGGED, 64 << 10, 0))
+        .await
+        .expect("create grow");
     let grow = cl.kv("grow");
-    let first = cli::demo::wait_for(LONG, || async { grow.put(b"k/first", b"x").await.ok() }).await;
-    assert!(first.is_some(), "no put succeeded on the new collection");
+    let first = first_put(&grow, b"k/first", b"x").await;
 
     // Watchers of the whole collection (library) and of k/ (CLI), from revision 1, started
     // while the collection is one range.
@@ -675,7 +583,7 @@ async fn watch_continues_across_range_splits() {
     let mut acked = vec![Op::Put {
         key: "k/first".into(),
         value: "x".into(),
-        revision: first.unwrap(),
+        revision: first,
     }];
     let mut unknown: Vec<Op> = Vec::new();
     let pad = "p".repeat(1024);

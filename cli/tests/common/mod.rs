@@ -10,6 +10,9 @@ use std::time::Duration;
 use cli::demo::{wait_for, LocalCluster};
 use cli::status::ClusterStatus;
 use proto::clientpb::StatusReply;
+use proto::metapb::{
+    CollectionDescriptor, CollectionKind, Persistence, RangeDescriptor, ReplicationMode,
+};
 
 /// Generous bound for anything cluster-wide on 2 shared cores.
 pub const LONG: Duration = Duration::from_secs(90);
@@ -150,4 +153,104 @@ pub async fn served_by(
     })
     .await
     .is_some()
+}
+
+/// Run the `quiver` binary: (success, stdout, stderr).
+pub fn quiver(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quiver"))
+        .args(args)
+        .output()
+        .expect("run quiver");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `--seeds` value naming every node of `c`.
+pub fn seeds_arg(c: &LocalCluster) -> String {
+    c.clients(0..c.nodes.len())
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `n` nodes with meta created on node 0 and settled on `n` voters: the cluster, its dir
+/// guard, a client of every node and the `--seeds` value.
+pub async fn ready_cluster(
+    n: usize,
+) -> (
+    LocalCluster,
+    Option<tempfile::TempDir>,
+    client::Client,
+    String,
+) {
+    let (c, dir) = cluster(n);
+    create_meta(&c, 0).await;
+    let cl = client(&c);
+    wait_voters(&cl, n, LONG).await;
+    let seeds = seeds_arg(&c);
+    (c, dir, cl, seeds)
+}
+
+/// A KV collection spec: consensus replication, 3 replicas.
+pub fn kv_spec(
+    name: &str,
+    persistence: Persistence,
+    split_size: u64,
+    retention_secs: u64,
+) -> CollectionDescriptor {
+    let mut s = CollectionDescriptor::new();
+    s.name = name.into();
+    s.kind = CollectionKind::KV;
+    s.persistence = persistence;
+    s.replication = ReplicationMode::CONSENSUS;
+    s.replication_factor = 3;
+    s.split_size = split_size;
+    s.retention_secs = retention_secs;
+    s
+}
+
+/// Put `key` until a put succeeds (a new collection is placed and led); returns its
+/// revision.
+pub async fn first_put(kv: &client::Kv, key: &[u8], value: &[u8]) -> u64 {
+    wait_for(LONG, || async { kv.put(key, value).await.ok() })
+        .await
+        .unwrap_or_else(|| panic!("no put succeeded on collection {:?}", kv.name()))
+}
+
+/// Wait until every range of collection `coll` has exactly `voters` members, all voters,
+/// in meta; returns the ranges.
+pub async fn wait_placed(cl: &client::Client, coll: u64, voters: usize) -> Vec<RangeDescriptor> {
+    wait_for(LONG, || async {
+        let s = cl.status().await.ok()?;
+        let rs: Vec<RangeDescriptor> = s
+            .ranges
+            .into_iter()
+            .filter(|r| r.collection == coll)
+            .collect();
+        (!rs.is_empty()
+            && rs.iter().all(|r| {
+                r.members.len() == voters
+                    && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
+            }))
+        .then_some(rs)
+    })
+    .await
+    .unwrap_or_else(|| panic!("collection {coll} never got {voters} voters"))
+}
+
+/// The node index of the leader of the range holding `key`: the node that serves a leader
+/// read of it.
+pub async fn leader_index(c: &LocalCluster, kv: &client::Kv, key: &[u8]) -> usize {
+    let kv = kv.clone().with_reads(client::ReadMode::Leader);
+    let node = wait_for(LONG, || async {
+        kv.get_served(key).await.ok().map(|s| s.node)
+    })
+    .await
+    .expect("a leader read is served");
+    c.index_of_client(&node.to_string())
+        .expect("a node of the cluster")
 }
