@@ -19,6 +19,7 @@ use common::*;
 use proto::clientpb::{ClientRequest, ClientResponse_oneof_kind, KvRequest};
 use proto::kvpb::{self, Response_oneof_result};
 use proto::metapb::RangeDescriptor;
+use protobuf::Message;
 
 const NAME: &str = "splits";
 const WRITERS: usize = 4;
@@ -133,16 +134,13 @@ async fn scan_at(conn: &Conn, r: &RangeDescriptor) -> Result<Vec<(Vec<u8>, Vec<u
         let mut k = KvRequest::new();
         k.range = r.id;
         k.epoch = r.epoch;
-        // The crate has no protobuf of its own: a frame's payload is the encoding.
-        let mut framed = Vec::new();
-        proto::frame::encode_message(&cmd, 1 << 20, &mut framed).map_err(|e| e.to_string())?;
-        k.command = framed.split_off(4).into();
+        k.command = cmd.write_to_bytes().map_err(|e| e.to_string())?.into();
         k.follower = true;
         let mut req = ClientRequest::new();
         req.set_kv(k);
         let resp = match conn.call(req).await.map_err(|e| e.to_string())? {
             ClientResponse_oneof_kind::kv(k) => {
-                proto::frame::decode_message::<kvpb::Response>(&k.response)
+                kvpb::Response::parse_from_carllerche_bytes(&k.response)
                     .map_err(|e| e.to_string())?
             }
             other => return Err(format!("{other:?}")),

@@ -797,7 +797,25 @@ impl Kv {
     /// # Errors
     /// Routing failures, typed command errors, [`ClientError::UnknownOutcome`].
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<u64, ClientError> {
+        self.put_with_ttl(key, value, Duration::ZERO).await
+    }
+
+    /// Write `key` to expire `ttl` after the write (zero: never; rounded to milliseconds,
+    /// at least one); returns the range's revision after the write.
+    ///
+    /// # Errors
+    /// As [`Kv::put`].
+    pub async fn put_with_ttl(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<u64, ClientError> {
         check_key(key)?;
+        let ttl_ms = match ttl.as_millis() {
+            0 if !ttl.is_zero() => 1,
+            ms => u64::try_from(ms).unwrap_or(u64::MAX),
+        };
         let (k, v) = (key.to_vec(), Bytes::copy_from_slice(value));
         let Routed { resp, .. } = self
             .client
@@ -805,6 +823,7 @@ impl Kv {
                 let mut put = kvpb::Put::new();
                 put.key = with_prefix(p, &k);
                 put.value = v.clone();
+                put.ttl_ms = ttl_ms;
                 let mut cmd = kvpb::Command::new();
                 cmd.set_put(put);
                 cmd

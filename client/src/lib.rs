@@ -6,7 +6,8 @@
 //! - [`conn`]: one connection: length-prefixed `clientpb` frames, many requests in flight,
 //!   answers matched by request id.
 //! - [`error`]: [`ClientError`], the typed errors of the wire plus local failures.
-//! - [`kv`]: KV collections: [`kv::Kv`] (`client.kv("name")`), create-collection, the
+//! - [`kv`]: KV collections: [`kv::Kv`] (`client.kv("name")`; puts with a TTL by
+//!   [`kv::Kv::put_with_ttl`]), create-collection, the
 //!   range cache and routing to range leaders (backoff bounded by the timeout, descriptors
 //!   refreshed from WRONG_RANGE by epoch), request ids on writes and the resend of a write
 //!   whose answer was lost, follower reads round robin with the served-at applied index

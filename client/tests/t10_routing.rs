@@ -553,3 +553,27 @@ async fn scans_stream_pages_across_ranges_and_stop_at_the_limit() {
     let got: Vec<&[u8]> = mid.iter().map(|kv| kv.key.as_ref()).collect();
     assert_eq!(got, vec![&b"b"[..], b"c", b"d", b"m"]);
 }
+
+#[tokio::test]
+async fn a_put_with_a_ttl_carries_it_in_milliseconds() {
+    let f = one_node(|_, _| put_ok(5)).await;
+    let c = client(&[f.addr], 5_000);
+    let kv = c.kv("c");
+    assert_eq!(kv.put(b"k", b"v").await, Ok(5));
+    assert_eq!(
+        kv.put_with_ttl(b"k", b"v", Duration::from_millis(1500))
+            .await,
+        Ok(5)
+    );
+    // Below a millisecond rounds up: a TTL is never dropped to "no TTL".
+    assert_eq!(
+        kv.put_with_ttl(b"k", b"v", Duration::from_micros(10)).await,
+        Ok(5)
+    );
+    let ttls: Vec<u64> = f
+        .kvs()
+        .iter()
+        .map(|(_, cmd)| cmd.get_put().ttl_ms)
+        .collect();
+    assert_eq!(ttls, vec![0, 1500, 1]);
+}
