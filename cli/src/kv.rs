@@ -336,17 +336,6 @@ fn table(kvs: &[KvOut]) -> String {
     t.to_string()
 }
 
-fn prefix_end(p: &[u8]) -> Vec<u8> {
-    let mut end = p.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    Vec::new()
-}
-
 /// Run one `quiver kv` subcommand.
 ///
 /// # Errors
@@ -480,7 +469,10 @@ pub async fn run(cmd: &KvCommand) -> Result<(), CliError> {
             client,
         } => {
             let (s, e) = match prefix {
-                Some(p) => (p.clone().into_bytes(), prefix_end(p.as_bytes())),
+                Some(p) => (
+                    p.clone().into_bytes(),
+                    meta::keys::prefix_end(p.as_bytes()).unwrap_or_default(),
+                ),
                 None => (start.clone().into_bytes(), end.clone().into_bytes()),
             };
             let mut kv = client.client()?.kv(collection);
