@@ -160,6 +160,9 @@ fn persistence_name(p: Persistence) -> &'static str {
     }
 }
 
+/// How long `create-collection` waits for the new ranges' replicas before reporting.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(2);
+
 /// `quiver create-collection`.
 ///
 /// # Errors
@@ -168,16 +171,26 @@ pub async fn create_collection(a: &CreateCollectionArgs) -> Result<(), CliError>
     let d = spec(a).map_err(CliError::Msg)?;
     let c = a.client.client()?;
     let made = c.create_collection(d).await?;
-    // Report the placement as it stands (members arrive by self-assignment).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let st = c.status().await?;
-    let members = st
-        .ranges
-        .iter()
-        .filter(|r| r.collection == made.id)
-        .map(|r| r.members.len())
-        .min()
-        .unwrap_or(0);
+    // Report the placement once every range has its replicas (members arrive by
+    // self-assignment), or as it stands after a short wait.
+    let placed = |st: &proto::clientpb::StatusReply| {
+        st.ranges
+            .iter()
+            .filter(|r| r.collection == made.id)
+            .map(|r| r.members.len())
+            .min()
+            .unwrap_or(0)
+    };
+    let full = made.replication_factor as usize;
+    let settled = crate::demo::wait_for(PLACEMENT_WAIT, || async {
+        let n = placed(&c.status().await.ok()?);
+        (n >= full).then_some(n)
+    })
+    .await;
+    let members = match settled {
+        Some(n) => n,
+        None => placed(&c.status().await?),
+    };
     if a.client.json {
         let v = serde_json::json!({
             "name": made.name,
