@@ -146,7 +146,7 @@ pub fn node_command(spec: &NodeCommand<'_>) -> Result<Command, CliError> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(spec.data_dir.with_extension("log"))
+        .open(log_path(spec.data_dir))
         .map_err(|e| CliError::Msg(format!("log file: {e}")))?;
     let err = log
         .try_clone()
@@ -389,7 +389,7 @@ async fn demo(cluster: &mut LocalCluster, a: &DemoArgs) -> Result<(), CliError> 
     .ok_or_else(|| {
         CliError::Msg(format!(
             "node 1 did not open {first}; see {}",
-            cluster.nodes[0].data_dir.with_extension("log").display()
+            log_path(&cluster.nodes[0].data_dir).display()
         ))
     })?;
     cluster.create_meta(0).await?;

@@ -68,50 +68,56 @@ pub struct CreateCollectionArgs {
     pub client: ClientArgs,
 }
 
-/// Parse a size: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+/// Parse `s` (of flag `--{flag}`) as a number with an optional unit from `units` (matched
+/// case-insensitively, surrounding spaces ignored), times the unit's multiplier.
+fn parse_with_units(
+    s: &str,
+    flag: &str,
+    example: &str,
+    units: &[(&str, u64)],
+) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("invalid --split-size {s:?}: expected e.g. 64MiB"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kb" | "k" => 1000,
-        "mb" | "m" => 1000 * 1000,
-        "gb" | "g" => 1000 * 1000 * 1000,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        u => return Err(format!("invalid --split-size {s:?}: unknown unit {u:?}")),
-    };
-    let v = n
-        .checked_mul(mult)
-        .ok_or_else(|| format!("invalid --split-size {s:?}: too large"))?;
+        .map_err(|_| format!("invalid --{flag} {s:?}: expected e.g. {example}"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let mult = units
+        .iter()
+        .find(|(u, _)| *u == unit)
+        .map(|(_, m)| *m)
+        .ok_or_else(|| format!("invalid --{flag} {s:?}: unknown unit {unit:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid --{flag} {s:?}: too large"))
+}
+
+/// Parse a size: a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB; any case).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    const UNITS: &[(&str, u64)] = &[
+        ("", 1),
+        ("b", 1),
+        ("k", 1000),
+        ("kb", 1000),
+        ("m", 1000 * 1000),
+        ("mb", 1000 * 1000),
+        ("g", 1000 * 1000 * 1000),
+        ("gb", 1000 * 1000 * 1000),
+        ("kib", 1 << 10),
+        ("mib", 1 << 20),
+        ("gib", 1 << 30),
+    ];
+    let v = parse_with_units(s, "split-size", "64MiB", UNITS)?;
     if v == 0 {
         return Err("invalid --split-size: must be positive".into());
     }
     Ok(v)
 }
 
-/// Parse a duration in seconds: a number with an optional unit (s, m, h, d).
+/// Parse a duration in seconds: a number with an optional unit (s, m, h, d; any case).
 pub fn parse_duration_secs(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid --retention {s:?}: expected e.g. 7d, 12h, 0"))?;
-    let mult = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        u => return Err(format!("invalid --retention {s:?}: unknown unit {u:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("invalid --retention {s:?}: too large"))
+    const UNITS: &[(&str, u64)] = &[("", 1), ("s", 1), ("m", 60), ("h", 3600), ("d", 86400)];
+    parse_with_units(s, "retention", "7d, 12h, 0", UNITS)
 }
 
 /// The descriptor `create-collection` asks for.
@@ -518,16 +524,13 @@ pub async fn run(cmd: &KvCommand) -> Result<(), CliError> {
     }
 }
 
-/// One watched change as printed with `--json`.
+/// One watched change as printed with `--json`: its type and the key as [`KvOut`] prints it.
 #[derive(Debug, Serialize)]
 pub struct EventOut {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub key: String,
-    pub value: String,
-    pub create_revision: u64,
-    pub mod_revision: u64,
-    pub version: u64,
+    #[serde(flatten)]
+    pub kv: KvOut,
 }
 
 /// A text line of one change.
@@ -551,11 +554,7 @@ fn event_json(e: &client::WatchEvent) -> String {
         } else {
             "put"
         },
-        key: String::from_utf8_lossy(&e.kv.key).into_owned(),
-        value: String::from_utf8_lossy(&e.kv.value).into_owned(),
-        create_revision: e.kv.create_revision,
-        mod_revision: e.kv.mod_revision,
-        version: e.kv.version,
+        kv: out(&e.kv),
     };
     serde_json::to_string(&o).unwrap_or_default()
 }
@@ -727,5 +726,19 @@ mod tests {
         assert_eq!(parse_duration_secs("0"), Ok(0));
         assert_eq!(parse_duration_secs("90s"), Ok(90));
         assert!(parse_duration_secs("3w").is_err());
+        // Both take units in any case, with spaces around.
+        assert_eq!(parse_duration_secs(" 2H "), Ok(7200));
+        assert_eq!(parse_duration_secs("1 d"), Ok(86400));
+        assert_eq!(parse_size(" 2 KiB "), Ok(2048));
+        assert_eq!(parse_size("3MB"), Ok(3_000_000));
+        assert!(parse_size("5XB")
+            .unwrap_err()
+            .contains("invalid --split-size"));
+        assert!(parse_duration_secs("x")
+            .unwrap_err()
+            .contains("invalid --retention"));
+        assert!(parse_duration_secs(&format!("{}d", u64::MAX))
+            .unwrap_err()
+            .contains("too large"));
     }
 }

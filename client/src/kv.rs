@@ -274,14 +274,11 @@ impl Client {
             match self.lookup(name, key).await {
                 Ok(x) => return Ok(x),
                 Err(
-                    e @ (ClientError::Unavailable(_)
+                    ClientError::Unavailable(_)
                     | ClientError::Connect { .. }
                     | ClientError::ConnectionLost(_)
-                    | ClientError::NoMeta),
-                ) if Instant::now() + backoff.peek() < deadline => {
-                    let _ = e;
-                    backoff.wait().await;
-                }
+                    | ClientError::NoMeta,
+                ) if Instant::now() + backoff.peek() < deadline => backoff.wait().await,
                 Err(e) => return Err(e),
             }
         }
@@ -1029,7 +1026,10 @@ impl Scanner {
         if self.limit != 0 && self.returned >= self.limit {
             self.cursor = None;
         } else if s.more {
-            self.cursor = rel(&s.next_key);
+            let next = rel(&s.next_key).ok_or_else(|| {
+                ClientError::Protocol("scan continues at a key outside the collection".into())
+            })?;
+            self.cursor = Some(next);
         } else if !range.hi.is_empty() && range.hi.as_ref() < prefix_end(&c.prefix).as_ref() {
             // The next range of the collection, unless past `end`.
             let next = rel(&range.hi);
