@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use harpoon::ReadConsistency;
-use meta::{ops, view};
+use meta::ops;
 use proto::clientpb::{
     ClientError, ClientError_Code, ClientRequest, ClientRequest_oneof_kind, ClientResponse,
-    GetReply, PutReply, StatusReply,
+    GetReply, PutReply,
 };
 use proto::frame::{self, FrameError};
 use tokio::io::AsyncWriteExt;
@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::control::Framed;
-use crate::node::{now_ms, Refusal, Seed, META_CELL};
+use crate::node::{Refusal, Seed, META_CELL};
 
 /// Largest client frame.
 pub const MAX_FRAME: usize = 1 << 20;
@@ -184,7 +184,7 @@ async fn handle(seed: &Arc<Seed>, req: ClientRequest) -> ClientResponse {
             if !seed.meta_known() {
                 return refusal(id, Refusal::NoMeta);
             }
-            resp.set_status(status(seed).await);
+            resp.set_status(crate::status::status(seed).await);
         }
         Some(ClientRequest_oneof_kind::get(g)) => {
             if g.key.is_empty() || g.key.len() > ops::MAX_SCRATCH_KEY {
@@ -256,31 +256,4 @@ async fn handle(seed: &Arc<Seed>, req: ClientRequest) -> ClientResponse {
         None => return error(id, ClientError_Code::INVALID_ARGUMENT, "empty request"),
     }
     resp
-}
-
-/// The cluster as this node sees it.
-pub async fn status(seed: &Arc<Seed>) -> StatusReply {
-    let mut st = StatusReply::new();
-    st.node = seed.id;
-    st.now_ms = now_ms();
-    st.dead_after_ms = seed.settings.dead_after.as_millis() as u64;
-    seed.read_meta(|s| {
-        st.meta_revision = s.revision();
-        st.nodes = view::nodes(s)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|n| n.value)
-            .collect();
-        st.ranges = view::ranges(s)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| r.value)
-            .collect();
-    });
-    st.meta_leader = seed.meta_leader().await.unwrap_or(0);
-    if let Some(cs) = seed.meta_status().await {
-        st.meta_voters = cs.conf.voters.clone();
-        st.meta_learners = cs.conf.learners.clone();
-    }
-    st
 }

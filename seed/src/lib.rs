@@ -20,6 +20,7 @@
 //!   housekeeping (the range leader's `Expire` and retention `Compact`, removed replicas,
 //!   lost replicas leaving the cell before rejoining as learners).
 //! - [`client_port`]: the client port (multiplexed request ids).
+//! - [`status`]: the `Status` request's answer (meta's records and leader as this node sees them).
 //! - [`kv_port`]: the client port's collection requests: CreateCollection, Lookup, and KV
 //!   commands routed to a range's replica (epoch, meta's and the store's bounds checked, leader
 //!   or follower reads; keys moved away by a split answered `WRONG_RANGE`).
@@ -40,6 +41,7 @@ pub mod meta_sm;
 pub mod node;
 pub mod ranges;
 pub mod server;
+pub mod status;
 pub mod watch_port;
 
 pub use config::{NodeArgs, Settings};
