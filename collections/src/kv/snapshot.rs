@@ -12,7 +12,7 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -398,21 +398,52 @@ impl Restorer {
     }
 }
 
-/// Writes the logged-mode snapshot file: `bytes` then a crc32 of them, through a temporary
-/// file, fsync, rename and directory fsync, so a crash leaves the old file or the new one.
-pub(crate) fn write_file(dir: &Path, bytes: &[u8]) -> Result<()> {
+/// Chunk size of [`write_image`]: the writer checks for cancellation between chunks.
+const WRITE_CHUNK: usize = 1 << 20;
+
+/// Writes the logged-mode snapshot file from `snap`: the image, streamed chunk by chunk, then
+/// a crc32 of it, through a temporary file, fsync, rename and directory fsync, so a crash
+/// leaves the old file or the new one, never a mix. Returns `false` (temporary file removed,
+/// old file untouched) if `cancel` was raised between two chunks.
+///
+/// Only one writer may run per directory at a time (the store keeps at most one image job).
+pub(crate) fn write_image(
+    dir: &Path,
+    mut snap: SnapshotReader,
+    cancel: Option<&AtomicBool>,
+) -> Result<bool> {
     let tmp = dir.join(format!("{SNAP_FILE}.tmp"));
     let path = dir.join(SNAP_FILE);
+    let io = |e| KvError::io("write snapshot", &tmp, e);
     let mut f = File::create(&tmp).map_err(|e| KvError::io("create snapshot", &tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.write_all(&crc32fast::hash(bytes).to_le_bytes()))
+    let mut crc = crc32fast::Hasher::new();
+    loop {
+        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            drop(f);
+            let _ = fs::remove_file(&tmp);
+            return Ok(false);
+        }
+        let chunk = match snap.next_chunk(WRITE_CHUNK) {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                drop(f);
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        crc.update(&chunk);
+        f.write_all(&chunk).map_err(io)?;
+    }
+    f.write_all(&crc.finalize().to_le_bytes())
         .and_then(|_| f.sync_all())
-        .map_err(|e| KvError::io("write snapshot", &tmp, e))?;
+        .map_err(io)?;
+    drop(f);
     fs::rename(&tmp, &path).map_err(|e| KvError::io("rename snapshot", &path, e))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| KvError::io("fsync data dir", dir, e))?;
-    Ok(())
+    Ok(true)
 }
 
 /// Reads the logged-mode snapshot file, if any.
@@ -443,7 +474,7 @@ pub(crate) fn read_file(dir: &Path) -> Result<Option<State>> {
     Ok(Some(r.finish()?))
 }
 
-/// Removes a leftover temporary snapshot file (a crash during `write_file`).
+/// Removes a leftover temporary snapshot file (a crash during `write_image`).
 pub(crate) fn clean_tmp(dir: &Path) {
     let _ = fs::remove_file(dir.join(format!("{SNAP_FILE}.tmp")));
 }

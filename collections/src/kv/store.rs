@@ -12,7 +12,12 @@
 //! # Durability per mode
 //! - memory: nothing on disk; the durable apply state is the current one.
 //! - logged: [`KvStore::persist`] writes the snapshot file (state + history + apply state);
-//!   the durable apply state is the snapshot's.
+//!   the durable apply state is the snapshot's. [`KvStore::persist_background`] does the same
+//!   without blocking the caller: it captures the state under the read lock (references to
+//!   the immutable, reference-counted keys and values, no value copied) and a thread of its
+//!   own encodes, writes and fsyncs the file; the durable apply state moves to the captured
+//!   one only once that write is complete (temporary file, fsync, rename, directory fsync: a
+//!   crash in between leaves the previous file). At most one such write runs per store.
 //! - persistent: every applied command that changes something appends its mutations plus a
 //!   `COMMIT` record (apply state, counters, apply meta) in one `append_batch`; `persist`
 //!   appends a `COMMIT` if only the apply state moved, then syncs the data log.
@@ -371,6 +376,15 @@ impl KvReader {
     }
 }
 
+/// A logged-mode image write running on its own thread ([`KvStore::persist_background`]).
+#[derive(Debug)]
+struct ImageJob {
+    /// The apply state of the image being written: durable once the thread returns `Ok(true)`.
+    apply: ApplyState,
+    cancel: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Result<bool>>,
+}
+
 /// One replica of a KV range: applies committed commands, owns persistence.
 #[derive(Debug)]
 pub struct KvStore {
@@ -379,6 +393,19 @@ pub struct KvStore {
     data: Option<DataLog>,
     durable: ApplyState,
     poisoned: AtomicBool,
+    /// The logged-mode image write in flight, if any.
+    job: Option<ImageJob>,
+}
+
+impl Drop for KvStore {
+    /// Stops an image write in flight (the previous file stays the durable one) and waits for
+    /// its thread, so a store reopened on the same dir never races it.
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            job.cancel.store(true, Ordering::Relaxed);
+            let _ = job.handle.join();
+        }
+    }
 }
 
 impl std::ops::Deref for KvStore {
@@ -429,6 +456,7 @@ impl KvStore {
             data,
             durable,
             poisoned: AtomicBool::new(false),
+            job: None,
         })
     }
 
@@ -574,12 +602,14 @@ impl KvStore {
         }
     }
 
-    /// Makes everything applied so far durable and returns the durable apply state.
+    /// Makes everything applied so far durable and returns the durable apply state. In logged
+    /// mode this first waits for an image write in flight ([`KvStore::persist_background`]).
     ///
     /// # Errors
     /// Fatal: the store is poisoned.
     pub fn persist(&mut self) -> Result<ApplyState> {
         self.check_poison()?;
+        self.finish_job(true)?;
         let shared = self.reader.shared.clone();
         let res = match &self.cfg.persistence {
             Persistence::Memory => Ok(shared.state.read().apply.clone()),
@@ -589,9 +619,7 @@ impl KvStore {
                     return Ok(self.durable.clone());
                 }
                 let apply = snap.apply_state().clone();
-                snap.to_bytes()
-                    .and_then(|b| snapshot::write_file(dir, &b))
-                    .map(|()| apply)
+                snapshot::write_image(dir, snap, None).map(|_| apply)
             }
             Persistence::Persistent { .. } => match &mut self.data {
                 Some(dl) => dl.persist(&shared.state.read()),
@@ -607,6 +635,103 @@ impl KvStore {
         }
     }
 
+    /// [`KvStore::persist`] without blocking the caller on the image write (logged mode; the
+    /// other modes persist as [`KvStore::persist`] does): returns the durable apply state, which
+    /// may be behind the applied one.
+    ///
+    /// - An image write in flight that has finished is adopted: the durable apply state becomes
+    ///   its captured one; nothing new starts in the same call (the caller compacts its log
+    ///   with what became durable; the next call starts the next image).
+    /// - One still running is left alone.
+    /// - With none in flight and the applied state ahead of the durable one, the state is
+    ///   captured (under the read lock: references to keys and values, no value is copied) and
+    ///   a thread encodes, writes and fsyncs the image.
+    ///
+    /// # Errors
+    /// Fatal: the previous image write failed, or the thread could not start; the store is
+    /// poisoned.
+    pub fn persist_background(&mut self) -> Result<ApplyState> {
+        self.check_poison()?;
+        let Persistence::Logged { dir } = &self.cfg.persistence else {
+            return self.persist();
+        };
+        if let Some(job) = &self.job {
+            if job.handle.is_finished() {
+                self.finish_job(true)?;
+            }
+            return Ok(self.durable.clone());
+        }
+        let snap = self.reader.snapshot();
+        if *snap.apply_state() == self.durable {
+            return Ok(self.durable.clone());
+        }
+        let apply = snap.apply_state().clone();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (d, c) = (dir.clone(), cancel.clone());
+        let spawned = std::thread::Builder::new()
+            .name("kv-image".into())
+            .spawn(move || snapshot::write_image(&d, snap, Some(&c)));
+        match spawned {
+            Ok(handle) => {
+                self.job = Some(ImageJob {
+                    apply,
+                    cancel,
+                    handle,
+                });
+                Ok(self.durable.clone())
+            }
+            Err(e) => self.poison(KvError::io("start image writer", dir, e)),
+        }
+    }
+
+    /// Whether a logged-mode image write started by [`KvStore::persist_background`] is still
+    /// to be adopted (running, or finished but not yet seen by a `persist*` call).
+    pub fn image_write_pending(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Waits for the image write in flight, if any, and returns the durable apply state.
+    ///
+    /// # Errors
+    /// Fatal: the image write failed; the store is poisoned.
+    pub fn wait_image_write(&mut self) -> Result<ApplyState> {
+        self.check_poison()?;
+        self.finish_job(true)?;
+        Ok(self.durable.clone())
+    }
+
+    /// Adopts the image job in flight once it finished (`wait`: waits for it). A cancelled job
+    /// changes nothing; a failed one poisons the store.
+    fn finish_job(&mut self, wait: bool) -> Result<()> {
+        let Some(job) = self.job.take() else {
+            return Ok(());
+        };
+        if !wait && !job.handle.is_finished() {
+            self.job = Some(job);
+            return Ok(());
+        }
+        match job.handle.join() {
+            Ok(Ok(true)) => {
+                self.durable = job.apply;
+                Ok(())
+            }
+            Ok(Ok(false)) => Ok(()),
+            Ok(Err(e)) => self.poison(e),
+            Err(_) => self.poison(KvError::Corrupt {
+                what: "image writer",
+                why: "the thread panicked".into(),
+            }),
+        }
+    }
+
+    /// Stops the image write in flight, if any (the state is about to be replaced).
+    fn cancel_job(&mut self) -> Result<()> {
+        if let Some(job) = &self.job {
+            job.cancel.store(true, Ordering::Relaxed);
+        }
+        self.finish_job(true)
+    }
+
     /// Replaces the whole state with a snapshot image (chunks already pushed into `restorer`).
     /// Durable when it returns (logged: snapshot file written; persistent: data log rewritten).
     ///
@@ -615,13 +740,16 @@ impl KvStore {
     pub fn restore(&mut self, restorer: Restorer) -> Result<ApplyState> {
         self.check_poison()?;
         let mut st = restorer.finish()?;
+        // The image write in flight describes the state being replaced.
+        self.cancel_job()?;
         let shared = self.reader.shared.clone();
         let mut guard = shared.state.write();
         let res = match (&self.cfg.persistence, &mut self.data) {
             (Persistence::Persistent { .. }, Some(dl)) => dl.rewrite_all(&mut st),
-            (Persistence::Logged { dir }, _) => SnapshotReader::capture(&st, None, None)
-                .to_bytes()
-                .and_then(|b| snapshot::write_file(dir, &b)),
+            (Persistence::Logged { dir }, _) => {
+                snapshot::write_image(dir, SnapshotReader::capture(&st, None, None), None)
+                    .map(|_| ())
+            }
             _ => Ok(()),
         };
         if let Err(e) = res {
