@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use client::{ClientError, Conn};
+use client::Conn;
 use common::*;
 use proto::clientpb::{ClientRequest, ClientResponse_oneof_kind, KvRequest};
 use proto::kvpb::{self, Response_oneof_result};
@@ -32,27 +32,6 @@ fn value(w: usize, i: usize, round: usize) -> Vec<u8> {
     let mut v = format!("{w}-{i}-{round}-").into_bytes();
     v.resize(VALUE, b'a' + (i % 26) as u8);
     v
-}
-
-/// Put until acknowledged: every failure is retried with the same value (a write with an
-/// unknown outcome that applied leaves the same value), so the last acknowledged value of a
-/// key is the value it must read back.
-async fn put_acked(kv: &client::Kv, key: &[u8], v: &[u8]) {
-    let deadline = Instant::now() + LONG;
-    let mut last: Option<ClientError> = None;
-    while Instant::now() < deadline {
-        match kv.put(key, v).await {
-            Ok(_) => return,
-            Err(e) => {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(30)).await;
-            }
-        }
-    }
-    panic!(
-        "put of {} never acknowledged: {last:?}",
-        String::from_utf8_lossy(key)
-    );
 }
 
 /// Writes every key of writer `w` once, then overwrites a third of them per round until
@@ -90,28 +69,6 @@ fn plain(line: &str) -> String {
         }
     }
     out
-}
-
-/// The collection's ranges in meta, sorted by `lo`.
-async fn ranges_of(cl: &client::Client, coll: u64) -> Option<Vec<RangeDescriptor>> {
-    let s = leader_status(cl).await?;
-    let mut rs: Vec<RangeDescriptor> = s
-        .ranges
-        .into_iter()
-        .filter(|r| r.collection == coll)
-        .collect();
-    rs.sort_by(|a, b| a.lo.cmp(&b.lo));
-    Some(rs)
-}
-
-/// Whether `rs` tile `[prefix, prefix_end(prefix))` exactly.
-fn tiles(rs: &[RangeDescriptor], prefix: &[u8]) -> bool {
-    let end = meta::keys::prefix_end(prefix).unwrap_or_default();
-    !rs.is_empty()
-        && rs[0].lo.as_ref() == prefix
-        && rs.last().is_some_and(|r| r.hi.as_ref() == end.as_slice())
-        && rs.windows(2).all(|w| w[0].hi == w[1].lo)
-        && rs.iter().all(|r| r.lo < r.hi)
 }
 
 fn full(prefix: &[u8], key: &[u8]) -> Vec<u8> {

@@ -254,3 +254,46 @@ pub async fn leader_index(c: &LocalCluster, kv: &client::Kv, key: &[u8]) -> usiz
     c.index_of_client(&node.to_string())
         .expect("a node of the cluster")
 }
+
+/// Put until acknowledged: every failure is retried with the same value (a write with an
+/// unknown outcome that applied leaves the same value), so the last acknowledged value of a
+/// key is the value it must read back.
+pub async fn put_acked(kv: &client::Kv, key: &[u8], v: &[u8]) {
+    let deadline = std::time::Instant::now() + LONG;
+    let mut last: Option<client::ClientError> = None;
+    while std::time::Instant::now() < deadline {
+        match kv.put(key, v).await {
+            Ok(_) => return,
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+        }
+    }
+    panic!(
+        "put of {} never acknowledged: {last:?}",
+        String::from_utf8_lossy(key)
+    );
+}
+
+/// The collection's ranges in meta (as its leader sees it), sorted by `lo`.
+pub async fn ranges_of(cl: &client::Client, coll: u64) -> Option<Vec<RangeDescriptor>> {
+    let s = leader_status(cl).await?;
+    let mut rs: Vec<RangeDescriptor> = s
+        .ranges
+        .into_iter()
+        .filter(|r| r.collection == coll)
+        .collect();
+    rs.sort_by(|a, b| a.lo.cmp(&b.lo));
+    Some(rs)
+}
+
+/// Whether `rs` (sorted by `lo`) tile `[prefix, prefix_end(prefix))` exactly.
+pub fn tiles(rs: &[RangeDescriptor], prefix: &[u8]) -> bool {
+    let end = meta::keys::prefix_end(prefix).unwrap_or_default();
+    !rs.is_empty()
+        && rs[0].lo.as_ref() == prefix
+        && rs.last().is_some_and(|r| r.hi.as_ref() == end.as_slice())
+        && rs.windows(2).all(|w| w[0].hi == w[1].lo)
+        && rs.iter().all(|r| r.lo < r.hi)
+}

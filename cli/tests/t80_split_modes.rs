@@ -1,0 +1,188 @@
+//! Splits of the other modes: three real nodes and a `--persistence memory` collection, or a
+//! `--replication async` (logged) one, with a 32 KiB split size, written by concurrent
+//! writers of distinct keys until it has at least 3 ranges. Then:
+//! meta's ranges tile the collection's keyspace with 3 voters each; every acknowledged key
+//! reads back with its last acknowledged value (no node fails, so the async collection's
+//! leaders stay up and keep what they acknowledged); a scan across all ranges equals the
+//! model.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WRITERS: usize = 3;
+const KEYS: usize = 64;
+const VALUE: usize = 1024;
+const RANGES: usize = 3;
+
+type Model = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
+
+fn value(w: usize, i: usize, round: usize) -> Vec<u8> {
+    let mut v = format!("{w}-{i}-{round}-").into_bytes();
+    v.resize(VALUE, b'a' + (i % 26) as u8);
+    v
+}
+
+/// Writes every key of writer `w` once, then overwrites a third of them per round until
+/// `stop`.
+async fn writer(kv: client::Kv, w: usize, model: Model, stop: Arc<AtomicBool>) -> usize {
+    let mut puts = 0;
+    for round in 0.. {
+        for i in 0..KEYS {
+            if round > 0 && (i + round) % 3 != 0 {
+                continue;
+            }
+            let key = format!("w{w}/k{i:03}").into_bytes();
+            let v = value(w, i, round);
+            put_acked(&kv, &key, &v).await;
+            model.lock().unwrap().insert(key, v);
+            puts += 1;
+            if round > 0 && stop.load(Ordering::Relaxed) {
+                return puts;
+            }
+        }
+    }
+    puts
+}
+
+/// Creates `name` with the given flags; its id.
+fn create(seeds: &str, name: &str, flags: &[&str]) -> u64 {
+    let mut args = vec![
+        "create-collection",
+        name,
+        "--replicas",
+        "3",
+        "--split-size",
+        "32KiB",
+        "--json",
+        "--seeds",
+        seeds,
+    ];
+    args.extend_from_slice(flags);
+    let (ok, out, err) = quiver(&args);
+    assert!(ok, "create {name}: {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    v["id"].as_u64().expect("collection id")
+}
+
+/// Loads `name` until it has `RANGES` ranges, then checks meta, every key and a scan.
+async fn split_and_check(cl: client::Client, name: &'static str, coll: u64) {
+    let t = Instant::now();
+    let prefix = meta::keys::collection_prefix(coll);
+    let kv = cl.kv(name);
+    first_put(&kv, b"a-first", b"1").await;
+    let model: Model = Arc::new(Mutex::new(BTreeMap::new()));
+    model
+        .lock()
+        .unwrap()
+        .insert(b"a-first".to_vec(), b"1".to_vec());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| tokio::spawn(writer(cl.kv(name), w, model.clone(), stop.clone())))
+        .collect();
+    let split = cli::demo::wait_for(LONG, || async {
+        let n = ranges_of(&cl, coll).await?.len();
+        (n >= RANGES).then_some(n)
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut puts = 0;
+    for task in tasks {
+        puts += task.await.expect("writer");
+    }
+    assert!(
+        split.is_some(),
+        "{name}: fewer than {RANGES} ranges after {LONG:?} of writes"
+    );
+
+    let seen = Mutex::new(Vec::new());
+    let rs = cli::demo::wait_for(LONG, || async {
+        let rs = ranges_of(&cl, coll).await?;
+        *seen.lock().unwrap() = rs
+            .iter()
+            .map(|r| (r.id, r.lo.to_vec(), r.hi.to_vec(), r.members.len()))
+            .collect();
+        (rs.len() >= RANGES
+            && tiles(&rs, &prefix)
+            && rs.iter().all(|r| {
+                r.members.len() == 3 && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
+            }))
+        .then_some(rs)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "{name}: meta never showed >= {RANGES} tiling ranges with 3 voters: {:?}",
+            seen.lock().unwrap()
+        )
+    });
+
+    let model = model.lock().unwrap().clone();
+    for (k, v) in &model {
+        let got = cli::demo::wait_for(LONG, || async { kv.get(k).await.ok() })
+            .await
+            .unwrap_or_else(|| panic!("{name}: get {} kept failing", String::from_utf8_lossy(k)))
+            .unwrap_or_else(|| panic!("{name}: {} lost", String::from_utf8_lossy(k)));
+        assert!(
+            got.value.as_ref() == &v[..],
+            "{name}: {} reads {:?}, last acknowledged {:?}",
+            String::from_utf8_lossy(k),
+            String::from_utf8_lossy(&got.value[..got.value.len().min(16)]),
+            String::from_utf8_lossy(&v[..v.len().min(16)]),
+        );
+    }
+    let all = cli::demo::wait_for(LONG, || async { kv.scan(b"", b"", 0).await.ok() })
+        .await
+        .expect("scan across ranges");
+    let scanned: BTreeMap<Vec<u8>, Vec<u8>> = all
+        .iter()
+        .map(|kv| (kv.key.to_vec(), kv.value.to_vec()))
+        .collect();
+    assert_eq!(all.len(), scanned.len(), "{name}: a key scanned twice");
+    assert!(scanned == model, "{name}: the scan differs from the model");
+    eprintln!(
+        "{name}: {puts} acknowledged puts of {} keys, {} ranges, checked in {:?}",
+        model.len(),
+        rs.len(),
+        t.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_collection_splits_without_losing_acknowledged_writes() {
+    let t0 = Instant::now();
+    let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
+    let mem = create(&seeds, "mem", &["--persistence", "memory"]);
+    split_and_check(cl, "mem", mem).await;
+    for i in 0..3 {
+        c.terminate(i, Duration::from_secs(10));
+    }
+    eprintln!("memory: took {:?}", t0.elapsed());
+}
+
+// Fails today: in async mode a write is acknowledged once the leader's log holds it, and a
+// write proposed after a split entry and before it applies is refused at apply (its key moved
+// to the daughter) after it was acknowledged: an acknowledged write lost with no failure.
+// The fix belongs to the write path (kv_port/ranges: fence async writes to the moving half
+// while a split entry is unapplied); run with `--ignored` to check it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "async writes acknowledged between a split's proposal and its apply are lost"]
+async fn an_async_collection_splits_without_losing_acknowledged_writes() {
+    let t0 = Instant::now();
+    let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
+    let asy = create(
+        &seeds,
+        "asy",
+        &["--persistence", "logged", "--replication", "async"],
+    );
+    split_and_check(cl, "asy", asy).await;
+    for i in 0..3 {
+        c.terminate(i, Duration::from_secs(10));
+    }
+    eprintln!("async: took {:?}", t0.elapsed());
+}
