@@ -1197,7 +1197,14 @@ impl Cell {
         if !force && self.applied < first + gc.log_gc_threshold {
             return Ok(first);
         }
-        self.sm.persist().map_err(|source| Error::StateMachine {
+        // Periodic compaction must not stall the shard: the state machine may only start
+        // persisting, and the log is compacted to what is durable already.
+        let persisted = if force {
+            self.sm.persist()
+        } else {
+            self.sm.persist_background()
+        };
+        persisted.map_err(|source| Error::StateMachine {
             cell: self.id,
             source,
         })?;

@@ -85,8 +85,17 @@ pub trait StateMachine: Send {
     /// or the empty bootstrap image). Durable when it returns.
     fn restore(&mut self, snapshot: &SmSnapshot) -> Result<(), StateMachineError>;
 
-    /// Make everything applied so far durable. Called before log compaction.
+    /// Make everything applied so far durable. Called before a forced log compaction.
     fn persist(&mut self) -> Result<(), StateMachineError> {
         Ok(())
+    }
+
+    /// Like [`StateMachine::persist`], but may only *start* making the applied state durable
+    /// (e.g. write an image on a thread of its own) and return at once: the driver compacts
+    /// the log up to `apply_state().applied_index`, which must keep reporting what is durable
+    /// already, and calls again later. Called before periodic log compaction, on the thread
+    /// that steps raft. Default: `persist`.
+    fn persist_background(&mut self) -> Result<(), StateMachineError> {
+        self.persist()
     }
 }
