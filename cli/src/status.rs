@@ -1,5 +1,7 @@
 //! `quiver status`: nodes (address, zone, capacity, alive) and ranges (members, leader,
-//! under-replicated or not), as a table or JSON.
+//! under-replicated or not), as a table or JSON. Meta records no range leaders: each range's
+//! leader is what the replicas of every reachable node report (the highest term in which a
+//! replica says it leads).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -43,7 +45,11 @@ pub struct RangeStatus {
     pub members: Vec<MemberStatus>,
     pub voters: usize,
     pub target: u32,
+    /// The leader (see [`ClusterStatus::add_leaders`]); `None` when no reachable replica
+    /// leads it.
     pub leader: Option<u64>,
+    /// The term it leads in.
+    pub leader_term: Option<u64>,
     pub under_replicated: bool,
 }
 
@@ -102,18 +108,53 @@ impl ClusterStatus {
                         .collect(),
                     voters,
                     target: r.target_replication_factor,
-                    leader: (r.id == meta::META_RANGE && s.meta_leader != 0)
-                        .then_some(s.meta_leader),
+                    leader: None,
+                    leader_term: None,
                     under_replicated: voters < r.target_replication_factor as usize,
                 }
             })
             .collect();
-        ClusterStatus {
+        let mut st = ClusterStatus {
             answered_by: s.node,
             meta_revision: s.meta_revision,
             nodes,
             ranges,
+        };
+        st.add_leaders(std::slice::from_ref(s));
+        if let Some(m) = st.ranges.iter_mut().find(|r| r.id == meta::META_RANGE) {
+            if m.leader.is_none() && s.meta_leader != 0 {
+                m.leader = Some(s.meta_leader);
+            }
         }
+        st
+    }
+
+    /// Fill each range's leader from the replicas' reports in `replies` (one per node): the
+    /// node that says it leads the range in the highest term. A replica that follows a
+    /// leader does not count: it may lag behind a newer election.
+    pub fn add_leaders(&mut self, replies: &[StatusReply]) {
+        for r in &mut self.ranges {
+            let id = r.id;
+            let best = replies
+                .iter()
+                .flat_map(|s| {
+                    s.range_leaders
+                        .iter()
+                        .filter(move |l| l.range == id && l.leader == s.node && l.leader != 0)
+                })
+                .max_by_key(|l| l.term);
+            if let Some(l) = best {
+                if r.leader_term.is_none_or(|t| l.term > t) {
+                    r.leader = Some(l.leader);
+                    r.leader_term = Some(l.term);
+                }
+            }
+        }
+    }
+
+    /// The leader of range `id`, if known.
+    pub fn leader_of(&self, id: u64) -> Option<u64> {
+        self.ranges.iter().find(|r| r.id == id)?.leader
     }
 
     /// The two tables as text.
@@ -200,14 +241,47 @@ fn human(b: u64) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
-/// Fetch the status (from meta's leader when reachable).
+/// Fetch the status (from meta's leader when reachable), then each range's leader from every
+/// node it lists (and the seeds) that answers within `timeout`.
 ///
 /// # Errors
 /// No seed reachable, or no meta yet.
 pub async fn fetch(seeds: &[SocketAddr], timeout: Duration) -> Result<ClusterStatus, CliError> {
     let c = client::Client::new(seeds.to_vec(), timeout)?;
     let s = c.leader_status().await?;
-    Ok(ClusterStatus::from_reply(&s))
+    let mut st = ClusterStatus::from_reply(&s);
+    let mut addrs: Vec<SocketAddr> = s
+        .nodes
+        .iter()
+        .filter(|n| n.id != s.node)
+        .filter_map(|n| n.client_addr.parse().ok())
+        .chain(seeds.iter().copied())
+        .collect();
+    addrs.sort_unstable();
+    addrs.dedup();
+    // A node that is down answers nothing: do not let it hold the whole status up.
+    let replies = every_status(&addrs, timeout.min(Duration::from_secs(2))).await;
+    st.add_leaders(&replies);
+    Ok(st)
+}
+
+/// The status of each node at `addrs` that answers within `timeout` (asked concurrently).
+pub async fn every_status(addrs: &[SocketAddr], timeout: Duration) -> Vec<StatusReply> {
+    let mut set = tokio::task::JoinSet::new();
+    for a in addrs {
+        let a = *a;
+        set.spawn(async move {
+            let c = client::Client::new(vec![a], timeout).ok()?;
+            tokio::time::timeout(timeout, c.status()).await.ok()?.ok()
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(Some(s)) = r {
+            out.push(s);
+        }
+    }
+    out
 }
 
 /// `quiver status`.
@@ -223,4 +297,51 @@ pub async fn run(a: &StatusArgs) -> Result<(), CliError> {
         println!("{}", st.tables());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::clientpb::RangeLeader;
+    use proto::metapb::RangeDescriptor;
+
+    fn leader(range: u64, leader: u64, term: u64) -> RangeLeader {
+        let mut l = RangeLeader::new();
+        l.range = range;
+        l.leader = leader;
+        l.term = term;
+        l
+    }
+
+    fn reply(node: u64, leaders: Vec<RangeLeader>) -> StatusReply {
+        let mut s = StatusReply::new();
+        s.node = node;
+        s.range_leaders = leaders.into();
+        s
+    }
+
+    #[test]
+    fn a_range_leader_is_the_self_reported_leader_of_the_highest_term() {
+        let mut base = reply(1, vec![leader(7, 2, 3)]);
+        for id in [7, 8, 9] {
+            let mut r = RangeDescriptor::new();
+            r.id = id;
+            base.ranges.push(r);
+        }
+        let mut st = ClusterStatus::from_reply(&base);
+        // Node 1 follows node 2 in term 3: a follower's belief does not count.
+        assert_eq!(st.leader_of(7), None);
+        st.add_leaders(&[
+            reply(2, vec![leader(7, 2, 3), leader(8, 0, 5)]),
+            // Node 3 was elected in term 4 and node 2 has not heard yet.
+            reply(3, vec![leader(7, 3, 4), leader(8, 1, 5)]),
+        ]);
+        assert_eq!(st.leader_of(7), Some(3));
+        let r7 = st.ranges.iter().find(|r| r.id == 7).expect("range 7");
+        assert_eq!(r7.leader_term, Some(4));
+        // Nobody reports leading 8 (node 3 believes 1 leads it; 1 did not say so).
+        assert_eq!(st.leader_of(8), None);
+        assert_eq!(st.leader_of(9), None);
+        assert!(st.tables().contains('-'));
+    }
 }

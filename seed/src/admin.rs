@@ -215,5 +215,64 @@ async fn metrics(seed: &Arc<Seed>) -> String {
         "counter",
         ts.msgs_delivered,
     );
+    let leaders = crate::status::local_leaders(seed).await;
+    range_gauges(&mut out, seed.id, &leaders);
     out
+}
+
+/// Per-replica leadership, one sample per replica held here (meta's is range 1):
+/// `quiver_range_leader{range="7"} 1` where this node leads the range (0 elsewhere), and the
+/// term its replica is in.
+fn range_gauges(out: &mut String, me: u64, leaders: &[proto::clientpb::RangeLeader]) {
+    let _ = writeln!(
+        out,
+        "# HELP quiver_range_leader 1 when this node leads the range.\n\
+         # TYPE quiver_range_leader gauge"
+    );
+    for r in leaders {
+        let _ = writeln!(
+            out,
+            "quiver_range_leader{{range=\"{}\"}} {}",
+            r.range,
+            u64::from(r.leader == me)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP quiver_range_term Raft term of this node's replica of the range.\n\
+         # TYPE quiver_range_term gauge"
+    );
+    for r in leaders {
+        let _ = writeln!(out, "quiver_range_term{{range=\"{}\"}} {}", r.range, r.term);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_gauges_mark_the_led_ranges_only() {
+        let mut a = proto::clientpb::RangeLeader::new();
+        a.range = 1;
+        a.leader = 2;
+        a.term = 4;
+        let mut b = proto::clientpb::RangeLeader::new();
+        b.range = 7;
+        b.leader = 3;
+        b.term = 9;
+        let mut out = String::new();
+        range_gauges(&mut out, 3, &[a, b]);
+        assert!(out.contains("# TYPE quiver_range_leader gauge\n"), "{out}");
+        assert!(
+            out.contains("quiver_range_leader{range=\"1\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("quiver_range_leader{range=\"7\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("quiver_range_term{range=\"7\"} 9\n"), "{out}");
+        assert_eq!(out.matches("# TYPE").count(), 2, "{out}");
+    }
 }
