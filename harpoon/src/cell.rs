@@ -47,6 +47,55 @@ pub enum ReplicationMode {
     Async,
 }
 
+/// Which of the node's two raft-log stores holds a replica's raft log (entries, hard state,
+/// snapshot and compaction records). Chosen when the replica is created ([`CellOptions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogKind {
+    /// The node's on-disk store (the `LogStore` given to [`crate::Node::start`]): a round's
+    /// records are synced before any acknowledgement that depends on them, and the replica
+    /// survives a restart.
+    #[default]
+    Durable,
+    /// The node's in-memory store ([`crate::Node::volatile_log`]): nothing is written to disk
+    /// and nothing is synced; a ready counts as persisted once it is in memory. A restart
+    /// loses the replica's log and its hard state (term, vote): such a replica must never be
+    /// reopened with the same identity (as a blank replica it could vote twice in a term).
+    /// Re-seed it instead: remove it from the cell, then add it back as a new member.
+    Volatile,
+}
+
+/// How a replica runs: its [`ReplicationMode`] and the [`LogKind`] holding its raft log.
+/// A bare `ReplicationMode` converts into options with a durable log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CellOptions {
+    pub mode: ReplicationMode,
+    pub log: LogKind,
+}
+
+impl CellOptions {
+    /// `mode` over the node's durable log.
+    pub fn durable(mode: ReplicationMode) -> Self {
+        CellOptions {
+            mode,
+            log: LogKind::Durable,
+        }
+    }
+
+    /// `mode` over the node's in-memory log (see [`LogKind::Volatile`]).
+    pub fn volatile(mode: ReplicationMode) -> Self {
+        CellOptions {
+            mode,
+            log: LogKind::Volatile,
+        }
+    }
+}
+
+impl From<ReplicationMode> for CellOptions {
+    fn from(mode: ReplicationMode) -> Self {
+        CellOptions::durable(mode)
+    }
+}
+
 /// Which guarantee a [`Reply`] was given under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Guarantee {
@@ -185,6 +234,9 @@ pub(crate) struct Cell {
     raw: RawNode<CellStorage>,
     sm: Box<dyn StateMachine>,
     mode: ReplicationMode,
+    /// The store holding this replica's raft log (the driver writes its records there and
+    /// syncs only for durable ones).
+    pub(crate) log_kind: LogKind,
     cfg: Arc<NodeConfig>,
     metrics: Arc<Metrics>,
     /// Consensus-mode callers keyed by log index, with the term the entry was proposed in:
@@ -264,6 +316,8 @@ impl Cell {
     /// - New member (`voters` empty): start empty; the leader sends a snapshot.
     /// - Restart: `Config.applied` = the state machine's durable applied index, and the log's
     ///   commit index is repaired forward to the state machine's commit point (RAFT.md §1.4).
+    ///
+    /// `log` is the store of `opts.log` (the driver picks it); the repairs above write to it.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         id: CellId,
@@ -272,10 +326,14 @@ impl Cell {
         metrics: Arc<Metrics>,
         log: &LogStore,
         mut sm: Box<dyn StateMachine>,
-        mode: ReplicationMode,
+        opts: CellOptions,
         voters: &[NodeId],
         learners: &[NodeId],
     ) -> Result<Cell> {
+        let CellOptions {
+            mode,
+            log: log_kind,
+        } = opts;
         let mut st = sm.apply_state();
         let fresh_sm = st.applied_index == 0 && st.conf_state == ConfState::default();
         let storage = log
@@ -392,6 +450,7 @@ impl Cell {
             raw,
             sm,
             mode,
+            log_kind,
             cfg,
             metrics,
             proposals: BTreeMap::new(),

@@ -11,7 +11,9 @@
 //!   every cell touched, one transport send per destination node; its IO thread syncs the log
 //!   while the shard keeps stepping (readies are finished in order once durable).
 //! - `node`: [`Node`], the public API (futures), and the router that is the transport's sink.
-//! - [`storage`]: the node's raft log (`LogStore`) and per-cell raft storage.
+//! - [`storage`]: the node's raft logs (`LogStore`) and per-cell raft storage. A node has
+//!   two: the durable one it is started with and a volatile in-memory one; each cell picks
+//!   one at creation ([`CellOptions`], [`LogKind`]).
 //! - [`transport`]: the network seam (`Transport`, `MessageSink`), in-memory and TCP.
 //! - [`error`]: one error enum; fatal errors poison the node.
 //! - `testkit` (feature `testkit`): a recording state machine and an in-process cluster.
@@ -23,9 +25,11 @@
 //! 3. **propose**: the leader's shard calls `RawNode::propose` and keys the caller by the
 //!    `(term, index)` the entry got.
 //! 4. **append**: the shard collects the ready of every cell touched this round, sends leader
-//!    messages at once, does one `LogStore::write` and hands one `LogStore::sync` to its IO
-//!    thread, then goes on stepping (raft-rs `advance_append_async`); followers acknowledge
-//!    only after that sync, and raft learns of it (`on_persist_ready`) only then.
+//!    messages at once, does one `LogStore::write` per store with records and hands one
+//!    `LogStore::sync` of the durable store to its IO thread, then goes on stepping (raft-rs
+//!    `advance_append_async`); followers of durable cells acknowledge only after that sync,
+//!    and raft learns of it (`on_persist_ready`) only then. Volatile cells' readies count as
+//!    persisted once written to the in-memory store, in the same round (no sync at all).
 //! 5. **apply**: committed entries go to the cell's `StateMachine`, which stores its apply
 //!    state (applied index, commit point, ConfState) atomically with the data.
 //! 6. **respond**: Consensus mode answers when the entry applies with the proposing term
@@ -59,7 +63,10 @@ pub mod storage;
 pub mod testkit;
 pub mod transport;
 
-pub use cell::{CellStatus, Guarantee, ReadConsistency, ReplicationMode, Reply, Role, INIT_INDEX};
+pub use cell::{
+    CellOptions, CellStatus, Guarantee, LogKind, ReadConsistency, ReplicationMode, Reply, Role,
+    INIT_INDEX,
+};
 pub use config::{CellConfig, ConfigError, NodeConfig};
 pub use error::{Error, Result, StateMachineError};
 pub use membership::MembershipChange;
@@ -71,7 +78,7 @@ pub use state_machine::{ApplyState, EntryRef, SmSnapshot, StateMachine};
 /// Where a shard sends an answer.
 pub(crate) type Tx<T> = tokio::sync::oneshot::Sender<Result<T>>;
 
-/// Creates a replica (mode and state machine) for an unknown cell on an initial message.
-pub type CellFactory = std::sync::Arc<
-    dyn Fn(CellId) -> Option<(ReplicationMode, Box<dyn StateMachine>)> + Send + Sync,
->;
+/// Creates a replica (its options, including the log store that holds its raft log, and its
+/// state machine) for an unknown cell on an initial message; `None` refuses.
+pub type CellFactory =
+    std::sync::Arc<dyn Fn(CellId) -> Option<(CellOptions, Box<dyn StateMachine>)> + Send + Sync>;

@@ -24,10 +24,12 @@ pub(crate) struct Metrics {
 pub struct NodeMetrics {
     /// Driver rounds that handled at least one ready.
     pub rounds: u64,
-    /// `LogStore::write` calls (one per round with something to write).
+    /// `LogStore::write` calls (one per store per round with something to write there).
     pub log_writes: u64,
-    /// `LogStore::sync` calls: at most one per round that had to be durable (the IO thread
-    /// answers sync requests that queued up during a sync with one more).
+    /// `LogStore::sync` calls of the durable store: at most one per round that wrote a
+    /// durable cell's ready that had to be durable (the IO thread answers sync requests that
+    /// queued up during a sync with one more). Rounds touching only volatile cells sync
+    /// nothing and are not counted.
     pub log_syncs: u64,
     /// Wall time spent in those syncs, microseconds (on the IO threads, and on the shard
     /// threads for the inline syncs of idle shards and memory logs).
@@ -49,6 +51,17 @@ pub struct NodeMetrics {
     pub log_segments_dropped: u64,
     /// Lease reads answered from a cell's read view, without a trip through its shard.
     pub lease_fast_reads: u64,
+    /// Payload bytes appended to the durable log store (0 when it is in memory). Volatile
+    /// cells add nothing here.
+    pub log_bytes_appended: u64,
+    /// Records appended to the durable log store (0 when it is in memory).
+    pub log_records_appended: u64,
+    /// Cells with a log in the durable store.
+    pub log_cells: u64,
+    /// Cells with a log in the volatile (in-memory) store.
+    pub volatile_log_cells: u64,
+    /// Entries held by the volatile store, all its cells.
+    pub volatile_log_entries: u64,
 }
 
 impl Metrics {
@@ -67,6 +80,12 @@ impl Metrics {
             transport_sends: g(&self.transport_sends),
             log_segments_dropped: g(&self.log_segments_dropped),
             lease_fast_reads: g(&self.lease_fast_reads),
+            // The stores' volume counters are filled in by `Node::metrics`.
+            log_bytes_appended: 0,
+            log_records_appended: 0,
+            log_cells: 0,
+            volatile_log_cells: 0,
+            volatile_log_entries: 0,
         }
     }
 }

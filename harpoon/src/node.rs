@@ -16,12 +16,12 @@ use proto::{CellId, NodeId};
 use raft::eraftpb::ConfState;
 use tokio::sync::oneshot;
 
-use crate::cell::{CellStatus, ReadConsistency, ReplicationMode, Reply};
+use crate::cell::{CellOptions, CellStatus, ReadConsistency, Reply};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::membership::MembershipChange;
 use crate::metrics::{Metrics, NodeMetrics};
-use crate::shard::{Command, Shard, Shared, Views, DEFAULT_DEADLINE};
+use crate::shard::{Command, Logs, Shard, Shared, Views, DEFAULT_DEADLINE};
 use crate::state_machine::StateMachine;
 use crate::storage::LogStore;
 use crate::transport::{Envelope, MessageSink, SnapshotStatus, Transport};
@@ -117,14 +117,15 @@ impl MessageSink for Router {
     }
 }
 
-/// A running node: many cells over one shared raft log.
+/// A running node: many cells over two shared raft logs, the durable one it is started with
+/// and a volatile in-memory one made at start (each cell picks one, [`CellOptions::log`]).
 pub struct Node {
     id: NodeId,
     cfg: Arc<NodeConfig>,
     router: Arc<Router>,
     threads: Vec<JoinHandle<()>>,
     metrics: Arc<Metrics>,
-    log: LogStore,
+    logs: Logs,
     poison: Arc<Mutex<Option<String>>>,
     factory: Arc<RwLock<Option<CellFactory>>>,
     /// The cells' read views (lease reads answered without the shard).
@@ -139,7 +140,12 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// Validate `cfg` and start the shard threads. Cells are added with [`Node::create_cell`]
-    /// (also after a restart: pass the state machine recovered from disk).
+    /// (also after a restart: pass the state machine recovered from disk; never a
+    /// [`LogKind::Volatile`](crate::LogKind::Volatile) replica this node held before, whose
+    /// log and hard state died with the previous process).
+    ///
+    /// `log` is the durable store; the node makes its volatile store
+    /// (`LogStore::in_memory`), empty at every start.
     pub fn start(
         id: NodeId,
         cfg: NodeConfig,
@@ -174,10 +180,14 @@ impl Node {
             reason: e.to_string(),
         })?;
         let views = Views::default();
+        let logs = Logs {
+            durable: log.clone(),
+            volatile: LogStore::in_memory(),
+        };
         let shared = Shared {
             node: id,
             cfg: cfg.clone(),
-            log: log.clone(),
+            logs: logs.clone(),
             transport,
             metrics: metrics.clone(),
             poison: poison.clone(),
@@ -241,7 +251,7 @@ impl Node {
             router,
             threads,
             metrics,
-            log,
+            logs,
             poison,
             factory,
             views,
@@ -263,9 +273,16 @@ impl Node {
         self.router.clone()
     }
 
-    /// The node's raft log (for its counters).
+    /// The node's durable raft log (for its counters, and to destroy what a lost replica
+    /// left in it).
     pub fn log(&self) -> &LogStore {
-        &self.log
+        &self.logs.durable
+    }
+
+    /// The node's volatile (in-memory) raft log, holding the logs of its
+    /// [`LogKind::Volatile`](crate::LogKind::Volatile) cells; empty at every start.
+    pub fn volatile_log(&self) -> &LogStore {
+        &self.logs.volatile
     }
 
     /// Register how to create a replica for an unknown cell when an *initial* message
@@ -278,12 +295,16 @@ impl Node {
     /// Start a replica of `cell`. Initial members pass the initial `voters`/`learners` (the
     /// same on every node); a member being added passes empty lists and catches up by
     /// snapshot; a restarted member passes its recovered state machine.
+    ///
+    /// `opts` is the replication mode and the log store of the replica (a bare
+    /// [`ReplicationMode`](crate::ReplicationMode) means the durable log). A volatile replica
+    /// is never reopened after a restart: see [`LogKind::Volatile`](crate::LogKind::Volatile).
     pub fn create_cell(
         &self,
         cell: CellId,
         voters: &[NodeId],
         learners: &[NodeId],
-        mode: ReplicationMode,
+        opts: impl Into<CellOptions>,
         sm: Box<dyn StateMachine>,
     ) -> Pending<()> {
         let (tx, p) = Pending::new();
@@ -293,7 +314,7 @@ impl Node {
                 cell,
                 voters: voters.to_vec(),
                 learners: learners.to_vec(),
-                mode,
+                opts: opts.into(),
                 sm,
                 tx,
             },
@@ -429,9 +450,17 @@ impl Node {
         p
     }
 
-    /// The node's counters.
+    /// The node's counters, with both log stores' volume counters.
     pub fn metrics(&self) -> NodeMetrics {
-        self.metrics.snapshot()
+        let mut m = self.metrics.snapshot();
+        let d = self.logs.durable.stats();
+        let v = self.logs.volatile.stats();
+        m.log_bytes_appended = d.bytes_appended;
+        m.log_records_appended = d.records_appended;
+        m.log_cells = d.cells;
+        m.volatile_log_cells = v.cells;
+        m.volatile_log_entries = v.entries_cached;
+        m
     }
 
     /// Why the node stopped writing, if it did.

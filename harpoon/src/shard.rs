@@ -43,7 +43,7 @@ use proto::{CellId, NodeId};
 use raft::eraftpb::{ConfState, MessageType};
 
 use crate::cell::{
-    Cell, CellStatus, Outbox, ReadConsistency, ReplicationMode, Reply, SharedView, Unpersisted,
+    Cell, CellOptions, CellStatus, LogKind, Outbox, ReadConsistency, Reply, SharedView, Unpersisted,
 };
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
@@ -67,7 +67,7 @@ pub(crate) enum Command {
         cell: CellId,
         voters: Vec<NodeId>,
         learners: Vec<NodeId>,
-        mode: ReplicationMode,
+        opts: CellOptions,
         sm: Box<dyn StateMachine>,
         tx: Tx<()>,
     },
@@ -187,10 +187,28 @@ impl Drop for Io {
     }
 }
 
+/// The node's two log stores (see [`LogKind`]).
+#[derive(Clone)]
+pub(crate) struct Logs {
+    /// The store the node was started with; synced by the shards' IO threads.
+    pub(crate) durable: LogStore,
+    /// In memory, made at node start; never synced.
+    pub(crate) volatile: LogStore,
+}
+
+impl Logs {
+    pub(crate) fn of(&self, kind: LogKind) -> &LogStore {
+        match kind {
+            LogKind::Durable => &self.durable,
+            LogKind::Volatile => &self.volatile,
+        }
+    }
+}
+
 pub(crate) struct Shard {
     pub(crate) node: NodeId,
     pub(crate) cfg: Arc<NodeConfig>,
-    pub(crate) log: LogStore,
+    pub(crate) logs: Logs,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) rx: Receiver<Command>,
     pub(crate) metrics: Arc<Metrics>,
@@ -227,7 +245,7 @@ pub(crate) struct Shard {
 pub(crate) struct Shared {
     pub(crate) node: NodeId,
     pub(crate) cfg: Arc<NodeConfig>,
-    pub(crate) log: LogStore,
+    pub(crate) logs: Logs,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) poison: Arc<Mutex<Option<String>>>,
@@ -287,7 +305,7 @@ impl Shard {
         let Shared {
             node,
             cfg,
-            log,
+            logs,
             transport,
             metrics,
             poison,
@@ -299,7 +317,7 @@ impl Shard {
             node,
             next_log_gc: Instant::now() + cfg.log_gc_interval,
             cfg,
-            log,
+            logs,
             transport,
             rx,
             metrics,
@@ -391,7 +409,12 @@ impl Shard {
         if self.poison.lock().is_some() {
             return;
         }
-        if let Some(e) = self.log.poisoned() {
+        let poisoned = self
+            .logs
+            .durable
+            .poisoned()
+            .or_else(|| self.logs.volatile.poisoned());
+        if let Some(e) = poisoned {
             self.poison_with(&log_error(e));
         }
     }
@@ -532,11 +555,11 @@ impl Shard {
                 cell,
                 voters,
                 learners,
-                mode,
+                opts,
                 sm,
                 tx,
             } => {
-                let r = self.create(cell, &voters, &learners, mode, sm);
+                let r = self.create(cell, &voters, &learners, opts, sm);
                 let _ = tx.send(r);
             }
             Command::Propose {
@@ -640,7 +663,7 @@ impl Shard {
         cell: CellId,
         voters: &[NodeId],
         learners: &[NodeId],
-        mode: ReplicationMode,
+        opts: CellOptions,
         sm: Box<dyn StateMachine>,
     ) -> Result<()> {
         if let Some(e) = self.poisoned() {
@@ -658,9 +681,9 @@ impl Shard {
             self.node,
             self.cfg.clone(),
             self.metrics.clone(),
-            &self.log,
+            self.logs.of(opts.log),
             sm,
-            mode,
+            opts,
             voters,
             learners,
         )?;
@@ -689,8 +712,8 @@ impl Shard {
                 return;
             }
             let made = self.factory.read().as_ref().and_then(|f| f(cell));
-            let Some((mode, sm)) = made else { return };
-            if let Err(e) = self.create(cell, &[], &[], mode, sm) {
+            let Some((opts, sm)) = made else { return };
+            if let Err(e) = self.create(cell, &[], &[], opts, sm) {
                 tracing::warn!(%cell, error = %e, "could not create cell for incoming message");
                 return;
             }
@@ -743,8 +766,10 @@ impl Shard {
         if self.poisoned().is_some() {
             return;
         }
+        // Only the durable store has segments; volatile cells never write there, so they
+        // never pin one (and their entries are bounded by `log_gc_threshold` compaction).
         if self.index == 0 {
-            match self.log.gc() {
+            match self.logs.durable.gc() {
                 Ok(stats) => {
                     let mut pins = self.gc_pins.lock();
                     for p in &stats.pinned {
@@ -809,15 +834,25 @@ impl Shard {
         let touched: Vec<CellId> = self.touched.drain().collect();
         let mut wb = std::mem::take(&mut self.pending);
         let mut early = Outbox::new();
+        // Only a durable cell's ready can require a sync; a volatile cell's is persisted as
+        // soon as the volatile store holds it.
         let mut must_sync = false;
         let mut readies: Vec<(CellId, Unpersisted)> = Vec::new();
+        let mut volatile_readies: Vec<(CellId, Unpersisted)> = Vec::new();
         for id in &touched {
-            match self.guarded(*id, |c| c.ready_append(&mut wb, &mut early, &mut must_sync)) {
-                Some(r) => {
-                    if let Some(u) = r? {
+            let mut cell_sync = false;
+            match self.guarded(*id, |c| {
+                c.ready_append(&mut wb, &mut early, &mut cell_sync)
+                    .map(|u| (u, c.log_kind))
+            }) {
+                Some(r) => match r? {
+                    (Some(u), LogKind::Durable) => {
+                        must_sync |= cell_sync;
                         readies.push((*id, u));
                     }
-                }
+                    (Some(u), LogKind::Volatile) => volatile_readies.push((*id, u)),
+                    (None, _) => {}
+                },
                 // Fenced mid-ready: none of its writes may reach the log.
                 None => {
                     wb.cells.remove(id);
@@ -825,29 +860,45 @@ impl Shard {
             }
         }
         self.flush(early);
-        if !wb.is_empty() {
-            let refused = self.log.write_fencing(wb).map_err(log_error)?;
-            // A write the log refuses for one cell (e.g. an entry over the record limit from a
-            // leader with a larger limit) fences that cell; the others were written.
+        // Each cell's records go to its own store: one write per store with records.
+        let (durable_wb, volatile_wb) = self.split_batch(wb);
+        for (kind, batch) in [
+            (LogKind::Durable, durable_wb),
+            (LogKind::Volatile, volatile_wb),
+        ] {
+            let store = self.logs.of(kind).clone();
+            if batch.is_empty() {
+                continue;
+            }
+            let refused = store.write_fencing(batch).map_err(log_error)?;
+            self.metrics.log_writes.fetch_add(1, Ordering::Relaxed);
+            // A write the log refuses for one cell (e.g. an entry over the record limit from
+            // a leader with a larger limit) fences that cell; the others were written.
             for (id, e) in refused {
-                let (gone, kept): (Vec<_>, Vec<_>) =
-                    readies.into_iter().partition(|(c, _)| *c == id);
-                readies = kept;
                 let reason = format!("its log write was refused: {e}");
-                for (_, u) in gone {
-                    u.fail(&Error::Fenced {
-                        cell: id,
-                        reason: reason.clone(),
-                    });
+                for list in [&mut readies, &mut volatile_readies] {
+                    let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(list)
+                        .into_iter()
+                        .partition(|(c, _)| *c == id);
+                    *list = kept;
+                    for (_, u) in gone {
+                        u.fail(&Error::Fenced {
+                            cell: id,
+                            reason: reason.clone(),
+                        });
+                    }
                 }
                 self.fence(id, reason);
             }
-            self.metrics.log_writes.fetch_add(1, Ordering::Relaxed);
         }
-        if !readies.is_empty() {
+        if !readies.is_empty() || !volatile_readies.is_empty() {
             self.metrics.rounds.fetch_add(1, Ordering::Relaxed);
         }
         let mut late = Outbox::new();
+        // Volatile readies are persisted now (in memory, no sync): finish them this round,
+        // whatever the durable cells wait for. A volatile cell never has a ready parked, so
+        // its readies still finish in order.
+        self.finish(volatile_readies, &mut late);
         if must_sync {
             // Idle (this round came from one or two commands, nothing queued, no sync in
             // flight): sync inline, which saves the two thread hand-offs a lone writer would
@@ -865,7 +916,7 @@ impl Shard {
                     self.unsynced.push_back((seq, readies));
                 }
                 None => {
-                    timed_sync(|| self.log.sync(), &self.metrics)?;
+                    timed_sync(|| self.logs.durable.sync(), &self.metrics)?;
                     self.finish(readies, &mut late);
                 }
             }
@@ -900,13 +951,33 @@ impl Shard {
             }
         }
         for id in removed {
-            if self.retire(id, &Error::CellNotFound { cell: id }).is_some() {
-                if let Err(e) = self.log.destroy_cell(id) {
+            if let Some(c) = self.retire(id, &Error::CellNotFound { cell: id }) {
+                if let Err(e) = self.logs.of(c.log_kind).destroy_cell(id) {
                     tracing::warn!(cell = %id, error = %e, "destroying removed cell's log failed");
                 }
             }
         }
         Ok(())
+    }
+
+    /// Splits a round's writes by the store of each cell. Writes of a cell no longer served
+    /// here (fenced or removed since a compaction was queued for it) are dropped: no store
+    /// may get records of a replica that is gone.
+    fn split_batch(&self, wb: WriteBatch) -> (WriteBatch, WriteBatch) {
+        let mut durable = WriteBatch::default();
+        let mut volatile = WriteBatch::default();
+        for (id, w) in wb.cells {
+            match self.cells.get(&id).map(|c| c.log_kind) {
+                Some(LogKind::Durable) => {
+                    durable.cells.insert(id, w);
+                }
+                Some(LogKind::Volatile) => {
+                    volatile.cells.insert(id, w);
+                }
+                None => {}
+            }
+        }
+        (durable, volatile)
     }
 }
 
@@ -916,6 +987,7 @@ pub(crate) const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cell::ReplicationMode;
     use crate::testkit::LogStateMachine;
 
     struct Null;
@@ -928,7 +1000,10 @@ mod tests {
         let shared = Shared {
             node: NodeId(1),
             cfg: Arc::new(NodeConfig::default()),
-            log: LogStore::in_memory(),
+            logs: Logs {
+                durable: LogStore::in_memory(),
+                volatile: LogStore::in_memory(),
+            },
             transport: Arc::new(Null),
             metrics: Arc::new(Metrics::default()),
             poison: Arc::new(Mutex::new(None)),
@@ -948,7 +1023,7 @@ mod tests {
             id,
             &[NodeId(1)],
             &[],
-            ReplicationMode::Consensus,
+            ReplicationMode::Consensus.into(),
             Box::new(sm),
         )
         .expect("create");
@@ -966,7 +1041,7 @@ mod tests {
             .expect("a ready after the election");
         assert!(must_sync, "a new term must be synced");
         assert_eq!(c.inflight(), 1);
-        s.log.write_fencing(wb).expect("write");
+        s.logs.durable.write_fencing(wb).expect("write");
         s.unsynced.push_back((seq, vec![(id, u)]));
         s.next_sync = seq + 1;
     }
@@ -982,7 +1057,7 @@ mod tests {
         s.fence(id, "test".into());
         assert!(!s.cells.contains_key(&id));
         // Re-seeded from scratch (as a removed replica's log is destroyed).
-        s.log.destroy_cell(id).expect("destroy");
+        s.logs.durable.destroy_cell(id).expect("destroy");
         park_first_ready(&mut s, id, 1);
         let gen = s.cells[&id].generation;
         // The old replica's sync returns.
@@ -1052,7 +1127,7 @@ mod tests {
         // Replace the replica behind the shard's back.
         s.views.write().remove(&id);
         s.cells.remove(&id);
-        s.log.destroy_cell(id).expect("destroy");
+        s.logs.durable.destroy_cell(id).expect("destroy");
         park_first_ready(&mut s, id, 1);
         let mut late = Outbox::new();
         s.finish(old, &mut late);

@@ -168,7 +168,7 @@ fn unknown_cell_replica_is_created_only_from_an_initial_message(kind: TransportK
         let sm = slot.lock().take()?;
         (id == CellId(1)).then(|| {
             (
-                ReplicationMode::Consensus,
+                ReplicationMode::Consensus.into(),
                 Box::new(sm) as Box<dyn harpoon::StateMachine>,
             )
         })

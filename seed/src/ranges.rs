@@ -29,16 +29,20 @@
 //! (written before the cell is created; read at start-up to reopen the range), for a daughter
 //! also its parent and split index, and the
 //! store's own files live in `<data dir>/ranges/<range id>/kv/`:
-//! - `memory`: nothing of the store (it is empty after a restart). The node has one raft
-//!   `LogStore` for all its cells, on disk, so a memory range's raft log is on disk like every
-//!   other (harpoon's in-memory log store is per node, not per cell). The store reports its
-//!   current apply state as durable (the KvStore contract), so harpoon compacts freely; after
-//!   a restart the empty store is behind the log's first index and harpoon refuses the cell
-//!   (`NeedsSnapshot`): the replica is recorded as lost ([`Registry::failed`]) and the range
-//!   is served by its other members. It rejoins ([`crate::loops`], housekeeping): listed as a
-//!   voter, it asks meta to demote it to a learner; the range's leader takes such a voter out
-//!   of the cell, then out of meta; once meta no longer lists it, [`forget_lost`] destroys the
-//!   cell's raft state and the range dir, and self-assignment claims a slot again as a learner.
+//! - `memory`: nothing but `range.meta` (metadata: ids, modes, a daughter's split index; no
+//!   key or value). The store lives in memory and its raft log too: the cell is created
+//!   with harpoon's volatile log store ([`harpoon::LogKind::Volatile`], the node's in-memory
+//!   `LogStore`), so no entry, hard state or snapshot of a memory range reaches the disk and
+//!   its rounds cost no fsync. The store reports its current apply state as durable (the
+//!   KvStore contract), so harpoon compacts freely. After a restart the replica's data, log
+//!   and hard state (term, vote) are gone; it must never come back as a blank replica with
+//!   the same identity (it could vote twice in a term). So [`reopen_all`] creates no cell for
+//!   a memory range whose `range.meta` it finds: the replica is recorded as lost
+//!   ([`Registry::failed`]) and the range is served by its other members. It rejoins
+//!   ([`crate::loops`], housekeeping): listed as a voter, it asks meta to demote it to a
+//!   learner; the range's leader takes such a voter out of the cell, then out of meta; once
+//!   meta no longer lists it, [`forget_lost`] destroys what is left of its raft state and the
+//!   range dir, and self-assignment claims a slot again as a learner, filled by snapshot.
 //! - `logged`: the store's snapshot file `kv.snap`, written by `persist` (before every log
 //!   compaction and at shutdown); the raft log replays the rest.
 //! - `persistent`: the seglog data log of the store, in [`RANGE_SEGMENT_SIZE`] (17 MiB)
@@ -59,7 +63,7 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use collections::kv::{KvConfig, KvReader, KvStore, Persistence};
 use harpoon::{
-    ApplyState, CellId, EntryRef, NodeId, ReplicationMode, SmSnapshot, StateMachine,
+    ApplyState, CellId, CellOptions, EntryRef, NodeId, ReplicationMode, SmSnapshot, StateMachine,
     StateMachineError,
 };
 use meta::CollectionDescriptor;
@@ -716,10 +720,16 @@ fn settle_daughter(store: &mut KvStore, m: &RangeMeta) -> Result<(), OpenError> 
     Ok(())
 }
 
-fn mode_of(m: &RangeMeta) -> ReplicationMode {
-    match m.replication {
+/// The cell options of range `m`: its replication mode, and the volatile raft log for a
+/// memory range (nothing of it on disk), the durable one otherwise.
+pub fn cell_options(m: &RangeMeta) -> CellOptions {
+    let mode = match m.replication {
         metapb::ReplicationMode::CONSENSUS => ReplicationMode::Consensus,
         metapb::ReplicationMode::ASYNC => ReplicationMode::Async,
+    };
+    match m.persistence {
+        metapb::Persistence::MEMORY => CellOptions::volatile(mode),
+        metapb::Persistence::LOGGED | metapb::Persistence::PERSISTENT => CellOptions::durable(mode),
     }
 }
 
@@ -766,9 +776,9 @@ impl SplitHost for SeedHost {
         let sm = KvStateMachine::with_host(store, m.clone(), host);
         // The create command is queued to the daughter's shard before anything a client or a
         // loop sends it after the registration below: registering now is safe.
-        let pending = seed
-            .node
-            .create_cell(CellId(m.range), &[], &[], mode_of(&m), Box::new(sm));
+        let pending =
+            seed.node
+                .create_cell(CellId(m.range), &[], &[], cell_options(&m), Box::new(sm));
         seed.ranges.register(&m, reader);
         tracing::info!(
             node = seed.id,
@@ -814,7 +824,7 @@ async fn create_claimed(
     let sm = KvStateMachine::with_host(store, m.clone(), host);
     match seed
         .node
-        .create_cell(CellId(m.range), voters, &[], mode_of(&m), Box::new(sm))
+        .create_cell(CellId(m.range), voters, &[], cell_options(&m), Box::new(sm))
         .await
     {
         Ok(()) | Err(harpoon::Error::CellExists { .. }) => {}
@@ -889,6 +899,10 @@ pub async fn open(
 
 /// At start-up: reopen every range whose `range.meta` is in the data dir.
 ///
+/// A memory range is not reopened: its replica died with the previous process (data, raft
+/// log and hard state were in memory). It is recorded as lost ([`Registry::failed`]) without
+/// a cell, and rejoins as a new member (see the module doc).
+///
 /// Every store is opened (and its range claimed) before any cell is created, so a parent
 /// replaying a split finds its daughter either held (restricted only) or absent: a daughter
 /// whose store is empty was cut short by a crash in its split and is left to the parent's
@@ -907,6 +921,10 @@ pub async fn reopen_all(seed: &Arc<Seed>) {
             tracing::warn!(path = %e.path().display(), "unreadable range.meta; range skipped");
             continue;
         };
+        if m.persistence == metapb::Persistence::MEMORY {
+            record_lost_memory(seed, &m);
+            continue;
+        }
         if !seed.ranges.claim(m.range) {
             continue;
         }
@@ -937,6 +955,22 @@ pub async fn reopen_all(seed: &Arc<Seed>) {
             tracing::warn!(range = id, error = %err, "cannot reopen range");
         }
     }
+}
+
+/// A memory range this node held before it restarted: record the replica as lost, create
+/// nothing (a blank raft replica with this node's identity could vote again in a term it
+/// already voted in).
+fn record_lost_memory(seed: &Seed, m: &RangeMeta) {
+    if seed.ranges.get(m.range).is_some() || seed.ranges.claimed(m.range) {
+        return;
+    }
+    let why = "memory range: its data, raft log and hard state did not survive the restart";
+    tracing::warn!(
+        node = seed.id,
+        range = m.range,
+        "range replica lost ({why}): not served here until it rejoins"
+    );
+    seed.ranges.failed.lock().insert(m.range, why.to_string());
 }
 
 /// Range `id`'s cell is gone here (harpoon removed this node from it and destroyed its raft
@@ -978,7 +1012,9 @@ pub fn delete_dir(data_dir: &Path, id: u64) -> std::io::Result<()> {
 }
 
 /// Forget this node's lost replica of range `id` (recorded in [`Registry::failed`]): its raft
-/// state in the node's log store (destroyed, then synced), its dir, and the failure record.
+/// state in the node's log stores (destroyed in both; the durable one then synced: a memory
+/// range has nothing there, unless an older version wrote its log to disk), its dir, and the
+/// failure record.
 /// Self-assignment may then claim a slot of the range again, as a learner filled by snapshot.
 ///
 /// Only once meta no longer lists this node for the range (the caller checks): a lost voter
@@ -992,6 +1028,10 @@ pub fn forget_lost(seed: &Seed, id: u64) -> Result<(), OpenError> {
     if seed.ranges.get(id).is_some() || seed.ranges.claimed(id) {
         return Ok(());
     }
+    seed.node
+        .volatile_log()
+        .destroy_cell(CellId(id))
+        .map_err(|e| OpenError::Log(e.to_string()))?;
     let log = seed.node.log();
     log.destroy_cell(CellId(id))
         .map_err(|e| OpenError::Log(e.to_string()))?;

@@ -15,7 +15,9 @@ use bytes::{Bytes, BytesMut};
 use harpoon::storage::LogStore;
 use harpoon::transport::tcp::{TcpConfig, TcpTransport};
 use harpoon::transport::Transport;
-use harpoon::{CellConfig, CellFactory, Node, NodeConfig, NodeId, ReplicationMode, Role};
+use harpoon::{
+    CellConfig, CellFactory, CellOptions, Node, NodeConfig, NodeId, ReplicationMode, Role,
+};
 use meta::META_RANGE;
 use parking_lot::{Mutex, RwLock};
 use proto::frame::{FrameDecoder, FrameError};
@@ -213,8 +215,9 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         let (sm, replica) =
             MetaStateMachine::fresh(MetaStateMachine::path(&factory_dir, META_RANGE));
         *slot = Some(replica);
+        // Meta is never a memory collection: its log is the durable one.
         Some((
-            ReplicationMode::Consensus,
+            CellOptions::durable(ReplicationMode::Consensus),
             Box::new(sm) as Box<dyn harpoon::StateMachine>,
         ))
     });

@@ -2,7 +2,8 @@
 //!
 //! Each node has a "disk": its `LogStore` and one [`LogStateMachine`] file per cell in a
 //! temporary directory. [`Cluster::kill`] stops the node and takes it off the network;
-//! [`Cluster::restart`] starts it again from that disk and re-creates its cells.
+//! [`Cluster::restart`] starts it again from that disk and re-creates its durable cells (a
+//! volatile cell's replica died with the node: it is not reopened, see `LogKind::Volatile`).
 //!
 //! The fault API ([`Cluster::partition`], [`Cluster::isolate`], [`Cluster::cut`],
 //! [`Cluster::drop_if`], [`Cluster::heal`], kill/restart) is the same for both transports:
@@ -23,7 +24,7 @@ use proto::{CellId, NodeId};
 
 use super::log_sm::{AppliedEntry, LogHandle, LogStateMachine};
 use super::wait_until;
-use crate::cell::{CellStatus, ReplicationMode, Reply, Role};
+use crate::cell::{CellOptions, CellStatus, LogKind, ReplicationMode, Reply, Role};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::node::Node;
@@ -86,7 +87,7 @@ impl Default for ClusterOptions {
 }
 
 struct CellInfo {
-    mode: ReplicationMode,
+    opts: CellOptions,
     /// Nodes that hold a replica (created on them).
     replicas: Vec<NodeId>,
     voters: Vec<NodeId>,
@@ -276,26 +277,27 @@ impl Cluster {
             reason: format!("open sm: {e}"),
         })?;
         self.handles.insert((node, cell), h);
-        let mode = self
+        let opts = self
             .cells
             .get(&cell)
-            .map(|c| c.mode)
-            .unwrap_or(ReplicationMode::Consensus);
+            .map(|c| c.opts)
+            .unwrap_or(CellOptions::durable(ReplicationMode::Consensus));
         self.node(node)
-            .create_cell(cell, voters, &[], mode, Box::new(sm))
+            .create_cell(cell, voters, &[], opts, Box::new(sm))
             .wait()
     }
 
-    /// Create `cell` with initial `voters` on each of them.
+    /// Create `cell` with initial `voters` on each of them; `opts` is a `ReplicationMode` (a
+    /// durable log) or [`CellOptions`].
     ///
     /// # Panics
     /// Panics if a replica cannot be created.
-    pub fn create_cell(&mut self, cell: CellId, voters: &[u64], mode: ReplicationMode) {
+    pub fn create_cell(&mut self, cell: CellId, voters: &[u64], opts: impl Into<CellOptions>) {
         let voters: Vec<NodeId> = voters.iter().map(|v| NodeId(*v)).collect();
         self.cells.insert(
             cell,
             CellInfo {
-                mode,
+                opts: opts.into(),
                 replicas: voters.clone(),
                 voters: voters.clone(),
             },
@@ -399,12 +401,19 @@ impl Cluster {
         }
     }
 
-    /// Restart `node` from its disk and re-open every replica it held.
+    /// Restart `node` from its disk and re-open every durable replica it held. Its volatile
+    /// replicas are gone with their logs: they are not reopened (and no longer counted as
+    /// replicas of their cells); re-seed them with a membership change.
     ///
     /// # Panics
     /// Panics if the node or a replica cannot start.
     pub fn restart(&mut self, node: NodeId) {
         self.start_node(node);
+        for c in self.cells.values_mut() {
+            if c.opts.log == LogKind::Volatile {
+                c.replicas.retain(|n| *n != node);
+            }
+        }
         let mine: Vec<(CellId, Vec<NodeId>)> = self
             .cells
             .iter()
