@@ -176,8 +176,16 @@ async fn housekeeping(seed: Arc<Seed>) {
 
 /// This node's replica of range `id` was lost (recorded in `Registry::failed`). Listed in meta
 /// as a voter: ask meta to demote it to a learner (the range's leader then takes it out of the
-/// cell, and only then out of meta, see [`reconcile_cell`]). Listed as a learner: wait for
-/// that. No longer listed: it is out of the cell; forget its raft state and dir, and let
+/// cell, and only then out of meta, see [`reconcile_cell`]). Listed as a learner: ask meta to
+/// drop it (compared against the record read here, so a concurrent change, such as a
+/// promotion being recorded, makes it fail and the next round decides again); the range's
+/// leader then removes the cell member meta no longer lists. A learner's acknowledgements
+/// never counted, so its replica may start over while the cell still names it as a learner:
+/// it is filled by snapshot before it can be promoted. (A cell voter that meta still lists as
+/// a learner, promoted but not recorded yet, is removed the same way and its promotion
+/// forgotten; only if it were listed again before the leader's next round would the leader
+/// record that promotion for the new, empty replica: the promotion note would need the
+/// record's epoch to rule that out.) No longer listed: forget its raft state and dir, and let
 /// self-assignment claim a slot again as a learner.
 async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
     let Some(range) = seed.read_meta(|s| view::range_by_id(s, id).ok().flatten()) else {
@@ -198,7 +206,20 @@ async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
             }
             Ok(())
         }
-        Some(_) => Ok(()),
+        Some(_) => {
+            let txn = ops::del_member(&range, seed.id).map_err(|e| e.to_string())?;
+            match seed.propose_anywhere(&txn).await {
+                Ok(r) if r.succeeded => tracing::info!(
+                    node = seed.id,
+                    range = id,
+                    "lost replica listed as a learner: asked meta to drop it (the range's leader \
+                     takes it out of the cell)"
+                ),
+                Ok(_) => {}
+                Err(e) => return Err(format!("drop learner: {e:?}")),
+            }
+            Ok(())
+        }
         None => crate::ranges::forget_lost(seed, id).map_err(|e| e.to_string()),
     }
 }
@@ -1052,6 +1073,9 @@ async fn reconcile_cell(
             }
             return Ok(());
         }
+        // A promotion of it not recorded yet is void: meta dropped it (a lost learner asks
+        // for that), and if it is listed again it is a new, empty replica.
+        seed.promoted.lock().recorded(cell.0, *n);
         let r = seed.node.remove(cell, NodeId(*n), deadline).await;
         seed.counters
             .membership_changes
