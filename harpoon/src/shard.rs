@@ -7,10 +7,13 @@
 //! 3. collect the ready of every touched cell (Ready steps 1-5, `Cell::ready_append`, which
 //!    applies what is committed and advances raft asynchronously) into ONE write batch,
 //!    sending leader messages first, one `Transport::send` per node;
-//! 4. ONE `LogStore::write` (a copy into the mapped log: the entries are readable at once);
-//! 5. if any ready must be durable, ask the IO thread for ONE `LogStore::sync` and park the
-//!    round's readies until it is done; the shard goes on with the next round meanwhile
-//!    (proposals, acknowledgements, commits and applies keep flowing while the disk flushes);
+//! 4. ONE `LogStore::write` per store with records (a copy into the mapped log, or into memory:
+//!    the entries are readable at once): each cell's records go to its own store (`LogKind`);
+//! 5. volatile cells' readies are persisted now: they are finished at once (step 6), with no
+//!    sync and no IO thread. If any durable cell's ready must be durable, ask the IO thread for
+//!    ONE `LogStore::sync` of the durable store and park the round's durable readies until it
+//!    is done; the shard goes on with the next round meanwhile (proposals, acknowledgements,
+//!    commits and applies keep flowing while the disk flushes);
 //! 6. when a sync is reported, finish the readies it covers (steps 6-7,
 //!    `Cell::ready_persisted`): persisted messages, async acks, `on_persist_ready`; one more
 //!    `Transport::send` per node; those cells are touched, so what the persist released

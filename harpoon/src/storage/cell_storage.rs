@@ -15,8 +15,9 @@ use super::store::{CellShared, Inner};
 /// `raft::Storage` for one cell. Cheap to clone.
 ///
 /// # Correctness requirements (what the cell must do)
-/// - Write every `Ready`'s snapshot, entries and hard state through [`LogStore::write`]
-///   (super::LogStore::write) before `advance`, and `sync` before sending persisted messages.
+/// - Write every `Ready`'s snapshot, entries and hard state through
+///   [`LogStore::write`](super::LogStore::write) before `advance`, and `sync` before sending
+///   persisted messages.
 /// - Call [`CellStorage::set_conf_state`] after applying a conf change.
 /// - Compact only below a durably applied index.
 ///

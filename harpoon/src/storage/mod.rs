@@ -1,5 +1,7 @@
-//! Raft storage for Harpoon cells: one node-wide log shared by every cell, on a seglog
-//! (durable) or in memory.
+//! Raft storage for Harpoon cells: a log store shared by many cells, on a seglog (durable) or
+//! in memory. A node holds two, its durable one and a volatile in-memory one; each cell's log
+//! lives in the one its `LogKind` names, and the two never share a record (so neither pins the
+//! other's segments or memory).
 //!
 //! # Files
 //! - `mod.rs`: this map, the record format and the recovery/GC rules.
