@@ -213,9 +213,12 @@ impl DedupTable {
         self.lru.insert((tick, id.client));
         let mut freed = 0u64;
         if id.first_incomplete > 1 {
-            let keep = c.recent.split_off(&id.first_incomplete);
-            for r in std::mem::replace(&mut c.recent, keep).into_values() {
-                freed += r.len() as u64;
+            // Usually none or one reply goes per record: no new tree (`split_off`) for that.
+            while let Some(e) = c.recent.first_entry() {
+                if *e.key() >= id.first_incomplete {
+                    break;
+                }
+                freed += e.remove().len() as u64;
             }
             c.floor = c.floor.max(id.first_incomplete - 1);
         }

@@ -8,7 +8,7 @@
 //! Nothing here does I/O: values behind `Disk` positions are loaded by a [`Loader`] the caller
 //! passes in.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{btree_map, BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -89,8 +89,19 @@ pub(crate) struct Change {
 }
 
 impl Change {
-    pub(crate) fn event(&self) -> Event {
-        kv_event(&self.key, self.kind, &self.meta, self.value.clone())
+    pub(crate) fn into_event(self) -> Event {
+        let m = self.meta;
+        Event {
+            kind: self.kind,
+            kv: KeyValue {
+                key: self.key,
+                value: self.value,
+                create_revision: m.create_revision,
+                mod_revision: m.mod_revision,
+                version: m.version,
+                expires_at_ms: m.expires_at_ms,
+            },
+        }
     }
 }
 
@@ -356,17 +367,45 @@ impl State {
         expires_at_ms: u64,
         changes: &mut Vec<Change>,
     ) -> Result<Option<Entry>> {
-        let prev = self.index.get(&key).cloned();
-        // A version is at most its key's revision span (`check_version` refuses more on
-        // restore and recovery; each put adds one to both), so it stays below MAX_REVISION.
-        let version = prev.as_ref().map_or(1, |p| p.meta.version + 1);
         let rev = self.next_revision()?;
-        let meta = Meta {
-            create_revision: prev.as_ref().map_or(rev, |p| p.meta.create_revision),
-            mod_revision: rev,
-            version,
-            expires_at_ms,
-            value_len: u32::try_from(value.len()).unwrap_or(u32::MAX),
+        let value_len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+        let vref = ValueRef::Inline(value.clone());
+        // One search of the index: the entry is replaced in place (an existing key keeps the
+        // stored key) or inserted.
+        let (key, meta, prev) = match self.index.entry(key) {
+            btree_map::Entry::Occupied(mut o) => {
+                let p = o.get().meta;
+                // A version is at most its key's revision span (`check_version` refuses more
+                // on restore and recovery; each put adds one to both), so it stays below
+                // MAX_REVISION.
+                let meta = Meta {
+                    create_revision: p.create_revision,
+                    mod_revision: rev,
+                    version: p.version + 1,
+                    expires_at_ms,
+                    value_len,
+                };
+                let prev = o.insert(Entry {
+                    meta,
+                    value: vref.clone(),
+                });
+                (o.key().clone(), meta, Some(prev))
+            }
+            btree_map::Entry::Vacant(v) => {
+                let meta = Meta {
+                    create_revision: rev,
+                    mod_revision: rev,
+                    version: 1,
+                    expires_at_ms,
+                    value_len,
+                };
+                let key = v.key().clone();
+                v.insert(Entry {
+                    meta,
+                    value: vref.clone(),
+                });
+                (key, meta, None)
+            }
         };
         if let Some(p) = &prev {
             self.unlink(&key, &p.meta);
@@ -375,17 +414,15 @@ impl State {
         if expires_at_ms != 0 {
             self.expiry.insert((expires_at_ms, key.clone()));
         }
-        let vref = ValueRef::Inline(value.clone());
         self.insert_hist(
             rev,
             key.clone(),
             Hist {
                 kind: EventKind::Put,
                 meta,
-                value: vref.clone(),
+                value: vref,
             },
         );
-        self.index.insert(key.clone(), Entry { meta, value: vref });
         changes.push(Change {
             key,
             kind: EventKind::Put,
@@ -466,16 +503,15 @@ impl State {
         {
             return;
         }
-        let keep = self
-            .history
-            .split_off(&(rev.saturating_add(1), Bytes::new()));
-        let dropped: u64 = self
-            .history
-            .iter()
-            .map(|((_, k), h)| Self::hist_size(k, h))
-            .sum();
-        self.history = keep;
-        self.history_bytes = self.history_bytes.saturating_sub(dropped);
+        // Oldest first, one event at a time: trimming at the caps drops one revision per
+        // write, where a `split_off` would build a new tree each time.
+        while let Some(e) = self.history.first_entry() {
+            if e.key().0 > rev {
+                break;
+            }
+            let ((_, k), h) = e.remove_entry();
+            self.history_bytes = self.history_bytes.saturating_sub(Self::hist_size(&k, &h));
+        }
     }
 
     /// Drops history at or below `rev` and moves the horizon there.
@@ -528,6 +564,13 @@ impl State {
     /// The live entry of `key` at `now_ms` (expired keys are invisible).
     pub(crate) fn visible(&self, key: &[u8], now_ms: u64) -> Option<&Entry> {
         self.index.get(key).filter(|e| !e.meta.expired(now_ms))
+    }
+
+    /// [`State::visible`] with the stored key.
+    pub(crate) fn visible_kv(&self, key: &[u8], now_ms: u64) -> Option<(&Bytes, &Entry)> {
+        self.index
+            .get_key_value(key)
+            .filter(|(_, e)| !e.meta.expired(now_ms))
     }
 
     /// Collects a scan page: at most `limit` keys (0 = no limit) and about `max_bytes`

@@ -192,16 +192,22 @@ impl KvReader {
                 if !st.bounds.contains(key) {
                     return Err(KvError::KeyOutOfRange);
                 }
-                let e = st.visible(key, now_ms).cloned();
+                // The stored key (a reference count, no copy) and the entry.
+                let e = st
+                    .visible_kv(key, now_ms)
+                    .map(|(k, e)| (k.clone(), e.meta, e.value.clone()));
                 Ok((e, Self::header(st)))
             },
             |(e, h)| {
                 let kv = match e {
-                    Some(e) => Some(crate::kv::state::kv_of(
-                        &Bytes::copy_from_slice(key),
-                        &e.meta,
-                        self.shared.load(&e.value)?,
-                    )),
+                    Some((k, meta, v)) => Some(KeyValue {
+                        value: self.shared.load(&v)?,
+                        key: k,
+                        create_revision: meta.create_revision,
+                        mod_revision: meta.mod_revision,
+                        version: meta.version,
+                        expires_at_ms: meta.expires_at_ms,
+                    }),
                     None => None,
                 };
                 Ok((kv, h))
@@ -554,24 +560,25 @@ impl KvStore {
         let last_revision = st.revision;
         drop(st);
         if !changes.is_empty() {
-            self.broadcast(Applied {
+            self.broadcast(|| Applied {
                 first_revision,
                 last_revision,
                 index,
                 // Changes come in revision order, each revision's keys in key order (range
                 // delete, expire), the order of the history.
-                events: changes.iter().map(|c| c.event()).collect(),
+                events: changes.into_iter().map(|c| c.into_event()).collect(),
             });
         }
         Ok(resp)
     }
 
-    fn broadcast(&self, applied: Applied) {
+    /// Sends the applied changes to the subscribers; built only if there are any.
+    fn broadcast(&self, applied: impl FnOnce() -> Applied) {
         let mut subs = self.reader.shared.subs.lock();
         if subs.is_empty() {
             return;
         }
-        let a = Arc::new(applied);
+        let a = Arc::new(applied());
         subs.retain(|tx| tx.try_send(a.clone()).is_ok());
     }
 
