@@ -6,11 +6,12 @@
 #[macro_use]
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{write_n, WAIT};
-use harpoon::testkit::{wait_until, Cluster, ClusterOptions};
+use harpoon::testkit::{wait_until, Cluster, ClusterOptions, LogStateMachine};
 use harpoon::{CellId, CellOptions, NodeId, ReplicationMode, INIT_INDEX};
 
 const DURABLE: CellId = CellId(1);
@@ -76,7 +77,15 @@ fn volatile_cell_commits_beside_a_durable_one_without_touching_the_durable_log()
         assert!(node.volatile_log().is_memory());
     }
 
-    // Only volatile traffic from here: the durable log does not move.
+    // Only volatile traffic from here: the durable log does not move. (Unless the durable cell
+    // holds an election meanwhile, as a loaded machine can make it do: its new hard states are
+    // durable traffic of its own, a few small records, and are allowed for then.)
+    let terms = |c: &Cluster| -> Vec<u64> {
+        (1..=3)
+            .map(|n| c.status(NodeId(n), DURABLE).map_or(0, |s| s.term))
+            .collect()
+    };
+    let terms_before = terms(&c);
     let before = counters(&c, &[1, 2, 3]);
     let last = write_big(&c, VOLATILE, 200);
     assert!(
@@ -91,11 +100,22 @@ fn volatile_cell_commits_beside_a_durable_one_without_touching_the_durable_log()
         "the volatile cell's log is compacted"
     );
     let after = counters(&c, &[1, 2, 3]);
+    let elected = terms(&c) != terms_before;
     for (i, (b, a)) in before.iter().zip(&after).enumerate() {
         let n = i + 1;
-        assert_eq!(a.0, b.0, "node {n}: durable bytes appended grew");
-        assert_eq!(a.1, b.1, "node {n}: durable records appended grew");
-        assert_eq!(a.2, b.2, "node {n}: durable syncs for volatile rounds");
+        if elected {
+            // 200 volatile entries of 512 bytes would be over 100 KB and 200 records.
+            assert!(a.0 - b.0 < 4096, "node {n}: durable bytes appended grew");
+            assert!(a.1 - b.1 < 40, "node {n}: durable records appended grew");
+            assert!(
+                a.2 - b.2 < 40,
+                "node {n}: durable syncs for volatile rounds"
+            );
+        } else {
+            assert_eq!(a.0, b.0, "node {n}: durable bytes appended grew");
+            assert_eq!(a.1, b.1, "node {n}: durable records appended grew");
+            assert_eq!(a.2, b.2, "node {n}: durable syncs for volatile rounds");
+        }
         assert!(
             a.3 > b.3 + 50,
             "node {n}: the volatile rounds ran ({b:?} -> {a:?})"
@@ -120,18 +140,32 @@ fn volatile_cell_commits_beside_a_durable_one_without_touching_the_durable_log()
     );
     assert!(after[li].2 > before[li].2, "durable rounds sync");
 
-    // A new member of the volatile cell catches up by snapshot (the log was compacted), into
-    // its volatile store: its durable log gets nothing at all.
+    // A new member of the volatile cell, created by the node's cell factory when the leader
+    // first contacts it, catches up by snapshot (the log was compacted) into its volatile
+    // store: its durable log gets nothing at all.
     let vleader = c.wait_leader(VOLATILE, WAIT).unwrap();
     let snaps = c.node(vleader).metrics().snapshots;
-    c.add_replica(NodeId(4), VOLATILE);
+    let (sm, learner) = LogStateMachine::in_memory();
+    let slot = Arc::new(Mutex::new(Some(sm)));
+    c.node(NodeId(4)).set_cell_factory(Arc::new(move |id| {
+        let sm = slot.lock().unwrap().take()?;
+        (id == VOLATILE).then(|| {
+            (
+                CellOptions::volatile(ReplicationMode::Consensus),
+                Box::new(sm) as Box<dyn harpoon::StateMachine>,
+            )
+        })
+    }));
     c.node(vleader)
         .add_learner(VOLATILE, NodeId(4), Instant::now() + WAIT)
         .wait()
         .unwrap();
     let last = write_big(&c, VOLATILE, 5);
+    assert!(c.wait_applied(VOLATILE, last, WAIT));
     assert!(
-        c.wait_applied(VOLATILE, last, WAIT),
+        wait_until(WAIT, || c
+            .status(NodeId(4), VOLATILE)
+            .is_some_and(|s| s.applied >= last)),
         "the learner caught up"
     );
     assert!(c.node(vleader).metrics().snapshots > snaps, "by snapshot");
@@ -140,8 +174,15 @@ fn volatile_cell_commits_beside_a_durable_one_without_touching_the_durable_log()
     assert!(n4.log().cells().is_empty());
     assert_eq!(n4.log().stats().bytes_appended, 0, "node 4's durable log");
     assert_eq!(n4.log().stats().records_appended, 0);
+    assert_eq!(n4.metrics().log_syncs, 0, "node 4 never synced");
     let seq = c.assert_prefixes(VOLATILE);
-    assert_eq!(c.applied(NodeId(4), VOLATILE), seq);
+    let got = learner.entries();
+    assert!(!got.is_empty());
+    assert_eq!(
+        got.as_slice(),
+        &seq[seq.len() - got.len()..],
+        "the learner applies the same suffix"
+    );
 
     // Removing it destroys its log in the volatile store.
     c.node(vleader)
