@@ -1121,6 +1121,32 @@ mod tests {
         assert_eq!(RangeMeta::decode("garbage"), None);
     }
 
+    /// Only memory ranges get the volatile raft log (nothing on disk); the modes carry over.
+    #[test]
+    fn memory_ranges_get_the_volatile_log() {
+        use harpoon::LogKind;
+        let m = |persistence, replication| RangeMeta {
+            range: 7,
+            collection: 3,
+            persistence,
+            replication,
+            parent: 0,
+            split_index: 0,
+        };
+        use metapb::Persistence::*;
+        use metapb::ReplicationMode::*;
+        for (p, kind) in [
+            (MEMORY, LogKind::Volatile),
+            (LOGGED, LogKind::Durable),
+            (PERSISTENT, LogKind::Durable),
+        ] {
+            assert_eq!(cell_options(&m(p, CONSENSUS)).log, kind, "{p:?}");
+        }
+        let o = cell_options(&m(MEMORY, ASYNC));
+        assert_eq!(o.mode, ReplicationMode::Async);
+        assert_eq!(o.log, LogKind::Volatile);
+    }
+
     #[test]
     fn adapter_applies_persists_and_restores() {
         let dir = tempfile::tempdir().unwrap();
