@@ -50,6 +50,31 @@ fn holding(dir: &Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// `text` without ANSI colour sequences.
+fn plain(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The position of the first log line holding `message` about range `range`.
+fn first_line(log: &str, message: &str, range: u64) -> Option<usize> {
+    let field = format!("range={range}");
+    log.lines()
+        .position(|l| l.contains(message) && l.split_whitespace().any(|t| t == field))
+}
+
 /// Bytes used in the node's raft log: per seglog segment (preallocated, zero-filled), up to
 /// its last non-zero byte.
 fn raft_log_used(data_dir: &Path) -> u64 {
@@ -147,9 +172,10 @@ async fn memory_collection_keeps_nothing_on_disk_and_a_restarted_replica_rejoins
     // log, hard state), recorded as such without a raft replica, and rejoins as a new member.
     let lost = leader_index(&c, &mkv, b"first").await;
     let addr = c.clients([lost])[0].to_string();
-    c.kill(lost);
-    c.start(lost).expect("restart");
     let log_file = cli::demo::log_path(&c.nodes[lost].data_dir);
+    c.kill(lost);
+    let log_before = std::fs::read_to_string(&log_file).unwrap_or_default().len();
+    c.start(lost).expect("restart");
     let rejoined = cli::demo::wait_for(LONG, || async {
         let log = std::fs::read_to_string(&log_file).unwrap_or_default();
         (log.contains("range replica lost") && log.contains("lost replica forgotten")).then_some(())
@@ -172,6 +198,21 @@ async fn memory_collection_keeps_nothing_on_disk_and_a_restarted_replica_rejoins
         member_again.is_some(),
         "node {lost} never became a voter again"
     );
+    // After the restart no raft replica was opened for the memory range before it was
+    // recorded lost and forgotten: the one opened later is the new member's.
+    let log = plain(&std::fs::read_to_string(&log_file).expect("node log")[log_before..]);
+    for r in &mem_ranges {
+        let lost_at = first_line(&log, "range replica lost", r.id)
+            .unwrap_or_else(|| panic!("range {} not recorded lost", r.id));
+        let forgotten_at = first_line(&log, "lost replica forgotten", r.id)
+            .unwrap_or_else(|| panic!("range {} not forgotten", r.id));
+        let opened_at = first_line(&log, "range replica opened", r.id);
+        assert!(
+            lost_at < forgotten_at && opened_at.is_none_or(|o| o > forgotten_at),
+            "range {}: lost at line {lost_at}, forgotten at {forgotten_at}, opened at {opened_at:?}",
+            r.id
+        );
+    }
 
     // Every acknowledged memory write is served, and the rejoined node serves them too (it
     // got them by snapshot, into memory).
