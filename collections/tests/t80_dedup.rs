@@ -5,7 +5,7 @@
 
 mod common;
 
-use collections::kv::{cmd, KvStore, Restorer, WINDOW};
+use collections::kv::{cmd, KvStore, Restorer, REPLY_FULL_MAX, WINDOW};
 use common::*;
 use proptest::prelude::*;
 use proto::kvpb::{self, Response_oneof_result as Res};
@@ -72,7 +72,7 @@ struct Entry {
 
 /// The entries of `ops` (clients 1..=3 in turn, seqs increasing per client, first_incomplete
 /// lagging by `lag`), ticks as empty entries.
-fn entries(ops: &[Op], lag: u64) -> Vec<Option<Entry>> {
+fn entries(ops: &[Op], lag: u64, vlen: usize) -> Vec<Option<Entry>> {
     let mut seqs = [0u64; 4];
     let mut clock = 0;
     ops.iter()
@@ -83,7 +83,7 @@ fn entries(ops: &[Op], lag: u64) -> Vec<Option<Entry>> {
                 return None;
             }
             let client = (i % 3) as u64 + 1;
-            let cmd = match write_of(op, 4) {
+            let cmd = match write_of(op, vlen) {
                 Some(c) => {
                     seqs[client as usize] += 1;
                     let seq = seqs[client as usize];
@@ -156,12 +156,40 @@ proptest! {
         dups in proptest::collection::vec((any::<bool>(), any::<prop::sample::Index>()), 80),
         lag in 1u64..200,
     ) {
-        let es = entries(&ops, lag);
+        duplicates_like_without(&ops, &dups, lag, 4)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+    /// Values above `REPLY_FULL_MAX`: the table records replies without them, and duplicates
+    /// get them back from the history (or expired, never a wrong value).
+    #[test]
+    fn duplicates_with_large_values_get_their_values_back(
+        ops in proptest::collection::vec(op_strategy(0), 1..60),
+        dups in proptest::collection::vec((any::<bool>(), any::<prop::sample::Index>()), 60),
+        lag in 1u64..200,
+    ) {
+        duplicates_like_without(&ops, &dups, lag, REPLY_FULL_MAX + 100)?;
+    }
+}
+
+fn duplicates_like_without(
+    ops: &[Op],
+    dups: &[(bool, prop::sample::Index)],
+    lag: u64,
+    vlen: usize,
+) -> Result<(), TestCaseError> {
+    {
+        let es = entries(ops, lag, vlen);
         // The reference: each entry once.
         let mut reference = open(Mode::Memory, std::path::Path::new("unused"));
         let mut clock = 0;
-        let replies: Vec<Option<kvpb::Response>> =
-            es.iter().map(|e| apply_entry(&mut reference, e, &mut clock)).collect();
+        let replies: Vec<Option<kvpb::Response>> = es
+            .iter()
+            .map(|e| apply_entry(&mut reference, e, &mut clock))
+            .collect();
         for mode in MODES {
             let dir = tempfile::tempdir().expect("tempdir");
             let mut s = open(mode, dir.path());
@@ -173,7 +201,9 @@ proptest! {
                 prop_assert_eq!(
                     r.clone().map(without_index),
                     replies[i].clone().map(without_index),
-                    "reply of entry {} in {:?}", i, mode
+                    "reply of entry {} in {:?}",
+                    i,
+                    mode
                 );
                 got.push(r);
                 // Re-deliver a random earlier write.
@@ -188,7 +218,10 @@ proptest! {
                 }
             }
             prop_assert_eq!(fingerprint(&s), fingerprint(&reference), "{:?}", mode);
-            let stats = |s: &KvStore| collections::kv::RangeStats { dedup_bytes: 0, ..s.range_stats() };
+            let stats = |s: &KvStore| collections::kv::RangeStats {
+                dedup_bytes: 0,
+                ..s.range_stats()
+            };
             prop_assert_eq!(stats(&s), stats(&reference), "{:?}", mode);
             // Every write delivered again, after a restart where the mode has one.
             s.persist().expect("persist");
@@ -208,8 +241,78 @@ proptest! {
                     }
                 }
             }
-            prop_assert_eq!(fingerprint(&s), fingerprint(&reference), "{:?} after restart", mode);
+            prop_assert_eq!(
+                fingerprint(&s),
+                fingerprint(&reference),
+                "{:?} after restart",
+                mode
+            );
         }
+    }
+    Ok(())
+}
+
+/// One client with 64 cas in flight (first_incomplete stays 1), each reply carrying an 8 KiB
+/// current value: 512 KiB of replies, twice the per-client byte bound. Recorded without their
+/// values, none is forgotten: every duplicate gets its original reply back, values included.
+/// Once the history dropped a value, its duplicate is answered expired, and changes nothing.
+#[test]
+fn in_flight_writes_with_large_replies_stay_remembered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for mode in MODES {
+        let d = dir.path().join(format!("{mode:?}"));
+        let mut s = open(mode, &d);
+        let big = |i: u64| vec![i as u8; 8 << 10];
+        // The keys' current values.
+        for i in 0..64u64 {
+            apply(
+                &mut s,
+                0,
+                &cmd::put(format!("k{i:02}").as_bytes(), &big(i), 0),
+            );
+        }
+        let mut sent = Vec::new();
+        for i in 0..64u64 {
+            let c = with_id(
+                cmd::cas(
+                    format!("k{i:02}").as_bytes(),
+                    kvpb::CompareTarget::VERSION,
+                    b"",
+                    1,
+                    Some(&big(i + 100)),
+                ),
+                7,
+                i + 1,
+                1,
+                0,
+            );
+            let r = apply(&mut s, 0, &c);
+            match &r.result {
+                Some(Res::cas(x)) => {
+                    assert!(x.succeeded);
+                    assert_eq!(x.get_current().value.len(), 8 << 10);
+                }
+                other => panic!("{other:?}"),
+            }
+            sent.push((c, r));
+        }
+        assert!(s.range_stats().dedup_bytes < collections::kv::CLIENT_MAX_BYTES);
+        let before = fingerprint(&s);
+        for (c, r) in &sent {
+            let mut again = c.clone();
+            again.mut_request_id().attempt = 1;
+            let got = apply(&mut s, 0, &again);
+            assert_eq!(without_index(got), without_index(r.clone()), "{mode:?}");
+        }
+        assert_eq!(fingerprint(&s), before);
+        // Compact the history past the first writes' previous values.
+        let rev = s.revision();
+        apply(&mut s, 0, &cmd::compact(rev));
+        let mut again = sent[0].0.clone();
+        again.mut_request_id().attempt = 2;
+        let before = fingerprint(&s);
+        assert!(is_expired(&apply(&mut s, 0, &again)), "{mode:?}");
+        assert_eq!(fingerprint(&s), before);
     }
 }
 

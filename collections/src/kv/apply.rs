@@ -21,9 +21,9 @@ use proto::kvpb::{self, Command_oneof_op as Op, Response_oneof_result as Res};
 use protobuf::Message;
 
 use crate::error::{KvError, Result};
-use crate::kv::dedup::{Recorded, ReqId, Verdict};
+use crate::kv::dedup::{for_table, restore_values, Recorded, ReqId, Verdict};
 use crate::kv::state::{kv_of, Change, Entry, KeyRange, Loader, State};
-use crate::kv::types::{KeyValue, KvConfig, Limits};
+use crate::kv::types::{EventKind, KeyValue, KvConfig, Limits};
 
 /// Everything one command needs.
 pub(crate) struct Ctx<'a> {
@@ -86,7 +86,24 @@ pub(crate) fn apply_entry(
             Err(e) => Err(e),
             Ok((op, None)) => exec(ctx, op, true).map(Some),
             Ok((op, Some(id))) => match ctx.st.dedup.check(&id, ctx.st.clock_ms) {
-                Verdict::Duplicate(reply) => return Ok(Reply::Recorded(reply)),
+                Verdict::Duplicate(reply) => {
+                    let st = &*ctx.st;
+                    let load = ctx.load;
+                    // A reply recorded without its values gets them from the history.
+                    let value_at = |key: &Bytes, rev: u64| -> Result<Option<Bytes>> {
+                        match st.history.get(&(rev, key.clone())) {
+                            Some(h) if h.kind == EventKind::Put => load(&h.value).map(Some),
+                            _ => Ok(None),
+                        }
+                    };
+                    match restore_values(reply, &value_at)? {
+                        Some(r) => return Ok(Reply::Recorded(r)),
+                        None => Err(KvError::RequestExpired {
+                            client: id.client,
+                            seq: id.seq,
+                        }),
+                    }
+                }
                 Verdict::Expired => Err(KvError::RequestExpired {
                     client: id.client,
                     seq: id.seq,
@@ -106,11 +123,12 @@ pub(crate) fn apply_entry(
     };
     let reply = Bytes::from(encode_reply(&resp)?);
     let now_ms = ctx.st.clock_ms;
-    ctx.st.dedup.record(&id, now_ms, reply.clone());
+    let kept = for_table(&resp, reply.clone())?;
+    ctx.st.dedup.record(&id, now_ms, kept.clone());
     ctx.recorded = Some(Recorded {
         id,
         now_ms,
-        reply: reply.clone(),
+        reply: kept,
     });
     Ok(Reply::Pb(resp, Some(reply)))
 }

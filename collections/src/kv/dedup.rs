@@ -16,6 +16,16 @@
 //! - per client at most [`WINDOW`] replies and [`CLIENT_MAX_BYTES`] of them: the oldest seq
 //!   goes first and raises `floor`; a client's `first_incomplete` (its lowest unanswered seq)
 //!   drops every reply below it at once;
+//! - a reply longer than [`REPLY_FULL_MAX`] (`CLIENT_MAX_BYTES / WINDOW`: a full window of
+//!   replies that size fits the byte bound, so only the count bound raises the floor) is
+//!   recorded *without its values* ([`for_table`]): every `KeyValue` in it (a put's or a
+//!   delete's previous values, a cas's current value, in batch slots too) keeps its key and
+//!   revisions but not its value, and the record carries a marker (unknown field
+//!   [`STRIPPED_FIELD`] of `kvpb.Response`). A duplicate of such a write gets the values back
+//!   from the watch history, where each one is the event at `(mod_revision, key)`
+//!   ([`restore_values`]): the client gets the reply it would have got the first time. If one
+//!   of them has left the history (compacted), the duplicate is answered `REQUEST_EXPIRED`
+//!   ("outcome unknown"), as if the reply had been forgotten, never with a wrong value;
 //! - a client idle for [`EXPIRY_MS`] on the entry clock is forgotten (the client retries a
 //!   request id for at most `client::kv::RETRY_WINDOW`, far less);
 //! - at most [`MAX_CLIENTS`] clients and [`MAX_BYTES`] of replies in all: the least recently
@@ -51,6 +61,12 @@ pub const MAX_CLIENTS: usize = 4096;
 pub const MAX_BYTES: u64 = 8 << 20;
 /// A client idle this long (entry clock) is forgotten.
 pub const EXPIRY_MS: u64 = 5 * 60 * 1000;
+
+/// A reply longer than this is recorded without its values (module doc).
+pub const REPLY_FULL_MAX: usize = (CLIENT_MAX_BYTES / WINDOW as u64) as usize;
+/// The field number of `kvpb.Response` (an unknown field: the schema does not declare it)
+/// that marks a reply recorded without its values. Never sent to a client.
+pub const STRIPPED_FIELD: u32 = (1 << 29) - 1;
 
 /// Tag of a data-log payload holding table changes since the previous `COMMIT`.
 const PAYLOAD_DELTAS: u8 = 1;
@@ -175,6 +191,95 @@ impl Journal {
         }
         e.0
     }
+}
+
+/// Calls `f` on every `KeyValue` of a write's reply (put: `prev_kv`; delete: `prev_kvs`; cas:
+/// `current`; batch: each slot's). Stops at the first `Ok(false)` and returns `Ok(false)`.
+fn each_kv(
+    r: &mut kvpb::Response,
+    f: &mut dyn FnMut(&mut kvpb::KeyValue) -> Result<bool>,
+) -> Result<bool> {
+    use kvpb::Response_oneof_result as Res;
+    match r.result.as_mut() {
+        Some(Res::put(p)) => match p.prev_kv.as_mut() {
+            Some(kv) => f(kv),
+            None => Ok(true),
+        },
+        Some(Res::delete(d)) => {
+            for kv in d.prev_kvs.iter_mut() {
+                if !f(kv)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        Some(Res::cas(c)) => match c.current.as_mut() {
+            Some(kv) => f(kv),
+            None => Ok(true),
+        },
+        Some(Res::batch(b)) => {
+            for x in b.results.iter_mut() {
+                if !each_kv(x, f)? {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
+        _ => Ok(true),
+    }
+}
+
+/// The form of a reply the table records: `encoded` itself up to [`REPLY_FULL_MAX`] bytes,
+/// else `resp` without its values, marked (module doc).
+pub(crate) fn for_table(resp: &kvpb::Response, encoded: Bytes) -> Result<Bytes> {
+    if encoded.len() <= REPLY_FULL_MAX {
+        return Ok(encoded);
+    }
+    let mut r = resp.clone();
+    let mut stripped = false;
+    each_kv(&mut r, &mut |kv| {
+        stripped |= !kv.value.is_empty();
+        kv.value = Bytes::new();
+        Ok(true)
+    })?;
+    if !stripped {
+        return Ok(encoded);
+    }
+    r.mut_unknown_fields().add_varint(STRIPPED_FIELD, 1);
+    crate::kv::apply::encode_reply(&r).map(Bytes::from)
+}
+
+/// The reply to send for a duplicate whose recorded reply is `recorded`: itself, or, if it
+/// was recorded without its values, the reply with each value loaded by `value_at(key,
+/// mod_revision)`; `None` if one of them is gone (the duplicate is answered expired).
+pub(crate) fn restore_values(
+    recorded: Bytes,
+    value_at: &dyn Fn(&Bytes, u64) -> Result<Option<Bytes>>,
+) -> Result<Option<Bytes>> {
+    let corrupt = |e: protobuf::ProtobufError| KvError::Corrupt {
+        what: "dedup reply",
+        why: e.to_string(),
+    };
+    // Recorded replies were checked when the table took them: a parse error is corruption.
+    let mut r = kvpb::Response::parse_from_carllerche_bytes(&recorded).map_err(corrupt)?;
+    if r.get_unknown_fields().get(STRIPPED_FIELD).is_none() {
+        return Ok(Some(recorded));
+    }
+    protobuf::Clear::clear(r.mut_unknown_fields());
+    let all = each_kv(
+        &mut r,
+        &mut |kv| match value_at(&kv.key, kv.mod_revision)? {
+            Some(v) => {
+                kv.value = v;
+                Ok(true)
+            }
+            None => Ok(false),
+        },
+    )?;
+    if !all {
+        return Ok(None);
+    }
+    crate::kv::apply::encode_reply(&r).map(|b| Some(Bytes::from(b)))
 }
 
 impl DedupTable {

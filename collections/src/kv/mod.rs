@@ -25,7 +25,9 @@ mod store;
 mod types;
 mod watch;
 
-pub use dedup::{CLIENT_MAX_BYTES, EXPIRY_MS, MAX_BYTES, MAX_CLIENTS, WINDOW};
+pub use dedup::{
+    CLIENT_MAX_BYTES, EXPIRY_MS, MAX_BYTES, MAX_CLIENTS, REPLY_FULL_MAX, STRIPPED_FIELD, WINDOW,
+};
 pub use snapshot::{Restorer, SnapshotReader};
 pub use state::{KeyRange, MAX_REVISION};
 pub use store::{KvReader, KvStore, ReadHeader, ScanPage, ScanRequest};
