@@ -1,6 +1,7 @@
 //! Range housekeeping end to end on three real nodes: the range leader's loop proposes
 //! `Expire` (a key put with a TTL disappears and a watcher sees its delete) and `Compact` for
-//! the collection's retention (a watch from revision 1 later gets a resync); a memory-mode
+//! the collection's retention (a watch from revision 1 later gets a resync, also one of about
+//! 7 MiB, paged by the node and stitched by the client); a memory-mode
 //! replica lost in a restart leaves the range (demoted, taken out of the cell, then out of
 //! meta) and rejoins it as a member that serves follower reads of the data.
 
@@ -83,6 +84,74 @@ async fn ttl_expiry_and_retention_compaction_on_three_nodes() {
     .await
     .expect("a watch from revision 1 never got a resync");
     assert_eq!(resync.len(), 5, "the resync carries the current keys");
+
+    // 3. A resync of about 7 MiB (several 1 MiB frames): the node pages it, the client
+    // stitches the pages into one resync with every key and value, then resumes: a put made
+    // after it is delivered exactly once.
+    cl.create_collection(kv_spec("bigstate", Persistence::MEMORY, 64 << 20, 2))
+        .await
+        .expect("create");
+    let big = cl.kv("bigstate");
+    let value = |i: usize| {
+        let mut v = format!("{i}-").into_bytes();
+        v.resize(600 << 10, b'a' + i as u8);
+        v
+    };
+    first_put(&big, b"b00", &value(0)).await;
+    for i in 1..12 {
+        put_acked(&big, format!("b{i:02}").as_bytes(), &value(i)).await;
+    }
+    let (mut w, current, next) = cli::demo::wait_for(LONG, || async {
+        let mut w = big.watch_prefix(b"b", 1).await.ok()?;
+        match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+            Ok(Ok(WatchUpdate::Resync {
+                current,
+                next_revision,
+                ..
+            })) => Some((w, current, next_revision)),
+            other => {
+                eprintln!("no resync yet: {:?}", other.map(|r| r.map(|_| ())));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        }
+    })
+    .await
+    .expect("a watch from revision 1 of ~7 MiB never got a resync");
+    let got: Vec<(Vec<u8>, usize)> = current
+        .iter()
+        .map(|kv| (kv.key.to_vec(), kv.value.len()))
+        .collect();
+    let want: Vec<(Vec<u8>, usize)> = (0..12)
+        .map(|i| (format!("b{i:02}").into_bytes(), 600 << 10))
+        .collect();
+    assert_eq!(got, want, "every key once, whole");
+    for (i, kv) in current.iter().enumerate() {
+        assert!(kv.value.as_ref() == value(i).as_slice(), "b{i:02}'s value");
+    }
+    let rev = big
+        .put(b"b99", b"after")
+        .await
+        .expect("put after the resync");
+    assert!(rev >= next);
+    let mut after = Vec::new();
+    while after.is_empty() {
+        match tokio::time::timeout(LONG, w.next()).await {
+            Ok(Ok(WatchUpdate::Events(evs))) => after.extend(evs),
+            other => panic!("after the resync: {other:?}"),
+        }
+    }
+    let keys: Vec<(Vec<u8>, u64)> = after
+        .iter()
+        .map(|e| (e.kv.key.to_vec(), e.revision()))
+        .collect();
+    assert_eq!(keys, vec![(b"b99".to_vec(), rev)], "the put after, once");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), w.next())
+            .await
+            .is_err(),
+        "nothing else"
+    );
 
     for i in 0..3 {
         c.terminate(i, Duration::from_secs(10));

@@ -14,6 +14,16 @@
 //! `NOT_LEADER`/`UNAVAILABLE` (a replica that knows no leader) or an unreachable node the
 //! piece asks the next member, backing off.
 //!
+//! # Large replies
+//! A node pages what does not fit one reply (see `seed::watch_port`). A resync comes in pages
+//! (`resync_more`, asked for with `resync_from`), each read at its own revision: the piece
+//! collects them and delivers one [`WatchUpdate::Resync`] after the last, resumes from the
+//! first page's revision, and drops an event that the page holding its key already contains
+//! (below that page's revision). A revision too large for one reply comes in key order over
+//! several (`after_key`): the piece's position is the revision and the last key delivered.
+//! A range change while paging a resync (`WRONG_RANGE`, a split found) starts it over:
+//! nothing of it was delivered.
+//!
 //! # Order
 //! Revisions are counted per range. Within one range (and so for each key) updates come in
 //! revision order; across ranges there is no global order: the updates of two ranges
@@ -64,7 +74,11 @@ pub enum WatchUpdate {
     Events(Vec<WatchEvent>),
     /// The history of `[start, end)` (collection-relative; `end` empty: to the end of the
     /// collection) before the watch's position was compacted: changes in between are lost.
-    /// `current` is the present state of those keys; changes continue from `next_revision`.
+    /// `current` is the present state of those keys (in key order); changes continue from
+    /// `next_revision`. A large state is read in pages at successive revisions, so a key's
+    /// state may already include changes from `next_revision` on: those changes are not
+    /// delivered again, and every later change is (each event is newer than the state it
+    /// updates).
     Resync {
         start: Vec<u8>,
         end: Vec<u8>,
@@ -169,6 +183,9 @@ impl Kv {
             lo: with_prefix(&coll.prefix, start),
             hi,
             next: from_revision,
+            after: None,
+            paging: None,
+            seen: Vec::new(),
             range: Some(first),
             turn: rand::random::<usize>(),
             tx,
@@ -192,11 +209,37 @@ struct Piece {
     hi: Bytes,
     /// Events below this revision were delivered (0: not fixed yet).
     next: u64,
+    /// Events of revision `next` up to this key were delivered too (a revision sent over
+    /// several replies).
+    after: Option<Bytes>,
+    /// A resync being received over several replies (nothing of it delivered yet).
+    paging: Option<Paging>,
+    /// Pages of the last resync read after its `next_revision`: an event of a key in one of
+    /// them below that page's revision is already in the state delivered.
+    seen: Vec<PageMark>,
     /// The range believed to hold `lo` (`None`: look it up).
     range: Option<RangeDescriptor>,
     /// Which member to ask.
     turn: usize,
     tx: mpsc::Sender<Result<WatchUpdate, ClientError>>,
+}
+
+/// A resync arriving in pages.
+struct Paging {
+    /// The first page's `next_revision`: events continue from it.
+    base: u64,
+    /// The state so far (full keys).
+    current: Vec<kvpb::KeyValue>,
+    /// The next page starts here.
+    from: Bytes,
+    marks: Vec<PageMark>,
+}
+
+/// One resync page: its keys end below `end` (full key) and it was read at `next - 1`.
+#[derive(Debug, Clone, PartialEq)]
+struct PageMark {
+    end: Bytes,
+    next: u64,
 }
 
 /// What one poll led to.
@@ -270,7 +313,9 @@ impl Piece {
             ));
         }
         if range.hi.as_ref() < self.hi.as_ref() {
-            // The range ends inside the piece: the rest is another piece, same revision.
+            // The range ends inside the piece: the rest is another piece, same position. A
+            // resync being paged starts over (nothing of it was delivered).
+            self.paging = None;
             let rest = Piece {
                 client: self.client.clone(),
                 name: self.name.clone(),
@@ -278,6 +323,9 @@ impl Piece {
                 lo: range.hi.clone(),
                 hi: self.hi.clone(),
                 next: self.next,
+                after: self.after.clone(),
+                paging: None,
+                seen: self.seen.clone(),
                 range: None,
                 turn: self.turn.wrapping_add(1),
                 tx: self.tx.clone(),
@@ -307,15 +355,28 @@ impl Piece {
         w.range_end = self.hi.clone();
         w.start_revision = self.next;
         w.wait_ms = wait.as_millis() as u64;
+        match &self.paging {
+            Some(pg) => w.resync_from = pg.from.clone(),
+            None => w.after_key = self.after.clone().unwrap_or_default(),
+        }
+        if self.next == 0 {
+            w.after_key = Bytes::new();
+        }
         let mut req = ClientRequest::new();
         req.set_watch(w);
         let deadline = Instant::now() + wait + self.client.timeout;
         match self.client.call_at(target, req, deadline).await {
-            Ok(ClientResponse_oneof_kind::watch(mut r)) => self.deliver(r.take_response()).await,
+            Ok(ClientResponse_oneof_kind::watch(mut r)) => {
+                let more = (!r.resync_more.is_empty()).then(|| r.resync_more.clone());
+                let after = (!r.after_key.is_empty()).then(|| r.after_key.clone());
+                self.deliver_page(r.take_response(), more, after).await
+            }
             Ok(ClientResponse_oneof_kind::error(e)) => {
                 let err = ClientError::from_wire(&e);
                 match e.code {
                     ClientError_Code::WRONG_RANGE => {
+                        // The range changed: a resync being paged starts over.
+                        self.paging = None;
                         let fresh = e.get_range();
                         self.range =
                             (e.has_range() && fresh.epoch > range.epoch).then(|| fresh.clone());
@@ -342,39 +403,43 @@ impl Piece {
         }
     }
 
-    /// Hands a reply's events (those not delivered yet) or its resync to the consumer.
+    /// A reply without continuation (a whole resync, or events ending on a revision).
+    #[cfg(test)]
     async fn deliver(&mut self, resp: kvpb::WatchResponse) -> Step {
+        self.deliver_page(resp, None, None).await
+    }
+
+    /// Hands a reply's events (those not delivered yet) to the consumer, or adds a resync
+    /// page and, after the last one, hands the whole resync over. `more`: the resync's next
+    /// page starts at this key; `after`: the reply ends inside revision `next_revision`, after
+    /// this key.
+    async fn deliver_page(
+        &mut self,
+        resp: kvpb::WatchResponse,
+        more: Option<Bytes>,
+        after: Option<Bytes>,
+    ) -> Step {
         if resp.resync {
-            if resp.next_revision <= self.next {
-                return Step::Ok;
-            }
-            self.next = resp.next_revision;
-            let end = if self.hi == prefix_end(&self.prefix) {
-                Vec::new()
-            } else {
-                self.rel(&self.hi)
-            };
-            let current = resp
-                .current
-                .into_iter()
-                .map(|mut kv| {
-                    strip(&self.prefix, &mut kv);
-                    kv
-                })
-                .collect();
-            let u = WatchUpdate::Resync {
-                start: self.rel(&self.lo),
-                end,
-                current,
-                next_revision: self.next,
-            };
-            return self.send(u).await;
+            return self.resync_page(resp, more).await;
         }
-        let from = self.next;
+        if self.paging.is_some() {
+            // Events while paging a resync: from a replica that answered an older request;
+            // the resync's position is what counts. Ask again.
+            return Step::Ok;
+        }
+        let pos = (self.next, self.after.clone());
+        let seen = &self.seen;
         let events: Vec<WatchEvent> = resp
             .events
             .into_iter()
-            .filter(|e| e.get_kv().mod_revision >= from)
+            .filter(|e| {
+                let kv = e.get_kv();
+                (kv.mod_revision, Some(kv.key.clone())) > pos
+                    && seen
+                        .iter()
+                        .find(|m| kv.key < m.end)
+                        .is_none_or(|m| kv.mod_revision >= m.next)
+            })
             .map(|mut e| {
                 let mut kv = e.take_kv();
                 strip(&self.prefix, &mut kv);
@@ -384,11 +449,86 @@ impl Piece {
                 }
             })
             .collect();
-        self.next = self.next.max(resp.next_revision);
+        let reached = (resp.next_revision, after);
+        if reached > pos {
+            self.next = reached.0;
+            self.after = reached.1;
+        }
+        // Once the position passed every page's revision, the marks filter nothing.
+        let next = self.next;
+        if self.seen.iter().all(|m| m.next <= next) {
+            self.seen.clear();
+        }
         if events.is_empty() {
             return Step::Ok;
         }
         self.send(WatchUpdate::Events(events)).await
+    }
+
+    /// One page of a resync; after the last, the whole state goes to the consumer.
+    async fn resync_page(&mut self, resp: kvpb::WatchResponse, more: Option<Bytes>) -> Step {
+        let mut pg = match self.paging.take() {
+            Some(pg) => pg,
+            None => {
+                if resp.next_revision <= self.next {
+                    return Step::Ok;
+                }
+                Paging {
+                    base: resp.next_revision,
+                    current: Vec::new(),
+                    from: self.lo.clone(),
+                    marks: Vec::new(),
+                }
+            }
+        };
+        if resp.next_revision < pg.base {
+            // A lagging replica's page: read it again elsewhere.
+            self.paging = Some(pg);
+            self.turn = self.turn.wrapping_add(1);
+            return Step::Ok;
+        }
+        let end = more.clone().unwrap_or_else(|| self.hi.clone());
+        pg.marks.push(PageMark {
+            end: end.clone(),
+            next: resp.next_revision,
+        });
+        pg.current.extend(
+            resp.current
+                .into_iter()
+                .filter(|kv| kv.key >= pg.from && kv.key < end),
+        );
+        if let Some(k) = more {
+            pg.from = k;
+            self.paging = Some(pg);
+            return Step::Ok;
+        }
+        self.next = pg.base;
+        self.after = None;
+        // In key order: the first mark whose end is above a key is its page's.
+        self.seen = pg.marks;
+        if self.seen.iter().all(|m| m.next <= self.next) {
+            self.seen.clear();
+        }
+        let end = if self.hi == prefix_end(&self.prefix) {
+            Vec::new()
+        } else {
+            self.rel(&self.hi)
+        };
+        let current = pg
+            .current
+            .into_iter()
+            .map(|mut kv| {
+                strip(&self.prefix, &mut kv);
+                kv
+            })
+            .collect();
+        let u = WatchUpdate::Resync {
+            start: self.rel(&self.lo),
+            end,
+            current,
+            next_revision: self.next,
+        };
+        self.send(u).await
     }
 
     async fn send(&self, u: WatchUpdate) -> Step {
@@ -415,6 +555,9 @@ mod tests {
             lo: with_prefix(P, b"p/"),
             hi: prefix_end(P),
             next,
+            after: None,
+            paging: None,
+            seen: Vec::new(),
             range: None,
             turn: 0,
             tx,
@@ -503,6 +646,97 @@ mod tests {
         // Not again.
         p.deliver(r).await;
         assert!(rx.try_recv().is_err());
+    }
+
+    fn kv(key: &str, rev: u64) -> kvpb::KeyValue {
+        let mut kv = kvpb::KeyValue::new();
+        kv.key = with_prefix(P, key.as_bytes());
+        kv.mod_revision = rev;
+        kv
+    }
+
+    fn resync_page(keys: &[&str], next: u64) -> kvpb::WatchResponse {
+        let mut r = kvpb::WatchResponse::new();
+        r.resync = true;
+        r.next_revision = next;
+        r.current = keys.iter().map(|k| kv(k, 1)).collect();
+        r
+    }
+
+    fn at(keys: &[(&str, u64)], next: u64) -> kvpb::WatchResponse {
+        let mut r = kvpb::WatchResponse::new();
+        r.events = keys.iter().map(|(k, rev)| event(k, *rev)).collect();
+        r.next_revision = next;
+        r
+    }
+
+    #[tokio::test]
+    async fn a_paged_resync_is_delivered_once_whole_and_events_resume_exactly_once() {
+        let (mut p, mut rx) = piece(2);
+        // Page 1 read at revision 9, page 2 at 11 (two writes in between).
+        let more = Some(with_prefix(P, b"p/c"));
+        p.deliver_page(resync_page(&["p/a", "p/b"], 10), more.clone(), None)
+            .await;
+        assert!(rx.try_recv().is_err(), "nothing before the last page");
+        assert_eq!(p.paging.as_ref().map(|pg| pg.from.clone()), more);
+        p.deliver_page(resync_page(&["p/c", "p/d"], 12), None, None)
+            .await;
+        match rx.recv().await.unwrap().unwrap() {
+            WatchUpdate::Resync {
+                current,
+                next_revision,
+                ..
+            } => {
+                let keys: Vec<_> = current.iter().map(|kv| kv.key.to_vec()).collect();
+                assert_eq!(
+                    keys,
+                    vec![
+                        b"p/a".to_vec(),
+                        b"p/b".to_vec(),
+                        b"p/c".to_vec(),
+                        b"p/d".to_vec()
+                    ]
+                );
+                assert_eq!(next_revision, 10);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(p.paging.is_none());
+        // From the first page's revision: p/b at 10 and 11 are news (page 1 was read at 9);
+        // p/c at 11 is already in page 2 (read at 11); p/d at 12 is news.
+        p.deliver(at(
+            &[("p/b", 10), ("p/c", 11), ("p/b", 11), ("p/d", 12)],
+            13,
+        ))
+        .await;
+        let got = revs(rx.recv().await.unwrap().unwrap());
+        assert_eq!(
+            got,
+            vec![("p/b".into(), 10), ("p/b".into(), 11), ("p/d".into(), 12)]
+        );
+        assert!(p.seen.is_empty(), "past every page's revision");
+        // The same events again: nothing.
+        p.deliver(at(&[("p/c", 12)], 13)).await;
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn a_revision_sent_over_several_replies_is_delivered_once() {
+        let (mut p, mut rx) = piece(5);
+        p.deliver_page(
+            at(&[("p/a", 5), ("p/b", 5)], 5),
+            None,
+            Some(with_prefix(P, b"p/b")),
+        )
+        .await;
+        assert_eq!(revs(rx.recv().await.unwrap().unwrap()).len(), 2);
+        assert_eq!((p.next, p.after.clone()), (5, Some(with_prefix(P, b"p/b"))));
+        // A replica that ignores the continuation sends the whole revision again.
+        p.deliver(at(&[("p/a", 5), ("p/b", 5), ("p/c", 5), ("p/a", 6)], 7))
+            .await;
+        let got = revs(rx.recv().await.unwrap().unwrap());
+        assert_eq!(got, vec![("p/c".into(), 5), ("p/a".into(), 6)]);
+        assert_eq!((p.next, p.after.clone()), (7, None));
     }
 
     #[tokio::test]

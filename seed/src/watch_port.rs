@@ -11,6 +11,17 @@
 //! - when the history before the start revision is compacted, a resync: the current state of
 //!   the watched keys and the revision events continue from.
 //!
+//! # Paging
+//! No reply exceeds [`MAX_REPLY`]. A resync is sent as pages: each holds the current state of
+//! the next keys (at most `max_bytes` and [`RESYNC_KEYS`] keys), read at the replica's
+//! revision then, and names the key the next page starts at (`resync_more`; the client asks
+//! with `resync_from`). The store keeps no old versions, so pages are read at successive
+//! revisions: the client resumes events from the first page's `next_revision` and drops an
+//! event already contained in the page that holds its key (its revision is below that page's
+//! `next_revision`). A single revision above [`MAX_BYTES`] (a range delete, an expiry or a
+//! batch of many keys) is cut inside: the reply names the last key it sent (`after_key`, its
+//! events are in key order) and the client asks for the same revision after that key.
+//!
 //! Any replica serves it: every replica applies the same commands, so revisions and history
 //! are identical everywhere (a lagging replica answers later, never differently). The reply
 //! header carries the replica's revision and applied index. A replica that knows no leader
@@ -43,6 +54,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use collections::kv::{KeyRange, KvReader, ScanRequest, Subscription, WatchBatch};
 use collections::KvError;
 use crossbeam_channel::{Receiver, Select, Sender};
@@ -68,12 +80,23 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 << 10;
 pub const MAX_BYTES: u64 = 768 << 10;
 /// Longest wait for a change.
 pub const MAX_WAIT_MS: u64 = 30_000;
-/// Largest encoded reply: a single revision or a resync above it is refused `TOO_LARGE`.
-pub const MAX_REPLY: usize = crate::client_port::MAX_FRAME - 4096;
+/// Largest encoded reply (the `WatchResponse` plus the continuation key). Replies are cut
+/// below it: a revision's events over several replies, a resync over several pages. Only a
+/// single event above it would be refused `TOO_LARGE`, and the client port cannot write one:
+/// a put's command (key, value and a few fields) is at most `kv_port::MAX_COMMAND` (this
+/// limit less 3840 bytes), its event adds at most [`EVENT_OVERHEAD`] bytes, and the reply
+/// header and the
+/// frame's wrapping (the request id, `WatchReply`'s tags and lengths) fit in the 256 bytes
+/// left below the frame limit (tested).
+pub const MAX_REPLY: usize = crate::client_port::MAX_FRAME - 256;
+/// Keys per resync page at most: with [`MAX_BYTES`] of keys and values, their per-key
+/// encoding overhead (at most about 60 bytes) keeps a page below [`MAX_REPLY`].
+pub const RESYNC_KEYS: u64 = 4096;
 /// How long the pump keeps the subscription of a range nobody waits on.
 pub const SWEEP: Duration = Duration::from_millis(500);
-/// Bytes an event costs on the wire besides its key and value (an estimate for `max_bytes`).
-const EVENT_OVERHEAD: u64 = 32;
+/// Bytes an event costs on the wire besides its key and value, at most (its type, the key
+/// value's revisions, version and lease, tags and lengths).
+pub const EVENT_OVERHEAD: u64 = 64;
 
 /// One watch long-poll, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +111,10 @@ pub struct WatchParams {
     pub max_bytes: u64,
     /// Wait this long for a change when there is none.
     pub wait: Duration,
+    /// Continue a paged resync from this key (inside `keys`).
+    pub resync_from: Option<Bytes>,
+    /// Events of `start_revision` for keys up to this one were delivered.
+    pub after_key: Option<Bytes>,
 }
 
 impl WatchParams {
@@ -106,6 +133,16 @@ impl WatchParams {
                 end: Some(w.range_end.clone()),
             }
         };
+        let resync_from = (!w.resync_from.is_empty()).then(|| w.resync_from.clone());
+        if let Some(f) = &resync_from {
+            if !keys.contains(f) {
+                return Err(("resync_from", "must lie inside [key, range_end)".into()));
+            }
+        }
+        let after_key = (!w.after_key.is_empty()).then(|| w.after_key.clone());
+        if after_key.is_some() && w.start_revision == 0 {
+            return Err(("after_key", "needs a start_revision".into()));
+        }
         let pick = |v: u64, default: u64, cap: u64| if v == 0 { default } else { v.min(cap) };
         Ok(WatchParams {
             keys,
@@ -113,18 +150,33 @@ impl WatchParams {
             max_events: pick(w.max_events, DEFAULT_MAX_EVENTS, MAX_EVENTS),
             max_bytes: pick(w.max_bytes, DEFAULT_MAX_BYTES, MAX_BYTES),
             wait: Duration::from_millis(w.wait_ms.min(MAX_WAIT_MS)),
+            resync_from,
+            after_key,
         })
     }
+}
+
+/// One reply of [`serve`]: the response and where the next one continues.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// Events (possibly none after the wait) or (part of) a resync.
+    pub resp: kvpb::WatchResponse,
+    /// A resync page that is not the last: the next page starts at this key.
+    pub resync_more: Option<Bytes>,
+    /// The reply ends inside revision `resp.next_revision`: its events up to this key were
+    /// sent.
+    pub after_key: Option<Bytes>,
 }
 
 /// What [`serve`] answers.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Served {
-    /// Events (possibly none after the wait) or a resync.
-    Reply(kvpb::WatchResponse),
+    /// A reply.
+    Reply(Page),
     /// The watched keys are not (or no longer) inside the replica's bounds.
     OutOfBounds,
-    /// One revision (or the resync state) does not fit a reply; its encoded size.
+    /// One event does not fit a reply; the reply's encoded size. Unreachable through the
+    /// client port (see [`MAX_REPLY`]); kept as a typed refusal rather than an oversized frame.
     TooLarge(usize),
 }
 
@@ -164,6 +216,9 @@ pub async fn serve(
     if !reader.bounds().covers(&p.keys) {
         return Ok(Served::OutOfBounds);
     }
+    if let Some(from) = &p.resync_from {
+        return resync_page(reader, p, from.clone(), clock);
+    }
     let deadline = Instant::now() + p.wait;
     // Listen before the first read: a change applied after the read is never missed.
     let mut changes = listen(range, reader);
@@ -176,18 +231,29 @@ pub async fn serve(
         if let Some(c) = changes.as_mut() {
             c.borrow_and_update();
         }
+        // Compacted history: page the current state instead (its first page).
+        if from <= header(reader, &p.keys, clock())?.compact_revision {
+            return resync_page(reader, p, p.keys.start.clone(), clock);
+        }
         let batch = reader.events_since(from, &p.keys, p.max_events as usize, clock())?;
         // Bounds only shrink: still inside after the read means the read saw every change of
         // the watched keys up to its next revision.
         if !reader.bounds().covers(&p.keys) {
             return Ok(Served::OutOfBounds);
         }
-        let mut resp = match batch {
-            WatchBatch::Resync { .. } => batch.to_pb(),
+        match batch {
+            // Compacted between the two reads.
+            WatchBatch::Resync { .. } => {
+                return resync_page(reader, p, p.keys.start.clone(), clock);
+            }
             WatchBatch::Events {
-                events,
+                mut events,
                 next_revision,
             } => {
+                if let Some(after) = &p.after_key {
+                    // The part of revision `from` already delivered.
+                    events.retain(|e| e.revision() != from || e.kv.key > *after);
+                }
                 // A lagging replica reports its own next revision; never send a client back.
                 let next_revision = next_revision.max(from);
                 if events.is_empty() && Instant::now() < deadline {
@@ -210,43 +276,105 @@ pub async fn serve(
                     }
                     continue;
                 }
-                let (events, next_revision) = cut(events, next_revision, p.max_bytes);
-                WatchBatch::Events {
+                // Nothing new for the partly delivered revision: it is done.
+                let (events, next_revision, after_key) = if events.is_empty() {
+                    (events, next_revision, None)
+                } else {
+                    cut(events, next_revision, p.max_bytes)
+                };
+                let mut resp = WatchBatch::Events {
                     events,
                     next_revision,
                 }
-                .to_pb()
+                .to_pb();
+                resp.set_header(header(reader, &p.keys, clock())?);
+                return Ok(checked(Page {
+                    resp,
+                    resync_more: None,
+                    after_key,
+                }));
             }
-        };
-        resp.set_header(header(reader, &p.keys, clock())?);
-        let size = resp.compute_size() as usize;
-        if size > MAX_REPLY {
-            return Ok(Served::TooLarge(size));
         }
-        return Ok(Served::Reply(resp));
     }
 }
 
+/// One page of a resync: the current state of the watched keys from `start`, at most
+/// `max_bytes` of keys and values and [`RESYNC_KEYS`] keys (at least one), read at the
+/// replica's revision; `next_revision` is that revision plus one.
+fn resync_page(
+    reader: &KvReader,
+    p: &WatchParams,
+    start: Bytes,
+    clock: &(dyn Fn() -> u64 + Sync),
+) -> Result<Served, KvError> {
+    let req = ScanRequest {
+        range: KeyRange {
+            start,
+            end: p.keys.end.clone(),
+        },
+        limit: p.max_events.min(RESYNC_KEYS) as usize,
+        max_bytes: p.max_bytes as usize,
+        keys_only: false,
+        revision: 0,
+    };
+    let page = reader.scan(&req, clock())?;
+    if !reader.bounds().covers(&p.keys) {
+        return Ok(Served::OutOfBounds);
+    }
+    let mut resp = WatchBatch::Resync {
+        current: page.kvs,
+        next_revision: page.header.revision.saturating_add(1),
+    }
+    .to_pb();
+    resp.set_header(page.header.to_pb());
+    Ok(checked(Page {
+        resp,
+        resync_more: page.next_key,
+        after_key: None,
+    }))
+}
+
+/// `page`, or `TooLarge` when it does not fit a reply.
+fn checked(page: Page) -> Served {
+    let more = page.resync_more.as_ref().map_or(0, |k| k.len());
+    let after = page.after_key.as_ref().map_or(0, |k| k.len());
+    let size = page.resp.compute_size() as usize + more + after;
+    if size > MAX_REPLY {
+        return Served::TooLarge(size);
+    }
+    Served::Reply(page)
+}
+
 /// Keeps whole revisions of `events` up to about `max_bytes` (at least one revision); the
-/// next revision is the first one left out.
+/// next revision is the first one left out. A revision above [`MAX_BYTES`] on its own (a
+/// range delete, an expiry or a batch of many keys) is cut inside, after at least one event:
+/// the next revision is then that one, with the last key sent (`Some`).
 fn cut(
     mut events: Vec<collections::kv::Event>,
     next_revision: u64,
     max_bytes: u64,
-) -> (Vec<collections::kv::Event>, u64) {
+) -> (Vec<collections::kv::Event>, u64, Option<Bytes>) {
     let mut bytes = 0u64;
     let mut prev = None;
     for i in 0..events.len() {
         let rev = events[i].revision();
         let b = event_bytes(&events[i]);
-        if prev.is_some_and(|p| p != rev) && bytes.saturating_add(b) > max_bytes {
+        let total = bytes.saturating_add(b);
+        let boundary = prev.is_some_and(|p| p != rev);
+        if boundary && total > max_bytes {
             events.truncate(i);
-            return (events, rev);
+            return (events, rev, None);
         }
-        bytes = bytes.saturating_add(b);
+        if i > 0 && total > MAX_BYTES {
+            // Inside a revision (a boundary was handled above, as MAX_BYTES >= max_bytes).
+            let after = events[i - 1].kv.key.clone();
+            events.truncate(i);
+            return (events, rev, Some(after));
+        }
+        bytes = total;
         prev = Some(rev);
     }
-    (events, next_revision)
+    (events, next_revision, None)
 }
 
 /// Names one store for the pump: (namespace, range id); the node uses its own address as the
@@ -367,6 +495,18 @@ fn run_pump(reg: Receiver<Entry>) {
     }
 }
 
+/// The client port's answer carrying `page`.
+fn response(id: u64, page: Page) -> ClientResponse {
+    let mut wr = WatchReply::new();
+    wr.set_response(page.resp);
+    wr.resync_more = page.resync_more.unwrap_or_default();
+    wr.after_key = page.after_key.unwrap_or_default();
+    let mut r = ClientResponse::new();
+    r.id = id;
+    r.set_watch(wr);
+    r
+}
+
 /// One watch long-poll from the client port.
 pub async fn watch(seed: &Arc<Seed>, id: u64, w: WatchRequest) -> ClientResponse {
     let p = match WatchParams::from_request(&w) {
@@ -393,14 +533,7 @@ pub async fn watch(seed: &Arc<Seed>, id: u64, w: WatchRequest) -> ClientResponse
     }
     let key = (Arc::as_ptr(seed) as usize as u64, w.range);
     match serve(&local.reader, key, &p, &now_ms).await {
-        Ok(Served::Reply(resp)) => {
-            let mut wr = WatchReply::new();
-            wr.set_response(resp);
-            let mut r = ClientResponse::new();
-            r.id = id;
-            r.set_watch(wr);
-            r
-        }
+        Ok(Served::Reply(page)) => response(id, page),
         Ok(Served::OutOfBounds) => wrong_range(
             id,
             "watched keys outside this replica's bounds (the range split)",
@@ -409,10 +542,7 @@ pub async fn watch(seed: &Arc<Seed>, id: u64, w: WatchRequest) -> ClientResponse
         Ok(Served::TooLarge(size)) => error(
             id,
             ClientError_Code::TOO_LARGE,
-            format!(
-                "one revision or the resync state is {size} bytes (reply limit {MAX_REPLY}): \
-                 watch fewer keys"
-            ),
+            format!("one event makes a reply of {size} bytes (reply limit {MAX_REPLY})"),
         ),
         Err(e) => error(id, ClientError_Code::INTERNAL, e.to_string()),
     }
@@ -478,11 +608,13 @@ mod tests {
         WatchParams::from_request(&w).unwrap()
     }
 
-    use bytes::Bytes;
-
     fn reply(s: Served) -> kvpb::WatchResponse {
+        page(s).resp
+    }
+
+    fn page(s: Served) -> Page {
         match s {
-            Served::Reply(r) => r,
+            Served::Reply(p) => p,
             other => panic!("expected a reply, got {other:?}"),
         }
     }
@@ -812,5 +944,162 @@ mod tests {
         assert!(!b.covers(&KeyRange::key(Bytes::from_static(b"a"))));
         assert!(b.covers(&KeyRange::prefix(Bytes::from_static(b"c"))));
         assert!(!b.covers(&KeyRange::prefix(Bytes::from_static(b"d"))));
+        // Continuations: inside the watched keys, and after a known revision.
+        w.key = Bytes::from_static(b"p/");
+        w.range_end = Bytes::from_static(b"p0");
+        w.resync_from = Bytes::from_static(b"q");
+        assert_eq!(WatchParams::from_request(&w).unwrap_err().0, "resync_from");
+        w.resync_from = Bytes::from_static(b"p/m");
+        let p = WatchParams::from_request(&w).unwrap();
+        assert_eq!(p.resync_from.as_deref(), Some(&b"p/m"[..]));
+        w.after_key = Bytes::from_static(b"p/a");
+        assert_eq!(WatchParams::from_request(&w).unwrap_err().0, "after_key");
+        w.start_revision = 3;
+        let p = WatchParams::from_request(&w).unwrap();
+        assert_eq!(p.after_key.as_deref(), Some(&b"p/a"[..]));
+    }
+
+    fn encoded(s: &Served) -> usize {
+        match s {
+            Served::Reply(p) => {
+                p.resp.compute_size() as usize
+                    + p.resync_more.as_ref().map_or(0, |k| k.len())
+                    + p.after_key.as_ref().map_or(0, |k| k.len())
+            }
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resync_of_several_mib_is_paged_below_the_reply_limit() {
+        let mut st = Store::new(KvConfig::memory());
+        let big = "v".repeat(300 << 10);
+        for i in 0..24 {
+            st.put(&format!("r/{i:02}"), &big); // revs 1..=24: 7.2 MiB
+        }
+        st.put("s", "outside"); // 25
+        st.run(cmd::compact(25));
+        let r = st.s.reader();
+        let mut p = params("r/", "r0", 3, 0);
+        p.max_bytes = MAX_BYTES;
+        let mut pages = Vec::new();
+        let mut keys = Vec::new();
+        loop {
+            let served = serve(&r, st.key, &p, &clock).await.unwrap();
+            assert!(encoded(&served) <= MAX_REPLY, "{}", encoded(&served));
+            let pg = page(served);
+            assert!(pg.resp.resync && pg.after_key.is_none());
+            keys.extend(
+                pg.resp
+                    .current
+                    .iter()
+                    .map(|kv| String::from_utf8_lossy(&kv.key).into_owned()),
+            );
+            pages.push(pg.resp.next_revision);
+            match pg.resync_more {
+                Some(k) => {
+                    // The next pages are read later: a change in between shows in them.
+                    if pages.len() == 1 {
+                        st.put("r/23", "changed"); // 26
+                    }
+                    p.resync_from = Some(k);
+                }
+                None => break,
+            }
+        }
+        assert!(pages.len() >= 9, "7.2 MiB in {} pages", pages.len());
+        let want: Vec<String> = (0..24).map(|i| format!("r/{i:02}")).collect();
+        assert_eq!(keys, want, "every key once, in order");
+        assert_eq!(pages[0], 26);
+        assert_eq!(
+            *pages.last().unwrap(),
+            27,
+            "later pages at the later revision"
+        );
+        // Events continue from the first page's revision (the client drops r/23's event at
+        // 26: its page already holds it).
+        let got = reply(
+            serve(&r, st.key, &params("r/", "r0", pages[0], 0), &clock)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(keys_of(&got), vec![(EventType::PUT, "r/23".into(), 26)]);
+    }
+
+    fn keys_of(r: &kvpb::WatchResponse) -> Vec<(EventType, String, u64)> {
+        keys(r)
+    }
+
+    #[tokio::test]
+    async fn a_revision_above_the_reply_limit_is_sent_over_several_replies_in_key_order() {
+        let mut st = Store::new(KvConfig::memory());
+        // 1200 keys of 1000 bytes, then one range delete: one revision of ~1.2 MB of events.
+        let key = |i: usize| {
+            let mut k = format!("d/{i:04}/").into_bytes();
+            k.resize(1000, b'k');
+            String::from_utf8(k).unwrap()
+        };
+        for i in 0..1200 {
+            st.put(&key(i), "1");
+        }
+        st.run(cmd::delete(b"d/", b"d0")); // 1201
+        st.put("d/zz", "after"); // 1202
+        let r = st.s.reader();
+        let mut p = params("d/", "d0", 1201, 0);
+        p.max_bytes = 1; // whole revisions otherwise: only the reply limit cuts
+        let mut got = Vec::new();
+        let mut replies = 0;
+        loop {
+            let served = serve(&r, st.key, &p, &clock).await.unwrap();
+            assert!(encoded(&served) <= MAX_REPLY, "{}", encoded(&served));
+            let pg = page(served);
+            replies += 1;
+            got.extend(keys(&pg.resp));
+            p.start_revision = pg.resp.next_revision;
+            p.after_key = pg.after_key.clone();
+            if pg.after_key.is_none() {
+                break;
+            }
+            assert_eq!(pg.resp.next_revision, 1201);
+        }
+        assert!(replies >= 2);
+        let want: Vec<(EventType, String, u64)> = (0..1200)
+            .map(|i| (EventType::DELETE, key(i), 1201))
+            .collect();
+        assert_eq!(got, want, "every delete once, in key order");
+        assert_eq!(p.start_revision, 1202);
+        let next = reply(serve(&r, st.key, &p, &clock).await.unwrap());
+        assert_eq!(keys(&next), vec![(EventType::PUT, "d/zz".into(), 1202)]);
+    }
+
+    #[tokio::test]
+    async fn the_largest_put_the_client_port_takes_fits_a_watch_reply() {
+        let mut st = Store::new(KvConfig::memory());
+        let key = "k".repeat(4 << 10);
+        let mut value = vec![b'v'; crate::kv_port::MAX_COMMAND];
+        // The largest value whose put command the client port accepts.
+        let c = loop {
+            let c = cmd::put(key.as_bytes(), &value, 0);
+            if cmd::encode(&c).len() <= crate::kv_port::MAX_COMMAND {
+                break c;
+            }
+            value.pop();
+        };
+        st.run(c);
+        let r = st.s.reader();
+        let served = serve(&r, st.key, &params(&key, "", 1, 0), &clock)
+            .await
+            .unwrap();
+        assert!(encoded(&served) <= MAX_REPLY, "{}", encoded(&served));
+        let pg = page(served);
+        assert_eq!(pg.resp.events.len(), 1);
+        // And the client port's frame holds it, with the largest request id.
+        let mut out = Vec::new();
+        proto::frame::encode_message(
+            &response(u64::MAX, pg),
+            crate::client_port::MAX_FRAME,
+            &mut out,
+        )
+        .expect("fits a frame");
     }
 }
