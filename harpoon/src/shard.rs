@@ -1119,6 +1119,104 @@ mod tests {
         assert!(s.poisoned().is_some());
     }
 
+    /// Runs rounds until `done` (at most 50), as the shard loop would under load (never idle,
+    /// so a durable sync would go to the IO thread); finished syncs are handled as they come.
+    fn rounds_until(s: &mut Shard, mut done: impl FnMut(&Shard) -> bool) -> bool {
+        for _ in 0..50 {
+            s.handled = 100;
+            s.round().expect("round");
+            while let Ok(cmd) = s.rx.recv_timeout(Duration::from_millis(5)) {
+                s.handle(cmd);
+            }
+            if done(s) {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn elect(s: &mut Shard, id: CellId) {
+        let now = Instant::now();
+        let c = s.cells.get_mut(&id).expect("cell");
+        for _ in 0..2 * s.cfg.cell.election_tick {
+            c.tick(now);
+        }
+        s.touched.insert(id);
+    }
+
+    /// A round touching only volatile cells is finished in that round: no sync request to the
+    /// IO thread, no parked ready, no sync counted, nothing in the durable store. A durable
+    /// cell's round (under load) does go through the IO thread.
+    #[test]
+    fn volatile_rounds_never_reach_the_io_thread() {
+        let (mut s, inbox) = shard();
+        let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = syncs.clone();
+        s.io = Some(
+            Io::start_with(
+                "io-volatile-test".into(),
+                move || {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                },
+                inbox,
+                s.metrics.clone(),
+            )
+            .expect("spawn"),
+        );
+        let v = CellId(3);
+        let (sm, h) = LogStateMachine::in_memory();
+        s.create(
+            v,
+            &[NodeId(1)],
+            &[],
+            CellOptions::volatile(ReplicationMode::Consensus),
+            Box::new(sm),
+        )
+        .expect("create");
+        elect(&mut s, v);
+        assert!(rounds_until(&mut s, |s| s.cells[&v].status().role
+            == crate::cell::Role::Leader));
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        s.handle(Command::Propose {
+            cell: v,
+            data: bytes::Bytes::from_static(b"volatile"),
+            deadline: Instant::now() + Duration::from_secs(30),
+            tx,
+        });
+        assert!(rounds_until(&mut s, |_| !h.data().is_empty()));
+        match rx.try_recv() {
+            Ok(Ok(r)) => assert_eq!(r.guarantee, crate::cell::Guarantee::Applied),
+            other => panic!("no reply to the volatile proposal: {other:?}"),
+        }
+        assert_eq!(h.data(), vec![bytes::Bytes::from_static(b"volatile")]);
+        assert_eq!(s.next_sync, 0, "no sync request for volatile rounds");
+        assert!(s.unsynced.is_empty());
+        assert_eq!(syncs.load(Ordering::Relaxed), 0);
+        assert_eq!(s.metrics.log_syncs.load(Ordering::Relaxed), 0);
+        assert_eq!(s.cells[&v].inflight(), 0);
+        assert_eq!(s.logs.volatile.cells(), vec![v]);
+        assert!(s.logs.durable.cells().is_empty());
+
+        // The contrast: a durable cell's election must be synced, by the IO thread.
+        let d = CellId(4);
+        let (sm, _) = LogStateMachine::in_memory();
+        s.create(
+            d,
+            &[NodeId(1)],
+            &[],
+            ReplicationMode::Consensus.into(),
+            Box::new(sm),
+        )
+        .expect("create");
+        elect(&mut s, d);
+        assert!(rounds_until(&mut s, |s| s.cells[&d].status().role
+            == crate::cell::Role::Leader));
+        assert!(s.next_sync > 0, "durable rounds ask the IO thread");
+        assert!(syncs.load(Ordering::Relaxed) > 0);
+        assert_eq!(s.logs.durable.cells(), vec![d]);
+    }
+
     /// Same with the generation check alone: an old ready that is still parked (as if the
     /// replica was replaced without going through `fence`) is failed, not finished.
     #[test]
