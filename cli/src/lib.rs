@@ -3,7 +3,7 @@
 //! # Layout
 //! - this file: [`Cli`] (clap derive), [`run`], logging set-up, `node` and `create-meta`.
 //! - [`kv`]: `quiver create-collection` and `quiver kv get|put|del|cas|scan|watch`.
-//! - [`status`]: `quiver status` (table or `--json`).
+//! - [`status`]: `quiver status` (table or `--json`; range leaders from every reachable node).
 //! - [`demo`]: `quiver demo`, a local cluster of child processes with a short workload.
 
 pub mod demo;
@@ -34,7 +34,7 @@ pub enum Command {
     Node(Box<seed::NodeArgs>),
     /// Create meta (once per cluster) on a seed node.
     CreateMeta(CreateMetaArgs),
-    /// Show nodes and ranges.
+    /// Show nodes and ranges, with each range's leader (every reachable node is asked).
     Status(status::StatusArgs),
     /// Create a collection (its first range is placed by self-assignment).
     CreateCollection(Box<kv::CreateCollectionArgs>),
