@@ -1256,9 +1256,11 @@ impl Cell {
         if !force && self.applied < first + gc.log_gc_threshold {
             return Ok(first);
         }
-        // Periodic compaction must not stall the shard: the state machine may only start
-        // persisting, and the log is compacted to what is durable already.
-        let persisted = if force {
+        // Periodic compaction and log GC (`drain`) must not stall the shard: the state machine
+        // may only start persisting, and the log is compacted to what is durable already (both
+        // come back: the next tick, the next GC run). An explicit compaction (`force` alone:
+        // shutdown flush, a fresh snapshot for a learner) waits for it.
+        let persisted = if force && !drain {
             self.sm.persist()
         } else {
             self.sm.persist_background()
