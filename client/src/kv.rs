@@ -82,36 +82,82 @@ pub struct CasOutcome {
     pub revision: u64,
 }
 
-/// What the client caches about collections and ranges.
+/// What the client caches about collections and ranges. Descriptors are shared (`Arc`), so a
+/// request that finds its range here copies nothing.
 #[derive(Debug, Default)]
 pub(crate) struct RangeCache {
-    collections: HashMap<String, CollectionDescriptor>,
+    collections: HashMap<String, Arc<CollectionDescriptor>>,
     /// Per collection id: range descriptors (full keys).
-    ranges: HashMap<u64, Vec<RangeDescriptor>>,
+    ranges: HashMap<u64, Vec<Arc<CachedRange>>>,
     /// Per range id: the node that answered as its leader last.
     leaders: HashMap<u64, SocketAddr>,
 }
 
-impl RangeCache {
-    fn find(&self, name: &str, full: &[u8]) -> Option<(CollectionDescriptor, RangeDescriptor)> {
-        let c = self.collections.get(name)?;
-        let r = self
-            .ranges
-            .get(&c.id)?
+/// A cached range descriptor with its members' client addresses parsed once (members whose
+/// address does not parse are left out).
+#[derive(Debug)]
+pub(crate) struct CachedRange {
+    desc: RangeDescriptor,
+    members: Vec<SocketAddr>,
+}
+
+impl CachedRange {
+    fn new(desc: RangeDescriptor) -> Self {
+        let members = desc
+            .members
             .iter()
-            .find(|r| r.lo.as_ref() <= full && full < r.hi.as_ref())?;
+            .filter_map(|m| m.client_addr.parse().ok())
+            .collect();
+        CachedRange { desc, members }
+    }
+}
+
+impl std::ops::Deref for CachedRange {
+    type Target = RangeDescriptor;
+    fn deref(&self) -> &RangeDescriptor {
+        &self.desc
+    }
+}
+
+/// `prefix ‖ key` compared with `other`, without joining them.
+pub(crate) fn cmp_joined(prefix: &[u8], key: &[u8], other: &[u8]) -> std::cmp::Ordering {
+    let n = prefix.len().min(other.len());
+    match prefix[..n].cmp(&other[..n]) {
+        std::cmp::Ordering::Equal if n < prefix.len() => std::cmp::Ordering::Greater,
+        std::cmp::Ordering::Equal => key.cmp(&other[n..]),
+        o => o,
+    }
+}
+
+impl RangeCache {
+    /// The collection `name` and its cached range holding collection-relative `key`.
+    fn find(
+        &self,
+        name: &str,
+        key: &[u8],
+    ) -> Option<(Arc<CollectionDescriptor>, Arc<CachedRange>)> {
+        use std::cmp::Ordering::{Greater, Less};
+        let c = self.collections.get(name)?;
+        let r = self.ranges.get(&c.id)?.iter().find(|r| {
+            matches!(
+                cmp_joined(&c.prefix, key, &r.lo),
+                Greater | std::cmp::Ordering::Equal
+            ) && cmp_joined(&c.prefix, key, &r.hi) == Less
+        })?;
         Some((c.clone(), r.clone()))
     }
 
     /// Cache `r`, replacing the descriptors it overlaps, unless the cache holds the same
     /// range at a higher epoch (a lookup answered from a lagging meta).
-    fn put_range(&mut self, r: RangeDescriptor) {
+    fn put_range(&mut self, r: RangeDescriptor) -> Option<Arc<CachedRange>> {
         let v = self.ranges.entry(r.collection).or_default();
         if v.iter().any(|o| o.id == r.id && o.epoch > r.epoch) {
-            return;
+            return None;
         }
         v.retain(|o| o.id != r.id && !(o.lo < r.hi && r.lo < o.hi));
-        v.push(r);
+        let r = Arc::new(CachedRange::new(r));
+        v.push(r.clone());
+        Some(r)
     }
 
     fn forget(&mut self, name: &str) {
@@ -228,6 +274,16 @@ impl Client {
         name: &str,
         key: &[u8],
     ) -> Result<(CollectionDescriptor, RangeDescriptor), ClientError> {
+        let (c, r) = self.lookup_shared(name, key).await?;
+        Ok(((*c).clone(), r.desc.clone()))
+    }
+
+    /// [`Client::lookup`], answered as the cache holds it.
+    async fn lookup_shared(
+        &self,
+        name: &str,
+        key: &[u8],
+    ) -> Result<(Arc<CollectionDescriptor>, Arc<CachedRange>), ClientError> {
         let mut req = ClientRequest::new();
         let mut l = Lookup::new();
         l.collection = name.to_string();
@@ -235,7 +291,7 @@ impl Client {
         req.set_lookup(l);
         match self.any(req).await? {
             ClientResponse_oneof_kind::lookup(mut r) => {
-                let c = r.take_collection();
+                let c = Arc::new(r.take_collection());
                 if !r.has_range() {
                     return Err(ClientError::Unavailable(format!(
                         "no range of collection {name:?} holds the key"
@@ -244,8 +300,11 @@ impl Client {
                 let range = r.take_range();
                 let mut cache = self.cache.lock();
                 cache.collections.insert(name.to_string(), c.clone());
-                cache.put_range(range.clone());
-                Ok((c, range))
+                // A higher epoch of the range is cached already: answer this lookup's own.
+                let r = cache
+                    .put_range(range.clone())
+                    .unwrap_or_else(|| Arc::new(CachedRange::new(range)));
+                Ok((c, r))
             }
             _ => Err(ClientError::Protocol("unexpected answer to lookup".into())),
         }
@@ -260,18 +319,13 @@ impl Client {
         key: &[u8],
         deadline: Instant,
         backoff: &mut Backoff,
-    ) -> Result<(CollectionDescriptor, RangeDescriptor), ClientError> {
+    ) -> Result<(Arc<CollectionDescriptor>, Arc<CachedRange>), ClientError> {
         loop {
-            let cached = {
-                let c = self.cache.lock();
-                c.collections
-                    .get(name)
-                    .and_then(|cd| c.find(name, &with_prefix(&cd.prefix, key)))
-            };
+            let cached = self.cache.lock().find(name, key);
             if let Some(x) = cached {
                 return Ok(x);
             }
-            match self.lookup(name, key).await {
+            match self.lookup_shared(name, key).await {
                 Ok(x) => return Ok(x),
                 Err(
                     ClientError::Unavailable(_)
@@ -337,11 +391,7 @@ impl Client {
                     })
                 }
             };
-            let members: Vec<SocketAddr> = range
-                .members
-                .iter()
-                .filter_map(|m| m.client_addr.parse().ok())
-                .collect();
+            let members: &[SocketAddr] = &range.members;
             if members.is_empty() {
                 last = ClientError::Unavailable(format!(
                     "range {} of {name:?} has no replicas yet (under-replicated)",
@@ -353,7 +403,7 @@ impl Client {
             }
             let follower = !write && mode == ReadMode::Follower;
             let target = if follower {
-                self.pick_follower(range.id, &members, &skip)
+                self.pick_follower(range.id, members, &skip)
             } else {
                 let leader = self.cache.lock().leaders.get(&range.id).copied();
                 leader
@@ -364,7 +414,7 @@ impl Client {
                         members[0]
                     })
             };
-            let mut cmd = build(&coll.prefix, &range);
+            let mut cmd = build(&coll.prefix, &range.desc);
             if let Some(t) = &ticket {
                 cmd.set_request_id(t.id(sent));
                 if sent > 0 {
@@ -388,7 +438,10 @@ impl Client {
                     let resp = kvpb::Response::parse_from_carllerche_bytes(&r.response)
                         .map_err(|e| ClientError::Protocol(e.to_string()))?;
                     if !follower {
-                        self.cache.lock().leaders.insert(range.id, target);
+                        let mut c = self.cache.lock();
+                        if c.leaders.get(&range.id) != Some(&target) {
+                            c.leaders.insert(range.id, target);
+                        }
                     }
                     if let Some(Response_oneof_result::error(e)) = &resp.result {
                         if e.code == kvpb::ErrorCode::KEY_OUT_OF_RANGE {
@@ -522,21 +575,25 @@ impl Client {
         let n = self
             .follower_turn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed) as usize;
+        let turn = n.wrapping_add(range as usize);
+        if skip.is_empty() {
+            return members[turn % members.len()];
+        }
         let open: Vec<SocketAddr> = members
             .iter()
             .copied()
             .filter(|m| !skip.contains(m))
             .collect();
         let pool = if open.is_empty() { members } else { &open };
-        pool[(n.wrapping_add(range as usize)) % pool.len()]
+        pool[turn % pool.len()]
     }
 }
 
 /// A routed command's answer and where it came from.
 struct Routed {
     resp: kvpb::Response,
-    coll: CollectionDescriptor,
-    range: RangeDescriptor,
+    coll: Arc<CollectionDescriptor>,
+    range: Arc<CachedRange>,
     node: SocketAddr,
 }
 
@@ -758,7 +815,7 @@ impl Kv {
         key: &[u8],
     ) -> Result<Served<Option<kvpb::KeyValue>>, ClientError> {
         check_key(key)?;
-        let k = key.to_vec();
+        let k = key;
         let Routed {
             mut resp,
             coll,
@@ -768,7 +825,7 @@ impl Kv {
             .client
             .route(&self.name, key, false, self.read, &|p, _| {
                 let mut g = kvpb::Get::new();
-                g.key = with_prefix(p, &k);
+                g.key = with_prefix(p, k);
                 let mut cmd = kvpb::Command::new();
                 cmd.set_get(g);
                 cmd
@@ -813,12 +870,12 @@ impl Kv {
             0 if !ttl.is_zero() => 1,
             ms => u64::try_from(ms).unwrap_or(u64::MAX),
         };
-        let (k, v) = (key.to_vec(), Bytes::copy_from_slice(value));
+        let (k, v) = (key, Bytes::copy_from_slice(value));
         let Routed { resp, .. } = self
             .client
             .route(&self.name, key, true, ReadMode::Leader, &|p, _| {
                 let mut put = kvpb::Put::new();
-                put.key = with_prefix(p, &k);
+                put.key = with_prefix(p, k);
                 put.value = v.clone();
                 put.ttl_ms = ttl_ms;
                 let mut cmd = kvpb::Command::new();
@@ -835,12 +892,12 @@ impl Kv {
     /// As [`Kv::put`].
     pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
         check_key(key)?;
-        let k = key.to_vec();
+        let k = key;
         let Routed { resp, .. } = self
             .client
             .route(&self.name, key, true, ReadMode::Leader, &|p, _| {
                 let mut d = kvpb::Delete::new();
-                d.key = with_prefix(p, &k);
+                d.key = with_prefix(p, k);
                 let mut cmd = kvpb::Command::new();
                 cmd.set_delete(d);
                 cmd
@@ -867,13 +924,13 @@ impl Kv {
         new_value: Option<&[u8]>,
     ) -> Result<CasOutcome, ClientError> {
         check_key(key)?;
-        let k = key.to_vec();
+        let k = key;
         let nv = new_value.map(Bytes::copy_from_slice);
         let Routed { resp, coll: c, .. } = self
             .client
             .route(&self.name, key, true, ReadMode::Leader, &|p, _| {
                 let mut cas = kvpb::Cas::new();
-                cas.key = with_prefix(p, &k);
+                cas.key = with_prefix(p, k);
                 match &expect {
                     Expect::Value(v) => {
                         cas.target = kvpb::CompareTarget::VALUE;
@@ -1048,6 +1105,58 @@ impl Scanner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cmp_joined_equals_comparing_the_joined_key() {
+        let alphabet: [&[u8]; 7] = [b"", b"a", b"b", b"ab", b"ba", b"aa", b"abb"];
+        for p in alphabet {
+            for k in alphabet {
+                for o in alphabet {
+                    let joined = [p, k].concat();
+                    assert_eq!(
+                        cmp_joined(p, k, o),
+                        joined.as_slice().cmp(o),
+                        "{p:?} {k:?} {o:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_cache_finds_the_range_holding_a_relative_key() {
+        let mut cache = RangeCache::default();
+        let mut c = CollectionDescriptor::new();
+        c.id = 7;
+        c.prefix = Bytes::from_static(b"p/");
+        cache.collections.insert("c".into(), Arc::new(c));
+        for (id, lo, hi) in [(1, &b"p/"[..], &b"p/m"[..]), (2, b"p/m", b"p0")] {
+            let mut r = RangeDescriptor::new();
+            r.id = id;
+            r.collection = 7;
+            r.lo = Bytes::copy_from_slice(lo);
+            r.hi = Bytes::copy_from_slice(hi);
+            let mut m = proto::metapb::Member::new();
+            m.client_addr = "127.0.0.1:1".into();
+            r.members.push(m);
+            let mut bad = proto::metapb::Member::new();
+            bad.client_addr = "not an address".into();
+            r.members.push(bad);
+            assert!(cache.put_range(r).is_some());
+        }
+        let id = |k: &[u8]| cache.find("c", k).map(|(_, r)| r.id);
+        assert_eq!(id(b"a"), Some(1));
+        assert_eq!(id(b""), Some(1));
+        assert_eq!(id(b"l\xff"), Some(1));
+        assert_eq!(id(b"m"), Some(2));
+        assert_eq!(id(b"zz"), Some(2));
+        assert_eq!(cache.find("other", b"a").map(|(_, r)| r.id), None);
+        let (_, r) = cache.find("c", b"a").unwrap();
+        assert_eq!(
+            r.members,
+            vec!["127.0.0.1:1".parse::<SocketAddr>().unwrap()]
+        );
+    }
 
     #[test]
     fn backoff_grows_from_10_to_200_ms_with_jitter() {

@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`conn`]: one connection: length-prefixed `clientpb` frames, many requests in flight,
-//!   answers matched by request id.
+//!   answers matched by request id; requests queued together go out in one write.
 //! - [`error`]: [`ClientError`], the typed errors of the wire plus local failures.
 //! - [`kv`]: KV collections: [`kv::Kv`] (`client.kv("name")`; puts with a TTL by
 //!   [`kv::Kv::put_with_ttl`]), create-collection, the

@@ -4,24 +4,27 @@
 //! A frame that is oversized or does not decode gets one error response (id 0) and the
 //! connection is closed; other connections are unaffected.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use harpoon::ReadConsistency;
 use meta::ops;
+use parking_lot::Mutex;
 use proto::clientpb::{
     ClientError, ClientError_Code, ClientRequest, ClientRequest_oneof_kind, ClientResponse,
     GetReply, PutReply,
 };
-use proto::frame::{self, FrameError};
-use tokio::io::AsyncWriteExt;
+use proto::frame::{self, FrameDecoder, FrameError};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
-use crate::control::Framed;
+use crate::kv_port::RouteCache;
 use crate::node::{Refusal, Seed, META_CELL};
 
 /// Largest client frame.
@@ -59,123 +62,271 @@ pub(crate) fn refusal(id: u64, r: Refusal) -> ClientResponse {
     }
 }
 
+/// Bytes of framed responses queued on one connection before answering requests wait for
+/// the writer (a client that does not read cannot make a node buffer without bound).
+pub const MAX_PENDING: usize = 4 << 20;
+
 /// Serve one client connection.
+///
+/// One reader (this task) decodes every whole frame a read returned and starts each request:
+/// one answered at once (a lease read) is queued right here, one that waits gets its own task.
+/// Each answer is framed by the task that made it into the connection's [`Outbox`]; one
+/// writer task writes everything queued with one syscall.
 pub async fn serve(seed: Arc<Seed>, s: TcpStream, from: SocketAddr) {
-    let (rd, mut wr) = s.into_split();
-    let (tx, mut rx) = mpsc::channel::<ClientResponse>(256);
-    let writer = tokio::spawn(async move {
-        let mut out = Vec::new();
-        while let Some(r) = rx.recv().await {
-            out.clear();
-            if frame::encode_message(&r, MAX_FRAME, &mut out).is_err() {
-                out.clear();
-                let e = error(r.id, ClientError_Code::TOO_LARGE, "response too large");
-                if frame::encode_message(&e, MAX_FRAME, &mut out).is_err() {
-                    break;
+    let (mut rd, wr) = s.into_split();
+    let outbox = Arc::new(Outbox::new(MAX_PENDING));
+    let producer = Producer::new(outbox.clone());
+    let routes = Arc::new(RouteCache::default());
+    let writer = tokio::spawn(write_loop(outbox, wr));
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut dec = FrameDecoder::new(MAX_FRAME);
+    'read: loop {
+        loop {
+            let payload = match dec.decode(&mut buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    bad_frame(&seed, &producer, from, e).await;
+                    break 'read;
                 }
-            }
-            // Write what is queued together.
-            while let Ok(more) = rx.try_recv() {
-                if frame::encode_message(&more, MAX_FRAME, &mut out).is_err() {
-                    break;
-                }
-            }
-            if wr.write_all(&out).await.is_err() {
-                break;
-            }
-        }
-        let _ = wr.shutdown().await;
-    });
-    let mut c = Framed::new(rd_wrap(rd), BytesMut::new(), MAX_FRAME);
-    loop {
-        let payload = match c.next().await {
-            Ok(Some(p)) => p,
-            Ok(None) => break,
-            Err(e) => {
-                seed.counters
-                    .client_bad_frames
-                    .fetch_add(1, Ordering::Relaxed);
-                let code = match e {
-                    crate::control::CallError::Frame(FrameError::TooLarge { .. }) => {
-                        ClientError_Code::TOO_LARGE
-                    }
-                    _ => ClientError_Code::INVALID_ARGUMENT,
-                };
-                tracing::debug!(%from, error = %e, "bad client frame; closing");
-                let _ = tx.send(error(0, code, format!("bad frame: {e}"))).await;
-                break;
-            }
-        };
-        let req: ClientRequest = match frame::decode_message(&payload) {
-            Ok(r) => r,
-            Err(e) => {
-                seed.counters
-                    .client_bad_frames
-                    .fetch_add(1, Ordering::Relaxed);
-                let _ = tx
-                    .send(error(
+            };
+            let req: ClientRequest = match frame::decode_message(&payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    seed.counters
+                        .client_bad_frames
+                        .fetch_add(1, Ordering::Relaxed);
+                    let resp = error(
                         0,
                         ClientError_Code::INVALID_ARGUMENT,
                         format!("bad request: {e}"),
-                    ))
-                    .await;
+                    );
+                    producer.push(&resp).await;
+                    break 'read;
+                }
+            };
+            seed.counters
+                .client_requests
+                .fetch_add(1, Ordering::Relaxed);
+            let (seed, routes) = (seed.clone(), routes.clone());
+            let mut answer = Box::pin(async move { handle(&seed, &routes, req).await });
+            // Most reads are answered without waiting (a lease read on the leader): answer
+            // those here; a request that waits (a write, a ReadIndex) gets its own task,
+            // which polls it again with its own waker.
+            let polled = answer
+                .as_mut()
+                .poll(&mut Context::from_waker(std::task::Waker::noop()));
+            match polled {
+                Poll::Ready(resp) => {
+                    producer.push(&resp).await;
+                }
+                Poll::Pending => {
+                    let out = producer.clone();
+                    tokio::spawn(async move {
+                        let resp = answer.await;
+                        out.push(&resp).await;
+                    });
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) => {
+                if let Err(e) = dec.decode_eof(&mut buf) {
+                    bad_frame(&seed, &producer, from, e).await;
+                }
                 break;
             }
-        };
-        seed.counters
-            .client_requests
-            .fetch_add(1, Ordering::Relaxed);
-        let (seed, tx) = (seed.clone(), tx.clone());
-        tokio::spawn(async move {
-            let resp = handle(&seed, req).await;
-            let _ = tx.send(resp).await;
-        });
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(%from, error = %e, "client connection read failed");
+                break;
+            }
+        }
     }
-    drop(tx);
+    // The writer ends once every answer still being made has been written.
+    drop(producer);
     let _ = writer.await;
 }
 
-/// `Framed` wants a read+write stream; the write half is owned by the writer task.
-fn rd_wrap(rd: tokio::net::tcp::OwnedReadHalf) -> ReadOnly {
-    ReadOnly(rd)
+/// Bytes a read asks for at least.
+const READ_CHUNK: usize = 16 << 10;
+
+/// A frame that is oversized or cut: one error response (id 0), then the connection closes.
+async fn bad_frame(seed: &Seed, out: &Producer, from: SocketAddr, e: FrameError) {
+    seed.counters
+        .client_bad_frames
+        .fetch_add(1, Ordering::Relaxed);
+    let code = match e {
+        FrameError::TooLarge { .. } => ClientError_Code::TOO_LARGE,
+        _ => ClientError_Code::INVALID_ARGUMENT,
+    };
+    tracing::debug!(%from, error = %e, "bad client frame; closing");
+    out.push(&error(0, code, format!("bad frame: {e}"))).await;
 }
 
-/// A read half usable where `AsyncRead + AsyncWrite` is required (writes are refused).
-pub struct ReadOnly(tokio::net::tcp::OwnedReadHalf);
+/// Framed responses waiting to be written to one connection, in the order they were pushed.
+///
+/// Tasks that answer requests append their frame to one buffer (no allocation per response
+/// once the buffer has grown); the writer swaps the buffer for its spare and writes it with
+/// one syscall, so every answer that became ready while the previous write ran goes out
+/// together. At most `limit` bytes wait: a push beyond that waits for the writer.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    state: Mutex<OutState>,
+    /// Wakes the writer: something was queued, or the last producer left.
+    ready: Notify,
+    /// Wakes pushers waiting for room (the writer took the buffer, or it failed).
+    room: Notify,
+    limit: usize,
+}
 
-impl tokio::io::AsyncRead for ReadOnly {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+#[derive(Debug, Default)]
+struct OutState {
+    buf: Vec<u8>,
+    /// Live [`Producer`]s: the writer ends when none is left and the buffer is written.
+    producers: usize,
+    /// The connection failed: pushes are dropped.
+    failed: bool,
+}
+
+impl Outbox {
+    pub(crate) fn new(limit: usize) -> Self {
+        Outbox {
+            state: Mutex::new(OutState::default()),
+            ready: Notify::new(),
+            room: Notify::new(),
+            limit,
+        }
+    }
+
+    /// Wait for queued frames and swap them into `out` (which must be empty). `false` when
+    /// nothing is queued and no producer is left (or the connection failed).
+    pub(crate) async fn take(&self, out: &mut Vec<u8>) -> bool {
+        loop {
+            {
+                let mut st = self.state.lock();
+                if st.failed {
+                    return false;
+                }
+                if !st.buf.is_empty() {
+                    std::mem::swap(&mut st.buf, out);
+                    drop(st);
+                    self.room.notify_waiters();
+                    return true;
+                }
+                if st.producers == 0 {
+                    return false;
+                }
+            }
+            // A push between the unlock and here stored a permit: this returns at once.
+            self.ready.notified().await;
+        }
+    }
+
+    /// The connection cannot be written: wake and drop every push.
+    pub(crate) fn fail(&self) {
+        self.state.lock().failed = true;
+        self.room.notify_waiters();
     }
 }
 
-impl tokio::io::AsyncWrite for ReadOnly {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-        _buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::task::Poll::Ready(Err(std::io::ErrorKind::Unsupported.into()))
+/// A handle that queues responses on an [`Outbox`]; the writer ends after the last one is
+/// dropped and everything queued is written.
+#[derive(Debug)]
+pub(crate) struct Producer(Arc<Outbox>);
+
+impl Producer {
+    pub(crate) fn new(outbox: Arc<Outbox>) -> Self {
+        outbox.state.lock().producers += 1;
+        Producer(outbox)
     }
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
+
+    /// Queue `r`'s frame (a response too large for a frame is answered `TOO_LARGE`); waits
+    /// while the outbox is full. `false` if the connection failed (the response is dropped).
+    pub(crate) async fn push(&self, r: &ClientResponse) -> bool {
+        let ob = &*self.0;
+        loop {
+            let room = ob.room.notified();
+            tokio::pin!(room);
+            {
+                let mut st = ob.state.lock();
+                if st.failed {
+                    return false;
+                }
+                if st.buf.len() < ob.limit {
+                    let was_empty = st.buf.is_empty();
+                    encode_response(r, &mut st.buf);
+                    drop(st);
+                    if was_empty {
+                        ob.ready.notify_one();
+                    }
+                    return true;
+                }
+                // Registered before the unlock: a take after it wakes this.
+                room.as_mut().enable();
+            }
+            room.await;
+        }
     }
 }
 
-async fn handle(seed: &Arc<Seed>, req: ClientRequest) -> ClientResponse {
+impl Clone for Producer {
+    fn clone(&self) -> Self {
+        Producer::new(self.0.clone())
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        let last = {
+            let mut st = self.0.state.lock();
+            st.producers -= 1;
+            st.producers == 0
+        };
+        if last {
+            self.0.ready.notify_one();
+        }
+    }
+}
+
+/// Append `r` as a frame; one too large for a frame becomes a `TOO_LARGE` error for its id.
+fn encode_response(r: &ClientResponse, out: &mut Vec<u8>) {
+    if frame::encode_message(r, MAX_FRAME, out).is_err() {
+        let e = error(r.id, ClientError_Code::TOO_LARGE, "response too large");
+        // A short error always fits; nothing is written if it somehow did not.
+        let _ = frame::encode_message(&e, MAX_FRAME, out);
+    }
+}
+
+/// The writer of one connection: waits for queued frames, lets the other ready tasks queue
+/// theirs (one yield), then writes them all with one `write_all`. Ends when every producer
+/// is gone and everything is written, or on a write error; then shuts the write half.
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(outbox: Arc<Outbox>, mut wr: W) {
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    loop {
+        // Answers finishing on this wake-up (other handler tasks already runnable) join the
+        // write instead of costing a syscall each.
+        tokio::task::yield_now().await;
+        if !outbox.take(&mut out).await {
+            break;
+        }
+        if wr.write_all(&out).await.is_err() {
+            outbox.fail();
+            break;
+        }
+        out.clear();
+        // Keep a spare of modest size: one huge answer does not pin its buffer forever.
+        if out.capacity() > MAX_PENDING {
+            out = Vec::with_capacity(READ_CHUNK);
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn handle(seed: &Arc<Seed>, routes: &RouteCache, req: ClientRequest) -> ClientResponse {
     let id = req.id;
     let mut resp = ClientResponse::new();
     resp.id = id;
@@ -249,11 +400,227 @@ async fn handle(seed: &Arc<Seed>, req: ClientRequest) -> ClientResponse {
             return crate::kv_port::create_collection(seed, id, c).await
         }
         Some(ClientRequest_oneof_kind::lookup(l)) => return crate::kv_port::lookup(seed, id, l),
-        Some(ClientRequest_oneof_kind::kv(k)) => return crate::kv_port::kv(seed, id, k).await,
+        Some(ClientRequest_oneof_kind::kv(k)) => {
+            return crate::kv_port::kv(seed, routes, id, k).await
+        }
         Some(ClientRequest_oneof_kind::watch(w)) => {
             return crate::watch_port::watch(seed, id, w).await
         }
         None => return error(id, ClientError_Code::INVALID_ARGUMENT, "empty request"),
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use tokio::io::AsyncReadExt;
+
+    fn resp(id: u64, value_len: usize) -> ClientResponse {
+        let mut r = ClientResponse::new();
+        r.id = id;
+        let mut g = GetReply::new();
+        g.found = true;
+        g.value = vec![id as u8; value_len].into();
+        r.set_get(g);
+        r
+    }
+
+    /// Every frame in `bytes`, decoded; panics on a torn or undecodable frame.
+    fn decode_all(bytes: &[u8]) -> Vec<ClientResponse> {
+        let mut buf = BytesMut::from(bytes);
+        let mut dec = FrameDecoder::new(MAX_FRAME);
+        let mut out = Vec::new();
+        while let Some(p) = dec.decode(&mut buf).expect("frame") {
+            out.push(frame::decode_message(&p).expect("response"));
+        }
+        assert!(buf.is_empty(), "a torn frame at the end");
+        out
+    }
+
+    /// A writer into memory that counts its writes.
+    #[derive(Default)]
+    struct Counting {
+        data: Vec<u8>,
+        writes: usize,
+    }
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.writes += 1;
+            self.data.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_responses_go_out_in_one_write_and_decode_in_order() {
+        let ob = Arc::new(Outbox::new(MAX_PENDING));
+        let p = Producer::new(ob.clone());
+        for id in 1..=500 {
+            assert!(p.push(&resp(id, 100)).await);
+        }
+        drop(p);
+        let mut w = Counting::default();
+        write_loop(ob, &mut w).await;
+        assert_eq!(w.writes, 1, "500 queued answers, one write");
+        let ids: Vec<u64> = decode_all(&w.data).iter().map(|r| r.id).collect();
+        assert_eq!(ids, (1..=500).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn answers_ready_on_one_wake_up_share_a_write() {
+        // Tasks that finish together (all runnable when the writer wakes) queue before it
+        // takes the buffer: one write, not one per answer.
+        let ob = Arc::new(Outbox::new(MAX_PENDING));
+        let p = Producer::new(ob.clone());
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let mut tasks = Vec::new();
+        for id in 1..=64 {
+            let (p, mut rx) = (p.clone(), rx.clone());
+            tasks.push(tokio::spawn(async move {
+                let _ = rx.wait_for(|go| *go).await;
+                assert!(p.push(&resp(id, 10)).await);
+            }));
+        }
+        drop(p);
+        let writer = tokio::spawn(async move {
+            let mut w = Counting::default();
+            write_loop(ob, &mut w).await;
+            w
+        });
+        tokio::task::yield_now().await;
+        tx.send(true).unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let w = writer.await.unwrap();
+        let mut ids: Vec<u64> = decode_all(&w.data).iter().map(|r| r.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (1..=64).collect::<Vec<_>>());
+        assert!(
+            w.writes <= 2,
+            "{} writes for 64 answers ready together",
+            w.writes
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_every_answer_in_order_and_the_outbox_stays_bounded() {
+        let limit = 2048;
+        let ob = Arc::new(Outbox::new(limit));
+        let p = Producer::new(ob.clone());
+        // A pipe of 64 bytes: the writer blocks almost at once.
+        let (client, server) = tokio::io::duplex(64);
+        let writer = tokio::spawn(write_loop(ob.clone(), server));
+        let pusher = tokio::spawn(async move {
+            for id in 1..=2000 {
+                assert!(p.push(&resp(id, 50)).await);
+            }
+        });
+        let one_frame = {
+            let mut v = Vec::new();
+            encode_response(&resp(2000, 50), &mut v);
+            v.len()
+        };
+        let mut client = client;
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 37];
+        loop {
+            let queued = ob.state.lock().buf.len();
+            assert!(queued < limit + one_frame, "{queued} bytes queued");
+            let n = client.read(&mut chunk).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&chunk[..n]);
+            if got.len() % 5 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        pusher.await.unwrap();
+        writer.await.unwrap();
+        let ids: Vec<u64> = decode_all(&got).iter().map(|r| r.id).collect();
+        assert_eq!(ids, (1..=2000).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_mid_batch_ends_cleanly() {
+        let ob = Arc::new(Outbox::new(1024));
+        let p = Producer::new(ob.clone());
+        let (mut client, server) = tokio::io::duplex(256);
+        let writer = tokio::spawn(write_loop(ob.clone(), server));
+        let pusher = tokio::spawn(async move {
+            let mut accepted = 0u64;
+            for id in 1..=10_000 {
+                if !p.push(&resp(id, 64)).await {
+                    break;
+                }
+                accepted += 1;
+            }
+            accepted
+        });
+        // Read part of the stream, then hang up mid-frame.
+        let mut first = vec![0u8; 1000];
+        client.read_exact(&mut first).await.unwrap();
+        drop(client);
+        let deadline = Duration::from_secs(10);
+        let accepted = tokio::time::timeout(deadline, pusher)
+            .await
+            .expect("pushes end once the connection failed")
+            .unwrap();
+        assert!(accepted < 10_000, "pushes after the failure are refused");
+        tokio::time::timeout(deadline, writer)
+            .await
+            .expect("the writer ends")
+            .unwrap();
+        // A push after the end is refused, not queued.
+        let late = Producer::new(ob.clone());
+        assert!(!late.push(&resp(1, 1)).await);
+    }
+
+    #[tokio::test]
+    async fn the_writer_ends_when_the_last_producer_leaves() {
+        let ob = Arc::new(Outbox::new(MAX_PENDING));
+        let p = Producer::new(ob.clone());
+        let p2 = p.clone();
+        let writer = tokio::spawn(async move {
+            let mut w = Counting::default();
+            write_loop(ob, &mut w).await;
+            w
+        });
+        assert!(p.push(&resp(1, 1)).await);
+        drop(p);
+        tokio::task::yield_now().await;
+        assert!(!writer.is_finished(), "one producer is left");
+        assert!(p2.push(&resp(2, 1)).await);
+        drop(p2);
+        let w = tokio::time::timeout(Duration::from_secs(10), writer)
+            .await
+            .expect("the writer ends")
+            .unwrap();
+        let ids: Vec<u64> = decode_all(&w.data).iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_response_too_large_for_a_frame_becomes_too_large() {
+        let mut out = Vec::new();
+        encode_response(&resp(7, MAX_FRAME + 1), &mut out);
+        let r = decode_all(&out);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].id, 7);
+        assert_eq!(r[0].get_error().code, ClientError_Code::TOO_LARGE);
+    }
 }

@@ -31,6 +31,7 @@ use collections::KvError;
 use harpoon::{CellId, Error as HError, ReadConsistency};
 use meta::ops::{self, CollectionSpec};
 use meta::{view, MetaError, RangeDescriptor};
+use parking_lot::Mutex;
 use proto::clientpb::{
     ClientError_Code, ClientResponse, ClientResponse_oneof_kind, CreateCollection, KvReply,
     KvRequest, Lookup, LookupReply,
@@ -154,6 +155,73 @@ pub(crate) fn wrong_range(id: u64, why: &str, d: Option<RangeDescriptor>) -> Cli
     r
 }
 
+/// Meta's range descriptors as one client connection last read them, valid while the meta
+/// this node reads ([`Seed::read_meta`]) stays at `revision`: meta's content is a function of
+/// its revision (replica and subscribed view alike), so a descriptor read at the current
+/// revision is what a fresh seek would return. A request then costs a revision check instead
+/// of a seek and a descriptor decode.
+#[derive(Debug, Default)]
+pub struct RouteCache {
+    state: Mutex<CachedRoutes>,
+}
+
+#[derive(Debug, Default)]
+struct CachedRoutes {
+    revision: u64,
+    ranges: Vec<Arc<RangeDescriptor>>,
+}
+
+/// Descriptors a [`RouteCache`] holds at most (the oldest is dropped first).
+pub const ROUTE_CACHE_RANGES: usize = 64;
+
+impl RouteCache {
+    /// The cached descriptor holding `key` at meta revision `revision`.
+    fn get(&self, revision: u64, key: &[u8]) -> Option<Arc<RangeDescriptor>> {
+        let st = self.state.lock();
+        if st.revision != revision {
+            return None;
+        }
+        st.ranges
+            .iter()
+            .find(|d| d.lo.as_ref() <= key && key < d.hi.as_ref())
+            .cloned()
+    }
+
+    /// Remember `d`, read at meta revision `revision` (forgetting everything read at another).
+    fn put(&self, revision: u64, d: Arc<RangeDescriptor>) {
+        let mut st = self.state.lock();
+        if st.revision != revision {
+            st.revision = revision;
+            st.ranges.clear();
+        }
+        if st.ranges.len() >= ROUTE_CACHE_RANGES {
+            st.ranges.remove(0);
+        }
+        st.ranges.push(d);
+    }
+}
+
+/// Meta's descriptor of the range holding `key` (one seek), through `cache` when given.
+fn range_holding(
+    seed: &Seed,
+    cache: Option<&RouteCache>,
+    key: &[u8],
+) -> Option<Arc<RangeDescriptor>> {
+    let Some(cache) = cache else {
+        return seed
+            .read_meta(|s| view::lookup(s, key).ok().flatten())
+            .map(|d| Arc::new(d.value));
+    };
+    let revision = seed.read_meta(|s| s.revision());
+    if let Some(d) = cache.get(revision, key) {
+        return Some(d);
+    }
+    let (revision, d) = seed.read_meta(|s| (s.revision(), view::lookup(s, key).ok().flatten()));
+    let d = Arc::new(d?.value);
+    cache.put(revision, d.clone());
+    Some(d)
+}
+
 /// Route a request for range `range` (the client's descriptor at `epoch`) whose first key is
 /// `first_key`: this node's replica of the range and meta's descriptor of the range holding
 /// `first_key` (one seek). `WRONG_RANGE` (with meta's descriptor when there is one) when this
@@ -166,14 +234,25 @@ pub(crate) fn route(
     epoch: u64,
     first_key: &[u8],
 ) -> Result<(LocalRange, RangeDescriptor), Box<ClientResponse>> {
-    let desc = seed
-        .read_meta(|s| view::lookup(s, first_key).ok().flatten())
-        .map(|d| d.value);
+    route_cached(seed, None, id, range, epoch, first_key).map(|(l, d)| (l, Arc::unwrap_or_clone(d)))
+}
+
+/// [`route`] with meta's descriptors read through `cache`.
+pub(crate) fn route_cached(
+    seed: &Seed,
+    cache: Option<&RouteCache>,
+    id: u64,
+    range: u64,
+    epoch: u64,
+    first_key: &[u8],
+) -> Result<(LocalRange, Arc<RangeDescriptor>), Box<ClientResponse>> {
+    let desc = range_holding(seed, cache, first_key);
+    let owned = |d: Arc<RangeDescriptor>| Some(Arc::unwrap_or_clone(d));
     let Some(local) = seed.ranges.get(range) else {
         return Err(Box::new(wrong_range(
             id,
             "this node holds no replica of the range",
-            desc,
+            desc.and_then(owned),
         )));
     };
     let Some(desc) = desc else {
@@ -187,14 +266,14 @@ pub(crate) fn route(
         return Err(Box::new(wrong_range(
             id,
             "key in another range",
-            Some(desc),
+            owned(desc),
         )));
     }
     if epoch < desc.epoch {
         return Err(Box::new(wrong_range(
             id,
             "stale range descriptor",
-            Some(desc),
+            owned(desc),
         )));
     }
     Ok((local, desc))
@@ -303,8 +382,8 @@ fn reply(id: u64, resp: &kvpb::Response) -> ClientResponse {
     }
 }
 
-/// One KV command for one range.
-pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
+/// One KV command for one range (meta's descriptors read through `cache`, the connection's).
+pub async fn kv(seed: &Arc<Seed>, cache: &RouteCache, id: u64, k: KvRequest) -> ClientResponse {
     if k.command.len() > MAX_COMMAND {
         return error(
             id,
@@ -323,7 +402,7 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
         Ok(s) => s,
         Err((field, why)) => return invalid(id, field, why),
     };
-    let (local, desc) = match route(seed, id, k.range, k.epoch, &span.start) {
+    let (local, desc) = match route_cached(seed, Some(cache), id, k.range, k.epoch, &span.start) {
         Ok(r) => r,
         Err(r) => return *r,
     };
@@ -335,7 +414,11 @@ pub async fn kv(seed: &Arc<Seed>, id: u64, k: KvRequest) -> ClientResponse {
     };
     // Never empty: its start is below the descriptor's hi (route) and its end above it.
     if !descriptor_bounds(&desc).covers(&span) {
-        return wrong_range(id, "key outside the range", Some(desc));
+        return wrong_range(
+            id,
+            "key outside the range",
+            Some(Arc::unwrap_or_clone(desc)),
+        );
     }
     if !local.reader.bounds().covers(&span) {
         return moved(seed, id, k.range);
