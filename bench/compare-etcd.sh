@@ -5,16 +5,19 @@
 # "Side-by-side with etcd".
 #
 # Usage: bench/compare-etcd.sh [--quick] [--reps N] [--workloads W1,W2,...] [--etcd-only]
-#                              [--no-docs] [--bench-args "EXTRA FLAGS"]
+#                              [--quiver-only] [--no-docs] [--bench-args "EXTRA FLAGS"]
 #   --quick       0.5 s warm-up + 2 s per workload, 10K records, 1 rep: about 4 minutes
 #   --reps N      repetitions per system [default 3, or 1 with --quick]
 #   --workloads   workloads to run [default all: W1..W10, W12]
 #   --etcd-only   do not try Quiver
+#   --quiver-only do not run etcd (A/B runs of Quiver builds; implies --no-docs)
 #   --no-docs     print the table, leave docs/benchmarks.md alone
 #   --bench-args  extra flags for every quiver-bench run (e.g. "--duration 30")
 # Environment: CARGO_TARGET_DIR (build dir), BENCH_TMP (where data dirs go; must be on the disk
 # you want to measure, not tmpfs) [default /var/tmp], ETCD_BASE_PORT [default 32379],
-# QUIVER_BASE_PORT [default 37400], QUIVER_BIN (a prebuilt `quiver` binary).
+# QUIVER_BASE_PORT [default 37400], QUIVER_BIN (a prebuilt `quiver` binary), BENCH_BIN (a
+# prebuilt `quiver-bench`: with QUIVER_BIN nothing is built), RUNS_OUT (append the JSON lines
+# there too), RUN_LABEL (prefix of each run's label, e.g. the build's name).
 #
 # Installs etcd (Debian: etcd-server, etcd-client), protoc (protobuf-compiler, needed to build
 # the etcd backend) and jq when missing. Everything binds 127.0.0.1; every process started here is
@@ -26,6 +29,7 @@ QUICK=0
 REPS=""
 WORKLOADS=all
 ETCD_ONLY=0
+QUIVER_ONLY=0
 WRITE_DOCS=1
 EXTRA=""
 while [[ $# -gt 0 ]]; do
@@ -34,9 +38,10 @@ while [[ $# -gt 0 ]]; do
         --reps) REPS=$2; shift ;;
         --workloads) WORKLOADS=$2; shift ;;
         --etcd-only) ETCD_ONLY=1 ;;
+        --quiver-only) QUIVER_ONLY=1; WRITE_DOCS=0 ;;
         --no-docs) WRITE_DOCS=0 ;;
         --bench-args) EXTRA=$2; shift ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "compare-etcd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -67,7 +72,8 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-log() { echo "== $*" >&2; }
+T_START=$(date +%s)
+log() { echo "== [$(( $(date +%s) - T_START )) s] $*" >&2; }
 
 # ---- install ----------------------------------------------------------------------------------
 APT_UPDATED=0
@@ -75,7 +81,7 @@ apt_install() {
     if [[ $APT_UPDATED == 0 ]]; then apt-get update -q >/dev/null; APT_UPDATED=1; fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
 }
-if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+if [[ $QUIVER_ONLY == 0 ]] && { ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; }; then
     log "installing etcd from the system packages"
     apt_install etcd-server etcd-client
 fi
@@ -83,29 +89,35 @@ if ! command -v jq >/dev/null; then
     log "installing jq (reads \`quiver status --json\` while the Quiver cluster assembles)"
     apt_install jq
 fi
-if ! command -v protoc >/dev/null; then
+# The etcd backend of quiver-bench needs protoc to build; a Quiver-only run does not build it.
+FEATURES=(--features quiver-bench/etcd)
+[[ $QUIVER_ONLY == 1 ]] && FEATURES=()
+if [[ ${#FEATURES[@]} -gt 0 && -z ${BENCH_BIN:-} ]] && ! command -v protoc >/dev/null; then
     log "installing protoc (building the etcd backend needs it)"
     apt_install protobuf-compiler
 fi
 
 # One cargo invocation for both binaries: building them separately would build the shared
 # dependencies twice (different feature sets).
-BUILD_PKGS=(-p quiver-bench)
+BUILD_PKGS=()
+[[ -z ${BENCH_BIN:-} ]] && BUILD_PKGS+=(-p quiver-bench)
 [[ $ETCD_ONLY == 0 && -z ${QUIVER_BIN:-} ]] && BUILD_PKGS+=(-p cli)
-log "building ${BUILD_PKGS[*]} (release, quiver-bench/etcd)"
-if ! (cd "$ROOT" && cargo build --release -q "${BUILD_PKGS[@]}" --features quiver-bench/etcd) \
-    >"$TMP/build.log" 2>&1; then
-    if [[ ${#BUILD_PKGS[@]} -gt 2 ]]; then
-        log "that failed; building quiver-bench alone (Quiver will be skipped)"
-        tail -n 5 "$TMP/build.log" >&2
-        (cd "$ROOT" && cargo build --release -q -p quiver-bench --features etcd)
-        QUIVER_BUILD_FAILED=1
-    else
-        cat "$TMP/build.log" >&2
-        exit 1
+if [[ ${#BUILD_PKGS[@]} -gt 0 ]]; then
+    log "building ${BUILD_PKGS[*]} (release${FEATURES[*]:+, quiver-bench/etcd})"
+    if ! (cd "$ROOT" && cargo build --release -q "${BUILD_PKGS[@]}" "${FEATURES[@]}") \
+        >"$TMP/build.log" 2>&1; then
+        if [[ ${#BUILD_PKGS[@]} -gt 2 ]]; then
+            log "that failed; building quiver-bench alone (Quiver will be skipped)"
+            tail -n 5 "$TMP/build.log" >&2
+            (cd "$ROOT" && cargo build --release -q -p quiver-bench "${FEATURES[@]}")
+            QUIVER_BUILD_FAILED=1
+        else
+            cat "$TMP/build.log" >&2
+            exit 1
+        fi
     fi
 fi
-BENCH=$CARGO_TARGET_DIR/release/quiver-bench
+BENCH=${BENCH_BIN:-$CARGO_TARGET_DIR/release/quiver-bench}
 
 # ---- etcd ---------------------------------------------------------------------------------------
 ETCD_PIDS=()
@@ -155,11 +167,12 @@ run_etcd() {
     local rep=$1
     log "etcd, rep $rep/$REPS"
     start_etcd
+    log "etcd is up"
     local pids
     pids=$(IFS=,; echo "${ETCD_PIDS[*]}")
     # shellcheck disable=SC2086
     "$BENCH" --backend etcd --endpoints "$ETCD_ENDPOINTS" --server-pids "$pids" \
-        --workloads "$WORKLOADS" --label "rep=$rep" --json-out "$RUNS" --format table \
+        --workloads "$WORKLOADS" --label "${RUN_LABEL:+$RUN_LABEL }rep=$rep" --json-out "$RUNS" --format table \
         "${MODE_FLAGS[@]}" $EXTRA
     stop_etcd
 }
@@ -263,12 +276,13 @@ run_quiver() {
         echo "Quiver skipped in rep $rep: the cluster did not start (logs: $TMP/quiver)." >&2
         stop_quiver; return 1
     fi
+    log "Quiver is up"
     local pids
     pids=$(IFS=,; echo "${QUIVER_PIDS[*]}")
     # shellcheck disable=SC2086
     if ! "$BENCH" --backend quiver --seeds "$QUIVER_SEEDS" --collection bench --server-pids "$pids" \
         --metrics-urls "$QUIVER_METRICS" --fsync-metric "$QUIVER_FSYNC_METRIC" \
-        --workloads "$WORKLOADS" --label "rep=$rep" --json-out "$RUNS" --format table \
+        --workloads "$WORKLOADS" --label "${RUN_LABEL:+$RUN_LABEL }rep=$rep" --json-out "$RUNS" --format table \
         "${MODE_FLAGS[@]}" $EXTRA; then
         echo "Quiver skipped in rep $rep: the bench run failed (see the error above)." >&2
         stop_quiver; return 1
@@ -286,7 +300,7 @@ if [[ $ETCD_ONLY == 0 ]] && quiver_available; then WITH_QUIVER=1; fi
 T0=$(date +%s)
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 for rep in $(seq 1 "$REPS"); do
-    run_etcd "$rep"
+    [[ $QUIVER_ONLY == 0 ]] && run_etcd "$rep"
     if [[ $WITH_QUIVER == 1 ]]; then
         if run_quiver "$rep"; then
             QUIVER_RAN=1
@@ -299,6 +313,7 @@ done
 ELAPSED=$(( $(date +%s) - T0 ))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 log "runs done in ${ELAPSED}s; JSON lines in $RUNS"
+[[ -n ${RUNS_OUT:-} ]] && cat "$RUNS" >> "$RUNS_OUT"
 
 # ---- the report ---------------------------------------------------------------------------------
 TABLE=$("$BENCH" --report-from "$RUNS" --numerator quiver --denominator etcd)
@@ -306,7 +321,9 @@ BAR=$("$BENCH" --report-from "$RUNS" --numerator quiver --denominator etcd --bar
 MEM=$(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)
 CPU=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 DISK=$(df -T "$TMP" | awk 'NR == 2 {print $1 " (" $2 ")"}')
-ETCD_VERSION=$(etcd --version 2>/dev/null | head -n 1 | awk '{print $3}')
+# awk reads to the end: `head` would close the pipe early, and etcd's SIGPIPE would end this
+# script under pipefail (now and then, losing the report).
+ETCD_VERSION=$(etcd --version 2>/dev/null | awk 'NR == 1 {print $3}' || true)
 CMD="bench/compare-etcd.sh"
 [[ $QUICK == 1 ]] && CMD+=" --quick"
 CMD+=" --reps $REPS"
