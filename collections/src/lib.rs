@@ -24,6 +24,7 @@
 //! | `set_commit(i, t)` | [`kv::KvStore::set_commit`] |
 //! | `apply_state()` | [`kv::KvStore::durable_state`] (decode `apply_meta` back to a `ConfState`) |
 //! | `persist()` | [`kv::KvStore::persist`] |
+//! | `persist_background()` | [`kv::KvStore::persist_background`] (logged mode: the image is written on a thread of its own; `durable_state` moves when it is complete) |
 //! | `snapshot()` | [`kv::KvReader::snapshot`] + `to_bytes` (or `next_chunk` to stream) |
 //! | `restore(s)` | [`kv::KvStore::restore_chunks`] / [`kv::KvStore::restore_bytes`] |
 
