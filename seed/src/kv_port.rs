@@ -546,6 +546,48 @@ mod tests {
         Command_oneof_op::scan(s)
     }
 
+    fn desc(id: u64, lo: &str, hi: &str) -> Arc<RangeDescriptor> {
+        let mut d = RangeDescriptor::new();
+        d.id = id;
+        d.lo = b(lo);
+        d.hi = b(hi);
+        Arc::new(d)
+    }
+
+    #[test]
+    fn the_route_cache_answers_only_at_the_revision_it_was_filled_at() {
+        let c = RouteCache::default();
+        assert!(c.get(0, b"a").is_none(), "empty");
+        c.put(5, desc(1, "a", "m"));
+        c.put(5, desc(2, "m", "z"));
+        assert_eq!(c.get(5, b"a").map(|d| d.id), Some(1));
+        assert_eq!(c.get(5, b"l").map(|d| d.id), Some(1));
+        assert_eq!(c.get(5, b"m").map(|d| d.id), Some(2));
+        assert!(c.get(5, b"z").is_none(), "hi is exclusive");
+        assert!(c.get(5, b"0").is_none(), "below every lo");
+        // Meta moved on: nothing read at 5 is answered at 6, and a put at 6 drops it all.
+        assert!(c.get(6, b"a").is_none());
+        c.put(6, desc(3, "a", "f"));
+        assert_eq!(c.get(6, b"b").map(|d| d.id), Some(3));
+        assert!(c.get(6, b"m").is_none());
+        assert!(c.get(5, b"b").is_none());
+    }
+
+    #[test]
+    fn the_route_cache_is_bounded_and_drops_the_oldest() {
+        let c = RouteCache::default();
+        let key = |i: usize| format!("k{i:04}");
+        for i in 0..ROUTE_CACHE_RANGES + 1 {
+            c.put(1, desc(i as u64, &key(i), &key(i + 1)));
+        }
+        assert_eq!(c.state.lock().ranges.len(), ROUTE_CACHE_RANGES);
+        assert!(c.get(1, key(0).as_bytes()).is_none(), "the oldest went");
+        assert_eq!(
+            c.get(1, key(ROUTE_CACHE_RANGES).as_bytes()).map(|d| d.id),
+            Some(ROUTE_CACHE_RANGES as u64)
+        );
+    }
+
     #[test]
     fn keys_past_the_range_are_invalid_not_wrong_range() {
         assert_eq!(
