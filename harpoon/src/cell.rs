@@ -42,9 +42,41 @@ pub const INIT_INDEX: u64 = 5;
 pub enum ReplicationMode {
     /// Reply after quorum commit and local apply, with the state machine's response.
     Consensus,
-    /// Reply once the leader has the entry durably in its own log. The write may still be
-    /// lost if the leader fails before a quorum has it (counted in `async_lost`).
+    /// Reply once the leader has the entry durably in its own log
+    /// ([`Guarantee::LeaderDurable`], no response). The write may still be lost if the
+    /// leader fails before a quorum has it (counted in `async_lost`).
+    ///
+    /// Two kinds of proposal are answered at apply instead, exactly as in `Consensus` mode
+    /// ([`Guarantee::Applied`] with the state machine's response; callers keyed by
+    /// `(term, index)`, `ProposalDropped` when another entry applies at the index, `Timeout`
+    /// at the deadline):
+    /// - a proposal made with [`Ack::Applied`] ([`crate::Node::propose_with`]): the caller
+    ///   needs the state machine's answer (a compare-and-swap's result, say), or must know
+    ///   whether the state machine took the entry at all;
+    /// - every proposal to a leader that has not yet applied the first entry of its own term
+    ///   (the empty entry raft appends on becoming leader). Its log may still hold entries of
+    ///   earlier terms that decide how the state machine treats a new one (a range split
+    ///   applied there refuses writes to the keys it moved away): a state machine may refuse
+    ///   an entry depending on earlier ones, and an acknowledgement before those applied
+    ///   would promise what apply may take back. Once the term's first entry applied, every
+    ///   earlier entry has, and what remains is the proposer's own business (it knows what it
+    ///   proposed in its term).
+    ///
+    /// Async entries answered at `LeaderDurable` carry their proposer in the entry context
+    /// (a restarted leader counts them as acknowledged); entries answered at apply do not.
     Async,
+}
+
+/// When a proposal is answered ([`crate::Node::propose_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ack {
+    /// As the cell's [`ReplicationMode`] says (an Async cell may still answer at apply,
+    /// see [`ReplicationMode::Async`]).
+    #[default]
+    CellMode,
+    /// At apply, with the state machine's response ([`Guarantee::Applied`]), whatever the
+    /// cell's mode.
+    Applied,
 }
 
 /// Which of the node's two raft-log stores holds a replica's raft log (entries, hard state,
@@ -264,6 +296,9 @@ pub(crate) struct Cell {
     transfer: Option<(NodeId, Instant, Tx<()>)>,
     conf: ConfState,
     applied: u64,
+    /// The term of the entry at `applied`: a leader whose own term's first entry has not
+    /// applied yet has `applied_term` below its term (see [`ReplicationMode::Async`]).
+    applied_term: u64,
     /// When each peer was last heard from (any message), for membership safety checks.
     last_heard: HashMap<u64, Instant>,
     /// Set when this replica applied its own removal.
@@ -467,6 +502,7 @@ impl Cell {
             transfer: None,
             conf: st.conf_state,
             applied: st.applied_index,
+            applied_term: st.applied_term,
             last_heard: HashMap::new(),
             removed: false,
             opened: Instant::now(),
@@ -575,17 +611,31 @@ impl Cell {
         }
     }
 
+    /// Whether a proposal made now with `ack` is answered at apply (else once durable in
+    /// this leader's log): always in Consensus mode; in Async mode when asked to, or while
+    /// this leader has not applied the first entry of its term (see
+    /// [`ReplicationMode::Async`]).
+    fn answers_at_apply(&self, ack: Ack) -> bool {
+        match self.mode {
+            ReplicationMode::Consensus => true,
+            ReplicationMode::Async => ack == Ack::Applied || self.applied_term < self.raw.raft.term,
+        }
+    }
+
     /// Propose `data`. Never forwarded: a follower answers `NotLeader` with a hint.
-    pub(crate) fn propose(&mut self, data: Bytes, deadline: Instant, tx: Tx<Reply>) {
+    pub(crate) fn propose(&mut self, data: Bytes, deadline: Instant, ack: Ack, tx: Tx<Reply>) {
         if !role_leader(&self.raw) {
             return send(tx, Err(self.not_leader()));
         }
         let before = self.raw.raft.raft_log.last_index();
-        // Async entries carry their proposer, so a restarted leader still knows which of its
-        // uncommitted entries it acknowledged (see `recover_async_acks`).
-        let context = match self.mode {
-            ReplicationMode::Async => self.node.get().to_le_bytes().to_vec(),
-            ReplicationMode::Consensus => Vec::new(),
+        let at_apply = self.answers_at_apply(ack);
+        // Async entries acknowledged at LeaderDurable carry their proposer, so a restarted
+        // leader still knows which of its uncommitted entries it acknowledged (see
+        // `recover_async_acks`); one answered at apply was not acknowledged before it applied.
+        let context = if at_apply {
+            Vec::new()
+        } else {
+            self.node.get().to_le_bytes().to_vec()
         };
         let (size, limit) = self
             .raw
@@ -617,21 +667,42 @@ impl Cell {
         }
         let term = self.raw.raft.term;
         self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
-        match self.mode {
-            ReplicationMode::Consensus => {
-                if let Some((_, _, old)) = self.proposals.insert(index, (term, deadline, tx)) {
-                    // A previous leadership of ours proposed at this index: that entry is gone.
-                    send(
-                        old,
-                        Err(Error::ProposalDropped {
-                            cell: self.id,
-                            index,
-                        }),
-                    );
-                }
-            }
-            ReplicationMode::Async => self.durable_acks.push((index, term, tx)),
+        if !at_apply {
+            return self.durable_acks.push((index, term, tx));
         }
+        if let Some((_, _, old)) = self.proposals.insert(index, (term, deadline, tx)) {
+            // A previous leadership of ours proposed at this index: that entry is gone.
+            send(
+                old,
+                Err(Error::ProposalDropped {
+                    cell: self.id,
+                    index,
+                }),
+            );
+        }
+    }
+
+    /// Answer `tx` with the applied index once it is `index` or beyond (at once if it is),
+    /// `Timeout` at `deadline`. Any role: it says nothing of which entry applied there.
+    pub(crate) fn wait_applied(
+        &mut self,
+        index: u64,
+        deadline: Instant,
+        now: Instant,
+        tx: Tx<u64>,
+    ) {
+        if self.applied >= index {
+            return send(tx, Ok(self.applied));
+        }
+        self.read_waits.push((
+            index,
+            PendingRead {
+                deadline,
+                tx: Some(tx),
+                issued: now,
+                term: self.raw.raft.term,
+            },
+        ));
     }
 
     /// A linearizable read barrier: answers the applied index at which the caller may read
@@ -1027,6 +1098,7 @@ impl Cell {
                 source,
             })?;
         self.applied = meta.index;
+        self.applied_term = meta.term;
         self.conf = meta.get_conf_state().clone();
         // Anything offered while this replica led is older than what it just installed.
         self.raw.store().drop_offered_snapshot();
@@ -1083,6 +1155,7 @@ impl Cell {
                         })
                         .map_err(sm_err)?;
                     self.applied = e.index;
+                    self.applied_term = e.term;
                     // Before the reply: a lease read that starts after the caller learns of
                     // this write must be answered at this index or later.
                     self.view.lock().applied = e.index;
@@ -1103,6 +1176,7 @@ impl Cell {
                         .apply_conf_change(e.index, e.term, &cs)
                         .map_err(sm_err)?;
                     self.applied = e.index;
+                    self.applied_term = e.term;
                     self.conf = cs;
                     self.on_applied_conf(e.index, e.term);
                 }

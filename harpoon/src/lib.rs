@@ -5,7 +5,8 @@
 //! - [`state_machine`]: the `StateMachine` trait through which committed entries are applied
 //!   (harpoon knows nothing of collections) and its `ApplyState`.
 //! - `cell`: one replica: a `RawNode`, the Ready order, callers keyed by `(term, index)`,
-//!   ReadIndex and leader-lease reads, Consensus/Async replies, snapshots, compaction.
+//!   ReadIndex and leader-lease reads, Consensus/Async replies (and Async proposals answered
+//!   at apply, [`Ack`]), snapshots, compaction.
 //! - [`membership`]: learner → promote → leave joint, safe removal, dropped-change detection.
 //! - `shard`: one thread owning many cells; one coalesced tick, one log write per round for
 //!   every cell touched, one transport send per destination node; its IO thread syncs the log
@@ -34,7 +35,11 @@
 //!    state (applied index, commit point, ConfState) atomically with the data.
 //! 6. **respond**: Consensus mode answers when the entry applies with the proposing term
 //!    (`Guarantee::Applied`); Async mode answers after step 4's sync on the leader
-//!    (`Guarantee::LeaderDurable`).
+//!    (`Guarantee::LeaderDurable`), except for a proposal made with [`Ack::Applied`]
+//!    ([`Node::propose_with`]) and every proposal to a leader that has not applied its own
+//!    term's first entry yet: those are answered at apply as in Consensus mode (see
+//!    [`ReplicationMode::Async`]). [`Node::wait_applied`] waits for a replica's applied
+//!    index.
 //! 7. **read**: a lease read on a leader whose lease has more than half left and which applied
 //!    all it committed is answered from the cell's published read view, without the shard
 //!    ([`Node::read_barrier`]); otherwise the shard answers (lease renewal or ReadIndex).
@@ -64,8 +69,8 @@ pub mod testkit;
 pub mod transport;
 
 pub use cell::{
-    CellOptions, CellStatus, Guarantee, LogKind, ReadConsistency, ReplicationMode, Reply, Role,
-    INIT_INDEX,
+    Ack, CellOptions, CellStatus, Guarantee, LogKind, ReadConsistency, ReplicationMode, Reply,
+    Role, INIT_INDEX,
 };
 pub use config::{CellConfig, ConfigError, NodeConfig};
 pub use error::{Error, Result, StateMachineError};

@@ -16,7 +16,7 @@ use proto::{CellId, NodeId};
 use raft::eraftpb::ConfState;
 use tokio::sync::oneshot;
 
-use crate::cell::{CellOptions, CellStatus, ReadConsistency, Reply};
+use crate::cell::{Ack, CellOptions, CellStatus, ReadConsistency, Reply};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::membership::MembershipChange;
@@ -327,15 +327,49 @@ impl Node {
         self.propose_by(cell, data, Instant::now() + DEFAULT_DEADLINE)
     }
 
-    /// Propose with an explicit deadline (Consensus mode: `Timeout` if not applied by then;
-    /// the write may still apply later).
+    /// Propose with an explicit deadline (answered at apply: `Timeout` if not applied by
+    /// then; the write may still apply later).
     pub fn propose_by(&self, cell: CellId, data: Bytes, deadline: Instant) -> Pending<Reply> {
+        self.propose_with(cell, data, deadline, Ack::CellMode)
+    }
+
+    /// Propose with an explicit deadline, answered as `ack` says: [`Ack::Applied`] waits for
+    /// the entry to apply and returns the state machine's response also in an Async cell
+    /// (same bookkeeping and failure answers as Consensus mode, see
+    /// [`ReplicationMode::Async`](crate::ReplicationMode::Async)).
+    pub fn propose_with(
+        &self,
+        cell: CellId,
+        data: Bytes,
+        deadline: Instant,
+        ack: Ack,
+    ) -> Pending<Reply> {
         let (tx, p) = Pending::new();
         self.router.send(
             cell,
             Command::Propose {
                 cell,
                 data,
+                deadline,
+                ack,
+                tx,
+            },
+        );
+        p
+    }
+
+    /// Resolves to this replica's applied index once it reached `index` (at once if it has),
+    /// `Timeout` at `deadline`; any role. It says nothing of which entry applied at `index`
+    /// (a caller that needs that proposes with [`Ack::Applied`]): e.g. an Async-mode writer
+    /// that got [`Guarantee::LeaderDurable`](crate::Guarantee::LeaderDurable) and must look
+    /// at the state machine after its entry's slot applied.
+    pub fn wait_applied(&self, cell: CellId, index: u64, deadline: Instant) -> Pending<u64> {
+        let (tx, p) = Pending::new();
+        self.router.send(
+            cell,
+            Command::WaitApplied {
+                cell,
+                index,
                 deadline,
                 tx,
             },

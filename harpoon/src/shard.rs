@@ -46,7 +46,8 @@ use proto::{CellId, NodeId};
 use raft::eraftpb::{ConfState, MessageType};
 
 use crate::cell::{
-    Cell, CellOptions, CellStatus, LogKind, Outbox, ReadConsistency, Reply, SharedView, Unpersisted,
+    Ack, Cell, CellOptions, CellStatus, LogKind, Outbox, ReadConsistency, Reply, SharedView,
+    Unpersisted,
 };
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
@@ -78,7 +79,14 @@ pub(crate) enum Command {
         cell: CellId,
         data: bytes::Bytes,
         deadline: Instant,
+        ack: Ack,
         tx: Tx<Reply>,
+    },
+    WaitApplied {
+        cell: CellId,
+        index: u64,
+        deadline: Instant,
+        tx: Tx<u64>,
     },
     Read {
         cell: CellId,
@@ -569,10 +577,21 @@ impl Shard {
                 cell,
                 data,
                 deadline,
+                ack,
                 tx,
             } => {
                 if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
-                    self.guarded(cell, |c| c.propose(data, deadline, tx));
+                    self.guarded(cell, |c| c.propose(data, deadline, ack, tx));
+                }
+            }
+            Command::WaitApplied {
+                cell,
+                index,
+                deadline,
+                tx,
+            } => {
+                if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
+                    self.guarded(cell, |c| c.wait_applied(index, deadline, now, tx));
                 }
             }
             Command::Read {
@@ -1182,6 +1201,7 @@ mod tests {
             cell: v,
             data: bytes::Bytes::from_static(b"volatile"),
             deadline: Instant::now() + Duration::from_secs(30),
+            ack: crate::cell::Ack::CellMode,
             tx,
         });
         assert!(rounds_until(&mut s, |_| !h.data().is_empty()));
