@@ -6,7 +6,8 @@
 #
 # Usage: bench/compare-etcd.sh [--quick] [--reps N] [--workloads W1,W2,...] [--etcd-only]
 #                              [--quiver-only] [--no-docs] [--bench-args "EXTRA FLAGS"]
-#   --quick       0.5 s warm-up + 2 s per workload, 10K records, 1 rep: about 4 minutes
+#   --quick       0.5 s warm-up + 2 s per workload, 10K records, 1 rep: about 75 s on 2 cores
+#                 once built (a first build of quiver-bench with the etcd backend takes minutes)
 #   --reps N      repetitions per system [default 3, or 1 with --quick]
 #   --workloads   workloads to run [default all: W1..W10, W12]
 #   --etcd-only   do not try Quiver
