@@ -17,6 +17,11 @@
 //!   reaches a follower. Writes are proposed as `now_ms ‖ command` (see [`crate::ranges`]);
 //!   leader reads wait for harpoon's read barrier (lease, else ReadIndex), follower reads are
 //!   served from the local replica and carry the applied index they were served at.
+//!   In an Async range a write is answered once durable on the leader, except a
+//!   compare-and-swap or a put/delete asking for previous values (answered at apply, with the
+//!   result) and a write overlapping a split of this node (answered at apply, or waited for
+//!   until applied; a key the split moved away is `WRONG_RANGE`): see
+//!   [`crate::ranges::SplitFence`].
 //!
 //! A write whose outcome is unknown (timeout, snapshot over its index) is answered
 //! `UNKNOWN_OUTCOME`, never retried here; `NOT_LEADER` is only answered for writes that were
@@ -420,6 +425,9 @@ pub async fn kv(seed: &Arc<Seed>, cache: &RouteCache, id: u64, k: KvRequest) -> 
             Some(Arc::unwrap_or_clone(desc)),
         );
     }
+    // Before the store's bounds check: an Async write overlapping a split of this node is
+    // answered at apply or settled after its reply (see `crate::ranges::SplitFence`).
+    let mark = local.fence.mark();
     if !local.reader.bounds().covers(&span) {
         return moved(seed, id, k.range);
     }
@@ -486,7 +494,10 @@ pub async fn kv(seed: &Arc<Seed>, cache: &RouteCache, id: u64, k: KvRequest) -> 
         return reply(id, &resp);
     }
     let data: Bytes = encode_entry(now_ms(), &k.command);
-    match seed.node.propose_by(cell, data, deadline).await {
+    // At apply when the client needs the result (compare-and-swap, previous values) or a
+    // split is in flight; else as the range's mode says.
+    let ack = crate::ranges::write_ack(op, mark);
+    match seed.node.propose_with(cell, data, deadline, ack).await {
         Ok(r) => match r.response {
             // Applied as a refusal: the key moved away in a split before the write applied.
             Some(bytes) if moved_away(&bytes) => moved(seed, id, k.range),
@@ -496,7 +507,23 @@ pub async fn kv(seed: &Arc<Seed>, cache: &RouteCache, id: u64, k: KvRequest) -> 
                 ok(id, ClientResponse_oneof_kind::kv(kr))
             }
             None => {
-                // Async replication: durable on the leader, not applied yet.
+                // Async replication: durable on the leader, not applied yet; unless a split
+                // may have moved the key away before it applies.
+                match crate::ranges::settle_async_write(
+                    seed, &local, mark, r.index, &span, deadline,
+                )
+                .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => return moved(seed, id, k.range),
+                    Err(e) => {
+                        return error(
+                            id,
+                            ClientError_Code::UNKNOWN_OUTCOME,
+                            format!("outcome unknown: durable on the leader, not applied: {e}"),
+                        )
+                    }
+                }
                 let mut resp = kvpb::Response::new();
                 let mut h = kvpb::ResponseHeader::new();
                 h.applied_index = r.index;

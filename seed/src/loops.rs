@@ -13,10 +13,11 @@
 //! - **split** (on each KV range's leader, about every second): when the store holds more
 //!   than the collection's split size, has a middle key, meta shows exactly the store's
 //!   bounds (no split pending) and the cell is not mid membership change: reserve the
-//!   daughter's id in meta, propose the admin Split entry (see [`crate::ranges`]), wait until
-//!   it applied here, record the split in meta (`RecordSplit`, compare-and-swap). Repair: the
-//!   leader of a daughter that meta does not list records its split from the parent's record
-//!   while that still covers it (the parent's leader failed between apply and record).
+//!   daughter's id in meta, propose the admin Split entry, answered once it applied here
+//!   (`ranges::propose_split`, behind the range's split fence), record the split in meta
+//!   (`RecordSplit`, compare-and-swap). Repair: the leader of a daughter that meta does not
+//!   list records its split from the parent's record while that still covers it (the
+//!   parent's leader failed between apply and record).
 //! - **housekeeping** (on each KV range's leader, about every second, jittered):
 //!   - TTL expiry: once the earliest TTL of the range (`KvReader::next_expiry_ms`, constant
 //!     time) has passed by the leader's clock, the leader proposes `Expire{now_ms: 0}` (the
@@ -452,16 +453,11 @@ async fn split_check(seed: &Arc<Seed>, id: u64, recs: &Records) -> Result<(), St
         hi: bounds.hi.clone(),
     });
     let data = crate::ranges::encode_admin(now_ms(), &cmd);
-    propose_entry(seed, cell, data)
+    // Answered once applied here (also in an Async range), behind the range's split fence.
+    crate::ranges::propose_split(seed, &local, data)
         .await
         .map_err(|e| format!("split entry: {e}"))?;
     let applied = Instant::now();
-    // Async mode answers before applying: wait until the split applied here.
-    let want = Some(at.clone());
-    let ok = poll_until(Duration::from_secs(5), || local.reader.bounds().hi == want).await;
-    if !ok {
-        return Err("split entry not applied here in 5 s".into());
-    }
     record_split(seed, id, &at, daughter).await?;
     tracing::info!(
         range = id,
@@ -473,20 +469,6 @@ async fn split_check(seed: &Arc<Seed>, id: u64, recs: &Records) -> Result<(), St
         "range split and recorded in meta"
     );
     Ok(())
-}
-
-/// Poll `f` every 10 ms until it holds (true) or `timeout` passed (false).
-async fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 async fn reserve_range_id(seed: &Arc<Seed>) -> Result<u64, String> {

@@ -24,6 +24,14 @@
 //! machine ahead of an empty log and writes a Snapshot record at (split index, split term).
 //! A registry claim makes exactly one of apply, self-assignment and start-up open a range.
 //!
+//! The leader proposes a split with [`propose_split`]: answered at apply (also in an Async
+//! range), behind the range's [`SplitFence`], so that an Async-mode write acknowledged before
+//! it applied is never one the split refuses at apply (its key moved away): client writes
+//! ([`crate::kv_port`]) are proposed at apply while the fence is up ([`write_ack`]) and
+//! settled after a LeaderDurable reply ([`settle_async_write`]). Writes that need their
+//! result (compare-and-swap, previous values: [`needs_apply_result`]) are answered at apply
+//! in every mode.
+//!
 //! # On disk
 //! `<data dir>/ranges/<range id>/range.meta` names the collection and its persistence mode
 //! (written before the cell is created; read at start-up to reopen the range), for a daughter
@@ -61,10 +69,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
-use collections::kv::{KvConfig, KvReader, KvStore, Persistence};
+use collections::kv::{KeyRange, KvConfig, KvReader, KvStore, Persistence};
 use harpoon::{
-    ApplyState, CellId, CellOptions, EntryRef, NodeId, ReplicationMode, SmSnapshot, StateMachine,
-    StateMachineError,
+    Ack, ApplyState, CellId, CellOptions, EntryRef, NodeId, ReplicationMode, SmSnapshot,
+    StateMachine, StateMachineError,
 };
 use meta::CollectionDescriptor;
 use parking_lot::Mutex;
@@ -493,6 +501,214 @@ pub struct LocalRange {
     pub reader: KvReader,
     /// The range this one was split from, when it was materialised by a split here (0: none).
     pub parent: u64,
+    /// Raised by this node's split of the range while the Split entry is in flight (see
+    /// [`SplitFence`]).
+    pub fence: Arc<SplitFence>,
+}
+
+/// A range's split fence: what lets an Async-mode write acknowledged before it applied never
+/// be one that a split applied before it refuses (`KEY_OUT_OF_RANGE`: the key moved away).
+///
+/// [`propose_split`] raises it (`begin`: the generation moves, the fence is up) before it
+/// proposes the Split entry, and lowers it (`end`: the generation moves again) once the
+/// split applied here or can no longer apply. A client write to the range
+/// ([`crate::kv_port`]) takes a [`FenceMark`] before it checks the store's bounds, proposes
+/// with [`Ack::Applied`] when the fence was up ([`write_ack`]), and, answered at
+/// `LeaderDurable`, settles the write with [`settle_async_write`] before it answers.
+///
+/// Why no acknowledged write is refused: say a write W to key `k` was answered at
+/// LeaderDurable at index `w` (so with a mark taken with the fence down), and a split S at
+/// `s < w` moves `k` away. S is in this leader's log before W.
+/// - S was proposed in W's term, by this node (the leader of a term is its only proposer):
+///   its `begin` came before its proposal, so before W's. If `begin` came after W's mark, the
+///   generation moved between W's mark and W's reply: [`settle_async_write`] waits until `w`
+///   applied and answers from the store's bounds then. If `begin` came before W's mark, the
+///   fence was down at the mark, so `end` came before it too: S had applied (the store's
+///   bounds dropped `k`, and W's bounds check, after the mark, refused W) or could never
+///   apply; both contradict W being acknowledged and refused.
+/// - S is of an earlier term: harpoon answers at LeaderDurable only once the leader applied
+///   its own term's first entry (see [`harpoon::ReplicationMode::Async`]), which comes after
+///   S in the log: S applied before W was proposed, so before W's reply, and the bounds check
+///   [`settle_async_write`] makes after every LeaderDurable reply sees `k` gone.
+///
+/// A write whose settle finds `k` gone is answered `WRONG_RANGE` (the client resends it,
+/// with its request id, to the range now holding `k`): either apply refused it, or it applied
+/// before a split that came after it, and then dedup, which a split carries to both halves,
+/// answers the resend with the first apply's reply.
+#[derive(Debug, Default)]
+pub struct SplitFence {
+    state: Mutex<FenceState>,
+}
+
+#[derive(Debug, Default)]
+struct FenceState {
+    generation: u64,
+    /// Splits in flight (begun, not ended).
+    up: u32,
+}
+
+/// A [`SplitFence`]'s state as a write saw it before its bounds check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FenceMark {
+    generation: u64,
+    /// A split was in flight.
+    pub up: bool,
+}
+
+impl SplitFence {
+    /// The fence now.
+    pub fn mark(&self) -> FenceMark {
+        let st = self.state.lock();
+        FenceMark {
+            generation: st.generation,
+            up: st.up > 0,
+        }
+    }
+
+    /// Whether a split was in flight at `before` or began or ended since.
+    pub fn moved_since(&self, before: FenceMark) -> bool {
+        let now = self.mark();
+        before.up || now.up || now.generation != before.generation
+    }
+
+    /// Raise the fence for one split; it is lowered when the guard drops.
+    pub fn begin(self: &Arc<Self>) -> FenceGuard {
+        let mut st = self.state.lock();
+        st.generation += 1;
+        st.up += 1;
+        FenceGuard(self.clone())
+    }
+}
+
+/// One split's hold on a [`SplitFence`] (lowered on drop).
+#[derive(Debug)]
+pub struct FenceGuard(Arc<SplitFence>);
+
+impl Drop for FenceGuard {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock();
+        st.generation += 1;
+        st.up = st.up.saturating_sub(1);
+    }
+}
+
+/// Whether a client write needs the state machine's reply (a compare-and-swap's result, a
+/// previous value): an Async range then answers it at apply too.
+pub fn needs_apply_result(op: &kvpb::Command_oneof_op) -> bool {
+    use kvpb::Command_oneof_op as Op;
+    match op {
+        Op::cas(_) => true,
+        Op::put(p) => p.prev_kv,
+        Op::delete(d) => d.prev_kv,
+        Op::batch(b) => b
+            .ops
+            .iter()
+            .any(|c| c.op.as_ref().is_some_and(needs_apply_result)),
+        Op::expire(_) | Op::compact(_) | Op::get(_) | Op::scan(_) => false,
+    }
+}
+
+/// How a client write `op` to a range is proposed, given the range's [`FenceMark`] taken
+/// before its bounds check: at apply when it needs the result or a split is in flight, else
+/// as the cell's mode says (a Consensus range answers at apply anyway).
+pub fn write_ack(op: &kvpb::Command_oneof_op, mark: FenceMark) -> Ack {
+    if mark.up || needs_apply_result(op) {
+        Ack::Applied
+    } else {
+        Ack::CellMode
+    }
+}
+
+/// A client write to `local` covering `span` that was answered at `LeaderDurable` at `index`,
+/// with `mark` taken before its bounds check: whether it stands (`Ok(true)`) or its key
+/// moved away in a split (`Ok(false)`: answer `WRONG_RANGE`). When a split of this node began
+/// or ended since `mark`, first waits (until `deadline`) for `index` to apply here. See
+/// [`SplitFence`] for why this is enough.
+///
+/// # Errors
+/// harpoon's, when `index` did not apply here by `deadline` (the outcome is unknown).
+pub async fn settle_async_write(
+    seed: &Seed,
+    local: &LocalRange,
+    mark: FenceMark,
+    index: u64,
+    span: &KeyRange,
+    deadline: std::time::Instant,
+) -> Result<bool, harpoon::Error> {
+    if local.fence.moved_since(mark) {
+        seed.node
+            .wait_applied(CellId(local.id), index, deadline)
+            .await?;
+    }
+    Ok(local.reader.bounds().covers(span))
+}
+
+/// How long [`propose_split`] waits for its Split entry to apply.
+pub const SPLIT_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Propose the admin Split entry `data` to `local` (led here) behind its [`SplitFence`],
+/// answered at apply (also in an Async range): `Ok` once the split applied here. The fence is
+/// lowered when the split applied here (or was refused), or could never apply (not
+/// proposed, or its slot taken); when the outcome is unknown (timeout), it stays up until
+/// this replica applied everything its log held then, the Split entry included if it is
+/// still there.
+///
+/// # Errors
+/// Why the split is not applied here: refused by apply (a stale split), not proposed, or not
+/// applied in [`SPLIT_APPLY_WAIT`].
+pub async fn propose_split(
+    seed: &Arc<Seed>,
+    local: &LocalRange,
+    data: Bytes,
+) -> Result<(), String> {
+    let cell = CellId(local.id);
+    let guard = local.fence.begin();
+    let deadline = std::time::Instant::now() + SPLIT_APPLY_WAIT;
+    let r = seed
+        .node
+        .propose_with(cell, data, deadline, Ack::Applied)
+        .await;
+    match &r {
+        Ok(_)
+        | Err(
+            harpoon::Error::NotLeader { .. }
+            | harpoon::Error::Busy { .. }
+            | harpoon::Error::ProposalDropped { .. }
+            | harpoon::Error::TooLarge { .. },
+        ) => drop(guard),
+        Err(_) => {
+            let seed = seed.clone();
+            tokio::spawn(async move {
+                hold_until_settled(&seed, cell, guard).await;
+            });
+        }
+    }
+    let reply = r.map_err(|e| e.to_string())?;
+    let Some(b) = reply.response else {
+        return Err("answered before apply".into());
+    };
+    let resp =
+        kvpb::Response::parse_from_carllerche_bytes(&b).map_err(|e| format!("reply: {e}"))?;
+    if resp.has_error() {
+        return Err(format!("refused: {}", resp.get_error().why));
+    }
+    Ok(())
+}
+
+/// Keep `guard` until `cell` applied here everything its log holds now (the cell is gone or
+/// the node stops: no write can be answered through it any more).
+async fn hold_until_settled(seed: &Seed, cell: CellId, guard: FenceGuard) {
+    let Ok(st) = seed.node.status(cell).await else {
+        return;
+    };
+    loop {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        match seed.node.wait_applied(cell, st.last_index, deadline).await {
+            Err(harpoon::Error::Timeout { .. }) => continue,
+            _ => break,
+        }
+    }
+    drop(guard);
 }
 
 #[derive(Debug, Default)]
@@ -575,6 +791,7 @@ impl Registry {
             persistence: m.persistence,
             reader,
             parent: m.parent,
+            fence: Arc::default(),
         };
         let mut h = self.held.lock();
         h.claims.remove(&r.id);
@@ -1050,6 +1267,72 @@ pub fn forget_lost(seed: &Seed, id: u64) -> Result<(), OpenError> {
 mod tests {
     use super::*;
     use collections::kv::Bounds;
+
+    /// A write that marked the fence down and saw it untouched until its reply needs no
+    /// wait; one whose mark was taken with a split in flight, or across a split's begin or
+    /// end, is proposed at apply or waits for its index to apply.
+    #[test]
+    fn split_fence_marks_every_write_that_overlaps_a_split() {
+        let f = Arc::new(SplitFence::default());
+        let quiet = f.mark();
+        assert!(!quiet.up);
+        assert!(!f.moved_since(quiet), "nothing happened");
+        let put = kvpb::Command_oneof_op::put(kvpb::Put::new());
+        assert_eq!(write_ack(&put, quiet), Ack::CellMode);
+
+        // A split begins after the mark (before the write's reply): the write waits.
+        let g = f.begin();
+        assert!(f.moved_since(quiet));
+        let during = f.mark();
+        assert!(during.up);
+        assert_eq!(write_ack(&put, during), Ack::Applied);
+        drop(g);
+        // Ended: a write marked before the end still counts it (its bounds check may have
+        // come before the split applied).
+        assert!(f.moved_since(quiet));
+        assert!(f.moved_since(during));
+        let after = f.mark();
+        assert!(!after.up);
+        assert!(
+            !f.moved_since(after),
+            "a write marked after the end checks the new bounds"
+        );
+
+        // Begin and end both between a write's mark and its reply: still seen.
+        let before = f.mark();
+        drop(f.begin());
+        assert!(f.moved_since(before));
+
+        // Two splits in flight (one left up by an unknown outcome): up until both end.
+        let a = f.begin();
+        let b = f.begin();
+        drop(a);
+        assert!(f.mark().up);
+        drop(b);
+        assert!(!f.mark().up);
+    }
+
+    #[test]
+    fn writes_that_need_their_result_are_answered_at_apply() {
+        use kvpb::Command_oneof_op as Op;
+        let down = SplitFence::default().mark();
+        let mut put = kvpb::Put::new();
+        assert!(!needs_apply_result(&Op::put(put.clone())));
+        put.prev_kv = true;
+        assert!(needs_apply_result(&Op::put(put.clone())));
+        let mut del = kvpb::Delete::new();
+        assert!(!needs_apply_result(&Op::delete(del.clone())));
+        del.prev_kv = true;
+        assert!(needs_apply_result(&Op::delete(del)));
+        assert!(needs_apply_result(&Op::cas(kvpb::Cas::new())));
+        assert_eq!(write_ack(&Op::cas(kvpb::Cas::new()), down), Ack::Applied);
+        let mut inner = kvpb::Command::new();
+        inner.set_put(put);
+        let mut batch = kvpb::Batch::new();
+        batch.ops.push(inner);
+        assert!(needs_apply_result(&Op::batch(batch)));
+        assert!(!needs_apply_result(&Op::batch(kvpb::Batch::new())));
+    }
 
     #[test]
     fn range_data_log_segments_are_small_and_valid() {
