@@ -176,8 +176,8 @@ async fn lost_memory_replica_rejoins_as_a_member() {
             .await
             .expect("put");
     }
-    // A graceful stop compacts every range's raft log: the restarted memory replica (empty)
-    // is behind the log's first index and is refused (NeedsSnapshot).
+    // A memory range keeps its raft log in the node's volatile log store: the restarted node
+    // finds only the range's `range.meta` and records the replica lost, creating no cell.
     let lost = 2;
     let addr = c.clients([lost])[0].to_string();
     assert!(

@@ -186,6 +186,30 @@ async fn metrics(seed: &Arc<Seed>) -> String {
         m.log_syncs,
     );
     g(
+        "harpoon_log_bytes_appended_total",
+        "Bytes appended to the durable raft log (memory collections' cells use the volatile log).",
+        "counter",
+        m.log_bytes_appended,
+    );
+    g(
+        "harpoon_log_records_appended_total",
+        "Records appended to the durable raft log.",
+        "counter",
+        m.log_records_appended,
+    );
+    g(
+        "harpoon_volatile_log_cells",
+        "Cells whose raft log is held in memory only (memory collections).",
+        "gauge",
+        m.volatile_log_cells,
+    );
+    g(
+        "harpoon_volatile_log_entries",
+        "Raft entries held in the volatile (in-memory) log.",
+        "gauge",
+        m.volatile_log_entries,
+    );
+    g(
         "harpoon_proposals_total",
         "Proposals accepted as leader.",
         "counter",

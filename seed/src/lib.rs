@@ -20,12 +20,14 @@
 //!   housekeeping (the range leader's `Expire` and retention `Compact`, removed replicas,
 //!   lost replicas leaving the cell before rejoining as learners).
 //! - [`client_port`]: the client port (multiplexed request ids).
-//! - [`status`]: the `Status` request's answer (meta's records and leader as this node sees them).
+//! - [`status`]: the `Status` request's answer (meta's records and leader as this node sees them,
+//!   and the leader and term each local replica believes).
 //! - [`kv_port`]: the client port's collection requests: CreateCollection, Lookup, and KV
 //!   commands routed to a range's replica (epoch, meta's and the store's bounds checked, leader
 //!   or follower reads; keys moved away by a split answered `WRONG_RANGE`).
 //! - [`watch_port`]: the client port's watch long-poll on one range's history (any replica;
-//!   events, wait for the next change, resync; bounds re-checked after the read).
+//!   events, wait for the next change, resync in pages; a revision too large for one reply is
+//!   cut in key order; bounds re-checked after the read).
 //! - [`admin`]: `/metrics`, `/livez`, `/readyz`.
 //!
 //! The async boundary is here: harpoon runs its shards on threads and answers with futures.
