@@ -18,8 +18,8 @@
 //!   leader reads wait for harpoon's read barrier (lease, else ReadIndex), follower reads are
 //!   served from the local replica and carry the applied index they were served at.
 //!   In an Async range a write is answered once durable on the leader, except a
-//!   compare-and-swap or a put/delete asking for previous values (answered at apply, with the
-//!   result) and a write overlapping a split of this node (answered at apply, or waited for
+//!   compare-and-swap, a delete or a put asking for the previous value (answered at apply,
+//!   with the result) and a write overlapping a split of this node (answered at apply, or waited for
 //!   until applied; a key the split moved away is `WRONG_RANGE`): see
 //!   [`crate::ranges::SplitFence`].
 //!
@@ -494,8 +494,8 @@ pub async fn kv(seed: &Arc<Seed>, cache: &RouteCache, id: u64, k: KvRequest) -> 
         return reply(id, &resp);
     }
     let data: Bytes = encode_entry(now_ms(), &k.command);
-    // At apply when the client needs the result (compare-and-swap, previous values) or a
-    // split is in flight; else as the range's mode says.
+    // At apply when the client needs the result (compare-and-swap, delete, previous value)
+    // or a split is in flight; else as the range's mode says.
     let ack = crate::ranges::write_ack(op, mark);
     match seed.node.propose_with(cell, data, deadline, ack).await {
         Ok(r) => match r.response {

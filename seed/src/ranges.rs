@@ -29,8 +29,8 @@
 //! it applied is never one the split refuses at apply (its key moved away): client writes
 //! ([`crate::kv_port`]) are proposed at apply while the fence is up ([`write_ack`]) and
 //! settled after a LeaderDurable reply ([`settle_async_write`]). Writes that need their
-//! result (compare-and-swap, previous values: [`needs_apply_result`]) are answered at apply
-//! in every mode.
+//! result (compare-and-swap, deletes, previous values: [`needs_apply_result`]) are answered
+//! at apply in every mode.
 //!
 //! # On disk
 //! `<data dir>/ranges/<range id>/range.meta` names the collection and its persistence mode
@@ -593,13 +593,13 @@ impl Drop for FenceGuard {
 }
 
 /// Whether a client write needs the state machine's reply (a compare-and-swap's result, a
-/// previous value): an Async range then answers it at apply too.
+/// previous value, how many keys a delete removed): an Async range then answers it at apply
+/// too.
 pub fn needs_apply_result(op: &kvpb::Command_oneof_op) -> bool {
     use kvpb::Command_oneof_op as Op;
     match op {
-        Op::cas(_) => true,
+        Op::cas(_) | Op::delete(_) => true,
         Op::put(p) => p.prev_kv,
-        Op::delete(d) => d.prev_kv,
         Op::batch(b) => b
             .ops
             .iter()
@@ -1320,10 +1320,8 @@ mod tests {
         assert!(!needs_apply_result(&Op::put(put.clone())));
         put.prev_kv = true;
         assert!(needs_apply_result(&Op::put(put.clone())));
-        let mut del = kvpb::Delete::new();
-        assert!(!needs_apply_result(&Op::delete(del.clone())));
-        del.prev_kv = true;
-        assert!(needs_apply_result(&Op::delete(del)));
+        // A delete answers how many keys it removed.
+        assert!(needs_apply_result(&Op::delete(kvpb::Delete::new())));
         assert!(needs_apply_result(&Op::cas(kvpb::Cas::new())));
         assert_eq!(write_ack(&Op::cas(kvpb::Cas::new()), down), Ack::Applied);
         let mut inner = kvpb::Command::new();
