@@ -19,8 +19,8 @@
 //!   served from the local replica and carry the applied index they were served at.
 //!   In an Async range a write is answered once durable on the leader, except a
 //!   compare-and-swap, a delete or a put asking for the previous value (answered at apply,
-//!   with the result) and a write overlapping a split of this node (answered at apply, or waited for
-//!   until applied; a key the split moved away is `WRONG_RANGE`): see
+//!   with the result) and a write overlapping a split of this node (answered at apply, or
+//!   waited for until applied; a key the split moved away is `WRONG_RANGE`): see
 //!   [`crate::ranges::SplitFence`].
 //!
 //! A write whose outcome is unknown (timeout, snapshot over its index) is answered
