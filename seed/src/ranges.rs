@@ -29,8 +29,8 @@
 //! it applied is never one the split refuses at apply (its key moved away): client writes
 //! ([`crate::kv_port`]) are proposed at apply while the fence is up ([`write_ack`]) and
 //! settled after a LeaderDurable reply ([`settle_async_write`]). Writes that need their
-//! result (compare-and-swap, deletes, previous values: [`needs_apply_result`]) are answered
-//! at apply in every mode.
+//! result (compare-and-swap, deletes, previous values, batches: [`needs_apply_result`]) are
+//! answered at apply in every mode.
 //!
 //! # On disk
 //! `<data dir>/ranges/<range id>/range.meta` names the collection and its persistence mode
@@ -595,17 +595,15 @@ impl Drop for FenceGuard {
 }
 
 /// Whether a client write needs the state machine's reply (a compare-and-swap's result, a
-/// previous value, how many keys a delete removed): an Async range then answers it at apply
-/// too.
+/// previous value, how many keys a delete removed, a batch's per-op results): an Async range
+/// then answers it at apply too.
 pub fn needs_apply_result(op: &kvpb::Command_oneof_op) -> bool {
     use kvpb::Command_oneof_op as Op;
     match op {
         Op::cas(_) | Op::delete(_) => true,
         Op::put(p) => p.prev_kv,
-        Op::batch(b) => b
-            .ops
-            .iter()
-            .any(|c| c.op.as_ref().is_some_and(needs_apply_result)),
+        // One result per op (an op whose key a split moved away is refused in its slot).
+        Op::batch(_) => true,
         Op::expire(_) | Op::compact(_) | Op::get(_) | Op::scan(_) => false,
     }
 }
@@ -1321,17 +1319,16 @@ mod tests {
         let mut put = kvpb::Put::new();
         assert!(!needs_apply_result(&Op::put(put.clone())));
         put.prev_kv = true;
-        assert!(needs_apply_result(&Op::put(put.clone())));
+        assert!(needs_apply_result(&Op::put(put)));
         // A delete answers how many keys it removed.
         assert!(needs_apply_result(&Op::delete(kvpb::Delete::new())));
         assert!(needs_apply_result(&Op::cas(kvpb::Cas::new())));
         assert_eq!(write_ack(&Op::cas(kvpb::Cas::new()), down), Ack::Applied);
         let mut inner = kvpb::Command::new();
-        inner.set_put(put);
+        inner.set_put(kvpb::Put::new());
         let mut batch = kvpb::Batch::new();
         batch.ops.push(inner);
-        assert!(needs_apply_result(&Op::batch(batch)));
-        assert!(!needs_apply_result(&Op::batch(kvpb::Batch::new())));
+        assert!(needs_apply_result(&Op::batch(batch)), "per-op results");
     }
 
     #[test]
