@@ -838,7 +838,12 @@ impl KvStore {
     /// Range split at `at`, applied as the entry `index`/`term`: keys `>= at` (and their
     /// history) move to a new store opened with `right` (which must be empty, or hold the
     /// right half of this same split from before a crash), keys `< at` stay. Both halves keep
-    /// the revision, the clock, the horizon and the apply state, and are durable on return.
+    /// the revision, the clock, the horizon and the apply state. The right half is durable on
+    /// return. The left half is too in persistent mode; in logged mode its image is written in
+    /// the background ([`KvStore::persist_background`]): until that write is complete its
+    /// durable state is the one before the split, and a crash replays the split entry from the
+    /// raft log (the right half then exists: the caller restricts the left half with
+    /// [`KvStore::split_drop_right`]).
     ///
     /// # Errors
     /// `InvalidArgument` if `at` is outside the bounds or `right` is not empty (nothing
@@ -901,8 +906,13 @@ impl KvStore {
             let chunks = std::iter::from_fn(|| image.next_chunk(1 << 20).transpose());
             right_store.restore_chunks(chunks)?;
         }
-        // Both halves durable at the split index when this returns (the right one already is).
-        self.persist()?;
+        // The right half is durable; the left one is written off the applying thread in
+        // logged mode (a whole image: the split must not stall the shard for it).
+        if matches!(self.cfg.persistence, Persistence::Logged { .. }) {
+            self.persist_background()?;
+        } else {
+            self.persist()?;
+        }
         Ok(right_store)
     }
 
