@@ -418,6 +418,9 @@ fn both_halves_of_a_split_keep_the_table() {
                 } else {
                     "right"
                 };
+                // Logged mode writes the left half's image in the background (until then a
+                // restart replays the split from the raft log): wait for it.
+                half.wait_image_write().expect("image");
                 drop(half);
                 let mut again = open(mode, &dir.path().join(d));
                 assert_remembered(&mut again, &sent);
