@@ -34,9 +34,14 @@
 //!     (this node was taken out of its membership) is dropped, dir included, once meta knows
 //!     the range and no longer lists this node ([`crate::ranges::drop_removed`]); never while
 //!     it is listed.
-//!   - lost replicas (every node): a replica refused at start-up (`NeedsSnapshot`, e.g. a
-//!     memory-mode store after a restart) rejoins: listed as a voter, it asks meta to demote it
-//!     to a learner; the range's leader ([`reconcile_cell`]) takes a KV range voter that meta
+//!   - lost replicas (every node): a replica recorded lost (`Registry::failed`) rejoins. It is
+//!     recorded at start-up for a memory range, without a cell (its raft log and hard state
+//!     were volatile); when harpoon refuses the cell with `NeedsSnapshot` (a logged or
+//!     persistent store that lost data its raft log was compacted past); and when the store's
+//!     image is damaged (`kv.snap` or data log failing its checksum: refused, never served,
+//!     `crate::ranges::damaged_image`). Listed as a voter, it asks meta to demote it to a
+//!     learner, unless meta lists no other voter (every replica lost or damaged: it keeps its
+//!     role and its dir, and the range waits for an operator); the range's leader ([`reconcile_cell`]) takes a KV range voter that meta
 //!     lists as a learner, and that it did not promote itself, out of the cell and only then
 //!     out of meta (meta's leader demotes dead voters the same way, and leaves dead learners
 //!     to the range's leader while the range has a live voter). So "not listed" means "not a
@@ -177,7 +182,9 @@ async fn housekeeping(seed: Arc<Seed>) {
 
 /// This node's replica of range `id` was lost (recorded in `Registry::failed`). Listed in meta
 /// as a voter: ask meta to demote it to a learner (the range's leader then takes it out of the
-/// cell, and only then out of meta, see [`reconcile_cell`]). Listed as a learner: ask meta to
+/// cell, and only then out of meta, see [`reconcile_cell`]); not while meta lists no other
+/// voter (every replica lost: no leader could take it out, and its dir may be the only copy of
+/// the range, damaged or not, so it is kept for an operator). Listed as a learner: ask meta to
 /// drop it (compared against the record read here, so a concurrent change, such as a
 /// promotion being recorded, makes it fail and the next round decides again); the range's
 /// leader then removes the cell member meta no longer lists. A learner's acknowledgements
@@ -194,6 +201,20 @@ async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
     };
     match range.value.members.iter().find(|m| m.node == seed.id) {
         Some(m) if m.role == MemberRole::VOTER => {
+            let others = range
+                .value
+                .members
+                .iter()
+                .any(|o| o.node != seed.id && o.role == MemberRole::VOTER);
+            if !others {
+                // No other voter holds the range: demoting this one would leave meta listing
+                // none, and nothing could take it out of the cell anyway (no leader). Its dir
+                // stays: the only copy there is, damaged or not.
+                return Err(format!(
+                    "the range's only voter in meta: kept, dir included, until repaired ({})",
+                    seed.ranges.failed(id).unwrap_or_default()
+                ));
+            }
             let txn =
                 ops::set_role(&range, seed.id, MemberRole::LEARNER).map_err(|e| e.to_string())?;
             match seed.propose_anywhere(&txn).await {

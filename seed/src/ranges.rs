@@ -61,6 +61,17 @@
 //! with its dir once meta no longer lists this node ([`drop_removed`], from the housekeeping
 //! loop); a lost replica's raft state and dir are forgotten the same way ([`forget_lost`]).
 //!
+//! A store whose files are damaged (a `kv.snap` or data log that fails its checksum or holds
+//! impossible values: [`damaged_image`]) is never served: opening it (at start-up or from
+//! self-assignment) records the replica as lost, with an error line naming the file and the
+//! reason (a data log's names the segment and offset), and it takes the same way out and back
+//! in as a lost memory replica. Its dir, the only copy of the damage, is deleted only once
+//! the range's leader took it out of the cell, that is once a quorum of healthy replicas
+//! holds the range. If every replica (or a majority) is damaged, no leader is elected: the
+//! replicas stay members, none is forgotten, each keeps its dir and logs its refusal, and the
+//! range does not serve until an operator repairs or restores a store (a lost voter also
+//! keeps its voter role in meta while meta lists no other voter, see [`crate::loops`]).
+//!
 //! The apply state (applied index, commit point, encoded `ConfState` as `apply_meta`) is
 //! stored by the KvStore atomically with its data.
 
@@ -1033,7 +1044,7 @@ async fn create_claimed(
 ) -> Result<(), OpenError> {
     let mut store = match store {
         Some(s) => s,
-        None => KvStore::open(prepare_dir(&seed.dir(), &m)?)?,
+        None => open_store(seed, &m)?,
     };
     settle_daughter(&mut store, &m)?;
     let reader = store.reader();
@@ -1145,10 +1156,7 @@ pub async fn reopen_all(seed: &Arc<Seed>) {
         if !seed.ranges.claim(m.range) {
             continue;
         }
-        let store = prepare_dir(&seed.dir(), &m)
-            .map_err(OpenError::from)
-            .and_then(|cfg| Ok(KvStore::open(cfg)?));
-        match store {
+        match open_store(seed, &m) {
             Ok(store) if m.parent != 0 && store.apply_state().applied_index == 0 => {
                 tracing::info!(
                     range = m.range,
@@ -1172,6 +1180,60 @@ pub async fn reopen_all(seed: &Arc<Seed>) {
             tracing::warn!(range = id, error = %err, "cannot reopen range");
         }
     }
+}
+
+/// Open range `m`'s store (writing its `range.meta` first). A store whose files are damaged
+/// ([`damaged_image`]) is refused, never served: the replica is recorded as lost
+/// ([`Registry::failed`]), with an error line naming the file and what is wrong, and rejoins
+/// like a memory replica lost in a restart (see the module doc): it leaves the range, its dir
+/// is deleted only once the range's leader took it out of the cell (so a quorum of healthy
+/// replicas holds the data), and it is refilled by snapshot.
+fn open_store(seed: &Seed, m: &RangeMeta) -> Result<KvStore, OpenError> {
+    let cfg = prepare_dir(&seed.dir(), m)?;
+    KvStore::open(cfg).map_err(|e| {
+        if let Some(file) = damaged_image(&seed.dir(), m, &e) {
+            record_damaged(seed, m, &file, &e);
+        }
+        e.into()
+    })
+}
+
+/// The file (or dir, for a data log whose error names the segment and offset) of range `m`
+/// under `data_dir` that `err`, from opening its store, reports as damaged; `None` if `err`
+/// is not about damaged stored bytes (an I/O error, say: retried).
+pub fn damaged_image(
+    data_dir: &Path,
+    m: &RangeMeta,
+    err: &collections::KvError,
+) -> Option<PathBuf> {
+    use collections::KvError;
+    let kv = range_dir(data_dir, m.range).join("kv");
+    match err {
+        KvError::Corrupt { what, .. } | KvError::InvalidField { what, .. }
+            if *what != "command" =>
+        {
+            Some(match m.persistence {
+                metapb::Persistence::LOGGED => kv.join("kv.snap"),
+                _ => kv,
+            })
+        }
+        KvError::Storage(seglog::Error::Corrupt { .. }) => Some(kv),
+        _ => None,
+    }
+}
+
+/// Record range `m`'s replica as lost here: its stored image `file` is damaged (`err`).
+fn record_damaged(seed: &Seed, m: &RangeMeta, file: &Path, err: &collections::KvError) {
+    let why = format!("damaged image {}: {err}", file.display());
+    tracing::error!(
+        node = seed.id,
+        range = m.range,
+        file = %file.display(),
+        error = %err,
+        "range replica refused: its stored image is damaged; not served here, it leaves the \
+         range and rejoins by snapshot (its dir is deleted once it is out of the cell)"
+    );
+    seed.ranges.failed.lock().insert(m.range, why);
 }
 
 /// A memory range this node held before it restarted: record the replica as lost, create
@@ -1254,12 +1316,13 @@ pub fn forget_lost(seed: &Seed, id: u64) -> Result<(), OpenError> {
         .map_err(|e| OpenError::Log(e.to_string()))?;
     log.sync().map_err(|e| OpenError::Log(e.to_string()))?;
     delete_dir(&seed.dir(), id)?;
-    seed.ranges.failed.lock().remove(&id);
+    // Logged before the record goes: self-assignment may claim a slot once it is gone.
     tracing::info!(
         node = seed.id,
         range = id,
         "lost replica forgotten (raft state and dir): may rejoin as a learner"
     );
+    seed.ranges.failed.lock().remove(&id);
     Ok(())
 }
 
@@ -1378,6 +1441,65 @@ mod tests {
         delete_dir(data.path(), 12).unwrap();
         assert!(meta_file(&range_dir(data.path(), 13)).exists());
         drop(store);
+    }
+
+    /// A flipped bit in a logged range's `kv.snap` fails the open, and the error is classified
+    /// as a damaged image naming that file; errors that are not about stored bytes are not.
+    #[test]
+    fn a_flipped_bit_in_a_range_image_is_a_damaged_image() {
+        let data = tempfile::tempdir().unwrap();
+        let m = RangeMeta {
+            range: 7,
+            collection: 3,
+            persistence: metapb::Persistence::LOGGED,
+            replication: metapb::ReplicationMode::CONSENSUS,
+            parent: 0,
+            split_index: 0,
+        };
+        let cfg = prepare_dir(data.path(), &m).unwrap();
+        let mut store = KvStore::open(cfg).unwrap();
+        for i in 0..20u64 {
+            let k = format!("k{i}");
+            let cmd =
+                collections::kv::cmd::encode(&collections::kv::cmd::put(k.as_bytes(), b"value", 0));
+            store.apply(i + 1, 1, 1000, &cmd).unwrap();
+        }
+        store.persist().unwrap();
+        drop(store);
+        let snap = range_dir(data.path(), 7).join("kv").join("kv.snap");
+        let mut bytes = std::fs::read(&snap).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        std::fs::write(&snap, &bytes).unwrap();
+        let Err(e) = KvStore::open(prepare_dir(data.path(), &m).unwrap()) else {
+            panic!("a damaged image is opened");
+        };
+        assert_eq!(damaged_image(data.path(), &m, &e), Some(snap), "{e}");
+
+        let persistent = RangeMeta {
+            persistence: metapb::Persistence::PERSISTENT,
+            ..m.clone()
+        };
+        let seg = collections::KvError::Storage(seglog::Error::Corrupt {
+            segment: 1,
+            offset: 4096,
+            reason: "checksum mismatch".into(),
+        });
+        assert_eq!(
+            damaged_image(data.path(), &persistent, &seg),
+            Some(range_dir(data.path(), 7).join("kv"))
+        );
+        let io = collections::KvError::Io {
+            op: "read snapshot",
+            path: "x".into(),
+            source: std::io::Error::other("busy"),
+        };
+        assert_eq!(damaged_image(data.path(), &m, &io), None);
+        let command = collections::KvError::Corrupt {
+            what: "command",
+            why: "garbage".into(),
+        };
+        assert_eq!(damaged_image(data.path(), &m, &command), None);
     }
 
     #[test]
