@@ -12,6 +12,8 @@
 //!
 //! A second test flips a bit in a follower's range image (`kv.snap`): the node runs, refuses
 //! that replica (never serves it), and the replica leaves the range and rejoins by snapshot.
+//! A third flips a bit in every replica's image: nothing can be served or taken out of the
+//! cell, so no replica is forgotten and meta keeps one voter.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,4 +343,110 @@ async fn flip_in_a_range_image_is_refused_and_the_replica_rejoins() {
         "F's new replica serves all {} acknowledged writes",
         w.acked.len()
     );
+}
+
+/// Every replica's range image damaged (a bit flipped in `kv.snap` on all three nodes): no
+/// replica can be served and no leader can take one out of the cell, so none is forgotten.
+/// Each node refuses its replica; the lost voters ask meta to demote them until meta lists one
+/// voter, which keeps its role ("the range's only voter in meta: kept"); every range dir, the
+/// damaged image in it, stays on disk for an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_range_image_damaged_keeps_every_replica() {
+    let mut c = ready_cluster(3).await;
+    let coll = "alldamaged";
+    assert!(c.create_collection(coll, 3, Duration::from_secs(90)).await);
+    let writes = Arc::new(Mutex::new(Writes::default()));
+    let load = Load::start_until_acked(
+        c.client_addrs(),
+        vec![coll.to_string()],
+        4,
+        "a",
+        &writes,
+        50,
+    )
+    .await;
+    let (_, range) = c.range_leader(coll, b"k0").await.expect("range leader");
+    c.kill_all();
+    load.stop().await;
+    let snaps: Vec<_> = (0..3)
+        .map(|i| {
+            c.nodes[i]
+                .data_dir
+                .join("ranges")
+                .join(range.to_string())
+                .join("kv")
+                .join("kv.snap")
+        })
+        .collect();
+    for snap in &snaps {
+        let mut bytes =
+            std::fs::read(snap).unwrap_or_else(|e| panic!("range image {}: {e}", snap.display()));
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x10;
+        std::fs::write(snap, &bytes).expect("write the damaged image");
+    }
+    let from: Vec<usize> = (0..3)
+        .map(|i| std::fs::metadata(c.log(i)).map(|m| m.len()).unwrap_or(0) as usize)
+        .collect();
+    let log_of = |c: &quiver_tests::cluster::Cluster, i: usize| {
+        let log = std::fs::read(c.log(i)).unwrap_or_default();
+        String::from_utf8_lossy(log.get(from[i]..).unwrap_or_default()).into_owned()
+    };
+    c.revive_all();
+    let kept = wait_for(Duration::from_secs(60), || {
+        let logs: Vec<String> = (0..3).map(|i| log_of(&c, i)).collect();
+        async move {
+            let refused = logs.iter().all(|l| l.contains("stored image is damaged"));
+            let kept = logs
+                .iter()
+                .position(|l| l.contains("the range's only voter in meta: kept"));
+            kept.filter(|_| refused)
+        }
+    })
+    .await;
+    let kept = kept.unwrap_or_else(|| {
+        panic!(
+            "the nodes did not all refuse their damaged replica, or none kept its voter role; \
+             logs in {}",
+            c.dir.display()
+        )
+    });
+    // Meta (as every node sees it, once their views caught up) lists the three members, one
+    // of them, the one kept, as the only voter.
+    let kept_id = c.nodes[kept].id;
+    let voters_of = |rd: &proto::metapb::RangeDescriptor| -> Vec<u64> {
+        rd.members
+            .iter()
+            .filter(|m| m.role == proto::metapb::MemberRole::VOTER)
+            .map(|m| m.node)
+            .collect()
+    };
+    let rd = wait_for(Duration::from_secs(30), || async {
+        let (_, rd) = c.lookup(coll, b"k0").await?;
+        (voters_of(&rd) == vec![kept_id] && rd.members.len() == 3).then_some(rd)
+    })
+    .await;
+    let state = c.membership_state(Some(coll)).await;
+    let rd = rd.unwrap_or_else(|| {
+        panic!("meta does not list the 3 members with node {kept} the only voter: {state}")
+    });
+    eprintln!(
+        "node {kept} kept its voter role; range {} epoch {} voters {:?}, {} members",
+        rd.id,
+        rd.epoch,
+        voters_of(&rd),
+        rd.members.len()
+    );
+    for i in 0..3 {
+        assert!(
+            !log_of(&c, i).contains("lost replica forgotten"),
+            "node {i} forgot a replica no healthy one holds; log {}",
+            c.log(i).display()
+        );
+        assert!(
+            snaps[i].exists(),
+            "node {i}'s damaged image {} was deleted",
+            snaps[i].display()
+        );
+    }
 }
