@@ -437,16 +437,16 @@ async fn every_range_image_damaged_keeps_every_replica() {
         voters_of(&rd),
         rd.members.len()
     );
-    for i in 0..3 {
+    for (i, snap) in snaps.iter().enumerate() {
         assert!(
             !log_of(&c, i).contains("lost replica forgotten"),
             "node {i} forgot a replica no healthy one holds; log {}",
             c.log(i).display()
         );
         assert!(
-            snaps[i].exists(),
+            snap.exists(),
             "node {i}'s damaged image {} was deleted",
-            snaps[i].display()
+            snap.display()
         );
     }
 }
