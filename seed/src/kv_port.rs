@@ -11,6 +11,12 @@
 //!   its key away is answered `KEY_OUT_OF_RANGE` by apply (not applied): the client gets
 //!   `WRONG_RANGE` with meta's current descriptor; reads check the store's bounds under the
 //!   same lock as the read, so a key the store no longer holds is never answered empty.
+//!   A `Batch` of writes is routed and bounds-checked as the smallest span holding every
+//!   op's keys (all of them must lie in the range, else `WRONG_RANGE` and nothing is
+//!   proposed), and answered at apply whatever the range's mode (its per-op results, see
+//!   [`crate::ranges::needs_apply_result`]): an op whose key a split moved
+//!   away before the entry applied gets `KEY_OUT_OF_RANGE` in its own slot (not applied) while
+//!   the others apply, and the client resends only those (`client::kv`, "Batches").
 //!   A delete's `range_end` or a scan's `end` of `"\0"` (to the end of the key space: no
 //!   range holds that) or at/below its start key is `INVALID_ARGUMENT` with the field named.
 //!   `NOT_LEADER{hint}` when a write or a leader read
@@ -355,8 +361,43 @@ fn command_span(op: &Command_oneof_op) -> Result<(KeyRange, bool), (&'static str
                 true,
             )
         }
+        Command_oneof_op::batch(b) => (batch_span(b)?, false),
         _ => return Err(("command", "not a client command")),
     })
+}
+
+/// The keys a batch touches: the smallest span holding every op's keys (so a bounds check of
+/// it checks every op). Each op must be a put, delete or compare-and-swap (with the same key
+/// rules as alone); an empty batch, a nested batch or a read in a batch is invalid.
+fn batch_span(b: &kvpb::Batch) -> Result<KeyRange, (&'static str, &'static str)> {
+    let mut hull: Option<KeyRange> = None;
+    for c in &b.ops {
+        let span = match &c.op {
+            Some(
+                op @ (Command_oneof_op::put(_)
+                | Command_oneof_op::delete(_)
+                | Command_oneof_op::cas(_)),
+            ) => command_span(op)?.0,
+            Some(Command_oneof_op::batch(_)) => {
+                return Err(("batch.ops", "nested batches are not allowed"))
+            }
+            _ => {
+                return Err((
+                    "batch.ops",
+                    "only puts, deletes and compare-and-swaps can be batched",
+                ))
+            }
+        };
+        hull = Some(match hull {
+            None => span,
+            Some(h) => KeyRange {
+                start: h.start.min(span.start),
+                // Writes always have an end (a delete to the end of the key space is refused).
+                end: h.end.max(span.end),
+            },
+        });
+    }
+    hull.ok_or(("batch.ops", "must not be empty"))
 }
 
 /// `WRONG_RANGE` for a key this replica's store no longer holds (a split moved it), with
@@ -665,6 +706,70 @@ mod tests {
                 },
                 true
             )
+        );
+    }
+
+    fn batch_of(ops: Vec<Command_oneof_op>) -> Command_oneof_op {
+        let mut b = kvpb::Batch::new();
+        for op in ops {
+            let mut c = kvpb::Command::new();
+            c.op = Some(op);
+            b.ops.push(c);
+        }
+        Command_oneof_op::batch(b)
+    }
+
+    fn put(key: &str) -> Command_oneof_op {
+        let mut p = Put::new();
+        p.key = b(key);
+        Command_oneof_op::put(p)
+    }
+
+    #[test]
+    fn a_batch_spans_every_ops_keys() {
+        let (span, read) =
+            command_span(&batch_of(vec![put("m"), delete("c", b"e"), put("k")])).unwrap();
+        assert!(!read);
+        assert_eq!(
+            span,
+            KeyRange {
+                start: b("c"),
+                end: Some(b("m\0"))
+            }
+        );
+        // A bounds check of the span checks every op: one key past hi fails it.
+        let mut desc = RangeDescriptor::new();
+        desc.lo = b("c");
+        desc.hi = b("m");
+        assert!(!descriptor_bounds(&desc).covers(&span));
+        desc.hi = b("m\0");
+        assert!(descriptor_bounds(&desc).covers(&span));
+        let (one, _) = command_span(&batch_of(vec![put("k")])).unwrap();
+        assert_eq!(one, KeyRange::key(b("k")));
+    }
+
+    #[test]
+    fn bad_batches_are_invalid() {
+        let field = |op| command_span(&op).unwrap_err().0;
+        assert_eq!(field(batch_of(vec![])), "batch.ops");
+        assert_eq!(
+            field(batch_of(vec![put("a"), batch_of(vec![put("b")])])),
+            "batch.ops"
+        );
+        let mut g = Get::new();
+        g.key = b("a");
+        assert_eq!(field(batch_of(vec![Command_oneof_op::get(g)])), "batch.ops");
+        assert_eq!(field(batch_of(vec![scan("a", b"")])), "batch.ops");
+        // An op's own key rules hold in a batch.
+        assert_eq!(
+            field(batch_of(vec![put("a"), delete("k", b"\0")])),
+            "range_end"
+        );
+        let mut empty = kvpb::Batch::new();
+        empty.ops.push(kvpb::Command::new());
+        assert_eq!(
+            command_span(&Command_oneof_op::batch(empty)).unwrap_err().0,
+            "batch.ops"
         );
     }
 
