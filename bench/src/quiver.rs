@@ -1,8 +1,9 @@
 //! The Quiver backend: a `client` KV handle on `collection`, reached through `seeds`.
 //!
 //! put/get/cas map onto [`client::Kv`]; get with [`Consistency::Follower`] is a follower
-//! read; `put_batch` sends its puts concurrently (the client pipelines them on one
-//! connection per node). The collection must exist (`quiver create-collection`).
+//! read; `put_batch` is [`client::Kv::put_batch`]: one `Batch` command (one raft entry) per
+//! range the keys route to, as etcd's backend sends one Txn. The collection must exist
+//! (`quiver create-collection`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -56,18 +57,13 @@ impl Backend for QuiverBackend {
     }
 
     async fn put_batch(&self, items: &[(Bytes, Bytes)]) -> Result<(), BackendError> {
-        let mut set = tokio::task::JoinSet::new();
-        for (k, v) in items {
-            let (k, v) = (k.clone(), v.clone());
-            let kv = self.leader.clone();
-            set.spawn(async move { kv.put(&k, &v).await });
-        }
-        while let Some(r) = set.join_next().await {
-            r.map_err(|e| BackendError::Request {
-                op: "put_batch",
-                reason: e.to_string(),
-            })?
+        let results = self
+            .leader
+            .put_batch(items)
+            .await
             .map_err(|e| req("put_batch", e))?;
+        for r in results {
+            r.map_err(|e| req("put_batch", e))?;
         }
         Ok(())
     }

@@ -32,6 +32,15 @@
 //! range no longer remembers the id (`REQUEST_EXPIRED`): the write may or may not have
 //! applied, and it will not apply later either.
 //!
+//! # Batches
+//! [`Kv::batch`] groups its ops by the cached range holding each key and sends one `Batch`
+//! command per range (concurrently), each with its own request id: a range applies its share
+//! in one raft entry, op by op with consecutive revisions. The node checks that every op's
+//! key lies in the range before proposing (else `WRONG_RANGE`: the client regroups); an op
+//! whose key a split moved away before the entry applied gets `KEY_OUT_OF_RANGE` in its
+//! slot, not applied, and only those ops are regrouped and sent again (under new ids: the
+//! old id's reply says it did not apply them). Across ranges a batch is not atomic.
+//!
 //! Keys in this API are collection-relative; the client adds the collection's prefix (its
 //! slice of the global keyspace) and strips it from answers.
 
@@ -119,6 +128,12 @@ impl std::ops::Deref for CachedRange {
     }
 }
 
+/// Whether range `r` holds `prefix ‖ key` (`lo <= key < hi`).
+pub(crate) fn holds(prefix: &[u8], key: &[u8], r: &RangeDescriptor) -> bool {
+    use std::cmp::Ordering::Less;
+    cmp_joined(prefix, key, &r.lo) != Less && cmp_joined(prefix, key, &r.hi) == Less
+}
+
 /// `prefix ‖ key` compared with `other`, without joining them.
 pub(crate) fn cmp_joined(prefix: &[u8], key: &[u8], other: &[u8]) -> std::cmp::Ordering {
     let n = prefix.len().min(other.len());
@@ -136,14 +151,12 @@ impl RangeCache {
         name: &str,
         key: &[u8],
     ) -> Option<(Arc<CollectionDescriptor>, Arc<CachedRange>)> {
-        use std::cmp::Ordering::{Greater, Less};
         let c = self.collections.get(name)?;
-        let r = self.ranges.get(&c.id)?.iter().find(|r| {
-            matches!(
-                cmp_joined(&c.prefix, key, &r.lo),
-                Greater | std::cmp::Ordering::Equal
-            ) && cmp_joined(&c.prefix, key, &r.hi) == Less
-        })?;
+        let r = self
+            .ranges
+            .get(&c.id)?
+            .iter()
+            .find(|r| holds(&c.prefix, key, r))?;
         Some((c.clone(), r.clone()))
     }
 
@@ -349,6 +362,23 @@ impl Client {
         mode: ReadMode,
         build: &(dyn Fn(&[u8], &RangeDescriptor) -> kvpb::Command + Sync),
     ) -> Result<Routed, ClientError> {
+        self.route_opt(name, key, write, mode, &|p, r| Some(build(p, r)))
+            .await?
+            .ok_or_else(|| ClientError::Protocol("no command built".into()))
+    }
+
+    /// [`Client::route`] where `build` may find that the command no longer fits the range
+    /// holding `key` (a batch whose keys a split separated): then `Ok(None)` when no send of
+    /// it can have applied (its ops may go out again under other request ids), else
+    /// [`ClientError::UnknownOutcome`].
+    async fn route_opt(
+        &self,
+        name: &str,
+        key: &[u8],
+        write: bool,
+        mode: ReadMode,
+        build: &(dyn Fn(&[u8], &RangeDescriptor) -> Option<kvpb::Command> + Sync),
+    ) -> Result<Option<Routed>, ClientError> {
         let start = Instant::now();
         // A request id is retried for at most RETRY_WINDOW (the range remembers it longer).
         let deadline = start
@@ -414,7 +444,14 @@ impl Client {
                         members[0]
                     })
             };
-            let mut cmd = build(&coll.prefix, &range.desc);
+            let Some(mut cmd) = build(&coll.prefix, &range.desc) else {
+                return match unknown {
+                    None => Ok(None),
+                    Some(why) => Err(ClientError::UnknownOutcome(format!(
+                        "{why}; then a split separated the batch's keys"
+                    ))),
+                };
+            };
             if let Some(t) = &ticket {
                 cmd.set_request_id(t.id(sent));
                 if sent > 0 {
@@ -460,12 +497,12 @@ impl Client {
                         }
                         return Err(response_error(e));
                     }
-                    return Ok(Routed {
+                    return Ok(Some(Routed {
                         resp,
                         coll,
                         range,
                         node: target,
-                    });
+                    }));
                 }
                 Ok(ClientResponse_oneof_kind::error(e)) => {
                     last = ClientError::from_wire(&e);
@@ -772,6 +809,120 @@ impl Backoff {
     }
 }
 
+/// One write of a batch ([`Kv::batch`]); keys are collection-relative.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    /// Write `value` at `key`.
+    Put { key: Bytes, value: Bytes },
+    /// Delete `key`.
+    Delete { key: Bytes },
+}
+
+impl BatchOp {
+    /// The op's key.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            BatchOp::Put { key, .. } | BatchOp::Delete { key } => key,
+        }
+    }
+
+    /// Bytes of key and value.
+    fn size(&self) -> usize {
+        match self {
+            BatchOp::Put { key, value } => key.len() + value.len(),
+            BatchOp::Delete { key } => key.len(),
+        }
+    }
+
+    /// The op as a command on full keys.
+    fn command(&self, prefix: &[u8]) -> kvpb::Command {
+        let mut cmd = kvpb::Command::new();
+        match self {
+            BatchOp::Put { key, value } => {
+                let mut p = kvpb::Put::new();
+                p.key = with_prefix(prefix, key);
+                p.value = value.clone();
+                cmd.set_put(p);
+            }
+            BatchOp::Delete { key } => {
+                let mut d = kvpb::Delete::new();
+                d.key = with_prefix(prefix, key);
+                cmd.set_delete(d);
+            }
+        }
+        cmd
+    }
+}
+
+/// Where one op of a batch applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpApplied {
+    /// The range's revision after the op: a put's own revision (ops of one range's batch take
+    /// consecutive revisions); a delete of an absent key changes nothing and takes none.
+    pub revision: u64,
+    /// The range that answered.
+    pub range: u64,
+    /// The raft entry the op applied in: every op of one range's batch shares it.
+    pub applied_index: u64,
+}
+
+/// Most ops in one `Batch` command (a range's share of a larger batch is cut into several).
+pub const BATCH_MAX_OPS: usize = 1000;
+/// Most bytes of keys and values in one `Batch` command (below the node's command limit).
+pub const BATCH_MAX_BYTES: usize = 512 << 10;
+
+/// The ops `pending` (indices into `ops`) grouped by the cached range of collection `name`
+/// holding their keys, each group in the order of `pending` and cut at [`BATCH_MAX_OPS`] ops
+/// and [`BATCH_MAX_BYTES`]; and the ops no cached range holds.
+fn group_by_range(
+    cache: &RangeCache,
+    name: &str,
+    ops: &[BatchOp],
+    pending: &[usize],
+) -> (Vec<(u64, Vec<usize>)>, Vec<usize>) {
+    // Per range: its closed groups, the open one and the open one's bytes.
+    let mut by_range: Vec<(u64, Vec<Vec<usize>>, usize)> = Vec::new();
+    let mut missing = Vec::new();
+    for &i in pending {
+        let Some((_, r)) = cache.find(name, ops[i].key()) else {
+            missing.push(i);
+            continue;
+        };
+        let size = ops[i].size();
+        let pos = match by_range.iter().position(|(id, _, _)| *id == r.id) {
+            Some(p) => p,
+            None => {
+                by_range.push((r.id, vec![Vec::new()], 0));
+                by_range.len() - 1
+            }
+        };
+        let (_, groups, bytes) = &mut by_range[pos];
+        let open = groups.last().map_or(0, Vec::len);
+        if open > 0 && (open >= BATCH_MAX_OPS || *bytes + size > BATCH_MAX_BYTES) {
+            groups.push(Vec::new());
+            *bytes = 0;
+        }
+        *bytes += size;
+        if let Some(g) = groups.last_mut() {
+            g.push(i);
+        }
+    }
+    let groups = by_range
+        .into_iter()
+        .flat_map(|(id, gs, _)| gs.into_iter().map(move |g| (id, g)))
+        .collect();
+    (groups, missing)
+}
+
+/// One op's slot in a range's answer to its batch.
+#[derive(Debug)]
+enum Slot {
+    /// Applied (or refused for good, e.g. a key too large).
+    Done(Result<OpApplied, ClientError>),
+    /// Not applied: a split moved the key away before the entry applied.
+    Moved,
+}
+
 /// A handle on one KV collection. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Kv {
@@ -967,6 +1118,196 @@ impl Kv {
         }
     }
 
+    /// Put every `(key, value)` of `items` (collection-relative keys): [`Kv::batch`] of puts.
+    ///
+    /// # Errors
+    /// As [`Kv::batch`].
+    pub async fn put_batch(
+        &self,
+        items: &[(Bytes, Bytes)],
+    ) -> Result<Vec<Result<OpApplied, ClientError>>, ClientError> {
+        let ops: Vec<BatchOp> = items
+            .iter()
+            .map(|(key, value)| BatchOp::Put {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect();
+        self.batch(&ops).await
+    }
+
+    /// Apply `ops` with one `Batch` command per range their keys route to (sent
+    /// concurrently); returns each op's result, in order.
+    ///
+    /// The ops of one range go out in one raft entry, each with its own revision and reply
+    /// (a range's share is cut into commands of at most [`BATCH_MAX_OPS`] ops and
+    /// [`BATCH_MAX_BYTES`]). Such a command applies atomically (every op in the same entry,
+    /// at consecutive revisions) unless a split moves some of its keys away between the
+    /// routing check and the apply: those ops are not applied there (`KEY_OUT_OF_RANGE` in
+    /// their slots) and are sent again, regrouped by their new ranges. Across ranges a batch
+    /// is **not** atomic: each range applies its share on its own, and a reader may see one
+    /// range's share before another's.
+    ///
+    /// Each command carries a request id like every write and is resent with it when its
+    /// answer is lost, so every op applies exactly once: an op is sent under a new id only
+    /// after a range answered that the id did not apply it (a refusal before proposing, or
+    /// its slot's `KEY_OUT_OF_RANGE`). The one case left to the caller: a command whose
+    /// answer was lost, and whose keys a split then separated, cannot be resent whole;
+    /// its ops get [`ClientError::UnknownOutcome`].
+    ///
+    /// # Errors
+    /// An empty key (nothing is sent). Per op: routing failures, typed command errors,
+    /// [`ClientError::UnknownOutcome`], [`ClientError::Timeout`] when the client's timeout
+    /// passed before the op was answered.
+    pub async fn batch(
+        &self,
+        ops: &[BatchOp],
+    ) -> Result<Vec<Result<OpApplied, ClientError>>, ClientError> {
+        for op in ops {
+            check_key(op.key())?;
+        }
+        let ops: Arc<[BatchOp]> = ops.into();
+        let deadline = Instant::now() + self.client.timeout.min(RETRY_WINDOW);
+        let mut out: Vec<Option<Result<OpApplied, ClientError>>> = vec![None; ops.len()];
+        let mut pending: Vec<usize> = (0..ops.len()).collect();
+        let mut backoff = Backoff::new();
+        let mut last_lookup: Option<usize> = None;
+        while !pending.is_empty() {
+            if Instant::now() >= deadline {
+                for i in pending {
+                    out[i] = Some(Err(ClientError::Timeout));
+                }
+                break;
+            }
+            let (groups, missing) =
+                group_by_range(&self.client.cache.lock(), &self.name, &ops, &pending);
+            if let Some(&i) = missing.first() {
+                // One lookup per range not cached; the same key again: wait first.
+                if last_lookup == Some(i) {
+                    backoff.wait().await;
+                }
+                last_lookup = Some(i);
+                if let Err(e) = self
+                    .client
+                    .resolve(&self.name, ops[i].key(), deadline, &mut backoff)
+                    .await
+                {
+                    for i in pending {
+                        out[i] = Some(Err(e.clone()));
+                    }
+                    break;
+                }
+                continue;
+            }
+            let mut answers = Vec::with_capacity(groups.len());
+            if let [(_, idx)] = groups.as_slice() {
+                answers.push((idx.clone(), self.send_group(&ops, idx).await));
+            } else {
+                let mut set = tokio::task::JoinSet::new();
+                for (_, idx) in groups {
+                    let (kv, ops) = (self.clone(), ops.clone());
+                    set.spawn(async move {
+                        let r = kv.send_group(&ops, &idx).await;
+                        (idx, r)
+                    });
+                }
+                while let Some(joined) = set.join_next().await {
+                    answers.push(
+                        joined.map_err(|e| ClientError::Protocol(format!("batch task: {e}")))?,
+                    );
+                }
+            }
+            let mut retry = Vec::new();
+            for (idx, answer) in answers {
+                match answer {
+                    Ok(Some(slots)) => {
+                        for (i, slot) in idx.into_iter().zip(slots) {
+                            match slot {
+                                Slot::Done(r) => out[i] = Some(r),
+                                Slot::Moved => retry.push(i),
+                            }
+                        }
+                    }
+                    Ok(None) => retry.extend(idx),
+                    Err(e) => {
+                        for i in idx {
+                            out[i] = Some(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+            if !retry.is_empty() {
+                self.client
+                    .regrouped
+                    .fetch_add(retry.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                // A split moved keys: look the ranges up again.
+                self.client.cache.lock().forget(&self.name);
+                backoff.wait().await;
+            }
+            retry.sort_unstable();
+            pending = retry;
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(ClientError::Timeout)))
+            .collect())
+    }
+
+    /// Send the ops `idx` of `ops` as one `Batch` command, with one request id, to the range
+    /// holding the first one: each op's slot, or `None` when the ops no longer lie in one
+    /// range and no send can have applied any of them.
+    async fn send_group(
+        &self,
+        ops: &[BatchOp],
+        idx: &[usize],
+    ) -> Result<Option<Vec<Slot>>, ClientError> {
+        let first = ops[idx[0]].key();
+        let routed = self
+            .client
+            .route_opt(&self.name, first, true, ReadMode::Leader, &|p, r| {
+                if !idx.iter().all(|&i| holds(p, ops[i].key(), r)) {
+                    return None;
+                }
+                let mut b = kvpb::Batch::new();
+                b.ops = idx.iter().map(|&i| ops[i].command(p)).collect();
+                let mut cmd = kvpb::Command::new();
+                cmd.set_batch(b);
+                Some(cmd)
+            })
+            .await?;
+        let Some(Routed { resp, range, .. }) = routed else {
+            return Ok(None);
+        };
+        let Some(Response_oneof_result::batch(b)) = resp.result else {
+            return Err(ClientError::Protocol("unexpected reply to a batch".into()));
+        };
+        if b.results.len() != idx.len() {
+            return Err(ClientError::Protocol(format!(
+                "{} slots in the reply to a batch of {}",
+                b.results.len(),
+                idx.len()
+            )));
+        }
+        Ok(Some(
+            b.results
+                .into_iter()
+                .map(|r| match &r.result {
+                    Some(Response_oneof_result::error(e))
+                        if e.code == kvpb::ErrorCode::KEY_OUT_OF_RANGE =>
+                    {
+                        Slot::Moved
+                    }
+                    Some(Response_oneof_result::error(e)) => Slot::Done(Err(response_error(e))),
+                    _ => Slot::Done(Ok(OpApplied {
+                        revision: r.get_header().revision,
+                        range: range.id,
+                        applied_index: r.get_header().applied_index,
+                    })),
+                })
+                .collect(),
+        ))
+    }
+
     /// Keys in `[start, end)` (`end` empty: to the end of the collection), at most `limit`
     /// (0: no limit), fetched in bounded pages across ranges (see [`Kv::scanner`]).
     ///
@@ -1156,6 +1497,98 @@ mod tests {
             r.members,
             vec!["127.0.0.1:1".parse::<SocketAddr>().unwrap()]
         );
+    }
+
+    /// A cache of collection "c" (prefix `p/`) with ranges `[lo, hi)` (relative keys).
+    fn cache_with(ranges: &[(u64, &str, &str)]) -> RangeCache {
+        let mut cache = RangeCache::default();
+        let mut c = CollectionDescriptor::new();
+        c.id = 7;
+        c.prefix = Bytes::from_static(b"p/");
+        cache.collections.insert("c".into(), Arc::new(c));
+        for &(id, lo, hi) in ranges {
+            let mut r = RangeDescriptor::new();
+            r.id = id;
+            r.collection = 7;
+            r.lo = with_prefix(b"p/", lo.as_bytes());
+            r.hi = with_prefix(b"p/", hi.as_bytes());
+            assert!(cache.put_range(r).is_some());
+        }
+        cache
+    }
+
+    fn put_op(key: &str, value_len: usize) -> BatchOp {
+        BatchOp::Put {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::from(vec![b'v'; value_len]),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_grouped_by_the_range_of_each_key_in_order() {
+        let cache = cache_with(&[(1, "", "g"), (2, "g", "p")]);
+        let ops: Vec<BatchOp> = ["h", "a", "q", "g", "b", "o", "z"]
+            .iter()
+            .map(|k| put_op(k, 1))
+            .collect();
+        let all: Vec<usize> = (0..ops.len()).collect();
+        let (groups, missing) = group_by_range(&cache, "c", &ops, &all);
+        assert_eq!(groups, vec![(2, vec![0, 3, 5]), (1, vec![1, 4])]);
+        assert_eq!(missing, vec![2, 6], "no cached range holds q and z");
+        // Only the pending ops are grouped.
+        let (groups, missing) = group_by_range(&cache, "c", &ops, &[4, 5]);
+        assert_eq!(groups, vec![(1, vec![4]), (2, vec![5])]);
+        assert!(missing.is_empty());
+        // Another collection: nothing is cached.
+        let (groups, missing) = group_by_range(&cache, "other", &ops, &[0, 1]);
+        assert!(groups.is_empty());
+        assert_eq!(missing, vec![0, 1]);
+        // A delete routes by its key too.
+        let del = [BatchOp::Delete {
+            key: Bytes::from_static(b"x"),
+        }];
+        let cache = cache_with(&[(1, "", "g"), (2, "g", "p"), (3, "p", "zz")]);
+        assert_eq!(
+            group_by_range(&cache, "c", &del, &[0]).0,
+            vec![(3, vec![0])]
+        );
+    }
+
+    #[test]
+    fn a_ranges_share_is_cut_by_ops_and_bytes() {
+        let cache = cache_with(&[(1, "", "zz")]);
+        let many: Vec<BatchOp> = (0..BATCH_MAX_OPS + 1)
+            .map(|i| put_op(&format!("k{i:05}"), 1))
+            .collect();
+        let all: Vec<usize> = (0..many.len()).collect();
+        let (groups, _) = group_by_range(&cache, "c", &many, &all);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].1.len(), BATCH_MAX_OPS);
+        assert_eq!(groups[1].1, vec![BATCH_MAX_OPS]);
+        // Bytes: three ops of a third of the bound (plus their keys) make two commands; an op
+        // larger than the bound goes alone (the node answers it TOO_LARGE).
+        let big = [
+            put_op("a", BATCH_MAX_BYTES / 3),
+            put_op("b", BATCH_MAX_BYTES / 3),
+            put_op("c", BATCH_MAX_BYTES / 3),
+            put_op("d", BATCH_MAX_BYTES + 1),
+            put_op("e", 1),
+        ];
+        let (groups, _) = group_by_range(&cache, "c", &big, &[0, 1, 2, 3, 4]);
+        let ids: Vec<Vec<usize>> = groups.into_iter().map(|(_, g)| g).collect();
+        assert_eq!(ids, vec![vec![0, 1], vec![2], vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn holds_is_lo_inclusive_hi_exclusive_on_joined_keys() {
+        let mut r = RangeDescriptor::new();
+        r.lo = Bytes::from_static(b"p/g");
+        r.hi = Bytes::from_static(b"p/p");
+        assert!(holds(b"p/", b"g", &r));
+        assert!(holds(b"p/", b"o\xff", &r));
+        assert!(!holds(b"p/", b"p", &r));
+        assert!(!holds(b"p/", b"f", &r));
+        assert!(!holds(b"q/", b"h", &r));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //!   range cache and routing to range leaders (backoff bounded by the timeout, descriptors
 //!   refreshed from WRONG_RANGE by epoch), request ids on writes and the resend of a write
 //!   whose answer was lost, follower reads round robin with the served-at applied index
-//!   ([`kv::Served`]), scans streamed page by page across ranges ([`kv::Scanner`]).
+//!   ([`kv::Served`]), scans streamed page by page across ranges ([`kv::Scanner`]),
+//!   batches of writes as one `Batch` command per range ([`kv::Kv::batch`],
+//!   [`kv::Kv::put_batch`]; regrouped after a split, each op applied once).
 //! - [`watch`]: [`Watch`] (`client.kv("name").watch_prefix(p, rev)`): long-polls per range
 //!   piece, exactly once per piece by its next revision, re-lookup after splits.
 //! - this file: [`Client`], routing and redirects.
@@ -40,7 +42,7 @@ use rand::seq::SliceRandom;
 
 pub use conn::Conn;
 pub use error::ClientError;
-pub use kv::{CasOutcome, Expect, Kv, ReadMode, Scanner, Served};
+pub use kv::{BatchOp, CasOutcome, Expect, Kv, OpApplied, ReadMode, Scanner, Served};
 pub use watch::{Watch, WatchEvent, WatchUpdate};
 
 /// Redirects followed per request.
@@ -62,6 +64,8 @@ pub struct Client {
     ids: Arc<kv::RequestIds>,
     /// Sends of writes whose earlier send's outcome was unknown.
     resends: Arc<AtomicU64>,
+    /// Batch ops sent again under a new request id after a split moved their keys.
+    regrouped: Arc<AtomicU64>,
 }
 
 /// A value read with the revision it was last written at.
@@ -93,6 +97,7 @@ impl Client {
             follower_turn: Arc::default(),
             ids: Arc::new(kv::RequestIds::new()),
             resends: Arc::default(),
+            regrouped: Arc::default(),
         })
     }
 
@@ -106,6 +111,13 @@ impl Client {
     /// ids. Shared by clones.
     pub fn resent_writes(&self) -> u64 {
         self.resends.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many ops of batches ([`Kv::batch`]) were sent again, regrouped under a new request
+    /// id, because a split moved their keys (refused before proposing, or not applied by the
+    /// entry). Shared by clones.
+    pub fn regrouped_batch_ops(&self) -> u64 {
+        self.regrouped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn conn(&self, addr: SocketAddr) -> Result<Conn, ClientError> {
