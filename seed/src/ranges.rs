@@ -51,8 +51,9 @@
 //!   learner; the range's leader takes such a voter out of the cell, then out of meta; once
 //!   meta no longer lists it, [`forget_lost`] destroys what is left of its raft state and the
 //!   range dir, and self-assignment claims a slot again as a learner, filled by snapshot.
-//! - `logged`: the store's snapshot file `kv.snap`, written by `persist` (before every log
-//!   compaction and at shutdown); the raft log replays the rest.
+//! - `logged`: the store's snapshot file `kv.snap`, written on the store's own thread
+//!   (`persist_background`: periodic log compaction, log GC, a split's left half) or in place
+//!   (`persist`: shutdown, a learner's snapshot); the raft log replays the rest.
 //! - `persistent`: the seglog data log of the store, in [`RANGE_SEGMENT_SIZE`] (17 MiB)
 //!   segments rather than seglog's 64 MiB default: every segment is preallocated and a reopen
 //!   scans the active one, per range.
