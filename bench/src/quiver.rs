@@ -2,8 +2,9 @@
 //!
 //! put/get/cas map onto [`client::Kv`]; get with [`Consistency::Follower`] is a follower
 //! read; `put_batch` is [`client::Kv::put_batch`]: one `Batch` command (one raft entry) per
-//! range the keys route to, as etcd's backend sends one Txn. The collection must exist
-//! (`quiver create-collection`).
+//! range the keys route to, as etcd's backend sends one Txn (atomic when the keys lie in one
+//! range, as with the benchmark's collection; across ranges each range's share applies on its
+//! own). The collection must exist (`quiver create-collection`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
