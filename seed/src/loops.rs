@@ -33,7 +33,8 @@
 //!   - removed replicas (every replica): a range registered here whose cell harpoon removed
 //!     (this node was taken out of its membership) is dropped, dir included, once meta knows
 //!     the range and no longer lists this node ([`crate::ranges::drop_removed`]); never while
-//!     it is listed.
+//!     it is listed, and for a logged daughter materialised here by a split, not before its
+//!     parent's image here is durable past the split ([`crate::ranges::settle_parent_image`]).
 //!   - lost replicas (every node): a replica recorded lost (`Registry::failed`) rejoins. It is
 //!     recorded at start-up for a memory range, without a cell (its raft log and hard state
 //!     were volatile); when harpoon refuses the cell with `NeedsSnapshot` (a logged or
@@ -47,6 +48,9 @@
 //!     to the range's leader while the range has a live voter). So "not listed" means "not a
 //!     voter of the cell", and only then does the node forget the cell's raft state and dir
 //!     ([`crate::ranges::forget_lost`]) and let self-assignment claim a slot as a learner.
+//!     Start-up also records as lost a range dir whose `range.meta` cannot be read, and
+//!     self-assignment a memory range meta lists here whose replica is gone but whose dir is
+//!     here (`crate::ranges::listed_unheld`): never a blank memory replica under an old identity.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -242,14 +246,16 @@ async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
             }
             Ok(())
         }
-        None => crate::ranges::forget_lost(seed, id).map_err(|e| e.to_string()),
+        None => crate::ranges::forget_lost(seed, id)
+            .await
+            .map_err(|e| e.to_string()),
     }
 }
 
 /// Range `id` is registered here but its cell is gone (harpoon removed this node from it):
 /// once meta knows the range and no longer lists this node, drop the replica and its dir.
 /// Never while meta lists it (this node's view may lag, or it is being re-added).
-fn drop_if_removed(
+async fn drop_if_removed(
     seed: &Arc<Seed>,
     id: u64,
     hk: &mut Housekeeping,
@@ -280,7 +286,9 @@ fn drop_if_removed(
         }
         None => return Ok(()),
     }
-    crate::ranges::drop_removed(seed, id).map_err(|e| format!("delete range dir: {e}"))
+    crate::ranges::drop_removed(seed, id)
+        .await
+        .map_err(|e| format!("drop removed replica: {e}"))
 }
 
 /// Propose one range command (`cmd`, full keys) on `cell`, led here, and check its answer.
@@ -324,7 +332,9 @@ async fn housekeep(
     let cell = CellId(id);
     let st = match seed.node.status(cell).await {
         Ok(st) => st,
-        Err(harpoon::Error::CellNotFound { .. }) => return drop_if_removed(seed, id, hk, recs),
+        Err(harpoon::Error::CellNotFound { .. }) => {
+            return drop_if_removed(seed, id, hk, recs).await
+        }
         Err(_) => return Ok(()),
     };
     if st.role != Role::Leader {
@@ -709,7 +719,8 @@ async fn assign(seed: Arc<Seed>) {
 /// Claim one slot of an under-replicated KV range (compare-and-swap into its descriptor),
 /// then open the replica: the range's first member bootstraps its cell alone; later ones
 /// open an empty replica that the range's leader adds as a learner and fills by snapshot.
-/// Also reopens a range this node is listed in but does not hold.
+/// Also reopens a range this node is listed in but does not hold (a memory range whose dir is
+/// here is recorded lost instead: `crate::ranges::listed_unheld`).
 async fn assign_ranges(seed: &Arc<Seed>) {
     let (ranges, nodes, colls) = seed.read_meta(|s| {
         (
@@ -737,6 +748,16 @@ async fn assign_ranges(seed: &Arc<Seed>) {
             .holding(r.value.collection, &r.value.lo)
             .is_some_and(|p| p != r.value.id)
         {
+            continue;
+        }
+        // Being opened here (a split's apply claims its daughter before writing its dir).
+        if seed.ranges.claimed(r.value.id) {
+            continue;
+        }
+        // A memory replica that was here and is gone (a restart, or a `range.meta` start-up
+        // could not read) is never opened blank under its identity: it is recorded lost and
+        // rejoins as a new member.
+        if !crate::ranges::may_reopen_listed(seed, r.value.id, c) {
             continue;
         }
         // The sole member whose cell was never created (stopped between claim and open).

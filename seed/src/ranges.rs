@@ -45,8 +45,11 @@
 //!   KvStore contract), so harpoon compacts freely. After a restart the replica's data, log
 //!   and hard state (term, vote) are gone; it must never come back as a blank replica with
 //!   the same identity (it could vote twice in a term). So [`reopen_all`] creates no cell for
-//!   a memory range whose `range.meta` it finds: the replica is recorded as lost
-//!   ([`Registry::failed`]) and the range is served by its other members. It rejoins
+//!   a memory range whose `range.meta` it finds, nor for a range dir whose `range.meta` cannot
+//!   be read or decoded (it may be a memory range; [`classify_range_dir`]), and
+//!   self-assignment opens no memory replica whose dir is here ([`listed_unheld`]): the
+//!   replica is recorded as lost ([`Registry::failed`], which no claim passes, not even a
+//!   parent's replayed split) and the range is served by its other members. It rejoins
 //!   ([`crate::loops`], housekeeping): listed as a voter, it asks meta to demote it to a
 //!   learner; the range's leader takes such a voter out of the cell, then out of meta; once
 //!   meta no longer lists it, [`forget_lost`] destroys what is left of its raft state and the
@@ -61,6 +64,10 @@
 //! A replica this node was removed from (harpoon destroyed its cell and raft log) is dropped
 //! with its dir once meta no longer lists this node ([`drop_removed`], from the housekeeping
 //! loop); a lost replica's raft state and dir are forgotten the same way ([`forget_lost`]).
+//! Neither deletes a logged daughter's dir while its parent here may still replay the split
+//! that materialised it (the parent's left-half image is written in the background): the
+//! parent's image is made durable past the split first ([`settle_parent_image`]), or a crash
+//! would materialise the daughter again, blank of its raft state, under the same identity.
 //!
 //! A store whose files are damaged (a `kv.snap` or data log that fails its checksum or holds
 //! impossible values: [`damaged_image`]) is never served: opening it (at start-up or from
@@ -763,10 +770,15 @@ impl Registry {
         v
     }
 
-    /// Claim range `id` for opening: false if it is held or being opened here.
+    /// Claim range `id` for opening: false if it is held or being opened here, or recorded
+    /// lost ([`Registry::failed`]: a lost replica is never opened again under its identity,
+    /// not even by its parent's split replayed after a restart, until it is forgotten).
     pub fn claim(&self, id: u64) -> bool {
         let mut h = self.held.lock();
-        !h.ranges.contains_key(&id) && h.claims.insert(id)
+        if h.ranges.contains_key(&id) || self.failed.lock().contains_key(&id) {
+            return false;
+        }
+        h.claims.insert(id)
     }
 
     /// Give back a claim on a range that was not opened.
@@ -902,6 +914,8 @@ pub enum OpenError {
     State(#[from] StateMachineError),
     #[error("raft log: {0}")]
     Log(String),
+    #[error("parent range {parent} may still replay the split that made this one: {why}")]
+    Parent { parent: u64, why: String },
 }
 
 /// The store configuration of range `m` held under `data_dir`; writes its `range.meta` first.
@@ -1126,16 +1140,124 @@ pub async fn open(
     create(seed, m, &voters, None).await
 }
 
-/// At start-up: reopen every range whose `range.meta` is in the data dir.
+/// What start-up finds in one entry of `<data dir>/ranges` ([`classify_range_dir`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FoundDir {
+    /// Not a range replica: a name that is not a range id, or a range dir without
+    /// `range.meta` (its creation or deletion was cut short: `range.meta` is written before
+    /// the store and the cell, and deleted first). Skipped.
+    Skip(String),
+    /// A replica that must not be opened under its identity: recorded lost
+    /// ([`Registry::failed`]), without a cell, and it rejoins (see the module doc). A memory
+    /// range (nothing of its replica survived the restart), or a range dir whose `range.meta`
+    /// cannot be read or does not decode (or names another range): what it held, its
+    /// persistence mode included, is unknown, so it cannot be reopened safely.
+    Lost { range: u64, why: String },
+    /// A logged or persistent replica: its store is reopened and its cell created.
+    Reopen(RangeMeta),
+}
+
+/// What start-up does with the entry `name` of `<data dir>/ranges`, whose `range.meta` read
+/// as `meta`.
+pub fn classify_range_dir(name: &str, meta: std::io::Result<String>) -> FoundDir {
+    let Ok(id) = name.parse::<u64>() else {
+        return FoundDir::Skip(format!("{name:?} is not a range id"));
+    };
+    if id == 0 {
+        return FoundDir::Skip("0 is not a range id".into());
+    }
+    let s = match meta {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return FoundDir::Skip("no range.meta (its creation or deletion was cut short)".into())
+        }
+        Err(e) => {
+            return FoundDir::Lost {
+                range: id,
+                why: format!("its range.meta cannot be read: {e}"),
+            }
+        }
+    };
+    match RangeMeta::decode(&s) {
+        None => FoundDir::Lost {
+            range: id,
+            why: "its range.meta does not decode".into(),
+        },
+        Some(m) if m.range != id => FoundDir::Lost {
+            range: id,
+            why: format!("its range.meta names range {}", m.range),
+        },
+        Some(m) if m.persistence == metapb::Persistence::MEMORY => FoundDir::Lost {
+            range: id,
+            why: MEMORY_LOST.into(),
+        },
+        Some(m) => FoundDir::Reopen(m),
+    }
+}
+
+/// Why a memory replica found at start-up is lost.
+const MEMORY_LOST: &str =
+    "memory range: its data, raft log and hard state did not survive the restart";
+
+/// What self-assignment does with a range that meta lists this node in and that is neither
+/// held, being opened nor recorded lost here ([`listed_unheld`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListedUnheld {
+    /// Open the replica: a logged or persistent one reopens its store and its durable raft
+    /// state; a memory range without a dir here has no replica here to come back as (its
+    /// `range.meta` is written before its cell is created and deleted only once the replica
+    /// was forgotten or removed from the cell): a new, empty one, or the sole member's first
+    /// cell when the node stopped between claiming its slot and opening it.
+    Open,
+    /// Record it lost ([`Registry::failed`]) without a cell: a memory range whose dir is here
+    /// had a replica here that did not survive (a restart, or a `range.meta` start-up could not
+    /// read), and a blank one under the same identity could vote twice in a term (a sole
+    /// member would bootstrap a new, empty group). It rejoins (see the module doc).
+    Lost(String),
+}
+
+/// What self-assignment does with a range of a `persistence` collection that meta lists this
+/// node in and that is not held, being opened or recorded lost here; `dir_exists`: whether the
+/// range's dir is in the data dir (unknown counts as present).
+pub fn listed_unheld(persistence: metapb::Persistence, dir_exists: bool) -> ListedUnheld {
+    match persistence {
+        metapb::Persistence::MEMORY if dir_exists => ListedUnheld::Lost(
+            "memory range listed here whose replica is not held: its raft log and hard state \
+             are gone"
+                .into(),
+        ),
+        _ => ListedUnheld::Open,
+    }
+}
+
+/// Self-assignment's path for range `id` of `collection`, listed in meta for this node and
+/// neither held, being opened nor recorded lost here: a memory range whose dir is here is
+/// recorded lost ([`listed_unheld`]) and `false` returned; otherwise `true` (open it).
+pub fn may_reopen_listed(seed: &Seed, id: u64, collection: &CollectionDescriptor) -> bool {
+    let dir_exists = range_dir(&seed.dir(), id).try_exists().unwrap_or(true);
+    match listed_unheld(collection.persistence, dir_exists) {
+        ListedUnheld::Open => true,
+        ListedUnheld::Lost(why) => {
+            record_lost(seed, id, &why);
+            false
+        }
+    }
+}
+
+/// At start-up: reopen every range whose `range.meta` is in the data dir
+/// ([`classify_range_dir`]).
 ///
 /// A memory range is not reopened: its replica died with the previous process (data, raft
 /// log and hard state were in memory). It is recorded as lost ([`Registry::failed`]) without
-/// a cell, and rejoins as a new member (see the module doc).
+/// a cell, and rejoins as a new member (see the module doc). So is a range dir whose
+/// `range.meta` cannot be read or decoded (keyed by the dir's name): it may be a memory
+/// replica, and self-assignment would otherwise open it blank under its old identity.
 ///
 /// Every store is opened (and its range claimed) before any cell is created, so a parent
-/// replaying a split finds its daughter either held (restricted only) or absent: a daughter
-/// whose store is empty was cut short by a crash in its split and is left to the parent's
-/// replay, which materialises it again.
+/// replaying a split finds its daughter either held (restricted only), recorded lost
+/// (restricted only: a lost replica cannot be claimed) or absent: a daughter whose store is
+/// empty was cut short by a crash in its split and is left to the parent's replay, which
+/// materialises it again.
 pub async fn reopen_all(seed: &Arc<Seed>) {
     let root = seed.dir().join("ranges");
     let Ok(entries) = std::fs::read_dir(&root) else {
@@ -1143,17 +1265,27 @@ pub async fn reopen_all(seed: &Arc<Seed>) {
     };
     let mut opened = Vec::new();
     for e in entries.flatten() {
-        let Ok(s) = std::fs::read_to_string(meta_file(&e.path())) else {
-            continue;
-        };
-        let Some(m) = RangeMeta::decode(&s) else {
-            tracing::warn!(path = %e.path().display(), "unreadable range.meta; range skipped");
-            continue;
-        };
-        if m.persistence == metapb::Persistence::MEMORY {
-            record_lost_memory(seed, &m);
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            tracing::info!(path = %e.path().display(), "not a range dir: skipped");
             continue;
         }
+        let file = meta_file(&e.path());
+        let m = match classify_range_dir(&name, std::fs::read_to_string(&file)) {
+            FoundDir::Reopen(m) => m,
+            FoundDir::Lost { range, why } if why == MEMORY_LOST => {
+                record_lost(seed, range, &why);
+                continue;
+            }
+            FoundDir::Lost { range, why } => {
+                record_lost(seed, range, &format!("{why}: {}", file.display()));
+                continue;
+            }
+            FoundDir::Skip(why) => {
+                tracing::info!(path = %e.path().display(), why, "not a range replica: skipped");
+                continue;
+            }
+        };
         if !seed.ranges.claim(m.range) {
             continue;
         }
@@ -1237,30 +1369,34 @@ fn record_damaged(seed: &Seed, m: &RangeMeta, file: &Path, err: &collections::Kv
     seed.ranges.failed.lock().insert(m.range, why);
 }
 
-/// A memory range this node held before it restarted: record the replica as lost, create
-/// nothing (a blank raft replica with this node's identity could vote again in a term it
-/// already voted in).
-fn record_lost_memory(seed: &Seed, m: &RangeMeta) {
-    if seed.ranges.get(m.range).is_some() || seed.ranges.claimed(m.range) {
+/// Record this node's replica of range `id` as lost (`why`), without a cell: a memory range
+/// this node held before it restarted (a blank raft replica with this node's identity could
+/// vote again in a term it already voted in), or one whose `range.meta` cannot be read. Not
+/// while it is held or being opened.
+fn record_lost(seed: &Seed, id: u64, why: &str) {
+    if seed.ranges.get(id).is_some() || seed.ranges.claimed(id) {
         return;
     }
-    let why = "memory range: its data, raft log and hard state did not survive the restart";
     tracing::warn!(
         node = seed.id,
-        range = m.range,
+        range = id,
         "range replica lost ({why}): not served here until it rejoins"
     );
-    seed.ranges.failed.lock().insert(m.range, why.to_string());
+    seed.ranges.failed.lock().insert(id, why.to_string());
 }
 
 /// Range `id`'s cell is gone here (harpoon removed this node from it and destroyed its raft
-/// log) and meta no longer lists this node (the caller checked): forget the replica and
-/// delete its dir.
+/// log) and the caller decided to drop it (meta no longer lists this node, or lists it for a
+/// replica removed while the node was down: it reopens empty): forget the replica and delete
+/// its dir, once a split of its parent that materialised it here can no longer be replayed
+/// ([`settle_parent_image`]).
 ///
 /// # Errors
-/// The dir cannot be deleted (the registry entry is gone anyway; the dir is retried at the
-/// next start-up's cleanup only if meta still does not list this node).
-pub fn drop_removed(seed: &Seed, id: u64) -> std::io::Result<()> {
+/// The parent's image is not settled yet (nothing changed: retried by the next round), or the
+/// dir cannot be deleted (the registry entry is gone anyway; the dir is retried at the next
+/// start-up's cleanup only if meta still does not list this node).
+pub async fn drop_removed(seed: &Seed, id: u64) -> Result<(), OpenError> {
+    settle_parent_image(seed, id).await?;
     seed.ranges.remove(id);
     delete_dir(&seed.dir(), id)?;
     tracing::info!(
@@ -1269,6 +1405,152 @@ pub fn drop_removed(seed: &Seed, id: u64) -> std::io::Result<()> {
         "removed replica dropped: range dir deleted"
     );
     Ok(())
+}
+
+/// Where range `id`'s replica here came from, as far as deleting its dir is concerned
+/// ([`split_origin`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SplitOrigin {
+    /// Nothing to wait for: not materialised by a split here, or its parent cannot replay
+    /// the split (a memory parent has no raft log after a restart; a persistent one made its
+    /// left half durable before the daughter's cell was created), or no `range.meta` (deleted
+    /// only after this wait, or never written: a daughter's is written before its store).
+    None,
+    /// A logged daughter: its parent's image must be durable at `split_index` or later.
+    Parent { parent: u64, split_index: u64 },
+    /// Its `range.meta` cannot be read or decoded: every logged replica held here is made
+    /// durable first (any of them may be its parent).
+    Unknown,
+}
+
+/// Range `id`'s [`SplitOrigin`], from its `range.meta` read as `meta`.
+pub fn split_origin(id: u64, meta: std::io::Result<String>) -> SplitOrigin {
+    let s = match meta {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return SplitOrigin::None,
+        Err(_) => return SplitOrigin::Unknown,
+    };
+    match RangeMeta::decode(&s) {
+        Some(m) if m.range != id => SplitOrigin::Unknown,
+        Some(m) if m.persistence != metapb::Persistence::LOGGED => SplitOrigin::None,
+        Some(m) if m.parent == 0 || m.split_index == 0 => SplitOrigin::None,
+        Some(m) => SplitOrigin::Parent {
+            parent: m.parent,
+            split_index: m.split_index,
+        },
+        None => SplitOrigin::Unknown,
+    }
+}
+
+/// What a parent replica's state says about replaying its split at `split_index` (`None`:
+/// unknown) after a crash ([`parent_image_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParentImage {
+    /// Its log starts past the split entry: its durable image holds the split (harpoon
+    /// compacts the log only up to the state machine's durable index).
+    Settled,
+    /// It has not applied the split yet: it will, and must find the daughter's dir (wait).
+    Behind,
+    /// Make its image durable now (`persist`, through a forced log compaction) to settle it.
+    Persist,
+}
+
+/// [`ParentImage`] of a parent whose log starts at `first_index` and which applied `applied`,
+/// for its split at `split_index` (`None`: unknown, always persisted).
+pub fn parent_image_state(first_index: u64, applied: u64, split_index: Option<u64>) -> ParentImage {
+    match split_index {
+        Some(i) if first_index > i => ParentImage::Settled,
+        Some(i) if applied < i => ParentImage::Behind,
+        _ => ParentImage::Persist,
+    }
+}
+
+/// Before range `id`'s dir and raft state are deleted ([`drop_removed`], [`forget_lost`]):
+/// if the replica is a logged daughter materialised here by its parent's split, make sure the
+/// parent's durable image is at or past the split. A logged parent writes its left half's
+/// image in the background after the split, so its durable image may still be the one before
+/// it: a crash would then replay the Split entry, find the daughter's dir gone and
+/// materialise the daughter again, blank of the raft state (term, vote) its deleted replica
+/// had, under the same identity (it could vote twice in a term). The parent held here is
+/// made durable (a forced compaction of its log: `persist`, which waits for the image write
+/// in flight) unless its log already starts past the split; a parent that has not applied the
+/// split yet, being opened, or on disk but not open here (its split could replay when it
+/// opens) makes the caller wait. A parent recorded lost, whose cell is gone, or with no dir
+/// here cannot replay it.
+///
+/// # Errors
+/// Why the daughter must wait (retried by the caller's next round).
+pub async fn settle_parent_image(seed: &Seed, id: u64) -> Result<(), OpenError> {
+    let meta = std::fs::read_to_string(meta_file(&range_dir(&seed.dir(), id)));
+    let parents: Vec<(u64, Option<u64>)> = match split_origin(id, meta) {
+        SplitOrigin::None => return Ok(()),
+        SplitOrigin::Parent {
+            parent,
+            split_index,
+        } => vec![(parent, Some(split_index))],
+        SplitOrigin::Unknown => seed
+            .ranges
+            .ids()
+            .into_iter()
+            .filter(|p| *p != id)
+            .filter(|p| {
+                seed.ranges
+                    .get(*p)
+                    .is_some_and(|r| r.persistence == metapb::Persistence::LOGGED)
+            })
+            .map(|p| (p, None))
+            .collect(),
+    };
+    for (parent, split_index) in parents {
+        settle_image(seed, parent, split_index)
+            .await
+            .map_err(|why| OpenError::Parent { parent, why })?;
+    }
+    Ok(())
+}
+
+/// Make sure `parent`'s replica here cannot replay its split at `split_index` (`None`:
+/// unknown: made durable if held).
+async fn settle_image(seed: &Seed, parent: u64, split_index: Option<u64>) -> Result<(), String> {
+    let cell = CellId(parent);
+    if seed.ranges.get(parent).is_none() {
+        if seed.ranges.claimed(parent) {
+            return Err("being opened here".into());
+        }
+        if seed.ranges.failed(parent).is_some() {
+            return Ok(());
+        }
+        return match meta_file(&range_dir(&seed.dir(), parent)).try_exists() {
+            Ok(false) => Ok(()),
+            _ => Err("on disk but not open here: its split could replay when it opens".into()),
+        };
+    }
+    let st = match seed.node.status(cell).await {
+        Ok(st) => st,
+        // Harpoon removed this node from it and destroyed its raft log: nothing replays.
+        Err(harpoon::Error::CellNotFound { .. }) => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    match parent_image_state(st.first_index, st.applied, split_index) {
+        ParentImage::Settled => Ok(()),
+        ParentImage::Behind => Err(format!(
+            "has not applied the split at {} yet (applied {})",
+            split_index.unwrap_or_default(),
+            st.applied
+        )),
+        ParentImage::Persist => match seed.node.compact_log(cell).await {
+            Ok(_) | Err(harpoon::Error::CellNotFound { .. }) => {
+                tracing::info!(
+                    node = seed.id,
+                    range = parent,
+                    split_index = ?split_index,
+                    "parent image made durable before its daughter's replica is deleted"
+                );
+                Ok(())
+            }
+            Err(e) => Err(format!("image not made durable: {e}")),
+        },
+    }
 }
 
 /// Delete range `id`'s dir: its `range.meta` first (durably), so a crash part way never
@@ -1300,14 +1582,17 @@ pub fn delete_dir(data_dir: &Path, id: u64) -> std::io::Result<()> {
 /// Only once meta no longer lists this node for the range (the caller checks): a lost voter
 /// first asks to be demoted in meta, and the range's leader takes it out of the cell before
 /// it takes it out of meta (see [`crate::loops`]), so an empty replica opened later is never
-/// counted as a voter of the old membership.
+/// counted as a voter of the old membership. And only once a split of its parent that
+/// materialised it here can no longer be replayed ([`settle_parent_image`]).
 ///
 /// # Errors
-/// The log store or the dir cannot be changed (the failure record stays: retried).
-pub fn forget_lost(seed: &Seed, id: u64) -> Result<(), OpenError> {
+/// The parent's image is not settled yet, or the log store or the dir cannot be changed (the
+/// failure record stays: retried).
+pub async fn forget_lost(seed: &Seed, id: u64) -> Result<(), OpenError> {
     if seed.ranges.get(id).is_some() || seed.ranges.claimed(id) {
         return Ok(());
     }
+    settle_parent_image(seed, id).await?;
     seed.node
         .volatile_log()
         .destroy_cell(CellId(id))
@@ -1869,5 +2154,219 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    fn meta_text(m: &RangeMeta) -> std::io::Result<String> {
+        Ok(m.encode())
+    }
+
+    /// Start-up's decision per range dir: a logged or persistent replica reopens; a memory
+    /// one, or one whose `range.meta` cannot be read, does not decode or names another range,
+    /// is lost, keyed by the dir's name (never skipped: self-assignment would then open it
+    /// blank under its old identity); what is not a range replica is skipped.
+    #[test]
+    fn start_up_records_a_range_dir_it_cannot_read_as_lost() {
+        let logged = RangeMeta {
+            range: 7,
+            collection: 3,
+            persistence: metapb::Persistence::LOGGED,
+            replication: metapb::ReplicationMode::CONSENSUS,
+            parent: 2,
+            split_index: 40,
+        };
+        assert_eq!(
+            classify_range_dir("7", meta_text(&logged)),
+            FoundDir::Reopen(logged.clone())
+        );
+        let persistent = RangeMeta {
+            persistence: metapb::Persistence::PERSISTENT,
+            ..logged.clone()
+        };
+        assert_eq!(
+            classify_range_dir("7", meta_text(&persistent)),
+            FoundDir::Reopen(persistent)
+        );
+        let memory = RangeMeta {
+            persistence: metapb::Persistence::MEMORY,
+            ..logged.clone()
+        };
+        let lost = |d: FoundDir| match d {
+            FoundDir::Lost { range, why } => (range, why),
+            other => panic!("not lost: {other:?}"),
+        };
+        assert_eq!(
+            lost(classify_range_dir("7", meta_text(&memory))),
+            (7, MEMORY_LOST.to_string())
+        );
+        // Garbage, a cut-short file, an empty one, an unknown mode: lost under the dir's id.
+        for text in [
+            "range=7\ncollection=3\npersistence=9\n",
+            "range=7\ncollection=x\n",
+            "\u{0}\u{0}\u{0}",
+            "",
+            "rang",
+        ] {
+            let (range, why) = lost(classify_range_dir("7", Ok(text.to_string())));
+            assert_eq!(range, 7, "{text:?}");
+            assert!(why.contains("does not decode"), "{text:?}: {why}");
+        }
+        // A read error other than a missing file (bytes that are not UTF-8, an I/O error).
+        let bad = std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8");
+        let (range, why) = lost(classify_range_dir("7", Err(bad)));
+        assert_eq!(range, 7);
+        assert!(why.contains("cannot be read"), "{why}");
+        // A readable file naming another range: it cannot be trusted either.
+        let (range, why) = lost(classify_range_dir("8", meta_text(&logged)));
+        assert_eq!(range, 8);
+        assert!(why.contains("names range 7"), "{why}");
+        // Not a range replica: skipped.
+        let missing = || std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        assert!(matches!(
+            classify_range_dir("7", Err(missing())),
+            FoundDir::Skip(_)
+        ));
+        assert!(matches!(
+            classify_range_dir("range.meta.tmp", meta_text(&logged)),
+            FoundDir::Skip(_)
+        ));
+        assert!(matches!(
+            classify_range_dir("0", Ok(String::new())),
+            FoundDir::Skip(_)
+        ));
+        // The bytes start-up reads from a real dir: a flipped byte makes it lost.
+        let data = tempfile::tempdir().unwrap();
+        prepare_dir(data.path(), &memory).unwrap();
+        let file = meta_file(&range_dir(data.path(), 7));
+        std::fs::write(&file, b"\xff\xfe\x00garbage").unwrap();
+        let (range, why) = lost(classify_range_dir("7", std::fs::read_to_string(&file)));
+        assert_eq!(range, 7);
+        assert!(why.contains("cannot be read"), "{why}");
+    }
+
+    /// Self-assignment's decision for a range listed here but not held: a memory range whose
+    /// dir is here (or may be) is lost, never opened blank; without a dir it is a new replica;
+    /// logged and persistent ones reopen (their raft state is durable).
+    #[test]
+    fn a_listed_memory_range_whose_dir_is_here_is_lost_not_reopened() {
+        use metapb::Persistence as P;
+        assert!(matches!(
+            listed_unheld(P::MEMORY, true),
+            ListedUnheld::Lost(_)
+        ));
+        assert_eq!(listed_unheld(P::MEMORY, false), ListedUnheld::Open);
+        for p in [P::LOGGED, P::PERSISTENT] {
+            assert_eq!(listed_unheld(p, true), ListedUnheld::Open);
+            assert_eq!(listed_unheld(p, false), ListedUnheld::Open);
+        }
+    }
+
+    /// A replica recorded lost cannot be claimed (so neither self-assignment nor a parent's
+    /// replayed split opens it) until its record is gone.
+    #[test]
+    fn a_lost_replica_cannot_be_claimed() {
+        let r = Registry::default();
+        r.failed.lock().insert(9, "lost".into());
+        assert!(!r.claim(9));
+        assert!(!r.claimed(9));
+        assert!(r.claim(10));
+        r.failed.lock().remove(&9);
+        assert!(r.claim(9));
+        assert!(!r.claim(9), "claimed once");
+    }
+
+    /// Which parent a daughter's deletion waits for, and when the parent's image is settled.
+    #[test]
+    fn deleting_a_logged_daughter_waits_for_its_parents_image() {
+        let d = RangeMeta {
+            range: 9,
+            collection: 3,
+            persistence: metapb::Persistence::LOGGED,
+            replication: metapb::ReplicationMode::CONSENSUS,
+            parent: 2,
+            split_index: 40,
+        };
+        assert_eq!(
+            split_origin(9, meta_text(&d)),
+            SplitOrigin::Parent {
+                parent: 2,
+                split_index: 40
+            }
+        );
+        // A persistent parent's left half is durable before the daughter exists; a memory
+        // parent has nothing to replay; a range opened by assignment has no parent.
+        for other in [
+            RangeMeta {
+                persistence: metapb::Persistence::PERSISTENT,
+                ..d.clone()
+            },
+            RangeMeta {
+                persistence: metapb::Persistence::MEMORY,
+                ..d.clone()
+            },
+            RangeMeta {
+                parent: 0,
+                split_index: 0,
+                ..d.clone()
+            },
+        ] {
+            assert_eq!(split_origin(9, meta_text(&other)), SplitOrigin::None);
+        }
+        let missing = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        assert_eq!(split_origin(9, Err(missing)), SplitOrigin::None);
+        let bad = std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8");
+        assert_eq!(split_origin(9, Err(bad)), SplitOrigin::Unknown);
+        assert_eq!(split_origin(9, Ok("garbage".into())), SplitOrigin::Unknown);
+        assert_eq!(split_origin(8, meta_text(&d)), SplitOrigin::Unknown);
+
+        // The parent's log starts past the split entry: its image holds the split.
+        assert_eq!(parent_image_state(41, 50, Some(40)), ParentImage::Settled);
+        // The split entry is still in its log: persist first.
+        assert_eq!(parent_image_state(41, 50, Some(41)), ParentImage::Persist);
+        assert_eq!(parent_image_state(1, 40, Some(40)), ParentImage::Persist);
+        // Not applied yet: it will, and must find the daughter's dir.
+        assert_eq!(parent_image_state(1, 39, Some(40)), ParentImage::Behind);
+        // Unknown split: always persisted.
+        assert_eq!(parent_image_state(100, 100, None), ParentImage::Persist);
+    }
+
+    /// What settling a parent does and why it closes the window: a logged parent's split
+    /// leaves its durable image before the split (written in the background), so a crash
+    /// then would replay the Split entry and, the daughter's dir deleted, materialise it again
+    /// blank; once `persist` returned (what the forced compaction of the parent calls), the
+    /// durable image holds the split and a reopened parent has nothing to replay.
+    #[test]
+    fn a_parent_made_durable_after_its_split_no_longer_replays_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Arc::new(FakeHost {
+            dir: dir.path().to_path_buf(),
+            ..Default::default()
+        });
+        let pm = parent_meta();
+        let cfg = prepare_dir(dir.path(), &pm).unwrap();
+        let mut sm = KvStateMachine::with_host(
+            KvStore::open(cfg.clone()).unwrap(),
+            pm.clone(),
+            host.clone(),
+        );
+        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
+            put_entry(&mut sm, 1 + i as u64, k);
+        }
+        sm.persist().unwrap();
+        let b = sm.store.bounds();
+        let r = split_entry_at(&mut sm, 5, b"d", 9, &b);
+        assert!(!r.has_error(), "{r:?}");
+        assert_eq!(host.started.lock().len(), 1);
+        // Before the image write is adopted the parent's durable state may predate the split.
+        assert!(sm.apply_state().applied_index <= 5);
+        sm.persist().unwrap();
+        assert_eq!(sm.apply_state().applied_index, 5, "durable at the split");
+        drop(sm);
+        // The daughter's replica is deleted, then a crash: the reopened parent starts at the
+        // split (harpoon replays only entries past it) with the right half already gone.
+        host.started.lock().clear();
+        delete_dir(dir.path(), 9).unwrap();
+        let reopened = KvStore::open(cfg).unwrap();
+        assert_eq!(reopened.durable_state().applied_index, 5);
+        assert_eq!(reopened.bounds().hi.as_deref(), Some(&b"d"[..]));
     }
 }
