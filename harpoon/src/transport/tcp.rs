@@ -790,6 +790,8 @@ async fn serve_stream(
     buffered: Option<BytesMut>,
 ) -> Result<(), TransportError> {
     bump(&shared.stats.accepted, 1);
+    // Numbered at accept, so "newer" means accepted later, whichever handshake ends first.
+    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let mut reader =
@@ -816,11 +818,26 @@ async fn serve_stream(
     };
     tracing::debug!(node = %shared.node, peer = %from, "peer connected");
     reader.set_max_frame(shared.cfg.max_frame);
-    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     let superseded = Arc::new(Notify::new());
-    let older = shared.inbound.lock().insert(from, (id, superseded.clone()));
-    if let Some((_, older)) = older {
-        older.notify_one();
+    // A connection from the same peer accepted after this one may already have finished its
+    // handshake (this task was slow between its ack and here): then this one is the stale
+    // one, and closes.
+    let stale = {
+        let mut inbound = shared.inbound.lock();
+        match inbound.get(&from) {
+            Some((other, _)) if *other > id => true,
+            _ => {
+                if let Some((_, older)) = inbound.insert(from, (id, superseded.clone())) {
+                    older.notify_one();
+                }
+                false
+            }
+        }
+    };
+    if stale {
+        tracing::debug!(node = %shared.node, peer = %from, "peer connection superseded");
+        let _ = wr.shutdown().await;
+        return Ok(());
     }
     let result = tokio::select! {
         biased;
