@@ -219,6 +219,11 @@ async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
                     seed.ranges.failed(id).unwrap_or_default()
                 ));
             }
+            // Remembered (durably, before meta hears of it) so that once meta lists this node
+            // as a learner it still waits for the range's leader to take it out of the cell:
+            // the cell may count it as a voter, and no one else may drop it (below).
+            crate::durable::write_durably(&lost_voter_marker(seed, id), b"demoted\n")
+                .map_err(|e| format!("lost-voter marker: {e}"))?;
             let txn =
                 ops::set_role(&range, seed.id, MemberRole::LEARNER).map_err(|e| e.to_string())?;
             match seed.propose_anywhere(&txn).await {
@@ -232,6 +237,15 @@ async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
             }
             Ok(())
         }
+        // A voter this node demoted in meta: the cell may still count it as a voter (with no
+        // leader, e.g. every replica damaged, nothing changes the cell). Dropping it from meta
+        // here would let it forget its dir and come back blank under its old identity; the
+        // range's leader takes it out of the cell, then out of meta (the `None` arm).
+        Some(_) if lost_voter_marker(seed, id).exists() => Err(
+            "lost replica demoted from voter: waiting for the range's leader to take it out of \
+             the cell"
+                .into(),
+        ),
         Some(_) => {
             let txn = ops::del_member(&range, seed.id).map_err(|e| e.to_string())?;
             match seed.propose_anywhere(&txn).await {
@@ -250,6 +264,12 @@ async fn rejoin_lost(seed: &Arc<Seed>, id: u64) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string()),
     }
+}
+
+/// The file in a lost replica's range dir that says this node was a voter of the range when
+/// it asked meta to demote it (removed with the dir by `forget_lost`).
+fn lost_voter_marker(seed: &Seed, id: u64) -> std::path::PathBuf {
+    crate::ranges::range_dir(&seed.dir(), id).join("lost-voter")
 }
 
 /// Range `id` is registered here but its cell is gone (harpoon removed this node from it):
