@@ -24,37 +24,6 @@ use protobuf::Message;
 const NAME: &str = "splits";
 const WRITERS: usize = 4;
 const KEYS: usize = 128;
-const VALUE: usize = 1024;
-
-type Model = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
-
-fn value(w: usize, i: usize, round: usize) -> Vec<u8> {
-    let mut v = format!("{w}-{i}-{round}-").into_bytes();
-    v.resize(VALUE, b'a' + (i % 26) as u8);
-    v
-}
-
-/// Writes every key of writer `w` once, then overwrites a third of them per round until
-/// `stop` (so the splits happen under load).
-async fn writer(kv: client::Kv, w: usize, model: Model, stop: Arc<AtomicBool>) -> usize {
-    let mut puts = 0;
-    for round in 0.. {
-        for i in 0..KEYS {
-            if round > 0 && (i + round) % 3 != 0 {
-                continue;
-            }
-            let key = format!("w{w}/k{i:03}").into_bytes();
-            let v = value(w, i, round);
-            put_acked(&kv, &key, &v).await;
-            model.lock().unwrap().insert(key, v);
-            puts += 1;
-            if round > 0 && stop.load(Ordering::Relaxed) {
-                return puts;
-            }
-        }
-    }
-    puts
-}
 
 /// A log line without its colour escapes.
 fn plain(line: &str) -> String {
@@ -176,9 +145,10 @@ async fn ranges_split_under_load_without_losing_or_repeating_writes() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for w in 0..WRITERS {
-        tasks.push(tokio::spawn(writer(
+        tasks.push(tokio::spawn(overwriter(
             cl.kv(NAME),
             w,
+            KEYS,
             model.clone(),
             stop.clone(),
         )));

@@ -20,38 +20,7 @@ use common::*;
 
 const WRITERS: usize = 3;
 const KEYS: usize = 64;
-const VALUE: usize = 1024;
 const RANGES: usize = 3;
-
-type Model = Arc<Mutex<BTreeMap<Vec<u8>, Vec<u8>>>>;
-
-fn value(w: usize, i: usize, round: usize) -> Vec<u8> {
-    let mut v = format!("{w}-{i}-{round}-").into_bytes();
-    v.resize(VALUE, b'a' + (i % 26) as u8);
-    v
-}
-
-/// Writes every key of writer `w` once, then overwrites a third of them per round until
-/// `stop`.
-async fn writer(kv: client::Kv, w: usize, model: Model, stop: Arc<AtomicBool>) -> usize {
-    let mut puts = 0;
-    for round in 0.. {
-        for i in 0..KEYS {
-            if round > 0 && (i + round) % 3 != 0 {
-                continue;
-            }
-            let key = format!("w{w}/k{i:03}").into_bytes();
-            let v = value(w, i, round);
-            put_acked(&kv, &key, &v).await;
-            model.lock().unwrap().insert(key, v);
-            puts += 1;
-            if round > 0 && stop.load(Ordering::Relaxed) {
-                return puts;
-            }
-        }
-    }
-    puts
-}
 
 /// Creates `name` with the given flags; its id.
 fn create(seeds: &str, name: &str, flags: &[&str]) -> u64 {
@@ -86,7 +55,15 @@ async fn split_and_check(cl: client::Client, name: &'static str, coll: u64) {
         .insert(b"a-first".to_vec(), b"1".to_vec());
     let stop = Arc::new(AtomicBool::new(false));
     let tasks: Vec<_> = (0..WRITERS)
-        .map(|w| tokio::spawn(writer(cl.kv(name), w, model.clone(), stop.clone())))
+        .map(|w| {
+            tokio::spawn(overwriter(
+                cl.kv(name),
+                w,
+                KEYS,
+                model.clone(),
+                stop.clone(),
+            ))
+        })
         .collect();
     let split = cli::demo::wait_for(LONG, || async {
         let n = ranges_of(&cl, coll).await?.len();

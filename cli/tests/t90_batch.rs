@@ -180,8 +180,13 @@ async fn batched_puts_apply_once_per_op_across_splits() {
         (n >= 4).then_some(n)
     })
     .await;
-    // A few more rounds over the split ranges (the client regroups by the new ranges).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // More batches over the split ranges (the client regroups by the new ranges).
+    let after = stats.lock().unwrap().batches;
+    cli::demo::wait_for(Duration::from_secs(30), || async {
+        (stats.lock().unwrap().batches >= after + 32).then_some(())
+    })
+    .await
+    .expect("the writers stopped making progress after the splits");
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.expect("writer");

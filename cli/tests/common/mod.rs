@@ -276,6 +276,45 @@ pub async fn put_acked(kv: &client::Kv, key: &[u8], v: &[u8]) {
     );
 }
 
+/// What the split tests' writers acknowledged: key → last acknowledged value.
+pub type Model = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<Vec<u8>, Vec<u8>>>>;
+
+/// Writer `w`'s 1 KiB value of its key `i` in `round` (distinct per writer, key and round).
+pub fn split_value(w: usize, i: usize, round: usize) -> Vec<u8> {
+    let mut v = format!("{w}-{i}-{round}-").into_bytes();
+    v.resize(1024, b'a' + (i % 26) as u8);
+    v
+}
+
+/// Writes each of writer `w`'s `keys` keys (`w{w}/kNNN`) once, then overwrites a third of
+/// them per round until `stop` (so splits happen under load); every put until acknowledged,
+/// recorded in `model`. Returns the number of puts.
+pub async fn overwriter(
+    kv: client::Kv,
+    w: usize,
+    keys: usize,
+    model: Model,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    let mut puts = 0;
+    for round in 0.. {
+        for i in 0..keys {
+            if round > 0 && (i + round) % 3 != 0 {
+                continue;
+            }
+            let key = format!("w{w}/k{i:03}").into_bytes();
+            let v = split_value(w, i, round);
+            put_acked(&kv, &key, &v).await;
+            model.lock().unwrap().insert(key, v);
+            puts += 1;
+            if round > 0 && stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return puts;
+            }
+        }
+    }
+    puts
+}
+
 /// The collection's ranges in meta (as its leader sees it), sorted by `lo`.
 pub async fn ranges_of(cl: &client::Client, coll: u64) -> Option<Vec<RangeDescriptor>> {
     let s = leader_status(cl).await?;
