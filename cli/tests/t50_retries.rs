@@ -45,20 +45,7 @@ async fn progress(t: &[Arc<Tally>], ctr: &Tally, n: u64) {
 async fn acknowledged_writes_apply_exactly_once_across_leader_kills() {
     let t0 = std::time::Instant::now();
     let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
-    let (ok, out, err) = quiver(&[
-        "create-collection",
-        "ctr",
-        "--persistence",
-        "logged",
-        "--replicas",
-        "3",
-        "--json",
-        "--seeds",
-        &seeds,
-    ]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    let coll = v["id"].as_u64().expect("collection id");
+    let coll = create_by_cli(&seeds, "ctr", &["--persistence", "logged"]);
     let kv = cl.kv("ctr");
     first_put(&kv, b"n", b"0").await;
     // All three members placed, so a kill leaves a majority.

@@ -197,17 +197,8 @@ async fn lost_memory_replica_rejoins_as_a_member() {
         forgotten.is_some(),
         "node {lost} never forgot its lost replica"
     );
-    let member_again = cli::demo::wait_for(LONG, || async {
-        let s = cl.status().await.ok()?;
-        let r = s.ranges.iter().find(|r| r.collection == made.id)?;
-        (r.members.len() == 3
-            && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
-            && r.members.iter().any(|m| m.client_addr == addr))
-        .then_some(())
-    })
-    .await;
     assert!(
-        member_again.is_some(),
+        wait_voter_again(&cl, made.id, &addr).await,
         "node {lost} never became a voter again"
     );
     // It serves follower reads of the data written before the restart.

@@ -22,26 +22,6 @@ const WRITERS: usize = 3;
 const KEYS: usize = 64;
 const RANGES: usize = 3;
 
-/// Creates `name` with the given flags; its id.
-fn create(seeds: &str, name: &str, flags: &[&str]) -> u64 {
-    let mut args = vec![
-        "create-collection",
-        name,
-        "--replicas",
-        "3",
-        "--split-size",
-        "32KiB",
-        "--json",
-        "--seeds",
-        seeds,
-    ];
-    args.extend_from_slice(flags);
-    let (ok, out, err) = quiver(&args);
-    assert!(ok, "create {name}: {err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    v["id"].as_u64().expect("collection id")
-}
-
 /// Loads `name` until it has `RANGES` ranges, then checks meta, every key and a scan.
 async fn split_and_check(cl: client::Client, name: &'static str, coll: u64) {
     let t = Instant::now();
@@ -137,7 +117,11 @@ async fn split_and_check(cl: client::Client, name: &'static str, coll: u64) {
 async fn a_memory_collection_splits_without_losing_acknowledged_writes() {
     let t0 = Instant::now();
     let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
-    let mem = create(&seeds, "mem", &["--persistence", "memory"]);
+    let mem = create_by_cli(
+        &seeds,
+        "mem",
+        &["--split-size", "32KiB", "--persistence", "memory"],
+    );
     split_and_check(cl, "mem", mem).await;
     for i in 0..3 {
         c.terminate(i, Duration::from_secs(10));
@@ -213,10 +197,17 @@ async fn cas_and_delete_report_their_outcome(cl: &client::Client, seeds: &str, n
 async fn an_async_collection_splits_without_losing_acknowledged_writes() {
     let t0 = Instant::now();
     let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
-    let asy = create(
+    let asy = create_by_cli(
         &seeds,
         "asy",
-        &["--persistence", "logged", "--replication", "async"],
+        &[
+            "--split-size",
+            "32KiB",
+            "--persistence",
+            "logged",
+            "--replication",
+            "async",
+        ],
     );
     split_and_check(cl.clone(), "asy", asy).await;
     cas_and_delete_report_their_outcome(&cl, &seeds, "asy").await;

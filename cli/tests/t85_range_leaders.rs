@@ -77,20 +77,7 @@ async fn agreed_leader(
 async fn status_and_metrics_show_a_ranges_leader_after_a_leader_kill() {
     let t0 = Instant::now();
     let (mut c, _dir, cl, seeds) = ready_cluster(3).await;
-    let (ok, out, err) = quiver(&[
-        "create-collection",
-        NAME,
-        "--persistence",
-        "logged",
-        "--replicas",
-        "3",
-        "--json",
-        "--seeds",
-        &seeds,
-    ]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    let coll = v["id"].as_u64().expect("collection id");
+    let coll = create_by_cli(&seeds, NAME, &["--persistence", "logged"]);
     let kv = cl.kv(NAME);
     first_put(&kv, b"k", b"1").await;
     let range = wait_placed(&cl, coll, 3).await[0].id;

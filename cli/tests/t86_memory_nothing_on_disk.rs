@@ -136,17 +136,8 @@ async fn restart_and_rejoin(
         forgotten.is_some(),
         "node {node} never forgot its lost replica (corrupt range.meta: {corrupt})"
     );
-    let member_again = cli::demo::wait_for(LONG, || async {
-        let s = t.cl.status().await.ok()?;
-        let r = s.ranges.iter().find(|r| r.collection == t.coll)?;
-        (r.members.len() == 3
-            && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
-            && r.members.iter().any(|m| m.client_addr == addr))
-        .then_some(())
-    })
-    .await;
     assert!(
-        member_again.is_some(),
+        wait_voter_again(t.cl, t.coll, &addr).await,
         "node {node} never became a voter again (corrupt range.meta: {corrupt})"
     );
     // After the restart no raft replica was opened for the memory range before it was

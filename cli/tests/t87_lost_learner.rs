@@ -59,20 +59,7 @@ async fn a_memory_replica_lost_as_a_learner_rejoins_and_becomes_a_voter() {
         .map(|a| a.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let (ok, out, err) = quiver(&[
-        "create-collection",
-        NAME,
-        "--persistence",
-        "memory",
-        "--replicas",
-        "3",
-        "--json",
-        "--seeds",
-        &seeds,
-    ]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
-    let coll = v["id"].as_u64().expect("collection id");
+    let coll = create_by_cli(&seeds, NAME, &["--persistence", "memory"]);
     let kv = cl.kv(NAME);
     first_put(&kv, b"k00", &value(0)).await;
     for i in 1..KEYS {

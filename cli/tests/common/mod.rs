@@ -315,6 +315,40 @@ pub async fn overwriter(
     puts
 }
 
+/// `quiver create-collection NAME --replicas 3 --json --seeds SEEDS FLAGS...`: the new
+/// collection's id (panics with the CLI's error when it fails).
+pub fn create_by_cli(seeds: &str, name: &str, flags: &[&str]) -> u64 {
+    let mut args = vec![
+        "create-collection",
+        name,
+        "--replicas",
+        "3",
+        "--json",
+        "--seeds",
+        seeds,
+    ];
+    args.extend_from_slice(flags);
+    let (ok, out, err) = quiver(&args);
+    assert!(ok, "create {name}: {err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("json");
+    v["id"].as_u64().expect("collection id")
+}
+
+/// Waits (up to [`LONG`]) until collection `coll`'s first range lists 3 members, all voters,
+/// one of them the node whose client address is `addr`.
+pub async fn wait_voter_again(cl: &client::Client, coll: u64, addr: &str) -> bool {
+    wait_for(LONG, || async {
+        let s = cl.status().await.ok()?;
+        let r = s.ranges.iter().find(|r| r.collection == coll)?;
+        (r.members.len() == 3
+            && r.members.iter().all(|m| m.role == meta::MemberRole::VOTER)
+            && r.members.iter().any(|m| m.client_addr == addr))
+        .then_some(())
+    })
+    .await
+    .is_some()
+}
+
 /// The collection's ranges in meta (as its leader sees it), sorted by `lo`.
 pub async fn ranges_of(cl: &client::Client, coll: u64) -> Option<Vec<RangeDescriptor>> {
     let s = leader_status(cl).await?;
