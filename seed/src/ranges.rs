@@ -1989,6 +1989,27 @@ mod tests {
         }
     }
 
+    /// A parent range's replica in `dir` with a fake host, keys a, c, e, g at indexes 1-4,
+    /// persisted: the host, the parent's meta, its store config and its state machine.
+    fn persisted_parent(dir: &Path) -> (Arc<FakeHost>, RangeMeta, KvConfig, KvStateMachine) {
+        let host = Arc::new(FakeHost {
+            dir: dir.to_path_buf(),
+            ..Default::default()
+        });
+        let pm = parent_meta();
+        let cfg = prepare_dir(dir, &pm).unwrap();
+        let mut sm = KvStateMachine::with_host(
+            KvStore::open(cfg.clone()).unwrap(),
+            pm.clone(),
+            host.clone(),
+        );
+        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
+            put_entry(&mut sm, 1 + i as u64, k);
+        }
+        sm.persist().unwrap();
+        (host, pm, cfg, sm)
+    }
+
     fn put_entry(sm: &mut KvStateMachine, index: u64, key: &[u8]) -> kvpb::Response {
         let cmd = collections::kv::cmd::encode(&collections::kv::cmd::put(key, b"v", 0));
         let data = encode_entry(1000, &cmd);
@@ -2105,21 +2126,7 @@ mod tests {
     #[test]
     fn a_split_replayed_after_a_crash_reuses_the_durable_right_half() {
         let dir = tempfile::tempdir().unwrap();
-        let host = Arc::new(FakeHost {
-            dir: dir.path().to_path_buf(),
-            ..Default::default()
-        });
-        let pm = parent_meta();
-        let cfg = prepare_dir(dir.path(), &pm).unwrap();
-        let mut sm = KvStateMachine::with_host(
-            KvStore::open(cfg.clone()).unwrap(),
-            pm.clone(),
-            host.clone(),
-        );
-        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
-            put_entry(&mut sm, 1 + i as u64, k);
-        }
-        sm.persist().unwrap();
+        let (host, pm, cfg, sm) = persisted_parent(dir.path());
         let b = sm.store.bounds();
         // The crash: the right half durable, the parent not (its durable state is older).
         let dm = RangeMeta {
@@ -2337,21 +2344,7 @@ mod tests {
     #[test]
     fn a_parent_made_durable_after_its_split_no_longer_replays_it() {
         let dir = tempfile::tempdir().unwrap();
-        let host = Arc::new(FakeHost {
-            dir: dir.path().to_path_buf(),
-            ..Default::default()
-        });
-        let pm = parent_meta();
-        let cfg = prepare_dir(dir.path(), &pm).unwrap();
-        let mut sm = KvStateMachine::with_host(
-            KvStore::open(cfg.clone()).unwrap(),
-            pm.clone(),
-            host.clone(),
-        );
-        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
-            put_entry(&mut sm, 1 + i as u64, k);
-        }
-        sm.persist().unwrap();
+        let (host, _, cfg, mut sm) = persisted_parent(dir.path());
         let b = sm.store.bounds();
         let r = split_entry_at(&mut sm, 5, b"d", 9, &b);
         assert!(!r.has_error(), "{r:?}");
