@@ -313,7 +313,11 @@ async fn hand_over_and_flush(seed: &Seed, cell: harpoon::CellId, deadline: Insta
             tracing::info!(cell = cell.0, to, result = ?r.err(), "handed the leadership over");
         }
     }
-    let _ = seed.node.compact_log(cell).await;
+    // The flush of a logged store's image: a failure only means a longer replay at start-up,
+    // but the operator should hear of it.
+    if let Err(e) = seed.node.compact_log(cell).await {
+        tracing::warn!(cell = cell.0, error = %e, "shutdown flush failed: the raft log replays it");
+    }
 }
 
 /// Run a node until `stop` resolves, then shut it down gracefully.
