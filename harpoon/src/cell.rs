@@ -722,19 +722,10 @@ impl Cell {
                 // Under the lease no other leader can have committed anything: our commit
                 // index is the read index.
                 let index = self.raw.raft.raft_log.committed;
-                self.read_waits.push((
-                    index,
-                    PendingRead {
-                        deadline,
-                        tx: Some(tx),
-                        issued: now,
-                        term: self.raw.raft.term,
-                    },
-                ));
+                self.wait_applied(index, deadline, now, tx);
                 if until.saturating_duration_since(now) < self.cfg.lease() / 2 {
                     self.read_index(None, deadline, now);
                 }
-                self.serve_reads();
                 return;
             }
         }
