@@ -389,18 +389,23 @@ mod tests {
         (conn, writes, server)
     }
 
+    /// `n` concurrent puts whose revision is their number: each gets its own answer.
+    async fn every_call_answered(conn: &Conn, n: u64) {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let c = conn.clone();
+            calls.spawn(async move { (i, c.call(put(i)).await) });
+        }
+        while let Some(r) = calls.join_next().await {
+            let (i, r) = r.unwrap();
+            assert_eq!(revision(r.unwrap()), i);
+        }
+    }
+
     #[tokio::test]
     async fn concurrent_calls_each_get_their_own_answer() {
         let (conn, _, _server) = pair(1 << 16, MAX_PENDING, true, usize::MAX, Duration::ZERO);
-        let mut calls = tokio::task::JoinSet::new();
-        for n in 0..300u64 {
-            let c = conn.clone();
-            calls.spawn(async move { (n, c.call(put(n)).await) });
-        }
-        while let Some(r) = calls.join_next().await {
-            let (n, r) = r.unwrap();
-            assert_eq!(revision(r.unwrap()), n);
-        }
+        every_call_answered(&conn, 300).await;
     }
 
     #[tokio::test]
@@ -429,15 +434,7 @@ mod tests {
     async fn a_slow_peer_and_a_full_send_buffer_lose_nothing() {
         // 1 KiB of queued requests at most, a 100-byte pipe, a server that naps per read.
         let (conn, _, _server) = pair(100, 1024, true, usize::MAX, Duration::from_millis(1));
-        let mut calls = tokio::task::JoinSet::new();
-        for n in 0..500u64 {
-            let c = conn.clone();
-            calls.spawn(async move { (n, c.call(put(n)).await) });
-        }
-        while let Some(r) = calls.join_next().await {
-            let (n, r) = r.unwrap();
-            assert_eq!(revision(r.unwrap()), n);
-        }
+        every_call_answered(&conn, 500).await;
     }
 
     #[tokio::test]
