@@ -1,6 +1,6 @@
-//! The `Status` request: the cluster as this node sees it (meta's records, meta's leader and
-//! membership, this node's clock) and the leader each of its replicas believes (meta does not
-//! record leaders: this is where a range's leader is visible).
+//! The `Status` request: the cluster as this node sees it (meta's records: nodes, ranges and
+//! collections; meta's leader and membership; this node's clock) and the leader each of its
+//! replicas believes (meta does not record leaders: this is where a range's leader is visible).
 
 use std::sync::Arc;
 
@@ -26,6 +26,11 @@ pub async fn status(seed: &Arc<Seed>) -> StatusReply {
             .unwrap_or_default()
             .into_iter()
             .map(|r| r.value)
+            .collect();
+        st.collections = view::collections(s)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.value)
             .collect();
     });
     st.meta_leader = seed.meta_leader().await.unwrap_or(0);
