@@ -1,14 +1,18 @@
-//! `quiver status`: nodes (address, zone, capacity, alive) and ranges (members, leader,
-//! under-replicated or not), as a table or JSON. Meta records no range leaders: each range's
-//! leader is what the replicas of every reachable node report (the highest term in which a
-//! replica says it leads).
+//! `quiver status`: nodes (address, zone, capacity, alive) and ranges (collection, members,
+//! leader, under-replicated or not), as a table or JSON. Meta records no range leaders: each
+//! range's leader is what the replicas of every reachable node report (the highest term in
+//! which a replica says it leads). A range's collection is shown by name, or by id when the
+//! answering node sent no collections (a node older than `StatusReply.collections`).
+
+use std::collections::HashMap;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use meta::MemberRole;
+use meta::{CollectionDescriptor, MemberRole};
 use proto::clientpb::StatusReply;
+use proto::metapb::CollectionKind;
 use serde::Serialize;
 
 use crate::CliError;
@@ -41,6 +45,10 @@ pub struct MemberStatus {
 pub struct RangeStatus {
     pub id: u64,
     pub collection: u64,
+    /// The collection's name; `None` when the answer named no collection with this id.
+    pub collection_name: Option<String>,
+    /// The collection's kind (`kv`, `log`, `object`, `timeseries`), when named.
+    pub collection_kind: Option<String>,
     pub epoch: u64,
     pub members: Vec<MemberStatus>,
     pub voters: usize,
@@ -82,10 +90,13 @@ impl ClusterStatus {
                 }
             })
             .collect();
+        let collections: HashMap<u64, &CollectionDescriptor> =
+            s.collections.iter().map(|c| (c.id, c)).collect();
         let ranges = s
             .ranges
             .iter()
             .map(|r| {
+                let coll = collections.get(&r.collection);
                 let voters = r
                     .members
                     .iter()
@@ -94,6 +105,8 @@ impl ClusterStatus {
                 RangeStatus {
                     id: r.id,
                     collection: r.collection,
+                    collection_name: coll.map(|c| c.name.clone()),
+                    collection_kind: coll.map(|c| kind_name(c.kind).to_string()),
                     epoch: r.epoch,
                     members: r
                         .members
@@ -209,11 +222,7 @@ impl ClusterStatus {
                 .collect();
             ranges.add_row(vec![
                 r.id.to_string(),
-                if r.collection == meta::META_COLLECTION {
-                    "meta".to_string()
-                } else {
-                    r.collection.to_string()
-                },
+                r.collection_label(),
                 r.epoch.to_string(),
                 members.join(", "),
                 r.leader
@@ -227,6 +236,28 @@ impl ClusterStatus {
             ]);
         }
         format!("{nodes}\n{ranges}")
+    }
+}
+
+impl RangeStatus {
+    /// The collection as the ranges table shows it: its name, else `meta` for meta's own
+    /// collection, else its id.
+    pub fn collection_label(&self) -> String {
+        match &self.collection_name {
+            Some(n) => n.clone(),
+            None if self.collection == meta::META_COLLECTION => meta::keys::META_NAME.into(),
+            None => self.collection.to_string(),
+        }
+    }
+}
+
+/// A collection kind as `create-collection --type` spells it.
+fn kind_name(k: CollectionKind) -> &'static str {
+    match k {
+        CollectionKind::KV => "kv",
+        CollectionKind::LOG => "log",
+        CollectionKind::OBJECT => "object",
+        CollectionKind::TIMESERIES => "timeseries",
     }
 }
 
@@ -343,5 +374,59 @@ mod tests {
         assert_eq!(st.leader_of(8), None);
         assert_eq!(st.leader_of(9), None);
         assert!(st.tables().contains('-'));
+    }
+
+    fn range_of(id: u64, collection: u64) -> RangeDescriptor {
+        let mut r = RangeDescriptor::new();
+        r.id = id;
+        r.collection = collection;
+        r
+    }
+
+    fn collection(id: u64, name: &str) -> CollectionDescriptor {
+        let mut c = CollectionDescriptor::new();
+        c.id = id;
+        c.name = name.into();
+        c.kind = CollectionKind::KV;
+        c
+    }
+
+    /// The collection column of the ranges table's row for range `id`.
+    fn collection_cell(tables: &str, id: u64) -> Option<String> {
+        let cells = |l: &str| -> Vec<String> {
+            l.split(['│', '┆']).map(|c| c.trim().to_string()).collect()
+        };
+        tables
+            .lines()
+            .map(cells)
+            .skip_while(|c| c.get(1).map(String::as_str) != Some("range"))
+            .find(|c| c.get(1) == Some(&id.to_string()))
+            .and_then(|c| c.get(2).cloned())
+    }
+
+    #[test]
+    fn a_range_shows_its_collection_name_else_its_id() {
+        let mut s = reply(1, vec![]);
+        s.ranges = vec![range_of(1, 1), range_of(10, 2), range_of(11, 3)].into();
+        s.collections = vec![collection(1, "meta"), collection(2, "users")].into();
+        let st = ClusterStatus::from_reply(&s);
+        let t = st.tables();
+        assert_eq!(collection_cell(&t, 1).as_deref(), Some("meta"), "{t}");
+        assert_eq!(collection_cell(&t, 10).as_deref(), Some("users"), "{t}");
+        // Collection 3 is not in the answer (dropped meanwhile): its id.
+        assert_eq!(collection_cell(&t, 11).as_deref(), Some("3"), "{t}");
+        let v = serde_json::to_value(&st).expect("json");
+        assert_eq!(v["ranges"][1]["collection"], 2);
+        assert_eq!(v["ranges"][1]["collection_name"], "users");
+        assert_eq!(v["ranges"][1]["collection_kind"], "kv");
+        assert!(v["ranges"][2]["collection_name"].is_null());
+        assert!(v["ranges"][2]["collection_kind"].is_null());
+
+        // An older node sends no collections: ids, and meta's collection still as `meta`.
+        s.collections.clear();
+        let t = ClusterStatus::from_reply(&s).tables();
+        assert_eq!(collection_cell(&t, 1).as_deref(), Some("meta"), "{t}");
+        assert_eq!(collection_cell(&t, 10).as_deref(), Some("2"), "{t}");
+        assert_eq!(collection_cell(&t, 11).as_deref(), Some("3"), "{t}");
     }
 }

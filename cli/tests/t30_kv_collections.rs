@@ -162,10 +162,17 @@ async fn kv_collection_on_three_nodes_with_restart_and_bad_input() {
         t.contains("under-replicated (3/5)").then_some(t)
     })
     .await;
-    assert!(
-        table.is_some(),
-        "status never showed the wide collection at 3/5"
-    );
+    let table = table.expect("status never showed the wide collection at 3/5");
+    // The ranges table names each range's collection (meta's own as `meta`).
+    let row = |label: &str| {
+        table
+            .lines()
+            .find(|l| l.split(['│', '┆']).nth(2).map(str::trim) == Some(label))
+    };
+    let wide = row("wide").unwrap_or_else(|| panic!("no range of `wide`:\n{table}"));
+    assert!(wide.contains("under-replicated (3/5)"), "{wide}");
+    assert!(row("users").is_some(), "no range of `users`:\n{table}");
+    assert!(row("meta").is_some(), "no range of `meta`:\n{table}");
     let cache = cl.kv("cache");
     first_put(&cache, b"m", b"mem").await;
     first_put(&cl.kv("blobs"), b"b", b"big").await;
