@@ -167,6 +167,51 @@ fn split_replayed_after_a_crash_reuses_the_right_half() {
         .is_err());
 }
 
+/// `split_off_as` writes the right half once, already carrying its own apply meta: reopened
+/// from its dir (what a crash right after the split would find) it has the meta, the split
+/// index and the moved keys; the left half keeps the parent's meta.
+#[test]
+fn split_off_as_writes_the_right_half_with_its_own_apply_meta() {
+    for mode in [Mode::Logged, Mode::Persistent] {
+        let ldir = tempfile::tempdir().expect("tempdir");
+        let rdir = tempfile::tempdir().expect("tempdir");
+        let mut left = open(mode, ldir.path());
+        let mut model = Model::default();
+        for i in 0..8u8 {
+            step(&mut left, &mut model, &Op::Put(i, i, 0), 16);
+        }
+        let index = left.apply_state().applied_index + 1;
+        left.set_apply_meta(index - 1, 1, Bytes::from_static(b"parent-conf"));
+        let meta = Bytes::from_static(b"daughter-conf");
+        let right = left
+            .split_off_as(
+                index,
+                1,
+                &key(4),
+                config(mode, rdir.path()),
+                Some(meta.clone()),
+            )
+            .expect("split");
+        assert_eq!(right.durable_state().apply_meta, meta, "{mode:?}");
+        let want = all(&right, 0);
+        drop(right);
+        let reopened = open(mode, rdir.path());
+        let st = reopened.durable_state();
+        assert_eq!(
+            (st.applied_index, st.apply_meta.clone()),
+            (index, meta.clone()),
+            "{mode:?}"
+        );
+        assert_eq!(all(&reopened, 0), want, "{mode:?}");
+        assert_eq!(want.len(), 4, "{mode:?}");
+        assert_eq!(
+            left.apply_state().apply_meta,
+            Bytes::from_static(b"parent-conf"),
+            "{mode:?}"
+        );
+    }
+}
+
 #[test]
 fn etcd_open_range_end_deletes_to_the_end() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -416,12 +416,21 @@ impl KvStateMachine {
                 return Err(err("split: daughter range dir", e));
             }
         };
-        match self.store.split_off(index, term, &s.at, cfg) {
+        let conf = Bytes::from(conf);
+        match self
+            .store
+            .split_off_as(index, term, &s.at, cfg, Some(conf.clone()))
+        {
             Ok(mut right) => {
-                right.set_apply_meta(index, term, conf.into());
-                if let Err(e) = right.persist() {
-                    host.release(s.daughter);
-                    return Err(err("split: daughter store", e));
+                // Written once, with the daughter's membership. A right half reused from
+                // before a crash may carry the parent's (built before `split_off_as` set it):
+                // then set it and write it again.
+                if right.durable_state().apply_meta != conf {
+                    right.set_apply_meta(index, term, conf);
+                    if let Err(e) = right.persist() {
+                        host.release(s.daughter);
+                        return Err(err("split: daughter store", e));
+                    }
                 }
                 host.start(dm, right);
             }
@@ -2149,6 +2158,11 @@ mod tests {
         assert!(!r.has_error(), "{r:?}");
         let started = host.started.lock();
         assert_eq!(started.len(), 1);
+        // The reused right half was built by `split_off` with the parent's membership: the
+        // replay gives it the daughter's, durably.
+        let conf = decode_conf(&started[0].1.durable_state().apply_meta).unwrap();
+        let parent_conf = decode_conf(&sm.store.durable_state().apply_meta).unwrap();
+        assert_eq!(conf, daughter_conf(&parent_conf));
         assert_eq!(
             started[0]
                 .1

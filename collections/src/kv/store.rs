@@ -855,6 +855,26 @@ impl KvStore {
         at: &[u8],
         right: KvConfig,
     ) -> Result<KvStore> {
+        self.split_off_as(index, term, at, right, None)
+    }
+
+    /// [`KvStore::split_off`], the right half's image carrying `right_meta` as its apply meta
+    /// (the consensus layer's opaque bytes: a daughter range's own membership) instead of the
+    /// parent's. The right half is then written once, already as what it is to become; setting
+    /// the meta after the split would write its whole image a second time (`persist`). A right
+    /// half reused from before a crash keeps the meta it was written with: compare it and set
+    /// it if it differs.
+    ///
+    /// # Errors
+    /// As [`KvStore::split_off`].
+    pub fn split_off_as(
+        &mut self,
+        index: u64,
+        term: u64,
+        at: &[u8],
+        right: KvConfig,
+        right_meta: Option<Bytes>,
+    ) -> Result<KvStore> {
         self.check_poison()?;
         let (at, bounds) = self.check_split_key(at)?;
         let mut right_store = KvStore::open(right)?;
@@ -880,7 +900,13 @@ impl KvStore {
             revision: st.revision,
             compact_revision: st.compact_revision,
             clock_ms: st.clock_ms,
-            apply: split_apply(&st.apply, index, term),
+            apply: {
+                let mut a = split_apply(&st.apply, index, term);
+                if let Some(m) = right_meta {
+                    a.apply_meta = m;
+                }
+                a
+            },
             bounds: right_bounds.clone(),
             // A write applied in the parent and resent after the split reaches the right half.
             dedup: st.dedup.clone(),
