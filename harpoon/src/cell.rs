@@ -27,6 +27,7 @@ use crate::config::NodeConfig;
 use crate::error::{Error, Result, StateMachineError};
 use crate::membership::{self, MembershipChange, MembershipOp, Stage};
 use crate::metrics::Metrics;
+use crate::pack;
 use crate::state_machine::{ApplyState, EntryRef, SmSnapshot, StateMachine};
 use crate::storage::{CellStorage, LogStore, WriteBatch};
 use crate::transport::Envelope;
@@ -218,6 +219,50 @@ pub(crate) struct Unpersisted {
     acks: Vec<(u64, u64, Tx<Reply>)>,
 }
 
+/// A proposal that may share a raft entry with others ([`crate::Node::propose_packable`]):
+/// the shard buffers them per cell while it drains its inbox and hands them to
+/// [`Cell::propose_packed`] in arrival order.
+pub(crate) struct Packable {
+    pub(crate) data: Bytes,
+    pub(crate) deadline: Instant,
+    pub(crate) ack: Ack,
+    pub(crate) tx: Tx<Reply>,
+}
+
+/// The callers of one proposed entry: one, or every part's of a packed entry (in part order).
+enum Callers {
+    One(Tx<Reply>),
+    Packed(Vec<Tx<Reply>>),
+}
+
+impl Callers {
+    fn fail(self, err: impl Fn() -> Error) {
+        match self {
+            Callers::One(tx) => send(tx, Err(err())),
+            Callers::Packed(txs) => {
+                for tx in txs {
+                    send(tx, Err(err()));
+                }
+            }
+        }
+    }
+}
+
+/// Callers waiting for the entry at an index to apply: the term it was proposed in (a reply
+/// is sent only if the entry applied there has that term) and when they give up (a packed
+/// entry's callers wait until the latest deadline among them).
+struct Proposal {
+    term: u64,
+    deadline: Instant,
+    callers: Callers,
+}
+
+/// What apply returned for one normal entry: one response, or one per part of a packed one.
+enum Responses {
+    One(Bytes),
+    Packed(Vec<Bytes>),
+}
+
 /// Outgoing messages of one round, grouped per destination node.
 pub(crate) type Outbox = HashMap<NodeId, Vec<Envelope>>;
 
@@ -271,15 +316,16 @@ pub(crate) struct Cell {
     pub(crate) log_kind: LogKind,
     cfg: Arc<NodeConfig>,
     metrics: Arc<Metrics>,
-    /// Consensus-mode callers keyed by log index, with the term the entry was proposed in:
-    /// a reply is sent only if the entry applied at that index has the same term.
-    proposals: BTreeMap<u64, (u64, Instant, Tx<Reply>)>,
-    /// Async-mode callers whose entry `(index, term)` is not in a ready yet.
+    /// Callers answered at apply, keyed by log index (see [`Proposal`]).
+    proposals: BTreeMap<u64, Proposal>,
+    /// Async-mode callers whose entry `(index, term)` is not in a ready yet (one per part of a
+    /// packed entry).
     durable_acks: Vec<(u64, u64, Tx<Reply>)>,
     /// Readies advanced with `advance_append_async` whose write is not durable yet.
     inflight: usize,
-    /// Async writes acknowledged and not yet seen applied: index -> term.
-    async_acked: BTreeMap<u64, u64>,
+    /// Async writes acknowledged and not yet seen applied: index -> (term, writes: the parts
+    /// of a packed entry each count).
+    async_acked: BTreeMap<u64, (u64, u64)>,
     async_lost: u64,
     /// ReadIndex requests waiting for their ReadState, by request id.
     reads: HashMap<u64, PendingRead>,
@@ -580,12 +626,12 @@ impl Cell {
         let late: Vec<u64> = self
             .proposals
             .iter()
-            .filter(|(_, (_, d, _))| expired(*d))
+            .filter(|(_, p)| expired(p.deadline))
             .map(|(i, _)| *i)
             .collect();
         for i in late {
-            if let Some((_, _, tx)) = self.proposals.remove(&i) {
-                send(tx, Err(Error::Timeout { cell }));
+            if let Some(p) = self.proposals.remove(&i) {
+                p.callers.fail(|| Error::Timeout { cell });
             }
         }
         if self
@@ -627,8 +673,93 @@ impl Cell {
         if !role_leader(&self.raw) {
             return send(tx, Err(self.not_leader()));
         }
-        let before = self.raw.raft.raft_log.last_index();
         let at_apply = self.answers_at_apply(ack);
+        self.propose_one(data, deadline, at_apply, tx);
+    }
+
+    /// Propose packable proposals (in arrival order), sharing entries where they can: the
+    /// batch is cut into runs of consecutive proposals answered the same way (at apply, or
+    /// once durable on the leader), of at most [`pack::MAX_PARTS`] parts and
+    /// [`pack::MAX_DATA`] bytes whose packed entry fits the log's record limit. A run of one
+    /// is proposed as a plain entry (exactly as [`Cell::propose`]); a longer run becomes one
+    /// packed entry (`pack.rs`), every caller keeping its own reply. A proposal too large
+    /// for an entry of its own is refused alone (`TooLarge`); the others go on.
+    pub(crate) fn propose_packed(&mut self, batch: Vec<Packable>) {
+        if !role_leader(&self.raw) {
+            for p in batch {
+                send(p.tx, Err(self.not_leader()));
+            }
+            return;
+        }
+        let mut run: Vec<Packable> = Vec::new();
+        let mut run_at_apply = false;
+        let mut run_bytes = 0usize;
+        for p in batch {
+            let at_apply = self.answers_at_apply(p.ack);
+            let (size, limit) = self
+                .raw
+                .store()
+                .entry_record_size(p.data.len(), plain_context_len(at_apply));
+            if size > limit {
+                send(
+                    p.tx,
+                    Err(Error::TooLarge {
+                        cell: self.id,
+                        size,
+                        limit,
+                    }),
+                );
+                continue;
+            }
+            let bytes = run_bytes + p.data.len();
+            if !run.is_empty()
+                && (at_apply != run_at_apply
+                    || run.len() >= pack::MAX_PARTS
+                    || !self.pack_fits(bytes, run.len() + 1, at_apply))
+            {
+                self.propose_run(std::mem::take(&mut run), run_at_apply);
+                run_bytes = 0;
+            }
+            run_at_apply = at_apply;
+            run_bytes += p.data.len();
+            run.push(p);
+        }
+        if !run.is_empty() {
+            self.propose_run(run, run_at_apply);
+        }
+    }
+
+    /// Whether a packed entry of `parts` parts holding `bytes` of data stays within the pack
+    /// limits and the log's record limit.
+    fn pack_fits(&self, bytes: usize, parts: usize, at_apply: bool) -> bool {
+        let ctx = pack::context(None).len() + plain_context_len(at_apply);
+        let (size, limit) = self
+            .raw
+            .store()
+            .entry_record_size(bytes + pack::overhead(parts), ctx);
+        bytes <= pack::MAX_DATA && size <= limit
+    }
+
+    /// Proposes one run of [`Cell::propose_packed`]: plain if alone, else one packed entry.
+    fn propose_run(&mut self, mut run: Vec<Packable>, at_apply: bool) {
+        if run.len() == 1 {
+            if let Some(p) = run.pop() {
+                self.propose_one(p.data, p.deadline, at_apply, p.tx);
+            }
+            return;
+        }
+        let data = pack::encode(run.iter().map(|p| &p.data[..]));
+        let context = pack::context((!at_apply).then(|| self.node.get()));
+        let deadline = run.iter().map(|p| p.deadline).max();
+        let txs: Vec<Tx<Reply>> = run.into_iter().map(|p| p.tx).collect();
+        let Some(deadline) = deadline else {
+            return;
+        };
+        self.propose_entry(data, context, deadline, at_apply, Callers::Packed(txs));
+    }
+
+    /// Proposes one plain entry (refused `TooLarge` if its record would not fit the log).
+    fn propose_one(&mut self, data: Bytes, deadline: Instant, at_apply: bool, tx: Tx<Reply>) {
         // Async entries acknowledged at LeaderDurable carry their proposer, so a restarted
         // leader still knows which of its uncommitted entries it acknowledged (see
         // `recover_async_acks`); one answered at apply was not acknowledged before it applied.
@@ -653,32 +784,57 @@ impl Cell {
                 }),
             );
         }
-        match self.raw.propose(context, data.to_vec()) {
+        self.propose_entry(data.to_vec(), context, deadline, at_apply, Callers::One(tx));
+    }
+
+    /// Hands an entry to raft (the leader's, checked by the caller) and keys its callers by
+    /// the `(term, index)` it got.
+    fn propose_entry(
+        &mut self,
+        data: Vec<u8>,
+        context: Vec<u8>,
+        deadline: Instant,
+        at_apply: bool,
+        callers: Callers,
+    ) {
+        let cell = self.id;
+        let before = self.raw.raft.raft_log.last_index();
+        match self.raw.propose(context, data) {
             Ok(()) => {}
-            Err(raft::Error::ProposalDropped) => {
-                return send(tx, Err(Error::Busy { cell: self.id }))
+            Err(raft::Error::ProposalDropped) => return callers.fail(|| Error::Busy { cell }),
+            Err(e) => {
+                let e = raft_err(cell, e);
+                return callers.fail(|| e.clone());
             }
-            Err(e) => return send(tx, Err(raft_err(self.id, e))),
         }
         // The key is captured right after `propose`: (current term, new last index).
         let index = self.raw.raft.raft_log.last_index();
         if index == before {
-            return send(tx, Err(Error::Busy { cell: self.id }));
+            return callers.fail(|| Error::Busy { cell });
         }
         let term = self.raw.raft.term;
-        self.metrics.proposals.fetch_add(1, Ordering::Relaxed);
+        let n = match &callers {
+            Callers::One(_) => 1,
+            Callers::Packed(txs) => txs.len() as u64,
+        };
+        self.metrics.proposals.fetch_add(n, Ordering::Relaxed);
         if !at_apply {
-            return self.durable_acks.push((index, term, tx));
+            match callers {
+                Callers::One(tx) => self.durable_acks.push((index, term, tx)),
+                Callers::Packed(txs) => self
+                    .durable_acks
+                    .extend(txs.into_iter().map(|tx| (index, term, tx))),
+            }
+            return;
         }
-        if let Some((_, _, old)) = self.proposals.insert(index, (term, deadline, tx)) {
+        let p = Proposal {
+            term,
+            deadline,
+            callers,
+        };
+        if let Some(old) = self.proposals.insert(index, p) {
             // A previous leadership of ours proposed at this index: that entry is gone.
-            send(
-                old,
-                Err(Error::ProposalDropped {
-                    cell: self.id,
-                    index,
-                }),
-            );
+            old.callers.fail(|| Error::ProposalDropped { cell, index });
         }
     }
 
@@ -1020,7 +1176,7 @@ impl Cell {
                 );
                 continue;
             }
-            self.async_acked.insert(index, term);
+            self.note_async_ack(index, term);
             send(
                 tx,
                 Ok(Reply {
@@ -1037,6 +1193,19 @@ impl Cell {
         debug_assert!(self.inflight > 0, "a ready finished twice");
         self.inflight = self.inflight.saturating_sub(1);
         self.advance_applied();
+    }
+
+    /// Counts one acknowledged async write in the entry `(index, term)` (a packed entry holds
+    /// several). Writes acknowledged at that index in another term were lost: their entry is
+    /// no longer in the log (this one is).
+    fn note_async_ack(&mut self, index: u64, term: u64) {
+        let e = self.async_acked.entry(index).or_insert((term, 0));
+        if e.0 != term {
+            let lost = std::mem::replace(e, (term, 0)).1;
+            self.async_lost += lost;
+            self.metrics.async_lost.fetch_add(lost, Ordering::Relaxed);
+        }
+        e.1 += 1;
     }
 
     /// Step 8: tell raft what was applied, only after applying it, and only once raft counts
@@ -1101,8 +1270,8 @@ impl Cell {
             .map(|(i, _)| *i)
             .collect();
         for index in covered {
-            if let Some((_, _, tx)) = self.proposals.remove(&index) {
-                send(tx, Err(Error::OutcomeUnknown { cell, index }));
+            if let Some(p) = self.proposals.remove(&index) {
+                p.callers.fail(|| Error::OutcomeUnknown { cell, index });
             }
         }
         // Acknowledged async writes the snapshot covers: only the one at the snapshot's own
@@ -1113,8 +1282,9 @@ impl Cell {
         let covered = std::mem::replace(&mut self.async_acked, kept);
         let lost = covered
             .iter()
-            .filter(|(i, t)| !(**i == meta.index && **t == meta.term))
-            .count() as u64;
+            .filter(|(i, (t, _))| !(**i == meta.index && *t == meta.term))
+            .map(|(_, (_, n))| *n)
+            .sum::<u64>();
         self.async_lost += lost;
         self.metrics.async_lost.fetch_add(lost, Ordering::Relaxed);
         self.check_removed();
@@ -1136,6 +1306,33 @@ impl Cell {
                 continue;
             }
             match e.get_entry_type() {
+                EntryType::EntryNormal if pack::parse_context(&e.context).packed => {
+                    let parts = pack::decode(&e.data).map_err(|why| {
+                        sm_err(StateMachineError::new(
+                            "decode packed entry",
+                            format!("entry {}: {why}", e.index),
+                        ))
+                    })?;
+                    let resps = self
+                        .sm
+                        .apply_packed(e.index, e.term, &parts)
+                        .map_err(sm_err)?;
+                    if resps.len() != parts.len() {
+                        return Err(sm_err(StateMachineError::new(
+                            "apply_packed",
+                            format!(
+                                "entry {}: {} replies for {} parts",
+                                e.index,
+                                resps.len(),
+                                parts.len()
+                            ),
+                        )));
+                    }
+                    self.applied = e.index;
+                    self.applied_term = e.term;
+                    self.view.lock().applied = e.index;
+                    self.on_applied_normal(e.index, e.term, Responses::Packed(resps));
+                }
                 EntryType::EntryNormal => {
                     let resp = self
                         .sm
@@ -1150,7 +1347,7 @@ impl Cell {
                     // Before the reply: a lease read that starts after the caller learns of
                     // this write must be answered at this index or later.
                     self.view.lock().applied = e.index;
-                    self.on_applied_normal(e.index, e.term, resp);
+                    self.on_applied_normal(e.index, e.term, Responses::One(resp));
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     let cc = decode_conf_change(&e)
@@ -1179,20 +1376,31 @@ impl Cell {
         Ok(())
     }
 
-    fn on_applied_normal(&mut self, index: u64, term: u64, resp: Bytes) {
+    fn on_applied_normal(&mut self, index: u64, term: u64, resps: Responses) {
         let cell = self.id;
-        if let Some((t, _, tx)) = self.proposals.remove(&index) {
-            let r = if t == term {
+        if let Some(p) = self.proposals.remove(&index) {
+            let ok = |resp| {
                 Ok(Reply {
                     index,
                     term,
                     guarantee: Guarantee::Applied,
                     response: Some(resp),
                 })
-            } else {
-                Err(Error::ProposalDropped { cell, index })
             };
-            send(tx, r);
+            match (p.callers, resps) {
+                (callers, _) if p.term != term => {
+                    callers.fail(|| Error::ProposalDropped { cell, index })
+                }
+                (Callers::One(tx), Responses::One(resp)) => send(tx, ok(resp)),
+                (Callers::Packed(txs), Responses::Packed(resps)) if txs.len() == resps.len() => {
+                    for (tx, resp) in txs.into_iter().zip(resps) {
+                        send(tx, ok(resp));
+                    }
+                }
+                // Same index and term is the same entry, so the shapes always match; if they
+                // did not, no caller may be told its own write applied.
+                (callers, _) => callers.fail(|| Error::ProposalDropped { cell, index }),
+            }
         }
         self.resolve_async(index, term);
         // An empty normal entry where our conf change should be: raft dropped it.
@@ -1208,10 +1416,10 @@ impl Cell {
     }
 
     fn resolve_async(&mut self, index: u64, term: u64) {
-        if let Some(t) = self.async_acked.remove(&index) {
+        if let Some((t, n)) = self.async_acked.remove(&index) {
             if t != term {
-                self.async_lost += 1;
-                self.metrics.async_lost.fetch_add(1, Ordering::Relaxed);
+                self.async_lost += n;
+                self.metrics.async_lost.fetch_add(n, Ordering::Relaxed);
             }
         }
     }
@@ -1219,13 +1427,12 @@ impl Cell {
     fn on_applied_conf(&mut self, index: u64, term: u64) {
         let cell = self.id;
         // A conf change occupies the slot of an acknowledged async write: that write is lost.
-        if let Some(t) = self.async_acked.remove(&index) {
-            let _ = t;
-            self.async_lost += 1;
-            self.metrics.async_lost.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, n)) = self.async_acked.remove(&index) {
+            self.async_lost += n;
+            self.metrics.async_lost.fetch_add(n, Ordering::Relaxed);
         }
-        if let Some((_, _, tx)) = self.proposals.remove(&index) {
-            send(tx, Err(Error::ProposalDropped { cell, index }));
+        if let Some(p) = self.proposals.remove(&index) {
+            p.callers.fail(|| Error::ProposalDropped { cell, index });
         }
         let joint = membership::is_joint(&self.conf);
         if let Some(op) = self.membership.take() {
@@ -1355,8 +1562,8 @@ impl Cell {
     pub(crate) fn fail_all(&mut self, err: &Error) {
         self.lease = None;
         *self.view.lock() = ReadView::default();
-        for (_, (_, _, tx)) in std::mem::take(&mut self.proposals) {
-            send(tx, Err(err.clone()));
+        for (_, p) in std::mem::take(&mut self.proposals) {
+            p.callers.fail(|| err.clone());
         }
         for (_, _, tx) in self.durable_acks.drain(..) {
             send(tx, Err(err.clone()));
@@ -1411,13 +1618,14 @@ fn parse_read_ctx(node: NodeId, ctx: &[u8]) -> Option<u64> {
     (word(0) == node.get() && word(1) == read_nonce()).then(|| word(2))
 }
 
-/// After a restart, the uncommitted entries this node proposed in Async mode: each one was
+/// After a restart, the uncommitted entries this node proposed in Async mode answered at
+/// `LeaderDurable` (their context names this node, plain or packed): each one was
 /// acknowledged (its reply follows the sync that made it durable) unless the crash fell
-/// between that sync and the reply, so counting it as acknowledged is conservative.
-fn recover_async_acks(raw: &RawNode<CellStorage>, node: NodeId) -> BTreeMap<u64, u64> {
+/// between that sync and the reply, so counting it as acknowledged is conservative. A packed
+/// entry counts one write per part.
+fn recover_async_acks(raw: &RawNode<CellStorage>, node: NodeId) -> BTreeMap<u64, (u64, u64)> {
     let log = &raw.raft.raft_log;
     let (lo, hi) = (log.committed + 1, log.last_index() + 1);
-    let me = node.get().to_le_bytes();
     let mut acked = BTreeMap::new();
     if lo >= hi {
         return acked;
@@ -1425,12 +1633,33 @@ fn recover_async_acks(raw: &RawNode<CellStorage>, node: NodeId) -> BTreeMap<u64,
     let ctx = raft::GetEntriesContext::empty(false);
     if let Ok(entries) = raw.store().entries(lo, hi, None, ctx) {
         for e in entries {
-            if e.get_entry_type() == EntryType::EntryNormal && e.context.as_ref() == me {
-                acked.insert(e.index, e.term);
+            if e.get_entry_type() != EntryType::EntryNormal {
+                continue;
             }
+            let ctx = pack::parse_context(&e.context);
+            if ctx.durable_ack_by != Some(node.get()) {
+                continue;
+            }
+            // A malformed packed entry still names its proposer: count it once (apply will
+            // refuse it).
+            let writes = if ctx.packed {
+                pack::decode(&e.data).map_or(1, |parts| parts.len() as u64)
+            } else {
+                1
+            };
+            acked.insert(e.index, (e.term, writes));
         }
     }
     acked
+}
+
+/// The context length of a plain entry answered as `at_apply` says (see `Cell::propose_one`).
+fn plain_context_len(at_apply: bool) -> usize {
+    if at_apply {
+        0
+    } else {
+        8
+    }
 }
 
 fn decode_conf_change(e: &Entry) -> std::result::Result<ConfChangeV2, String> {

@@ -61,6 +61,7 @@ pub mod error;
 pub mod membership;
 mod metrics;
 mod node;
+mod pack;
 mod shard;
 pub mod state_machine;
 pub mod storage;
@@ -77,6 +78,7 @@ pub use error::{Error, Result, StateMachineError};
 pub use membership::MembershipChange;
 pub use metrics::NodeMetrics;
 pub use node::{Node, Pending};
+pub use pack::{MAX_DATA as MAX_PACK_DATA, MAX_PARTS as MAX_PACK_PARTS};
 pub use proto::{CellId, NodeId};
 pub use state_machine::{ApplyState, EntryRef, SmSnapshot, StateMachine};
 

@@ -352,6 +352,37 @@ impl Node {
                 data,
                 deadline,
                 ack,
+                packable: false,
+                tx,
+            },
+        );
+        p
+    }
+
+    /// Like [`Node::propose_with`], but the proposal may share ONE raft entry with other
+    /// packable proposals to the same cell that reach its shard in the same round (a *packed*
+    /// entry: raft, the log record, the messages and the apply are paid once per pack).
+    /// Each caller still gets its own reply: the entry's index and term (shared by the
+    /// pack) and, when answered at apply, its own part's response from
+    /// [`StateMachine::apply_packed`], which the cell's state machine must implement. A
+    /// lone proposal is proposed as a plain entry. Proposals of one caller keep their order;
+    /// a proposal too large for an entry of its own is refused alone (`TooLarge`).
+    pub fn propose_packable(
+        &self,
+        cell: CellId,
+        data: Bytes,
+        deadline: Instant,
+        ack: Ack,
+    ) -> Pending<Reply> {
+        let (tx, p) = Pending::new();
+        self.router.send(
+            cell,
+            Command::Propose {
+                cell,
+                data,
+                deadline,
+                ack,
+                packable: true,
                 tx,
             },
         );

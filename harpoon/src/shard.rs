@@ -3,6 +3,12 @@
 //!
 //! One round (the write path's *append* hop for every cell touched):
 //! 1. drain the inbox (messages, proposals, reads, admin, finished syncs) and step the cells;
+//!    packable proposals ([`crate::Node::propose_packable`]) are buffered per cell meanwhile
+//!    and proposed together (`Cell::propose_packed`, which packs runs of them into single
+//!    entries): a cell's buffer is flushed, in arrival order, before any other command naming
+//!    that cell (an unpackable proposal, a read, a membership change, admin) and at the end
+//!    of the drain. Peer messages and sync reports do not flush it: no caller can observe
+//!    their order relative to a proposal in the same drain;
 //! 2. tick every cell of the shard if the coalesced tick is due;
 //! 3. collect the ready of every touched cell (Ready steps 1-5, `Cell::ready_append`, which
 //!    applies what is committed and advances raft asynchronously) into ONE write batch,
@@ -46,8 +52,8 @@ use proto::{CellId, NodeId};
 use raft::eraftpb::{ConfState, MessageType};
 
 use crate::cell::{
-    Ack, Cell, CellOptions, CellStatus, LogKind, Outbox, ReadConsistency, Reply, SharedView,
-    Unpersisted,
+    Ack, Cell, CellOptions, CellStatus, LogKind, Outbox, Packable, ReadConsistency, Reply,
+    SharedView, Unpersisted,
 };
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
@@ -80,6 +86,8 @@ pub(crate) enum Command {
         data: bytes::Bytes,
         deadline: Instant,
         ack: Ack,
+        /// May share an entry with other packable proposals of the same drain.
+        packable: bool,
         tx: Tx<Reply>,
     },
     WaitApplied {
@@ -121,6 +129,34 @@ pub(crate) enum Command {
         result: Result<()>,
     },
     Shutdown,
+}
+
+/// Which buffered packable proposals must be proposed before a command is handled.
+enum Flush {
+    None,
+    Cell(CellId),
+    All,
+}
+
+impl Command {
+    fn flush(&self) -> Flush {
+        match self {
+            Command::Deliver(_)
+            | Command::Unreachable(_)
+            | Command::SnapshotReport { .. }
+            | Command::Synced { .. }
+            | Command::Propose { packable: true, .. } => Flush::None,
+            Command::Create { cell, .. }
+            | Command::Propose { cell, .. }
+            | Command::WaitApplied { cell, .. }
+            | Command::Read { cell, .. }
+            | Command::Membership { cell, .. }
+            | Command::Transfer { cell, .. }
+            | Command::Compact { cell, .. }
+            | Command::Status { cell, .. } => Flush::Cell(*cell),
+            Command::Shutdown => Flush::All,
+        }
+    }
 }
 
 /// The shard's IO thread: serves sync requests in order; requests that queued up while a
@@ -247,6 +283,8 @@ pub(crate) struct Shard {
     pub(crate) views: Views,
     /// Commands handled in the current iteration (inline sync only when it was one or two).
     pub(crate) handled: usize,
+    /// Packable proposals of the current drain not proposed yet, per cell, in arrival order.
+    packs: HashMap<CellId, Vec<Packable>>,
     /// Generation of the next replica this shard opens (see `Cell::generation`).
     pub(crate) next_generation: u64,
 }
@@ -345,6 +383,7 @@ impl Shard {
             unsynced: VecDeque::new(),
             views,
             handled: 0,
+            packs: HashMap::new(),
             next_generation: 0,
         }
     }
@@ -374,6 +413,7 @@ impl Shard {
                 n += 1;
             }
             self.handled = n;
+            self.flush_all_packs();
             let now = Instant::now();
             if now >= next_tick {
                 self.check_log();
@@ -538,9 +578,52 @@ impl Shard {
         }
     }
 
+    /// Proposes the buffered packable proposals of `cell` (see the module doc).
+    fn flush_packs(&mut self, cell: CellId) {
+        let Some(batch) = self.packs.remove(&cell) else {
+            return;
+        };
+        self.check_log();
+        let refuse = |batch: Vec<Packable>, e: &dyn Fn() -> Error| {
+            for p in batch {
+                let _ = p.tx.send(Err(e()));
+            }
+        };
+        if let Some(e) = self.poisoned() {
+            return refuse(batch, &|| e.clone());
+        }
+        if let Some(reason) = self.fenced.get(&cell) {
+            return refuse(batch, &|| Error::Fenced {
+                cell,
+                reason: reason.clone(),
+            });
+        }
+        if !self.cells.contains_key(&cell) {
+            return refuse(batch, &|| Error::CellNotFound { cell });
+        }
+        self.touched.insert(cell);
+        self.guarded(cell, |c| c.propose_packed(batch));
+    }
+
+    /// Proposes every buffered packable proposal (end of the drain).
+    fn flush_all_packs(&mut self) {
+        if self.packs.is_empty() {
+            return;
+        }
+        let cells: Vec<CellId> = self.packs.keys().copied().collect();
+        for cell in cells {
+            self.flush_packs(cell);
+        }
+    }
+
     /// Returns true on shutdown.
     fn handle(&mut self, cmd: Command) -> bool {
         let now = Instant::now();
+        match cmd.flush() {
+            Flush::None => {}
+            Flush::Cell(cell) => self.flush_packs(cell),
+            Flush::All => self.flush_all_packs(),
+        }
         match cmd {
             Command::Deliver(batch) => {
                 self.check_log();
@@ -578,6 +661,20 @@ impl Shard {
                 data,
                 deadline,
                 ack,
+                packable: true,
+                tx,
+            } => self.packs.entry(cell).or_default().push(Packable {
+                data,
+                deadline,
+                ack,
+                tx,
+            }),
+            Command::Propose {
+                cell,
+                data,
+                deadline,
+                ack,
+                packable: false,
                 tx,
             } => {
                 if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
@@ -1202,6 +1299,7 @@ mod tests {
             data: bytes::Bytes::from_static(b"volatile"),
             deadline: Instant::now() + Duration::from_secs(30),
             ack: crate::cell::Ack::CellMode,
+            packable: false,
             tx,
         });
         assert!(rounds_until(&mut s, |_| !h.data().is_empty()));

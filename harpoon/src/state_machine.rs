@@ -46,8 +46,9 @@ pub struct SmSnapshot {
 /// A replicated state machine.
 ///
 /// # Correctness requirements
-/// - `apply` and `apply_conf_change` are called with strictly increasing indexes, each exactly
-///   once per index after the last `restore`; only committed entries are ever applied.
+/// - `apply`, `apply_packed` and `apply_conf_change` are called with strictly increasing
+///   indexes, each exactly once per index after the last `restore`; only committed entries
+///   are ever applied.
 /// - Entries applied before a crash but not yet reflected in [`StateMachine::apply_state`] are
 ///   re-applied on restart: `apply_state()` must describe exactly the data it survived with.
 /// - `apply_state()` and the data must change atomically; the driver compacts the raft log only
@@ -62,6 +63,32 @@ pub trait StateMachine: Send {
     /// Apply one committed normal entry and return the reply for its proposer (ignored on
     /// followers). Empty entries must advance the applied index too.
     fn apply(&mut self, entry: EntryRef<'_>) -> Result<Bytes, StateMachineError>;
+
+    /// Apply one committed *packed* entry: the proposals of several callers that the leader
+    /// packed into one entry ([`crate::Node::propose_packable`]), in proposal order. Returns
+    /// one reply per part, in the same order (each goes to that part's proposer; ignored on
+    /// followers); a reply count other than `parts.len()` is an error.
+    ///
+    /// Contract: the parts are applied in order as if they were consecutive entries, all of
+    /// them at `index` (and `term`): the applied index becomes `index` once, and the effect
+    /// of each part (and its reply) must be what [`StateMachine::apply`] would have made of
+    /// it as an entry of its own. Every replica applies the same parts at the same index.
+    /// There are at least two parts (a pack of one is proposed as a plain entry).
+    ///
+    /// Default: an error (packed entries unsupported). harpoon only makes packed entries from
+    /// `propose_packable`, so a state machine whose users never call it needs nothing here.
+    fn apply_packed(
+        &mut self,
+        index: u64,
+        term: u64,
+        parts: &[&[u8]],
+    ) -> Result<Vec<Bytes>, StateMachineError> {
+        let _ = (term, parts);
+        Err(StateMachineError::new(
+            "apply_packed",
+            format!("entry {index} is packed; this state machine does not support packed entries"),
+        ))
+    }
 
     /// Record a membership change applied at `index`: `conf_state` is the new membership.
     fn apply_conf_change(

@@ -3,8 +3,9 @@
 //!
 //! Durable variant: an append-only file of records `[len u32 LE | fnv64 u64 LE | payload]`;
 //! every applied entry, conf change and commit point is one record, so the apply state and
-//! the data are one write (atomic per record: a torn tail record is ignored on open). A
-//! restore rewrites the file through a temporary file and a rename.
+//! the data are one write (atomic per record: a torn tail record is ignored on open); a packed
+//! entry is one record holding all its parts. A restore rewrites the file through a temporary
+//! file and a rename.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -19,7 +20,8 @@ use raft::eraftpb::ConfState;
 use crate::error::StateMachineError;
 use crate::state_machine::{ApplyState, EntryRef, SmSnapshot, StateMachine};
 
-/// One applied non-empty normal entry.
+/// One applied non-empty normal entry, or one non-empty part of a packed entry (the parts of
+/// a pack share its index and term, in part order).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedEntry {
     pub index: u64,
@@ -65,7 +67,8 @@ impl LogHandle {
     }
 }
 
-/// The recording state machine. Its response to an entry is the entry's index (u64 LE).
+/// The recording state machine. Its response to an entry is the entry's index (u64 LE); to a
+/// part of a packed entry, the index followed by the part's own bytes.
 #[derive(Debug)]
 pub struct LogStateMachine {
     inner: Arc<Mutex<Inner>>,
@@ -77,6 +80,7 @@ const T_CONF: u8 = 2;
 const T_COMMIT: u8 = 3;
 const T_RESET: u8 = 4;
 const T_EMPTY: u8 = 5;
+const T_PACK: u8 = 6;
 
 fn fnv(b: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -159,6 +163,20 @@ fn replay(inner: &mut Inner, mut b: &[u8]) {
                 inner.state.applied_term = t;
             }
             T_EMPTY => {
+                inner.state.applied_index = a;
+                inner.state.applied_term = t;
+            }
+            T_PACK => {
+                let Ok(parts) = crate::pack::decode(&p[17..]) else {
+                    return;
+                };
+                for part in parts.into_iter().filter(|d| !d.is_empty()) {
+                    inner.applied.push(AppliedEntry {
+                        index: a,
+                        term: t,
+                        data: Bytes::copy_from_slice(part),
+                    });
+                }
                 inner.state.applied_index = a;
                 inner.state.applied_term = t;
             }
@@ -264,6 +282,37 @@ impl StateMachine for LogStateMachine {
         Ok(Bytes::copy_from_slice(&entry.index.to_le_bytes()))
     }
 
+    fn apply_packed(
+        &mut self,
+        index: u64,
+        term: u64,
+        parts: &[&[u8]],
+    ) -> Result<Vec<Bytes>, StateMachineError> {
+        // One record for the whole entry: a torn write never leaves half a pack applied.
+        let mut p = vec![T_PACK];
+        p.extend_from_slice(&index.to_le_bytes());
+        p.extend_from_slice(&term.to_le_bytes());
+        p.extend_from_slice(&crate::pack::encode(parts.iter().copied()));
+        self.record(&p)?;
+        let mut g = self.inner.lock();
+        let mut replies = Vec::with_capacity(parts.len());
+        for part in parts {
+            if !part.is_empty() {
+                g.applied.push(AppliedEntry {
+                    index,
+                    term,
+                    data: Bytes::copy_from_slice(part),
+                });
+            }
+            let mut r = index.to_le_bytes().to_vec();
+            r.extend_from_slice(part);
+            replies.push(Bytes::from(r));
+        }
+        g.state.applied_index = index;
+        g.state.applied_term = term;
+        Ok(replies)
+    }
+
     fn apply_conf_change(
         &mut self,
         index: u64,
@@ -364,6 +413,35 @@ mod tests {
         assert_eq!(h.len(), 2);
         let st = sm.apply_state();
         assert_eq!((st.applied_index, st.commit_index), (7, 7));
+    }
+
+    #[test]
+    fn packed_entries_are_recorded_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sm");
+        {
+            let (mut sm, h) = LogStateMachine::open(&path).unwrap();
+            let r = sm.apply_packed(6, 2, &[b"a", b"", b"bc"]).unwrap();
+            assert_eq!(r.len(), 3);
+            assert_eq!(&r[2][..8], &6u64.to_le_bytes());
+            assert_eq!(&r[2][8..], b"bc");
+            assert_eq!(
+                h.data(),
+                vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")]
+            );
+            sm.apply_packed(7, 2, &[b"d", b"e"]).unwrap();
+        }
+        // A torn pack record: the first pack survives whole, the second not at all.
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 3).unwrap();
+        let (sm, h) = LogStateMachine::open(&path).unwrap();
+        assert_eq!(
+            h.data(),
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"bc")]
+        );
+        assert!(h.entries().iter().all(|e| e.index == 6));
+        assert_eq!(sm.apply_state().applied_index, 6);
     }
 
     #[test]
