@@ -15,6 +15,10 @@
 //!    oldest first);
 //! 5. record the reply of a write with a new request id; return the reply and the list of
 //!    changes (for the data log and the subscribers).
+//!
+//! A packed entry (several commands proposed as one raft entry, `KvStore::apply_packed`)
+//! takes step 1's index once ([`begin_entry`]), then runs steps 1 (the clock) to 5 for each
+//! of its commands in order ([`apply_command`]), exactly as for consecutive entries.
 
 use bytes::Bytes;
 use proto::kvpb::{self, Command_oneof_op as Op, Response_oneof_result as Res};
@@ -54,23 +58,41 @@ pub(crate) fn apply_entry(
     now_ms: u64,
     cmd: &[u8],
 ) -> Result<Reply> {
-    if index <= ctx.st.apply.applied_index {
-        return Ok(Reply::Pb(
-            error_response(
-                ctx.st,
-                &KvError::invalid(
-                    "index",
-                    format!(
-                        "entry {index} is not after the applied index {}",
-                        ctx.st.apply.applied_index
-                    ),
+    if let Some(stale) = begin_entry(ctx.st, index, term) {
+        return Ok(Reply::Pb(stale, None));
+    }
+    apply_command(ctx, cfg, now_ms, cmd)
+}
+
+/// Step 1's index: moves the applied index and term to the entry's, or returns the error
+/// reply every command of an entry gets when its index is not after the applied index (and
+/// changes nothing).
+pub(crate) fn begin_entry(st: &mut State, index: u64, term: u64) -> Option<kvpb::Response> {
+    if index <= st.apply.applied_index {
+        return Some(error_response(
+            st,
+            &KvError::invalid(
+                "index",
+                format!(
+                    "entry {index} is not after the applied index {}",
+                    st.apply.applied_index
                 ),
             ),
-            None,
         ));
     }
-    ctx.st.apply.applied_index = index;
-    ctx.st.apply.applied_term = term;
+    st.apply.applied_index = index;
+    st.apply.applied_term = term;
+    None
+}
+
+/// Steps 1 (the entry clock) to 5 for one command of the entry [`begin_entry`] began. `Err`
+/// only for fatal errors.
+pub(crate) fn apply_command(
+    ctx: &mut Ctx<'_>,
+    cfg: &KvConfig,
+    now_ms: u64,
+    cmd: &[u8],
+) -> Result<Reply> {
     ctx.st.clock_ms = ctx.st.clock_ms.max(now_ms);
     let mut new_id = None;
     let result = if cmd.is_empty() {

@@ -394,10 +394,13 @@ impl DedupTable {
     }
 
     /// Checks the table's tick against the applied index it was recovered at: every record
-    /// takes the next tick and comes from an applied entry, so the tick is at most the applied
-    /// index, and the next record (made by a later entry) cannot overflow it.
+    /// takes the next tick and comes from an applied entry, which makes at most
+    /// `KvStore::MAX_PACKED_PARTS` records (one per command of a packed entry), so the tick is
+    /// at most that many times the applied index, and the next record (made by a later entry)
+    /// cannot overflow it.
     pub(crate) fn check_tick(&self, what: &'static str, applied_index: u64) -> Result<()> {
-        if self.tick > applied_index {
+        let most = applied_index.saturating_mul(crate::kv::KvStore::MAX_PACKED_PARTS as u64);
+        if self.tick > most {
             return Err(KvError::field(
                 what,
                 "dedup.tick",
@@ -691,10 +694,14 @@ mod tests {
             ),
             "{e:?}"
         );
-        // The tick is at most the applied index (one record per applied entry at most).
+        // The tick is at most MAX_PACKED_PARTS times the applied index (one record per
+        // command, at most that many commands per applied entry).
+        let per = crate::kv::KvStore::MAX_PACKED_PARTS as u64;
+        assert!(t.tick > 0);
         assert!(t.check_tick("test", t.tick).is_ok());
+        assert!(t.check_tick("test", t.tick.div_ceil(per)).is_ok());
         assert!(matches!(
-            t.check_tick("test", t.tick - 1),
+            t.check_tick("test", (t.tick - 1) / per),
             Err(KvError::InvalidField {
                 field: "dedup.tick",
                 ..

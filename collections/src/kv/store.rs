@@ -20,7 +20,8 @@
 //!   crash in between leaves the previous file). At most one such write runs per store.
 //! - persistent: every applied command that changes something appends its mutations plus a
 //!   `COMMIT` record (apply state, counters, apply meta) in one `append_batch`; `persist`
-//!   appends a `COMMIT` if only the apply state moved, then syncs the data log.
+//!   appends a `COMMIT` if only the apply state moved, then syncs the data log. A packed entry
+//!   ([`KvStore::apply_packed`]) appends ONE group for the changes of all its commands.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -32,7 +33,9 @@ use protobuf::Message;
 use seglog::SegLog;
 
 use crate::error::{KvError, Result};
-use crate::kv::apply::{apply_entry, check_scan_revision, encode_reply, Ctx, Reply};
+use crate::kv::apply::{
+    apply_command, apply_entry, begin_entry, check_scan_revision, encode_reply, Ctx, Reply,
+};
 use crate::kv::datalog::{self, DataLog};
 use crate::kv::dedup::Journal;
 use crate::kv::snapshot::{self, Pin, Restorer, SnapshotReader};
@@ -502,6 +505,93 @@ impl KvStore {
             Reply::Pb(_, Some(b)) | Reply::Recorded(b) => Ok(b),
             Reply::Pb(r, None) => encode_reply(&r).map(Bytes::from),
         }
+    }
+
+    /// Most commands in one packed entry ([`KvStore::apply_packed`]). Each command may record
+    /// one request-id reply, so the request-id table's tick grows by at most this much per
+    /// applied index (what recovery checks it against).
+    pub const MAX_PACKED_PARTS: usize = 256;
+
+    /// Applies the committed *packed* entry `index` (term `term`): several commands, each with
+    /// its own leader timestamp (`parts`: `(now_ms, command)`, in proposal order), proposed as
+    /// one raft entry. Returns one encoded `kvpb::Response` per part, in order.
+    ///
+    /// Each part is applied exactly as [`KvStore::apply`] would apply it as an entry of its own
+    /// (decode, dedup by its own request id, its own revisions, its own reply; an error reply
+    /// such as `KEY_OUT_OF_RANGE` for that part only), except that every part sees `index` as
+    /// the applied index (the index moves once, before the first part) and the whole entry
+    /// takes ONE write lock, ONE data-log group (its `COMMIT` covers every part: a crash
+    /// recovers all of the entry or none of it) and ONE broadcast to watchers (events in
+    /// revision order). An `index` not after the applied index gets that error reply for every
+    /// part and changes nothing.
+    ///
+    /// # Errors
+    /// More than [`KvStore::MAX_PACKED_PARTS`] parts (nothing applied, the store is not
+    /// poisoned); otherwise only fatal ones, as [`KvStore::apply`].
+    pub fn apply_packed(
+        &mut self,
+        index: u64,
+        term: u64,
+        parts: &[(u64, &[u8])],
+    ) -> Result<Vec<Bytes>> {
+        self.check_poison()?;
+        if parts.len() > Self::MAX_PACKED_PARTS {
+            return Err(KvError::invalid(
+                "packed entry",
+                format!("{} parts (at most {})", parts.len(), Self::MAX_PACKED_PARTS),
+            ));
+        }
+        let shared = self.reader.shared.clone();
+        let mut st = shared.state.write();
+        if let Some(stale) = begin_entry(&mut st, index, term) {
+            drop(st);
+            let b = Bytes::from(encode_reply(&stale)?);
+            return Ok(vec![b; parts.len()]);
+        }
+        let first_revision = st.revision.saturating_add(1);
+        let load = |v: &ValueRef| shared.load(v);
+        let mut ctx = Ctx {
+            st: &mut st,
+            limits: &self.cfg.limits,
+            load: &load,
+            changes: Vec::new(),
+            recorded: None,
+        };
+        let mut replies = Vec::with_capacity(parts.len());
+        for (now_ms, cmd) in parts {
+            let reply = match apply_command(&mut ctx, &self.cfg, *now_ms, cmd) {
+                Ok(r) => r,
+                Err(e) => return self.poison(e),
+            };
+            if let (Some(dl), Some(r)) = (&mut self.data, ctx.recorded.take()) {
+                // Written with this entry's `COMMIT` (or a later one if nothing changed).
+                dl.journal.push(&r);
+            }
+            replies.push(reply);
+        }
+        let changes = std::mem::take(&mut ctx.changes);
+        if let (Some(dl), false) = (&mut self.data, changes.is_empty()) {
+            if let Err(e) = dl.append_group(&mut st, &changes) {
+                return self.poison(e);
+            }
+        }
+        let last_revision = st.revision;
+        drop(st);
+        if !changes.is_empty() {
+            self.broadcast(|| Applied {
+                first_revision,
+                last_revision,
+                index,
+                events: changes.into_iter().map(|c| c.into_event()).collect(),
+            });
+        }
+        replies
+            .into_iter()
+            .map(|r| match r {
+                Reply::Pb(_, Some(b)) | Reply::Recorded(b) => Ok(b),
+                Reply::Pb(r, None) => encode_reply(&r).map(Bytes::from),
+            })
+            .collect()
     }
 
     /// [`KvStore::apply`] returning the reply unencoded.
