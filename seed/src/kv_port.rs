@@ -20,7 +20,9 @@
 //!   A delete's `range_end` or a scan's `end` of `"\0"` (to the end of the key space: no
 //!   range holds that) or at/below its start key is `INVALID_ARGUMENT` with the field named.
 //!   `NOT_LEADER{hint}` when a write or a leader read
-//!   reaches a follower. Writes are proposed as `now_ms ‖ command` (see [`crate::ranges`]);
+//!   reaches a follower. Writes are proposed as `now_ms ‖ command` (see [`crate::ranges`]),
+//!   packable (`harpoon::Node::propose_packable`: concurrent writes to a range share raft
+//!   entries, each keeping its own reply; admin entries are never packed);
 //!   leader reads wait for harpoon's read barrier (lease, else ReadIndex), follower reads are
 //!   served from the local replica and carry the applied index they were served at.
 //!   In an Async range a write is answered once durable on the leader, except a
@@ -536,9 +538,11 @@ pub async fn kv(seed: &Arc<Seed>, cache: &RouteCache, id: u64, k: KvRequest) -> 
     }
     let data: Bytes = encode_entry(now_ms(), &k.command);
     // At apply when the client needs the result (compare-and-swap, delete, previous value)
-    // or a split is in flight; else as the range's mode says.
+    // or a split is in flight; else as the range's mode says. Packable: the writes to this
+    // range that reach its shard in the same round share one raft entry (one raft append,
+    // log record, message and apply for all of them), each answered with its own reply.
     let ack = crate::ranges::write_ack(op, mark);
-    match seed.node.propose_with(cell, data, deadline, ack).await {
+    match seed.node.propose_packable(cell, data, deadline, ack).await {
         Ok(r) => match r.response {
             // Applied as a refusal: the key moved away in a split before the write applied.
             Some(bytes) if moved_away(&bytes) => moved(seed, id, k.range),

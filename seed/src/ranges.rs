@@ -464,6 +464,34 @@ impl StateMachine for KvStateMachine {
             .map_err(|e| err("apply", e))
     }
 
+    /// A packed entry: client writes proposed with `propose_packable` ([`crate::kv_port`]),
+    /// each part `now_ms ‖ command` as a plain entry's; the store applies them in order at
+    /// `index` ([`KvStore::apply_packed`]). Admin entries are never packed (splits are
+    /// proposed with `propose_with`): a part carrying [`ADMIN_FLAG`] is an error, never a
+    /// split applied at an index it shares.
+    fn apply_packed(
+        &mut self,
+        index: u64,
+        term: u64,
+        parts: &[&[u8]],
+    ) -> Result<Vec<Bytes>, StateMachineError> {
+        const _: () = assert!(harpoon::MAX_PACK_PARTS <= KvStore::MAX_PACKED_PARTS);
+        let mut cmds = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let (now, cmd) = split_entry(part);
+            if now & ADMIN_FLAG != 0 {
+                return Err(StateMachineError::new(
+                    "apply_packed",
+                    format!("entry {index}: part {i} is an admin command (never packed)"),
+                ));
+            }
+            cmds.push((now, cmd));
+        }
+        self.store
+            .apply_packed(index, term, &cmds)
+            .map_err(|e| err("apply_packed", e))
+    }
+
     fn apply_conf_change(
         &mut self,
         index: u64,

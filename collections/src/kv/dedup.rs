@@ -404,7 +404,11 @@ impl DedupTable {
             return Err(KvError::field(
                 what,
                 "dedup.tick",
-                format!("{} is above the applied index {applied_index}", self.tick),
+                format!(
+                    "{} is above {most} (the applied index {applied_index} times the most \
+                     records one entry makes)",
+                    self.tick
+                ),
             ));
         }
         Ok(())
