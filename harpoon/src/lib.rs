@@ -12,6 +12,8 @@
 //!   every cell touched, one transport send per destination node; its IO thread syncs the log
 //!   while the shard keeps stepping (readies are finished in order once durable).
 //! - `node`: [`Node`], the public API (futures), and the router that is the transport's sink.
+//! - `pack`: packed entries (several packable proposals in one raft entry): the envelope and
+//!   the context tag, their limits.
 //! - [`storage`]: the node's raft logs (`LogStore`) and per-cell raft storage. A node has
 //!   two: the durable one it is started with and a volatile in-memory one; each cell picks
 //!   one at creation ([`CellOptions`], [`LogKind`]).
@@ -24,7 +26,10 @@
 //! 2. **redirect**: [`Node::propose`] on a non-leader answers [`Error::NotLeader`] with a
 //!    leader hint; proposals are never forwarded.
 //! 3. **propose**: the leader's shard calls `RawNode::propose` and keys the caller by the
-//!    `(term, index)` the entry got.
+//!    `(term, index)` the entry got. Proposals made with [`Node::propose_packable`] that the
+//!    shard drains in the same round are packed per cell into as few entries as possible
+//!    (`pack`: at most [`MAX_PACK_PARTS`] parts and [`MAX_PACK_DATA`] bytes each, answered
+//!    the same way), every caller keyed by the shared `(term, index)` with its own part.
 //! 4. **append**: the shard collects the ready of every cell touched this round, sends leader
 //!    messages at once, does one `LogStore::write` per store with records and hands one
 //!    `LogStore::sync` of the durable store to its IO thread, then goes on stepping (raft-rs
@@ -32,7 +37,8 @@
 //!    and raft learns of it (`on_persist_ready`) only then. Volatile cells' readies count as
 //!    persisted once written to the in-memory store, in the same round (no sync at all).
 //! 5. **apply**: committed entries go to the cell's `StateMachine`, which stores its apply
-//!    state (applied index, commit point, ConfState) atomically with the data.
+//!    state (applied index, commit point, ConfState) atomically with the data; a packed
+//!    entry goes to [`StateMachine::apply_packed`] (one reply per part).
 //! 6. **respond**: Consensus mode answers when the entry applies with the proposing term
 //!    (`Guarantee::Applied`); Async mode answers after step 4's sync on the leader
 //!    (`Guarantee::LeaderDurable`), except for a proposal made with [`Ack::Applied`]
