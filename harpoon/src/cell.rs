@@ -980,6 +980,27 @@ impl Cell {
         });
     }
 
+    /// [`crate::Node::campaign_new`]: a leadership-transfer election at once, if this replica
+    /// is a promotable follower at `initial_term` that knows no leader.
+    pub(crate) fn campaign_new(&mut self, initial_term: u64) -> Result<bool> {
+        let r = &self.raw.raft;
+        if r.term != initial_term
+            || r.leader_id != 0
+            || r.state != StateRole::Follower
+            || !r.promotable()
+        {
+            return Ok(false);
+        }
+        // A local MsgTimeoutNow (term 0): raft-rs campaigns with CAMPAIGN_TRANSFER, no
+        // pre-vote, after its own checks (no unapplied conf change).
+        let mut m = Message::default();
+        m.set_msg_type(raft::eraftpb::MessageType::MsgTimeoutNow);
+        m.from = self.node.get();
+        m.to = self.node.get();
+        self.raw.step(m).map_err(|e| raft_err(self.id, e))?;
+        Ok(self.raw.raft.state != StateRole::Follower)
+    }
+
     pub(crate) fn transfer_leader(&mut self, to: NodeId, deadline: Instant, tx: Tx<()>) {
         if !role_leader(&self.raw) {
             return send(tx, Err(self.not_leader()));

@@ -508,6 +508,35 @@ impl Node {
         p
     }
 
+    /// Start an election for `cell` here at once, the way a leadership transfer does (no
+    /// pre-vote round; voters grant it even inside the window after they opened, or while
+    /// they believe in a leader), but only if this replica is a follower that knows no leader
+    /// and is still at `initial_term`: the term every replica of the cell was created with.
+    /// Resolves to whether an election started (`false`: the replica is past its first term,
+    /// knows a leader, is a learner or a candidate already).
+    ///
+    /// For a cell that starts without a leader on several nodes at once, created from the
+    /// same image at the same term (a range made by a split, whose replicas appear as each
+    /// node applies the split): one replica may take the lead within a round trip instead of
+    /// an election timeout. Why it cannot depose a leader inside its lease: every leader the
+    /// cell ever has was elected in a term past `initial_term`; this election is for
+    /// `initial_term + 1`, so a quorum granting it means no quorum voted in that term for
+    /// anyone else (quorums intersect) nor moved to a later one (they refuse a lower term):
+    /// no other leader has existed. The caller must only pass the cell's true initial term
+    /// (a later term some leader may hold would void that argument).
+    pub fn campaign_new(&self, cell: CellId, initial_term: u64) -> Pending<bool> {
+        let (tx, p) = Pending::new();
+        self.router.send(
+            cell,
+            Command::CampaignNew {
+                cell,
+                initial_term,
+                tx,
+            },
+        );
+        p
+    }
+
     /// The replica's current state.
     pub fn status(&self, cell: CellId) -> Pending<CellStatus> {
         let (tx, p) = Pending::new();

@@ -122,6 +122,11 @@ pub(crate) enum Command {
         cell: CellId,
         tx: Tx<CellStatus>,
     },
+    CampaignNew {
+        cell: CellId,
+        initial_term: u64,
+        tx: Tx<bool>,
+    },
     /// From the shard's IO thread: every sync request up to `seq` is durable (or failed:
     /// a storage error, or `Error::Poisoned` when the IO thread panicked and stopped).
     Synced {
@@ -153,7 +158,8 @@ impl Command {
             | Command::Membership { cell, .. }
             | Command::Transfer { cell, .. }
             | Command::Compact { cell, .. }
-            | Command::Status { cell, .. } => Flush::Cell(*cell),
+            | Command::Status { cell, .. }
+            | Command::CampaignNew { cell, .. } => Flush::Cell(*cell),
             Command::Shutdown => Flush::All,
         }
     }
@@ -733,6 +739,18 @@ impl Shard {
             Command::Status { cell, tx } => {
                 if let Some((c, tx)) = self.cell_or(cell, tx) {
                     let _ = tx.send(Ok(c.status()));
+                }
+            }
+            Command::CampaignNew {
+                cell,
+                initial_term,
+                tx,
+            } => {
+                if let Some(tx) = self.cell_or(cell, tx).map(|(_, tx)| tx) {
+                    if let Some(r) = self.guarded(cell, |c| c.campaign_new(initial_term)) {
+                        let _ = tx.send(r);
+                        self.touched.insert(cell);
+                    }
                 }
             }
             Command::Synced { seq, result } => match result {
