@@ -196,6 +196,24 @@ async fn ranges_split_under_load_without_losing_or_repeating_writes() {
         )
     });
     eprintln!("{} ranges after the load", rs.len());
+    // The proposer of each split started its daughter's first election at once (before any
+    // node restarts: the counters live in memory).
+    let campaigns: Vec<(u64, u64)> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let m = admin_metrics(n.admin).unwrap_or_default();
+            (
+                metric_value(&m, "quiver_daughter_campaigns_total").unwrap_or(0),
+                metric_value(&m, "quiver_daughter_campaigns_skipped_total").unwrap_or(0),
+            )
+        })
+        .collect();
+    eprintln!("daughter campaigns (started, skipped) per node: {campaigns:?}");
+    assert!(
+        campaigns.iter().map(|c| c.0).sum::<u64>() >= 1,
+        "no split's proposer campaigned for its daughter: {campaigns:?}"
+    );
 
     let mut model = model.lock().unwrap().clone();
     // Every acknowledged write reads back with its last acknowledged value.

@@ -6,25 +6,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use cli::demo::{wait_for, LocalCluster};
 use common::*;
 
 const NAME: &str = "led";
-
-/// `GET /metrics` of an admin port.
-fn metrics(addr: SocketAddr) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    Some(body)
-}
 
 /// Column `i` (from 1) of a table row.
 fn cell(row: &str, i: usize) -> Option<String> {
@@ -89,7 +76,7 @@ async fn status_and_metrics_show_a_ranges_leader_after_a_leader_kill() {
     for (i, n) in c.nodes.iter().enumerate() {
         let want = format!("{sample} {}\n", u64::from(i == li));
         let got = wait_for(LONG, || async {
-            metrics(n.admin).filter(|m| m.contains(&want))
+            admin_metrics(n.admin).filter(|m| m.contains(&want))
         })
         .await;
         assert!(got.is_some(), "node {i}'s /metrics never showed {want:?}");

@@ -174,6 +174,19 @@ async fn metrics(seed: &Arc<Seed>) -> String {
         l(&c.membership_changes),
     );
     g(
+        "quiver_daughter_campaigns_total",
+        "Daughter ranges of this node's splits whose first election it started at once.",
+        "counter",
+        l(&c.daughter_campaigns),
+    );
+    g(
+        "quiver_daughter_campaigns_skipped_total",
+        "Daughter ranges of this node's splits left to an ordinary election (a leader or a \
+         later term was already known, or the replica was gone).",
+        "counter",
+        l(&c.daughter_campaigns_skipped),
+    );
+    g(
         "harpoon_rounds_total",
         "Driver rounds.",
         "counter",

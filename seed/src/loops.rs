@@ -505,10 +505,19 @@ async fn split_check(seed: &Arc<Seed>, id: u64, recs: &Records) -> Result<(), St
     });
     let data = crate::ranges::encode_admin(now_ms(), &cmd);
     // Answered once applied here (also in an Async range), behind the range's split fence.
-    crate::ranges::propose_split(seed, &local, data)
+    let proposed = Instant::now();
+    let split_term = crate::ranges::propose_split(seed, &local, data)
         .await
         .map_err(|e| format!("split entry: {e}"))?;
     let applied = Instant::now();
+    // The daughter's first leader: this node's replica, once the followers have had about
+    // as long as this node took to commit and apply the split (plus a tick) to open theirs.
+    tokio::spawn(crate::ranges::campaign_daughter(
+        seed.clone(),
+        daughter,
+        split_term,
+        seed.settings.tick + applied.duration_since(proposed),
+    ));
     record_split(seed, id, &at, daughter).await?;
     tracing::info!(
         range = id,

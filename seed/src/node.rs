@@ -190,6 +190,10 @@ pub struct Counters {
     pub peer_bad_frames: AtomicU64,
     pub heartbeats_sent: AtomicU64,
     pub membership_changes: AtomicU64,
+    /// Daughter ranges of this node's splits whose first election it started at once
+    /// ([`crate::ranges::campaign_daughter`]), and those it left to an ordinary election.
+    pub daughter_campaigns: AtomicU64,
+    pub daughter_campaigns_skipped: AtomicU64,
 }
 
 /// One running node.

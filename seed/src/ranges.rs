@@ -709,6 +709,9 @@ pub const SPLIT_APPLY_WAIT: std::time::Duration = std::time::Duration::from_secs
 /// this replica applied everything its log held then, the Split entry included if it is
 /// still there.
 ///
+/// Returns the Split entry's term: the term every replica of the daughter range starts at
+/// (see [`campaign_daughter`]).
+///
 /// # Errors
 /// Why the split is not applied here: refused by apply (a stale split), not proposed, or not
 /// applied in [`SPLIT_APPLY_WAIT`].
@@ -716,7 +719,7 @@ pub async fn propose_split(
     seed: &Arc<Seed>,
     local: &LocalRange,
     data: Bytes,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let cell = CellId(local.id);
     let guard = local.fence.begin();
     let deadline = std::time::Instant::now() + SPLIT_APPLY_WAIT;
@@ -748,7 +751,51 @@ pub async fn propose_split(
     if resp.has_error() {
         return Err(format!("refused: {}", resp.get_error().why));
     }
-    Ok(())
+    Ok(reply.term)
+}
+
+/// Give the daughter of a split this node proposed and applied its first leader at once.
+///
+/// Each replica of a daughter range opens leaderless when its node applies the split, at the
+/// Split entry's term, and would wait out an election timeout (and, with lease reads, refuse
+/// ordinary votes for as long after it opened) before one is elected: a second or two in
+/// which every request for the moved keys is refused. TiKV has the replica beside the
+/// parent's leader campaign at once (RAFT.md, "Split", step 4); here the proposer's replica
+/// does, as a leadership transfer would ([`harpoon::Node::campaign_new`], which also says why
+/// that cannot depose a leader: it only runs at the daughter's first term).
+///
+/// It waits `settle` first: the followers open their replicas when they apply the split
+/// (they learn its commit one round trip after this node, then write the right half as this
+/// node did), and a vote reaching a node before its replica exists is dropped. If the
+/// campaign still comes too early, or another replica was elected meanwhile, nothing is lost:
+/// the daughter elects a leader the ordinary way.
+pub async fn campaign_daughter(
+    seed: Arc<Seed>,
+    daughter: u64,
+    split_term: u64,
+    settle: std::time::Duration,
+) {
+    tokio::time::sleep(settle).await;
+    match seed.node.campaign_new(CellId(daughter), split_term).await {
+        Ok(true) => {
+            seed.counters
+                .daughter_campaigns
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(daughter, split_term, "daughter range campaign started");
+        }
+        Ok(false) => {
+            seed.counters
+                .daughter_campaigns_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(daughter, split_term, "daughter range past its first term");
+        }
+        Err(e) => {
+            seed.counters
+                .daughter_campaigns_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(daughter, error = %e, "daughter range campaign not made");
+        }
+    }
 }
 
 /// Keep `guard` until `cell` applied here everything its log holds now (the cell is gone or

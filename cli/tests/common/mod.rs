@@ -370,3 +370,22 @@ pub fn tiles(rs: &[RangeDescriptor], prefix: &[u8]) -> bool {
         && rs.windows(2).all(|w| w[0].hi == w[1].lo)
         && rs.iter().all(|r| r.lo < r.hi)
 }
+
+/// `GET /metrics` of an admin port (`None`: no answer).
+pub fn admin_metrics(addr: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// The value of the unlabelled sample `name` in a `/metrics` text.
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
