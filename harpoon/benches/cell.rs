@@ -2,7 +2,10 @@
 //!
 //! Measures proposals/s, p50/p99 latency and fsyncs per 1,000 proposals with 1 and 64
 //! concurrent proposers on one cell, and 64 proposers spread over 16 cells (one sync per
-//! round for every cell touched). Consensus mode: each reply waits for quorum commit + apply.
+//! round for every cell touched); then 64 proposers on one cell proposing *packable*
+//! (`Node::propose_packable`: the proposals a shard drains in one round share a raft entry),
+//! the consensus core's ceiling for a write path like Quiver's. Consensus mode: each reply
+//! waits for quorum commit + apply.
 //!
 //! Run: `cargo bench -p harpoon --bench cell`. Env: `BENCH_SECS` (default 5 s per row),
 //! `BENCH_TRANSPORT=tcp|mem` (default both: TCP on 127.0.0.1, then the in-process network).
@@ -17,7 +20,7 @@ use harpoon::transport::mem::MemNetwork;
 use harpoon::transport::tcp::{TcpConfig, TcpTransport};
 use harpoon::transport::Transport;
 use harpoon::{
-    ApplyState, CellId, EntryRef, Node, NodeConfig, NodeId, ReplicationMode, Role, SmSnapshot,
+    Ack, ApplyState, CellId, EntryRef, Node, NodeConfig, NodeId, ReplicationMode, Role, SmSnapshot,
     StateMachine, StateMachineError,
 };
 use hdrhistogram::Histogram;
@@ -63,9 +66,20 @@ impl StateMachine for CountingSm {
         self.state = s.state.clone();
         Ok(())
     }
+    fn apply_packed(
+        &mut self,
+        index: u64,
+        term: u64,
+        parts: &[&[u8]],
+    ) -> Result<Vec<Bytes>, StateMachineError> {
+        self.state.applied_index = index;
+        self.state.applied_term = term;
+        Ok(vec![Bytes::new(); parts.len()])
+    }
 }
 
 struct Row {
+    packable: bool,
     concurrency: usize,
     proposals: u64,
     secs: f64,
@@ -137,7 +151,14 @@ struct TcpSetup<'a> {
     addrs: Vec<std::net::SocketAddr>,
 }
 
-fn run(net: Net, cells: u64, concurrency: usize, secs: u64, rt: &tokio::runtime::Runtime) -> Row {
+fn run(
+    net: Net,
+    cells: u64,
+    concurrency: usize,
+    packable: bool,
+    secs: u64,
+    rt: &tokio::runtime::Runtime,
+) -> Row {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = NodeConfig {
         tick_interval: Duration::from_millis(50),
@@ -220,7 +241,15 @@ fn run(net: Net, cells: u64, concurrency: usize, secs: u64, rt: &tokio::runtime:
                 let payload = Bytes::from(vec![7u8; 128]);
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    if leader.propose(cell, payload.clone()).await.is_ok() {
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    let r = if packable {
+                        leader
+                            .propose_packable(cell, payload.clone(), deadline, Ack::CellMode)
+                            .await
+                    } else {
+                        leader.propose(cell, payload.clone()).await
+                    };
+                    if r.is_ok() {
                         let _ = h.record(t.elapsed().as_micros() as u64);
                         done.fetch_add(1, Ordering::Relaxed);
                     }
@@ -239,6 +268,7 @@ fn run(net: Net, cells: u64, concurrency: usize, secs: u64, rt: &tokio::runtime:
     let elapsed = start.elapsed().as_secs_f64();
     let syncs1: Vec<u64> = stores.iter().map(|s| s.stats().syncs).collect();
     let row = Row {
+        packable,
         concurrency,
         proposals: done.load(Ordering::Relaxed),
         secs: elapsed,
@@ -284,10 +314,11 @@ fn main() {
          128 B proposals, Consensus mode, {secs} s per row"
     );
     println!(
-        "{:>9} | {:>5} | {:>9} | {:>10} | {:>11} | {:>8} | {:>8} | {:>15} | {:>13}",
+        "{:>9} | {:>5} | {:>9} | {:>8} | {:>10} | {:>11} | {:>8} | {:>8} | {:>15} | {:>13}",
         "transport",
         "cells",
         "proposers",
+        "packable",
         "proposals",
         "proposals/s",
         "p50 us",
@@ -295,18 +326,24 @@ fn main() {
         "max node sync/1k",
         "all fsyncs/1k"
     );
-    let rows = [(1u64, 1usize), (1, 64), (16, 64)];
-    for (net, (cells, c)) in nets
+    let rows = [
+        (1u64, 1usize, false),
+        (1, 64, false),
+        (16, 64, false),
+        (1, 64, true),
+    ];
+    for (net, (cells, c, packable)) in nets
         .iter()
         .flat_map(|n| rows.into_iter().map(move |r| (*n, r)))
     {
-        let r = run(net, cells, c, secs, &rt);
+        let r = run(net, cells, c, packable, secs, &rt);
         let per_k = |s: u64| s as f64 * 1000.0 / r.proposals.max(1) as f64;
         println!(
-            "{:>9} | {:>5} | {:>9} | {:>10} | {:>11.0} | {:>8} | {:>8} | {:>15.1} | {:>13.1}",
+            "{:>9} | {:>5} | {:>9} | {:>8} | {:>10} | {:>11.0} | {:>8} | {:>8} | {:>15.1} | {:>13.1}",
             format!("{net:?}").to_lowercase(),
             r.cells,
             r.concurrency,
+            if r.packable { "yes" } else { "no" },
             r.proposals,
             r.proposals as f64 / r.secs,
             r.hist.value_at_quantile(0.5),
