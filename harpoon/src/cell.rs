@@ -818,6 +818,10 @@ impl Cell {
             Callers::Packed(txs) => txs.len() as u64,
         };
         self.metrics.proposals.fetch_add(n, Ordering::Relaxed);
+        if let Callers::Packed(_) = &callers {
+            self.metrics.packed_entries.fetch_add(1, Ordering::Relaxed);
+            self.metrics.packed_parts.fetch_add(n, Ordering::Relaxed);
+        }
         if !at_apply {
             match callers {
                 Callers::One(tx) => self.durable_acks.push((index, term, tx)),

@@ -17,6 +17,8 @@ pub(crate) struct Metrics {
     pub(crate) transport_sends: AtomicU64,
     pub(crate) log_segments_dropped: AtomicU64,
     pub(crate) lease_fast_reads: AtomicU64,
+    pub(crate) packed_entries: AtomicU64,
+    pub(crate) packed_parts: AtomicU64,
 }
 
 /// A copy of a node's counters.
@@ -51,6 +53,12 @@ pub struct NodeMetrics {
     pub log_segments_dropped: u64,
     /// Lease reads answered from a cell's read view, without a trip through its shard.
     pub lease_fast_reads: u64,
+    /// Packed entries (two or more packable proposals in one raft entry) accepted by raft on
+    /// this node as leader.
+    pub packed_entries: u64,
+    /// Proposals carried by those packed entries (each also counted in `proposals`);
+    /// `packed_parts / packed_entries` is the mean pack size.
+    pub packed_parts: u64,
     /// Payload bytes appended to the durable log store (0 when it is in memory). Volatile
     /// cells add nothing here.
     pub log_bytes_appended: u64,
@@ -80,6 +88,8 @@ impl Metrics {
             transport_sends: g(&self.transport_sends),
             log_segments_dropped: g(&self.log_segments_dropped),
             lease_fast_reads: g(&self.lease_fast_reads),
+            packed_entries: g(&self.packed_entries),
+            packed_parts: g(&self.packed_parts),
             // The stores' volume counters are filled in by `Node::metrics`.
             log_bytes_appended: 0,
             log_records_appended: 0,

@@ -93,6 +93,18 @@ fn packable_proposals_share_entries_keep_order_and_get_their_own_replies() {
         indexes.insert(r.index);
     }
     check_shapes(&shapes);
+    // The pack counters count exactly the packed entries of the burst and their parts (summed
+    // over the nodes: nothing else here is packable, whoever led).
+    let (entries, parts, proposals) = (1..=3).fold((0, 0, 0), |(e, p, n), i| {
+        let m = c.node(NodeId(i)).metrics();
+        (e + m.packed_entries, p + m.packed_parts, n + m.proposals)
+    });
+    let packed: Vec<u64> = shapes.iter().filter(|s| s.1).map(|s| s.0).collect();
+    let distinct: BTreeSet<u64> = packed.iter().copied().collect();
+    assert_eq!(entries, distinct.len() as u64, "packed entries");
+    assert_eq!(parts, packed.len() as u64, "packed parts");
+    assert!(entries >= 1 && parts >= 2 * entries, "{parts} parts in {entries}");
+    assert!(parts <= proposals, "{parts} parts, {proposals} proposals");
     let after = c.status(leader, cell).unwrap().last_index;
     assert!(
         after - before < n as u64 && indexes.len() < n,

@@ -20,15 +20,16 @@ use crate::kv::state::KeyRange;
 use crate::kv::store::KvReader;
 use crate::kv::types::{Event, KeyValue};
 
-/// The changes of one applied command, as broadcast to subscribers.
+/// The changes of one applied raft entry, as broadcast to subscribers: of its one command,
+/// or of all the commands of a packed entry (`KvStore::apply_packed`), in their order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
-    /// The first revision the command used.
+    /// The first revision the entry's commands used.
     pub first_revision: u64,
-    /// The store's revision after the command (every event has a revision in
+    /// The store's revision after the entry (every event has a revision in
     /// `first_revision..=last_revision`).
     pub last_revision: u64,
-    /// The raft index of the command.
+    /// The raft index of the entry.
     pub index: u64,
     /// The events, in revision then key order.
     pub events: Vec<Event>,
