@@ -34,7 +34,8 @@ pub enum Command {
     Node(Box<seed::NodeArgs>),
     /// Create meta (once per cluster) on a seed node.
     CreateMeta(CreateMetaArgs),
-    /// Show nodes and ranges, with each range's leader (every reachable node is asked).
+    /// Show nodes and ranges, each range with its collection's name and its leader (every
+    /// reachable node is asked).
     Status(status::StatusArgs),
     /// Create a collection (its first range is placed by self-assignment).
     CreateCollection(Box<kv::CreateCollectionArgs>),
