@@ -229,6 +229,20 @@ async fn metrics(seed: &Arc<Seed>) -> String {
         m.proposals,
     );
     g(
+        "harpoon_packed_entries_total",
+        "Packed raft entries (two or more concurrent writes of a range in one entry) accepted \
+         as leader.",
+        "counter",
+        m.packed_entries,
+    );
+    g(
+        "harpoon_packed_parts_total",
+        "Writes carried by packed entries (also counted in harpoon_proposals_total); divided \
+         by harpoon_packed_entries_total: the mean pack size.",
+        "counter",
+        m.packed_parts,
+    );
+    g(
         "harpoon_snapshots_total",
         "Snapshots generated.",
         "counter",
