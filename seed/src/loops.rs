@@ -855,27 +855,29 @@ async fn assign_meta(seed: &Arc<Seed>, missing: &mut Option<Instant>) {
     });
     let Some(range) = range else { return };
     let me_member = range.value.members.iter().any(|m| m.node == seed.id);
+    // A replica whose cell harpoon destroyed: it applied its own removal (this node was
+    // removed as dead while it could not heartbeat, or removed while down, claimed its slot
+    // again and caught up to the removal). Drop the stale replica, seen gone twice (a replica
+    // is registered just before its cell is created): listed, open an empty one below; not
+    // listed, claim a learner slot below, and the leader's first message creates a fresh
+    // replica (the cell factory only makes one while none is registered).
+    let gone = seed.replica().is_some()
+        && matches!(
+            seed.node.status(META_CELL).await,
+            Err(harpoon::Error::CellNotFound { .. })
+        );
+    if !gone {
+        *missing = None;
+    } else if missing.get_or_insert_with(Instant::now).elapsed() >= seed.settings.heartbeat / 2 {
+        *missing = None;
+        tracing::info!(
+            node = seed.id,
+            listed = me_member,
+            "meta cell removed here: dropping the replica"
+        );
+        seed.forget_meta_replica();
+    }
     if me_member {
-        // A replica whose cell harpoon destroyed (it applied its own removal: the node was
-        // removed while down, claimed its slot again and caught up to the removal): drop the
-        // stale replica, seen gone twice (a replica is registered just before its cell is
-        // created), and open an empty one.
-        let gone = seed.replica().is_some()
-            && matches!(
-                seed.node.status(META_CELL).await,
-                Err(harpoon::Error::CellNotFound { .. })
-            );
-        if !gone {
-            *missing = None;
-        } else if missing.get_or_insert_with(Instant::now).elapsed() >= seed.settings.heartbeat / 2
-        {
-            *missing = None;
-            tracing::info!(
-                node = seed.id,
-                "meta cell removed while meta lists this node: reopening empty"
-            );
-            seed.forget_meta_replica();
-        }
         // Listed but no replica (e.g. it was lost): open an empty one to be filled.
         if seed.replica().is_none() {
             if let Err(e) = seed.open_meta_replica(&[]).await {

@@ -400,7 +400,14 @@ impl Seed {
                 TxnResult::parse_from_carllerche_bytes(&resp)
                     .map_err(|e| Refusal::Unavailable(format!("bad apply response: {e}")))
             }
-            Err(HError::NotLeader { .. }) => Err(self.redirect().await),
+            // Not the leader, or no replica any more: harpoon destroyed the cell when it
+            // applied this node's removal from meta (the registration goes later, see
+            // `loops::assign_meta`). Either way meta's leader is elsewhere: redirect, so a
+            // heartbeat still reaches it (a node that cannot heartbeat is removed as dead and
+            // could never rejoin).
+            Err(HError::NotLeader { .. } | HError::CellNotFound { .. }) => {
+                Err(self.redirect().await)
+            }
             Err(e) => Err(Refusal::Unavailable(e.to_string())),
         }
     }
