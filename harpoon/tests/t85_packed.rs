@@ -103,7 +103,10 @@ fn packable_proposals_share_entries_keep_order_and_get_their_own_replies() {
     let distinct: BTreeSet<u64> = packed.iter().copied().collect();
     assert_eq!(entries, distinct.len() as u64, "packed entries");
     assert_eq!(parts, packed.len() as u64, "packed parts");
-    assert!(entries >= 1 && parts >= 2 * entries, "{parts} parts in {entries}");
+    assert!(
+        entries >= 1 && parts >= 2 * entries,
+        "{parts} parts in {entries}"
+    );
     assert!(parts <= proposals, "{parts} parts, {proposals} proposals");
     let after = c.status(leader, cell).unwrap().last_index;
     assert!(
