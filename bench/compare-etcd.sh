@@ -15,8 +15,8 @@
 #   --no-docs     print the table, leave docs/benchmarks.md alone
 #   --bench-args  extra flags for every quiver-bench run (e.g. "--duration 30")
 # Environment: CARGO_TARGET_DIR (build dir), BENCH_TMP (where data dirs go; must be on the disk
-# you want to measure, not tmpfs) [default /var/tmp], ETCD_BASE_PORT [default 32379],
-# QUIVER_BASE_PORT [default 37400], QUIVER_BIN (a prebuilt `quiver` binary), BENCH_BIN (a
+# you want to measure, not tmpfs) [default /var/tmp], ETCD_BASE_PORT [default 22379],
+# QUIVER_BASE_PORT [default 27400], QUIVER_BIN (a prebuilt `quiver` binary), BENCH_BIN (a
 # prebuilt `quiver-bench`: with QUIVER_BIN nothing is built), RUNS_OUT (append the JSON lines
 # there too), RUN_LABEL (prefix of each run's label, e.g. the build's name).
 #
@@ -52,8 +52,11 @@ MODE_FLAGS=()
 [[ $QUICK == 1 ]] && MODE_FLAGS+=(--quick)
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-ETCD_BASE_PORT=${ETCD_BASE_PORT:-32379}
-QUIVER_BASE_PORT=${QUIVER_BASE_PORT:-37400}
+# Below Linux's ephemeral range (32768-60999 by default): a port in it can be held by any
+# outgoing connection of an earlier run (the bench makes thousands), and a node that cannot bind
+# its port does not start.
+ETCD_BASE_PORT=${ETCD_BASE_PORT:-22379}
+QUIVER_BASE_PORT=${QUIVER_BASE_PORT:-27400}
 mkdir -p "${BENCH_TMP:-/var/tmp}"
 TMP=$(mktemp -d "${BENCH_TMP:-/var/tmp}/compare-etcd.XXXXXX")
 OUT_DIR=$CARGO_TARGET_DIR/compare-etcd
@@ -274,7 +277,11 @@ run_quiver() {
     local rep=$1
     log "Quiver, rep $rep/$REPS"
     if ! start_quiver; then
-        echo "Quiver skipped in rep $rep: the cluster did not start (logs: $TMP/quiver)." >&2
+        echo "Quiver skipped in rep $rep: the cluster did not start; the end of each node's log:" >&2
+        local f
+        for f in "$TMP"/quiver/q*.log; do
+            [[ -f $f ]] && { echo "-- $f" >&2; tail -n 5 "$f" >&2; }
+        done
         stop_quiver; return 1
     fi
     log "Quiver is up"
