@@ -27,7 +27,7 @@ const PREFIX: &[u8] = b"c/";
 
 /// What a fake node does with one request.
 enum Action {
-    Reply(Kind),
+    Reply(Box<Kind>),
     /// Close the connection without answering (a crash after the request arrived).
     Drop,
 }
@@ -97,7 +97,7 @@ fn serve(l: TcpListener, handler: Handler) -> Fake {
                             Action::Reply(kind) => {
                                 let mut r = ClientResponse::new();
                                 r.id = req.id;
-                                r.kind = Some(kind);
+                                r.kind = Some(*kind);
                                 let mut out = Vec::new();
                                 frame::encode_message(&r, 1 << 20, &mut out).expect("encode");
                                 if sock.write_all(&out).await.is_err() {
@@ -145,13 +145,13 @@ fn lookup_reply(r: RangeDescriptor) -> Action {
     let mut l = LookupReply::new();
     l.set_collection(collection());
     l.set_range(r);
-    Action::Reply(Kind::lookup(l))
+    Action::Reply(Box::new(Kind::lookup(l)))
 }
 
 fn kv_reply(resp: &kvpb::Response) -> Action {
     let mut k = KvReply::new();
     k.response = resp.write_to_bytes().expect("encode").into();
-    Action::Reply(Kind::kv(k))
+    Action::Reply(Box::new(Kind::kv(k)))
 }
 
 fn put_ok(revision: u64) -> Action {
@@ -183,7 +183,7 @@ fn wire_error(code: ClientError_Code, hint: &str, range: Option<RangeDescriptor>
     if let Some(r) = range {
         e.set_range(r);
     }
-    Action::Reply(Kind::error(e))
+    Action::Reply(Box::new(Kind::error(e)))
 }
 
 fn is_lookup(req: &ClientRequest) -> bool {
