@@ -184,7 +184,19 @@ fn volatile_cell_commits_beside_a_durable_one_without_touching_the_durable_log()
         "the learner applies the same suffix"
     );
 
-    // Removing it destroys its log in the volatile store.
+    // Removing it destroys its log in the volatile store. The learner caught up by snapshot:
+    // its progress at the leader may still be probing (paused until an answer), and a paused
+    // follower misses the commit of its own removal, which the leader stops sending to once
+    // it applied it. One more write it acknowledges puts it in replicate mode first.
+    let one = c
+        .propose_retry(VOLATILE, Bytes::from_static(b"before-removal"), WAIT)
+        .expect("write");
+    assert!(
+        wait_until(WAIT, || c
+            .status(NodeId(4), VOLATILE)
+            .is_some_and(|s| s.applied >= one.index)),
+        "the learner applies a write after its snapshot"
+    );
     c.node(vleader)
         .remove(VOLATILE, NodeId(4), Instant::now() + WAIT)
         .wait()
