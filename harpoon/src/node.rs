@@ -344,19 +344,7 @@ impl Node {
         deadline: Instant,
         ack: Ack,
     ) -> Pending<Reply> {
-        let (tx, p) = Pending::new();
-        self.router.send(
-            cell,
-            Command::Propose {
-                cell,
-                data,
-                deadline,
-                ack,
-                packable: false,
-                tx,
-            },
-        );
-        p
+        self.send_proposal(cell, data, deadline, ack, false)
     }
 
     /// Like [`Node::propose_with`], but the proposal may share ONE raft entry with other
@@ -374,6 +362,19 @@ impl Node {
         deadline: Instant,
         ack: Ack,
     ) -> Pending<Reply> {
+        self.send_proposal(cell, data, deadline, ack, true)
+    }
+
+    /// Routes one proposal to `cell`'s shard ([`Node::propose_with`],
+    /// [`Node::propose_packable`]).
+    fn send_proposal(
+        &self,
+        cell: CellId,
+        data: Bytes,
+        deadline: Instant,
+        ack: Ack,
+        packable: bool,
+    ) -> Pending<Reply> {
         let (tx, p) = Pending::new();
         self.router.send(
             cell,
@@ -382,7 +383,7 @@ impl Node {
                 data,
                 deadline,
                 ack,
-                packable: true,
+                packable,
                 tx,
             },
         );
