@@ -39,7 +39,7 @@ use crate::kv::apply::{
 use crate::kv::datalog::{self, DataLog};
 use crate::kv::dedup::Journal;
 use crate::kv::snapshot::{self, Pin, Restorer, SnapshotReader};
-use crate::kv::state::{inline_only, kv_event, load_all, KeyRange, State, ValueRef};
+use crate::kv::state::{inline_only, kv_event, load_all, Change, KeyRange, State, ValueRef};
 use crate::kv::types::{ApplyState, Bounds, KeyValue, KvConfig, Persistence, RangeStats};
 use crate::kv::watch::{Applied, Subscription, WatchBatch, Watcher};
 
@@ -570,21 +570,7 @@ impl KvStore {
             replies.push(reply);
         }
         let changes = std::mem::take(&mut ctx.changes);
-        if let (Some(dl), false) = (&mut self.data, changes.is_empty()) {
-            if let Err(e) = dl.append_group(&mut st, &changes) {
-                return self.poison(e);
-            }
-        }
-        let last_revision = st.revision;
-        drop(st);
-        if !changes.is_empty() {
-            self.broadcast(|| Applied {
-                first_revision,
-                last_revision,
-                index,
-                events: changes.into_iter().map(|c| c.into_event()).collect(),
-            });
-        }
+        self.publish_entry(st, changes, first_revision, index)?;
         replies
             .into_iter()
             .map(|r| match r {
@@ -642,24 +628,43 @@ impl KvStore {
             // Written with the next `COMMIT` (this group's, or a later one if none).
             dl.journal.push(r);
         }
-        if let (Some(dl), false) = (&mut self.data, changes.is_empty()) {
+        self.publish_entry(st, changes, first_revision, index)?;
+        Ok(resp)
+    }
+
+    /// The end of one applied entry ([`KvStore::apply`], [`KvStore::apply_packed`]): its
+    /// changes as one data-log group (persistent mode), then, the lock released, one
+    /// broadcast to watchers. `first_revision` is the revision the entry's first change took.
+    ///
+    /// # Errors
+    /// The data log failed: fatal, the store is poisoned.
+    fn publish_entry(
+        &mut self,
+        mut st: parking_lot::RwLockWriteGuard<'_, State>,
+        changes: Vec<Change>,
+        first_revision: u64,
+        index: u64,
+    ) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        if let Some(dl) = &mut self.data {
             if let Err(e) = dl.append_group(&mut st, &changes) {
+                drop(st);
                 return self.poison(e);
             }
         }
         let last_revision = st.revision;
         drop(st);
-        if !changes.is_empty() {
-            self.broadcast(|| Applied {
-                first_revision,
-                last_revision,
-                index,
-                // Changes come in revision order, each revision's keys in key order (range
-                // delete, expire), the order of the history.
-                events: changes.into_iter().map(|c| c.into_event()).collect(),
-            });
-        }
-        Ok(resp)
+        self.broadcast(|| Applied {
+            first_revision,
+            last_revision,
+            index,
+            // Changes come in revision order, each revision's keys in key order (range
+            // delete, expire), the order of the history.
+            events: changes.into_iter().map(|c| c.into_event()).collect(),
+        });
+        Ok(())
     }
 
     /// Sends the applied changes to the subscribers; built only if there are any.
