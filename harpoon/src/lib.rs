@@ -19,7 +19,8 @@
 //!   one at creation ([`CellOptions`], [`LogKind`]).
 //! - [`transport`]: the network seam (`Transport`, `MessageSink`), in-memory and TCP.
 //! - [`error`]: one error enum; fatal errors poison the node.
-//! - `testkit` (feature `testkit`): a recording state machine and an in-process cluster.
+//! - `testkit` (feature `testkit`): a recording state machine, an in-process cluster, and a
+//!   held shard (`Node::hold_shard`: commands sent meanwhile are handled in one round).
 //!
 //! # The write path (DESIGN.md §4), as implemented here
 //! 1. **route**: the caller picks the node it believes leads the cell (outside harpoon).

@@ -545,6 +545,39 @@ impl Node {
         p
     }
 
+    /// Test support (feature `testkit`): blocks the shard thread that owns `cell` (and every
+    /// other cell of that shard) until the returned guard is dropped, so that commands sent
+    /// meanwhile (proposals, [`MessageSink::deliver`]ed messages, ...) queue up and are then
+    /// handled in ONE round, in the order sent (as long as fewer than
+    /// `max_commands_per_round` are queued): tests that need several inputs stepped together
+    /// need not rely on the scheduler. The shard ticks nothing while held, and blocks at most
+    /// `limit` (a guard never dropped cannot hang the node for longer). Resolves once the
+    /// shard is held; `Err(Timeout)` if it did not get there within `limit` (it then does not
+    /// block), `Err(Stopped)` if the node is stopping. Not in non-test builds.
+    #[cfg(any(test, feature = "testkit"))]
+    pub fn hold_shard(
+        &self,
+        cell: CellId,
+        limit: std::time::Duration,
+    ) -> Result<crate::testkit::ShardHold<'_>> {
+        use std::sync::mpsc::{channel, RecvTimeoutError};
+        let (held, is_held) = channel();
+        let (release_tx, release) = channel();
+        self.router.send(
+            cell,
+            Command::Hold {
+                held,
+                release,
+                limit,
+            },
+        );
+        match is_held.recv_timeout(limit) {
+            Ok(()) => Ok(crate::testkit::ShardHold::new(release_tx)),
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout { cell }),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Stopped),
+        }
+    }
+
     /// The node's counters, with both log stores' volume counters.
     pub fn metrics(&self) -> NodeMetrics {
         let mut m = self.metrics.snapshot();

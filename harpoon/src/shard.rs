@@ -134,6 +134,15 @@ pub(crate) enum Command {
         result: Result<()>,
     },
     Shutdown,
+    /// Test support ([`crate::Node::hold_shard`], feature `testkit`): the shard says so on
+    /// `held`, then blocks until `release` is dropped (at most `limit`), and goes on with the
+    /// same drain: what was queued meanwhile is handled in this round.
+    #[cfg(any(test, feature = "testkit"))]
+    Hold {
+        held: std::sync::mpsc::Sender<()>,
+        release: std::sync::mpsc::Receiver<()>,
+        limit: Duration,
+    },
 }
 
 /// Which buffered packable proposals must be proposed before a command is handled.
@@ -151,6 +160,8 @@ impl Command {
             | Command::SnapshotReport { .. }
             | Command::Synced { .. }
             | Command::Propose { packable: true, .. } => Flush::None,
+            #[cfg(any(test, feature = "testkit"))]
+            Command::Hold { .. } => Flush::None,
             Command::Create { cell, .. }
             | Command::Propose { cell, .. }
             | Command::WaitApplied { cell, .. }
@@ -759,6 +770,17 @@ impl Shard {
                 Err(e) => self.poison_with(&e),
             },
             Command::Shutdown => return true,
+            #[cfg(any(test, feature = "testkit"))]
+            Command::Hold {
+                held,
+                release,
+                limit,
+            } => {
+                // Nobody waiting for `held` (the holder gave up): do not block.
+                if held.send(()).is_ok() {
+                    let _ = release.recv_timeout(limit);
+                }
+            }
         }
         false
     }
