@@ -11,6 +11,10 @@
 //! - `shard`: one thread owning many cells; one coalesced tick, one log write per round for
 //!   every cell touched, one transport send per destination node; its IO thread syncs the log
 //!   while the shard keeps stepping (readies are finished in order once durable).
+//! - `inbox`: a shard's command queue (many senders, the shard the one receiver): drained a
+//!   batch per lock, and a waiting shard sleeps on a condition variable that senders notify
+//!   only when it is asleep (no spinning or `sched_yield` before it parks). The IO thread's
+//!   sync requests use one too.
 //! - `node`: [`Node`], the public API (futures), and the router that is the transport's sink.
 //! - `pack`: packed entries (several packable proposals in one raft entry): the envelope and
 //!   the context tag, their limits.
@@ -65,6 +69,7 @@
 mod cell;
 pub mod config;
 pub mod error;
+mod inbox;
 pub mod membership;
 mod metrics;
 mod node;

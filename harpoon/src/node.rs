@@ -10,7 +10,6 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use bytes::Bytes;
-use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 use proto::{CellId, NodeId};
 use raft::eraftpb::ConfState;
@@ -19,6 +18,7 @@ use tokio::sync::oneshot;
 use crate::cell::{Ack, CellOptions, CellStatus, ReadConsistency, Reply};
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
+use crate::inbox::Sender;
 use crate::membership::MembershipChange;
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::shard::{Command, Logs, Shard, Shared, Views, DEFAULT_DEADLINE};
@@ -171,7 +171,7 @@ impl Node {
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
         for _ in 0..cfg.shards {
-            let (tx, rx) = crossbeam_channel::unbounded();
+            let (tx, rx) = crate::inbox::channel();
             senders.push(tx);
             receivers.push(rx);
         }

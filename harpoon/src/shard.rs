@@ -2,6 +2,8 @@
 //! that makes the rounds' writes durable.
 //!
 //! One round (the write path's *append* hop for every cell touched):
+//! 0. wait for the inbox (`crate::inbox`) until the next tick is due, unless a cell touched
+//!    last round still has work (then do not wait at all);
 //! 1. drain the inbox (messages, proposals, reads, admin, finished syncs) and step the cells;
 //!    packable proposals ([`crate::Node::propose_packable`]) are buffered per cell meanwhile
 //!    and proposed together (`Cell::propose_packed`, which packs runs of them into single
@@ -46,7 +48,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::{Mutex, RwLock};
 use proto::{CellId, NodeId};
 use raft::eraftpb::{ConfState, MessageType};
@@ -57,6 +58,7 @@ use crate::cell::{
 };
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
+use crate::inbox::{self, Receiver, RecvError, Sender};
 use crate::membership::MembershipChange;
 use crate::metrics::Metrics;
 use crate::state_machine::StateMachine;
@@ -201,7 +203,7 @@ impl Io {
         inbox: Sender<Command>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Io> {
-        let (tx, rx) = crossbeam_channel::unbounded::<u64>();
+        let (tx, mut rx) = inbox::channel::<u64>();
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             while let Ok(mut seq) = rx.recv() {
                 while let Ok(more) = rx.try_recv() {
@@ -237,7 +239,7 @@ impl Io {
 
     pub(crate) fn stop(&mut self) {
         // Closing the request channel ends the thread after its current sync.
-        let (dead, _) = crossbeam_channel::unbounded();
+        let (dead, _) = inbox::channel();
         drop(std::mem::replace(&mut self.tx, dead));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -418,8 +420,8 @@ impl Shard {
             let mut stop = false;
             match self.rx.recv_timeout(wait) {
                 Ok(cmd) => stop |= self.handle(cmd),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => stop = true,
+                Err(RecvError::Empty) => {}
+                Err(RecvError::Disconnected) => stop = true,
             }
             let mut n = 1;
             while n < self.cfg.max_commands_per_round {
@@ -1155,7 +1157,7 @@ mod tests {
     }
 
     fn shard() -> (Shard, Sender<Command>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = inbox::channel();
         let shared = Shared {
             node: NodeId(1),
             cfg: Arc::new(NodeConfig::default()),
@@ -1239,7 +1241,7 @@ mod tests {
     /// then poisons the node and fails the parked readies) and ends the thread.
     #[test]
     fn io_thread_reports_a_panicking_sync() {
-        let (inbox, rx) = crossbeam_channel::unbounded();
+        let (inbox, mut rx) = inbox::channel();
         let mut io = Io::start_with(
             "io-test".into(),
             || panic!("disk on fire"),
