@@ -1,7 +1,8 @@
 //! The node's background loops.
 //!
-//! - **subscribe**: without a meta replica, long-poll `WatchMeta` at a meta member (or a
-//!   seed, following redirects) and keep the view; with one, the replica is the view.
+//! - **subscribe**: without a led meta replica, long-poll `WatchMeta` at a meta member (or a
+//!   seed, following redirects: a redirect's leader next, each address once per round) and
+//!   keep the view; with one, the replica is the view.
 //! - **heartbeat**: every `heartbeat` interval, write this node's record (address, zone,
 //!   capacity, free, time) into meta through its leader.
 //! - **assign**: when meta is under its replication factor and placement ranks this node
@@ -70,7 +71,7 @@ use protobuf::Message;
 use rand::Rng;
 use tokio::task::JoinSet;
 
-use crate::node::{now_ms, Attempt, Refusal, RetryError, Seed, META_CELL};
+use crate::node::{now_ms, Attempt, Refusal, RetryError, Seed, Targets, META_CELL};
 
 /// Spawn every loop.
 pub fn spawn_all(seed: &Arc<Seed>) -> JoinSet<()> {
@@ -617,7 +618,11 @@ fn jitter(d: Duration) -> Duration {
 }
 
 async fn subscribe(seed: Arc<Seed>) {
-    let mut targets: Vec<SocketAddr> = Vec::new();
+    // The member whose view was the last answer (watched again), and the addresses of this
+    // round (meta's members and the seeds, then redirects: each once per round, a redirect's
+    // leader next, see `Targets`).
+    let mut watching: Option<SocketAddr> = None;
+    let mut targets = Targets::new(seed.peer_addr.to_string());
     loop {
         let led = seed.meta_status().await.is_some_and(|s| s.leader.is_some());
         seed.replica_led.store(led, Ordering::Relaxed);
@@ -629,28 +634,23 @@ async fn subscribe(seed: Arc<Seed>) {
             let _ = tokio::time::timeout(Duration::from_millis(500), rx.changed()).await;
             continue;
         }
-        if targets.is_empty() {
-            targets = seed.read_meta(|s| {
-                view::range_by_id(s, META_RANGE)
-                    .ok()
-                    .flatten()
-                    .map(|r| {
-                        r.value
-                            .members
-                            .iter()
-                            .filter_map(|m| m.peer_addr.parse().ok())
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            });
-            targets.extend(seed.settings.seeds.iter().copied());
-            targets.retain(|a| *a != seed.peer_addr);
-            if targets.is_empty() {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
+        let target = match watching.take() {
+            Some(t) => t,
+            None => {
+                let Some(t) = targets.pop() else {
+                    targets = Targets::new(seed.peer_addr.to_string());
+                    targets.redirected(round_targets(&seed));
+                    if targets.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    continue;
+                };
+                match t.parse::<SocketAddr>() {
+                    Ok(a) => a,
+                    Err(_) => continue,
+                }
             }
-        }
-        let target = targets.remove(0);
+        };
         let after = seed.view.read().store.revision();
         match seed.watch_meta_at(target, after, 2000).await {
             Ok(ControlResponse_oneof_kind::view(v)) => match MetaStore::from_image(v.get_image()) {
@@ -665,19 +665,13 @@ async fn subscribe(seed: Arc<Seed>) {
                     seed.learn_addresses();
                     seed.view_changed.send_modify(|x| *x += 1);
                     // Keep watching the same member.
-                    targets.insert(0, target);
+                    watching = Some(target);
                 }
                 Err(e) => tracing::warn!(%target, error = %e, "bad meta view"),
             },
             Ok(ControlResponse_oneof_kind::error(e)) => {
                 if e.code == ControlError_Code::NOT_LEADER {
-                    for r in e.redirect.iter().rev() {
-                        if let Ok(a) = r.parse::<SocketAddr>() {
-                            if a != seed.peer_addr && !targets.contains(&a) {
-                                targets.insert(0, a);
-                            }
-                        }
-                    }
+                    targets.redirected(e.redirect.into_vec());
                 } else {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
@@ -689,6 +683,30 @@ async fn subscribe(seed: Arc<Seed>) {
             }
         }
     }
+}
+
+/// Where a subscription round starts: meta's members as this node knows them, then the seeds.
+fn round_targets(seed: &Seed) -> Vec<String> {
+    let mut out: Vec<String> = seed.read_meta(|s| {
+        view::range_by_id(s, META_RANGE)
+            .ok()
+            .flatten()
+            .map(|r| {
+                r.value
+                    .members
+                    .iter()
+                    .map(|m| m.peer_addr.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
+    for a in &seed.settings.seeds {
+        let a = a.to_string();
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 async fn heartbeat(seed: Arc<Seed>) {

@@ -123,6 +123,67 @@ pub enum RetryError<E> {
     GaveUp(String),
 }
 
+/// The most addresses one [`Seed::propose_anywhere`] tries (each at most once).
+pub const MAX_HOPS: usize = 16;
+
+/// The peer addresses [`Seed::propose_anywhere`] tries, in order, for one txn.
+///
+/// A redirect's list (meta's leader first, when the member that refused knows it) goes to
+/// the front, in its order, so its leader is tried next even when that address is already
+/// queued further back; an address is tried at most once, and never this node's own. (Before,
+/// a redirect only added addresses not queued, at the front: two members that knew the leader
+/// sent the proposer back and forth between them, each re-adding the other once tried, while
+/// the leader waited at the back until the hop limit. A node whose own stale meta replica knew
+/// no leader, so that its first list was meta's members in their order, could never claim a
+/// slot when the leader came third or later.)
+#[derive(Debug)]
+pub struct Targets {
+    queue: std::collections::VecDeque<String>,
+    tried: HashSet<String>,
+    own: String,
+    hops: usize,
+}
+
+impl Targets {
+    /// Nothing to try yet; `own` is this node's advertised peer address.
+    pub fn new(own: String) -> Targets {
+        Targets {
+            queue: Default::default(),
+            tried: HashSet::new(),
+            own,
+            hops: 0,
+        }
+    }
+
+    /// A member refused and named `peers` (leader first when it knows it): try them next, in
+    /// that order, except those already tried.
+    pub fn redirected(&mut self, peers: Vec<String>) {
+        for p in peers.into_iter().rev() {
+            if p == self.own || self.tried.contains(&p) {
+                continue;
+            }
+            self.queue.retain(|q| *q != p);
+            self.queue.push_front(p);
+        }
+    }
+
+    /// Whether no address is left to try.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty() || self.hops >= MAX_HOPS
+    }
+
+    /// The next address to try (each at most once, [`MAX_HOPS`] in all), or `None`.
+    pub fn pop(&mut self) -> Option<String> {
+        if self.hops >= MAX_HOPS {
+            return None;
+        }
+        let t = self.queue.pop_front()?;
+        self.tried.insert(t.clone());
+        self.hops += 1;
+        Some(t)
+    }
+}
+
 /// Where to go instead, for a request this node cannot serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
@@ -339,11 +400,22 @@ impl Seed {
     }
 
     /// Where to send a request for meta's leader: the hint first, then the other members.
+    /// The hint is the local replica's leader, else the subscription's: a replica that knows
+    /// no leader (a stale one, removed from meta while this node was down, that no leader
+    /// talks to) does not hide the leader the subscription names.
     pub async fn redirect(&self) -> Refusal {
         if !self.meta_known() {
             return Refusal::NoMeta;
         }
-        let leader = self.meta_leader().await.filter(|l| *l != self.id);
+        let viewed = || {
+            let l = self.view.read().leader;
+            (l != 0).then_some(l)
+        };
+        let leader = self
+            .meta_leader()
+            .await
+            .or_else(viewed)
+            .filter(|l| *l != self.id);
         let (peers, clients) = self.read_meta(|s| {
             let nodes = view::nodes(s).unwrap_or_default();
             let members = view::range_by_id(s, META_RANGE)
@@ -447,21 +519,17 @@ impl Seed {
         Err(RetryError::GaveUp(last))
     }
 
-    /// Propose `txn` to meta's leader wherever it is, following redirects (bounded).
+    /// Propose `txn` to meta's leader wherever it is, following redirects ([`Targets`]: each
+    /// address at most once, a redirect's leader next).
     pub async fn propose_anywhere(&self, txn: &Txn) -> Result<TxnResult, Refusal> {
-        let mut targets: Vec<String> = Vec::new();
+        let mut targets = Targets::new(self.peer_addr.to_string());
         match self.propose_local(txn).await {
             Ok(r) => return Ok(r),
-            Err(Refusal::NotLeader { peers, .. }) => targets.extend(peers),
+            Err(Refusal::NotLeader { peers, .. }) => targets.redirected(peers),
             Err(e) => return Err(e),
         }
         let mut last = Refusal::Unavailable("no meta member reachable".into());
-        let mut hops = 0;
-        while let Some(t) = (!targets.is_empty()).then(|| targets.remove(0)) {
-            hops += 1;
-            if hops > 8 {
-                break;
-            }
+        while let Some(t) = targets.pop() {
             let Ok(addr) = t.parse::<SocketAddr>() else {
                 continue;
             };
@@ -474,11 +542,7 @@ impl Seed {
                     Some(ControlResponse_oneof_kind::txn(r)) => return Ok(r),
                     Some(ControlResponse_oneof_kind::error(e)) => {
                         if e.code == ControlError_Code::NOT_LEADER {
-                            for r in e.redirect.into_iter().rev() {
-                                if !targets.contains(&r) && r != self.peer_addr.to_string() {
-                                    targets.insert(0, r);
-                                }
-                            }
+                            targets.redirected(e.redirect.into_vec());
                         }
                         last = Refusal::Unavailable(e.message);
                     }
@@ -676,6 +740,78 @@ impl Seed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The addresses one proposal tries through [`Targets`], starting from `first`, against
+    /// members that accept (`None`: meta's leader) or refuse naming a redirect list.
+    fn route(
+        own: &str,
+        first: &[&str],
+        answer: impl Fn(&str) -> Option<Vec<String>>,
+    ) -> Vec<String> {
+        let mut t = Targets::new(own.into());
+        t.redirected(first.iter().map(|s| s.to_string()).collect());
+        let mut tried = Vec::new();
+        while let Some(a) = t.pop() {
+            tried.push(a.clone());
+            match answer(&a) {
+                None => break,
+                Some(redirect) => t.redirected(redirect),
+            }
+        }
+        tried
+    }
+
+    /// A member's redirect: the leader first, then meta's other members (in their order),
+    /// without the member itself (what `Seed::redirect` answers).
+    fn members_redirect(me: &str, leader: Option<&str>, members: &[&str]) -> Vec<String> {
+        leader
+            .into_iter()
+            .chain(members.iter().copied().filter(|m| Some(*m) != leader))
+            .filter(|m| *m != me)
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn a_proposal_reaches_the_leader_a_redirect_names_even_when_queued_behind() {
+        // removed_node_rejoins_range: the restarted node's stale meta replica knows no leader,
+        // so its first list is meta's members in their order, the leader third. Each member
+        // that refuses names the leader first; the leader is tried next.
+        let members = ["a", "b", "leader", "c"];
+        let answer =
+            |at: &str| (at != "leader").then(|| members_redirect(at, Some("leader"), &members));
+        assert_eq!(route("v", &members, answer), ["a", "leader"]);
+        // Its own address (listed by a member whose view still lists it) is never tried.
+        let with_me = ["v", "a", "b", "leader"];
+        let answer =
+            |at: &str| (at != "leader").then(|| members_redirect(at, Some("leader"), &with_me));
+        assert_eq!(route("v", &with_me, answer), ["a", "leader"]);
+    }
+
+    #[test]
+    fn a_proposal_tries_each_member_once_when_none_knows_the_leader() {
+        // An election: every member refuses and knows no leader; the last one accepts (it
+        // just won). Each is tried once, in order, and the route ends.
+        let members = ["a", "b", "c", "d"];
+        let answer = |at: &str| (at != "d").then(|| members_redirect(at, None, &members));
+        assert_eq!(route("v", &members, answer), ["a", "b", "c", "d"]);
+        // Nobody accepts: every member once, then nothing.
+        let answer = |at: &str| Some(members_redirect(at, None, &members));
+        assert_eq!(route("v", &members, answer), ["a", "b", "c", "d"]);
+        // A leader hint that was already tried (it refused: it lost the leadership) is not
+        // tried again within the same proposal: the caller's next round starts over.
+        let answer = |at: &str| Some(members_redirect(at, Some("a"), &members));
+        assert_eq!(route("v", &members, answer), ["a", "b", "c", "d"]);
+    }
+
+    #[test]
+    fn a_proposal_stops_after_max_hops_of_new_addresses() {
+        let answer = |at: &str| Some(vec![format!("{at}x")]);
+        let tried = route("v", &["a"], answer);
+        assert_eq!(tried.len(), MAX_HOPS);
+        let unique: HashSet<_> = tried.iter().collect();
+        assert_eq!(unique.len(), MAX_HOPS);
+    }
 
     #[test]
     fn promotions_last_one_leadership_term() {
