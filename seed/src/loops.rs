@@ -622,7 +622,7 @@ async fn subscribe(seed: Arc<Seed>) {
     // round (meta's members and the seeds, then redirects: each once per round, a redirect's
     // leader next, see `Targets`).
     let mut watching: Option<SocketAddr> = None;
-    let mut targets = Targets::new(seed.peer_addr.to_string());
+    let mut targets = Targets::new(seed.peer_addr.to_string(), usize::MAX);
     loop {
         let led = seed.meta_status().await.is_some_and(|s| s.leader.is_some());
         seed.replica_led.store(led, Ordering::Relaxed);
@@ -638,7 +638,7 @@ async fn subscribe(seed: Arc<Seed>) {
             Some(t) => t,
             None => {
                 let Some(t) = targets.pop() else {
-                    targets = Targets::new(seed.peer_addr.to_string());
+                    targets = Targets::new(seed.peer_addr.to_string(), usize::MAX);
                     targets.redirected(round_targets(&seed));
                     if targets.is_empty() {
                         tokio::time::sleep(Duration::from_millis(500)).await;

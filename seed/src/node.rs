@@ -126,7 +126,8 @@ pub enum RetryError<E> {
 /// The most addresses one [`Seed::propose_anywhere`] tries (each at most once).
 pub const MAX_HOPS: usize = 16;
 
-/// The peer addresses [`Seed::propose_anywhere`] tries, in order, for one txn.
+/// The peer addresses [`Seed::propose_anywhere`] tries, in order, for one txn (and the
+/// subscription loop, for one round, without a limit: each address once bounds it).
 ///
 /// A redirect's list (meta's leader first, when the member that refused knows it) goes to
 /// the front, in its order, so its leader is tried next even when that address is already
@@ -142,16 +143,19 @@ pub struct Targets {
     tried: HashSet<String>,
     own: String,
     hops: usize,
+    limit: usize,
 }
 
 impl Targets {
-    /// Nothing to try yet; `own` is this node's advertised peer address.
-    pub fn new(own: String) -> Targets {
+    /// Nothing to try yet; `own` is this node's advertised peer address; at most `limit`
+    /// addresses are tried.
+    pub fn new(own: String, limit: usize) -> Targets {
         Targets {
             queue: Default::default(),
             tried: HashSet::new(),
             own,
             hops: 0,
+            limit,
         }
     }
 
@@ -169,12 +173,12 @@ impl Targets {
 
     /// Whether no address is left to try.
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty() || self.hops >= MAX_HOPS
+        self.queue.is_empty() || self.hops >= self.limit
     }
 
-    /// The next address to try (each at most once, [`MAX_HOPS`] in all), or `None`.
+    /// The next address to try (each at most once, the limit in all), or `None`.
     pub fn pop(&mut self) -> Option<String> {
-        if self.hops >= MAX_HOPS {
+        if self.hops >= self.limit {
             return None;
         }
         let t = self.queue.pop_front()?;
@@ -522,7 +526,7 @@ impl Seed {
     /// Propose `txn` to meta's leader wherever it is, following redirects ([`Targets`]: each
     /// address at most once, a redirect's leader next).
     pub async fn propose_anywhere(&self, txn: &Txn) -> Result<TxnResult, Refusal> {
-        let mut targets = Targets::new(self.peer_addr.to_string());
+        let mut targets = Targets::new(self.peer_addr.to_string(), MAX_HOPS);
         match self.propose_local(txn).await {
             Ok(r) => return Ok(r),
             Err(Refusal::NotLeader { peers, .. }) => targets.redirected(peers),
@@ -748,7 +752,7 @@ mod tests {
         first: &[&str],
         answer: impl Fn(&str) -> Option<Vec<String>>,
     ) -> Vec<String> {
-        let mut t = Targets::new(own.into());
+        let mut t = Targets::new(own.into(), MAX_HOPS);
         t.redirected(first.iter().map(|s| s.to_string()).collect());
         let mut tried = Vec::new();
         while let Some(a) = t.pop() {
@@ -811,6 +815,18 @@ mod tests {
         assert_eq!(tried.len(), MAX_HOPS);
         let unique: HashSet<_> = tried.iter().collect();
         assert_eq!(unique.len(), MAX_HOPS);
+        // A subscription round has no limit: every address of a long list, once each.
+        let many: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+        let mut t = Targets::new("v".into(), usize::MAX);
+        t.redirected(many.clone());
+        t.redirected(many[..5].to_vec());
+        let mut all = Vec::new();
+        while let Some(a) = t.pop() {
+            t.redirected(vec![a.clone(), "m0".into()]);
+            all.push(a);
+        }
+        assert_eq!(all, many);
+        assert!(t.is_empty());
     }
 
     #[test]
