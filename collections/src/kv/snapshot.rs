@@ -402,9 +402,11 @@ impl Restorer {
 const WRITE_CHUNK: usize = 1 << 20;
 /// A background image write flushes what it wrote every this many bytes (`fdatasync` of the
 /// temporary file), so the page cache never holds more than this of its dirty data: the final
-/// fsync, and the raft log's fsyncs on the same disk meanwhile, do not queue behind hundreds of
-/// megabytes of write-back.
-const FLUSH_EVERY: u64 = 16 << 20;
+/// fsync, and the raft log's fsyncs on the same disk meanwhile (the journal commits they need
+/// wait for the image data of the same transaction), queue behind at most this much
+/// write-back. 16 MiB let a log-GC image stall a range's writes for 25-30 ms; with 1 MiB, W12
+/// after W10 had p99.9 29-41 ms instead of 58-97 ms (docs/benchmarks.md).
+const FLUSH_EVERY: u64 = 1 << 20;
 /// The nice value of a background image writer's thread: it yields the CPU to the threads
 /// that apply and step raft (a 2-core node writing a 400 MB image otherwise takes a core from
 /// them for seconds).
