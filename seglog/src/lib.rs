@@ -17,6 +17,8 @@
 //!   durable data reported as [`Error::Corrupt`].
 //! - `log.rs`: [`SegLog`]: append, group-commit `sync`, read, iterate, truncate, segment GC; its
 //!   module doc lists the write path step by step, including when written pages are released.
+//! - `reap.rs`: deletes the segments GC dropped (renamed `NNN.seg.old`) on a thread of its own,
+//!   a few MiB at a time, so freeing them does not stall every fsync on the file system.
 //! - `config.rs`: [`Config`] and [`SyncMode`].
 //! - `error.rs`: [`Error`].
 //!
@@ -43,6 +45,7 @@ mod error;
 mod format;
 mod log;
 mod map;
+mod reap;
 mod recovery;
 mod segment;
 

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Config, SyncMode};
 use crate::error::{Error, Result};
 use crate::format::{self, BadRecord, SegmentHeader, HEADER_LEN, MARK_LEN, MARK_OFFSET};
-use crate::segment::{self, SEGMENT_SUFFIX, TMP_SUFFIX};
+use crate::segment::{self, RETIRED_SUFFIX, SEGMENT_SUFFIX, TMP_SUFFIX};
 
 /// What recovery found and did; returned by [`crate::SegLog::open`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -96,8 +96,9 @@ pub(crate) fn recover(dir: &Path, config: &Config) -> Result<Recovered> {
         let entry = entry.map_err(|e| Error::io("list log directory", dir, e))?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.ends_with(TMP_SUFFIX) {
-            // An interrupted creation: it never got its final name, so it holds no records.
+        if name.ends_with(TMP_SUFFIX) || name.ends_with(RETIRED_SUFFIX) {
+            // An interrupted creation (it never got its final name, so it holds no records), or
+            // a segment GC dropped whose deletion a restart cut short.
             let _ = std::fs::remove_file(entry.path());
         } else if let Some(n) = segment::parse_file_name(name) {
             numbered.push((n, entry.path()));

@@ -27,6 +27,15 @@ use crate::map::SharedMap;
 pub(crate) const SEGMENT_SUFFIX: &str = ".seg";
 /// Suffix of segment files under construction.
 pub(crate) const TMP_SUFFIX: &str = ".seg.tmp";
+/// Suffix of segment files dropped by GC and not yet deleted (`reap.rs`).
+pub(crate) const RETIRED_SUFFIX: &str = ".seg.old";
+
+/// The name a dropped segment file is renamed to until it is deleted.
+pub(crate) fn retired_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".old");
+    path.with_file_name(name)
+}
 
 /// File name of segment `number`: 20 zero-padded digits, so names sort like numbers.
 pub(crate) fn file_name(number: u64) -> String {
