@@ -1171,10 +1171,8 @@ mod tests {
         (Shard::new(shared, 0, rx, None), tx)
     }
 
-    /// Opens `id` as the single voter and ticks it into an election: its first ready (the
-    /// new term's hard state and empty entry) must be synced. The ready is parked in
-    /// `unsynced` as sync request `seq`, as the IO thread path does.
-    fn park_first_ready(s: &mut Shard, id: CellId, seq: u64) {
+    /// Opens `id` on the shard, node 1 its single voter.
+    fn create_single_voter(s: &mut Shard, id: CellId) {
         let (sm, _) = LogStateMachine::in_memory();
         s.create(
             id,
@@ -1184,6 +1182,13 @@ mod tests {
             Box::new(sm),
         )
         .expect("create");
+    }
+
+    /// Opens `id` as the single voter and ticks it into an election: its first ready (the
+    /// new term's hard state and empty entry) must be synced. The ready is parked in
+    /// `unsynced` as sync request `seq`, as the IO thread path does.
+    fn park_first_ready(s: &mut Shard, id: CellId, seq: u64) {
+        create_single_voter(s, id);
         let c = s.cells.get_mut(&id).expect("cell");
         let now = Instant::now();
         for _ in 0..2 * s.cfg.cell.election_tick {
@@ -1373,8 +1378,6 @@ mod tests {
         assert_eq!(s.logs.durable.cells(), vec![d]);
     }
 
-    /// Same with the generation check alone: an old ready that is still parked (as if the
-    /// replica was replaced without going through `fence`) is failed, not finished.
     /// Log GC's forced compactions are spread over ticks: each call compacts at most one
     /// pinned cell of this shard (each starts an image write whose capture takes tens of ms
     /// for a large range), and leaves pins of cells on other shards alone.
@@ -1382,15 +1385,7 @@ mod tests {
     fn log_gc_compacts_one_pinned_cell_per_tick() {
         let (mut s, _tx) = shard();
         for id in [CellId(1), CellId(2), CellId(3)] {
-            let (sm, _) = LogStateMachine::in_memory();
-            s.create(
-                id,
-                &[NodeId(1)],
-                &[],
-                ReplicationMode::Consensus.into(),
-                Box::new(sm),
-            )
-            .expect("create");
+            create_single_voter(&mut s, id);
         }
         let elsewhere = CellId(99);
         s.gc_pins
@@ -1407,6 +1402,8 @@ mod tests {
         assert!(s.poisoned().is_none());
     }
 
+    /// Same with the generation check alone: an old ready that is still parked (as if the
+    /// replica was replaced without going through `fence`) is failed, not finished.
     #[test]
     fn finish_checks_the_generation() {
         let (mut s, _tx) = shard();
