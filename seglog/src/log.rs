@@ -798,15 +798,28 @@ impl Inner {
 
     fn drop_segments_before(&self, segment: u64) -> Result<u64> {
         self.check_poison()?;
+        let mut retired = Vec::new();
+        let res = self.retire_segments_before(segment, &mut retired);
+        let dropped = retired.len() as u64;
+        // Outside the gate; what was retired before an error is reaped all the same.
+        reap::spawn(retired);
+        res.map(|()| dropped)
+    }
+
+    /// Takes the segments below `segment` (never the active one) out of the log, oldest first,
+    /// each renamed to its retired name; pushes each with that name onto `retired`.
+    fn retire_segments_before(
+        &self,
+        segment: u64,
+        retired: &mut Vec<(Arc<Segment>, PathBuf)>,
+    ) -> Result<()> {
         let _exclusive = self.gate.enter();
-        let mut dropped = 0;
-        let mut retire = Vec::new();
         loop {
             let victim = {
                 let st = self.state.lock();
                 let front = st.segs.front().expect("non-empty");
                 if st.segs.len() == 1 || front.seg.number >= segment {
-                    break;
+                    return Ok(());
                 }
                 front.seg.clone()
             };
@@ -816,19 +829,15 @@ impl Inner {
             // file system then waits for (250 ms stalls with a few segments at once). The
             // reaper frees them a few MiB at a time, off this thread and outside the gate;
             // recovery deletes leftovers.
-            let retired = segment::retired_path(&victim.path);
-            std::fs::rename(&victim.path, &retired)
+            let path = self.dir.join(segment::retired_file_name(victim.number));
+            std::fs::rename(&victim.path, &path)
                 .map_err(|e| Error::io("retire segment", &victim.path, e))?;
             if self.data_mode() {
                 segment::fsync_dir(&self.dir).map_err(|e| self.poison(e))?;
             }
             self.state.lock().segs.pop_front();
-            retire.push((victim, retired));
-            dropped += 1;
+            retired.push((victim, path));
         }
-        drop(_exclusive);
-        reap::spawn(retire);
-        Ok(dropped)
     }
 }
 

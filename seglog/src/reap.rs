@@ -15,7 +15,7 @@
 //! kernel frees it when the mapping goes).
 
 use std::fs::OpenOptions;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,7 @@ pub(crate) fn spawn(retired: Vec<(Arc<Segment>, PathBuf)>) {
         .spawn(run);
 }
 
-fn reap_one(mut seg: Arc<Segment>, path: &PathBuf) {
+fn reap_one(mut seg: Arc<Segment>, path: &Path) {
     let deadline = Instant::now() + WAIT_UNMAPPED;
     let sole = loop {
         match Arc::try_unwrap(seg) {

@@ -30,11 +30,9 @@ pub(crate) const TMP_SUFFIX: &str = ".seg.tmp";
 /// Suffix of segment files dropped by GC and not yet deleted (`reap.rs`).
 pub(crate) const RETIRED_SUFFIX: &str = ".seg.old";
 
-/// The name a dropped segment file is renamed to until it is deleted.
-pub(crate) fn retired_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".old");
-    path.with_file_name(name)
+/// The name segment `number`'s file takes once GC dropped it, until the reaper deletes it.
+pub(crate) fn retired_file_name(number: u64) -> String {
+    format!("{number:020}{RETIRED_SUFFIX}")
 }
 
 /// File name of segment `number`: 20 zero-padded digits, so names sort like numbers.
@@ -293,6 +291,8 @@ mod tests {
         assert_eq!(parse_file_name(&file_name(u64::MAX)), Some(u64::MAX));
         assert_eq!(parse_file_name("12.seg"), None);
         assert_eq!(parse_file_name("00000000000000000012.seg.tmp"), None);
+        assert_eq!(retired_file_name(12), "00000000000000000012.seg.old");
+        assert_eq!(parse_file_name(&retired_file_name(12)), None);
         assert!(file_name(9) < file_name(10));
     }
 
