@@ -515,6 +515,25 @@ fn isolated_leader(c: &Cluster, cell: CellId, tag: usize) -> Option<(NodeId, Cel
     (s.role == Role::Leader && s.term == w.term && s.last_index == w.index).then_some((l, s))
 }
 
+/// Finding 5's scene, set up again until `attempt` judges it (returns true; false: the
+/// leader lost its lead first): a 3-node Async cell whose leader `l` is isolated, a follower
+/// `f`, and `l`'s status taken after the isolation.
+fn on_isolated_leader(mut attempt: impl FnMut(&Cluster, NodeId, NodeId, CellStatus) -> bool) {
+    let mut c = Cluster::new(3, ClusterOptions::default());
+    let cell = CellId(1);
+    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
+    for tag in 0..ATTEMPTS {
+        let Some((l, s)) = isolated_leader(&c, cell, tag) else {
+            continue;
+        };
+        let f = (1..=3).map(NodeId).find(|n| *n != l).unwrap();
+        if attempt(&c, l, f, s) {
+            return;
+        }
+    }
+    panic!("the leader lost its lead in each of {ATTEMPTS} attempts");
+}
+
 /// What a new leader `from` of term `s.term + 1` sends to `to`, whose status is `s`: an
 /// append that matches `to`'s log up to its last entry and puts an entry of the new term at
 /// the next index, where `to`'s own next proposal would go.
@@ -547,14 +566,8 @@ fn conflicting_append(to: NodeId, from: NodeId, s: &CellStatus) -> Vec<Envelope>
 /// `LeaderDurable` at (k, t)). The other order is `async_durable_ack_then_truncated_counted_lost`.
 #[test]
 fn async_durable_ack_for_truncated_entry() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
-    let cell = CellId(1);
-    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
-    for attempt in 0..ATTEMPTS {
-        let Some((l, s)) = isolated_leader(&c, cell, attempt) else {
-            continue;
-        };
-        let f = (1..=3).map(NodeId).find(|n| *n != l).unwrap();
+    on_isolated_leader(|c, l, f, s| {
+        let cell = s.cell;
         let k = s.last_index + 1;
         let node = c.node(l);
         let hold = node.hold_shard(cell, WAIT).unwrap();
@@ -564,7 +577,7 @@ fn async_durable_ack_for_truncated_entry() {
         let r = p.wait();
         if matches!(r, Err(Error::NotLeader { .. })) {
             // It stepped down (check-quorum) before the hold: not the scene; again.
-            continue;
+            return false;
         }
         let after = node.status(cell).wait().unwrap();
         assert_eq!(
@@ -579,9 +592,8 @@ fn async_durable_ack_for_truncated_entry() {
             s.term,
             s.term + 1
         );
-        return;
-    }
-    panic!("the leader lost its lead in each of {ATTEMPTS} attempts");
+        true
+    });
 }
 
 /// Finding 5, the other order: the proposal's round ends first, its entry (k, t) durable on
@@ -590,14 +602,8 @@ fn async_durable_ack_for_truncated_entry() {
 /// the entry at k applies with another term.
 #[test]
 fn async_durable_ack_then_truncated_counted_lost() {
-    let mut c = Cluster::new(3, ClusterOptions::default());
-    let cell = CellId(1);
-    c.create_cell(cell, &[1, 2, 3], ReplicationMode::Async);
-    for attempt in 0..ATTEMPTS {
-        let Some((l, s)) = isolated_leader(&c, cell, attempt) else {
-            continue;
-        };
-        let f = (1..=3).map(NodeId).find(|n| *n != l).unwrap();
+    on_isolated_leader(|c, l, f, s| {
+        let cell = s.cell;
         let k = s.last_index + 1;
         let node = c.node(l);
         let r = match node
@@ -606,7 +612,7 @@ fn async_durable_ack_then_truncated_counted_lost() {
         {
             Ok(r) => r,
             // It stepped down (check-quorum) first: not the scene; again.
-            Err(Error::NotLeader { .. }) => continue,
+            Err(Error::NotLeader { .. }) => return false,
             Err(e) => panic!("proposal to the isolated leader: {e}"),
         };
         assert_eq!(
@@ -621,7 +627,7 @@ fn async_durable_ack_then_truncated_counted_lost() {
             "the conflicting append was not taken"
         );
         c.heal();
-        assert!(wait_until(WAIT, || applied_on(&c, l, cell) >= k));
+        assert!(wait_until(WAIT, || applied_on(c, l, cell) >= k));
         assert!(
             !c.applied(l, cell)
                 .iter()
@@ -635,9 +641,8 @@ fn async_durable_ack_then_truncated_counted_lost() {
             s.async_lost + 1,
             "the acknowledged write replaced at {k} is not counted lost"
         );
-        return;
-    }
-    panic!("the leader lost its lead in each of {ATTEMPTS} attempts");
+        true
+    });
 }
 
 /// Finding 4: one oversized proposal reached every replica and poisoned each node.
