@@ -116,8 +116,12 @@ fn volatile_cell_commits_beside_a_durable_one_without_touching_the_durable_log()
             assert_eq!(a.1, b.1, "node {n}: durable records appended grew");
             assert_eq!(a.2, b.2, "node {n}: durable syncs for volatile rounds");
         }
+        // Every replica applied the 200 writes (`wait_applied` above) in rounds of its own;
+        // how many depends on how the appends coalesce (a woken shard takes everything queued
+        // in one round, and a slower follower of three gets them in bunches: 35 rounds seen
+        // under CI load), so only that rounds ran is certain.
         assert!(
-            a.3 > b.3 + 50,
+            a.3 > b.3,
             "node {n}: the volatile rounds ran ({b:?} -> {a:?})"
         );
         let vs = c.node(NodeId(n as u64)).volatile_log().stats();
