@@ -322,6 +322,31 @@ impl Node {
         p
     }
 
+    /// Stop this node's replica of `cell` and destroy its raft state (log entries, hard
+    /// state, snapshot, in the store the replica was created with), as the replica does by
+    /// itself when it applies its own removal. Resolves once the destruction is durable (a
+    /// durable replica's log is synced first). Callers waiting on the replica (proposals,
+    /// reads, membership changes) get [`Error::CellNotFound`]; its state machine is dropped
+    /// (the caller deletes whatever the state machine keeps outside harpoon). A replica
+    /// fenced after a storage failure is destroyed as well, and its fence lifted.
+    ///
+    /// For a replica that will never learn of its removal: a member removed while it lagged
+    /// (partitioned, stopped) gets no more messages from the cell, so it never applies the
+    /// conf change that removes it. The caller must know the replica is no longer a member
+    /// of the cell, or that it may be lost: a replica destroyed while the cell still counts
+    /// it is a lost member (recreating it empty under the same node id as a voter is unsafe:
+    /// it would have forgotten its votes and acknowledged entries).
+    ///
+    /// # Errors
+    /// [`Error::CellNotFound`] when no replica of `cell` runs here (nor is fenced here);
+    /// [`Error::Poisoned`] on a poisoned node; a failed log write or sync
+    /// ([`Error::Storage`]) poisons the node.
+    pub fn destroy_cell(&self, cell: CellId) -> Pending<()> {
+        let (tx, p) = Pending::new();
+        self.router.send(cell, Command::Destroy { cell, tx });
+        p
+    }
+
     /// Propose `data` to `cell` (leader only; never forwarded). Times out after 10 s.
     pub fn propose(&self, cell: CellId, data: Bytes) -> Pending<Reply> {
         self.propose_by(cell, data, Instant::now() + DEFAULT_DEADLINE)

@@ -83,6 +83,11 @@ pub(crate) enum Command {
         sm: Box<dyn StateMachine>,
         tx: Tx<()>,
     },
+    /// [`crate::Node::destroy_cell`].
+    Destroy {
+        cell: CellId,
+        tx: Tx<()>,
+    },
     Propose {
         cell: CellId,
         data: bytes::Bytes,
@@ -165,6 +170,7 @@ impl Command {
             #[cfg(any(test, feature = "testkit"))]
             Command::Hold { .. } => Flush::None,
             Command::Create { cell, .. }
+            | Command::Destroy { cell, .. }
             | Command::Propose { cell, .. }
             | Command::WaitApplied { cell, .. }
             | Command::Read { cell, .. }
@@ -675,6 +681,10 @@ impl Shard {
                 let r = self.create(cell, &voters, &learners, opts, sm);
                 let _ = tx.send(r);
             }
+            Command::Destroy { cell, tx } => {
+                let r = self.destroy(cell);
+                let _ = tx.send(r);
+            }
             Command::Propose {
                 cell,
                 data,
@@ -853,6 +863,44 @@ impl Shard {
         self.views.write().insert(cell, c.view.clone());
         self.cells.insert(cell, c);
         self.touched.insert(cell);
+        Ok(())
+    }
+
+    /// Takes replica `cell` out of the shard and destroys its raft state (log, hard state,
+    /// snapshot), durably: for a durable cell the log is synced before the answer. Everything
+    /// waiting on the replica fails with `CellNotFound`, its queued writes are dropped (see
+    /// `split_batch`) and its parked readies failed. A fenced replica's fence is lifted and
+    /// its raft state destroyed in both stores (its kind is not known any more).
+    ///
+    /// # Errors
+    /// `CellNotFound` for a cell neither served nor fenced here; a poisoned node's error; a
+    /// failed log write or sync, which poisons the node (the log's durable state is unknown).
+    fn destroy(&mut self, cell: CellId) -> Result<()> {
+        self.check_log();
+        if let Some(e) = self.poisoned() {
+            return Err(e);
+        }
+        let kinds: &[LogKind] = match self.retire(cell, &Error::CellNotFound { cell }) {
+            Some(c) if c.log_kind == LogKind::Durable => &[LogKind::Durable],
+            Some(_) => &[LogKind::Volatile],
+            None if self.fenced.remove(&cell).is_some() => &[LogKind::Durable, LogKind::Volatile],
+            None => return Err(Error::CellNotFound { cell }),
+        };
+        for kind in kinds {
+            let store = self.logs.of(*kind).clone();
+            let r = store.destroy_cell(cell).map_err(log_error).and_then(|()| {
+                if *kind == LogKind::Durable {
+                    timed_sync(|| store.sync(), &self.metrics)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = r {
+                self.poison_with(&e);
+                return Err(e);
+            }
+        }
+        tracing::info!(node = %self.node, %cell, "replica destroyed on request");
         Ok(())
     }
 
@@ -1236,6 +1284,33 @@ mod tests {
         assert_eq!(s.cells[&id].inflight(), 0);
         assert!(s.unsynced.is_empty());
         assert!(!s.fenced.contains_key(&id));
+    }
+
+    /// `destroy` on a replica whose ready waits for a sync fails that ready and destroys its
+    /// log; on a fenced replica it lifts the fence and destroys its log too; an unknown cell
+    /// is `CellNotFound`, and a poisoned node refuses.
+    #[test]
+    fn destroy_fails_parked_readies_and_lifts_a_fence() {
+        let (mut s, _tx) = shard();
+        let (parked, fenced) = (CellId(7), CellId(8));
+        park_first_ready(&mut s, parked, 0);
+        create_single_voter(&mut s, fenced);
+        s.fence(fenced, "test".into());
+        for id in [parked, fenced] {
+            s.destroy(id).expect("destroy");
+            assert!(!s.cells.contains_key(&id) && !s.fenced.contains_key(&id));
+            assert!(!s.logs.durable.cells().contains(&id), "{id} log destroyed");
+        }
+        assert!(s.unsynced.iter().all(|(_, r)| r.is_empty()));
+        assert!(matches!(
+            s.destroy(parked),
+            Err(Error::CellNotFound { cell }) if cell == parked
+        ));
+        create_single_voter(&mut s, parked);
+        s.poison_with(&Error::Poisoned {
+            reason: "test".into(),
+        });
+        assert!(matches!(s.destroy(parked), Err(Error::Poisoned { .. })));
     }
 
     /// A panic in the IO thread's sync is reported to the shard as a failed sync (the shard
