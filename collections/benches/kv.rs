@@ -2,6 +2,10 @@
 //! (single puts and 100-put batches, the W9 shape) and the persistent-mode memory check:
 //! resident memory (VmRSS) against the size of the data written, values read back from disk.
 //!
+//! It also times a snapshot capture (`KvStore::snapshot`) of a logged store shaped like the
+//! etcd comparison's range after W1-W10: 100 000 live keys of 256 B and a full watch history
+//! (100 000 events): what a log-GC forced compaction costs the shard thread.
+//!
 //! Knobs: `QUIVER_KV_BENCH_OPS` (default 100 000 puts), `QUIVER_KV_BENCH_MB` (default 512 MiB
 //! of 64 KiB values for the memory check), `QUIVER_KV_BENCH_DIR` (default a temp dir).
 
@@ -72,12 +76,79 @@ fn throughput(name: &str, persistence: Persistence, ops: u64, batch: u64) {
     );
 }
 
+/// Times `snapshot()` (the capture under the read lock) and the encoding of the whole image.
+fn capture(base: &std::path::Path) {
+    let mut store = KvStore::open(config(Persistence::Logged {
+        dir: base.join("capture"),
+    }))
+    .expect("open");
+    let value = vec![7u8; 256];
+    let keys = 100_000u64;
+    for i in 0..2 * keys {
+        let c = cmd::encode(&cmd::put(
+            format!("key{:012}", i % keys).as_bytes(),
+            &value,
+            0,
+        ));
+        store.apply(i + 1, 1, 0, &c).expect("apply");
+    }
+    let mut best = f64::MAX;
+    let mut worst = 0f64;
+    let mut encode = 0f64;
+    let rounds = 5;
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let snap = store.snapshot();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        best = best.min(ms);
+        worst = worst.max(ms);
+        let t = Instant::now();
+        let bytes = snap.to_bytes().expect("encode").len();
+        encode += t.elapsed().as_secs_f64() * 1e3 / rounds as f64;
+        assert!(bytes > (keys * 256) as usize);
+    }
+    println!(
+        "snapshot capture, {keys} keys + {} history events: {best:.2}-{worst:.2} ms \
+         (shard thread), whole image encoded in {encode:.1} ms (image writer)",
+        store.range_stats().history_events
+    );
+    // What a live capture costs the writer: each key's first change saves its pre-image, and
+    // every put trims one history event the capture still needs.
+    let mut next = 2 * keys + 1;
+    let mut puts = |store: &mut KvStore| {
+        let t = Instant::now();
+        for i in 0..keys {
+            let c = cmd::encode(&cmd::put(
+                format!("key{:012}", (i * 7919) % keys).as_bytes(),
+                &value,
+                0,
+            ));
+            store.apply(next, 1, 0, &c).expect("apply");
+            next += 1;
+        }
+        t.elapsed().as_secs_f64() * 1e6 / keys as f64
+    };
+    let free = puts(&mut store);
+    let snap = store.snapshot();
+    let held = puts(&mut store);
+    drop(snap);
+    let after = puts(&mut store);
+    println!(
+        "puts over every key: {free:.2} us/put, {held:.2} us/put while a snapshot is held \
+         (pre-images saved), {after:.2} us/put after it is dropped"
+    );
+}
+
 fn main() {
     let ops = env("QUIVER_KV_BENCH_OPS", 100_000);
     let base = match std::env::var("QUIVER_KV_BENCH_DIR") {
         Ok(d) => tempfile::tempdir_in(d).expect("tempdir"),
         Err(_) => tempfile::tempdir().expect("tempdir"),
     };
+    capture(base.path());
+    if std::env::var("QUIVER_KV_BENCH_CAPTURE_ONLY").is_ok() {
+        return;
+    }
     for batch in [1, 100] {
         throughput("memory", Persistence::Memory, ops, batch);
         throughput(

@@ -123,6 +123,11 @@ pub enum KvError {
         /// The request id's seq.
         seq: u64,
     },
+    /// A snapshot of a persistent store was being read when a restore replaced the store's
+    /// state: the values it still had to load were in the replaced data log. Nothing is
+    /// damaged; take a new snapshot.
+    #[error("kv: snapshot abandoned: a restore replaced the store's state while it was read")]
+    SnapshotAbandoned,
     /// An earlier fatal error; the store refuses writes until reopened.
     #[error("kv: poisoned by an earlier storage failure; reopen the store")]
     Poisoned,
@@ -231,6 +236,7 @@ mod tests {
         assert_eq!((e.limit, e.actual), (5, 10));
         assert!(!KvError::KeyOutOfRange.is_fatal());
         assert!(KvError::Poisoned.is_fatal());
+        assert!(!KvError::SnapshotAbandoned.is_fatal());
         let e = KvError::RequestExpired {
             client: 0xab,
             seq: 7,

@@ -10,6 +10,8 @@
 //!   [`KvReader`] (concurrent reads, watch, snapshots).
 //! - `datalog.rs`: persistent mode's data-log records, recovery and compaction.
 //! - `snapshot.rs`: the snapshot image (chunks, restore, logged-mode file).
+//! - `tracked.rs`: the map type of the index and history, which a snapshot reads while
+//!   writes go on (a capture costs a registration, not a copy).
 //! - `watch.rs`: history reads, the broadcast of applied changes, [`Watcher`].
 //! - [`cmd`]: builders of `kvpb::Command`s.
 //! - `codec.rs`: the little-endian field encoding of the data log and snapshots.
@@ -22,6 +24,7 @@ mod dedup;
 mod snapshot;
 mod state;
 mod store;
+mod tracked;
 mod types;
 mod watch;
 

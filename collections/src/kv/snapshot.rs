@@ -9,6 +9,7 @@
 //! state (no positions, no persistence mode), so two replicas that applied the same entries
 //! produce byte-identical snapshots. Byte layout: `docs/design/collections.md` §5.
 
+use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
@@ -23,6 +24,8 @@ use crate::kv::codec::{Dec, Enc};
 use crate::kv::datalog::Pending;
 use crate::kv::dedup::DedupTable;
 use crate::kv::state::{check_counters, check_version, Entry, Hist, Meta, State, ValueRef};
+use crate::kv::store::Shared;
+use crate::kv::tracked::Capture;
 use crate::kv::types::{ApplyState, Bounds, EventKind};
 
 /// Image version 2 (written): version 1 plus the `DEDUP` record.
@@ -107,14 +110,74 @@ impl Drop for Pin {
     }
 }
 
-/// A point-in-time image of a store, captured under the read lock as references (values
-/// stay where they are: in memory, shared, or on disk) and encoded chunk by chunk.
+/// How many keys or events a live reader takes per visit to the state (under its read lock).
+const LIVE_BATCH: usize = 512;
+
+/// Where a reader's keys and events come from.
+#[derive(Debug)]
+enum Source {
+    /// Copied at the capture: the state is a temporary about to go away (a split's right
+    /// half, an image being restored).
+    Copied {
+        kvs: std::vec::IntoIter<(Bytes, Entry)>,
+        events: std::vec::IntoIter<((u64, Bytes), Hist)>,
+    },
+    /// The store's own state, read a batch at a time under its read lock while writes go on:
+    /// what changed since the capture comes from the captures' pre-images (`tracked.rs`).
+    Live {
+        shared: Arc<Shared>,
+        /// The store's restore count at the capture (`load` compares).
+        restores: u64,
+        kvs: Capture<Bytes, Entry>,
+        events: Capture<(u64, Bytes), Hist>,
+        kv_buf: VecDeque<(Bytes, Entry)>,
+        event_buf: VecDeque<((u64, Bytes), Hist)>,
+    },
+}
+
+impl Source {
+    fn next_kv(&mut self) -> Option<(Bytes, Entry)> {
+        match self {
+            Source::Copied { kvs, .. } => kvs.next(),
+            Source::Live {
+                shared,
+                kvs,
+                kv_buf,
+                ..
+            } => {
+                if kv_buf.is_empty() {
+                    kvs.read(&shared.state().read().index, LIVE_BATCH, kv_buf);
+                }
+                kv_buf.pop_front()
+            }
+        }
+    }
+
+    fn next_event(&mut self) -> Option<((u64, Bytes), Hist)> {
+        match self {
+            Source::Copied { events, .. } => events.next(),
+            Source::Live {
+                shared,
+                events,
+                event_buf,
+                ..
+            } => {
+                if event_buf.is_empty() {
+                    events.read(&shared.state().read().history, LIVE_BATCH, event_buf);
+                }
+                event_buf.pop_front()
+            }
+        }
+    }
+}
+
+/// A point-in-time image of a store, encoded chunk by chunk. Values stay where they are (in
+/// memory, shared, or on disk) until their chunk is encoded.
 #[derive(Debug)]
 pub struct SnapshotReader {
     apply: ApplyState,
     header: Option<Vec<u8>>,
-    kvs: std::vec::IntoIter<(Bytes, Entry)>,
-    events: std::vec::IntoIter<((u64, Bytes), Hist)>,
+    source: Source,
     /// The `DEDUP` record, until written.
     dedup: Option<Vec<u8>>,
     ended: bool,
@@ -123,6 +186,8 @@ pub struct SnapshotReader {
 }
 
 impl SnapshotReader {
+    /// An image of `st` copied now (references to keys and values: nothing is loaded), for a
+    /// state that will not outlive the call.
     pub(crate) fn capture(st: &State, log: Option<Arc<SegLog>>, pin: Option<Pin>) -> Self {
         let kvs: Vec<(Bytes, Entry)> = st
             .index
@@ -137,11 +202,42 @@ impl SnapshotReader {
         SnapshotReader {
             apply: st.apply.clone(),
             header: Some(header_record(st, kvs.len() as u64, events.len() as u64)),
-            kvs: kvs.into_iter(),
-            events: events.into_iter(),
+            source: Source::Copied {
+                kvs: kvs.into_iter(),
+                events: events.into_iter(),
+            },
             dedup: Some(dedup_record(st)),
             ended: false,
             log,
+            _pin: pin,
+        }
+    }
+
+    /// An image of the store's state as it is now, read while writes go on: the capture
+    /// registers with the index and history (`tracked.rs`) instead of copying them, so the
+    /// writer waits for no copy. Events after the current revision are left out.
+    pub(crate) fn capture_live(shared: &Arc<Shared>, pin: Option<Pin>) -> Self {
+        let st = shared.state().read();
+        // Revisions stop at MAX_REVISION < u64::MAX: every event lies below this bound.
+        let below = (st.revision.saturating_add(1), Bytes::new());
+        SnapshotReader {
+            apply: st.apply.clone(),
+            header: Some(header_record(
+                &st,
+                st.index.len() as u64,
+                st.history.len() as u64,
+            )),
+            source: Source::Live {
+                shared: shared.clone(),
+                restores: shared.restores(),
+                kvs: st.index.capture(None),
+                events: st.history.capture(Some(below)),
+                kv_buf: VecDeque::new(),
+                event_buf: VecDeque::new(),
+            },
+            dedup: Some(dedup_record(&st)),
+            ended: false,
+            log: shared.log().cloned(),
             _pin: pin,
         }
     }
@@ -154,7 +250,20 @@ impl SnapshotReader {
     fn load(&self, v: &ValueRef) -> Result<Bytes> {
         match (v, &self.log) {
             (ValueRef::Inline(b), _) => Ok(b.clone()),
-            (ValueRef::Disk(p), Some(log)) => crate::kv::datalog::read_value(log, *p),
+            (ValueRef::Disk(p), Some(log)) => {
+                let value = crate::kv::datalog::read_value(log, *p);
+                // Checked after the read: a restore counts itself before it rewrites the log,
+                // so a read that may have seen the new log's records is always caught.
+                if let Source::Live {
+                    shared, restores, ..
+                } = &self.source
+                {
+                    if shared.restores() != *restores {
+                        return Err(KvError::SnapshotAbandoned);
+                    }
+                }
+                value
+            }
             (ValueRef::Disk(_), None) => crate::kv::state::inline_only(v),
         }
     }
@@ -169,14 +278,14 @@ impl SnapshotReader {
             frame(&mut out, &h);
         }
         while out.len() < max_bytes.max(1) {
-            if let Some((k, e)) = self.kvs.next() {
+            if let Some((k, e)) = self.source.next_kv() {
                 let v = self.load(&e.value)?;
                 let mut r = Enc::with_capacity(48 + k.len() + v.len());
                 r.u8(REC_KV);
                 meta_fields(&mut r, &e.meta);
                 r.bytes(&k).bytes(&v);
                 frame(&mut out, &r.0);
-            } else if let Some(((_, k), h)) = self.events.next() {
+            } else if let Some(((_, k), h)) = self.source.next_event() {
                 let v = self.load(&h.value)?;
                 let mut r = Enc::with_capacity(48 + k.len() + v.len());
                 r.u8(REC_EVENT).u8(u8::from(h.kind == EventKind::Put));

@@ -8,7 +8,7 @@
 //! Nothing here does I/O: values behind `Disk` positions are loaded by a [`Loader`] the caller
 //! passes in.
 
-use std::collections::{btree_map, BTreeMap, BTreeSet};
+use std::collections::{btree_map, BTreeSet};
 use std::ops::Bound;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use seglog::Position;
 
 use crate::error::{KvError, Result};
 use crate::kv::dedup::DedupTable;
+use crate::kv::tracked::Tracked;
 use crate::kv::types::{ApplyState, Bounds, Event, EventKind, KeyValue, RangeStats};
 
 /// Where a value lives.
@@ -195,10 +196,10 @@ impl KeyRange {
 /// The whole mutable state of a store.
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    pub(crate) index: BTreeMap<Bytes, Entry>,
+    pub(crate) index: Tracked<Bytes, Entry>,
     /// `(expires_at_ms, key)` of every live key with a TTL.
     pub(crate) expiry: BTreeSet<(u64, Bytes)>,
-    pub(crate) history: BTreeMap<(u64, Bytes), Hist>,
+    pub(crate) history: Tracked<(u64, Bytes), Hist>,
     pub(crate) revision: u64,
     pub(crate) compact_revision: u64,
     /// The entry clock: the largest `now_ms` of any applied entry.
@@ -505,11 +506,14 @@ impl State {
         }
         // Oldest first, one event at a time: trimming at the caps drops one revision per
         // write, where a `split_off` would build a new tree each time.
-        while let Some(e) = self.history.first_entry() {
-            if e.key().0 > rev {
+        while self
+            .history
+            .first_key_value()
+            .is_some_and(|((r, _), _)| *r <= rev)
+        {
+            let Some(((_, k), h)) = self.history.pop_first() else {
                 break;
-            }
-            let ((_, k), h) = e.remove_entry();
+            };
             self.history_bytes = self.history_bytes.saturating_sub(Self::hist_size(&k, &h));
         }
     }

@@ -23,7 +23,7 @@
 //!   appends a `COMMIT` if only the apply state moved, then syncs the data log. A packed entry
 //!   ([`KvStore::apply_packed`]) appends ONE group for the changes of all its commands.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -126,9 +126,27 @@ pub(crate) struct Shared {
     sub_capacity: usize,
     /// Snapshots holding disk positions; compaction waits for 0.
     pins: Arc<AtomicUsize>,
+    /// Restores so far: bumped before a restore replaces the state (and, in persistent mode,
+    /// rewrites the data log), so a snapshot still loading values from the old log can tell.
+    restores: AtomicU64,
 }
 
 impl Shared {
+    /// The state (snapshots read it between writes).
+    pub(crate) fn state(&self) -> &RwLock<State> {
+        &self.state
+    }
+
+    /// The data log (persistent mode).
+    pub(crate) fn log(&self) -> Option<&Arc<SegLog>> {
+        self.log.as_ref()
+    }
+
+    /// How many restores replaced the state so far.
+    pub(crate) fn restores(&self) -> u64 {
+        self.restores.load(Ordering::SeqCst)
+    }
+
     fn load(&self, v: &ValueRef) -> Result<Bytes> {
         match (v, &self.log) {
             (ValueRef::Disk(p), Some(log)) => datalog::read_value(log, *p),
@@ -369,7 +387,7 @@ impl KvReader {
             .log
             .as_ref()
             .map(|_| Pin::new(&self.shared.pins));
-        SnapshotReader::capture(&self.shared.state.read(), self.shared.log.clone(), pin)
+        SnapshotReader::capture_live(&self.shared, pin)
     }
 
     /// Bytes of values held in memory by the index and the history (0 in persistent mode once
@@ -458,6 +476,7 @@ impl KvStore {
             subs: Mutex::new(Vec::new()),
             sub_capacity: cfg.subscriber_capacity.max(1),
             pins: Arc::new(AtomicUsize::new(0)),
+            restores: AtomicU64::new(0),
         });
         Ok(KvStore {
             reader: KvReader { shared },
@@ -746,8 +765,8 @@ impl KvStore {
     ///   with what became durable; the next call starts the next image).
     /// - One still running is left alone.
     /// - With none in flight and the applied state ahead of the durable one, the state is
-    ///   captured (under the read lock: references to keys and values, no value is copied) and
-    ///   a thread encodes, writes and fsyncs the image.
+    ///   captured (a registration, no copy: `tracked.rs`) and a thread reads, encodes, writes
+    ///   and fsyncs the image while applies go on.
     ///
     /// # Errors
     /// Fatal: the previous image write failed, or the thread could not start; the store is
@@ -846,6 +865,8 @@ impl KvStore {
         self.cancel_job()?;
         let shared = self.reader.shared.clone();
         let mut guard = shared.state.write();
+        // Before the data log is rewritten: snapshots still loading from it must know.
+        shared.restores.fetch_add(1, Ordering::SeqCst);
         let res = match (&self.cfg.persistence, &mut self.data) {
             (Persistence::Persistent { .. }, Some(dl)) => dl.rewrite_all(&mut st),
             (Persistence::Logged { dir }, _) => {
@@ -892,6 +913,7 @@ impl KvStore {
         let Some(dl) = &mut self.data else {
             return Err(KvError::Poisoned);
         };
+        shared.restores.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = dl.log.truncate(dl.log.first()) {
             drop(guard);
             return self.poison(e.into());
