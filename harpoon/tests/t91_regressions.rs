@@ -11,11 +11,12 @@ use bytes::Bytes;
 use common::WAIT;
 use harpoon::storage::LogStore;
 use harpoon::testkit::{wait_until, Cluster, ClusterOptions, LogHandle, LogStateMachine};
+use harpoon::transport::filter::FilterId;
 use harpoon::transport::mem::MemNetwork;
 use harpoon::transport::Envelope;
 use harpoon::{
     ApplyState, CellId, CellStatus, EntryRef, Error, Guarantee, Node, NodeConfig, NodeId,
-    ReadConsistency, ReplicationMode, Role, SmSnapshot, StateMachine, StateMachineError,
+    ReadConsistency, ReplicationMode, Reply, Role, SmSnapshot, StateMachine, StateMachineError,
 };
 use raft::eraftpb::{ConfState, Entry, Message, MessageType};
 
@@ -440,62 +441,110 @@ fn commit_point_beyond_persisted_log_blocks_restart() {
             .wait()
             .unwrap();
     }
-    let mut l = c.wait_leader(cell, WAIT).unwrap();
-    if l == f {
-        c.node(f)
-            .transfer_leader(cell, NodeId(1), Instant::now() + WAIT)
-            .wait()
-            .unwrap();
-        l = NodeId(1);
-        assert!(wait_until(WAIT, || c
-            .leader(cell)
-            .is_some_and(|(n, _)| n == l)));
-    }
-    let w0 = c
-        .node(l)
-        .propose(cell, Bytes::from_static(b"w0"))
-        .wait()
-        .unwrap();
-    assert!(wait_until(WAIT, || applied_on(&c, f, cell) >= w0.index));
-    // F gets entry E but no heartbeat (which would carry its commit).
-    let lf = l;
-    let filt = c.drop_if(move |from, to, env| {
-        from == lf && to == f && env.msg.get_msg_type() == MessageType::MsgHeartbeat
-    });
-    let e = c
-        .node(l)
-        .propose(cell, Bytes::from_static(b"E"))
-        .wait()
-        .unwrap();
-    assert!(wait_until(WAIT, || c
-        .status(f, cell)
-        .is_some_and(|s| s.last_index >= e.index)));
-    c.isolate(f);
+    let Some((filt, e)) = (0..ATTEMPTS).find_map(|tag| uncommitted_on_isolated(&c, cell, f, tag))
+    else {
+        panic!("the lead moved while F took its entry, in each of {ATTEMPTS} attempts");
+    };
+    // Committed without F, at whoever leads (under load the lead may move; never to F, which
+    // is cut off).
     for i in 0..3 {
-        c.node(l)
-            .propose(cell, Bytes::from(format!("x{i}")))
-            .wait()
+        c.propose_retry(cell, Bytes::from(format!("x{i}")), WAIT)
             .unwrap();
     }
     // On heal, F learns a commit beyond what it has, applies E and "crashes".
     armed.store(true, Ordering::SeqCst);
     c.heal();
-    c.node(l)
-        .propose(cell, Bytes::from_static(b"y"))
-        .wait()
+    c.propose_retry(cell, Bytes::from_static(b"y"), WAIT)
         .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || c
-        .node(f)
-        .poisoned()
-        .is_some()));
+    assert!(
+        wait_until(WAIT, || c.node(f).poisoned().is_some()),
+        "node {f} never applied its entry {e} (and crashed)"
+    );
     c.remove_filter(filt);
     let (r, _) = reopen(&mut c, f, cell, &voters, &fpath);
     assert!(r.is_ok(), "replica cannot restart: {r:?}");
 }
 
-/// How many times the finding-5 tests set their scene up before giving up: each attempt
-/// needs the cell's leader to still lead once isolated, which an election under CI load can
-/// spoil (then the attempt is retried, never judged).
+/// The leader of `cell` once every replica follows it in its term, moved off `f` first if
+/// `f` leads; `None` if there is none within [`WAIT`].
+fn stable_leader_other_than(c: &Cluster, cell: CellId, f: NodeId) -> Option<NodeId> {
+    let replicas = || (1..=3).map(NodeId);
+    let mut found = None;
+    wait_until(WAIT, || {
+        let Some((l, term)) = c.leader(cell) else {
+            return false;
+        };
+        if !replicas().all(|n| {
+            c.status(n, cell)
+                .is_some_and(|s| s.term == term && s.leader == Some(l))
+        }) {
+            return false;
+        }
+        if l == f {
+            let to = replicas().find(|n| *n != f).unwrap();
+            // Checked on the next poll, whatever this answers.
+            let _ = c
+                .node(f)
+                .transfer_leader(cell, to, Instant::now() + WAIT)
+                .wait();
+            return false;
+        }
+        found = Some(l);
+        true
+    });
+    found
+}
+
+/// `l`'s answer to the proposal of `data`, or `None` if `l` no longer leads (the write was
+/// not applied: `NotLeader`, `Busy`, `ProposalDropped`).
+fn propose_at(c: &Cluster, l: NodeId, cell: CellId, data: String) -> Option<Reply> {
+    match c.node(l).propose(cell, Bytes::from(data)).wait() {
+        Ok(r) => Some(r),
+        Err(Error::NotLeader { .. } | Error::Busy { .. } | Error::ProposalDropped { .. }) => None,
+        Err(e) => panic!("proposal to {l}: {e}"),
+    }
+}
+
+/// Finding 3's scene, set up at the current leader `l` (never `f`): a write applied on `f`,
+/// then an entry E that `f` holds without knowing it is committed (the returned filter drops
+/// every heartbeat to `f`, from whoever sends it: heartbeats carry the commit), then `f`
+/// isolated. `Some((filter, E's index))` if `f`'s status, taken after the isolation, shows
+/// exactly that: still in E's term (so only `l` reached it since E), its log ending at E, its
+/// commit below E. Isolated, `f` learns nothing more until healed. `None` (filter removed,
+/// network healed on the next attempt): the lead moved first, an election under CI load.
+fn uncommitted_on_isolated(
+    c: &Cluster,
+    cell: CellId,
+    f: NodeId,
+    tag: usize,
+) -> Option<(FilterId, u64)> {
+    c.heal();
+    let l = stable_leader_other_than(c, cell, f)?;
+    let w = propose_at(c, l, cell, format!("w{tag}"))?;
+    assert!(wait_until(WAIT, || applied_on(c, f, cell) >= w.index));
+    let filt =
+        c.drop_if(move |_, to, env| to == f && env.msg.get_msg_type() == MessageType::MsgHeartbeat);
+    let scene = propose_at(c, l, cell, format!("E{tag}")).and_then(|e| {
+        // Committed, so it reaches `f` also if the lead moved meanwhile (then not the scene).
+        assert!(wait_until(WAIT, || c
+            .status(f, cell)
+            .is_some_and(|s| s.last_index >= e.index)));
+        c.isolate(f);
+        let s = c.status(f, cell)?;
+        (s.term == e.term && s.last_index == e.index && s.commit < e.index).then_some(e.index)
+    });
+    match scene {
+        Some(e) => Some((filt, e)),
+        None => {
+            c.remove_filter(filt);
+            None
+        }
+    }
+}
+
+/// How many times the finding-3, -5 and -6 tests set their scene up before giving up: each
+/// attempt needs the cell's leader to keep its lead until the scene is in place, which an
+/// election under CI load can spoil (then the attempt is retried, never judged).
 const ATTEMPTS: usize = 5;
 
 /// The scene of finding 5: a write committed everywhere, then the leader `l` isolated; `Some`
@@ -660,11 +709,21 @@ fn oversized_proposal_rejected_without_poisoning() {
         matches!(r, Err(Error::TooLarge { limit, .. }) if limit == 4 << 20),
         "expected TooLarge, got {r:?}"
     );
-    std::thread::sleep(Duration::from_millis(200));
+    // Had the proposal reached the log, it would come before the next writes there: once
+    // every replica applied those, each has met it (the bug poisoned each node as it wrote it,
+    // and a poisoned node applies nothing more).
+    let last = write_n(&c, cell, "b", 2);
+    let poisoned = |n: u64| c.node(NodeId(n)).poisoned().is_some();
+    let caught_up = wait_until(WAIT, || {
+        (1..=3).any(poisoned) || (1..=3).all(|n| applied_on(&c, NodeId(n), cell) >= last)
+    });
     for n in 1..=3 {
-        assert!(c.node(NodeId(n)).poisoned().is_none(), "node {n} poisoned");
+        assert!(!poisoned(n), "node {n} poisoned");
     }
-    write_n(&c, cell, "b", 2);
+    assert!(
+        caught_up,
+        "a replica did not apply the writes after the refused one"
+    );
 }
 
 /// Finding 6: async writes acknowledged by an old leader and then covered by an installed
@@ -765,7 +824,10 @@ fn restarted_replica_refuses_votes_within_election_timeout() {
     assert!(wait_until(WAIT, || applied_on(&c, f, cell) >= last));
     c.kill(f);
     c.start_node(f);
-    // The node has been up for several election timeouts when the replica opens.
+    // The node has been up for several election timeouts when the replica opens. Not a wait
+    // for a condition: the elapsed time itself is the scene (the bug measured suppression from
+    // the node's start on this same clock, which nothing exposes to poll), and sleeping after
+    // `start_node` returned guarantees it whatever the load (load lengthens it, never shortens).
     std::thread::sleep(election * 3);
     c.isolate(f);
     open_replica(&c, f, cell, &voters, &path(3)).0.unwrap();
@@ -1071,8 +1133,23 @@ fn offered_snapshot_stale_after_membership_change() {
     // leader asks the cell for a snapshot and the cell offers one), then goes silent: raft
     // stops sending to it (not recently active) and the offer stays, unsent.
     let (n4, n5) = (NodeId(4), NodeId(5));
-    let silent = c.drop_if(move |from, _, env| {
-        from == n4 && !(env.msg.get_msg_type() == MessageType::MsgAppendResponse && env.msg.reject)
+    // The leader's heartbeats to 4, counted again from zero whenever a message of 4 gets
+    // through: they count the leader's ticks (below).
+    let beats = Arc::new(AtomicUsize::new(0));
+    let b = beats.clone();
+    let silent = c.drop_if(move |from, to, env| {
+        let kind = env.msg.get_msg_type();
+        if from == leader && to == n4 && kind == MessageType::MsgHeartbeat {
+            b.fetch_add(1, Ordering::SeqCst);
+        }
+        if from != n4 {
+            return false;
+        }
+        let dropped = !(kind == MessageType::MsgAppendResponse && env.msg.reject);
+        if !dropped {
+            b.store(0, Ordering::SeqCst);
+        }
+        dropped
     });
     c.start_node(n4);
     c.add_replica(n4, cell);
@@ -1085,9 +1162,20 @@ fn offered_snapshot_stale_after_membership_change() {
         wait_until(WAIT, || c.node(leader).metrics().snapshots > offers),
         "the cell offered a snapshot for learner 4"
     );
-    // Setup, not an assertion: a few check-quorum rounds (one election timeout, 100 ms, each)
-    // mark 4 inactive, so nothing asks for the offered snapshot before the next change.
-    std::thread::sleep(Duration::from_millis(400));
+    // Setup, not an assertion: a check-quorum round (one every election timeout of the
+    // leader's ticks) after the leader took 4's last message marks 4 inactive, so nothing asks
+    // for the offered snapshot before the next change. Nothing shows that mark; what stands
+    // for it is the leader's ticks, counted by its heartbeats to 4 (one every `heartbeat_tick`)
+    // from when the offer was seen (made as the leader took 4's rejection): two rounds' worth,
+    // one being enough, and counted again from zero should 4 get another message through.
+    beats.store(0, Ordering::SeqCst);
+    let cfg = ClusterOptions::default().node.cell;
+    let wanted = 2 * cfg.election_tick.div_ceil(cfg.heartbeat_tick) + 1;
+    assert!(
+        wait_until(WAIT, || beats.load(Ordering::SeqCst) >= wanted),
+        "the leader sent {} heartbeats to learner 4, {wanted} wanted",
+        beats.load(Ordering::SeqCst)
+    );
 
     // Learner 5 joins; every snapshot sent to it is recorded (none dropped).
     let seen: Arc<Mutex<Vec<ConfState>>> = Arc::default();
