@@ -15,6 +15,9 @@
 //!   (17 MiB data-log segments), reopening at start-up, admin Split entries (daughters
 //!   materialised on apply, one opener per range by registry claims), dropping removed and
 //!   forgetting lost replicas.
+//! - [`linger`]: replicas removed from a range while they lagged (they never apply their own
+//!   removal): when meta's record says to drop one (epochs newer than this node's durable
+//!   claim epoch, `<data dir>/claims/<range id>`), and why that is safe.
 //! - [`loops`]: subscription to meta, heartbeats, self-assignment, the leader's reconcile,
 //!   range splits (trigger, reserve, propose, record in meta; repair by the daughter),
 //!   housekeeping (the range leader's `Expire` and retention `Compact`, removed replicas,
@@ -38,6 +41,7 @@ pub mod config;
 pub mod control;
 pub mod durable;
 pub mod kv_port;
+pub mod linger;
 pub mod loops;
 pub mod meta_sm;
 pub mod node;

@@ -163,6 +163,8 @@ struct Housekeeping {
 
 async fn housekeeping(seed: Arc<Seed>) {
     let mut state: HashMap<u64, Housekeeping> = HashMap::new();
+    // Per range held here: the highest epoch at which meta's record listed this node.
+    let mut listed: HashMap<u64, u64> = HashMap::new();
     loop {
         tokio::time::sleep(jitter(HOUSEKEEPING)).await;
         if seed.draining.load(Ordering::Relaxed) || !seed.meta_known() {
@@ -170,10 +172,12 @@ async fn housekeeping(seed: Arc<Seed>) {
         }
         let ids = seed.ranges.ids();
         state.retain(|id, _| ids.contains(id));
+        listed.retain(|id, _| ids.contains(id));
         let recs = Records::read(&seed);
         for id in ids {
             let hk = state.entry(id).or_default();
-            if let Err(e) = housekeep(&seed, id, hk, &recs).await {
+            let seen = listed.entry(id).or_default();
+            if let Err(e) = housekeep(&seed, id, hk, seen, &recs).await {
                 tracing::info!(range = id, error = %e, "housekeeping not done");
             }
         }
@@ -341,10 +345,54 @@ async fn propose_entry(seed: &Arc<Seed>, cell: CellId, data: Bytes) -> Result<()
     Ok(())
 }
 
+/// This node's replica of range `id` runs (`st`) but may have been removed from the range
+/// while it lagged, never to learn of it from the cell ([`crate::linger`]): drop it once meta's
+/// record, newer than this node's latest membership of the range, no longer lists it. `seen`
+/// is the highest epoch at which the record listed this node (raised here). True when the
+/// replica was dropped.
+async fn drop_if_lingering(
+    seed: &Arc<Seed>,
+    id: u64,
+    st: &harpoon::CellStatus,
+    recs: &Records,
+    seen: &mut u64,
+) -> Result<bool, String> {
+    use crate::linger::{claim_epoch, decide, LocalCell, Verdict};
+    let record = recs.ranges.get(&id).map(|r| &r.value);
+    if let Some(r) = record.filter(|r| r.members.iter().any(|m| m.node == seed.id)) {
+        *seen = (*seen).max(r.epoch);
+    }
+    let local = LocalCell::of(st);
+    if decide(seed.id, record, *seen, &local) != Verdict::Drop {
+        return Ok(false);
+    }
+    // Only now (rarely) read the durable claim epoch: an unreadable one keeps the replica.
+    let claimed = claim_epoch(&seed.dir(), id)
+        .map_err(|e| format!("lingering replica kept: claim epoch unreadable: {e}"))?;
+    let floor = (*seen).max(claimed);
+    if let Verdict::Keep(why) = decide(seed.id, record, floor, &local) {
+        tracing::debug!(range = id, ?why, "replica not listed in meta: kept");
+        return Ok(false);
+    }
+    tracing::info!(
+        node = seed.id,
+        range = id,
+        epoch = record.map_or(0, |r| r.epoch),
+        floor,
+        "meta's record no longer lists this node's replica, which never applied its removal: \
+         dropping it"
+    );
+    crate::ranges::drop_lingering(seed, id)
+        .await
+        .map_err(|e| format!("drop lingering replica: {e}"))?;
+    Ok(true)
+}
+
 async fn housekeep(
     seed: &Arc<Seed>,
     id: u64,
     hk: &mut Housekeeping,
+    seen: &mut u64,
     recs: &Records,
 ) -> Result<(), String> {
     let Some(local) = seed.ranges.get(id) else {
@@ -358,6 +406,9 @@ async fn housekeep(
         }
         Err(_) => return Ok(()),
     };
+    if drop_if_lingering(seed, id, &st, recs, seen).await? {
+        return Ok(());
+    }
     if st.role != Role::Leader {
         *hk = Housekeeping::default();
         return Ok(());
@@ -847,6 +898,13 @@ async fn assign_ranges(seed: &Arc<Seed>) {
     let Ok(txn) = ops::add_member(range, ops::member_of(&seed.record(), role)) else {
         return;
     };
+    // Durably before the claim can win: a replica is never dropped as removed by a record
+    // that is not newer than its latest claim (`crate::linger`).
+    if let Err(e) = crate::linger::record_claim(&seed.dir(), range.value.id, range.value.epoch + 1)
+    {
+        tracing::warn!(range = range.value.id, error = %e, "cannot record the claim epoch: not claiming");
+        return;
+    }
     match seed.propose_anywhere(&txn).await {
         Ok(r) if r.succeeded => {
             tracing::info!(

@@ -909,6 +909,24 @@ impl Registry {
     fn remove(&self, id: u64) {
         self.held.lock().ranges.remove(&id);
     }
+
+    /// Take range `id` out of the held ranges and claim it, in one step, so that nothing
+    /// (self-assignment, a split's apply) opens it while its replica is being deleted; the
+    /// caller gives the claim back ([`Registry::release`]) once the deletion is done. `None`
+    /// (nothing changed) if it is not held here.
+    fn retire(&self, id: u64) -> Option<LocalRange> {
+        let mut h = self.held.lock();
+        let r = h.ranges.remove(&id)?;
+        h.claims.insert(id);
+        Some(r)
+    }
+
+    /// Undo [`Registry::retire`]: `r` is held again and its claim given back.
+    fn restore(&self, r: LocalRange) {
+        let mut h = self.held.lock();
+        h.claims.remove(&r.id);
+        h.ranges.insert(r.id, r);
+    }
 }
 
 /// The dir of range `id`.
@@ -1481,12 +1499,55 @@ fn record_lost(seed: &Seed, id: u64, why: &str) {
 /// start-up's cleanup only if meta still does not list this node).
 pub async fn drop_removed(seed: &Seed, id: u64) -> Result<(), OpenError> {
     settle_parent_image(seed, id).await?;
-    seed.ranges.remove(id);
-    delete_dir(&seed.dir(), id)?;
+    // Claimed while the dir is deleted: self-assignment (this node may be listed) must not
+    // open a new replica into the dir being deleted.
+    let claimed = seed.ranges.retire(id).is_some();
+    let r = delete_dir(&seed.dir(), id);
+    if claimed {
+        seed.ranges.release(id);
+    }
+    r?;
     tracing::info!(
         node = seed.id,
         range = id,
         "removed replica dropped: range dir deleted"
+    );
+    Ok(())
+}
+
+/// Range `id`'s replica here was removed from the range while it lagged and never learnt of
+/// it (its cell still runs, [`crate::linger`] decided to drop it): destroy its cell and raft
+/// state through harpoon (`Node::destroy_cell`, durable before it answers), then delete its
+/// dir, the range claimed meanwhile so nothing opens it again into the dir being deleted.
+/// As for [`drop_removed`], a logged daughter waits until its parent's image here is durable
+/// past the split ([`settle_parent_image`]).
+///
+/// # Errors
+/// The parent's image is not settled yet, or harpoon failed to destroy the cell (nothing
+/// changed: the replica is held again, retried by the next round), or the dir cannot be
+/// deleted (the replica is gone from harpoon and the registry; the dir is retried at the next
+/// start-up's cleanup only if meta still does not list this node).
+pub async fn drop_lingering(seed: &Seed, id: u64) -> Result<(), OpenError> {
+    settle_parent_image(seed, id).await?;
+    let Some(held) = seed.ranges.retire(id) else {
+        return Ok(());
+    };
+    match seed.node.destroy_cell(CellId(id)).await {
+        // Gone already: it applied its own removal meanwhile.
+        Ok(()) | Err(harpoon::Error::CellNotFound { .. }) => {}
+        Err(e) => {
+            seed.ranges.restore(held);
+            return Err(e.into());
+        }
+    }
+    drop(held);
+    let r = delete_dir(&seed.dir(), id);
+    seed.ranges.release(id);
+    r?;
+    tracing::info!(
+        node = seed.id,
+        range = id,
+        "replica removed from the range while it lagged: cell, raft state and range dir deleted"
     );
     Ok(())
 }
