@@ -36,6 +36,13 @@
 //!     the range and no longer lists this node ([`crate::ranges::drop_removed`]); never while
 //!     it is listed, and for a logged daughter materialised here by a split, not before its
 //!     parent's image here is durable past the split ([`crate::ranges::settle_parent_image`]).
+//!   - replicas removed while they lagged (every replica whose cell still runs): a member cut
+//!     off or stopped while it was removed never receives its removal, so its cell never
+//!     destroys itself; it is dropped (cell and raft state through harpoon's `destroy_cell`,
+//!     then its dir: `crate::ranges::drop_lingering`) once meta's record, at an epoch newer
+//!     than this node's durable claim epoch and than any epoch it saw listing it, no longer
+//!     lists it and lists a voter; never when the local cell has this node as its only voter
+//!     or while it leads (`crate::linger`, which says why this is safe).
 //!   - lost replicas (every node): a replica recorded lost (`Registry::failed`) rejoins. It is
 //!     recorded at start-up for a memory range, without a cell (its raft log and hard state
 //!     were volatile); when harpoon refuses the cell with `NeedsSnapshot` (a logged or
@@ -876,7 +883,9 @@ async fn assign_ranges(seed: &Arc<Seed>) {
     // new replica again), nor one being opened. A range held here that meta does not list is
     // a replica removed while this node was down: it claims its slot again as a learner, and
     // its stale cell catches up from the range's leader (or, applying its own removal, is
-    // destroyed, dropped by housekeeping and reopened empty).
+    // destroyed, dropped by housekeeping and reopened empty). If the range is full, nothing
+    // is claimed, and housekeeping drops the stale replica (`crate::linger`); a claim records
+    // its epoch first so that a view of meta from before it never drops the replica.
     let Some(target) = claim
         .iter()
         .find(|t| seed.ranges.failed(t.id).is_none() && !seed.ranges.claimed(t.id))

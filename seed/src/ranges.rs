@@ -63,7 +63,11 @@
 //!
 //! A replica this node was removed from (harpoon destroyed its cell and raft log) is dropped
 //! with its dir once meta no longer lists this node ([`drop_removed`], from the housekeeping
-//! loop); a lost replica's raft state and dir are forgotten the same way ([`forget_lost`]).
+//! loop); one removed while it lagged, whose cell never learnt of it, is dropped when meta's
+//! record says so ([`crate::linger`]: [`drop_lingering`] destroys the cell through harpoon,
+//! then the dir); a lost replica's raft state and dir are forgotten the same way
+//! ([`forget_lost`]). The range is claimed in the registry while its dir is deleted, so
+//! nothing opens it into a dir being deleted.
 //! Neither deletes a logged daughter's dir while its parent here may still replay the split
 //! that materialised it (the parent's left-half image is written in the background): the
 //! parent's image is made durable past the split first ([`settle_parent_image`]), or a crash
