@@ -31,7 +31,11 @@
 //! that wins is always covered, also across a crash and restart). A record at an epoch at or
 //! below that *claim epoch* may predate the claim and proves nothing; a record at a higher
 //! epoch without this node was written after the claim, so the node was removed after it
-//! joined. Epochs only grow for a range id. Housekeeping also remembers (in memory) the
+//! joined. Epochs only grow for a range id. Within the node, a claim and a drop never
+//! overlap: self-assignment holds `Seed::claim_lock` from recording the claim epoch until the
+//! claim is answered (and its replica opened), and housekeeping holds it from reading the
+//! claim epoch until the replica is gone (or skips the round while a claim is in flight). So
+//! a replica is never dropped on a decision made before a claim it did not see. Housekeeping also remembers (in memory) the
 //! highest epoch at which it saw the record list this node: a view that went back behind it
 //! proves nothing either (that covers replicas listed without a claim of this node's, e.g.
 //! a split daughter, and claims made before claim epochs were recorded).

@@ -373,6 +373,11 @@ async fn drop_if_lingering(
     if decide(seed.id, record, *seen, &local) != Verdict::Drop {
         return Ok(false);
     }
+    // No claim of this node in flight from here until the replica is gone (a claim records
+    // its epoch under the same lock); a claim being made: decide again next round.
+    let Ok(_claims) = seed.claim_lock.try_lock() else {
+        return Ok(false);
+    };
     // Only now (rarely) read the durable claim epoch: an unreadable one keeps the replica.
     let claimed = claim_epoch(&seed.dir(), id)
         .map_err(|e| format!("lingering replica kept: claim epoch unreadable: {e}"))?;
@@ -908,7 +913,10 @@ async fn assign_ranges(seed: &Arc<Seed>) {
         return;
     };
     // Durably before the claim can win: a replica is never dropped as removed by a record
-    // that is not newer than its latest claim (`crate::linger`).
+    // that is not newer than its latest claim (`crate::linger`). Under the claim lock until
+    // the claim is answered, so that housekeeping, which reads the claim epoch under it
+    // before it drops a replica, never drops one while a claim is in flight.
+    let _claims = seed.claim_lock.lock().await;
     if let Err(e) = crate::linger::record_claim(&seed.dir(), range.value.id, range.value.epoch + 1)
     {
         tracing::warn!(range = range.value.id, error = %e, "cannot record the claim epoch: not claiming");

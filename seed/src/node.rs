@@ -276,6 +276,10 @@ pub struct Seed {
     /// Bumped whenever the view changes.
     pub view_changed: watch::Sender<u64>,
     pub create_lock: tokio::sync::Mutex<()>,
+    /// Held by self-assignment from recording a range claim's epoch until the claim is
+    /// answered, and by housekeeping from reading that epoch until a lingering replica is
+    /// dropped: a drop never races a claim of the same node (`crate::linger`).
+    pub claim_lock: tokio::sync::Mutex<()>,
     /// Serializes the meta reservation file.
     pub reservation: Mutex<()>,
     /// Per KV cell this node leads: the term, and the members it promoted to voters in that

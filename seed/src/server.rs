@@ -241,6 +241,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         view: RwLock::new(View::default()),
         view_changed,
         create_lock: tokio::sync::Mutex::new(()),
+        claim_lock: tokio::sync::Mutex::new(()),
         reservation: Mutex::new(()),
         promoted: Mutex::default(),
         draining: std::sync::atomic::AtomicBool::new(false),
