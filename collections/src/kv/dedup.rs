@@ -229,11 +229,16 @@ fn each_kv(
     }
 }
 
-/// The form of a reply the table records: `encoded` itself up to [`REPLY_FULL_MAX`] bytes,
-/// else `resp` without its values, marked (module doc).
+/// The form of a reply the table records (module doc): a batch reply packed if that is
+/// smaller ([`pack`]); then, if still longer than [`REPLY_FULL_MAX`], without its values,
+/// marked ([`STRIPPED_FIELD`]) and packed again if that is smaller.
 pub(crate) fn for_table(resp: &kvpb::Response, encoded: Bytes) -> Result<Bytes> {
-    if encoded.len() <= REPLY_FULL_MAX {
-        return Ok(encoded);
+    let kept = match pack(resp, &encoded)? {
+        Some(p) => Bytes::from(p),
+        None => encoded,
+    };
+    if kept.len() <= REPLY_FULL_MAX {
+        return Ok(kept);
     }
     let mut r = resp.clone();
     let mut stripped = false;
@@ -243,15 +248,21 @@ pub(crate) fn for_table(resp: &kvpb::Response, encoded: Bytes) -> Result<Bytes> 
         Ok(true)
     })?;
     if !stripped {
-        return Ok(encoded);
+        return Ok(kept);
     }
-    r.mut_unknown_fields().add_varint(STRIPPED_FIELD, 1);
-    crate::kv::apply::encode_reply(&r).map(Bytes::from)
+    let plain = crate::kv::apply::encode_reply(&r)?;
+    let mut out = pack(&r, &plain)?.unwrap_or(plain);
+    // The marker goes last, as protobuf writes unknown fields (so an unpacked record is the
+    // stripped reply's encoding plus the marker, as it always was).
+    put_varint(&mut out, tag(STRIPPED_FIELD, WIRE_VARINT));
+    put_varint(&mut out, 1);
+    Ok(Bytes::from(out))
 }
 
-/// The reply to send for a duplicate whose recorded reply is `recorded`: itself, or, if it
-/// was recorded without its values, the reply with each value loaded by `value_at(key,
-/// mod_revision)`; `None` if one of them is gone (the duplicate is answered expired).
+/// The reply to send for a duplicate whose recorded reply is `recorded`: itself; or, if it
+/// is packed, the batch reply it unpacks to; and if it was recorded without its values, the
+/// reply with each value loaded by `value_at(key, mod_revision)`; `None` if one of them is
+/// gone (the duplicate is answered expired).
 pub(crate) fn restore_values(
     recorded: Bytes,
     value_at: &dyn Fn(&Bytes, u64) -> Result<Option<Bytes>>,
@@ -262,10 +273,24 @@ pub(crate) fn restore_values(
     };
     // Recorded replies were checked when the table took them: a parse error is corruption.
     let mut r = kvpb::Response::parse_from_carllerche_bytes(&recorded).map_err(corrupt)?;
-    if r.get_unknown_fields().get(STRIPPED_FIELD).is_none() {
-        return Ok(Some(recorded));
-    }
-    protobuf::Clear::clear(r.mut_unknown_fields());
+    let stripped = r.get_unknown_fields().get(STRIPPED_FIELD).is_some();
+    let mut r = match Packed::of(&r).map_err(|why| KvError::Corrupt {
+        what: "dedup reply",
+        why,
+    })? {
+        None if !stripped => return Ok(Some(recorded)),
+        None => {
+            protobuf::Clear::clear(r.mut_unknown_fields());
+            r
+        }
+        Some(p) => {
+            let full = p.unpack(r.header.as_ref())?;
+            if !stripped {
+                return Ok(Some(Bytes::from(full)));
+            }
+            kvpb::Response::parse_from_bytes(&full).map_err(corrupt)?
+        }
+    };
     let all = each_kv(
         &mut r,
         &mut |kv| match value_at(&kv.key, kv.mod_revision)? {
@@ -280,6 +305,261 @@ pub(crate) fn restore_values(
         return Ok(None);
     }
     crate::kv::apply::encode_reply(&r).map(|b| Some(Bytes::from(b)))
+}
+
+/// Checks a recorded reply taken from an image or a data log: a `kvpb.Response`, and if it is
+/// packed, runs that unpack within the bounds ([`Packed::of`]).
+fn check_recorded(reply: &Bytes) -> std::result::Result<(), String> {
+    let r = kvpb::Response::parse_from_carllerche_bytes(reply).map_err(|e| e.to_string())?;
+    Packed::of(&r).map(|_| ())
+}
+
+/// Protobuf wire types and the field numbers the packed form writes by hand (`kvpb.proto`).
+const WIRE_VARINT: u32 = 0;
+const WIRE_LEN: u32 = 2;
+/// `Response.header`.
+const RESPONSE_HEADER: u32 = 1;
+/// `Response.batch`.
+const RESPONSE_BATCH: u32 = 5;
+/// `BatchResult.results`.
+const BATCH_RESULTS: u32 = 1;
+
+/// The field number of `kvpb.Response` (an unknown field, like [`STRIPPED_FIELD`]) that holds
+/// a batch reply's slots in packed form (module doc). Never sent to a client.
+pub const PACKED_FIELD: u32 = (1 << 29) - 2;
+/// The first varint of a [`PACKED_FIELD`]: the only format so far (runs of slots).
+const PACKED_RUNS: u64 = 1;
+/// The most bytes a packed reply may unpack to (bounded by the sum of `n * (template + 18)`
+/// over its runs, [`Packed::bound`]); a longer batch reply is recorded unpacked.
+pub const PACKED_MAX_REPLY: u64 = 64 << 20;
+/// What a slot can grow by over its run's template: a revision of up to 10 varint bytes plus
+/// its tag (the template's may be absent, if 0), and one more length byte each for the
+/// header, the slot and its frame in the batch.
+const SLOT_GROWTH: u64 = 18;
+
+fn tag(field: u32, wire: u32) -> u64 {
+    (u64::from(field) << 3) | u64::from(wire)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Reads a varint off the front of `buf`.
+fn get_varint(buf: &mut &[u8]) -> std::result::Result<u64, String> {
+    let mut v = 0u64;
+    for i in 0..10 {
+        let Some((&b, rest)) = buf.split_first() else {
+            return Err("truncated varint".into());
+        };
+        *buf = rest;
+        if i == 9 && b > 1 {
+            return Err("varint above 2^64".into());
+        }
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err("varint longer than 10 bytes".into())
+}
+
+/// One run of a packed batch reply: `n` slots, the first `template`, each next one the same
+/// but for its header's revision, `step` above the previous one's.
+#[derive(Debug)]
+struct Run {
+    template: kvpb::Response,
+    n: u64,
+    step: u64,
+}
+
+/// The runs of a packed batch reply ([`PACKED_FIELD`]).
+#[derive(Debug)]
+struct Packed(Vec<Run>);
+
+/// Whether slot `a` is the slot `t` but for its header's revision.
+fn same_but_revision(a: &kvpb::Response, t: &kvpb::Response) -> bool {
+    let mut h = a.get_header().clone();
+    h.revision = t.get_header().revision;
+    a.has_header()
+        && h == *t.get_header()
+        && a.result == t.result
+        && a.get_unknown_fields() == t.get_unknown_fields()
+}
+
+/// The packed record of batch reply `resp` (encoded: `encoded`), if it is smaller and
+/// unpacks to exactly `encoded` (checked here, so a duplicate gets the very bytes); `None`
+/// otherwise (not a batch, slots that do not form runs, past [`PACKED_MAX_REPLY`]).
+fn pack(resp: &kvpb::Response, encoded: &[u8]) -> Result<Option<Vec<u8>>> {
+    let slots = match resp.result.as_ref() {
+        Some(kvpb::Response_oneof_result::batch(b)) if b.results.len() > 1 => b.results.as_slice(),
+        _ => return Ok(None),
+    };
+    // Greedy runs: a slot joins the last run if it is its template but for a revision `step`
+    // above the previous slot's (the second slot of a run sets the step).
+    let mut runs: Vec<(&kvpb::Response, u64, u64)> = Vec::new();
+    for slot in slots {
+        if !slot.has_header() {
+            return Ok(None);
+        }
+        if let Some((t, n, step)) = runs.last_mut() {
+            let (base, rev) = (t.get_header().revision, slot.get_header().revision);
+            let at = if *n == 1 {
+                rev.checked_sub(base)
+            } else {
+                Some(*step)
+                    .filter(|s| s.checked_mul(*n).and_then(|d| base.checked_add(d)) == Some(rev))
+            };
+            if let Some(s) = at.filter(|_| same_but_revision(slot, t)) {
+                (*n, *step) = (*n + 1, s);
+                continue;
+            }
+        }
+        runs.push((slot, 1, 0));
+    }
+    if runs.len() * 2 > slots.len() {
+        // Runs of fewer than 2 slots on average save nothing.
+        return Ok(None);
+    }
+    let mut desc = Vec::new();
+    put_varint(&mut desc, PACKED_RUNS);
+    for (t, n, step) in &runs {
+        let t = t.write_to_bytes().map_err(|e| KvError::Corrupt {
+            what: "reply",
+            why: e.to_string(),
+        })?;
+        put_varint(&mut desc, *n);
+        put_varint(&mut desc, *step);
+        put_varint(&mut desc, t.len() as u64);
+        desc.extend_from_slice(&t);
+        if desc.len() >= encoded.len() {
+            return Ok(None);
+        }
+    }
+    let mut base = kvpb::Response::new();
+    base.header = resp.header.clone();
+    base.set_batch(kvpb::BatchResult::new());
+    let mut out = crate::kv::apply::encode_reply(&base)?;
+    put_varint(&mut out, tag(PACKED_FIELD, WIRE_LEN));
+    put_varint(&mut out, desc.len() as u64);
+    out.extend_from_slice(&desc);
+    if out.len() >= encoded.len() {
+        return Ok(None);
+    }
+    // What a duplicate will do with the record: only a record that gives the reply back byte
+    // for byte is kept.
+    let back = match kvpb::Response::parse_from_bytes(&out) {
+        Ok(r) => match Packed::of(&r) {
+            Ok(Some(p)) => p.unpack(r.header.as_ref())?,
+            _ => return Ok(None),
+        },
+        Err(_) => return Ok(None),
+    };
+    Ok((back == encoded).then_some(out))
+}
+
+impl Packed {
+    /// The runs of record `r` if it is packed: its [`PACKED_FIELD`] decoded and checked (one
+    /// value, known format, templates with a header, no revision past `u64`, at most
+    /// [`PACKED_MAX_REPLY`] unpacked); an error says what is wrong.
+    fn of(r: &kvpb::Response) -> std::result::Result<Option<Packed>, String> {
+        let Some(v) = r.get_unknown_fields().get(PACKED_FIELD) else {
+            return Ok(None);
+        };
+        let [desc] = &v.length_delimited[..] else {
+            return Err("packed field is not one length-delimited value".into());
+        };
+        if !(v.varint.is_empty() && v.fixed32.is_empty() && v.fixed64.is_empty()) {
+            return Err("packed field is not one length-delimited value".into());
+        }
+        if !matches!(&r.result, Some(kvpb::Response_oneof_result::batch(b)) if b.results.is_empty())
+        {
+            return Err("a packed reply's result is not an empty batch".into());
+        }
+        let mut buf = &desc[..];
+        let format = get_varint(&mut buf)?;
+        if format != PACKED_RUNS {
+            return Err(format!("unknown packed format {format}"));
+        }
+        let mut runs = Vec::new();
+        while !buf.is_empty() {
+            let n = get_varint(&mut buf)?;
+            let step = get_varint(&mut buf)?;
+            let len = get_varint(&mut buf)?;
+            let Some(t) = usize::try_from(len).ok().and_then(|l| buf.get(..l)) else {
+                return Err(format!("run template of {len} bytes past the end"));
+            };
+            buf = &buf[t.len()..];
+            let template = kvpb::Response::parse_from_bytes(t).map_err(|e| e.to_string())?;
+            let base = template.get_header().revision;
+            if n == 0 || !template.has_header() {
+                return Err("a run with no slot or a template without a header".into());
+            }
+            if step
+                .checked_mul(n - 1)
+                .and_then(|d| base.checked_add(d))
+                .is_none()
+            {
+                return Err(format!(
+                    "run of {n} revisions {step} apart from {base} overflows"
+                ));
+            }
+            runs.push(Run { template, n, step });
+        }
+        let p = Packed(runs);
+        match p.bound() {
+            Some(b) if b <= PACKED_MAX_REPLY => Ok(Some(p)),
+            _ => Err(format!("unpacks to more than {PACKED_MAX_REPLY} bytes")),
+        }
+    }
+
+    /// Bounds the unpacked reply's length (over the slots: [`SLOT_GROWTH`] each over the
+    /// template), `None` past `u64`.
+    fn bound(&self) -> Option<u64> {
+        self.0.iter().try_fold(64u64, |acc, r| {
+            let slot = (r.template.compute_size() as u64).checked_add(SLOT_GROWTH)?;
+            acc.checked_add(r.n.checked_mul(slot)?)
+        })
+    }
+
+    /// The encoded batch reply: `header`, then the slots of every run, as protobuf writes
+    /// them (fields in number order).
+    fn unpack(&self, header: Option<&kvpb::ResponseHeader>) -> Result<Vec<u8>> {
+        let corrupt = |why: String| KvError::Corrupt {
+            what: "dedup reply",
+            why,
+        };
+        let mut slots = Vec::new();
+        for run in &self.0 {
+            let mut slot = run.template.clone();
+            let base = slot.get_header().revision;
+            for k in 0..run.n {
+                // Checked by `Packed::of`: no overflow.
+                slot.mut_header().revision = run
+                    .step
+                    .checked_mul(k)
+                    .and_then(|d| base.checked_add(d))
+                    .ok_or_else(|| corrupt("revision overflow".into()))?;
+                put_varint(&mut slots, tag(BATCH_RESULTS, WIRE_LEN));
+                slot.write_length_delimited_to_vec(&mut slots)
+                    .map_err(|e| corrupt(e.to_string()))?;
+            }
+        }
+        let mut out = Vec::with_capacity(slots.len() + 32);
+        if let Some(h) = header {
+            put_varint(&mut out, tag(RESPONSE_HEADER, WIRE_LEN));
+            h.write_length_delimited_to_vec(&mut out)
+                .map_err(|e| corrupt(e.to_string()))?;
+        }
+        put_varint(&mut out, tag(RESPONSE_BATCH, WIRE_LEN));
+        put_varint(&mut out, slots.len() as u64);
+        out.extend_from_slice(&slots);
+        Ok(out)
+    }
 }
 
 impl DedupTable {
@@ -453,7 +733,7 @@ impl DedupTable {
             for _ in 0..m {
                 let s = d.u64()?;
                 let r = Bytes::copy_from_slice(d.bytes()?);
-                if let Err(e) = kvpb::Response::parse_from_carllerche_bytes(&r) {
+                if let Err(e) = check_recorded(&r) {
                     return Err(bad("dedup.reply", format!("seq {s}: {e}")));
                 }
                 if s <= c.floor || c.recent.last_key_value().is_some_and(|(k, _)| *k >= s) {
@@ -488,7 +768,7 @@ impl DedupTable {
                     let first_incomplete = d.u64()?;
                     let now_ms = d.u64()?;
                     let reply = Bytes::copy_from_slice(d.bytes()?);
-                    if let Err(e) = kvpb::Response::parse_from_carllerche_bytes(&reply) {
+                    if let Err(e) = check_recorded(&reply) {
                         return Err(KvError::field(
                             WHAT,
                             "dedup.reply",
