@@ -2435,6 +2435,34 @@ mod tests {
         assert!(!r.claim(9), "claimed once");
     }
 
+    /// A replica being dropped is out of the held ranges and claimed, in one step: nothing
+    /// opens it (a claim fails) until the drop gives the claim back; a failed drop restores it.
+    #[test]
+    fn a_retired_replica_stays_claimed_until_released() {
+        let r = Registry::default();
+        let m = RangeMeta {
+            range: 5,
+            collection: 2,
+            persistence: metapb::Persistence::MEMORY,
+            replication: metapb::ReplicationMode::CONSENSUS,
+            parent: 0,
+            split_index: 0,
+        };
+        let store = KvStore::open(KvConfig::memory()).unwrap();
+        r.register(&m, store.reader());
+        assert!(r.retire(6).is_none(), "not held: nothing changes");
+        assert!(!r.claimed(6));
+        let held = r.retire(5).expect("held");
+        assert!(r.get(5).is_none() && r.claimed(5));
+        assert!(!r.claim(5), "nothing opens it meanwhile");
+        r.restore(held);
+        assert!(r.get(5).is_some() && !r.claimed(5));
+        assert!(r.retire(5).is_some());
+        r.release(5);
+        assert!(r.get(5).is_none() && !r.claimed(5));
+        assert!(r.claim(5), "opened again once released");
+    }
+
     /// Which parent a daughter's deletion waits for, and when the parent's image is settled.
     #[test]
     fn deleting_a_logged_daughter_waits_for_its_parents_image() {
