@@ -11,6 +11,8 @@
 //! record, newer than its claim, without it, the node drops the replica: gone from its
 //! status and its data dir. The range keeps serving what was written before, with its three
 //! voters, and the resumed node does not come back into it (the range is fully replicated).
+//! The same with the victim killed instead and restarted from its data dir: start-up reopens
+//! the stale replica, and it is dropped the same way.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,8 +36,27 @@ async fn local_ranges(c: &Cluster, i: usize) -> Option<Vec<u64>> {
     }
 }
 
+/// How the victim lags while it is removed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Lag {
+    /// Blackholed and SIGSTOPped; healed and SIGCONTed once replaced.
+    Paused,
+    /// Killed (SIGKILL); restarted from its data dir once replaced: start-up reopens the
+    /// stale replica from its range dir, and housekeeping finds it removed.
+    Killed,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_removed_while_paused_is_dropped_when_it_resumes() {
+    removed_while_lagging(Lag::Paused).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_removed_while_down_is_dropped_when_it_restarts() {
+    removed_while_lagging(Lag::Killed).await;
+}
+
+async fn removed_while_lagging(lag: Lag) {
     let mut c = ready_cluster_with(4, fast_flags_with_dead_after(Duration::from_secs(4))).await;
     let coll = "linger";
     assert!(
@@ -96,13 +117,18 @@ async fn a_replica_removed_while_paused_is_dropped_when_it_resumes() {
     // paused process's sockets what the range's leader sends it until it applies the removal,
     // the removal entry included, and the node applies it when it resumes. The blackhole
     // discards those frames, as a partition would.
-    let mut rules = HashMap::new();
-    for other in c.nodes.iter().filter(|n| n.id != id) {
-        rules.insert((id, other.id), Rule::Drop);
-        rules.insert((other.id, id), Rule::Drop);
+    match lag {
+        Lag::Paused => {
+            let mut rules = HashMap::new();
+            for other in c.nodes.iter().filter(|n| n.id != id) {
+                rules.insert((id, other.id), Rule::Drop);
+                rules.insert((other.id, id), Rule::Drop);
+            }
+            c.proxy.set_all(rules);
+            c.pause(victim);
+        }
+        Lag::Killed => c.kill(victim),
     }
-    c.proxy.set_all(rules);
-    c.pause(victim);
     // Out of the range's record, its slot taken by the fourth node, promoted to voter.
     let replaced = wait_for(Duration::from_secs(60), || async {
         let (_, r) = c.lookup(coll, b"k0").await?;
@@ -115,8 +141,13 @@ async fn a_replica_removed_while_paused_is_dropped_when_it_resumes() {
     })
     .await;
     let state = c.membership_state(Some(coll)).await;
-    c.proxy.heal();
-    c.resume(victim);
+    match lag {
+        Lag::Paused => {
+            c.proxy.heal();
+            c.resume(victim);
+        }
+        Lag::Killed => c.restart(victim),
+    }
     assert!(
         replaced.is_some(),
         "node {victim} (id {id}) was not replaced in range {range}; {state}"
@@ -129,7 +160,7 @@ async fn a_replica_removed_while_paused_is_dropped_when_it_resumes() {
     })
     .await;
     eprintln!(
-        "node {victim} (id {id}) replica of range {range} gone: {} after {:.1}s; {}",
+        "{lag:?}: node {victim} (id {id}) replica of range {range} gone: {} after {:.1}s; {}",
         gone.is_some(),
         t.elapsed().as_secs_f64(),
         c.membership_state(Some(coll)).await
