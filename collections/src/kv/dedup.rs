@@ -26,6 +26,28 @@
 //!   ([`restore_values`]): the client gets the reply it would have got the first time. If one
 //!   of them has left the history (compacted), the duplicate is answered `REQUEST_EXPIRED`
 //!   ("outcome unknown"), as if the reply had been forgotten, never with a wrong value;
+//! - a batch reply is recorded *packed* ([`for_table`]) whenever that is shorter: one slot per
+//!   op makes it long (a 10,000-put batch replies 160 KB: about 16 bytes a slot, each with its
+//!   own header), yet within one entry its slots mostly differ only by their header's
+//!   revision. The record is the reply's header, an empty batch and an unknown field
+//!   [`PACKED_FIELD`] of `kvpb.Response` holding varints: format `1`, then runs, each `n`,
+//!   `step`, a template's length and the template (an encoded slot, the run's first); slot
+//!   `k` of a run is the template with revision `template's + k * step`. Runs are greedy: a
+//!   slot joins the last run if it equals its template but for a revision `step` above the
+//!   previous slot's (the run's second slot sets `step`: 1 for puts and deletes that deleted
+//!   one key, 0 for deletes of missing keys, failed cas and slot errors; a put over an
+//!   expired key takes 2 and starts a run). Slots carrying values (`prev_kv`, a cas's
+//!   `current`) differ by key and stay one-slot runs; a batch whose runs average under two
+//!   slots is not packed. `pack` unpacks each record it makes and keeps it only if that
+//!   gives the encoded reply back byte for byte (else the full reply is recorded), so a
+//!   duplicate gets exactly the first answer ([`restore_values`] unpacks). A 10,000-put
+//!   batch without `prev_kv` records 38 bytes (10,000 single-key deletes 42, deletes of
+//!   missing keys 41), so a client's 64 in-flight maximal batches all stay remembered. A
+//!   packed reply still over [`REPLY_FULL_MAX`] is stripped of its values as above (the
+//!   stripped reply packed, the marker after the packed field). Tables that load (images,
+//!   data-log payloads) check every packed record ([`Packed::of`]: one value, format 1,
+//!   templates with a header, no revision past `u64`, at most [`PACKED_MAX_REPLY`] bytes
+//!   unpacked); records of the earlier forms (full, stripped) load and answer as before;
 //! - a client idle for [`EXPIRY_MS`] on the entry clock is forgotten (the client retries a
 //!   request id for at most `client::kv::RETRY_WINDOW`, far less);
 //! - at most [`MAX_CLIENTS`] clients and [`MAX_BYTES`] of replies in all: the least recently
@@ -33,8 +55,9 @@
 //!   not know is answered expired (it may be the evicted one).
 //!
 //! # Determinism and persistence
-//! Every decision depends only on the table, the command and the entry clock, so replicas
-//! that applied the same entries hold the same table. It is part of the snapshot image
+//! Every decision depends only on the table, the command and the entry clock, and the form a
+//! reply is recorded in only on the reply (packing, stripping), so replicas that applied the
+//! same entries hold the same table, byte for byte. It is part of the snapshot image
 //! (`snapshot.rs`, image version 2) and, in persistent mode, of the data log: each `COMMIT`
 //! record carries the table changes since the previous one (or the whole table after a
 //! compaction or restore), so the table is recovered exactly at the committed apply index.
@@ -451,15 +474,14 @@ fn pack(resp: &kvpb::Response, encoded: &[u8]) -> Result<Option<Vec<u8>>> {
         return Ok(None);
     }
     // What a duplicate will do with the record: only a record that gives the reply back byte
-    // for byte is kept.
-    let back = match kvpb::Response::parse_from_bytes(&out) {
-        Ok(r) => match Packed::of(&r) {
-            Ok(Some(p)) => p.unpack(r.header.as_ref())?,
-            _ => return Ok(None),
-        },
-        Err(_) => return Ok(None),
-    };
-    Ok((back == encoded).then_some(out))
+    // for byte is kept (anything else, say past `PACKED_MAX_REPLY`, is recorded unpacked).
+    let back = kvpb::Response::parse_from_bytes(&out)
+        .ok()
+        .and_then(|r| match Packed::of(&r) {
+            Ok(Some(p)) => p.unpack(r.header.as_ref()).ok(),
+            _ => None,
+        });
+    Ok(back.filter(|b| b == encoded).map(|_| out))
 }
 
 impl Packed {
@@ -696,7 +718,8 @@ impl DedupTable {
 
     /// Decodes [`DedupTable::image`], checking it is a table some sequence of records makes:
     /// client ids and seqs non-zero, replies above the floor and in order, unique ticks up to
-    /// the table's tick, every reply a `kvpb.Response` (a duplicate answers it as is).
+    /// the table's tick, every reply a `kvpb.Response` (a duplicate answers it as is, or
+    /// unpacked: a packed one must unpack within the bounds, [`Packed::of`]).
     pub(crate) fn from_image(buf: &[u8], what: &'static str) -> Result<DedupTable> {
         let mut d = Dec::new(buf, what);
         let t = Self::decode_image(&mut d, what)?;
@@ -991,5 +1014,324 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    /// One slot shape of a generated batch reply, and how far it moves the revision.
+    #[derive(Clone, Copy, Debug)]
+    enum Slot {
+        /// A put without `prev_kv`.
+        Put,
+        /// A put over an expired key (its delete takes a revision too).
+        PutOverExpired,
+        /// A put with `prev_kv` carrying a value of this length.
+        PutPrev(usize),
+        /// A delete that deleted `0` or `1` keys.
+        Delete(u64),
+        /// A failed cas with no current value.
+        CasFailed,
+        /// A slot error.
+        Error,
+    }
+
+    fn slot_strategy() -> impl proptest::strategy::Strategy<Value = Slot> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => Just(Slot::Put),
+            1 => Just(Slot::PutOverExpired),
+            1 => prop_oneof![Just(3usize), Just(REPLY_FULL_MAX + 1)].prop_map(Slot::PutPrev),
+            2 => (0u64..2).prop_map(Slot::Delete),
+            1 => Just(Slot::CasFailed),
+            1 => Just(Slot::Error),
+        ]
+    }
+
+    /// Values by `(key, mod_revision)`: the history of a generated batch.
+    type Values = std::collections::HashMap<(Bytes, u64), Bytes>;
+
+    /// A batch reply of `runs` (each shape repeated) at revisions from `rev` on, with the
+    /// values its `prev_kv`s carry; and its encoding.
+    fn batch_reply(
+        runs: &[(Slot, usize)],
+        mut rev: u64,
+        index: u64,
+    ) -> (kvpb::Response, Bytes, Values) {
+        use kvpb::Response_oneof_result as Res;
+        let header = |rev: u64| {
+            let mut h = kvpb::ResponseHeader::new();
+            (h.revision, h.applied_index, h.compact_revision) = (rev, index, 7);
+            h
+        };
+        let mut values = Values::new();
+        let mut b = kvpb::BatchResult::new();
+        for (i, &(shape, n)) in runs.iter().enumerate() {
+            for j in 0..n {
+                let res = match shape {
+                    Slot::Put => {
+                        rev += 1;
+                        Res::put(kvpb::PutResult::new())
+                    }
+                    Slot::PutOverExpired => {
+                        rev += 2;
+                        Res::put(kvpb::PutResult::new())
+                    }
+                    Slot::PutPrev(len) => {
+                        let mut kv = kvpb::KeyValue::new();
+                        kv.key = Bytes::from(format!("k{i}-{j}"));
+                        kv.value = Bytes::from(vec![j as u8; len]);
+                        (kv.mod_revision, kv.create_revision, kv.version) = (rev, 1, 2);
+                        values.insert((kv.key.clone(), rev), kv.value.clone());
+                        rev += 1;
+                        let mut p = kvpb::PutResult::new();
+                        p.prev_kv = protobuf::SingularPtrField::some(kv);
+                        Res::put(p)
+                    }
+                    Slot::Delete(d) => {
+                        rev += d;
+                        let mut x = kvpb::DeleteResult::new();
+                        x.deleted = d;
+                        Res::delete(x)
+                    }
+                    Slot::CasFailed => Res::cas(kvpb::CasResult::new()),
+                    Slot::Error => {
+                        Res::error(KvError::invalid("batch.ops", "no operation set").to_pb())
+                    }
+                };
+                let mut x = kvpb::Response::new();
+                x.header = protobuf::SingularPtrField::some(header(rev));
+                x.result = Some(res);
+                b.results.push(x);
+            }
+        }
+        let mut resp = kvpb::Response::new();
+        resp.header = protobuf::SingularPtrField::some(header(rev));
+        resp.set_batch(b);
+        let encoded = Bytes::from(resp.write_to_bytes().unwrap());
+        (resp, encoded, values)
+    }
+
+    /// What a duplicate gets for `recorded`.
+    fn duplicate_reply(recorded: &Bytes, values: &Values) -> Option<Bytes> {
+        let value_at = |k: &Bytes, rev: u64| Ok(values.get(&(k.clone(), rev)).cloned());
+        restore_values(recorded.clone(), &value_at).unwrap()
+    }
+
+    fn is_packed(recorded: &Bytes) -> bool {
+        let r = kvpb::Response::parse_from_carllerche_bytes(recorded).unwrap();
+        r.get_unknown_fields().get(PACKED_FIELD).is_some()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// Random batch replies (runs of each shape, values below and above `REPLY_FULL_MAX`,
+        /// revisions from 1 or in the billions): the table's form of each gives the duplicate
+        /// the encoded reply byte for byte (values from the history when stripped), also
+        /// through an image and a data-log delta; it is never longer than the reply (but for
+        /// the stripped marker); replies of long runs are packed.
+        #[test]
+        fn recorded_batch_replies_give_duplicates_the_very_bytes(
+            runs in proptest::collection::vec((slot_strategy(), 1usize..40), 1..8),
+            rev in proptest::prop_oneof![proptest::strategy::Just(0u64), 1u64 << 31..1u64 << 40],
+            index in 1u64..1 << 40,
+        ) {
+            let (resp, encoded, values) = batch_reply(&runs, rev, index);
+            let kept = for_table(&resp, encoded.clone()).unwrap();
+            proptest::prop_assert!(kept.len() <= encoded.len() + 6, "{} > {}", kept.len(), encoded.len());
+            let slots: usize = runs.iter().map(|r| r.1).sum();
+            if runs.len() == 1 && runs[0].1 > 2 && !matches!(runs[0].0, Slot::PutPrev(_)) {
+                proptest::prop_assert!(is_packed(&kept) && kept.len() < 128, "{}", kept.len());
+            }
+            if slots > 1 && runs.iter().all(|r| r.1 >= 3) && !runs.iter().any(|r| matches!(r.0, Slot::PutPrev(_))) {
+                proptest::prop_assert!(is_packed(&kept));
+            }
+            proptest::prop_assert_eq!(duplicate_reply(&kept, &values), Some(encoded.clone()));
+            // Through an image and a data-log delta.
+            let mut t = DedupTable::default();
+            let i = id(3, 1, 1, 0);
+            t.record(&i, 0, kept.clone());
+            let mut j = Journal::default();
+            j.push(&Recorded { id: i, now_ms: 0, reply: kept.clone() });
+            let mut from_log = DedupTable::default();
+            from_log.replay_payload(&j.take_payload(&t, false)).unwrap();
+            for t in [DedupTable::from_image(&t.image(), "test").unwrap(), from_log] {
+                let Verdict::Duplicate(r) = t.check(&id(3, 1, 1, 1), 0) else {
+                    return Err(proptest::test_runner::TestCaseError::fail("not remembered"));
+                };
+                proptest::prop_assert_eq!(duplicate_reply(&r, &values), Some(encoded.clone()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_maximal_put_batch_packs_small_and_a_stripped_one_needs_its_values() {
+        // 10,000 puts at revisions in the billions: one run.
+        let (resp, encoded, values) = batch_reply(&[(Slot::Put, 10_000)], 1 << 33, 1 << 35);
+        assert!(encoded.len() > 150_000, "{}", encoded.len());
+        let kept = for_table(&resp, encoded.clone()).unwrap();
+        assert!(is_packed(&kept) && kept.len() < 64, "{}", kept.len());
+        assert_eq!(duplicate_reply(&kept, &values), Some(encoded));
+        // 1,000 puts whose prev_kv carry values, between 2 runs of plain puts: their slots
+        // stay as they are (but stripped), the runs around them are packed.
+        let runs = [
+            (Slot::Put, 3000),
+            (Slot::PutPrev(40), 1000),
+            (Slot::Put, 3000),
+        ];
+        let (resp, encoded, mut values) = batch_reply(&runs, 1, 2);
+        let kept = for_table(&resp, encoded.clone()).unwrap();
+        let r = kvpb::Response::parse_from_carllerche_bytes(&kept).unwrap();
+        assert!(r.get_unknown_fields().get(STRIPPED_FIELD).is_some());
+        assert!(
+            is_packed(&kept) && kept.len() < encoded.len() / 2,
+            "{}",
+            kept.len()
+        );
+        assert_eq!(duplicate_reply(&kept, &values), Some(encoded));
+        // One long value among long runs: packed and stripped; without the value in the
+        // history, the duplicate is expired (`None`).
+        let runs = [
+            (Slot::Put, 3000),
+            (Slot::PutPrev(REPLY_FULL_MAX), 1),
+            (Slot::Put, 3000),
+        ];
+        let (resp, encoded, _) = batch_reply(&runs, 1, 2);
+        let kept = for_table(&resp, encoded.clone()).unwrap();
+        let r = kvpb::Response::parse_from_carllerche_bytes(&kept).unwrap();
+        assert!(r.get_unknown_fields().get(STRIPPED_FIELD).is_some() && is_packed(&kept));
+        assert!(kept.len() < 200, "{}", kept.len());
+        values = Values::new();
+        assert_eq!(duplicate_reply(&kept, &values), None);
+    }
+
+    /// Records of the formats before packing (a batch reply in full, one stripped of its
+    /// values with the marker protobuf wrote) load from an image and a data-log delta and
+    /// answer duplicates as before.
+    #[test]
+    fn records_of_older_formats_still_load_and_answer() {
+        let runs = [(Slot::Put, 500), (Slot::PutPrev(REPLY_FULL_MAX + 1), 2)];
+        let (resp, encoded, values) = batch_reply(&runs, 1, 2);
+        let mut stripped = resp.clone();
+        each_kv(&mut stripped, &mut |kv| {
+            kv.value = Bytes::new();
+            Ok(true)
+        })
+        .unwrap();
+        stripped.mut_unknown_fields().add_varint(STRIPPED_FIELD, 1);
+        let stripped = Bytes::from(stripped.write_to_bytes().unwrap());
+        let (small, small_encoded, _) = batch_reply(&[(Slot::Put, 100)], 1, 2);
+        let mut t = DedupTable::default();
+        let mut j = Journal::default();
+        for (seq, r) in [(1, &stripped), (2, &small_encoded)] {
+            t.record(&id(4, seq, 1, 0), 0, r.clone());
+            j.push(&Recorded {
+                id: id(4, seq, 1, 0),
+                now_ms: 0,
+                reply: r.clone(),
+            });
+        }
+        let mut from_log = DedupTable::default();
+        from_log.replay_payload(&j.take_payload(&t, false)).unwrap();
+        for t in [
+            DedupTable::from_image(&t.image(), "test").unwrap(),
+            from_log,
+        ] {
+            let dup = |seq| match t.check(&id(4, seq, 1, 1), 0) {
+                Verdict::Duplicate(r) => duplicate_reply(&r, &values),
+                v => panic!("{v:?}"),
+            };
+            assert_eq!(dup(1), Some(encoded.clone()));
+            assert_eq!(dup(2), Some(small_encoded.clone()));
+        }
+        // The same replies recorded now: packed (the small one) and packed-stripped.
+        assert!(for_table(&small, small_encoded.clone()).unwrap().len() < 64);
+        assert!(for_table(&resp, encoded).unwrap().len() < stripped.len());
+    }
+
+    /// A packed record that is not what `pack` makes is refused by name when a table loads
+    /// (image or data-log delta), never unpacked.
+    #[test]
+    fn malformed_packed_records_are_refused() {
+        let record = |desc: &[u8], result_slots: usize| {
+            let mut r = kvpb::Response::new();
+            let mut b = kvpb::BatchResult::new();
+            for _ in 0..result_slots {
+                b.results.push(kvpb::Response::new());
+            }
+            r.set_batch(b);
+            r.mut_unknown_fields()
+                .add_length_delimited(PACKED_FIELD, desc.to_vec());
+            Bytes::from(r.write_to_bytes().unwrap())
+        };
+        let mut slot = kvpb::Response::new();
+        slot.mut_header().revision = u64::MAX - 1;
+        slot.set_put(kvpb::PutResult::new());
+        let t = slot.write_to_bytes().unwrap();
+        let run = |n: u64, step: u64, t: &[u8]| {
+            let mut d = Vec::new();
+            put_varint(&mut d, PACKED_RUNS);
+            put_varint(&mut d, n);
+            put_varint(&mut d, step);
+            put_varint(&mut d, t.len() as u64);
+            d.extend_from_slice(t);
+            d
+        };
+        let good = run(2, 0, &t);
+        let mut no_header = Vec::new();
+        put_varint(&mut no_header, PACKED_RUNS);
+        no_header.extend_from_slice(&[1, 0, 2, 0x12, 0]);
+        let mut as_varint = kvpb::Response::new();
+        as_varint.set_batch(kvpb::BatchResult::new());
+        as_varint.mut_unknown_fields().add_varint(PACKED_FIELD, 1);
+        let mut twice = kvpb::Response::new();
+        twice.set_batch(kvpb::BatchResult::new());
+        twice
+            .mut_unknown_fields()
+            .add_length_delimited(PACKED_FIELD, good.clone());
+        twice
+            .mut_unknown_fields()
+            .add_length_delimited(PACKED_FIELD, good.clone());
+        let bad = [
+            ("format", record(&[2], 0)),
+            ("empty", record(&[], 0)),
+            ("no slots", record(&run(0, 1, &t), 0)),
+            ("overflow", record(&run(3, 1, &t), 0)),
+            ("too long", record(&run(1 << 40, 0, &t), 0)),
+            ("past the end", record(&run(2, 0, &t)[..t.len()], 0)),
+            ("garbage template", record(&run(2, 0, &[0x12, 9]), 0)),
+            ("template without header", record(&no_header, 0)),
+            ("slots beside", record(&good, 1)),
+            ("varint", Bytes::from(as_varint.write_to_bytes().unwrap())),
+            ("twice", Bytes::from(twice.write_to_bytes().unwrap())),
+        ];
+        // The well-formed one loads.
+        let mut ok = DedupTable::default();
+        ok.record(&id(1, 1, 1, 0), 0, record(&good, 0));
+        assert!(DedupTable::from_image(&ok.image(), "test").is_ok());
+        for (what, r) in bad {
+            let mut t = DedupTable::default();
+            t.record(&id(1, 1, 1, 0), 0, r.clone());
+            assert!(
+                matches!(
+                    DedupTable::from_image(&t.image(), "test"),
+                    Err(KvError::InvalidField {
+                        field: "dedup.reply",
+                        ..
+                    })
+                ),
+                "{what}"
+            );
+            let mut j = Journal::default();
+            j.push(&Recorded {
+                id: id(1, 1, 1, 0),
+                now_ms: 0,
+                reply: r,
+            });
+            assert!(
+                DedupTable::default()
+                    .replay_payload(&j.take_payload(&t, false))
+                    .is_err(),
+                "{what}"
+            );
+        }
     }
 }
