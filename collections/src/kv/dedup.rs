@@ -1170,6 +1170,9 @@ mod tests {
         let kept = for_table(&resp, encoded.clone()).unwrap();
         assert!(is_packed(&kept) && kept.len() < 64, "{}", kept.len());
         assert_eq!(duplicate_reply(&kept, &values), Some(encoded));
+        // Slots that differ (each its own run) are recorded as they are.
+        let (resp, encoded, _) = batch_reply(&[(Slot::PutPrev(3), 50)], 1, 2);
+        assert_eq!(for_table(&resp, encoded.clone()).unwrap(), encoded);
         // 1,000 puts whose prev_kv carry values, between 2 runs of plain puts: their slots
         // stay as they are (but stripped), the runs around them are packed.
         let runs = [
