@@ -16,6 +16,8 @@
 //!   only when it is asleep (no spinning or `sched_yield` before it parks). The IO thread's
 //!   sync requests use one too.
 //! - `node`: [`Node`], the public API (futures), and the router that is the transport's sink.
+//!   `Node::destroy_cell` destroys a replica on request (one removed while cut off never
+//!   applies its own removal).
 //! - `pack`: packed entries (several packable proposals in one raft entry): the envelope and
 //!   the context tag, their limits.
 //! - [`storage`]: the node's raft logs (`LogStore`) and per-cell raft storage. A node has
