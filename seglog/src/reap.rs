@@ -57,19 +57,48 @@ fn reap_one(mut seg: Arc<Segment>, path: &Path) {
             Err(_) => break None,
         }
     };
-    if let Some(s) = sole {
-        let mut size = s.capacity();
-        // Unmaps it.
-        drop(s);
-        if let Ok(f) = OpenOptions::new().write(true).open(path) {
-            while size > 0 {
-                size = size.saturating_sub(STEP);
-                if f.set_len(size).is_err() {
-                    break;
-                }
-                std::thread::sleep(PAUSE);
+    match sole {
+        Some(s) => {
+            let size = s.capacity();
+            // Unmaps it.
+            drop(s);
+            shrink_and_unlink(path, size);
+        }
+        None => {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Shrinks the file at `path` (about `size` bytes) [`STEP`] bytes at a time with a pause
+/// after each, then unlinks it. Best effort.
+fn shrink_and_unlink(path: &Path, mut size: u64) {
+    if let Ok(f) = OpenOptions::new().write(true).open(path) {
+        while size > 0 {
+            size = size.saturating_sub(STEP);
+            if f.set_len(size).is_err() {
+                break;
             }
+            std::thread::sleep(PAUSE);
         }
     }
     let _ = std::fs::remove_file(path);
+}
+
+/// Deletes a large file without stalling the file system's other syncs (module doc): a thread
+/// of its own shrinks it a few MiB at a time, then unlinks it. For files nothing maps or
+/// writes any more, and that no other name links (shrinking changes every link's data); other
+/// stores use it for their own large files (a KV store's replaced snapshot image). Best
+/// effort: if the thread cannot start, the file is unlinked here, at once.
+pub fn remove_file_gently(path: PathBuf) {
+    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let spawned = std::thread::Builder::new()
+        .name("seglog-reap".into())
+        .spawn({
+            let path = path.clone();
+            move || shrink_and_unlink(&path, size)
+        });
+    if spawned.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -76,3 +76,23 @@ fn dropped_segments_are_deleted_in_the_background_and_leftovers_at_open() {
     assert!(!kept.is_empty());
     assert!(kept.iter().all(|r| *r == record));
 }
+
+/// `remove_file_gently` (used for other large files, e.g. a KV store's replaced image) deletes
+/// the file within a bounded time, and leaves other files alone.
+#[test]
+fn remove_file_gently_deletes_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.old");
+    std::fs::write(&big, vec![1u8; 20 << 20]).unwrap();
+    let other = dir.path().join("other");
+    std::fs::write(&other, b"stays").unwrap();
+    seglog::remove_file_gently(big.clone());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while big.exists() {
+        assert!(Instant::now() < deadline, "file still there");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(&other).unwrap(), b"stays");
+    // A file already gone is no error.
+    seglog::remove_file_gently(big);
+}
