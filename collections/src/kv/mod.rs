@@ -29,7 +29,8 @@ mod types;
 mod watch;
 
 pub use dedup::{
-    CLIENT_MAX_BYTES, EXPIRY_MS, MAX_BYTES, MAX_CLIENTS, REPLY_FULL_MAX, STRIPPED_FIELD, WINDOW,
+    CLIENT_MAX_BYTES, EXPIRY_MS, MAX_BYTES, MAX_CLIENTS, PACKED_FIELD, PACKED_MAX_REPLY,
+    REPLY_FULL_MAX, STRIPPED_FIELD, WINDOW,
 };
 pub use snapshot::{Restorer, SnapshotReader};
 pub use state::{KeyRange, MAX_REVISION};
