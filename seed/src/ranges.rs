@@ -1365,6 +1365,7 @@ pub fn may_reopen_listed(seed: &Seed, id: u64, collection: &CollectionDescriptor
 /// empty was cut short by a crash in its split and is left to the parent's replay, which
 /// materialises it again.
 pub async fn reopen_all(seed: &Arc<Seed>) {
+    clean_trash(&seed.dir());
     let root = seed.dir().join("ranges");
     let Ok(entries) = std::fs::read_dir(&root) else {
         return;
@@ -1702,8 +1703,19 @@ async fn settle_image(seed: &Seed, parent: u64, split_index: Option<u64>) -> Res
     }
 }
 
+/// Where deleted range dirs wait for [`delete_gently`], beside `ranges/` (`reopen_all` never
+/// sees them).
+const TRASH: &str = "trash";
+
+/// Numbers trashed dirs in this process (with the pid: a leftover of an earlier process may
+/// still be there while [`clean_trash`] works).
+static TRASHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Delete range `id`'s dir: its `range.meta` first (durably), so a crash part way never
-/// reopens a half-deleted store.
+/// reopens a half-deleted store. The dir is then moved to `trash/` (a rename frees nothing)
+/// and deleted there in the background ([`delete_gently`]): deleting a logged range's image
+/// (hundreds of MB) at once frees its extents in one journal transaction that every fsync on
+/// the disk, the raft log's included, waits for. The range's path is free when this returns.
 pub fn delete_dir(data_dir: &Path, id: u64) -> std::io::Result<()> {
     let dir = range_dir(data_dir, id);
     match std::fs::remove_file(meta_file(&dir)) {
@@ -1711,15 +1723,79 @@ pub fn delete_dir(data_dir: &Path, id: u64) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    let trash = data_dir.join(TRASH);
+    let to = trash.join(format!(
+        "{id}.{}.{}",
+        std::process::id(),
+        TRASHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let moved = std::fs::create_dir_all(&trash).and_then(|()| std::fs::rename(&dir, &to));
+    match moved {
+        Ok(()) => {
+            std::fs::File::open(&trash)?.sync_all()?;
+            delete_gently(to);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {}
+        // Not movable (say, the trash is on another file system): deleted here, at once.
+        Err(_) => match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        },
     }
     if let Some(parent) = dir.parent() {
         std::fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Deletes a trashed range dir on a thread of its own: its logged-mode images (`kv.snap*`,
+/// read and written as files, never mapped) are shrunk a few MiB at a time first
+/// (`seglog::shrink_and_remove`), then the dir goes. A persistent range's data segments are
+/// unlinked as they are, unshrunk: a snapshot still being read may map them, and shrinking a
+/// mapped file faults its reader. Best effort: what is left stays for [`clean_trash`].
+fn delete_gently(dir: PathBuf) {
+    let run = move || {
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                match e.file_type() {
+                    Ok(t) if t.is_dir() => stack.push(path),
+                    Ok(t)
+                        if t.is_file()
+                            && e.file_name().to_string_lossy().starts_with("kv.snap") =>
+                    {
+                        seglog::shrink_and_remove(&path)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    };
+    if std::thread::Builder::new()
+        .name("range-delete".into())
+        .spawn(run)
+        .is_err()
+    {
+        tracing::warn!("no thread to delete a range dir: left in trash for the next start");
+    }
+}
+
+/// Deletes what an earlier process left in `trash/` ([`delete_dir`]), in the background.
+pub fn clean_trash(data_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join(TRASH)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            delete_gently(e.path());
+        }
+    }
 }
 
 /// Forget this node's lost replica of range `id` (recorded in [`Registry::failed`]): its raft
@@ -1870,12 +1946,34 @@ mod tests {
         let other = RangeMeta { range: 13, ..m };
         prepare_dir(data.path(), &other).unwrap();
         assert!(meta_file(&range_dir(data.path(), 12)).exists());
+        // A logged range's image beside it: shrunk and deleted in the background.
+        let image = range_dir(data.path(), 12).join("kv").join("kv.snap");
+        std::fs::write(&image, vec![7u8; 12 << 20]).unwrap();
         delete_dir(data.path(), 12).unwrap();
         assert!(!range_dir(data.path(), 12).exists());
         // Idempotent, and the other range is untouched.
         delete_dir(data.path(), 12).unwrap();
         assert!(meta_file(&range_dir(data.path(), 13)).exists());
+        // The trashed dir goes within a bounded time (the store still maps its segments:
+        // they are unlinked, not shrunk, so it can still read and write them).
+        let trash = data.path().join(TRASH);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::fs::read_dir(&trash).unwrap().next().is_some() {
+            assert!(std::time::Instant::now() < deadline, "trash not emptied");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(store.get(b"k", 1000).unwrap().0.unwrap().value, &b"v"[..]);
         drop(store);
+        // A leftover of an earlier process is deleted at the next start.
+        let left = trash.join("12.1.0");
+        std::fs::create_dir_all(left.join("kv")).unwrap();
+        std::fs::write(left.join("kv").join("kv.snap"), b"old").unwrap();
+        clean_trash(data.path());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while left.exists() {
+            assert!(std::time::Instant::now() < deadline, "leftover not deleted");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// A flipped bit in a logged range's `kv.snap` fails the open, and the error is classified

@@ -52,7 +52,7 @@ mod segment;
 pub use config::{Config, SyncMode, MAX_SEGMENT_SIZE};
 pub use error::{Error, Result};
 pub use log::{Iter, Position, SegLog, SegmentInfo, Stats};
-pub use reap::remove_file_gently;
+pub use reap::{remove_file_gently, shrink_and_remove};
 pub use recovery::Recovery;
 
 /// Scratch directory for unit tests: `SEGLOG_TEST_DIR` if set, else tmpfs when available

@@ -91,14 +91,20 @@ fn shrink_and_unlink(path: &Path, mut size: u64) {
 /// stores use it for their own large files (a KV store's replaced snapshot image). Best
 /// effort: if the thread cannot start, the file is unlinked here, at once.
 pub fn remove_file_gently(path: PathBuf) {
-    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let spawned = std::thread::Builder::new()
         .name("seglog-reap".into())
         .spawn({
             let path = path.clone();
-            move || shrink_and_unlink(&path, size)
+            move || shrink_and_remove(&path)
         });
     if spawned.is_err() {
         let _ = std::fs::remove_file(&path);
     }
+}
+
+/// [`remove_file_gently`] on the calling thread: returns once the file is gone (about 5 ms per
+/// 4 MiB). The same conditions: nothing maps or writes it, no other name links it.
+pub fn shrink_and_remove(path: &Path) {
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    shrink_and_unlink(path, size);
 }
