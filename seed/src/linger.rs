@@ -169,7 +169,8 @@ pub fn claim_epoch(data_dir: &Path, id: u64) -> std::io::Result<u64> {
 /// # Errors
 /// The file cannot be read or written: the caller does not propose the claim.
 pub fn record_claim(data_dir: &Path, id: u64, epoch: u64) -> std::io::Result<()> {
-    if claim_epoch(data_dir, id).unwrap_or(0) >= epoch {
+    // An unreadable record is not overwritten: it may hold a higher epoch than this one.
+    if claim_epoch(data_dir, id)? >= epoch {
         return Ok(());
     }
     let file = claim_file(data_dir, id);
@@ -329,6 +330,10 @@ mod tests {
         assert_eq!(claim_epoch(dir.path(), 3).unwrap(), 12);
         assert_eq!(claim_epoch(dir.path(), 4).unwrap(), 0, "per range");
         std::fs::write(claim_file(dir.path(), 5), "twelve\n").unwrap();
+        assert!(claim_epoch(dir.path(), 5).is_err());
+        // Nor is a garbage record overwritten by a claim (it may have held a higher epoch):
+        // the claim is refused.
+        assert!(record_claim(dir.path(), 5, 3).is_err());
         assert!(claim_epoch(dir.path(), 5).is_err());
     }
 }
