@@ -12,7 +12,6 @@
 //! state (no positions, no persistence mode), so two replicas that applied the same entries
 //! produce byte-identical snapshots. Byte layout: `docs/design/collections.md` §5.
 
-use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
@@ -140,8 +139,6 @@ enum Source {
         restores: u64,
         kvs: Capture<Bytes, Entry>,
         events: Capture<(u64, Bytes), Hist>,
-        kv_buf: VecDeque<(Bytes, Entry)>,
-        event_buf: VecDeque<((u64, Bytes), Hist)>,
     },
 }
 
@@ -149,33 +146,15 @@ impl Source {
     fn next_kv(&mut self) -> Option<(Bytes, Entry)> {
         match self {
             Source::Copied { kvs, .. } => kvs.next(),
-            Source::Live {
-                shared,
-                kvs,
-                kv_buf,
-                ..
-            } => {
-                if kv_buf.is_empty() {
-                    kvs.read(&shared.state().read().index, LIVE_BATCH, kv_buf);
-                }
-                kv_buf.pop_front()
-            }
+            Source::Live { shared, kvs, .. } => kvs.next(shared.state(), |s| &s.index, LIVE_BATCH),
         }
     }
 
     fn next_event(&mut self) -> Option<((u64, Bytes), Hist)> {
         match self {
             Source::Copied { events, .. } => events.next(),
-            Source::Live {
-                shared,
-                events,
-                event_buf,
-                ..
-            } => {
-                if event_buf.is_empty() {
-                    events.read(&shared.state().read().history, LIVE_BATCH, event_buf);
-                }
-                event_buf.pop_front()
+            Source::Live { shared, events, .. } => {
+                events.next(shared.state(), |s| &s.history, LIVE_BATCH)
             }
         }
     }
@@ -242,8 +221,6 @@ impl SnapshotReader {
                 restores: shared.restores(),
                 kvs: st.index.capture(None),
                 events: st.history.capture(Some(below)),
-                kv_buf: VecDeque::new(),
-                event_buf: VecDeque::new(),
             },
             dedup: Some(dedup_record(&st)),
             ended: false,
@@ -641,7 +618,7 @@ pub(crate) fn read_file(dir: &Path) -> Result<Option<State>> {
 /// Removes a leftover temporary snapshot file (a crash during `write_image`) and leftover
 /// replaced images (`kv.snap.N.old`). These are unlinked, never shrunk: after a crash between
 /// `write_image`'s link and rename, one is a second name of the current `kv.snap`.
-pub(crate) fn clean_tmp(dir: &Path) {
+pub(crate) fn clean_leftovers(dir: &Path) {
     let _ = fs::remove_file(dir.join(format!("{SNAP_FILE}.tmp")));
     let Ok(entries) = fs::read_dir(dir) else {
         return;

@@ -453,7 +453,7 @@ impl KvStore {
             Persistence::Memory => (State::default(), None),
             Persistence::Logged { dir } => {
                 snapshot::ensure_dir(dir)?;
-                snapshot::clean_tmp(dir);
+                snapshot::clean_leftovers(dir);
                 (snapshot::read_file(dir)?.unwrap_or_default(), None)
             }
             Persistence::Persistent { dir } => {

@@ -23,7 +23,7 @@ use std::collections::{btree_map, BTreeMap, VecDeque};
 use std::ops::{Bound, Deref};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 /// What a capture saved: the pre-image of every key changed since it was taken.
 #[derive(Debug)]
@@ -169,6 +169,7 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
             saved,
             after: None,
             done: false,
+            ahead: VecDeque::new(),
         }
     }
 }
@@ -202,9 +203,28 @@ pub(crate) struct Capture<K, V> {
     /// The last key read.
     after: Option<K>,
     done: bool,
+    /// Entries read ahead by [`Capture::next`], not yet taken.
+    ahead: VecDeque<(K, V)>,
 }
 
 impl<K: Ord + Clone, V: Clone> Capture<K, V> {
+    /// The next entry in key order; when none is read ahead, reads up to `batch` more from the
+    /// map `pick` finds in the state behind `lock`, under its read lock (which the map's
+    /// mutations need for writing).
+    pub(crate) fn next<S>(
+        &mut self,
+        lock: &RwLock<S>,
+        pick: fn(&S) -> &Tracked<K, V>,
+        batch: usize,
+    ) -> Option<(K, V)> {
+        if self.ahead.is_empty() {
+            let mut ahead = std::mem::take(&mut self.ahead);
+            self.read(pick(&lock.read()), batch, &mut ahead);
+            self.ahead = ahead;
+        }
+        self.ahead.pop_front()
+    }
+
     /// Appends up to `max` more entries (key order) to `out`; false once everything was read.
     /// `map` must be the map the capture was taken of, or whatever replaced it (a detached
     /// capture no longer reads it), borrowed under the lock that guards its mutations.
