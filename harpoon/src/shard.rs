@@ -997,9 +997,10 @@ impl Shard {
             }
         }
         // Compact one pinned cell of this shard per tick, not all of them in one round: a
-        // forced compaction starts the cell's image write, whose capture of the state machine
-        // takes tens of milliseconds for a large range, so compacting every pinned cell at once
-        // stalled all of the shard's cells for 100-140 ms (W12 after W1-W10).
+        // forced compaction starts the cell's image write (a state machine may do work on
+        // this thread for it: a KV store's capture took tens of milliseconds before it stopped
+        // copying), and compacting every pinned cell at once stalled all of the shard's cells
+        // for 100-140 ms (W12 after W1-W10); one per tick also spreads the image writes.
         let next = {
             let mut pins = self.gc_pins.lock();
             let mine = pins.iter().find(|c| self.cells.contains_key(c)).copied();
@@ -1454,8 +1455,8 @@ mod tests {
     }
 
     /// Log GC's forced compactions are spread over ticks: each call compacts at most one
-    /// pinned cell of this shard (each starts an image write whose capture takes tens of ms
-    /// for a large range), and leaves pins of cells on other shards alone.
+    /// pinned cell of this shard (each starts an image write), and leaves pins of cells on
+    /// other shards alone.
     #[test]
     fn log_gc_compacts_one_pinned_cell_per_tick() {
         let (mut s, _tx) = shard();

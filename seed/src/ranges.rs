@@ -1736,7 +1736,8 @@ pub fn delete_dir(data_dir: &Path, id: u64) -> std::io::Result<()> {
             delete_gently(to);
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !dir.exists() => {}
-        // Not movable (say, the trash is on another file system): deleted here, at once.
+        // Not movable (the trash dir cannot be made, or a leftover of the same name is still
+        // there): deleted here, at once, as before.
         Err(_) => match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
