@@ -38,14 +38,10 @@ proptest! {
             let mut target = open(mode, dir.path());
             // Something to overwrite.
             step(&mut target, &mut Model::default(), &Op::Put(1, 1, 0), 6);
-            let mut reader = stores[2].snapshot();
             let applied = if chunk % 2 == 0 {
-                let mut r = Restorer::new();
-                while let Some(c) = reader.next_chunk(chunk).expect("chunk") {
-                    r.push(&c).expect("push");
-                }
-                target.restore(r).expect("restore")
+                restore_in_chunks(&mut target, &stores[2], chunk)
             } else {
+                let mut reader = stores[2].snapshot();
                 // Streamed: persistent mode spills each chunk to its data log.
                 let chunks = std::iter::from_fn(|| reader.next_chunk(chunk).transpose());
                 target.restore_chunks(chunks).expect("restore")

@@ -5,7 +5,7 @@
 
 mod common;
 
-use collections::kv::{cmd, KvStore, Restorer, REPLY_FULL_MAX, WINDOW};
+use collections::kv::{cmd, KvStore, REPLY_FULL_MAX, WINDOW};
 use common::*;
 use proptest::prelude::*;
 use proto::kvpb::{self, Response_oneof_result as Res};
@@ -378,12 +378,7 @@ fn the_table_survives_snapshot_restore_into_every_mode() {
     for mode in MODES {
         let d = tempfile::tempdir().expect("tempdir");
         let mut t = open(mode, d.path());
-        let mut r = Restorer::new();
-        let mut reader = src.snapshot();
-        while let Some(c) = reader.next_chunk(300).expect("chunk") {
-            r.push(&c).expect("push");
-        }
-        t.restore(r).expect("restore");
+        restore_in_chunks(&mut t, &src, 300);
         assert_eq!(t.range_stats().dedup_clients, 3);
         assert_remembered(&mut t, &sent);
         if mode != Mode::Memory {

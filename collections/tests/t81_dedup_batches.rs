@@ -8,7 +8,7 @@
 mod common;
 
 use bytes::Bytes;
-use collections::kv::{cmd, KvStore, Restorer};
+use collections::kv::{cmd, KvStore};
 use common::*;
 use proptest::prelude::*;
 use proto::kvpb::{self, Response_oneof_result as Res};
@@ -125,12 +125,7 @@ fn pipelined_maximal_batches_both_stay_remembered() {
             let into = MODES[(MODES.iter().position(|m| *m == mode).expect("mode") + 1) % 3];
             let d = tempfile::tempdir().expect("tempdir");
             let mut t = open(into, d.path());
-            let mut rs = Restorer::new();
-            let mut reader = s.snapshot();
-            while let Some(chunk) = reader.next_chunk(4096).expect("chunk") {
-                rs.push(&chunk).expect("push");
-            }
-            t.restore(rs).expect("restore");
+            restore_in_chunks(&mut t, &s, 4096);
             for (c, r) in &sent {
                 assert_duplicate(&mut t, c, r, &format!("{mode:?} restored into {into:?}"));
             }

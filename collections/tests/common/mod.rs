@@ -7,7 +7,8 @@ use std::path::Path;
 
 use bytes::Bytes;
 use collections::kv::{
-    cmd, Event, EventKind, KeyRange, KeyValue, KvConfig, KvStore, Persistence, ScanRequest,
+    cmd, ApplyState, Event, EventKind, KeyRange, KeyValue, KvConfig, KvStore, Persistence,
+    Restorer, ScanRequest,
 };
 use proto::kvpb::{self, Response_oneof_result as Res};
 
@@ -37,6 +38,16 @@ pub fn config(mode: Mode, dir: &Path) -> KvConfig {
     c.limits.max_value_bytes = 100 << 10;
     c.seglog.sync = seglog::SyncMode::None;
     c
+}
+
+/// Restores a snapshot of `src` into `dst`, pushed to a `Restorer` in chunks of `chunk` bytes.
+pub fn restore_in_chunks(dst: &mut KvStore, src: &KvStore, chunk: usize) -> ApplyState {
+    let mut r = Restorer::new();
+    let mut reader = src.snapshot();
+    while let Some(c) = reader.next_chunk(chunk).expect("chunk") {
+        r.push(&c).expect("push");
+    }
+    dst.restore(r).expect("restore")
 }
 
 pub fn open(mode: Mode, dir: &Path) -> KvStore {
