@@ -17,6 +17,26 @@
 //!   [`crate::ranges::needs_apply_result`]): an op whose key a split moved
 //!   away before the entry applied gets `KEY_OUT_OF_RANGE` in its own slot (not applied) while
 //!   the others apply, and the client resends only those (`client::kv`, "Batches").
+//!   Except a batch *resent* under its request id (`RequestId.attempt > 0`: an earlier send
+//!   may have reached the range) whose ops are all single-key (puts, deletes of one key,
+//!   compare-and-swaps): it is proposed to the range the client addressed whatever its keys
+//!   and the client's epoch, as long as this node holds a replica of that range (else
+//!   `WRONG_RANGE` with meta's descriptor of it). The client resends a batch whose answer was
+//!   lost to the range it first sent it to, also after a split separated its keys, and the
+//!   range's answer is right whatever its bounds now, because every case is answered once:
+//!   - the command applied before the split: the split copied the range's request ids to the
+//!     daughter (`collections::kv` `split_off_as`), so the parent answers the recorded reply
+//!     (every op applied, in the parent's revisions);
+//!   - it applied after the split (a first send still in flight, or applied then lost):
+//!     recorded with `KEY_OUT_OF_RANGE` in the slots of the keys that moved, which were not
+//!     applied; the resend gets that reply and the client regroups those ops under new ids;
+//!   - it never applied: the resend applies the ops whose keys the range still holds and
+//!     answers `KEY_OUT_OF_RANGE` for the others (all of them when every key moved away),
+//!     and is recorded: a first send applied later is a duplicate and changes nothing.
+//!
+//!   Apply checks each single-key op against the store's bounds, so no key outside them is
+//!   ever written; a batch holding a range delete (which would delete only the part the
+//!   store still holds) is routed by its keys even when resent.
 //!   A delete's `range_end` or a scan's `end` of `"\0"` (to the end of the key space: no
 //!   range holds that) or at/below its start key is `INVALID_ARGUMENT` with the field named.
 //!   `NOT_LEADER{hint}` when a write or a leader read
@@ -430,6 +450,92 @@ fn reply(id: u64, resp: &kvpb::Response) -> ClientResponse {
     }
 }
 
+/// How a KV command is routed to the range the client addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Routing {
+    /// Every key the command touches must lie in the range (meta's descriptor at the client's
+    /// epoch or later, and the local store's bounds), else `WRONG_RANGE` and nothing is
+    /// proposed ([`route_keys`]).
+    KeysInRange,
+    /// Proposed to the addressed range wherever its keys are now, if this node holds a
+    /// replica of it ([`held_replica`]): a resent batch of single-key writes (its request id's
+    /// `attempt` is above 0: an earlier send may have reached the range). See the module doc
+    /// for why its answer is right whatever the range's bounds are now.
+    Addressed,
+}
+
+/// How `cmd` is routed ([`Routing`]): a batch of puts, single-key deletes and
+/// compare-and-swaps sent again under its request id goes to the range addressed; everything
+/// else (first sends, a batch holding a range delete, single writes, reads) is checked
+/// against the range's keys.
+fn routing(cmd: &kvpb::Command) -> Routing {
+    let resent = cmd.request_id.as_ref().is_some_and(|id| id.attempt > 0);
+    let Some(Command_oneof_op::batch(b)) = &cmd.op else {
+        return Routing::KeysInRange;
+    };
+    // Apply checks each of these ops' key against the store's bounds (`KEY_OUT_OF_RANGE` in
+    // its slot, not applied); a range delete would only delete the part the store holds.
+    let single_keys = b.ops.iter().all(|c| match &c.op {
+        Some(Command_oneof_op::put(_) | Command_oneof_op::cas(_)) => true,
+        Some(Command_oneof_op::delete(d)) => d.range_end.is_empty(),
+        _ => false,
+    });
+    if resent && single_keys {
+        Routing::Addressed
+    } else {
+        Routing::KeysInRange
+    }
+}
+
+/// [`Routing::KeysInRange`]: the replica of range `k.range` held here, `span` (the command's
+/// keys, a scan without an end to the range's end) and the range's split-fence mark taken
+/// before the store's bounds check; `WRONG_RANGE` when [`route_cached`] refuses or the keys
+/// are not all in meta's descriptor or in the local store's bounds (a split applied here
+/// that meta does not show yet).
+fn route_keys(
+    seed: &Seed,
+    cache: &RouteCache,
+    id: u64,
+    k: &KvRequest,
+    span: KeyRange,
+) -> Result<(LocalRange, KeyRange, crate::ranges::FenceMark), Box<ClientResponse>> {
+    let (local, desc) = route_cached(seed, Some(cache), id, k.range, k.epoch, &span.start)?;
+    let span = KeyRange {
+        end: Some(span.end.unwrap_or_else(|| desc.hi.clone())),
+        ..span
+    };
+    // Never empty: its start is below the descriptor's hi (route) and its end above it.
+    if !descriptor_bounds(&desc).covers(&span) {
+        return Err(Box::new(wrong_range(
+            id,
+            "key outside the range",
+            Some(Arc::unwrap_or_clone(desc)),
+        )));
+    }
+    // Before the store's bounds check: an Async write overlapping a split of this node is
+    // answered at apply or settled after its reply (see `crate::ranges::SplitFence`).
+    let mark = local.fence.mark();
+    if !local.reader.bounds().covers(&span) {
+        return Err(Box::new(moved(seed, id, k.range)));
+    }
+    Ok((local, span, mark))
+}
+
+/// [`Routing::Addressed`]: this node's replica of range `range`, whatever its bounds and the
+/// client's epoch. Ranges are never removed from meta (splits only add them), so a replica
+/// held here is of a range that exists. `WRONG_RANGE` with meta's current descriptor of the
+/// range (its members) when this node holds none.
+fn held_replica(seed: &Seed, id: u64, range: u64) -> Result<LocalRange, Box<ClientResponse>> {
+    seed.ranges.get(range).ok_or_else(|| {
+        let desc = seed.read_meta(|s| view::range_by_id(s, range).ok().flatten());
+        Box::new(wrong_range(
+            id,
+            "this node holds no replica of the range",
+            desc.map(|d| d.value),
+        ))
+    })
+}
+
 /// One KV command for one range (meta's descriptors read through `cache`, the connection's).
 pub async fn kv(seed: &Arc<Seed>, cache: &RouteCache, id: u64, k: KvRequest) -> ClientResponse {
     if k.command.len() > MAX_COMMAND {
@@ -450,30 +556,20 @@ pub async fn kv(seed: &Arc<Seed>, cache: &RouteCache, id: u64, k: KvRequest) -> 
         Ok(s) => s,
         Err((field, why)) => return invalid(id, field, why),
     };
-    let (local, desc) = match route_cached(seed, Some(cache), id, k.range, k.epoch, &span.start) {
-        Ok(r) => r,
-        Err(r) => return *r,
+    let (local, span, mark) = match routing(&cmd) {
+        Routing::KeysInRange => match route_keys(seed, cache, id, &k, span) {
+            Ok(r) => r,
+            Err(r) => return *r,
+        },
+        Routing::Addressed => match held_replica(seed, id, k.range) {
+            Ok(local) => {
+                // Taken like a first send's (a batch is answered at apply whatever it is).
+                let mark = local.fence.mark();
+                (local, span, mark)
+            }
+            Err(r) => return *r,
+        },
     };
-    // The keys the command touches must lie in the range: in meta's descriptor, and in the
-    // local store's bounds (a split applied here that meta does not show yet).
-    let span = KeyRange {
-        end: Some(span.end.unwrap_or_else(|| desc.hi.clone())),
-        ..span
-    };
-    // Never empty: its start is below the descriptor's hi (route) and its end above it.
-    if !descriptor_bounds(&desc).covers(&span) {
-        return wrong_range(
-            id,
-            "key outside the range",
-            Some(Arc::unwrap_or_clone(desc)),
-        );
-    }
-    // Before the store's bounds check: an Async write overlapping a split of this node is
-    // answered at apply or settled after its reply (see `crate::ranges::SplitFence`).
-    let mark = local.fence.mark();
-    if !local.reader.bounds().covers(&span) {
-        return moved(seed, id, k.range);
-    }
     let cell = CellId(k.range);
     let deadline = Instant::now() + Duration::from_secs(5);
     if read {
@@ -750,6 +846,73 @@ mod tests {
         assert!(descriptor_bounds(&desc).covers(&span));
         let (one, _) = command_span(&batch_of(vec![put("k")])).unwrap();
         assert_eq!(one, KeyRange::key(b("k")));
+    }
+
+    fn command(op: Command_oneof_op, attempt: Option<u32>) -> kvpb::Command {
+        let mut c = kvpb::Command::new();
+        c.op = Some(op);
+        if let Some(attempt) = attempt {
+            let mut id = kvpb::RequestId::new();
+            id.client = 7;
+            id.seq = 3;
+            id.first_incomplete = 3;
+            id.attempt = attempt;
+            c.set_request_id(id);
+        }
+        c
+    }
+
+    fn cas(key: &str) -> Command_oneof_op {
+        let mut c = kvpb::Cas::new();
+        c.key = b(key);
+        Command_oneof_op::cas(c)
+    }
+
+    #[test]
+    fn only_a_resent_batch_of_single_key_writes_goes_to_the_addressed_range() {
+        let singles = || batch_of(vec![put("z"), delete("a", b""), cas("m")]);
+        // Resent (an earlier send may have reached the range): proposed where addressed.
+        for attempt in [1, 2, 16] {
+            assert_eq!(
+                routing(&command(singles(), Some(attempt))),
+                Routing::Addressed
+            );
+        }
+        // A first send, or no request id: every key must lie in the range.
+        assert_eq!(routing(&command(singles(), Some(0))), Routing::KeysInRange);
+        assert_eq!(routing(&command(singles(), None)), Routing::KeysInRange);
+        // A range delete in the batch: routed by its keys even when resent.
+        assert_eq!(
+            routing(&command(
+                batch_of(vec![put("a"), delete("c", b"e")]),
+                Some(1)
+            )),
+            Routing::KeysInRange
+        );
+        // Resent single writes and reads keep the check (a resent put follows its key).
+        assert_eq!(routing(&command(put("a"), Some(1))), Routing::KeysInRange);
+        assert_eq!(routing(&command(cas("a"), Some(1))), Routing::KeysInRange);
+        assert_eq!(
+            routing(&command(delete("a", b""), Some(1))),
+            Routing::KeysInRange
+        );
+        let mut g = Get::new();
+        g.key = b("a");
+        assert_eq!(
+            routing(&command(Command_oneof_op::get(g), Some(1))),
+            Routing::KeysInRange
+        );
+        assert_eq!(
+            routing(&command(scan("a", b""), Some(1))),
+            Routing::KeysInRange
+        );
+        // An op without an operation is not a single-key write (invalid later anyway).
+        let mut empty = kvpb::Batch::new();
+        empty.ops.push(kvpb::Command::new());
+        assert_eq!(
+            routing(&command(Command_oneof_op::batch(empty), Some(1))),
+            Routing::KeysInRange
+        );
     }
 
     #[test]
