@@ -41,6 +41,15 @@
 //! slot, not applied, and only those ops are regrouped and sent again (under new ids: the
 //! old id's reply says it did not apply them). Across ranges a batch is not atomic.
 //!
+//! A command whose answer was lost is resent whole, under its id, to the range it was sent
+//! to, following that range's leader, also when a split separated its keys meanwhile: the
+//! node proposes a resent batch to the range addressed whatever its keys (`seed::kv_port`),
+//! and that range answers what the id did there: the recorded reply (a split copies the
+//! range's ids to the daughter, so one applied before the split is remembered with every op
+//! applied), with `KEY_OUT_OF_RANGE` in the slots of keys that had moved away (not applied:
+//! regrouped as above), or, if no send applied, the resend's own apply, which refuses the
+//! moved keys the same way.
+//!
 //! Keys in this API are collection-relative; the client adds the collection's prefix (its
 //! slice of the global keyspace) and strips it from answers.
 
@@ -241,6 +250,7 @@ impl Client {
             client: self.clone(),
             name: name.to_string(),
             read: ReadMode::Leader,
+            hook: None,
         }
     }
 
@@ -362,21 +372,28 @@ impl Client {
         mode: ReadMode,
         build: &(dyn Fn(&[u8], &RangeDescriptor) -> kvpb::Command + Sync),
     ) -> Result<Routed, ClientError> {
-        self.route_opt(name, key, write, mode, &|p, r| Some(build(p, r)))
-            .await?
-            .ok_or_else(|| ClientError::Protocol("no command built".into()))
+        self.route_opt(name, key, write, mode, Resend::FollowKey, None, &|p, r| {
+            Some(build(p, r))
+        })
+        .await?
+        .ok_or_else(|| ClientError::Protocol("no command built".into()))
     }
 
     /// [`Client::route`] where `build` may find that the command no longer fits the range
-    /// holding `key` (a batch whose keys a split separated): then `Ok(None)` when no send of
-    /// it can have applied (its ops may go out again under other request ids), else
-    /// [`ClientError::UnknownOutcome`].
+    /// holding `key` (a batch whose keys a split separated): then `Ok(None)`, and no send of
+    /// it can have applied (its ops may go out again under other request ids). A write whose
+    /// send had an unknown outcome is sent again as `resend` says (with
+    /// [`Resend::SameRange`], `build` is not asked again after that). `hook`, a test's, is
+    /// asked before each send (see [`SendHook`]).
+    #[allow(clippy::too_many_arguments)]
     async fn route_opt(
         &self,
         name: &str,
         key: &[u8],
         write: bool,
         mode: ReadMode,
+        resend: Resend,
+        hook: Option<&SendHook>,
         build: &(dyn Fn(&[u8], &RangeDescriptor) -> Option<kvpb::Command> + Sync),
     ) -> Result<Option<Routed>, ClientError> {
         let start = Instant::now();
@@ -396,6 +413,9 @@ impl Client {
         let ticket = write.then(|| self.ids.begin());
         let mut sent: u32 = 0;
         let mut unknown: Option<String> = None;
+        // With `Resend::SameRange`, from the first send of unknown outcome on: the range it
+        // went to (its descriptor then, or a newer one of the same range) and the command.
+        let mut pinned: Option<(Arc<CollectionDescriptor>, Arc<CachedRange>, kvpb::Command)> = None;
         // Hints followed in a row without a wait (two nodes naming each other during an
         // election would otherwise spin).
         let mut hints = 0;
@@ -412,14 +432,17 @@ impl Client {
                     e => e,
                 });
             }
-            let (coll, range) = match self.resolve(name, key, deadline, &mut backoff).await {
-                Ok(x) => x,
-                Err(e) => {
-                    return Err(match unknown {
-                        Some(why) => ClientError::UnknownOutcome(format!("{why}; then {e}")),
-                        None => e,
-                    })
-                }
+            let (coll, range, built) = match &pinned {
+                Some((c, r, cmd)) => (c.clone(), r.clone(), Some(cmd.clone())),
+                None => match self.resolve(name, key, deadline, &mut backoff).await {
+                    Ok((c, r)) => (c, r, None),
+                    Err(e) => {
+                        return Err(match unknown {
+                            Some(why) => ClientError::UnknownOutcome(format!("{why}; then {e}")),
+                            None => e,
+                        })
+                    }
+                },
             };
             let members: &[SocketAddr] = &range.members;
             if members.is_empty() {
@@ -444,11 +467,12 @@ impl Client {
                         members[0]
                     })
             };
-            let Some(mut cmd) = build(&coll.prefix, &range.desc) else {
+            let Some(mut cmd) = built.or_else(|| build(&coll.prefix, &range.desc)) else {
                 return match unknown {
                     None => Ok(None),
+                    // Not with `Resend::SameRange` (pinned by then, `build` is not asked).
                     Some(why) => Err(ClientError::UnknownOutcome(format!(
-                        "{why}; then a split separated the batch's keys"
+                        "{why}; then the command no longer fits the range holding its key"
                     ))),
                 };
             };
@@ -470,7 +494,32 @@ impl Client {
             k.follower = follower;
             req.set_kv(k);
             let attempt_deadline = deadline.min(Instant::now() + attempt_timeout);
-            match self.call_at(target, req, attempt_deadline).await {
+            let fault = match hook {
+                Some(h) => {
+                    (h.0)(SendInfo {
+                        range: range.id,
+                        attempt: sent,
+                    })
+                    .await
+                }
+                None => SendFault::Deliver,
+            };
+            let answer = match fault {
+                SendFault::Deliver => self.call_at(target, req, attempt_deadline).await,
+                SendFault::DropRequest => Err(ClientError::Timeout),
+                SendFault::DropAnswer => {
+                    let _ = self.call_at(target, req, attempt_deadline).await;
+                    Err(ClientError::Timeout)
+                }
+            };
+            // From the first send of unknown outcome on, a `SameRange` write goes to this
+            // range as it is (see `Resend`).
+            let pin = |pinned: &mut Option<_>| {
+                if resend == Resend::SameRange && pinned.is_none() {
+                    *pinned = Some((coll.clone(), range.clone(), cmd.clone()));
+                }
+            };
+            match answer {
                 Ok(ClientResponse_oneof_kind::kv(r)) => {
                     let resp = kvpb::Response::parse_from_carllerche_bytes(&r.response)
                         .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -535,6 +584,10 @@ impl Client {
                                 let mut c = self.cache.lock();
                                 if newer {
                                     c.put_range(fresh.clone());
+                                    // A pinned command follows its range's members.
+                                    if let Some((_, r, _)) = &mut pinned {
+                                        *r = Arc::new(CachedRange::new(fresh.clone()));
+                                    }
                                 } else {
                                     // The node's meta may still show the parent of a split
                                     // (or not know the range yet): look it up again later.
@@ -555,6 +608,7 @@ impl Client {
                         // same request id; the range applies it at most once.
                         ClientError_Code::UNKNOWN_OUTCOME if ticket.is_some() => {
                             sent += 1;
+                            pin(&mut pinned);
                             unknown = Some(format!("{target}: {}", e.message));
                             if sent > MAX_UNKNOWN_RETRIES {
                                 return Err(ClientError::UnknownOutcome(format!(
@@ -582,6 +636,7 @@ impl Client {
                     if ticket.is_some() =>
                 {
                     sent += 1;
+                    pin(&mut pinned);
                     unknown = Some(format!("{target}: {e}"));
                     if sent > MAX_UNKNOWN_RETRIES {
                         return Err(ClientError::UnknownOutcome(format!(
@@ -623,6 +678,73 @@ impl Client {
             .collect();
         let pool = if open.is_empty() { members } else { &open };
         pool[turn % pool.len()]
+    }
+}
+
+/// Where a write whose send had an unknown outcome is sent again (always under the same
+/// request id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// To the range holding its key then (a single-key write: a split that moved the key
+    /// copied the range's request ids to the daughter, and the parent refuses the key, so
+    /// either range answers the id once).
+    FollowKey,
+    /// As first built, to the range it went to, whatever that range holds by then (a batch:
+    /// the node proposes a resent batch to the range addressed, whose reply is right however
+    /// a split separated the keys, see `seed::kv_port`).
+    SameRange,
+}
+
+/// One send of a batch command, as a [`SendHook`] sees it.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendInfo {
+    /// The range it is addressed to.
+    pub range: u64,
+    /// Earlier sends of the command whose outcome is unknown (its request id's `attempt`).
+    pub attempt: u32,
+}
+
+/// What happens to one send of a batch command (a [`SendHook`]'s answer).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendFault {
+    /// Sent and answered as usual.
+    Deliver,
+    /// Never sent, and taken as a send whose answer was lost.
+    DropRequest,
+    /// Sent, and its answer (whatever it is) taken as lost.
+    DropAnswer,
+}
+
+/// Fault injection for tests: asked before each send of a batch's commands, it may hold the
+/// send back (for as long as its future runs: the client's time budget keeps counting) and
+/// lose it or its answer. Set with [`Kv::with_send_hook`].
+#[doc(hidden)]
+#[derive(Clone)]
+pub struct SendHook(
+    #[allow(clippy::type_complexity)]
+    Arc<
+        dyn Fn(SendInfo) -> std::pin::Pin<Box<dyn std::future::Future<Output = SendFault> + Send>>
+            + Send
+            + Sync,
+    >,
+);
+
+impl SendHook {
+    /// A hook running `f` before each send.
+    pub fn new<F, Fut>(f: F) -> Self
+    where
+        F: Fn(SendInfo) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = SendFault> + Send + 'static,
+    {
+        SendHook(Arc::new(move |i| Box::pin(f(i))))
+    }
+}
+
+impl std::fmt::Debug for SendHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SendHook")
     }
 }
 
@@ -929,12 +1051,22 @@ pub struct Kv {
     client: Client,
     name: String,
     read: ReadMode,
+    /// A test's fault injection on batch sends.
+    hook: Option<SendHook>,
 }
 
 impl Kv {
     /// The same handle reading with `mode`.
     pub fn with_reads(mut self, mode: ReadMode) -> Self {
         self.read = mode;
+        self
+    }
+
+    /// The same handle with `hook` asked before each send of a batch's commands: fault
+    /// injection for tests (lose a send or its answer, hold a resend back).
+    #[doc(hidden)]
+    pub fn with_send_hook(mut self, hook: SendHook) -> Self {
+        self.hook = Some(hook);
         self
     }
 
@@ -1151,9 +1283,11 @@ impl Kv {
     /// Each command carries a request id like every write and is resent with it when its
     /// answer is lost, so every op applies exactly once: an op is sent under a new id only
     /// after a range answered that the id did not apply it (a refusal before proposing, or
-    /// its slot's `KEY_OUT_OF_RANGE`). The one case left to the caller: a command whose
-    /// answer was lost, and whose keys a split then separated, cannot be resent whole;
-    /// its ops get [`ClientError::UnknownOutcome`].
+    /// its slot's `KEY_OUT_OF_RANGE`). A command whose answer was lost is resent whole to the
+    /// range it was sent to, also when a split separated its keys since: that range answers
+    /// each op as applied, or `KEY_OUT_OF_RANGE` (not applied there, regrouped as above).
+    /// Its ops get [`ClientError::UnknownOutcome`] only as any write's do: when the range no
+    /// longer remembers the id (`REQUEST_EXPIRED`) or the resends' budget runs out.
     ///
     /// # Errors
     /// An empty key (nothing is sent). Per op: routing failures, typed command errors,
@@ -1264,16 +1398,24 @@ impl Kv {
         let first = ops[idx[0]].key();
         let routed = self
             .client
-            .route_opt(&self.name, first, true, ReadMode::Leader, &|p, r| {
-                if !idx.iter().all(|&i| holds(p, ops[i].key(), r)) {
-                    return None;
-                }
-                let mut b = kvpb::Batch::new();
-                b.ops = idx.iter().map(|&i| ops[i].command(p)).collect();
-                let mut cmd = kvpb::Command::new();
-                cmd.set_batch(b);
-                Some(cmd)
-            })
+            .route_opt(
+                &self.name,
+                first,
+                true,
+                ReadMode::Leader,
+                Resend::SameRange,
+                self.hook.as_ref(),
+                &|p, r| {
+                    if !idx.iter().all(|&i| holds(p, ops[i].key(), r)) {
+                        return None;
+                    }
+                    let mut b = kvpb::Batch::new();
+                    b.ops = idx.iter().map(|&i| ops[i].command(p)).collect();
+                    let mut cmd = kvpb::Command::new();
+                    cmd.set_batch(b);
+                    Some(cmd)
+                },
+            )
             .await?;
         let Some(Routed { resp, range, .. }) = routed else {
             return Ok(None);
