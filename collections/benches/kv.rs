@@ -2,7 +2,9 @@
 //! (single puts and 100-put batches, the W9 shape) and the persistent-mode memory check:
 //! resident memory (VmRSS) against the size of the data written, values read back from disk.
 //!
-//! It also times a snapshot capture (`KvStore::snapshot`) of a logged store shaped like the
+//! It also times a split of a logged store shaped like a W10 range when it splits (what the
+//! thread applying the split entry spends; `QUIVER_KV_BENCH_SPLIT_ONLY=1` runs only that),
+//! and a snapshot capture (`KvStore::snapshot`) of a logged store shaped like the
 //! etcd comparison's range after W1-W10: 100 000 live keys of 256 B and a full watch history
 //! (100 000 events): what a log-GC forced compaction costs the shard thread.
 //!
@@ -139,13 +141,60 @@ fn capture(base: &std::path::Path) {
     );
 }
 
+/// Times a split of a logged store shaped like a W10 range when it splits (about 90 MB:
+/// 22 000 keys of 4 KiB, each written twice, so half its history is overwritten versions):
+/// what applying the split entry costs the thread that applies it, on every replica.
+fn split(base: &std::path::Path) {
+    let keys = 22_000u64;
+    let value = vec![7u8; 4096];
+    for round in 0..3 {
+        let mut store = KvStore::open(config(Persistence::Logged {
+            dir: base.join(format!("split{round}")),
+        }))
+        .expect("open");
+        for i in 0..2 * keys {
+            let c = cmd::encode(&cmd::put(
+                format!("key{:012}", i % keys).as_bytes(),
+                &value,
+                0,
+            ));
+            store.apply(i + 1, 1, 0, &c).expect("apply");
+        }
+        store.persist().expect("persist");
+        let at = format!("key{:012}", keys / 2);
+        let right = config(Persistence::Logged {
+            dir: base.join(format!("split{round}-right")),
+        });
+        let t = Instant::now();
+        let r = store
+            .split_off(2 * keys + 1, 1, at.as_bytes(), right)
+            .expect("split");
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        store.wait_image_write().expect("left image");
+        let left_ms = t.elapsed().as_secs_f64() * 1e3;
+        println!(
+            "split of {} MB live ({keys} keys of 4 KiB, each written twice; {} history \
+             events): {ms:.1} ms on the applying thread, then {left_ms:.1} ms until both \
+             halves' images are durable",
+            (keys * 4096) >> 20,
+            store.range_stats().history_events + r.range_stats().history_events,
+        );
+    }
+}
+
 fn main() {
     let ops = env("QUIVER_KV_BENCH_OPS", 100_000);
     let base = match std::env::var("QUIVER_KV_BENCH_DIR") {
         Ok(d) => tempfile::tempdir_in(d).expect("tempdir"),
         Err(_) => tempfile::tempdir().expect("tempdir"),
     };
+    if std::env::var("QUIVER_KV_BENCH_SPLIT_ONLY").is_ok() {
+        split(base.path());
+        return;
+    }
     capture(base.path());
+    split(base.path());
     if std::env::var("QUIVER_KV_BENCH_CAPTURE_ONLY").is_ok() {
         return;
     }

@@ -367,3 +367,73 @@ fn logged_left_half_is_written_in_the_background_and_a_crash_replays_the_split()
     assert_eq!(left.wait_image_write().expect("wait").applied_index, index);
     drop(right);
 }
+
+/// Logged mode writes neither half's image on the applying thread: one thread writes the
+/// right half's, then the left half's. The right half reports its split state as durable at
+/// once (its image may not exist yet), which is safe only because the left half's image is
+/// never written before the right half's: a crash before the right image lands finds the
+/// left at its state before the split, and replaying the split builds the right half again.
+/// Here the right image cannot be written (its temporary file's name is taken by a dir): the
+/// left image must not be written either, both stores fail, and the replay after the
+/// "crash" rebuilds both halves exactly.
+#[test]
+fn logged_left_image_waits_for_the_right_one_and_a_crash_before_it_replays_the_split() {
+    let (ldir, rdir, twin_dir) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let mut left = open(Mode::Logged, ldir.path());
+    let mut twin = open(Mode::Memory, ldir.path());
+    let (mut model, mut twin_model) = (Model::default(), Model::default());
+    for i in 0..8u8 {
+        step(&mut left, &mut model, &Op::Put(i, i, 0), 16 << 10);
+        step(&mut twin, &mut twin_model, &Op::Put(i, i, 0), 16 << 10);
+    }
+    let before = left.persist().expect("persist");
+    let index = before.applied_index + 1;
+    let twin_right = twin
+        .split_off(index, 1, &key(4), config(Mode::Logged, twin_dir.path()))
+        .expect("twin split");
+    let (want_left, want_right) = (all(&twin, 0), all(&twin_right, 0));
+    assert_eq!((want_left.len(), want_right.len()), (4, 4));
+
+    // The right image fails: `kv.snap.tmp` is a dir (open leaves it: it only removes files).
+    std::fs::create_dir_all(rdir.path().join("kv.snap.tmp")).expect("blocker");
+    let mut right = left
+        .split_off(index, 1, &key(4), config(Mode::Logged, rdir.path()))
+        .expect("split: nothing is written on the applying thread");
+    assert_eq!(right.durable_state().applied_index, index);
+    assert_eq!(all(&right, 0), want_right, "the right half serves at once");
+    assert_eq!(all(&left, 0), want_left);
+    assert!(right.wait_image_write().is_err(), "the right image failed");
+    assert!(
+        left.wait_image_write().is_err(),
+        "the left half cannot make its split durable"
+    );
+    drop(right);
+    drop(left);
+    assert!(!rdir.path().join("kv.snap").exists());
+
+    // The restart: the left half's file is its image from before the split.
+    let mut left = open(Mode::Logged, ldir.path());
+    assert_eq!(left.apply_state().applied_index, before.applied_index);
+    std::fs::remove_dir(rdir.path().join("kv.snap.tmp")).expect("unblock");
+    let right = left
+        .split_off(index, 1, &key(4), config(Mode::Logged, rdir.path()))
+        .expect("replayed split");
+    assert_eq!(all(&left, 0), want_left);
+    assert_eq!(all(&right, 0), want_right);
+    // Both images written, right first: reopened, each half is the split's.
+    assert_eq!(left.wait_image_write().expect("left").applied_index, index);
+    drop(right);
+    drop(left);
+    let (left, right) = (
+        open(Mode::Logged, ldir.path()),
+        open(Mode::Logged, rdir.path()),
+    );
+    assert_eq!(left.durable_state().applied_index, index);
+    assert_eq!(right.durable_state().applied_index, index);
+    assert_eq!(all(&left, 0), want_left);
+    assert_eq!(all(&right, 0), want_right);
+}
