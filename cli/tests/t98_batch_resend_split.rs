@@ -108,12 +108,14 @@ struct Seen {
 }
 
 /// A hook that applies `first` to the first send, and holds the first resend (attempt above
-/// 0) back until [`split_apart`] is done (through `cl`, a client of its own). With
+/// 0) back until [`split_apart`] is done (through `cl`, a client of its own) and `own`, the
+/// batch's client, has read `probe` (its cache then shows the split). With
 /// [`SendFault::DropAnswer`] it loses answers until the batch's key `probe` reads back (the
 /// first send may have met a leader change instead of applying), so the batch applied
 /// before the split.
 fn hook(
     first: SendFault,
+    own: &client::Client,
     cl: &client::Client,
     name: &str,
     d: &proto::metapb::CollectionDescriptor,
@@ -123,10 +125,12 @@ fn hook(
     let calls = Arc::new(AtomicU32::new(0));
     let split = Arc::new(AtomicBool::new(false));
     let (cl, name, coll, prefix) = (cl.clone(), name.to_string(), d.id, d.prefix.clone());
+    let own = own.clone();
     SendHook::new(move |info: SendInfo| {
         let n = calls.fetch_add(1, Ordering::SeqCst);
         let (split, seen) = (split.clone(), seen.clone());
         let (cl, name, prefix, probe) = (cl.clone(), name.clone(), prefix.clone(), probe.clone());
+        let own = own.clone();
         async move {
             seen.lock().unwrap().sends.push(info);
             if n == 0 {
@@ -137,8 +141,14 @@ fn hook(
                 return SendFault::DropAnswer;
             }
             if info.attempt > 0 && !split.swap(true, Ordering::SeqCst) {
-                let s = split_apart(cl, name, coll, prefix).await;
+                let s = split_apart(cl, name.clone(), coll, prefix).await;
                 seen.lock().unwrap().split = Some(s);
+                // The batch's own client learns the split (as other requests on it would):
+                // the resend must not go by its first key's range then.
+                let kv = own.kv(&name);
+                cli::demo::wait_for(LONG, || async { kv.get(&probe).await.ok() })
+                    .await
+                    .expect("no read of the probe key after the split");
             }
             SendFault::Deliver
         }
@@ -204,8 +214,16 @@ async fn case(
         .expect("create collection");
     let kv = cl.kv(name);
     first_put(&kv, b"b-first", b"1").await;
-    // Placed: no membership change holds the split back.
+    // Placed: no membership change holds the split back. Then one batch caches the range's
+    // descriptor at its placed epoch (and its leader), so the batch's first send is not
+    // refused for a stale epoch (a refusal whose answer is lost would not apply).
     wait_placed(&cl, d.id, 3).await;
+    let one = [(Bytes::from_static(b"b-second"), Bytes::from_static(b"1"))];
+    cli::demo::wait_for(LONG, || async {
+        kv.put_batch(&one).await.ok()?.into_iter().next()?.ok()
+    })
+    .await
+    .expect("no batch applied on the new collection");
     let seen = Arc::new(Mutex::new(Seen::default()));
     let ops = puts(name, keys);
     let t = Instant::now();
@@ -213,7 +231,7 @@ async fn case(
     let probe = Bytes::copy_from_slice(ops[0].key());
     let results = kv
         .clone()
-        .with_send_hook(hook(first, &filler, name, &d, probe, seen.clone()))
+        .with_send_hook(hook(first, &cl, &filler, name, &d, probe, seen.clone()))
         .batch(&ops)
         .await
         .expect("batch refused");
