@@ -1797,3 +1797,240 @@ mod tests {
         }
     }
 }
+
+/// A lost batch answer against a scripted fake node on 127.0.0.1 (real TCP and frame codec):
+/// the resend goes, as first built, to the range it was sent to.
+#[cfg(test)]
+mod resend_tests {
+    use super::*;
+    use bytes::BytesMut;
+    use proto::clientpb::{
+        ClientError as WireError, ClientRequest_oneof_kind, ClientResponse, KvReply, LookupReply,
+    };
+    use proto::frame::{self, FrameDecoder};
+    use proto::metapb::Member;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// What the fake (at the address given) does with the `n`th kv request: answer, or close
+    /// the connection unanswered (`None`: the answer is lost).
+    type Script = Arc<
+        dyn Fn(usize, &KvRequest, SocketAddr) -> Option<ClientResponse_oneof_kind> + Send + Sync,
+    >;
+
+    fn range(id: u64, lo: &[u8], hi: &[u8], epoch: u64, me: SocketAddr) -> RangeDescriptor {
+        let mut r = RangeDescriptor::new();
+        r.id = id;
+        r.collection = 1;
+        r.lo = Bytes::copy_from_slice(lo);
+        r.hi = Bytes::copy_from_slice(hi);
+        r.epoch = epoch;
+        let mut m = Member::new();
+        m.node = 1;
+        m.client_addr = me.to_string();
+        r.members.push(m);
+        r
+    }
+
+    /// A node holding collection `c` (prefix `c/`) in range 1 `[c/, c0)` until the first kv
+    /// request arrives; then range 1 `[c/, c/m)` (epoch 2) and range 2 `[c/m, c0)`: the split.
+    /// Returns its address and the kv requests it saw.
+    async fn fake(script: Script) -> (SocketAddr, Arc<Mutex<Vec<KvRequest>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let me = l.local_addr().expect("addr");
+        let seen: Arc<Mutex<Vec<KvRequest>>> = Arc::default();
+        let s2 = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = l.accept().await {
+                let (script, seen) = (script.clone(), s2.clone());
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    let mut dec = FrameDecoder::new(1 << 20);
+                    loop {
+                        while let Ok(Some(p)) = dec.decode(&mut buf) {
+                            let req: ClientRequest = frame::decode_message(&p).expect("request");
+                            let kind = match &req.kind {
+                                Some(ClientRequest_oneof_kind::kv(k)) => {
+                                    let n = {
+                                        let mut s = seen.lock();
+                                        s.push(k.clone());
+                                        s.len() - 1
+                                    };
+                                    match script(n, k, me) {
+                                        Some(kind) => kind,
+                                        None => return,
+                                    }
+                                }
+                                Some(ClientRequest_oneof_kind::lookup(l)) => {
+                                    let split = !seen.lock().is_empty();
+                                    let r = match (split, l.key.as_ref() >= b"m".as_slice()) {
+                                        (false, _) => range(1, b"c/", b"c0", 1, me),
+                                        (true, false) => range(1, b"c/", b"c/m", 2, me),
+                                        (true, true) => range(2, b"c/m", b"c0", 1, me),
+                                    };
+                                    let mut lr = LookupReply::new();
+                                    let mut c = CollectionDescriptor::new();
+                                    c.id = 1;
+                                    c.name = "c".into();
+                                    c.prefix = Bytes::from_static(b"c/");
+                                    lr.set_collection(c);
+                                    lr.set_range(r);
+                                    ClientResponse_oneof_kind::lookup(lr)
+                                }
+                                _ => return,
+                            };
+                            let mut r = ClientResponse::new();
+                            r.id = req.id;
+                            r.kind = Some(kind);
+                            let mut out = Vec::new();
+                            frame::encode_message(&r, 1 << 20, &mut out).expect("encode");
+                            if sock.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                        match sock.read_buf(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                    }
+                });
+            }
+        });
+        (me, seen)
+    }
+
+    fn kv_reply(resp: kvpb::Response) -> Option<ClientResponse_oneof_kind> {
+        let mut k = KvReply::new();
+        k.response = resp.write_to_bytes().expect("encode").into();
+        Some(ClientResponse_oneof_kind::kv(k))
+    }
+
+    /// A batch reply: per op, its revision (applied at entry `index`) or `None` for
+    /// `KEY_OUT_OF_RANGE`.
+    fn batch_reply(index: u64, slots: &[Option<u64>]) -> Option<ClientResponse_oneof_kind> {
+        let mut b = kvpb::BatchResult::new();
+        for s in slots {
+            let mut r = kvpb::Response::new();
+            r.mut_header().applied_index = index;
+            match s {
+                Some(rev) => {
+                    r.mut_header().revision = *rev;
+                    r.set_put(kvpb::PutResult::new());
+                }
+                None => {
+                    let mut e = kvpb::Error::new();
+                    e.code = kvpb::ErrorCode::KEY_OUT_OF_RANGE;
+                    r.set_error(e);
+                }
+            }
+            b.results.push(r);
+        }
+        let mut resp = kvpb::Response::new();
+        resp.set_batch(b);
+        kv_reply(resp)
+    }
+
+    fn keys(k: &KvRequest) -> Vec<Bytes> {
+        let c = kvpb::Command::parse_from_carllerche_bytes(&k.command).expect("command");
+        c.get_batch()
+            .ops
+            .iter()
+            .map(|o| o.get_put().key.clone())
+            .collect()
+    }
+
+    fn id(k: &KvRequest) -> (u64, u32) {
+        let c = kvpb::Command::parse_from_carllerche_bytes(&k.command).expect("command");
+        (c.get_request_id().seq, c.get_request_id().attempt)
+    }
+
+    fn ops() -> Vec<BatchOp> {
+        ["z", "a"]
+            .iter()
+            .map(|k| BatchOp::Put {
+                key: Bytes::from_static(k.as_bytes()),
+                value: Bytes::from_static(b"v"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_lost_batch_is_resent_whole_to_its_range_after_a_split() {
+        let script: Script = Arc::new(|n, _, me| match n {
+            // The first send: answer lost (the range splits meanwhile, see `fake`).
+            0 => None,
+            // A node refusing the resend with the range's newer descriptor: the client follows
+            // it (members) but sends the same command again, not rebuilt for the new bounds.
+            1 => {
+                let mut e = WireError::new();
+                e.code = ClientError_Code::WRONG_RANGE;
+                e.set_range(range(1, b"c/", b"c/m", 2, me));
+                Some(ClientResponse_oneof_kind::error(e))
+            }
+            // Range 1 applies `a` and refuses `z` (moved); the daughter applies `z`.
+            2 => batch_reply(7, &[None, Some(5)]),
+            _ => batch_reply(3, &[Some(2)]),
+        });
+        let (me, seen) = fake(script).await;
+        let cl = Client::new(vec![me], Duration::from_secs(10)).expect("client");
+        let got = cl.kv("c").batch(&ops()).await.expect("batch");
+        let sent = seen.lock().clone();
+        assert_eq!(sent.len(), 4, "{sent:?}");
+        // One command, one id, both keys, to range 1 on every send; then `z` alone, a new id.
+        let both = vec![Bytes::from_static(b"c/z"), Bytes::from_static(b"c/a")];
+        for (i, k) in sent[..3].iter().enumerate() {
+            assert_eq!((k.range, keys(k)), (1, both.clone()), "send {i}");
+        }
+        let seq = id(&sent[0]).0;
+        assert_eq!(
+            sent[..3].iter().map(id).collect::<Vec<_>>(),
+            vec![(seq, 0), (seq, 1), (seq, 1)]
+        );
+        assert_eq!((sent[3].range, keys(&sent[3])), (2, vec![both[0].clone()]));
+        assert_eq!(id(&sent[3]).1, 0);
+        assert_ne!(id(&sent[3]).0, seq);
+        assert_eq!(
+            got,
+            vec![
+                Ok(OpApplied {
+                    revision: 2,
+                    range: 2,
+                    applied_index: 3
+                }),
+                Ok(OpApplied {
+                    revision: 5,
+                    range: 1,
+                    applied_index: 7
+                }),
+            ]
+        );
+        assert_eq!(cl.regrouped_batch_ops(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_batch_whose_id_expired_is_an_unknown_outcome() {
+        let script: Script = Arc::new(|n, _, _| match n {
+            0 => None,
+            _ => {
+                let mut e = kvpb::Error::new();
+                e.code = kvpb::ErrorCode::REQUEST_EXPIRED;
+                e.why = "request id expired".into();
+                let mut r = kvpb::Response::new();
+                r.set_error(e);
+                kv_reply(r)
+            }
+        });
+        let (me, seen) = fake(script).await;
+        let cl = Client::new(vec![me], Duration::from_secs(10)).expect("client");
+        let got = cl.kv("c").batch(&ops()).await.expect("batch");
+        assert!(
+            got.iter()
+                .all(|r| matches!(r, Err(ClientError::UnknownOutcome(_)))),
+            "{got:?}"
+        );
+        let sent = seen.lock().clone();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[1].range, 1);
+        assert_eq!(id(&sent[1]).1, 1);
+    }
+}
