@@ -107,6 +107,9 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     /// Extra `--flag value` pairs for every node.
     pub flags: Vec<(String, String)>,
+    /// Extra environment variables for every node started from now on (fault-injection
+    /// knobs such as `QUIVER_TEST_SPLIT_IMAGE_DELAY_MS`).
+    pub env: Vec<(String, String)>,
     pub proxy: Proxy,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -161,6 +164,7 @@ impl Cluster {
             secret,
             nodes,
             flags,
+            env: Vec::new(),
             proxy,
             _tmp: tmp,
         };
@@ -202,6 +206,7 @@ impl Cluster {
             flags: &self.flags,
         })
         .unwrap_or_else(|e| panic!("node {i}: {e}"));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.exe.display()));

@@ -403,6 +403,20 @@ impl KvReader {
     }
 }
 
+/// Fault injection for process tests: `QUIVER_TEST_SPLIT_IMAGE_DELAY_MS=n` makes a logged
+/// split's image thread wait `n` ms before it writes the daughter's image, so a test can kill
+/// a node while a daughter serves but its image is not written yet
+/// (`tests/tests/split_image_crash.rs`). Read once per process; unset, nothing waits.
+fn split_image_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("QUIVER_TEST_SPLIT_IMAGE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
 /// A logged-mode image write running off the applying thread ([`KvStore::persist_background`],
 /// and the two images of a split: [`KvStore::split_off_as`]).
 #[derive(Debug)]
@@ -1207,6 +1221,9 @@ impl KvStore {
             .name("kv-image".into())
             .spawn(move || {
                 let never = AtomicBool::new(false);
+                if let Some(d) = split_image_delay() {
+                    std::thread::sleep(d);
+                }
                 let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     snapshot::write_image(&right_dir, right_snap, Some(&never))
                 }))
