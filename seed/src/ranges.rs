@@ -421,11 +421,19 @@ impl KvStateMachine {
             }
         };
         let conf = Bytes::from(conf);
+        let t0 = std::time::Instant::now();
         match self
             .store
             .split_off_as(index, term, &s.at, cfg, Some(conf.clone()))
         {
             Ok(mut right) => {
+                tracing::info!(
+                    range = me.range,
+                    daughter = s.daughter,
+                    index,
+                    apply_ms = t0.elapsed().as_millis() as u64,
+                    "split applied here"
+                );
                 // Written once, with the daughter's membership. A right half reused from
                 // before a crash may carry the parent's (built before `split_off_as` set it):
                 // then set it and write it again.
