@@ -298,6 +298,13 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
                     });
                 }
                 let range = KeyRange::etcd(d.key.clone(), d.range_end.clone());
+                // Routing checked the span against the range; a split applied since may have
+                // moved part of it away. Deleting only the part still here and answering
+                // success would leave the moved keys behind: refused, nothing deleted, the
+                // client routes the delete again.
+                if !ctx.st.bounds.covers(&range) {
+                    return Err(KvError::KeyOutOfRange);
+                }
                 let keys: Vec<Bytes> = if range.is_empty() {
                     Vec::new()
                 } else {

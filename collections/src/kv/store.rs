@@ -1407,6 +1407,52 @@ mod tests {
         })
     }
 
+    /// A range delete whose span a split cut (routing saw the whole span in the range, the
+    /// split applied before the delete did) is refused whole: deleting the part still held
+    /// and answering success would leave the moved keys behind.
+    #[test]
+    fn range_deletes_reaching_past_the_bounds_after_a_split_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut left = KvStore::open(KvConfig::memory()).unwrap();
+        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
+            put(&mut left, i as u64 + 1, k);
+        }
+        let cfg = KvConfig::with(Persistence::Logged {
+            dir: dir.path().join("r"),
+        });
+        let mut right = left.split_off(5, 1, b"d", cfg).unwrap();
+        let del = |s: &mut KvStore, index: u64, k: &[u8], end: &[u8]| {
+            let c = cmd::encode(&cmd::delete(k, end));
+            let r = s.apply(index, 1, 0, &c).unwrap();
+            proto::kvpb::Response::parse_from_bytes(&r).unwrap()
+        };
+        // Past the left half's end, or to the end of the key space: refused, nothing deleted.
+        for (i, end) in [&b"f"[..], b"\0"].iter().enumerate() {
+            let r = del(&mut left, 6 + i as u64, b"a", end);
+            assert_eq!(
+                r.get_error().code,
+                proto::kvpb::ErrorCode::KEY_OUT_OF_RANGE,
+                "{r:?}"
+            );
+        }
+        assert!(left.get(b"a", 0).unwrap().0.is_some());
+        // Below the right half's start: refused.
+        let r = del(&mut right, 6, b"c", b"f");
+        assert_eq!(
+            r.get_error().code,
+            proto::kvpb::ErrorCode::KEY_OUT_OF_RANGE,
+            "{r:?}"
+        );
+        assert!(right.get(b"e", 0).unwrap().0.is_some());
+        // Inside: applied.
+        let r = del(&mut left, 8, b"a", b"d");
+        assert!(!r.has_error(), "{r:?}");
+        assert_eq!(r.get_delete().deleted, 2);
+        let r = del(&mut right, 7, b"d", b"\0");
+        assert!(!r.has_error(), "{r:?}");
+        assert_eq!(r.get_delete().deleted, 2);
+    }
+
     #[test]
     fn reads_outside_the_bounds_after_a_split_are_refused() {
         let dir = tempfile::tempdir().unwrap();
