@@ -26,8 +26,9 @@
 //! - [`status`]: the `Status` request's answer (meta's records and leader as this node sees them,
 //!   and the leader and term each local replica believes).
 //! - [`kv_port`]: the client port's collection requests: CreateCollection, Lookup, and KV
-//!   commands routed to a range's replica (epoch, meta's and the store's bounds checked, leader
-//!   or follower reads; keys moved away by a split answered `WRONG_RANGE`).
+//!   commands routed to a range's replica (epoch, meta's and the store's bounds checked, except
+//!   a resent batch, which goes to the range it was first sent to; leader or follower reads;
+//!   keys moved away by a split answered `WRONG_RANGE`).
 //! - [`watch_port`]: the client port's watch long-poll on one range's history (any replica;
 //!   events, wait for the next change, resync in pages; a revision too large for one reply is
 //!   cut in key order; bounds re-checked after the read).
