@@ -1,6 +1,7 @@
 //! The KV client's routing and retry rules against scripted fake nodes on 127.0.0.1 (real
 //! TCP, the real frame codec): a write whose answer is lost is resent with the same request
-//! id; `UnknownOutcome` only when the budget runs out or the id expired; NOT_LEADER and
+//! id (a batch whole, to the range it went to, also after a split separated its keys);
+//! `UnknownOutcome` only when the budget runs out or the id expired; NOT_LEADER and
 //! WRONG_RANGE back off and are bounded by the timeout, not a hop count; a newer descriptor in
 //! WRONG_RANGE replaces the cached one; follower reads go round robin and report where and at
 //! which applied index they were served; scans stream page by page across ranges.
@@ -576,4 +577,161 @@ async fn a_put_with_a_ttl_carries_it_in_milliseconds() {
         .map(|(_, cmd)| cmd.get_put().ttl_ms)
         .collect();
     assert_eq!(ttls, vec![0, 1500, 1]);
+}
+
+/// A node for the lost-batch tests: collection `c` in range 1 `[c/, c0)` until the first kv
+/// request arrives; then range 1 `[c/, c/m)` (epoch 2) and range 2 `[c/m, c0)`: the split.
+/// `kv(n, me)` answers the `n`th kv request (`me`: this node's address).
+async fn splitting(kv: impl Fn(usize, SocketAddr) -> Action + Send + Sync + 'static) -> Fake {
+    let l = bind().await;
+    let me = l.local_addr().expect("addr");
+    let n = Arc::new(Mutex::new(0usize));
+    serve(
+        l,
+        Arc::new(move |_, req| match &req.kind {
+            Some(ClientRequest_oneof_kind::kv(_)) => {
+                let i = {
+                    let mut n = n.lock();
+                    *n += 1;
+                    *n - 1
+                };
+                kv(i, me)
+            }
+            Some(ClientRequest_oneof_kind::lookup(l)) => {
+                let split = *n.lock() > 0;
+                lookup_reply(match (split, l.key.as_ref() >= b"m".as_slice()) {
+                    (false, _) => range(1, b"c/", b"c0", 1, &[me]),
+                    (true, false) => range(1, b"c/", b"c/m", 2, &[me]),
+                    (true, true) => range(2, b"c/m", b"c0", 1, &[me]),
+                })
+            }
+            _ => Action::Drop,
+        }),
+    )
+}
+
+/// A batch reply: per op, its revision (applied at entry `index`) or `None` for
+/// `KEY_OUT_OF_RANGE`.
+fn batch_reply(index: u64, slots: &[Option<u64>]) -> Action {
+    let mut b = kvpb::BatchResult::new();
+    for s in slots {
+        let mut r = kvpb::Response::new();
+        r.mut_header().applied_index = index;
+        match s {
+            Some(rev) => {
+                r.mut_header().revision = *rev;
+                r.set_put(kvpb::PutResult::new());
+            }
+            None => {
+                let mut e = kvpb::Error::new();
+                e.code = kvpb::ErrorCode::KEY_OUT_OF_RANGE;
+                r.set_error(e);
+            }
+        }
+        b.results.push(r);
+    }
+    let mut resp = kvpb::Response::new();
+    resp.set_batch(b);
+    kv_reply(&resp)
+}
+
+/// The keys of a batch command, and its request id's (seq, attempt).
+fn batch_sent(k: &(KvRequest, kvpb::Command)) -> (u64, Vec<Bytes>, (u64, u32)) {
+    let keys =
+        k.1.get_batch()
+            .ops
+            .iter()
+            .map(|o| o.get_put().key.clone())
+            .collect();
+    let id = k.1.get_request_id();
+    (k.0.range, keys, (id.seq, id.attempt))
+}
+
+fn two_puts() -> Vec<client::BatchOp> {
+    ["z", "a"]
+        .iter()
+        .map(|k| client::BatchOp::Put {
+            key: Bytes::from_static(k.as_bytes()),
+            value: Bytes::from_static(b"v"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_lost_batch_is_resent_whole_to_its_range_after_a_split() {
+    let f = splitting(|n, me| match n {
+        // The first send: answer lost (the range splits meanwhile, see `splitting`).
+        0 => Action::Drop,
+        // A node refusing the resend with the range's newer descriptor: the client follows
+        // it (members) but sends the same command again, not rebuilt for the new bounds.
+        1 => wire_error(
+            ClientError_Code::WRONG_RANGE,
+            "",
+            Some(range(1, b"c/", b"c/m", 2, &[me])),
+        ),
+        // Range 1 applies `a` and refuses `z` (moved); the daughter applies `z`.
+        2 => batch_reply(7, &[None, Some(5)]),
+        _ => batch_reply(3, &[Some(2)]),
+    })
+    .await;
+    let cl = client(&[f.addr], 10_000);
+    let got = cl.kv("c").batch(&two_puts()).await.expect("batch");
+    let sent: Vec<_> = f.kvs().iter().map(batch_sent).collect();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    // One command, one id, both keys, to range 1 on every send; then `z` alone, a new id.
+    let both = vec![Bytes::from_static(b"c/z"), Bytes::from_static(b"c/a")];
+    for (i, s) in sent[..3].iter().enumerate() {
+        assert_eq!((s.0, s.1.clone()), (1, both.clone()), "send {i}");
+    }
+    let seq = sent[0].2 .0;
+    assert_eq!(
+        sent[..3].iter().map(|s| s.2).collect::<Vec<_>>(),
+        vec![(seq, 0), (seq, 1), (seq, 1)]
+    );
+    assert_eq!((sent[3].0, sent[3].1.clone()), (2, vec![both[0].clone()]));
+    assert_eq!(sent[3].2 .1, 0);
+    assert_ne!(sent[3].2 .0, seq);
+    assert_eq!(
+        got,
+        vec![
+            Ok(client::OpApplied {
+                revision: 2,
+                range: 2,
+                applied_index: 3
+            }),
+            Ok(client::OpApplied {
+                revision: 5,
+                range: 1,
+                applied_index: 7
+            }),
+        ]
+    );
+    assert_eq!(cl.regrouped_batch_ops(), 1);
+}
+
+#[tokio::test]
+async fn a_lost_batch_whose_id_expired_is_an_unknown_outcome() {
+    let f = splitting(|n, _| match n {
+        0 => Action::Drop,
+        _ => {
+            let mut e = kvpb::Error::new();
+            e.code = kvpb::ErrorCode::REQUEST_EXPIRED;
+            e.why = "request id expired".into();
+            let mut r = kvpb::Response::new();
+            r.set_error(e);
+            kv_reply(&r)
+        }
+    })
+    .await;
+    let cl = client(&[f.addr], 10_000);
+    let got = cl.kv("c").batch(&two_puts()).await.expect("batch");
+    assert!(
+        got.iter()
+            .all(|r| matches!(r, Err(ClientError::UnknownOutcome(_)))),
+        "{got:?}"
+    );
+    let sent: Vec<_> = f.kvs().iter().map(batch_sent).collect();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1].0, 1);
+    assert_eq!(sent[1].2 .1, 1);
 }
