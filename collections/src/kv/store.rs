@@ -1092,14 +1092,18 @@ impl KvStore {
                 "the right half's data dir is not empty",
             ));
         }
-        let logged = matches!(self.cfg.persistence, Persistence::Logged { .. });
-        let right_logged = matches!(right_store.cfg.persistence, Persistence::Logged { .. });
         // Values loaded from the data log and streamed into the right half's store: in
         // persistent mode the right half never sits in memory as a whole.
         let streamed = matches!(self.cfg.persistence, Persistence::Persistent { .. })
             || matches!(right_store.cfg.persistence, Persistence::Persistent { .. });
-        let both_images = logged && right_logged && !streamed && !reuse_right;
-        if both_images {
+        // Both halves logged: both images are written off this thread (the dirs: left, right).
+        let both_images = match (&self.cfg.persistence, &right_store.cfg.persistence) {
+            (Persistence::Logged { dir: l }, Persistence::Logged { dir: r }) if !reuse_right => {
+                Some((l.clone(), r.clone()))
+            }
+            _ => None,
+        };
+        if both_images.is_some() {
             // An image write in flight describes the state before the split: the left half's
             // image supersedes it. Stopped before the state is locked (its thread reads it).
             self.cancel_job()?;
@@ -1130,7 +1134,7 @@ impl KvStore {
             drop(view);
             self.keep_left(&mut st, index, term, bounds.lo, at)?;
             drop(st);
-            self.persist_left(logged)?;
+            self.persist_left()?;
             return Ok(right_store);
         }
         // The right half's entries and history. Values are shared (`Bytes`), not copied: the
@@ -1156,25 +1160,25 @@ impl KvStore {
             drop(st);
             let chunks = std::iter::from_fn(|| image.next_chunk(1 << 20).transpose());
             right_store.restore_chunks(chunks)?;
-            self.persist_left(logged)?;
+            self.persist_left()?;
             return Ok(right_store);
         }
         self.keep_left(&mut st, index, term, bounds.lo, at)?;
         drop(st);
         right_store.install(view);
-        if both_images {
-            self.write_split_images(&mut right_store)?;
+        if let Some((left_dir, right_dir)) = both_images {
+            self.write_split_images(&mut right_store, left_dir, right_dir)?;
         } else {
             right_store.persist()?;
-            self.persist_left(logged)?;
+            self.persist_left()?;
         }
         Ok(right_store)
     }
 
     /// After a split whose right half exists already: the left half made durable (in logged
     /// mode in the background, [`KvStore::persist_background`]).
-    fn persist_left(&mut self, logged: bool) -> Result<ApplyState> {
-        if logged {
+    fn persist_left(&mut self) -> Result<ApplyState> {
+        if matches!(self.cfg.persistence, Persistence::Logged { .. }) {
             self.persist_background()
         } else {
             self.persist()
@@ -1189,7 +1193,8 @@ impl KvStore {
     }
 
     /// Logged mode, a split just applied: writes the right half's image (`right`, a daughter
-    /// just [`KvStore::install`]ed) and then this store's left half, both on one thread of
+    /// just [`KvStore::install`]ed, into `right_dir`) and then this store's left half (into
+    /// `left_dir`), both on one thread of
     /// their own, so the applying thread does not write either (a 45 MB half took it
     /// 170-190 ms, and every replica applies the split).
     ///
@@ -1201,15 +1206,12 @@ impl KvStore {
     /// not as itself but leaves it to the parent, whose replay builds the right half again
     /// (`seed::ranges`). The daughter's image is never cancelled ([`JobWait::Handed`]); if it
     /// fails, both stores are poisoned (the parent cannot make its split durable).
-    fn write_split_images(&mut self, right: &mut KvStore) -> Result<()> {
-        let (Persistence::Logged { dir: left_dir }, Persistence::Logged { dir: right_dir }) =
-            (self.cfg.persistence.clone(), right.cfg.persistence.clone())
-        else {
-            return Err(KvError::invalid(
-                "right",
-                "both halves must be logged stores",
-            ));
-        };
+    fn write_split_images(
+        &mut self,
+        right: &mut KvStore,
+        left_dir: std::path::PathBuf,
+        right_dir: std::path::PathBuf,
+    ) -> Result<()> {
         let right_snap = right.reader.snapshot();
         let left_snap = self.reader.snapshot();
         let right_apply = right_snap.apply_state().clone();
@@ -1407,20 +1409,25 @@ mod tests {
         })
     }
 
+    /// A memory store holding a, c, e, g (entries 1-4) split at `d` (entry 5) into a logged
+    /// right half in `dir`.
+    fn split_aceg_at_d(dir: &std::path::Path) -> (KvStore, KvStore) {
+        let mut left = KvStore::open(KvConfig::memory()).unwrap();
+        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
+            put(&mut left, i as u64 + 1, k);
+        }
+        let cfg = KvConfig::with(Persistence::Logged { dir: dir.join("r") });
+        let right = left.split_off(5, 1, b"d", cfg).unwrap();
+        (left, right)
+    }
+
     /// A range delete whose span a split cut (routing saw the whole span in the range, the
     /// split applied before the delete did) is refused whole: deleting the part still held
     /// and answering success would leave the moved keys behind.
     #[test]
     fn range_deletes_reaching_past_the_bounds_after_a_split_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut left = KvStore::open(KvConfig::memory()).unwrap();
-        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
-            put(&mut left, i as u64 + 1, k);
-        }
-        let cfg = KvConfig::with(Persistence::Logged {
-            dir: dir.path().join("r"),
-        });
-        let mut right = left.split_off(5, 1, b"d", cfg).unwrap();
+        let (mut left, mut right) = split_aceg_at_d(dir.path());
         let del = |s: &mut KvStore, index: u64, k: &[u8], end: &[u8]| {
             let c = cmd::encode(&cmd::delete(k, end));
             let r = s.apply(index, 1, 0, &c).unwrap();
@@ -1456,14 +1463,7 @@ mod tests {
     #[test]
     fn reads_outside_the_bounds_after_a_split_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut left = KvStore::open(KvConfig::memory()).unwrap();
-        for (i, k) in [&b"a"[..], b"c", b"e", b"g"].iter().enumerate() {
-            put(&mut left, i as u64 + 1, k);
-        }
-        let cfg = KvConfig::with(Persistence::Logged {
-            dir: dir.path().join("r"),
-        });
-        let right = left.split_off(5, 1, b"d", cfg).unwrap();
+        let (left, right) = split_aceg_at_d(dir.path());
         assert_eq!(left.live_bytes(), left.range_stats().bytes);
         assert_eq!(right.live_bytes(), right.range_stats().bytes);
         // Point reads: inside answered, outside refused (never an empty answer).
