@@ -35,8 +35,9 @@
 //!     and is recorded: a first send applied later is a duplicate and changes nothing.
 //!
 //!   Apply checks each single-key op against the store's bounds, so no key outside them is
-//!   ever written; a batch holding a range delete (which would delete only the part the
-//!   store still holds) is routed by its keys even when resent.
+//!   ever written. A batch holding a range delete is routed by its keys even when resent
+//!   (apply would refuse the delete whole if a split cut its span, but nothing needs such a
+//!   batch resent across a split: the Rust client's batches hold single keys only).
 //!   A delete's `range_end` or a scan's `end` of `"\0"` (to the end of the key space: no
 //!   range holds that) or at/below its start key is `INVALID_ARGUMENT` with the field named.
 //!   `NOT_LEADER{hint}` when a write or a leader read
@@ -474,7 +475,7 @@ fn routing(cmd: &kvpb::Command) -> Routing {
         return Routing::KeysInRange;
     };
     // Apply checks each of these ops' key against the store's bounds (`KEY_OUT_OF_RANGE` in
-    // its slot, not applied); a range delete would only delete the part the store holds.
+    // its slot, not applied); a range delete keeps the key check (see the module doc).
     let single_keys = b.ops.iter().all(|c| match &c.op {
         Some(Command_oneof_op::put(_) | Command_oneof_op::cas(_)) => true,
         Some(Command_oneof_op::delete(d)) => d.range_end.is_empty(),
