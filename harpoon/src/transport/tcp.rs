@@ -13,6 +13,13 @@
 //! 4. On a connect, handshake or write error it drops what was queued (raft retransmits),
 //!    fails the snapshots in flight (`report_snapshot(Failure)`) and calls
 //!    `report_unreachable`. A snapshot whose last chunk was written gets `Finish`.
+//! 5. Direct writes: while the writer is idle (connected, nothing queued, no snapshot
+//!    streaming) it lends its connection to `send`, which then encodes the batch and writes it
+//!    itself with one non-blocking `try_write`, so a lone message costs no wake-up of a
+//!    runtime worker (two per raft round trip; a 1-client put went from 0.64-0.69 to
+//!    0.53-0.57 ms p50). The writer takes the connection back, under the peer lock, before
+//!    it writes anything itself; a frame the socket took only part of is finished by the
+//!    writer before anything else, and a failed direct write is handled like its own.
 //!
 //! # Receiving (one task per accepted connection)
 //! 1. Handshake as the server: nothing the dialer sends is acted on before it has proven the
@@ -32,7 +39,7 @@ mod snapshot;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,8 +52,8 @@ use proto::{CellId, NodeId};
 use protobuf::Message as _;
 use raft::eraftpb::MessageType;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
@@ -225,8 +232,11 @@ pub struct TcpStats {
     pub msgs_sent: u64,
     /// `RaftBatch` frames written: `msgs_sent / raft_frames` is the coalescing factor.
     pub raft_frames: u64,
-    /// Write rounds (one `write_all` each).
+    /// Write rounds (one `write_all` each), direct writes included.
     pub writes: u64,
+    /// Batches written by the sending thread itself ([`Transport::send`] on an idle
+    /// connection), without waking the writer task.
+    pub direct_writes: u64,
     pub bytes_written: u64,
     /// Messages dropped because the peer's queue was full.
     pub dropped_queue_full: u64,
@@ -260,6 +270,7 @@ struct Counters {
     msgs_sent: AtomicU64,
     raft_frames: AtomicU64,
     writes: AtomicU64,
+    direct_writes: AtomicU64,
     bytes_written: AtomicU64,
     dropped_queue_full: AtomicU64,
     dropped_unreachable: AtomicU64,
@@ -289,6 +300,7 @@ impl Counters {
             msgs_sent: g(&self.msgs_sent),
             raft_frames: g(&self.raft_frames),
             writes: g(&self.writes),
+            direct_writes: g(&self.direct_writes),
             bytes_written: g(&self.bytes_written),
             dropped_queue_full: g(&self.dropped_queue_full),
             dropped_unreachable: g(&self.dropped_unreachable),
@@ -333,6 +345,8 @@ struct Shared {
     inbound: Mutex<HashMap<NodeId, (u64, Arc<Notify>)>>,
     next_conn: AtomicU64,
     tasks: Mutex<JoinSet<()>>,
+    /// Set by [`TcpTransport::shutdown`]: no direct write starts after it.
+    shut: AtomicBool,
     stats: Counters,
 }
 
@@ -353,11 +367,28 @@ struct PeerState {
     /// Snapshot failures decided in `send`, reported by the writer (never on the sender's
     /// thread).
     failed_snapshots: Vec<CellId>,
+    /// The connection, lent by the writer while it is idle (connected, nothing queued, no
+    /// snapshot streaming): `send` then writes the batch itself (see [`Shared::write_direct`]).
+    /// The writer takes it back, under this lock, before it writes anything, so the two never
+    /// interleave bytes.
+    direct: Option<Arc<TcpStream>>,
+    /// Bytes of direct writes the socket did not take: the writer writes them first.
+    unwritten: Vec<u8>,
+    /// Messages in `unwritten`, counted as sent (or lost) by the writer.
+    unwritten_msgs: u64,
+    /// A direct write failed; the writer drops the connection. Messages lost with it.
+    direct_failed: Option<u64>,
+    /// Encode buffer of direct writes, kept between them.
+    direct_buf: Vec<u8>,
 }
 
 impl PeerState {
     fn has_work(&self) -> bool {
-        !self.msgs.is_empty() || !self.snapshots.is_empty() || !self.failed_snapshots.is_empty()
+        !self.msgs.is_empty()
+            || !self.snapshots.is_empty()
+            || !self.failed_snapshots.is_empty()
+            || !self.unwritten.is_empty()
+            || self.direct_failed.is_some()
     }
 }
 
@@ -384,6 +415,7 @@ impl TcpTransport {
                 inbound: Mutex::new(HashMap::new()),
                 next_conn: AtomicU64::new(0),
                 tasks: Mutex::new(JoinSet::new()),
+                shut: AtomicBool::new(false),
                 stats: Counters::default(),
             }),
         })
@@ -402,6 +434,8 @@ impl TcpTransport {
         if st.addr != Some(addr) {
             st.addr = Some(addr);
             st.addr_gen += 1;
+            // Nothing more goes to the old address; the writer reconnects on its next round.
+            st.direct = None;
         }
     }
 
@@ -465,7 +499,11 @@ impl TcpTransport {
 
     /// Stop every task of this transport. Queued messages are dropped.
     pub fn shutdown(&self) {
+        self.shared.shut.store(true, Ordering::Release);
         self.shared.tasks.lock().abort_all();
+        for peer in self.shared.peers.lock().values() {
+            peer.state.lock().direct = None;
+        }
     }
 }
 
@@ -486,6 +524,10 @@ impl Transport for TcpTransport {
         let mut full = 0;
         {
             let mut st = peer.state.lock();
+            let batch = match shared.write_direct(&mut st, batch) {
+                Some(rest) => rest,
+                None => return,
+            };
             for env in batch {
                 if env.msg.msg_type == MessageType::MsgSnapshot {
                     if st.snapshots.len() >= SNAPSHOT_QUEUE_LIMIT {
@@ -508,6 +550,68 @@ impl Transport for TcpTransport {
 }
 
 impl Shared {
+    /// Write `batch` to the peer's socket from the sending thread if the writer lent its
+    /// connection (it is idle): a lone write then costs no wake-up of a runtime worker, on
+    /// either end of a raft round trip. Returns what is left for the queue (`None`: nothing,
+    /// and the writer need not be woken). A socket that takes only part of the frame, or
+    /// fails, hands the rest (or the failure) to the writer.
+    fn write_direct(&self, st: &mut PeerState, batch: Vec<Envelope>) -> Option<Vec<Envelope>> {
+        if st.has_work()
+            || self.shut.load(Ordering::Acquire)
+            || batch
+                .iter()
+                .any(|e| e.msg.msg_type == MessageType::MsgSnapshot)
+        {
+            // Queued: the writer has work and owns the connection until it is idle again.
+            st.direct = None;
+            return Some(batch);
+        }
+        let Some(stream) = st.direct.clone() else {
+            return Some(batch);
+        };
+        let mut buf = std::mem::take(&mut st.direct_buf);
+        buf.clear();
+        let (consumed, sent) = encode_batch(self, &batch, &mut buf);
+        if !buf.is_empty() {
+            let stats = &self.stats;
+            let taken = match stream.try_write(&buf) {
+                Ok(n) => Some(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(0),
+                Err(e) => {
+                    tracing::debug!(node = %self.node, error = %e, "direct write to peer failed");
+                    st.direct_failed = Some(sent);
+                    None
+                }
+            };
+            if let Some(taken) = taken {
+                // The frame is started: its tail, if any, is the writer's to finish.
+                bump(&stats.writes, 1);
+                bump(&stats.direct_writes, 1);
+                bump(&stats.raft_frames, 1);
+                bump(&stats.bytes_written, taken as u64);
+                if taken == buf.len() {
+                    bump(&stats.msgs_sent, sent);
+                } else {
+                    // `unwritten` is empty here (no work queued): hand the buffer over.
+                    buf.drain(..taken);
+                    st.unwritten = std::mem::take(&mut buf);
+                    st.unwritten_msgs = sent;
+                }
+            }
+        }
+        if buf.capacity() <= SPARE_CAPACITY {
+            st.direct_buf = buf;
+        }
+        if !st.has_work() && consumed == batch.len() {
+            return None;
+        }
+        // The writer owns the connection again from here; what did not fit in the frame
+        // follows in its round.
+        st.direct = None;
+        let mut batch = batch;
+        Some(batch.split_off(consumed))
+    }
+
     /// The peer entry for `node`, created (with its writer task) on first use.
     fn peer(self: &Arc<Self>, node: NodeId) -> Arc<Peer> {
         let mut peers = self.peers.lock();
@@ -542,10 +646,10 @@ impl Shared {
     }
 }
 
-/// An established, authenticated connection to a peer.
+/// An established, authenticated connection to a peer. Shared so that the writer can lend it
+/// to direct writes while idle (`PeerState::direct`).
 struct Conn {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    stream: Arc<TcpStream>,
     addr_gen: u64,
 }
 
@@ -559,24 +663,46 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
     let mut buf: Vec<u8> = Vec::new();
     let mut spare: Vec<Envelope> = Vec::new();
     loop {
-        let (has_work, addr, addr_gen, failed) = {
+        let (has_work, addr, addr_gen, failed, direct_failed) = {
             let mut st = peer.state.lock();
+            // Take the connection back from direct writes before touching it.
+            st.direct = None;
             let failed = std::mem::take(&mut st.failed_snapshots);
-            (st.has_work(), st.addr, st.addr_gen, failed)
+            let direct_failed = st.direct_failed.take();
+            (st.has_work(), st.addr, st.addr_gen, failed, direct_failed)
         };
         for cell in failed {
             shared.report_snapshot(cell, peer.node, SnapshotStatus::Failure);
         }
+        if let Some(lost) = direct_failed {
+            conn = None;
+            fail(&shared, &peer, &mut snap, lost);
+            retry_at = Some(Instant::now() + backoff);
+            backoff = (backoff * 2).min(cfg.backoff_max);
+            continue;
+        }
         if !has_work && snap.is_none() {
-            match conn.as_mut() {
+            match conn.as_ref() {
                 Some(c) => {
-                    let mut probe = [0u8; 64];
+                    let notified = peer.notify.notified();
+                    tokio::pin!(notified);
+                    {
+                        // Lend the connection to direct writes while idle: checked and lent
+                        // under the lock, so a send in between either queued (and notified)
+                        // or finds the connection lent.
+                        let mut st = peer.state.lock();
+                        notified.as_mut().enable();
+                        if st.has_work() || st.addr_gen != c.addr_gen {
+                            continue;
+                        }
+                        st.direct = Some(c.stream.clone());
+                    }
                     tokio::select! {
                         biased;
-                        _ = peer.notify.notified() => {}
+                        _ = &mut notified => {}
                         // The server never sends after the handshake: any read result means
                         // the connection is gone (or the peer misbehaves).
-                        r = c.rd.read(&mut probe) => {
+                        r = read_probe(&c.stream) => {
                             tracing::debug!(node = %shared.node, peer = %peer.node, ?r, "peer connection closed");
                             conn = None;
                         }
@@ -594,6 +720,16 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
             }
         }
         if conn.is_none() {
+            {
+                // Bytes a direct write left are the tail of a frame on a connection that is
+                // gone: a new connection must not start with them.
+                let mut st = peer.state.lock();
+                if !st.unwritten.is_empty() {
+                    bump(&shared.stats.dropped_unreachable, st.unwritten_msgs);
+                    st.unwritten.clear();
+                    st.unwritten_msgs = 0;
+                }
+            }
             if let Some(at) = retry_at.take() {
                 tokio::time::sleep_until(at).await;
             }
@@ -602,10 +738,13 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
                 None => Err(TransportError::NoAddress { node: peer.node }),
             };
             match dialed {
-                Ok((rd, wr)) => {
+                Ok(stream) => {
                     bump(&shared.stats.connects, 1);
                     backoff = cfg.backoff_min;
-                    conn = Some(Conn { rd, wr, addr_gen });
+                    conn = Some(Conn {
+                        stream: Arc::new(stream),
+                        addr_gen,
+                    });
                 }
                 Err(e) => {
                     bump(&shared.stats.connect_failures, 1);
@@ -619,9 +758,14 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
         }
         let Some(c) = conn.as_mut() else { continue };
 
-        // Take everything queued: it all goes out in this round.
+        // Take everything queued: it all goes out in this round, after what direct writes
+        // left unwritten.
+        buf.clear();
+        let mut unwritten_msgs = 0;
         let mut msgs = {
             let mut st = peer.state.lock();
+            std::mem::swap(&mut buf, &mut st.unwritten);
+            std::mem::swap(&mut unwritten_msgs, &mut st.unwritten_msgs);
             if snap.is_none() {
                 if let Some(env) = st.snapshots.pop_front() {
                     let cell = env.cell;
@@ -637,9 +781,9 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
             // Swap in last round's emptied vector so sends do not regrow one every round.
             std::mem::replace(&mut st.msgs, std::mem::take(&mut spare))
         };
-        buf.clear();
         let (consumed, sent) = encode_batch(&shared, &msgs, &mut buf);
         let frames = u64::from(sent > 0);
+        let sent = sent + unwritten_msgs;
         if consumed < msgs.len() {
             // More than a frame's worth: the rest goes first in the next round.
             let mut rest = msgs.split_off(consumed);
@@ -672,7 +816,7 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
         if buf.is_empty() {
             continue;
         }
-        let written = match timeout(cfg.write_timeout, c.wr.write_all(&buf)).await {
+        let written = match timeout(cfg.write_timeout, write_all(&c.stream, &buf)).await {
             Ok(r) => r.map_err(TransportError::from),
             Err(_) => Err(TransportError::Timeout { during: "write" }),
         };
@@ -759,12 +903,35 @@ fn fail(shared: &Shared, peer: &Peer, snap: &mut Option<snapshot::Outgoing>, los
     shared.sink.report_unreachable(peer.node);
 }
 
+/// Write all of `buf` to a shared stream.
+async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Wait until a stream the peer should never write to has something to read (or an error):
+/// the connection is gone. Cancel safe.
+async fn read_probe(stream: &TcpStream) -> std::io::Result<usize> {
+    let mut probe = [0u8; 64];
+    loop {
+        stream.readable().await?;
+        match stream.try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            r => return r,
+        }
+    }
+}
+
 /// Connect to `to` at `addr` and run the dialer's side of the handshake.
-async fn dial(
-    shared: &Shared,
-    to: NodeId,
-    addr: SocketAddr,
-) -> Result<(OwnedReadHalf, OwnedWriteHalf), TransportError> {
+async fn dial(shared: &Shared, to: NodeId, addr: SocketAddr) -> Result<TcpStream, TransportError> {
     let cfg = &shared.cfg;
     let stream = timeout(cfg.connect_timeout, TcpStream::connect(addr))
         .await
@@ -780,7 +947,10 @@ async fn dial(
     .map_err(|_| TransportError::Timeout {
         during: "handshake",
     })??;
-    Ok((reader.into_inner(), wr))
+    reader
+        .into_inner()
+        .reunite(wr)
+        .map_err(|_| TransportError::Protocol("split halves of one socket do not reunite"))
 }
 
 /// One incoming connection: handshake, then frames until the peer closes or misbehaves.
