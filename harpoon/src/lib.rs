@@ -18,6 +18,8 @@
 //! - `node`: [`Node`], the public API (futures), and the router that is the transport's sink.
 //!   `Node::destroy_cell` destroys a replica on request (one removed while cut off never
 //!   applies its own removal).
+//! - [`round`]: work deferred to the end of a shard round (`round::defer`), for callers that
+//!   finish an answer on the shard thread instead of waking another thread for it.
 //! - `pack`: packed entries (several packable proposals in one raft entry): the envelope and
 //!   the context tag, their limits.
 //! - [`storage`]: the node's raft logs (`LogStore`) and per-cell raft storage. A node has
@@ -76,6 +78,7 @@ pub mod membership;
 mod metrics;
 mod node;
 mod pack;
+pub mod round;
 mod shard;
 pub mod state_machine;
 pub mod storage;

@@ -353,7 +353,7 @@ fn timed_sync(
 }
 
 /// The message of a caught panic.
-fn panic_reason(payload: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_reason(payload: &Box<dyn std::any::Any + Send>) -> String {
     payload
         .downcast_ref::<String>()
         .cloned()
@@ -416,9 +416,11 @@ impl Shard {
     pub(crate) fn run(mut self) {
         let tick = self.cfg.tick_interval;
         let mut next_tick = Instant::now() + tick;
+        crate::round::enable();
+        let mut deferred = false;
         loop {
             let now = Instant::now();
-            let wait = if self.touched.is_empty() {
+            let wait = if self.touched.is_empty() && !deferred {
                 next_tick.saturating_duration_since(now)
             } else {
                 Duration::ZERO
@@ -457,6 +459,9 @@ impl Shard {
             if let Err(e) = self.round() {
                 self.poison_with(&e);
             }
+            // What callers deferred to the end of the round (`crate::round`): the answers
+            // this round released are finished here, on this thread.
+            deferred = crate::round::run();
             if stop {
                 break;
             }
@@ -469,6 +474,7 @@ impl Shard {
         for c in self.cells.values_mut() {
             c.fail_all(&err);
         }
+        crate::round::finish();
     }
 
     fn fail_unsynced(&mut self, err: &Error) {
