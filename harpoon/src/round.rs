@@ -4,7 +4,8 @@
 //! caller that would rather finish its work on that thread than pay a wake-up of another
 //! thread per answer (the client port writes a request's response this way) queues a closure
 //! with [`defer`] from the waker the shard calls. The closure runs on the same thread at the
-//! end of the round, when the shard holds no lock and borrows no cell, in the order queued.
+//! end of the round (or earlier, just before the shard blocks on an inline log sync), when
+//! the shard holds no lock and borrows no cell, in the order queued.
 //! Closures queued while the queue runs (a flush after the responses it collects) run in
 //! later passes of the same round, at most [`PASSES`]; whatever is left runs at the end of the
 //! next round, which then does not wait for input.

@@ -1128,6 +1128,9 @@ impl Shard {
                     self.unsynced.push_back((seq, readies));
                 }
                 None => {
+                    // Answers this round released (deferred by their callers) go out
+                    // before the shard blocks on the disk.
+                    crate::round::run();
                     timed_sync(|| self.logs.durable.sync(), &self.metrics)?;
                     self.finish(readies, &mut late);
                 }

@@ -779,6 +779,37 @@ async fn stale_address_reaching_another_node_is_refused() {
     wait_until("delivered", || b.sink.count() == 1).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_address_is_used_even_while_the_old_connection_is_lent() {
+    let a = start(1, config(SECRET)).await;
+    let b = start(2, config(SECRET)).await;
+    connect_all(&[&a, &b]);
+    for i in 0..3 {
+        a.t.send(b.id, vec![append(&a, &b, i)]);
+        wait_until("message", || b.sink.count() == i as usize + 1).await;
+    }
+    assert!(
+        a.t.stats().direct_writes >= 1,
+        "the idle connection was lent"
+    );
+    // Node 2 moves (a new process on another port); the old one still listens.
+    let b2 = start(2, config(SECRET)).await;
+    a.t.set_peer_address(b.id, b2.addr);
+    for i in 3..6 {
+        a.t.send(b.id, vec![append(&a, &b2, i)]);
+        wait_until("message at the new address", || {
+            b2.sink.count() == i as usize - 2
+        })
+        .await;
+    }
+    assert_eq!(b2.sink.indexes_from(a.id), vec![3, 4, 5]);
+    assert_eq!(
+        b.sink.indexes_from(a.id),
+        vec![0, 1, 2],
+        "nothing more to the old address"
+    );
+}
+
 /// Throughput of one node pair; run by hand:
 /// `cargo test --release -p harpoon --test transport_tcp -- --ignored --nocapture throughput`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

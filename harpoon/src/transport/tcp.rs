@@ -692,7 +692,14 @@ async fn run_writer(shared: Arc<Shared>, peer: Arc<Peer>) {
                         // or finds the connection lent.
                         let mut st = peer.state.lock();
                         notified.as_mut().enable();
-                        if st.has_work() || st.addr_gen != c.addr_gen {
+                        if st.has_work() {
+                            continue;
+                        }
+                        if st.addr_gen != c.addr_gen {
+                            // The peer moved: nothing is lent to the old address, and the
+                            // next work dials the new one.
+                            drop(st);
+                            conn = None;
                             continue;
                         }
                         st.direct = Some(c.stream.clone());
