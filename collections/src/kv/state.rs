@@ -481,7 +481,7 @@ impl State {
             .collect()
     }
 
-    fn hist_size(key: &[u8], h: &Hist) -> u64 {
+    pub(crate) fn hist_size(key: &[u8], h: &Hist) -> u64 {
         key.len() as u64 + u64::from(h.meta.value_len)
     }
 

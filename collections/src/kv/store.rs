@@ -1137,22 +1137,27 @@ impl KvStore {
             self.persist_left()?;
             return Ok(right_store);
         }
-        // The right half's entries and history. Values are shared (`Bytes`), not copied: the
-        // left half drops its references just below.
-        for (k, e) in st.index.range(at.clone()..) {
-            view.index.insert(k.clone(), e.clone());
+        // The right half's entries and history, moved out of the parent's state: the index
+        // tree is split (no per-key tree operation), the history (ordered by revision)
+        // partitioned in one pass. A split of 22,000 keys and 16,000 events took the
+        // applying thread 17-26 ms when each entry was copied in and removed again.
+        view.index = st.index.split_off(&at);
+        for (k, e) in view.index.iter() {
             view.live_bytes += k.len() as u64 + u64::from(e.meta.value_len);
             if e.meta.expires_at_ms != 0 {
                 view.expiry.insert((e.meta.expires_at_ms, k.clone()));
             }
         }
-        for (k, h) in st
+        st.live_bytes = st.live_bytes.saturating_sub(view.live_bytes);
+        for deadline in &view.expiry {
+            st.expiry.remove(deadline);
+        }
+        view.history = st.history.extract(|(_, k), _| right_bounds.contains(k));
+        view.history_bytes = view
             .history
             .iter()
-            .filter(|((_, k), _)| right_bounds.contains(k))
-        {
-            view.insert_hist(k.0, k.1.clone(), h.clone());
-        }
+            .map(|((_, k), h)| State::hist_size(k, h))
+            .sum();
         if streamed {
             let mut image = SnapshotReader::capture(&view, shared.log.clone(), None);
             drop(view);

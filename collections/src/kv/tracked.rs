@@ -155,6 +155,32 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
         self.map.retain(|k, v| keep(k, v));
     }
 
+    /// Moves the entries at or above `at` into a new map (a range split's right half),
+    /// saved first for live captures like removals. The tree is split, not rebuilt: no
+    /// per-entry tree operation without a live capture.
+    pub(crate) fn split_off(&mut self, at: &K) -> Tracked<K, V> {
+        self.save_where(|k, _| k >= at);
+        Tracked {
+            map: self.map.split_off(at),
+            captures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Moves the entries for which `pick` holds into a new map, saved first for live
+    /// captures like removals. One pass, both maps rebuilt from their sorted runs: linear,
+    /// where removing and inserting each moved entry costs a tree walk each.
+    pub(crate) fn extract(&mut self, mut pick: impl FnMut(&K, &V) -> bool) -> Tracked<K, V> {
+        self.save_where(|k, v| pick(k, v));
+        let (out, keep): (Vec<(K, V)>, Vec<(K, V)>) = std::mem::take(&mut self.map)
+            .into_iter()
+            .partition(|(k, v)| pick(k, v));
+        self.map = keep.into_iter().collect();
+        Tracked {
+            map: out.into_iter().collect(),
+            captures: Mutex::new(Vec::new()),
+        }
+    }
+
     /// Registers a capture of the map as it is now; keys at or above `below` are left out.
     pub(crate) fn capture(&self, below: Option<K>) -> Capture<K, V> {
         let saved = Arc::new(Mutex::new(Saved {
@@ -323,6 +349,8 @@ mod tests {
         Read(usize),
         Capture,
         DropCapture,
+        SplitOff(u8),
+        ExtractOdd,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -336,6 +364,8 @@ mod tests {
             3 => (1usize..8).prop_map(Op::Read),
             1 => Just(Op::Capture),
             1 => Just(Op::DropCapture),
+            1 => (0u8..64).prop_map(Op::SplitOff),
+            1 => Just(Op::ExtractOdd),
         ]
     }
 
@@ -378,6 +408,20 @@ mod tests {
                     }
                     Op::Capture => caps.push((m.capture(below), expect(&m), VecDeque::new())),
                     Op::DropCapture => { if caps.len() > 1 { caps.remove(0); } }
+                    Op::SplitOff(at) => {
+                        let before: Vec<(u8, u32)> = m.iter().map(|(k, v)| (*k, *v)).collect();
+                        let right = m.split_off(&at);
+                        let (r, l): (Vec<_>, Vec<_>) = before.into_iter().partition(|(k, _)| *k >= at);
+                        prop_assert_eq!(right.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), r);
+                        prop_assert_eq!(m.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), l);
+                    }
+                    Op::ExtractOdd => {
+                        let before: Vec<(u8, u32)> = m.iter().map(|(k, v)| (*k, *v)).collect();
+                        let odd = m.extract(|k, _| k % 2 == 1);
+                        let (o, e): (Vec<_>, Vec<_>) = before.into_iter().partition(|(k, _)| k % 2 == 1);
+                        prop_assert_eq!(odd.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), o);
+                        prop_assert_eq!(m.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>(), e);
+                    }
                 }
             }
             let replacement: Tracked<u8, u32> = Tracked::default();
