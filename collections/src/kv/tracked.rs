@@ -171,9 +171,15 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
     /// where removing and inserting each moved entry costs a tree walk each.
     pub(crate) fn extract(&mut self, mut pick: impl FnMut(&K, &V) -> bool) -> Tracked<K, V> {
         self.save_where(|k, v| pick(k, v));
-        let (out, keep): (Vec<(K, V)>, Vec<(K, V)>) = std::mem::take(&mut self.map)
-            .into_iter()
-            .partition(|(k, v)| pick(k, v));
+        let mut out = Vec::new();
+        let mut keep = Vec::new();
+        for (k, v) in std::mem::take(&mut self.map) {
+            if pick(&k, &v) {
+                out.push((k, v));
+            } else {
+                keep.push((k, v));
+            }
+        }
         self.map = keep.into_iter().collect();
         Tracked {
             map: out.into_iter().collect(),
