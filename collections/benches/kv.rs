@@ -8,6 +8,9 @@
 //! etcd comparison's range after W1-W10: 100 000 live keys of 256 B and a full watch history
 //! (100 000 events): what a log-GC forced compaction costs the shard thread.
 //!
+//! Single puts to random keys of a 100,000-key store (a W2 follower's apply) run alone with
+//! `QUIVER_KV_BENCH_APPLY_ONLY=1`.
+//!
 //! Knobs: `QUIVER_KV_BENCH_OPS` (default 100 000 puts), `QUIVER_KV_BENCH_MB` (default 512 MiB
 //! of 64 KiB values for the memory check), `QUIVER_KV_BENCH_DIR` (default a temp dir).
 
@@ -76,6 +79,52 @@ fn throughput(name: &str, persistence: Persistence, ops: u64, batch: u64) {
         ops as f64 / secs,
         secs * 1e6 / ops as f64
     );
+}
+
+/// Single puts to random keys of a memory store holding 100,000 keys, the shape of a W2
+/// follower's apply (keys of 19 bytes as the etcd comparison writes them: an 8-byte collection
+/// prefix, `k` and 10 digits): what the index search costs when the key's path is not in cache.
+fn apply_random(ops: u64) {
+    let mut store = KvStore::open(config(Persistence::Memory)).expect("open");
+    let value = vec![7u8; 256];
+    let keys = 100_000u64;
+    let key = |i: u64| {
+        let mut k = vec![0, 0, 0, 0, 0, 0, 0, 2];
+        k.extend_from_slice(format!("k{i:010}").as_bytes());
+        k
+    };
+    let mut index = 0;
+    for i in 0..keys {
+        index += 1;
+        store
+            .apply(index, 1, 0, &cmd::encode(&cmd::put(&key(i), &value, 0)))
+            .expect("apply");
+    }
+    // A fixed LCG: the same keys in the same order in every run.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let cmds: Vec<Vec<u8>> = (0..ops)
+        .map(|_| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            // As the client sends a put: no previous value asked for.
+            let mut c = cmd::put(&key((x >> 33) % keys), &value, 0);
+            if let Some(proto::kvpb::Command_oneof_op::put(p)) = &mut c.op {
+                p.prev_kv = false;
+            }
+            cmd::encode(&c)
+        })
+        .collect();
+    for round in 0..3 {
+        let t = Instant::now();
+        for c in &cmds {
+            index += 1;
+            store.apply(index, 1, 0, c).expect("apply");
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "memory, random keys of 100,000 (round {round}): {ops} puts: {:.2} us/put",
+            secs * 1e6 / ops as f64
+        );
+    }
 }
 
 /// Times `snapshot()` (the capture under the read lock) and the encoding of the whole image.
@@ -189,10 +238,15 @@ fn main() {
         Ok(d) => tempfile::tempdir_in(d).expect("tempdir"),
         Err(_) => tempfile::tempdir().expect("tempdir"),
     };
+    if std::env::var("QUIVER_KV_BENCH_APPLY_ONLY").is_ok() {
+        apply_random(ops);
+        return;
+    }
     if std::env::var("QUIVER_KV_BENCH_SPLIT_ONLY").is_ok() {
         split(base.path());
         return;
     }
+    apply_random(ops);
     capture(base.path());
     split(base.path());
     if std::env::var("QUIVER_KV_BENCH_CAPTURE_ONLY").is_ok() {

@@ -245,7 +245,12 @@ fn deadline(now: u64, ttl_ms: u64) -> u64 {
 /// Removes `key` if its TTL passed (step 3 of the module doc): its own revision and event.
 fn expire_if_due(ctx: &mut Ctx<'_>, key: &Bytes) -> Result<()> {
     let now = ctx.st.clock_ms;
-    if ctx.st.index.get(key).is_some_and(|e| e.meta.expired(now)) {
+    if ctx
+        .st
+        .index
+        .get(&key[..])
+        .is_some_and(|e| e.meta.expired(now))
+    {
         let rev = ctx.st.next_revision()?;
         ctx.st.remove(key, rev, &mut ctx.changes);
     }
@@ -279,7 +284,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
                 check_key(ctx, &d.key)?;
                 let key = d.key.clone();
                 expire_if_due(ctx, &key)?;
-                if ctx.st.index.contains_key(&key) {
+                if ctx.st.index.contains_key(&key[..]) {
                     let rev = ctx.st.next_revision()?;
                     if let Some(prev) = ctx.st.remove(&key, rev, &mut ctx.changes) {
                         r.deleted = 1;
@@ -311,7 +316,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
                     ctx.st
                         .index
                         .range::<[u8], _>(range.bounds())
-                        .map(|(k, _)| k.clone())
+                        .map(|(k, _)| k.to_bytes())
                         .collect()
                 };
                 if !keys.is_empty() {
@@ -337,7 +342,7 @@ fn exec(ctx: &mut Ctx<'_>, op: Op, top: bool) -> Result<Res> {
             check_value(ctx, &c.new_value)?;
             let key = c.key.clone();
             expire_if_due(ctx, &key)?;
-            let cur = ctx.st.index.get(&key).cloned();
+            let cur = ctx.st.index.get(&key[..]).cloned();
             let cur_kv = match &cur {
                 Some(e) => Some(load_kv(ctx, &key, e)?),
                 None => None,

@@ -25,6 +25,7 @@ use seglog::{Position, SegLog};
 use crate::error::{KvError, Result};
 use crate::kv::codec::{Dec, Enc};
 use crate::kv::dedup::Journal;
+use crate::kv::key::IndexKey;
 use crate::kv::state::{Change, Entry, Hist, Meta, State, ValueRef};
 use crate::kv::types::{ApplyState, Bounds, EventKind};
 
@@ -321,7 +322,7 @@ fn replay_one(st: &mut State, pos: Position, r: Replay) {
 
 /// Sets the index entry of `key` as replay finds it (no history, no events).
 fn install(st: &mut State, key: &Bytes, kind: EventKind, meta: Meta, value: ValueRef) {
-    if let Some(prev) = st.index.remove(key) {
+    if let Some(prev) = st.index.remove(&key[..]) {
         st.live_bytes = st
             .live_bytes
             .saturating_sub(key.len() as u64 + u64::from(prev.meta.value_len));
@@ -334,7 +335,7 @@ fn install(st: &mut State, key: &Bytes, kind: EventKind, meta: Meta, value: Valu
         if meta.expires_at_ms != 0 {
             st.expiry.insert((meta.expires_at_ms, key.clone()));
         }
-        st.index.insert(key.clone(), Entry { meta, value });
+        st.index.insert(IndexKey::new(key), Entry { meta, value });
     }
 }
 
@@ -364,7 +365,7 @@ impl DataLog {
                 continue;
             }
             let rev = c.meta.mod_revision;
-            if let Some(e) = st.index.get_mut(&c.key) {
+            if let Some(e) = st.index.get_mut(&c.key[..]) {
                 if e.meta.mod_revision == rev {
                     e.value = ValueRef::Disk(pos);
                 }
@@ -444,7 +445,7 @@ impl DataLog {
                 let live = m.kind == EventKind::Put
                     && st
                         .index
-                        .get(&key)
+                        .get(&key[..])
                         .is_some_and(|e| e.value == ValueRef::Disk(pos));
                 let origin = if live {
                     Origin::LiveCopy
@@ -469,7 +470,7 @@ impl DataLog {
         {
             let mut st = lock.write();
             for Move { old, new, key, rev } in moves {
-                if let Some(e) = st.index.get_mut(&key) {
+                if let Some(e) = st.index.get_mut(&key[..]) {
                     if e.value == ValueRef::Disk(old) {
                         e.value = ValueRef::Disk(new);
                     }
@@ -530,7 +531,7 @@ impl DataLog {
         let mut pending: Vec<Pending> = st
             .index
             .keys()
-            .map(|k| Pending::Live(k.clone()))
+            .map(|k| Pending::Live(k.to_bytes()))
             .chain(st.history.keys().map(|(r, k)| Pending::Hist(*r, k.clone())))
             .collect();
         self.spill(st, &mut pending)?;
@@ -550,7 +551,7 @@ impl DataLog {
                         if let Some(Entry {
                             meta,
                             value: ValueRef::Inline(v),
-                        }) = st.index.get(k)
+                        }) = st.index.get(&k[..])
                         {
                             recs.push(encode_mutation(
                                 Origin::LiveCopy,
@@ -563,7 +564,7 @@ impl DataLog {
                         }
                     }
                     Pending::Hist(rev, k) => {
-                        let live = st.index.get(k).filter(|e| e.meta.mod_revision == *rev);
+                        let live = st.index.get(&k[..]).filter(|e| e.meta.mod_revision == *rev);
                         let Some(h) = st.history.get(&(*rev, k.clone())) else {
                             continue;
                         };
@@ -605,7 +606,7 @@ impl DataLog {
                 let Some(pos) = positions.next() else { break };
                 match t {
                     Pending::Live(k) => {
-                        if let Some(e) = st.index.get_mut(&k) {
+                        if let Some(e) = st.index.get_mut(&k[..]) {
                             e.value = ValueRef::Disk(pos);
                         }
                     }
@@ -620,7 +621,7 @@ impl DataLog {
             }
             for t in shared_later {
                 if let Pending::Hist(rev, k) = t {
-                    let v = st.index.get(&k).map(|e| e.value.clone());
+                    let v = st.index.get(&k[..]).map(|e| e.value.clone());
                     match (v, st.history.get_mut(&(rev, k.clone()))) {
                         (Some(v @ ValueRef::Disk(_)), Some(h)) => h.value = v,
                         _ => pending.push(Pending::Hist(rev, k)),

@@ -10,6 +10,7 @@
 //!   [`KvReader`] (concurrent reads, watch, snapshots).
 //! - `datalog.rs`: persistent mode's data-log records, recovery and compaction.
 //! - `snapshot.rs`: the snapshot image (chunks, restore, logged-mode file).
+//! - `key.rs`: the index's key type (short keys inline, so a search follows no pointers).
 //! - `tracked.rs`: the map type of the index and history, which a snapshot reads while
 //!   writes go on (a capture costs a registration, not a copy).
 //! - `watch.rs`: history reads, the broadcast of applied changes, [`Watcher`].
@@ -21,6 +22,7 @@ pub mod cmd;
 mod codec;
 mod datalog;
 mod dedup;
+mod key;
 mod snapshot;
 mod state;
 mod store;

@@ -25,6 +25,7 @@ use crate::error::{KvError, Result};
 use crate::kv::codec::{Dec, Enc};
 use crate::kv::datalog::Pending;
 use crate::kv::dedup::DedupTable;
+use crate::kv::key::IndexKey;
 use crate::kv::state::{check_counters, check_version, Entry, Hist, Meta, State, ValueRef};
 use crate::kv::store::Shared;
 use crate::kv::tracked::Capture;
@@ -128,7 +129,7 @@ enum Source {
     /// Copied at the capture: the state is a temporary about to go away (a split's right
     /// half, an image being restored).
     Copied {
-        kvs: std::vec::IntoIter<(Bytes, Entry)>,
+        kvs: std::vec::IntoIter<(IndexKey, Entry)>,
         events: std::vec::IntoIter<((u64, Bytes), Hist)>,
     },
     /// The store's own state, read a batch at a time under its read lock while writes go on:
@@ -137,13 +138,13 @@ enum Source {
         shared: Arc<Shared>,
         /// The store's restore count at the capture (`load` compares).
         restores: u64,
-        kvs: Capture<Bytes, Entry>,
+        kvs: Capture<IndexKey, Entry>,
         events: Capture<(u64, Bytes), Hist>,
     },
 }
 
 impl Source {
-    fn next_kv(&mut self) -> Option<(Bytes, Entry)> {
+    fn next_kv(&mut self) -> Option<(IndexKey, Entry)> {
         match self {
             Source::Copied { kvs, .. } => kvs.next(),
             Source::Live { shared, kvs, .. } => kvs.next(shared.state(), |s| &s.index, LIVE_BATCH),
@@ -178,7 +179,7 @@ impl SnapshotReader {
     /// An image of `st` copied now (references to keys and values: nothing is loaded), for a
     /// state that will not outlive the call.
     pub(crate) fn capture(st: &State, log: Option<Arc<SegLog>>, pin: Option<Pin>) -> Self {
-        let kvs: Vec<(Bytes, Entry)> = st
+        let kvs: Vec<(IndexKey, Entry)> = st
             .index
             .iter()
             .map(|(k, e)| (k.clone(), e.clone()))
@@ -401,7 +402,7 @@ impl Restorer {
                     .st
                     .index
                     .last_key_value()
-                    .is_some_and(|(k, _)| *k >= key)
+                    .is_some_and(|(k, _)| k.as_slice() >= key.as_ref())
                 {
                     return Err(Self::corrupt("keys out of order"));
                 }
@@ -413,7 +414,7 @@ impl Restorer {
                 }
                 self.pending.push(Pending::Live(key.clone()));
                 self.st.index.insert(
-                    key,
+                    IndexKey::from(key),
                     Entry {
                         meta,
                         value: ValueRef::Inline(value),
@@ -451,7 +452,7 @@ impl Restorer {
                     return Err(Self::corrupt("events out of (revision, key) order"));
                 }
                 // Share the value with the live entry when the event is its current version.
-                let value = match self.st.index.get(&key) {
+                let value = match self.st.index.get(&key[..]) {
                     Some(e)
                         if e.meta.mod_revision == meta.mod_revision && kind == EventKind::Put =>
                     {

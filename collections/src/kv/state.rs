@@ -16,6 +16,7 @@ use seglog::Position;
 
 use crate::error::{KvError, Result};
 use crate::kv::dedup::DedupTable;
+use crate::kv::key::IndexKey;
 use crate::kv::tracked::Tracked;
 use crate::kv::types::{ApplyState, Bounds, Event, EventKind, KeyValue, RangeStats};
 
@@ -196,7 +197,7 @@ impl KeyRange {
 /// The whole mutable state of a store.
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    pub(crate) index: Tracked<Bytes, Entry>,
+    pub(crate) index: Tracked<IndexKey, Entry>,
     /// `(expires_at_ms, key)` of every live key with a TTL.
     pub(crate) expiry: BTreeSet<(u64, Bytes)>,
     pub(crate) history: Tracked<(u64, Bytes), Hist>,
@@ -371,9 +372,10 @@ impl State {
         let rev = self.next_revision()?;
         let value_len = u32::try_from(value.len()).unwrap_or(u32::MAX);
         let vref = ValueRef::Inline(value.clone());
-        // One search of the index: the entry is replaced in place (an existing key keeps the
-        // stored key) or inserted.
-        let (key, meta, prev) = match self.index.entry(key) {
+        // One search of the index: the entry is replaced in place or inserted. The history,
+        // the TTL index and the change share `key`'s buffer (the index keeps a short key
+        // inline, see `key.rs`).
+        let (meta, prev) = match self.index.entry(IndexKey::new(&key)) {
             btree_map::Entry::Occupied(mut o) => {
                 let p = o.get().meta;
                 // A version is at most its key's revision span (`check_version` refuses more
@@ -390,7 +392,7 @@ impl State {
                     meta,
                     value: vref.clone(),
                 });
-                (o.key().clone(), meta, Some(prev))
+                (meta, Some(prev))
             }
             btree_map::Entry::Vacant(v) => {
                 let meta = Meta {
@@ -400,12 +402,11 @@ impl State {
                     expires_at_ms,
                     value_len,
                 };
-                let key = v.key().clone();
                 v.insert(Entry {
                     meta,
                     value: vref.clone(),
                 });
-                (key, meta, None)
+                (meta, None)
             }
         };
         if let Some(p) = &prev {
@@ -440,7 +441,7 @@ impl State {
         rev: u64,
         changes: &mut Vec<Change>,
     ) -> Option<Entry> {
-        let prev = self.index.remove(key)?;
+        let prev = self.index.remove(&key[..])?;
         self.unlink(key, &prev.meta);
         let meta = Meta {
             mod_revision: rev,
@@ -464,12 +465,13 @@ impl State {
         Some(prev)
     }
 
-    fn unlink(&mut self, key: &Bytes, meta: &Meta) {
+    fn unlink(&mut self, key: &[u8], meta: &Meta) {
         self.live_bytes = self
             .live_bytes
             .saturating_sub((key.len() as u64) + u64::from(meta.value_len));
         if meta.expires_at_ms != 0 {
-            self.expiry.remove(&(meta.expires_at_ms, key.clone()));
+            self.expiry
+                .remove(&(meta.expires_at_ms, Bytes::copy_from_slice(key)));
         }
     }
 
@@ -545,7 +547,7 @@ impl State {
 
     /// Removes every key outside `bounds` (a split), with its history, without events.
     pub(crate) fn restrict(&mut self, bounds: Bounds) {
-        let outside: Vec<Bytes> = self
+        let outside: Vec<IndexKey> = self
             .index
             .keys()
             .filter(|k| !bounds.contains(k))
@@ -571,7 +573,7 @@ impl State {
     }
 
     /// [`State::visible`] with the stored key.
-    pub(crate) fn visible_kv(&self, key: &[u8], now_ms: u64) -> Option<(&Bytes, &Entry)> {
+    pub(crate) fn visible_kv(&self, key: &[u8], now_ms: u64) -> Option<(&IndexKey, &Entry)> {
         self.index
             .get_key_value(key)
             .filter(|(_, e)| !e.meta.expired(now_ms))
@@ -605,10 +607,10 @@ impl State {
             let full = (limit != 0 && out.len() >= limit)
                 || (max_bytes != 0 && !out.is_empty() && bytes + size > max_bytes);
             if full {
-                return (out, Some(k.clone()));
+                return (out, Some(k.to_bytes()));
             }
             bytes += size;
-            out.push((k.clone(), e.meta, (!keys_only).then(|| e.value.clone())));
+            out.push((k.to_bytes(), e.meta, (!keys_only).then(|| e.value.clone())));
         }
         (out, None)
     }
@@ -664,7 +666,7 @@ impl State {
             for (k, e) in &self.index {
                 acc += k.len() as u64 + u64::from(e.meta.value_len);
                 if acc >= half {
-                    middle_key = Some(k.clone());
+                    middle_key = Some(k.to_bytes());
                     break;
                 }
             }

@@ -213,10 +213,10 @@ impl KvReader {
                 if !st.bounds.contains(key) {
                     return Err(KvError::KeyOutOfRange);
                 }
-                // The stored key (a reference count, no copy) and the entry.
+                // The stored key (a short key is copied out of the index) and the entry.
                 let e = st
                     .visible_kv(key, now_ms)
-                    .map(|(k, e)| (k.clone(), e.meta, e.value.clone()));
+                    .map(|(k, e)| (k.to_bytes(), e.meta, e.value.clone()));
                 Ok((e, Self::header(st)))
             },
             |(e, h)| {
@@ -1141,11 +1141,11 @@ impl KvStore {
         // tree is split (no per-key tree operation), the history (ordered by revision)
         // partitioned in one pass. A split of 22,000 keys and 16,000 events took the
         // applying thread 17-26 ms when each entry was copied in and removed again.
-        view.index = st.index.split_off(&at);
+        view.index = st.index.split_off(&at[..]);
         for (k, e) in view.index.iter() {
             view.live_bytes += k.len() as u64 + u64::from(e.meta.value_len);
             if e.meta.expires_at_ms != 0 {
-                view.expiry.insert((e.meta.expires_at_ms, k.clone()));
+                view.expiry.insert((e.meta.expires_at_ms, k.to_bytes()));
             }
         }
         st.live_bytes = st.live_bytes.saturating_sub(view.live_bytes);
@@ -1372,7 +1372,10 @@ impl KvStore {
                 .iter()
                 .filter(|((rev, k), h)| {
                     h.kind == crate::kv::types::EventKind::Put
-                        && st.index.get(k).is_none_or(|e| e.meta.mod_revision != *rev)
+                        && st
+                            .index
+                            .get(&k[..])
+                            .is_none_or(|e| e.meta.mod_revision != *rev)
                 })
                 .map(|((_, k), h)| k.len() as u64 + u64::from(h.meta.value_len))
                 .sum();

@@ -101,6 +101,21 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
         }
     }
 
+    /// [`Tracked::save`] for a key looked up by any form the map's keys borrow as: nothing to
+    /// save when it is absent (a change of an absent key through this path changes nothing).
+    fn save_existing<Q: Ord + ?Sized>(&mut self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        if self.captures.get_mut().is_empty() {
+            return;
+        }
+        if let Some((k, _)) = self.map.get_key_value(key) {
+            let k = k.clone();
+            self.save(&k);
+        }
+    }
+
     /// Saves every entry for which `pick` holds (before a bulk change).
     fn save_where(&mut self, mut pick: impl FnMut(&K, &V) -> bool) {
         if self.captures.get_mut().is_empty() {
@@ -122,8 +137,12 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
         self.map.insert(key, value)
     }
 
-    pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
-        self.save(key);
+    /// Removes `key` (any form the map's keys borrow as), its value saved first.
+    pub(crate) fn remove<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.save_existing(key);
         self.map.remove(key)
     }
 
@@ -134,18 +153,20 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
     }
 
     /// The value of `key` to change in place, saved first.
-    pub(crate) fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        if !self.map.contains_key(key) {
-            return None;
-        }
-        self.save(key);
+    pub(crate) fn get_mut<Q: Ord + ?Sized>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.save_existing(key);
         self.map.get_mut(key)
     }
 
     /// Removes and returns the first entry.
     pub(crate) fn pop_first(&mut self) -> Option<(K, V)> {
-        let key = self.map.first_key_value()?.0.clone();
-        self.save(&key);
+        if !self.captures.get_mut().is_empty() {
+            let key = self.map.first_key_value()?.0.clone();
+            self.save(&key);
+        }
         self.map.pop_first()
     }
 
@@ -158,8 +179,11 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
     /// Moves the entries at or above `at` into a new map (a range split's right half),
     /// saved first for live captures like removals. The tree is split, not rebuilt: no
     /// per-entry tree operation without a live capture.
-    pub(crate) fn split_off(&mut self, at: &K) -> Tracked<K, V> {
-        self.save_where(|k, _| k >= at);
+    pub(crate) fn split_off<Q: Ord + ?Sized>(&mut self, at: &Q) -> Tracked<K, V>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
+        self.save_where(|k, _| k.borrow() >= at);
         Tracked {
             map: self.map.split_off(at),
             captures: Mutex::new(Vec::new()),
