@@ -307,8 +307,19 @@ pub enum Op {
     CompactHistory(u8),
 }
 
+/// Sixteen keys: eight of 2 bytes (`ka`..`kh`), and eight longer than the index's inline
+/// keys (`collections::kv` `key.rs`: up to 23 bytes): `ka`..`kd` followed by 22 `x` and a
+/// digit, so two long keys differ only past byte 23, and each short key is a prefix of two
+/// long ones.
 pub fn key(k: u8) -> Vec<u8> {
-    vec![b'k', b'a' + (k % 8)]
+    let k = k % 16;
+    if k < 8 {
+        return vec![b'k', b'a' + k];
+    }
+    let mut out = vec![b'k', b'a' + (k - 8) / 2];
+    out.extend_from_slice(&[b'x'; 22]);
+    out.push(b'0' + (k % 2));
+    out
 }
 
 pub fn val(v: u8, len: usize) -> Vec<u8> {
