@@ -547,23 +547,40 @@ impl State {
 
     /// Removes every key outside `bounds` (a split), with its history, without events.
     pub(crate) fn restrict(&mut self, bounds: Bounds) {
-        let outside: Vec<IndexKey> = self
+        // The index is ordered by key: what lies outside is its two ends, found by two seeks.
+        let below = (Bound::Unbounded, Bound::Excluded(&bounds.lo[..]));
+        let mut outside: Vec<IndexKey> = self
             .index
-            .keys()
-            .filter(|k| !bounds.contains(k))
-            .cloned()
+            .range::<[u8], _>(below)
+            .map(|(k, _)| k.clone())
             .collect();
+        if let Some(hi) = &bounds.hi {
+            let above = (Bound::Included(&hi[..]), Bound::Unbounded);
+            outside.extend(self.index.range::<[u8], _>(above).map(|(k, _)| k.clone()));
+        }
         for k in outside {
             if let Some(e) = self.index.remove(&k) {
                 self.unlink(&k, &e.meta);
             }
         }
-        self.history.retain(|(_, k), _| bounds.contains(k));
-        self.history_bytes = self
-            .history
-            .iter()
-            .map(|((_, k), h)| Self::hist_size(k, h))
-            .sum();
+        // The history is ordered by revision: one pass.
+        let mut removed = 0u64;
+        self.history.retain(|(_, k), h| {
+            let keep = bounds.contains(k);
+            if !keep {
+                removed += Self::hist_size(k, h);
+            }
+            keep
+        });
+        self.history_bytes = self.history_bytes.saturating_sub(removed);
+        debug_assert_eq!(
+            self.history_bytes,
+            self.history
+                .iter()
+                .map(|((_, k), h)| Self::hist_size(k, h))
+                .sum::<u64>(),
+            "history_bytes must stay exact (split and restore keep it so)"
+        );
         self.bounds = bounds;
     }
 

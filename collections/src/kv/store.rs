@@ -1158,6 +1158,7 @@ impl KvStore {
             .iter()
             .map(|((_, k), h)| State::hist_size(k, h))
             .sum();
+        st.history_bytes = st.history_bytes.saturating_sub(view.history_bytes);
         if streamed {
             let mut image = SnapshotReader::capture(&view, shared.log.clone(), None);
             drop(view);

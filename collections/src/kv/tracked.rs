@@ -83,15 +83,23 @@ impl<'a, K: Ord + Clone, V: Clone> IntoIterator for &'a Tracked<K, V> {
 }
 
 impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
-    /// Saves `key`'s current value in every live capture that has none for it yet.
-    fn save(&mut self, key: &K) {
+    /// Forgets the captures that were dropped; whether any is still alive.
+    fn live_captures(&mut self) -> bool {
         let captures = self.captures.get_mut();
         if captures.is_empty() {
-            return;
+            return false;
         }
         // The map's own reference is the last one once the capture was dropped.
         captures.retain(|c| Arc::strong_count(c) > 1);
-        for c in captures.iter() {
+        !captures.is_empty()
+    }
+
+    /// Saves `key`'s current value in every live capture that has none for it yet.
+    fn save(&mut self, key: &K) {
+        if !self.live_captures() {
+            return;
+        }
+        for c in self.captures.get_mut().iter() {
             let mut c = c.lock();
             if c.tracks(key) {
                 if let btree_map::Entry::Vacant(v) = c.before.entry(key.clone()) {
@@ -107,7 +115,7 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
     where
         K: std::borrow::Borrow<Q>,
     {
-        if self.captures.get_mut().is_empty() {
+        if !self.live_captures() {
             return;
         }
         if let Some((k, _)) = self.map.get_key_value(key) {
@@ -118,7 +126,9 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
 
     /// Saves every entry for which `pick` holds (before a bulk change).
     fn save_where(&mut self, mut pick: impl FnMut(&K, &V) -> bool) {
-        if self.captures.get_mut().is_empty() {
+        // A capture dropped since the last change would otherwise cost a pass over the map
+        // (a split of 22,000 keys spent a third of its time here).
+        if !self.live_captures() {
             return;
         }
         let keys: Vec<K> = self
@@ -163,7 +173,7 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
 
     /// Removes and returns the first entry.
     pub(crate) fn pop_first(&mut self) -> Option<(K, V)> {
-        if !self.captures.get_mut().is_empty() {
+        if self.live_captures() {
             let key = self.map.first_key_value()?.0.clone();
             self.save(&key);
         }
