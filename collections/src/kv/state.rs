@@ -563,15 +563,15 @@ impl State {
                 self.unlink(&k, &e.meta);
             }
         }
-        // The history is ordered by revision: one pass.
-        let mut removed = 0u64;
-        self.history.retain(|(_, k), h| {
-            let keep = bounds.contains(k);
-            if !keep {
-                removed += Self::hist_size(k, h);
-            }
-            keep
-        });
+        // The history is ordered by revision: a pass to count what leaves, one to drop it
+        // (`Tracked::retain` may ask its predicate twice per entry, so it counts nothing).
+        let removed: u64 = self
+            .history
+            .iter()
+            .filter(|((_, k), _)| !bounds.contains(k))
+            .map(|((_, k), h)| Self::hist_size(k, h))
+            .sum();
+        self.history.retain(|(_, k), _| bounds.contains(k));
         self.history_bytes = self.history_bytes.saturating_sub(removed);
         debug_assert_eq!(
             self.history_bytes,

@@ -180,7 +180,8 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
         self.map.pop_first()
     }
 
-    /// Keeps only the entries for which `keep` holds.
+    /// Keeps only the entries for which `keep` holds. `keep` may be asked twice about an
+    /// entry (once to save it for a live capture), so it must not count or change anything.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
         self.save_where(|k, v| !keep(k, v));
         self.map.retain(|k, v| keep(k, v));
