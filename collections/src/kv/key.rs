@@ -7,13 +7,12 @@
 //! follower's CPU. A key of at most [`INLINE`] bytes is stored in the tree node itself, so the
 //! search reads the node and nothing else; a longer key is a shared `Bytes`, as before.
 //!
-//! Order, equality and hashing are those of the key's bytes (`Borrow<[u8]>` is consistent with
+//! Order and equality are those of the key's bytes (`Borrow<[u8]>` is consistent with
 //! them), so the index is searched with plain byte slices.
 
 use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::fmt;
-use std::hash::{Hash, Hasher};
 use std::ops::Deref;
 
 use bytes::Bytes;
@@ -32,11 +31,6 @@ impl IndexKey {
     /// The key `bytes` (copied when short, else shared).
     pub(crate) fn new(bytes: &Bytes) -> IndexKey {
         Self::inline(bytes).unwrap_or_else(|| IndexKey::Shared(bytes.clone()))
-    }
-
-    /// The key `bytes` (copied).
-    pub(crate) fn copy(bytes: &[u8]) -> IndexKey {
-        Self::inline(bytes).unwrap_or_else(|| IndexKey::Shared(Bytes::copy_from_slice(bytes)))
     }
 
     fn inline(bytes: &[u8]) -> Option<IndexKey> {
@@ -72,22 +66,10 @@ impl From<Bytes> for IndexKey {
     }
 }
 
-impl From<&[u8]> for IndexKey {
-    fn from(b: &[u8]) -> IndexKey {
-        IndexKey::copy(b)
-    }
-}
-
 impl Deref for IndexKey {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        self.as_slice()
-    }
-}
-
-impl AsRef<[u8]> for IndexKey {
-    fn as_ref(&self) -> &[u8] {
         self.as_slice()
     }
 }
@@ -118,12 +100,6 @@ impl Ord for IndexKey {
     }
 }
 
-impl Hash for IndexKey {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.as_slice().hash(state)
-    }
-}
-
 impl fmt::Debug for IndexKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(&Bytes::copy_from_slice(self.as_slice()), f)
@@ -138,6 +114,10 @@ mod tests {
 
     use super::*;
 
+    fn key(b: &[u8]) -> IndexKey {
+        IndexKey::from(Bytes::copy_from_slice(b))
+    }
+
     #[test]
     fn short_keys_are_inline_and_long_ones_shared() {
         assert_eq!(
@@ -149,8 +129,8 @@ mod tests {
         assert!(matches!(IndexKey::new(&short), IndexKey::Inline { .. }));
         assert!(matches!(IndexKey::from(long.clone()), IndexKey::Shared(_)));
         assert_eq!(IndexKey::new(&short).to_bytes(), short);
-        assert_eq!(IndexKey::copy(&long).to_bytes(), long);
-        assert_eq!(IndexKey::copy(b"").as_slice(), b"");
+        assert_eq!(key(&long).to_bytes(), long);
+        assert_eq!(key(b"").as_slice(), b"");
     }
 
     proptest! {
@@ -163,13 +143,13 @@ mod tests {
         ) {
             for a in &keys {
                 for b in &keys {
-                    let (x, y) = (IndexKey::copy(a), IndexKey::copy(b));
+                    let (x, y) = (key(a), key(b));
                     prop_assert_eq!(x.cmp(&y), a.cmp(b));
                     prop_assert_eq!(x == y, a == b);
                 }
             }
             let ours: BTreeMap<IndexKey, usize> =
-                keys.iter().enumerate().map(|(i, k)| (IndexKey::copy(k), i)).collect();
+                keys.iter().enumerate().map(|(i, k)| (key(k), i)).collect();
             let model: BTreeMap<Vec<u8>, usize> =
                 keys.iter().enumerate().map(|(i, k)| (k.clone(), i)).collect();
             prop_assert!(ours.keys().map(|k| k.to_vec()).eq(model.keys().cloned()));

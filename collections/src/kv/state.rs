@@ -465,13 +465,12 @@ impl State {
         Some(prev)
     }
 
-    fn unlink(&mut self, key: &[u8], meta: &Meta) {
+    fn unlink(&mut self, key: &Bytes, meta: &Meta) {
         self.live_bytes = self
             .live_bytes
             .saturating_sub((key.len() as u64) + u64::from(meta.value_len));
         if meta.expires_at_ms != 0 {
-            self.expiry
-                .remove(&(meta.expires_at_ms, Bytes::copy_from_slice(key)));
+            self.expiry.remove(&(meta.expires_at_ms, key.clone()));
         }
     }
 
@@ -483,7 +482,7 @@ impl State {
             .collect()
     }
 
-    pub(crate) fn hist_size(key: &[u8], h: &Hist) -> u64 {
+    fn hist_size(key: &[u8], h: &Hist) -> u64 {
         key.len() as u64 + u64::from(h.meta.value_len)
     }
 
@@ -545,6 +544,31 @@ impl State {
         }
     }
 
+    /// A split's right half: moves the keys at or above `at` into `right` (the index tree is
+    /// cut, not rebuilt), with their TTL deadlines and their history (one pass), and moves
+    /// their bytes from this state's counts to `right`'s. This state keeps its bounds until
+    /// [`State::restrict`].
+    pub(crate) fn move_right(&mut self, at: &[u8], right: &mut State) {
+        right.index = self.index.split_off(at);
+        right.live_bytes = right
+            .index
+            .iter()
+            .map(|(k, e)| k.len() as u64 + u64::from(e.meta.value_len))
+            .sum();
+        self.live_bytes = self.live_bytes.saturating_sub(right.live_bytes);
+        let (moved, kept): (BTreeSet<_>, BTreeSet<_>) = std::mem::take(&mut self.expiry)
+            .into_iter()
+            .partition(|(_, k)| k.as_ref() >= at);
+        (right.expiry, self.expiry) = (moved, kept);
+        right.history = self.history.extract(|(_, k), _| k.as_ref() >= at);
+        right.history_bytes = right
+            .history
+            .iter()
+            .map(|((_, k), h)| Self::hist_size(k, h))
+            .sum();
+        self.history_bytes = self.history_bytes.saturating_sub(right.history_bytes);
+    }
+
     /// Removes every key outside `bounds` (a split), with its history, without events.
     pub(crate) fn restrict(&mut self, bounds: Bounds) {
         // The index is ordered by key: what lies outside is its two ends, found by two seeks.
@@ -560,7 +584,7 @@ impl State {
         }
         for k in outside {
             if let Some(e) = self.index.remove(&k) {
-                self.unlink(&k, &e.meta);
+                self.unlink(&k.to_bytes(), &e.meta);
             }
         }
         // The history is ordered by revision: a pass to count what leaves, one to drop it

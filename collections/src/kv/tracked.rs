@@ -203,7 +203,8 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
 
     /// Moves the entries for which `pick` holds into a new map, saved first for live
     /// captures like removals. One pass, both maps rebuilt from their sorted runs: linear,
-    /// where removing and inserting each moved entry costs a tree walk each.
+    /// where removing and inserting each moved entry costs a tree walk each. Like
+    /// [`Tracked::retain`]'s, `pick` may be asked twice about an entry.
     pub(crate) fn extract(&mut self, mut pick: impl FnMut(&K, &V) -> bool) -> Tracked<K, V> {
         self.save_where(|k, v| pick(k, v));
         let mut out = Vec::new();
