@@ -364,32 +364,11 @@ fn read_index_ctx_collision_stale_read() {
     let mut c = Cluster::new(3, ClusterOptions::default());
     let cell = CellId(1);
     c.create_cell(cell, &[1, 2, 3], ReplicationMode::Consensus);
-    let l = c.wait_leader(cell, WAIT).unwrap();
     c.propose_retry(cell, Bytes::from_static(b"w0"), WAIT)
         .unwrap();
-    let others: Vec<NodeId> = (1..=3).map(NodeId).filter(|n| *n != l).collect();
-    let (f, g) = (others[0], others[1]);
-    let captured: Arc<Mutex<Vec<Envelope>>> = Arc::default();
-    let cap = captured.clone();
-    let filt = c.drop_if(move |from, to, env| {
-        if from == g
-            && to == l
-            && env.msg.get_msg_type() == MessageType::MsgHeartbeatResponse
-            && !env.msg.context.is_empty()
-        {
-            cap.lock().unwrap().push(env.clone());
-            return true;
-        }
-        false
-    });
-    // F's ReadIndex read is forwarded to L; G's acknowledgement of its round is captured.
-    c.node(f)
-        .read_barrier(cell, ReadConsistency::ReadIndex, Instant::now() + WAIT)
-        .wait()
-        .unwrap();
-    assert!(wait_until(WAIT, || !captured.lock().unwrap().is_empty()));
-    c.remove_filter(filt);
-    let stale = captured.lock().unwrap().clone();
+    let Some((l, g, stale)) = (0..ATTEMPTS).find_map(|_| stale_acknowledgement(&c, cell)) else {
+        panic!("the lead moved while F's read was served, in each of {ATTEMPTS} attempts");
+    };
 
     // L, cut off, starts its own read; G's old acknowledgement arrives.
     c.isolate(l);
@@ -414,6 +393,40 @@ fn read_index_ctx_collision_stale_read() {
         )
         .wait();
     assert!(lr.is_err(), "isolated leader served a lease read: {lr:?}");
+}
+
+/// Finding 2's scene: the leader `l` serves follower F's ReadIndex read while G's
+/// acknowledgement of that round (a heartbeat response carrying the read's context) is held
+/// back. `Some((l, g, the held acknowledgement))` if `l` still leads afterwards; `None` when
+/// the read failed or the lead moved meanwhile (an election under CI load: F's read,
+/// forwarded to a node that no longer leads, is dropped by raft and times out), and the
+/// caller sets the scene up again.
+fn stale_acknowledgement(c: &Cluster, cell: CellId) -> Option<(NodeId, NodeId, Vec<Envelope>)> {
+    let l = c.wait_leader(cell, WAIT)?;
+    let others: Vec<NodeId> = (1..=3).map(NodeId).filter(|n| *n != l).collect();
+    let (f, g) = (others[0], others[1]);
+    let captured: Arc<Mutex<Vec<Envelope>>> = Arc::default();
+    let cap = captured.clone();
+    let filt = c.drop_if(move |from, to, env| {
+        if from == g
+            && to == l
+            && env.msg.get_msg_type() == MessageType::MsgHeartbeatResponse
+            && !env.msg.context.is_empty()
+        {
+            cap.lock().unwrap().push(env.clone());
+            return true;
+        }
+        false
+    });
+    // F's ReadIndex read is forwarded to L; G's acknowledgement of its round is captured.
+    let read = c
+        .node(f)
+        .read_barrier(cell, ReadConsistency::ReadIndex, Instant::now() + WAIT / 4)
+        .wait();
+    let held = read.is_ok() && wait_until(WAIT / 4, || !captured.lock().unwrap().is_empty());
+    c.remove_filter(filt);
+    let stale = captured.lock().unwrap().clone();
+    (held && c.leader(cell).map(|(n, _)| n) == Some(l)).then_some((l, g, stale))
 }
 
 /// Finding 3: the commit point stored with applied data could exceed the local log; after a
