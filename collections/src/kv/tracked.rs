@@ -96,9 +96,13 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
 
     /// Saves `key`'s current value in every live capture that has none for it yet.
     fn save(&mut self, key: &K) {
-        if !self.live_captures() {
-            return;
+        if self.live_captures() {
+            self.save_live(key);
         }
+    }
+
+    /// [`Tracked::save`] once [`Tracked::live_captures`] has pruned the dropped captures.
+    fn save_live(&mut self, key: &K) {
         for c in self.captures.get_mut().iter() {
             let mut c = c.lock();
             if c.tracks(key) {
@@ -120,7 +124,7 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
         }
         if let Some((k, _)) = self.map.get_key_value(key) {
             let k = k.clone();
-            self.save(&k);
+            self.save_live(&k);
         }
     }
 
@@ -138,7 +142,7 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
             .map(|(k, _)| k.clone())
             .collect();
         for k in &keys {
-            self.save(k);
+            self.save_live(k);
         }
     }
 
@@ -175,7 +179,7 @@ impl<K: Ord + Clone, V: Clone> Tracked<K, V> {
     pub(crate) fn pop_first(&mut self) -> Option<(K, V)> {
         if self.live_captures() {
             let key = self.map.first_key_value()?.0.clone();
-            self.save(&key);
+            self.save_live(&key);
         }
         self.map.pop_first()
     }
