@@ -5,40 +5,42 @@
 //!
 //! Four threads, each with blocking I/O on loopback TCP (`TCP_NODELAY`), so every hop is one
 //! thread wake-up and nothing else:
-//! - a client sends a 300-byte request and waits for the answer, one at a time;
-//! - the leader reads it, forwards it to both followers, appends it to its own log file
-//!   (`pwrite` + `fdatasync` on a file whose blocks were written beforehand, so a sync writes
-//!   data only), then waits for the first follower's acknowledgement (the leader and one
-//!   follower are a quorum of three) and answers;
+//! - a client keeps N 300-byte requests in flight on one connection (each answered request
+//!   is replaced at once): N = 1 is W1's floor, N = 64 W2's;
+//! - the leader takes every whole request that arrived as one batch, forwards it to both
+//!   followers, appends it to its own log file (`pwrite` + `fdatasync` on a file whose blocks
+//!   were written beforehand, so a sync writes data only), then waits for the first
+//!   follower's acknowledgement (the leader and one follower are a quorum of three) and
+//!   answers the batch's count. One batch is in flight at a time: requests arriving meanwhile
+//!   make the next batch;
 //! - each follower appends and syncs the same way, then acknowledges; the second follower's
 //!   acknowledgement is read by a thread of its own, off the critical path, as a real leader
 //!   also has to take it.
 //!
 //! That is the least work any system does for a 3-replica write with fsync on: three
-//! appends, three syncs (two of them in parallel on the critical path), four network hops.
-//!
-//! The pipelined cases are W2's floor: 64 requests kept in flight on one connection; the
-//! leader takes every whole request that arrived as one batch, forwards it, appends it with one
-//! sync and answers the count once the first follower acknowledged; one batch is in flight at a
-//! time, so requests arriving meanwhile make the next batch. No per-request work is left but
-//! copying bytes.
+//! appends, three syncs (two of them in parallel on the critical path), four network hops,
+//! and no per-request work but copying bytes.
 //!
 //! Each case runs for SECS seconds (default 5) after a 1 s warm-up; DIR (default
 //! `/var/tmp`) must be on the disk being measured. Prints ops/s and p50/p99/p99.9 per case,
 //! each with and without the syncs.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
 const REQUEST: usize = 300;
 const LOG_SIZE: u64 = 256 << 20;
+/// Largest batch the leader takes from its client at once (more than any case keeps in
+/// flight).
+const MAX_BATCH: usize = 1024;
 
 /// A log file whose blocks are written (zeros) and synced before use, so an `fdatasync` after
 /// an overwrite has data to write and no block allocation or extent conversion to record.
@@ -49,7 +51,7 @@ struct Log {
 }
 
 impl Log {
-    fn create(path: &Path, sync: bool) -> std::io::Result<Log> {
+    fn create(path: &Path, sync: bool) -> io::Result<Log> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -66,7 +68,7 @@ impl Log {
         Ok(Log { file, at: 0, sync })
     }
 
-    fn append(&mut self, record: &[u8]) -> std::io::Result<()> {
+    fn append(&mut self, record: &[u8]) -> io::Result<()> {
         if self.at + record.len() as u64 > LOG_SIZE {
             self.at = 0;
         }
@@ -79,97 +81,105 @@ impl Log {
     }
 }
 
-fn connect(addr: std::net::SocketAddr) -> TcpStream {
-    let s = TcpStream::connect(addr).expect("connect on loopback");
-    s.set_nodelay(true).expect("nodelay");
-    s
-}
+/// The log files of one case, removed when it ends (also when it fails).
+struct LogFiles(Vec<PathBuf>);
 
-fn accept(l: &TcpListener) -> TcpStream {
-    let (s, _) = l.accept().expect("accept on loopback");
-    s.set_nodelay(true).expect("nodelay");
-    s
-}
-
-fn follower(listener: TcpListener, mut log: Log) {
-    let mut leader = accept(&listener);
-    let mut buf = [0u8; REQUEST];
-    while leader.read_exact(&mut buf).is_ok() {
-        log.append(&buf).expect("follower append");
-        if leader.write_all(&[1]).is_err() {
-            break;
+impl Drop for LogFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
 
-fn leader(listener: TcpListener, f1: TcpStream, f2: TcpStream, mut log: Log) {
-    let mut client = accept(&listener);
-    let (mut f1, mut f2) = (f1, f2);
-    // The second follower's acknowledgements are read off the critical path.
-    let mut f2_acks = f2.try_clone().expect("clone");
-    let drain = thread::spawn(move || {
-        let mut b = [0u8; 1];
-        while f2_acks.read_exact(&mut b).is_ok() {}
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+fn accept(l: &TcpListener) -> io::Result<TcpStream> {
+    let (s, _) = l.accept()?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// The next count on `s`; `None` when the peer closed the connection.
+fn read_count(s: &mut TcpStream) -> io::Result<Option<u32>> {
+    let mut b = [0u8; 4];
+    match s.read_exact(&mut b) {
+        Ok(()) => Ok(Some(u32::from_le_bytes(b))),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A follower: takes a counted batch of requests, appends it with one sync and acknowledges
+/// the count, until the leader closes the connection.
+fn follower(listener: TcpListener, mut log: Log) -> io::Result<()> {
+    let mut leader = accept(&listener)?;
+    let mut buf = vec![0u8; MAX_BATCH * REQUEST];
+    while let Some(k) = read_count(&mut leader)? {
+        let data = buf
+            .get_mut(..k as usize * REQUEST)
+            .ok_or_else(|| io::Error::other(format!("a batch of {k} requests is too large")))?;
+        leader.read_exact(data)?;
+        log.append(data)?;
+        leader.write_all(&k.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// The leader: serves its client until the client closes the connection, then closes the
+/// followers' connections.
+fn leader(listener: TcpListener, mut f1: TcpStream, f2: TcpStream, log: Log) -> io::Result<()> {
+    let mut f2_acks = f2.try_clone()?;
+    let drain = thread::spawn(move || -> io::Result<()> {
+        while read_count(&mut f2_acks)?.is_some() {}
+        Ok(())
     });
-    let mut buf = [0u8; REQUEST];
-    let mut ack = [0u8; 1];
-    while client.read_exact(&mut buf).is_ok() {
-        if f1.write_all(&buf).is_err() || f2.write_all(&buf).is_err() {
-            break;
-        }
-        log.append(&buf).expect("leader append");
-        if f1.read_exact(&mut ack).is_err() || client.write_all(&[1]).is_err() {
-            break;
-        }
-    }
+    let served = accept(&listener).and_then(|client| serve(client, &mut f1, &f2, log));
     // The drain holds a clone of f2's socket: shut it down so the followers and the drain end.
     let _ = f2.shutdown(Shutdown::Both);
     let _ = f1.shutdown(Shutdown::Both);
-    let _ = drain.join();
-}
-
-/// Largest batch the leader takes from its client at once.
-const MAX_BATCH: usize = 1024;
-
-fn read_u32(s: &mut TcpStream) -> Option<u32> {
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b).ok()?;
-    Some(u32::from_le_bytes(b))
-}
-
-/// Pipelined variant: the follower takes a counted batch of requests, appends it with one
-/// sync and acknowledges the count.
-fn batch_follower(listener: TcpListener, mut log: Log) {
-    let mut leader = accept(&listener);
-    let mut buf = vec![0u8; MAX_BATCH * REQUEST];
-    while let Some(k) = read_u32(&mut leader) {
-        let data = &mut buf[..k as usize * REQUEST];
-        if leader.read_exact(data).is_err() {
-            break;
-        }
-        log.append(data).expect("follower append");
-        if leader.write_all(&k.to_le_bytes()).is_err() {
-            break;
-        }
+    let drained = drain
+        .join()
+        .map_err(|_| io::Error::other("the leader's drain thread panicked"))?;
+    served?;
+    // A read cut short by the shutdown above is the expected end; anything else is not.
+    match drained {
+        Err(e) if e.kind() != io::ErrorKind::ConnectionReset => Err(e),
+        _ => Ok(()),
     }
 }
 
-/// Pipelined variant: the leader takes every whole request its client has sent so far as one
-/// batch, forwards it, appends it with one sync, waits for the first follower and answers the
-/// count. One batch is in flight at a time: requests arriving meanwhile make the next batch.
-fn batch_leader(listener: TcpListener, f1: TcpStream, f2: TcpStream, mut log: Log) {
-    let mut client = accept(&listener);
-    let (mut f1, mut f2) = (f1, f2);
-    let mut f2_acks = f2.try_clone().expect("clone");
-    let drain = thread::spawn(move || while read_u32(&mut f2_acks).is_some() {});
+/// The client closed its connection with requests still in flight: the end of a case.
+fn client_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn serve(
+    mut client: TcpStream,
+    f1: &mut TcpStream,
+    mut f2: &TcpStream,
+    mut log: Log,
+) -> io::Result<()> {
     let mut buf = vec![0u8; MAX_BATCH * REQUEST];
     let mut have = 0;
     let mut frame = Vec::with_capacity(4 + buf.len());
     loop {
-        match client.read(&mut buf[have..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => have += n,
-        }
+        let n = match client.read(&mut buf[have..]) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if client_gone(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        have += n;
         let k = have / REQUEST;
         if k == 0 {
             continue;
@@ -178,140 +188,108 @@ fn batch_leader(listener: TcpListener, f1: TcpStream, f2: TcpStream, mut log: Lo
         frame.clear();
         frame.extend_from_slice(&(k as u32).to_le_bytes());
         frame.extend_from_slice(data);
-        if f1.write_all(&frame).is_err() || f2.write_all(&frame).is_err() {
-            break;
+        f1.write_all(&frame)?;
+        f2.write_all(&frame)?;
+        log.append(data)?;
+        if read_count(f1)?.is_none() {
+            return Err(io::Error::other("the first follower closed its connection"));
         }
-        log.append(data).expect("leader append");
-        if read_u32(&mut f1).is_none() || client.write_all(&(k as u32).to_le_bytes()).is_err() {
-            break;
+        match client.write_all(&(k as u32).to_le_bytes()) {
+            Err(e) if client_gone(&e) => return Ok(()),
+            r => r?,
         }
         buf.copy_within(k * REQUEST..have, 0);
         have -= k * REQUEST;
     }
-    let _ = f2.shutdown(Shutdown::Both);
-    let _ = f1.shutdown(Shutdown::Both);
-    let _ = drain.join();
 }
 
-/// Starts three nodes of `kind` and returns the leader's client address and the threads.
-fn nodes(
-    dir: &Path,
-    sync: bool,
-    pipelined: bool,
-) -> (
-    std::net::SocketAddr,
-    Vec<thread::JoinHandle<()>>,
-    Vec<PathBuf>,
-) {
-    let logs: Vec<PathBuf> = (0..3)
-        .map(|i| dir.join(format!("quiver-floor-{}-{i}.log", std::process::id())))
-        .collect();
-    let open = |i: usize| Log::create(&logs[i], sync).expect("create log file");
-    let (l0, l1, l2) = (open(0), open(1), open(2));
-    let lf1 = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let lf2 = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let ll = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let (a1, a2, al) = (
-        lf1.local_addr().unwrap(),
-        lf2.local_addr().unwrap(),
-        ll.local_addr().unwrap(),
-    );
-    let fol = if pipelined { batch_follower } else { follower };
-    let t1 = thread::spawn(move || fol(lf1, l1));
-    let t2 = thread::spawn(move || fol(lf2, l2));
-    let (f1, f2) = (connect(a1), connect(a2));
-    let lead = if pipelined { batch_leader } else { leader };
-    let tl = thread::spawn(move || lead(ll, f1, f2, l0));
-    (al, vec![tl, t1, t2], logs)
+/// Three nodes: the leader's client address, their threads and their log files.
+struct Nodes {
+    addr: SocketAddr,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    _files: LogFiles,
 }
 
-/// `clients` requests kept in flight on one connection (each answered request is replaced by
-/// a new one at once): throughput of the pipelined variant.
-fn run_pipelined(dir: &Path, secs: f64, sync: bool, clients: usize) -> (Histogram<u64>, f64) {
-    let (addr, threads, logs) = nodes(dir, sync, true);
-    let mut conn = connect(addr);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
-    let mut sent = std::collections::VecDeque::with_capacity(clients);
-    let requests = vec![7u8; clients * REQUEST];
+impl Nodes {
+    fn start(dir: &Path, sync: bool) -> io::Result<Nodes> {
+        let files = LogFiles(
+            (0..3)
+                .map(|i| dir.join(format!("quiver-floor-{}-{i}.log", std::process::id())))
+                .collect(),
+        );
+        let open = |i: usize| Log::create(&files.0[i], sync);
+        let (l0, l1, l2) = (open(0)?, open(1)?, open(2)?);
+        let bind = || TcpListener::bind("127.0.0.1:0");
+        let (lf1, lf2, ll) = (bind()?, bind()?, bind()?);
+        let (a1, a2, addr) = (lf1.local_addr()?, lf2.local_addr()?, ll.local_addr()?);
+        let t1 = thread::spawn(move || follower(lf1, l1));
+        let t2 = thread::spawn(move || follower(lf2, l2));
+        let (f1, f2) = (connect(a1)?, connect(a2)?);
+        let tl = thread::spawn(move || leader(ll, f1, f2, l0));
+        Ok(Nodes {
+            addr,
+            threads: vec![tl, t1, t2],
+            _files: files,
+        })
+    }
+
+    /// Waits for the threads (the client closed its connection first) and reports the first
+    /// error any of them met.
+    fn finish(self) -> io::Result<()> {
+        let mut first = Ok(());
+        for t in self.threads {
+            let r = t
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("a node thread panicked")));
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    }
+}
+
+/// One case: `in_flight` requests kept in flight on one connection for `secs` after a 1 s
+/// warm-up. Latency runs from a request's send to its answer.
+fn run(dir: &Path, secs: f64, sync: bool, in_flight: usize) -> io::Result<(Histogram<u64>, f64)> {
+    let nodes = Nodes::start(dir, sync)?;
+    let mut conn = connect(nodes.addr)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let mut sent = VecDeque::with_capacity(in_flight);
+    let requests = vec![7u8; in_flight * REQUEST];
     let now = Instant::now();
-    conn.write_all(&requests).expect("client send");
-    sent.extend(std::iter::repeat_n(now, clients));
+    conn.write_all(&requests)?;
+    sent.extend(std::iter::repeat_n(now, in_flight));
     let warm = now + Duration::from_secs(1);
     let mut start = None;
     let mut ops = 0u64;
-    while let Some(k) = read_u32(&mut conn) {
+    while let Some(k) = read_count(&mut conn)? {
         let done = Instant::now();
         for _ in 0..k {
-            let t = sent.pop_front().expect("answer for a request sent");
+            let t = sent
+                .pop_front()
+                .ok_or_else(|| io::Error::other("an answer for a request never sent"))?;
             if done >= warm {
                 hist.saturating_record((done - t).as_nanos() as u64);
                 ops += 1;
             }
         }
-        if done >= warm {
-            let s = *start.get_or_insert(done);
-            if (done - s).as_secs_f64() >= secs {
-                break;
-            }
+        if done >= warm && (done - *start.get_or_insert(done)).as_secs_f64() >= secs {
+            break;
         }
-        conn.write_all(&requests[..k as usize * REQUEST])
-            .expect("client send");
+        conn.write_all(&requests[..k as usize * REQUEST])?;
         sent.extend(std::iter::repeat_n(done, k as usize));
     }
     let elapsed = start.map_or(0.0, |s| s.elapsed().as_secs_f64()).max(1e-9);
     let _ = conn.shutdown(Shutdown::Both);
-    for t in threads {
-        let _ = t.join();
+    nodes.finish()?;
+    if ops == 0 {
+        return Err(io::Error::other(
+            "the leader closed the connection before the warm-up ended",
+        ));
     }
-    for p in logs {
-        let _ = std::fs::remove_file(p);
-    }
-    (hist, ops as f64 / elapsed)
-}
-
-fn run(dir: &Path, secs: f64, sync: bool) -> (Histogram<u64>, f64) {
-    let (al, threads, logs) = nodes(dir, sync, false);
-    let mut client = connect(al);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000, 3).expect("histogram");
-    let request = [7u8; REQUEST];
-    let mut answer = [0u8; 1];
-    let warm = Instant::now() + Duration::from_secs(1);
-    let mut start = None;
-    let mut ops = 0u64;
-    loop {
-        let t = Instant::now();
-        client.write_all(&request).expect("client send");
-        client.read_exact(&mut answer).expect("client receive");
-        let done = Instant::now();
-        if done < warm {
-            continue;
-        }
-        let s = *start.get_or_insert(done);
-        hist.saturating_record((done - t).as_nanos() as u64);
-        ops += 1;
-        if (done - s).as_secs_f64() >= secs {
-            break;
-        }
-    }
-    let elapsed = start.map_or(0.0, |s| s.elapsed().as_secs_f64()).max(1e-9);
-    drop(client);
-    for t in threads {
-        let _ = t.join();
-    }
-    for p in logs {
-        let _ = std::fs::remove_file(p);
-    }
-    (hist, ops as f64 / elapsed)
-}
-
-fn print_row(name: &str, (h, rate): (Histogram<u64>, f64)) {
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e6;
-    println!(
-        "| {name} | {rate:.0} | {:.3} | {:.3} | {:.3} |",
-        ms(0.5),
-        ms(0.99),
-        ms(0.999)
-    );
+    Ok((hist, ops as f64 / elapsed))
 }
 
 fn main() {
@@ -331,19 +309,26 @@ fn main() {
     }
     println!("| case | ops/s | p50 ms | p99 ms | p99.9 ms |");
     println!("|---|--:|--:|--:|--:|");
-    for (name, sync) in [
-        ("3 replicas, fdatasync on each", true),
-        ("3 replicas, no sync", false),
-    ] {
-        print_row(&format!("1 client, {name}"), run(&dir, secs, sync));
-    }
-    for (name, sync) in [
-        ("3 replicas, fdatasync on each", true),
-        ("3 replicas, no sync", false),
-    ] {
-        print_row(
-            &format!("64 requests in flight, {name}"),
-            run_pipelined(&dir, secs, sync, 64),
-        );
+    for (clients, in_flight) in [("1 client", 1), ("64 requests in flight", 64)] {
+        for (name, sync) in [
+            ("3 replicas, fdatasync on each", true),
+            ("3 replicas, no sync", false),
+        ] {
+            match run(&dir, secs, sync, in_flight) {
+                Ok((h, rate)) => {
+                    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e6;
+                    println!(
+                        "| {clients}, {name} | {rate:.0} | {:.3} | {:.3} | {:.3} |",
+                        ms(0.5),
+                        ms(0.99),
+                        ms(0.999)
+                    );
+                }
+                Err(e) => {
+                    eprintln!("error: {clients}, {name}: {e} (in {})", dir.display());
+                    std::process::exit(1);
+                }
+            }
+        }
     }
 }
